@@ -1,0 +1,332 @@
+/**
+ * Command line entry point: parses flags, opens the access log, starts the
+ * server, and turns signals into log reopening and graceful shutdown.
+ *
+ * @module
+ */
+
+import { parseArgs } from "node:util";
+import denoJson from "./deno.json" with { type: "json" };
+import { AccessLog } from "./access_log.ts";
+import {
+  DEFAULT_DRAIN_TIMEOUT_MS,
+  DEFAULT_IDLE_TIMEOUT_MS,
+  DEFAULT_MAX_BUFFERED_BYTES,
+  DEFAULT_MAX_CLIENT_BYTES,
+  DEFAULT_MAX_CONNECTIONS,
+  serveEcho,
+} from "./server.ts";
+
+/** Everything the command line can set. */
+export interface Config {
+  hostname: string;
+  port: number;
+  logPath: string;
+  maxClientBytes: number;
+  maxBufferedBytes: number;
+  maxConnections: number;
+  idleTimeoutMs: number;
+  drainTimeoutMs: number;
+}
+
+export const DEFAULT_LOG_PATH = "/var/log/echo-server/access.log";
+
+const MIB = 1024 * 1024;
+
+export const USAGE = `Usage: echo-server [options]
+
+A TCP echo server: each client's bytes are read until it half-closes, then
+sent back, and one line per client is appended to the access log.
+
+Options:
+  --host HOST              address to listen on (default 127.0.0.1)
+  --port PORT              TCP port; 0 picks a free one (default 4000)
+  --log PATH               access log (default ${DEFAULT_LOG_PATH})
+  --max-client-bytes SIZE  bytes one client may send (default ${
+  DEFAULT_MAX_CLIENT_BYTES / MIB
+}MiB)
+  --max-buffered SIZE      buffer memory for all clients together (default ${
+  DEFAULT_MAX_BUFFERED_BYTES / MIB
+}MiB)
+  --max-connections N      clients served at once (default ${DEFAULT_MAX_CONNECTIONS})
+  --idle-timeout SECONDS   cut off a client idle this long (default ${
+  DEFAULT_IDLE_TIMEOUT_MS / 1000
+})
+  --drain-timeout SECONDS  on SIGINT/SIGTERM, time clients get to finish (default ${
+  DEFAULT_DRAIN_TIMEOUT_MS / 1000
+})
+  -h, --help               show this help
+  -V, --version            show the version
+
+SIZE is a number of bytes, optionally with a suffix KiB, MiB or GiB.
+Signals: SIGHUP reopens the access log; SIGINT or SIGTERM stops accepting
+and drains; a second SIGINT or SIGTERM cuts everyone off at once.`;
+
+/** A command line mistake: reported with the usage and exit status 2. */
+export class UsageError extends Error {
+  override name = "UsageError";
+}
+
+/**
+ * Parses command line flags into a {@linkcode Config}, or returns `"help"`
+ * or `"version"` when those were asked for. Throws {@linkcode UsageError}.
+ *
+ * @example
+ * ```ts
+ * const config = parseFlags(["--port", "0", "--log", "/tmp/access.log"]);
+ * if (typeof config === "object") console.log(config.port); // 0
+ * ```
+ */
+export function parseFlags(args: string[]): Config | "help" | "version" {
+  let values;
+  try {
+    ({ values } = parseArgs({
+      args,
+      strict: true,
+      allowPositionals: false,
+      options: {
+        host: { type: "string" },
+        port: { type: "string" },
+        log: { type: "string" },
+        "max-client-bytes": { type: "string" },
+        "max-buffered": { type: "string" },
+        "max-connections": { type: "string" },
+        "idle-timeout": { type: "string" },
+        "drain-timeout": { type: "string" },
+        help: { type: "boolean", short: "h" },
+        version: { type: "boolean", short: "V" },
+      },
+    }));
+  } catch (error) {
+    throw new UsageError(error instanceof Error ? error.message : `${error}`);
+  }
+  if (values.help) return "help";
+  if (values.version) return "version";
+  if (values.host === "") throw new UsageError("--host must not be empty");
+  if (values.log === "") throw new UsageError("--log must not be empty");
+  return {
+    hostname: values.host ?? "127.0.0.1",
+    port: parseInteger("--port", values.port, 4000, 0, 65535),
+    logPath: values.log ?? DEFAULT_LOG_PATH,
+    maxClientBytes: parseSize(
+      "--max-client-bytes",
+      values["max-client-bytes"],
+      DEFAULT_MAX_CLIENT_BYTES,
+    ),
+    maxBufferedBytes: parseSize(
+      "--max-buffered",
+      values["max-buffered"],
+      DEFAULT_MAX_BUFFERED_BYTES,
+    ),
+    maxConnections: parseInteger(
+      "--max-connections",
+      values["max-connections"],
+      DEFAULT_MAX_CONNECTIONS,
+      1,
+      1_000_000,
+    ),
+    idleTimeoutMs: parseSeconds(
+      "--idle-timeout",
+      values["idle-timeout"],
+      DEFAULT_IDLE_TIMEOUT_MS,
+      false,
+    ),
+    drainTimeoutMs: parseSeconds(
+      "--drain-timeout",
+      values["drain-timeout"],
+      DEFAULT_DRAIN_TIMEOUT_MS,
+      true,
+    ),
+  };
+}
+
+function parseInteger(
+  flag: string,
+  text: string | undefined,
+  fallback: number,
+  min: number,
+  max: number,
+): number {
+  if (text === undefined) return fallback;
+  const value = /^\d+$/.test(text) ? Number(text) : NaN;
+  if (!(value >= min && value <= max)) {
+    throw new UsageError(
+      `${flag} must be a whole number from ${min} to ${max}, not '${text}'`,
+    );
+  }
+  return value;
+}
+
+const SIZE_UNITS: Record<string, number> = {
+  "": 1,
+  kib: 1024,
+  mib: MIB,
+  gib: 1024 * MIB,
+};
+
+function parseSize(
+  flag: string,
+  text: string | undefined,
+  fallback: number,
+): number {
+  if (text === undefined) return fallback;
+  const match = /^(\d+)\s*(kib|mib|gib)?$/i.exec(text);
+  const value = match
+    ? Number(match[1]) * SIZE_UNITS[(match[2] ?? "").toLowerCase()]
+    : NaN;
+  if (!(value >= 1 && Number.isSafeInteger(value))) {
+    throw new UsageError(
+      `${flag} must be a size of at least 1 byte such as 65536 or 64MiB, not '${text}'`,
+    );
+  }
+  return value;
+}
+
+function parseSeconds(
+  flag: string,
+  text: string | undefined,
+  fallbackMs: number,
+  zeroAllowed: boolean,
+): number {
+  if (text === undefined) return fallbackMs;
+  const seconds = /^\d+(\.\d+)?$/.test(text) ? Number(text) : NaN;
+  if (!(seconds <= 86_400 && (zeroAllowed ? seconds >= 0 : seconds > 0))) {
+    throw new UsageError(
+      `${flag} must be a number of seconds ${
+        zeroAllowed ? "from 0" : "above 0"
+      } up to 86400, not '${text}'`,
+    );
+  }
+  return Math.round(seconds * 1000);
+}
+
+function formatAddress(hostname: string, port: number): string {
+  return hostname.includes(":")
+    ? `[${hostname}]:${port}`
+    : `${hostname}:${port}`;
+}
+
+function describeListenError(error: unknown, address: string): string {
+  if (error instanceof Deno.errors.AddrInUse) {
+    return `cannot listen on ${address}: address already in use (is another server running? pick another --port)`;
+  }
+  if (error instanceof Deno.errors.AddrNotAvailable) {
+    return `cannot listen on ${address}: address not available on this machine (check --host)`;
+  }
+  if (error instanceof Deno.errors.NotCapable) {
+    return `cannot listen on ${address}: permission to use the network was not granted (run with --allow-net)`;
+  }
+  if (error instanceof Deno.errors.PermissionDenied) {
+    return `cannot listen on ${address}: permission denied (ports below 1024 need privileges; pick another --port)`;
+  }
+  return `cannot listen on ${address}: ${
+    error instanceof Error ? error.message : error
+  }`;
+}
+
+const SIGNAL_NUMBERS = { SIGINT: 2, SIGTERM: 15 } as const;
+
+/**
+ * Runs the server with the given command line until it is stopped by a
+ * signal, and returns the exit status.
+ *
+ * @example
+ * ```ts
+ * Deno.exit(await main(["--port", "0", "--log", "/tmp/access.log"]));
+ * ```
+ */
+export async function main(args: string[]): Promise<number> {
+  let config;
+  try {
+    config = parseFlags(args);
+  } catch (error) {
+    if (!(error instanceof UsageError)) throw error;
+    console.error(`echo-server: ${error.message}\n\n${USAGE}`);
+    return 2;
+  }
+  if (config === "help") {
+    console.log(USAGE);
+    return 0;
+  }
+  if (config === "version") {
+    console.log(`echo-server ${denoJson.version}`);
+    return 0;
+  }
+
+  let log: AccessLog;
+  try {
+    log = AccessLog.open(config.logPath);
+  } catch (error) {
+    console.error(`echo-server: ${(error as Error).message}`);
+    return 1;
+  }
+
+  let server;
+  try {
+    server = serveEcho((clientId, bytesReceived) => {
+      log.record(clientId, bytesReceived);
+    }, config);
+  } catch (error) {
+    log.close();
+    const address = formatAddress(config.hostname, config.port);
+    console.error(`echo-server: ${describeListenError(error, address)}`);
+    return 1;
+  }
+  console.error(
+    `listening on ${
+      formatAddress(server.addr.hostname, server.addr.port)
+    }, access log ${config.logPath}`,
+  );
+
+  const reopenLog = () => {
+    try {
+      log.reopen();
+      console.error(`reopened access log ${config.logPath}`);
+    } catch (error) {
+      console.error(
+        `echo-server: ${
+          (error as Error).message
+        }; still writing to the old file`,
+      );
+    }
+  };
+  let forcedBy: keyof typeof SIGNAL_NUMBERS | undefined;
+  const drained = Promise.withResolvers<Promise<void>>();
+  let stopping = false;
+  const stop = (signal: keyof typeof SIGNAL_NUMBERS) => {
+    if (!stopping) {
+      stopping = true;
+      console.error(
+        `${signal}: stopping; ${server.connections} connections get up to ${
+          config.drainTimeoutMs / 1000
+        } s to finish`,
+      );
+      drained.resolve(
+        server.shutdown({ drainTimeoutMs: config.drainTimeoutMs }),
+      );
+    } else {
+      forcedBy = signal;
+      console.error(
+        `${signal} again: cutting off ${server.connections} connections now`,
+      );
+      server.shutdown({ drainTimeoutMs: 0 });
+    }
+  };
+  const onInt = () => stop("SIGINT");
+  const onTerm = () => stop("SIGTERM");
+  Deno.addSignalListener("SIGINT", onInt);
+  Deno.addSignalListener("SIGTERM", onTerm);
+  Deno.addSignalListener("SIGHUP", reopenLog);
+  await await drained.promise;
+
+  Deno.removeSignalListener("SIGINT", onInt);
+  Deno.removeSignalListener("SIGTERM", onTerm);
+  Deno.removeSignalListener("SIGHUP", reopenLog);
+  log.close();
+  console.error(`stopped after ${server.clientsAccepted} clients`);
+  return forcedBy === undefined ? 0 : 128 + SIGNAL_NUMBERS[forcedBy];
+}
+
+if (import.meta.main) {
+  Deno.exit(await main(Deno.args));
+}

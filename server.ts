@@ -1,0 +1,359 @@
+/**
+ * The echo server: accepts TCP clients, reads each one's bytes to EOF, sends
+ * them back, half-closes, and reports every client it served exactly once.
+ *
+ * @module
+ */
+
+/** Called once for every accepted client, however its connection ended. */
+export type ClientDone = (clientId: number, bytesReceived: number) => void;
+
+/** Options for {@linkcode serveEcho}. */
+export interface ServeOptions {
+  /** Address to listen on. Default `127.0.0.1`. */
+  hostname?: string;
+  /** TCP port; 0 picks a free one. Default 4000. */
+  port?: number;
+  /** Bytes one client may send; a client that sends more is cut off. Default 64 MiB. */
+  maxClientBytes?: number;
+  /** Buffer memory held for all clients together; the client whose read
+   * would pass it is cut off. Default 512 MiB. */
+  maxBufferedBytes?: number;
+  /** Connections served at once; at the limit the server stops accepting
+   * and the kernel's queue holds the rest. Default 16384. */
+  maxConnections?: number;
+  /** A client that makes no progress reading or writing for this long is
+   * cut off. Default 30 000 ms. */
+  idleTimeoutMs?: number;
+  /** Receives one-line diagnostics (cut-offs, resets). Default `console.error`. */
+  onDiagnostic?: (message: string) => void;
+}
+
+/** Options for {@linkcode EchoServer.shutdown}. */
+export interface ShutdownOptions {
+  /** How long clients in flight may take to finish before they are cut
+   * off. Default 10 000 ms. A later call with a shorter time cuts sooner. */
+  drainTimeoutMs?: number;
+}
+
+/** A running echo server. */
+export interface EchoServer {
+  /** The address the listener is bound to (useful with port 0). */
+  readonly addr: Deno.NetAddr;
+  /** Connections being served right now. */
+  readonly connections: number;
+  /** Clients accepted so far; the last client id handed out. */
+  readonly clientsAccepted: number;
+  /**
+   * Stops accepting, lets clients in flight finish within the drain timeout,
+   * cuts off the rest, and resolves once every client has been reported.
+   */
+  shutdown(options?: ShutdownOptions): Promise<void>;
+}
+
+export const DEFAULT_MAX_CLIENT_BYTES = 64 * 1024 * 1024;
+export const DEFAULT_MAX_BUFFERED_BYTES = 512 * 1024 * 1024;
+export const DEFAULT_MAX_CONNECTIONS = 16384;
+export const DEFAULT_IDLE_TIMEOUT_MS = 30_000;
+export const DEFAULT_DRAIN_TIMEOUT_MS = 10_000;
+
+// Reads go straight into chunks that double from 4 KiB (small enough that
+// 10 000 idle clients cost 40 MiB) to 1 MiB (large reads for bulk).
+const FIRST_CHUNK_BYTES = 4 * 1024;
+const MAX_CHUNK_BYTES = 1024 * 1024;
+// Back-off after an accept error that is not a client's (e.g. out of fds).
+const ACCEPT_RETRY_MS = 100;
+
+/**
+ * Starts an echo server. Each client's bytes are read to EOF, written back,
+ * and then its side is half-closed; `onClientDone` is called once per
+ * accepted client with the bytes received, also when it was cut off.
+ * Throws the `Deno.listen` error (e.g. `Deno.errors.AddrInUse`) if the
+ * address cannot be bound.
+ *
+ * @example
+ * ```ts
+ * const server = serveEcho((clientId, bytesReceived) => {
+ *   console.log(`[client ${clientId}]: received ${bytesReceived} bytes`);
+ * }, { port: 0 });
+ * console.log(`listening on port ${server.addr.port}`);
+ * await server.shutdown();
+ * ```
+ */
+export function serveEcho(
+  onClientDone: ClientDone,
+  options: ServeOptions = {},
+): EchoServer {
+  return new Server(onClientDone, options);
+}
+
+/** Per-connection state, one object so the idle sweep can see every client. */
+class Client {
+  bytesReceived = 0;
+  /** Buffer capacity this client holds, counted against maxBufferedBytes. */
+  bufferedBytes = 0;
+  lastActivity: number;
+  cutOffReason: string | undefined = undefined;
+  chunks: Uint8Array[] = [];
+
+  constructor(readonly conn: Deno.TcpConn, readonly clientId: number) {
+    this.lastActivity = Date.now();
+  }
+}
+
+class Server implements EchoServer {
+  readonly addr: Deno.NetAddr;
+  #listener: Deno.TcpListener;
+  #onClientDone: ClientDone;
+  #diagnostic: (message: string) => void;
+  #maxClientBytes: number;
+  #maxBufferedBytes: number;
+  #maxConnections: number;
+  #idleTimeoutMs: number;
+
+  #clients = new Set<Client>();
+  #lastClientId = 0;
+  #bufferedBytes = 0;
+  #stopping = false;
+  #wakeAcceptLoop: (() => void) | undefined;
+  #acceptLoop: Promise<void>;
+  #idleSweep: ReturnType<typeof setInterval>;
+  #drainTimer: ReturnType<typeof setTimeout> | undefined;
+  #allServed: PromiseWithResolvers<void> | undefined;
+
+  constructor(onClientDone: ClientDone, options: ServeOptions) {
+    this.#onClientDone = onClientDone;
+    this.#diagnostic = options.onDiagnostic ?? console.error;
+    this.#maxClientBytes = options.maxClientBytes ?? DEFAULT_MAX_CLIENT_BYTES;
+    this.#maxBufferedBytes = options.maxBufferedBytes ??
+      DEFAULT_MAX_BUFFERED_BYTES;
+    this.#maxConnections = options.maxConnections ?? DEFAULT_MAX_CONNECTIONS;
+    this.#idleTimeoutMs = options.idleTimeoutMs ?? DEFAULT_IDLE_TIMEOUT_MS;
+    this.#listener = Deno.listen({
+      hostname: options.hostname ?? "127.0.0.1",
+      port: options.port ?? 4000,
+    });
+    this.addr = this.#listener.addr;
+    // One sweep for all clients instead of a timer per read or write.
+    this.#idleSweep = setInterval(
+      () => this.#cutOffIdle(),
+      Math.max(10, Math.min(1000, this.#idleTimeoutMs / 2)),
+    );
+    this.#acceptLoop = this.#accept();
+  }
+
+  get connections(): number {
+    return this.#clients.size;
+  }
+
+  get clientsAccepted(): number {
+    return this.#lastClientId;
+  }
+
+  shutdown(options: ShutdownOptions = {}): Promise<void> {
+    if (!this.#stopping) {
+      this.#stopping = true;
+      this.#listener.close();
+      this.#wakeAcceptLoop?.();
+      this.#allServed = Promise.withResolvers();
+      if (this.#clients.size === 0) this.#allServed.resolve();
+    }
+    clearTimeout(this.#drainTimer);
+    this.#drainTimer = setTimeout(() => {
+      for (const client of this.#clients) {
+        this.#cutOff(client, "still connected at shutdown");
+      }
+    }, options.drainTimeoutMs ?? DEFAULT_DRAIN_TIMEOUT_MS);
+    return Promise.all([this.#acceptLoop, this.#allServed!.promise]).then(
+      () => {
+        clearTimeout(this.#drainTimer);
+        clearInterval(this.#idleSweep);
+      },
+    );
+  }
+
+  async #accept(): Promise<void> {
+    while (!this.#stopping) {
+      if (this.#clients.size >= this.#maxConnections) {
+        // Leave the rest in the kernel's accept queue until a client finishes.
+        await new Promise<void>((resolve) => this.#wakeAcceptLoop = resolve);
+        this.#wakeAcceptLoop = undefined;
+        continue;
+      }
+      let conn: Deno.TcpConn;
+      try {
+        conn = await this.#listener.accept();
+      } catch (error) {
+        if (this.#stopping) return;
+        if (
+          error instanceof Deno.errors.ConnectionReset ||
+          error instanceof Deno.errors.ConnectionAborted
+        ) {
+          // The client connected and reset before we accepted it
+          // (denoland/deno#8499): it is still a client, one that sent nothing.
+          const clientId = ++this.#lastClientId;
+          this.#diagnostic(`client ${clientId}: reset before it was accepted`);
+          this.#report(clientId, 0);
+          continue;
+        }
+        // Not a client's doing (e.g. out of file descriptors): wait, retry.
+        this.#diagnostic(`accept failed: ${describe(error)}; retrying`);
+        await new Promise<void>((resolve) => {
+          const timer = setTimeout(resolve, ACCEPT_RETRY_MS);
+          this.#wakeAcceptLoop = () => {
+            clearTimeout(timer);
+            resolve();
+          };
+        });
+        this.#wakeAcceptLoop = undefined;
+        continue;
+      }
+      this.#serve(new Client(conn, ++this.#lastClientId));
+    }
+  }
+
+  async #serve(client: Client): Promise<void> {
+    this.#clients.add(client);
+    try {
+      if (await this.#readToEnd(client)) {
+        await this.#writeBack(client);
+        await client.conn.closeWrite();
+      }
+    } catch (error) {
+      // A cut-off closes the connection under a pending read or write; that
+      // rejection is expected and was already reported.
+      if (client.cutOffReason === undefined) {
+        this.#diagnostic(`client ${client.clientId}: ${describe(error)}`);
+      }
+    } finally {
+      this.#release(client, client.bufferedBytes);
+      client.chunks = [];
+      if (client.cutOffReason === undefined) client.conn.close();
+      this.#clients.delete(client);
+      this.#report(client.clientId, client.bytesReceived);
+      this.#wakeAcceptLoop?.();
+      if (this.#stopping && this.#clients.size === 0) {
+        this.#allServed?.resolve();
+      }
+    }
+  }
+
+  /** Reads to EOF into `client.chunks`; false if the client was cut off. */
+  async #readToEnd(client: Client): Promise<boolean> {
+    const { conn, chunks } = client;
+    let chunk = this.#allocate(client, FIRST_CHUNK_BYTES);
+    let filled = 0;
+    while (chunk !== undefined) {
+      const n = await conn.read(filled === 0 ? chunk : chunk.subarray(filled));
+      if (n === null) {
+        if (filled > 0) chunks.push(this.#trim(client, chunk, filled));
+        else this.#release(client, chunk.length);
+        return true;
+      }
+      client.bytesReceived += n;
+      client.lastActivity = Date.now();
+      if (client.bytesReceived > this.#maxClientBytes) {
+        this.#cutOff(
+          client,
+          `sent more than the limit of ${this.#maxClientBytes} bytes`,
+        );
+        return false;
+      }
+      filled += n;
+      if (filled === chunk.length) {
+        chunks.push(chunk);
+        chunk = this.#allocate(
+          client,
+          Math.min(chunk.length * 2, MAX_CHUNK_BYTES),
+        );
+        filled = 0;
+      }
+    }
+    return false;
+  }
+
+  async #writeBack(client: Client): Promise<void> {
+    const { conn, chunks } = client;
+    for (let i = 0; i < chunks.length; i++) {
+      const chunk = chunks[i];
+      for (let written = 0; written < chunk.length;) {
+        written += await conn.write(
+          written === 0 ? chunk : chunk.subarray(written),
+        );
+        client.lastActivity = Date.now();
+      }
+      // Free each chunk once it is sent rather than holding all to the end.
+      chunks[i] = EMPTY;
+      this.#release(client, chunk.buffer.byteLength);
+    }
+  }
+
+  /** A new read chunk, or undefined (client cut off) if over a limit. */
+  #allocate(client: Client, size: number): Uint8Array | undefined {
+    // Never buffer more than one byte past the per-client limit.
+    size = Math.min(size, this.#maxClientBytes + 1 - client.bytesReceived);
+    if (this.#bufferedBytes + size > this.#maxBufferedBytes) {
+      this.#cutOff(
+        client,
+        `server buffer limit of ${this.#maxBufferedBytes} bytes reached`,
+      );
+      return undefined;
+    }
+    this.#bufferedBytes += size;
+    client.bufferedBytes += size;
+    return new Uint8Array(size);
+  }
+
+  /** Keeps a partly filled last chunk, or a tight copy if much is unused. */
+  #trim(client: Client, chunk: Uint8Array, filled: number): Uint8Array {
+    const unused = chunk.length - filled;
+    if (unused <= client.bytesReceived / 16) return chunk.subarray(0, filled);
+    this.#release(client, unused);
+    return chunk.slice(0, filled);
+  }
+
+  #release(client: Client, bytes: number): void {
+    this.#bufferedBytes -= bytes;
+    client.bufferedBytes -= bytes;
+  }
+
+  #cutOff(client: Client, reason: string): void {
+    if (client.cutOffReason !== undefined) return;
+    client.cutOffReason = reason;
+    this.#diagnostic(
+      `client ${client.clientId}: cut off after ${client.bytesReceived} bytes: ${reason}`,
+    );
+    // Closing with unread input makes the kernel send a reset, and rejects
+    // any read or write still pending on the connection.
+    client.conn.close();
+  }
+
+  #cutOffIdle(): void {
+    const deadline = Date.now() - this.#idleTimeoutMs;
+    for (const client of this.#clients) {
+      if (client.lastActivity <= deadline) {
+        this.#cutOff(
+          client,
+          `idle for more than ${this.#idleTimeoutMs / 1000} s`,
+        );
+      }
+    }
+  }
+
+  #report(clientId: number, bytesReceived: number): void {
+    try {
+      this.#onClientDone(clientId, bytesReceived);
+    } catch (error) {
+      this.#diagnostic(
+        `client ${clientId}: could not be logged: ${describe(error)}`,
+      );
+    }
+  }
+}
+
+const EMPTY = new Uint8Array(0);
+
+function describe(error: unknown): string {
+  if (error instanceof Error) return `${error.name}: ${error.message}`;
+  return String(error);
+}
