@@ -1,0 +1,397 @@
+import assert from "node:assert/strict";
+import { type EchoServer, serveEcho, type ServeOptions } from "./server.ts";
+
+const HOST = "127.0.0.1";
+
+/** A server on an ephemeral port that records what it reports. */
+interface TestServer extends AsyncDisposable {
+  server: EchoServer;
+  port: number;
+  /** [clientId, bytesReceived] in the order the server reported them. */
+  records: Array<[number, number]>;
+  diagnostics: string[];
+}
+
+function startServer(options: ServeOptions = {}): TestServer {
+  const records: Array<[number, number]> = [];
+  const diagnostics: string[] = [];
+  const server = serveEcho(
+    (clientId, bytesReceived) => records.push([clientId, bytesReceived]),
+    {
+      port: 0,
+      onDiagnostic: (message) => diagnostics.push(message),
+      ...options,
+    },
+  );
+  return {
+    server,
+    port: server.addr.port,
+    records,
+    diagnostics,
+    [Symbol.asyncDispose]: () => server.shutdown({ drainTimeoutMs: 0 }),
+  };
+}
+
+/** Deterministic pseudo-random bytes, different for each seed. */
+function pattern(size: number, seed = 1): Uint8Array {
+  const bytes = new Uint8Array(size);
+  let x = (seed * 2654435761) >>> 0 || 1;
+  for (let i = 0; i < size; i++) {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    bytes[i] = x;
+  }
+  return bytes;
+}
+
+function sameBytes(actual: Uint8Array, expected: Uint8Array): boolean {
+  if (actual.length !== expected.length) return false;
+  for (let i = 0; i < actual.length; i++) {
+    if (actual[i] !== expected[i]) return false;
+  }
+  return true;
+}
+
+async function writeAll(conn: Deno.Conn, data: Uint8Array): Promise<void> {
+  for (let written = 0; written < data.length;) {
+    written += await conn.write(data.subarray(written));
+  }
+}
+
+async function readAll(conn: Deno.Conn): Promise<Uint8Array> {
+  const chunks: Uint8Array[] = [];
+  const buffer = new Uint8Array(64 * 1024);
+  let total = 0;
+  for (let n; (n = await conn.read(buffer)) !== null;) {
+    chunks.push(buffer.slice(0, n));
+    total += n;
+  }
+  const all = new Uint8Array(total);
+  let offset = 0;
+  for (const chunk of chunks) {
+    all.set(chunk, offset);
+    offset += chunk.length;
+  }
+  return all;
+}
+
+/** Sends everything, half-closes, then reads the reply to EOF. */
+async function echo(port: number, payload: Uint8Array): Promise<Uint8Array> {
+  const conn = await Deno.connect({ hostname: HOST, port });
+  try {
+    await writeAll(conn, payload);
+    await conn.closeWrite();
+    return await readAll(conn);
+  } finally {
+    conn.close();
+  }
+}
+
+/**
+ * Like echo, but being cut off is an outcome, not a failure: a reset, a
+ * broken pipe, or a short reply (the server closes without echoing).
+ */
+async function tryEcho(
+  port: number,
+  payload: Uint8Array,
+): Promise<Uint8Array | "cut off"> {
+  try {
+    const reply = await echo(port, payload);
+    return reply.length < payload.length ? "cut off" : reply;
+  } catch (error) {
+    if (
+      error instanceof Deno.errors.ConnectionReset ||
+      error instanceof Deno.errors.BrokenPipe
+    ) return "cut off";
+    throw error;
+  }
+}
+
+Deno.test("echoes hello and logs it", async () => {
+  await using s = startServer();
+  const reply = await echo(s.port, new TextEncoder().encode("hello"));
+  assert.equal(new TextDecoder().decode(reply), "hello");
+  await s.server.shutdown();
+  assert.deepEqual(s.records, [[1, 5]]);
+  assert.deepEqual(s.diagnostics, []);
+});
+
+Deno.test("an empty request gets an empty reply and is logged", async () => {
+  await using s = startServer();
+  const reply = await echo(s.port, new Uint8Array(0));
+  assert.equal(reply.length, 0);
+  await s.server.shutdown();
+  assert.deepEqual(s.records, [[1, 0]]);
+});
+
+Deno.test("all 256 byte values come back unchanged", async () => {
+  await using s = startServer();
+  const payload = Uint8Array.from({ length: 512 }, (_, i) => i % 256);
+  assert.ok(sameBytes(await echo(s.port, payload), payload));
+});
+
+for (
+  const size of [
+    1,
+    64 * 1024 - 1,
+    64 * 1024 + 1,
+    16 * 1024 * 1024,
+    64 * 1024 * 1024,
+  ]
+) {
+  Deno.test(`${size} bytes sent before reading come back byte-exact`, async () => {
+    await using s = startServer();
+    const payload = pattern(size, size);
+    const reply = await echo(s.port, payload);
+    assert.equal(reply.length, size);
+    assert.ok(sameBytes(reply, payload), "reply differs from payload");
+    await s.server.shutdown();
+    assert.deepEqual(s.records, [[1, size]]);
+  });
+}
+
+Deno.test("a slow sender's many small writes come back in order", async () => {
+  await using s = startServer();
+  const payload = pattern(3000, 7);
+  const conn = await Deno.connect({ hostname: HOST, port: s.port });
+  try {
+    for (let offset = 0, step = 1; offset < payload.length; step++) {
+      const end = Math.min(payload.length, offset + (step % 17) + 1);
+      await writeAll(conn, payload.subarray(offset, end));
+      offset = end;
+      // Yield to the event loop so the server sees many separate segments.
+      await new Promise((resolve) => setTimeout(resolve, 0));
+    }
+    await conn.closeWrite();
+    assert.ok(sameBytes(await readAll(conn), payload));
+  } finally {
+    conn.close();
+  }
+});
+
+Deno.test("200 sequential clients are logged as 1..200 in order", async () => {
+  await using s = startServer();
+  for (let i = 1; i <= 200; i++) {
+    const payload = pattern(i, i);
+    assert.ok(sameBytes(await echo(s.port, payload), payload));
+  }
+  await s.server.shutdown();
+  assert.deepEqual(
+    s.records,
+    Array.from({ length: 200 }, (_, i) => [i + 1, i + 1]),
+  );
+});
+
+Deno.test("100 concurrent clients each get their own bytes", async () => {
+  await using s = startServer();
+  const payloads = Array.from(
+    { length: 100 },
+    (_, i) => pattern(1000 + i * 997, i + 1),
+  );
+  const replies = await Promise.all(payloads.map((p) => echo(s.port, p)));
+  replies.forEach((reply, i) => {
+    assert.ok(sameBytes(reply, payloads[i]), `client ${i} got wrong bytes`);
+  });
+  await s.server.shutdown();
+  assert.equal(s.records.length, 100);
+  assert.deepEqual(
+    s.records.map(([, bytes]) => bytes).sort((a, b) => a - b),
+    payloads.map((p) => p.length),
+  );
+  assert.deepEqual(
+    s.records.map(([id]) => id).sort((a, b) => a - b),
+    Array.from({ length: 100 }, (_, i) => i + 1),
+  );
+});
+
+Deno.test("an idle client does not hold up another", async () => {
+  await using s = startServer();
+  const idle = await Deno.connect({ hostname: HOST, port: s.port });
+  await writeAll(idle, new Uint8Array([1, 2, 3]));
+  // The idle client is accepted first and never half-closes meanwhile.
+  const payload = pattern(100_000, 3);
+  assert.ok(sameBytes(await echo(s.port, payload), payload));
+  await idle.closeWrite();
+  assert.deepEqual([...await readAll(idle)], [1, 2, 3]);
+  idle.close();
+  await s.server.shutdown();
+  assert.deepEqual(s.records, [[2, 100_000], [1, 3]]);
+});
+
+Deno.test("a client that leaves without reading is logged; the next is served", async () => {
+  await using s = startServer();
+  const conn = await Deno.connect({ hostname: HOST, port: s.port });
+  await writeAll(conn, pattern(4 * 1024 * 1024, 9));
+  await conn.closeWrite();
+  // Take a little of the reply, then close with the rest unread, which makes
+  // the kernel reset the connection under the server's write.
+  await conn.read(new Uint8Array(1024));
+  conn.close();
+  const payload = pattern(10, 10);
+  assert.ok(sameBytes(await echo(s.port, payload), payload));
+  await s.server.shutdown();
+  assert.deepEqual(
+    s.records.toSorted(([a], [b]) => a - b),
+    [[1, 4 * 1024 * 1024], [2, 10]],
+  );
+  assert.equal(s.diagnostics.length, 1);
+  assert.match(s.diagnostics[0], /^client 1: /);
+});
+
+Deno.test("a client over the per-client limit is cut off; others are not", async () => {
+  await using s = startServer({ maxClientBytes: 1000 });
+  const exact = pattern(1000, 1);
+  assert.ok(sameBytes(await echo(s.port, exact), exact));
+  assert.equal(await tryEcho(s.port, pattern(1001, 2)), "cut off");
+  const after = pattern(5, 3);
+  assert.ok(sameBytes(await echo(s.port, after), after));
+  await s.server.shutdown();
+  assert.deepEqual(s.records, [[1, 1000], [2, 1001], [3, 5]]);
+  assert.deepEqual(s.diagnostics, [
+    "client 2: cut off after 1001 bytes: sent more than the limit of 1000 bytes",
+  ]);
+});
+
+Deno.test("the total buffer limit cuts off one of two clients that together pass it", async () => {
+  const MIB = 1024 * 1024;
+  await using s = startServer({ maxBufferedBytes: 16 * MIB });
+  const first = pattern(15 * MIB, 1);
+  const second = pattern(15 * MIB, 2);
+  const conn = await Deno.connect({ hostname: HOST, port: s.port });
+  try {
+    // Once this write completes the server holds most of it (the kernel
+    // buffers only a few MiB), so the second client cannot also fit.
+    await writeAll(conn, first);
+    const secondReply = await tryEcho(s.port, second);
+    let firstReply: Uint8Array | "cut off";
+    try {
+      await conn.closeWrite();
+      firstReply = await readAll(conn);
+    } catch (error) {
+      if (!(error instanceof Deno.errors.ConnectionReset)) throw error;
+      firstReply = "cut off";
+    }
+    const served = [firstReply, secondReply].filter((r) => r !== "cut off");
+    assert.equal(served.length, 1, "exactly one client must be cut off");
+    const [reply] = served as Uint8Array[];
+    assert.ok(sameBytes(reply, firstReply === "cut off" ? second : first));
+  } finally {
+    conn.close();
+  }
+  await s.server.shutdown();
+  assert.equal(s.records.length, 2);
+  assert.equal(s.diagnostics.length, 1);
+  assert.match(s.diagnostics[0], /server buffer limit of 16777216 bytes/);
+});
+
+Deno.test("at the connection limit the next client waits in the queue", async () => {
+  await using s = startServer({ maxConnections: 1 });
+  const first = await Deno.connect({ hostname: HOST, port: s.port });
+  await writeAll(first, new Uint8Array([1]));
+  // The second client is queued by the kernel, not served, while the first
+  // is open: its line can only come after the first one's.
+  const secondReply = echo(s.port, new Uint8Array([2, 2]));
+  await first.closeWrite();
+  assert.deepEqual([...await readAll(first)], [1]);
+  first.close();
+  assert.deepEqual([...await secondReply], [2, 2]);
+  await s.server.shutdown();
+  assert.deepEqual(s.records, [[1, 1], [2, 2]]);
+});
+
+Deno.test("an idle client is cut off after the idle timeout and logged", async () => {
+  await using s = startServer({ idleTimeoutMs: 50 });
+  const conn = await Deno.connect({ hostname: HOST, port: s.port });
+  try {
+    await writeAll(conn, new Uint8Array(3));
+    // The server closes the connection; the read ends either way.
+    const ended = await conn.read(new Uint8Array(16)).catch((e) => e);
+    assert.ok(
+      ended === null || ended instanceof Deno.errors.ConnectionReset,
+      `unexpected ${ended}`,
+    );
+  } finally {
+    conn.close();
+  }
+  await s.server.shutdown();
+  assert.deepEqual(s.records, [[1, 3]]);
+  assert.equal(s.diagnostics.length, 1);
+  assert.match(s.diagnostics[0], /^client 1: cut off after 3 bytes: idle/);
+});
+
+Deno.test("shutdown lets a client in flight finish, then stops accepting", async () => {
+  const s = startServer();
+  const conn = await Deno.connect({ hostname: HOST, port: s.port });
+  await writeAll(conn, new Uint8Array([7]));
+  // A full round trip by a later client proves the first was accepted.
+  assert.equal((await echo(s.port, new Uint8Array(2))).length, 2);
+  const stopped = s.server.shutdown({ drainTimeoutMs: 60_000 });
+  // Refused, or reset if it reached the closing listener's queue.
+  await assert.rejects(
+    Deno.connect({ hostname: HOST, port: s.port }),
+    (e) =>
+      e instanceof Deno.errors.ConnectionRefused ||
+      e instanceof Deno.errors.ConnectionReset,
+  );
+  await writeAll(conn, new Uint8Array([8]));
+  await conn.closeWrite();
+  assert.deepEqual([...await readAll(conn)], [7, 8]);
+  conn.close();
+  await stopped;
+  assert.deepEqual(s.records, [[2, 2], [1, 2]]);
+});
+
+Deno.test("shutdown cuts off clients still there at the drain timeout", async () => {
+  const s = startServer();
+  const conn = await Deno.connect({ hostname: HOST, port: s.port });
+  await writeAll(conn, new Uint8Array(4));
+  assert.equal((await echo(s.port, new Uint8Array(0))).length, 0);
+  await s.server.shutdown({ drainTimeoutMs: 10 });
+  conn.close();
+  assert.deepEqual(s.records, [[2, 0], [1, 4]]);
+  assert.match(s.diagnostics[0], /^client 1: cut off .*at shutdown/);
+});
+
+Deno.test("accepted equals logged after a flood of misbehaving clients", async () => {
+  await using s = startServer({ maxClientBytes: 64 * 1024, idleTimeoutMs: 50 });
+  const garbage = pattern(100_000, 5);
+  const behaviours: Array<() => Promise<unknown>> = [
+    // Connect and vanish.
+    async () => (await Deno.connect({ hostname: HOST, port: s.port })).close(),
+    // Send garbage and close without half-closing or reading.
+    async () => {
+      const conn = await Deno.connect({ hostname: HOST, port: s.port });
+      await conn.write(garbage.subarray(0, 777)).catch(() => 0);
+      conn.close();
+    },
+    // Over the per-client limit.
+    () => tryEcho(s.port, garbage),
+    // Never finishes: left to the idle timeout.
+    async () => {
+      const conn = await Deno.connect({ hostname: HOST, port: s.port });
+      await conn.write(garbage.subarray(0, 10));
+      await conn.read(new Uint8Array(1)).catch(() => null);
+      conn.close();
+    },
+    // A well-behaved client.
+    () => echo(s.port, garbage.subarray(0, 1000)),
+  ];
+  const rounds = 20;
+  const clients: Promise<unknown>[] = [];
+  for (let round = 0; round < rounds; round++) {
+    for (const behave of behaviours) clients.push(behave());
+  }
+  await Promise.all(clients);
+  await s.server.shutdown();
+  const made = rounds * behaviours.length;
+  assert.equal(s.server.clientsAccepted, made);
+  assert.equal(s.records.length, made);
+  assert.deepEqual(
+    s.records.map(([id]) => id).sort((a, b) => a - b),
+    Array.from({ length: made }, (_, i) => i + 1),
+  );
+  const sizes = s.records.map(([, bytes]) => bytes);
+  assert.equal(sizes.filter((n) => n === 1000).length, rounds);
+  assert.equal(sizes.filter((n) => n === 64 * 1024 + 1).length, rounds);
+});
