@@ -98,7 +98,9 @@ export function parseFlags(args: string[]): Config | "help" | "version" {
       },
     }));
   } catch (error) {
-    throw new UsageError(error instanceof Error ? error.message : `${error}`);
+    // node:util's messages can span lines; ours are one line.
+    const message = error instanceof Error ? error.message : `${error}`;
+    throw new UsageError(message.replaceAll(/\s*\n\s*/g, " "));
   }
   if (values.help) return "help";
   if (values.version) return "version";
@@ -296,13 +298,13 @@ export async function main(args: string[]): Promise<number> {
   const stop = (signal: keyof typeof SIGNAL_NUMBERS) => {
     if (!stopping) {
       stopping = true;
+      drained.resolve(
+        server.shutdown({ drainTimeoutMs: config.drainTimeoutMs }),
+      );
       console.error(
         `${signal}: stopping; ${server.connections} connections get up to ${
           config.drainTimeoutMs / 1000
         } s to finish`,
-      );
-      drained.resolve(
-        server.shutdown({ drainTimeoutMs: config.drainTimeoutMs }),
       );
     } else {
       forcedBy = signal;

@@ -1,0 +1,402 @@
+import assert from "node:assert/strict";
+import denoJson from "./deno.json" with { type: "json" };
+import { parseFlags } from "./main.ts";
+
+const MAIN = new URL("./main.ts", import.meta.url).pathname;
+
+/** Runs main.ts to completion with the given permissions and flags. */
+async function run(
+  permissions: string[],
+  args: string[],
+): Promise<{ code: number; stdout: string; stderr: string }> {
+  const output = await new Deno.Command(Deno.execPath(), {
+    args: ["run", ...permissions, MAIN, ...args],
+    stdin: "null",
+  }).output();
+  const decoder = new TextDecoder();
+  return {
+    code: output.code,
+    stdout: decoder.decode(output.stdout),
+    stderr: decoder.decode(output.stderr),
+  };
+}
+
+/** A server process whose stderr is read line by line. */
+class ServerProcess implements AsyncDisposable {
+  readonly child: Deno.ChildProcess;
+  readonly stderrLines: string[] = [];
+  #reader: ReadableStreamDefaultReader<string>;
+  #pending = "";
+
+  constructor(logDir: string, args: string[]) {
+    this.child = new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        "--allow-net",
+        `--allow-write=${logDir}`,
+        MAIN,
+        "--port",
+        "0",
+        "--log",
+        `${logDir}/access.log`,
+        ...args,
+      ],
+      stdin: "null",
+      stdout: "null",
+      stderr: "piped",
+    }).spawn();
+    this.#reader = this.child.stderr.pipeThrough(new TextDecoderStream())
+      .getReader();
+  }
+
+  /** Reads stderr up to the first line matching `pattern`, and returns it. */
+  async waitFor(pattern: RegExp): Promise<string> {
+    for (;;) {
+      const newline = this.#pending.indexOf("\n");
+      if (newline >= 0) {
+        const line = this.#pending.slice(0, newline);
+        this.#pending = this.#pending.slice(newline + 1);
+        this.stderrLines.push(line);
+        if (pattern.test(line)) return line;
+        continue;
+      }
+      const { value, done } = await this.#reader.read();
+      if (done) {
+        throw new Error(
+          `stderr ended before ${pattern}: ${this.stderrLines.join("\n")}`,
+        );
+      }
+      this.#pending += value;
+    }
+  }
+
+  /** The port from the start-up line. */
+  async port(): Promise<number> {
+    const line = await this.waitFor(/^listening on /);
+    return Number(/:(\d+), access log /.exec(line)![1]);
+  }
+
+  /** Waits for exit; returns the status code and the rest of stderr. */
+  async exit(): Promise<{ code: number; stderr: string }> {
+    let rest = this.#pending;
+    for (;;) {
+      const { value, done } = await this.#reader.read();
+      if (done) break;
+      rest += value;
+    }
+    this.#pending = "";
+    return { code: (await this.child.status).code, stderr: rest };
+  }
+
+  async [Symbol.asyncDispose]() {
+    try {
+      this.child.kill("SIGKILL");
+    } catch {
+      // already exited
+    }
+    await this.exit();
+  }
+}
+
+async function echo(port: number, text: string): Promise<string> {
+  const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+  try {
+    await conn.write(new TextEncoder().encode(text));
+    await conn.closeWrite();
+    return await readText(conn);
+  } finally {
+    conn.close();
+  }
+}
+
+async function readText(conn: Deno.Conn): Promise<string> {
+  let text = "";
+  const decoder = new TextDecoder();
+  const buffer = new Uint8Array(4096);
+  for (let n; (n = await conn.read(buffer)) !== null;) {
+    text += decoder.decode(buffer.subarray(0, n), { stream: true });
+  }
+  return text;
+}
+
+/**
+ * After shutdown starts a new client is refused, or reset if it reached the
+ * closing listener's queue; it is never served.
+ */
+async function assertNotServed(port: number): Promise<void> {
+  let reply;
+  try {
+    reply = await echo(port, "late");
+  } catch (error) {
+    if (
+      error instanceof Deno.errors.ConnectionRefused ||
+      error instanceof Deno.errors.ConnectionReset
+    ) return;
+    throw error;
+  }
+  assert.equal(reply, "", "a client was served after shutdown began");
+}
+
+function withTempDir(fn: (dir: string) => Promise<void>): () => Promise<void> {
+  return async () => {
+    const dir = await Deno.makeTempDir();
+    try {
+      await fn(dir);
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  };
+}
+
+Deno.test("parseFlags: defaults, sizes and seconds", () => {
+  assert.deepEqual(parseFlags([]), {
+    hostname: "127.0.0.1",
+    port: 4000,
+    logPath: "/var/log/echo-server/access.log",
+    maxClientBytes: 64 * 1024 * 1024,
+    maxBufferedBytes: 512 * 1024 * 1024,
+    maxConnections: 16384,
+    idleTimeoutMs: 30_000,
+    drainTimeoutMs: 10_000,
+  });
+  const config = parseFlags([
+    "--host=0.0.0.0",
+    "--port=0",
+    "--max-client-bytes=2KiB",
+    "--max-buffered",
+    "3MiB",
+    "--idle-timeout=0.25",
+    "--drain-timeout=0",
+  ]);
+  assert.ok(typeof config === "object");
+  assert.equal(config.hostname, "0.0.0.0");
+  assert.equal(config.port, 0);
+  assert.equal(config.maxClientBytes, 2048);
+  assert.equal(config.maxBufferedBytes, 3 * 1024 * 1024);
+  assert.equal(config.idleTimeoutMs, 250);
+  assert.equal(config.drainTimeoutMs, 0);
+});
+
+Deno.test("--help lists every flag with its default", async () => {
+  const { code, stdout } = await run([], ["--help"]);
+  assert.equal(code, 0);
+  for (
+    const text of [
+      "--host HOST",
+      "(default 127.0.0.1)",
+      "--port PORT",
+      "(default 4000)",
+      "--log PATH",
+      "(default /var/log/echo-server/access.log)",
+      "--max-client-bytes SIZE",
+      "(default 64MiB)",
+      "--max-buffered SIZE",
+      "(default 512MiB)",
+      "--max-connections N",
+      "(default 16384)",
+      "--idle-timeout SECONDS",
+      "(default 30)",
+      "--drain-timeout SECONDS",
+      "(default 10)",
+      "--version",
+      "SIGHUP",
+    ]
+  ) {
+    assert.ok(stdout.includes(text), `--help lacks ${text}`);
+  }
+});
+
+Deno.test("--version prints the version from deno.json", async () => {
+  const { code, stdout } = await run([], ["--version"]);
+  assert.equal(code, 0);
+  assert.equal(stdout, `echo-server ${denoJson.version}\n`);
+});
+
+const BAD_FLAGS: Array<[string[], string]> = [
+  [["--bogus"], "echo-server: Unknown option '--bogus'"],
+  [["extra"], "echo-server: Unexpected argument 'extra'"],
+  [["--port", "70000"], "echo-server: --port must be a whole number"],
+  [["--port", "4x"], "echo-server: --port must be a whole number"],
+  [["--port"], "echo-server: Option '--port <value>' argument missing"],
+  [["--max-client-bytes", "12XB"], "echo-server: --max-client-bytes must"],
+  [["--max-connections", "0"], "echo-server: --max-connections must"],
+  [["--idle-timeout", "0"], "echo-server: --idle-timeout must"],
+  [["--drain-timeout", "-1"], "echo-server: Option '--drain-timeout"],
+  [["--log", ""], "echo-server: --log must not be empty"],
+];
+for (const [args, message] of BAD_FLAGS) {
+  Deno.test(`bad flags ${args.join(" ")}: one line, usage, exit 2`, async () => {
+    const { code, stdout, stderr } = await run([], args);
+    assert.equal(code, 2);
+    assert.equal(stdout, "");
+    const [first, blank, usage] = stderr.split("\n");
+    assert.ok(first.startsWith(message), first);
+    assert.equal(blank, "");
+    assert.equal(usage, "Usage: echo-server [options]");
+  });
+}
+
+Deno.test(
+  "a port in use: one clear line, exit 1",
+  withTempDir(async (dir) => {
+    using taken = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    const port = taken.addr.port;
+    const { code, stderr } = await run(
+      ["--allow-net", `--allow-write=${dir}`],
+      ["--port", `${port}`, "--log", `${dir}/access.log`],
+    );
+    assert.equal(code, 1);
+    assert.equal(
+      stderr,
+      `echo-server: cannot listen on 127.0.0.1:${port}: address already in use (is another server running? pick another --port)\n`,
+    );
+  }),
+);
+
+Deno.test(
+  "an address not on this machine: one clear line, exit 1",
+  withTempDir(async (dir) => {
+    const { code, stderr } = await run(
+      ["--allow-net", `--allow-write=${dir}`],
+      ["--host", "192.0.2.1", "--port", "0", "--log", `${dir}/access.log`],
+    );
+    assert.equal(code, 1);
+    assert.match(
+      stderr,
+      /^echo-server: cannot listen on 192\.0\.2\.1:0: address not available on this machine \(check --host\)\n$/,
+    );
+  }),
+);
+
+Deno.test(
+  "an unwritable log path: one clear line naming it, exit 1",
+  withTempDir(async (dir) => {
+    await Deno.writeTextFile(`${dir}/file`, "");
+    const { code, stderr } = await run(
+      ["--allow-net", `--allow-write=${dir}`],
+      ["--port", "0", "--log", `${dir}/file/access.log`],
+    );
+    assert.equal(code, 1);
+    assert.match(
+      stderr,
+      new RegExp(
+        `^echo-server: cannot open access log ${dir}/file/access.log: [^\\n]+\\n$`,
+      ),
+    );
+  }),
+);
+
+Deno.test(
+  "the default log path without write permission names the fixes",
+  withTempDir(async (dir) => {
+    // Write permission only for a temporary directory: the real default log
+    // is never touched, whoever runs the tests.
+    const { code, stderr } = await run(
+      ["--allow-net", `--allow-write=${dir}`],
+      ["--port", "0"],
+    );
+    assert.equal(code, 1);
+    assert.equal(
+      stderr,
+      "echo-server: cannot open access log /var/log/echo-server/access.log: " +
+        "permission denied (run as a user who may write there, or pass " +
+        "--log PATH and grant --allow-write for that path)\n",
+    );
+  }),
+);
+
+Deno.test(
+  "without --allow-net: one clear line, exit 1",
+  withTempDir(async (dir) => {
+    const { code, stderr } = await run(
+      [`--allow-write=${dir}`],
+      ["--port", "0", "--log", `${dir}/access.log`],
+    );
+    assert.equal(code, 1);
+    assert.equal(
+      stderr,
+      "echo-server: cannot listen on 127.0.0.1:0: permission to use the network was not granted (run with --allow-net)\n",
+    );
+  }),
+);
+
+Deno.test(
+  "SIGHUP reopens the log after a rename; no line is lost",
+  withTempDir(async (dir) => {
+    await using server = new ServerProcess(dir, []);
+    const port = await server.port();
+    assert.equal(await echo(port, "one"), "one");
+    await Deno.rename(`${dir}/access.log`, `${dir}/access.log.1`);
+    assert.equal(await echo(port, "two"), "two");
+    server.child.kill("SIGHUP");
+    await server.waitFor(/^reopened access log /);
+    assert.equal(await echo(port, "three"), "three");
+    server.child.kill("SIGTERM");
+    assert.equal((await server.exit()).code, 0);
+    assert.equal(
+      await Deno.readTextFile(`${dir}/access.log.1`),
+      "[client 1]: received 3 bytes\n[client 2]: received 3 bytes\n",
+    );
+    assert.equal(
+      await Deno.readTextFile(`${dir}/access.log`),
+      "[client 3]: received 5 bytes\n",
+    );
+  }),
+);
+
+for (const signal of ["SIGTERM", "SIGINT"] as const) {
+  Deno.test(
+    `${signal} drains a client in flight, refuses new ones, exits 0`,
+    withTempDir(async (dir) => {
+      await using server = new ServerProcess(dir, ["--drain-timeout", "3600"]);
+      const port = await server.port();
+      const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+      try {
+        await conn.write(new TextEncoder().encode("in "));
+        // A later client's full round trip proves the first was accepted.
+        assert.equal(await echo(port, "x"), "x");
+        server.child.kill(signal);
+        await server.waitFor(new RegExp(`^${signal}: stopping; 1 connections`));
+        await assertNotServed(port);
+        await conn.write(new TextEncoder().encode("flight"));
+        await conn.closeWrite();
+        assert.equal(await readText(conn), "in flight");
+      } finally {
+        conn.close();
+      }
+      const { code, stderr } = await server.exit();
+      assert.equal(code, 0);
+      assert.equal(stderr, "stopped after 2 clients\n");
+      assert.equal(
+        await Deno.readTextFile(`${dir}/access.log`),
+        "[client 2]: received 1 bytes\n[client 1]: received 9 bytes\n",
+      );
+    }),
+  );
+}
+
+Deno.test(
+  "a second SIGTERM cuts off at once; the log is still complete",
+  withTempDir(async (dir) => {
+    await using server = new ServerProcess(dir, ["--drain-timeout", "3600"]);
+    const port = await server.port();
+    const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+    try {
+      await conn.write(new Uint8Array(6));
+      assert.equal(await echo(port, "x"), "x");
+      server.child.kill("SIGTERM");
+      await server.waitFor(/^SIGTERM: stopping; 1 connections/);
+      server.child.kill("SIGTERM");
+      const { code, stderr } = await server.exit();
+      assert.equal(code, 143);
+      assert.match(stderr, /^SIGTERM again: cutting off 1 connections now\n/);
+      assert.match(stderr, /client 1: cut off after 6 bytes/);
+    } finally {
+      conn.close();
+    }
+    assert.equal(
+      await Deno.readTextFile(`${dir}/access.log`),
+      "[client 2]: received 1 bytes\n[client 1]: received 6 bytes\n",
+    );
+  }),
+);
