@@ -1,0 +1,483 @@
+/**
+ * Tests of the deployment files: the systemd unit and the logrotate config
+ * agree with the server and the compile task, and Debian's real logrotate,
+ * run with deploy/logrotate.conf against a live server while clients keep
+ * coming, loses, splits and duplicates no access log line.
+ *
+ * `.ci/run` also checks the unit with `systemd-analyze verify`.
+ */
+
+import assert from "node:assert/strict";
+import { fileURLToPath as fromFileUrl } from "node:url";
+import { DEFAULT_LOG_PATH, parseFlags } from "../main.ts";
+import { DEFAULT_DRAIN_TIMEOUT_MS } from "../server.ts";
+import denoJson from "../deno.json" with { type: "json" };
+
+const REPO = fromFileUrl(new URL("..", import.meta.url));
+const UNIT_PATH = fromFileUrl(new URL("echo-server.service", import.meta.url));
+const LOGROTATE_PATH = fromFileUrl(new URL("logrotate.conf", import.meta.url));
+const LOG_LINE = /^\[client (\d+)\]: received (\d+) bytes$/;
+
+// --- systemd unit ----------------------------------------------------------
+
+/** `[Section]` -> key -> values, in order (a key may repeat). */
+type Unit = Map<string, Map<string, string[]>>;
+
+function parseUnit(text: string): Unit {
+  const unit: Unit = new Map();
+  let section: Map<string, string[]> | undefined;
+  for (const raw of text.split("\n")) {
+    const line = raw.trim();
+    if (line === "" || line.startsWith("#") || line.startsWith(";")) continue;
+    const header = /^\[(.+)\]$/.exec(line);
+    if (header) {
+      section = new Map();
+      unit.set(header[1], section);
+      continue;
+    }
+    assert.ok(section, `key outside a section: ${line}`);
+    assert.ok(!line.endsWith("\\"), `no line continuations, please: ${line}`);
+    const eq = line.indexOf("=");
+    assert.ok(eq > 0, `not a key=value line: ${line}`);
+    const key = line.slice(0, eq).trim();
+    section.set(key, [...(section.get(key) ?? []), line.slice(eq + 1).trim()]);
+  }
+  return unit;
+}
+
+/** The one value of `key` in `[section]`; fails if missing or repeated. */
+function only(unit: Unit, section: string, key: string): string {
+  const values = unit.get(section)?.get(key) ?? [];
+  assert.equal(values.length, 1, `[${section}] ${key}= set ${values.length}x`);
+  return values[0];
+}
+
+/** A systemd time span like `20s`, `1min 30s` or `90` (seconds), in ms. */
+function parseTimeSpan(text: string): number {
+  const units: Record<string, number> = {
+    "": 1000,
+    ms: 1,
+    s: 1000,
+    sec: 1000,
+    m: 60_000,
+    min: 60_000,
+  };
+  let total = 0;
+  for (const part of text.trim().split(/\s+/)) {
+    const match = /^(\d+(?:\.\d+)?)([a-z]*)$/.exec(part);
+    assert.ok(match && match[2] in units, `unsupported time span: ${text}`);
+    total += Number(match[1]) * units[match[2]];
+  }
+  return total;
+}
+
+const unit = parseUnit(await Deno.readTextFile(UNIT_PATH));
+const execStart = only(unit, "Service", "ExecStart").split(/\s+/);
+
+Deno.test("echo-server.service runs the installed binary with flags main.ts accepts", () => {
+  assert.equal(execStart[0], "/usr/local/bin/echo-server");
+  const config = parseFlags(execStart.slice(1));
+  assert.ok(typeof config === "object");
+  // The binary may only write under the compile task's --allow-write dir,
+  // which must be the unit's LogsDirectory.
+  const logsDirectory = only(unit, "Service", "LogsDirectory");
+  assert.equal(logsDirectory, "echo-server");
+  assert.equal(config.logPath, DEFAULT_LOG_PATH);
+  assert.equal(
+    config.logPath.slice(0, config.logPath.lastIndexOf("/")),
+    `/var/log/${logsDirectory}`,
+  );
+  assert.ok(
+    denoJson.tasks.compile.split(/\s+/).includes(
+      `--allow-write=/var/log/${logsDirectory}`,
+    ),
+    "the compile task grants --allow-write for the LogsDirectory",
+  );
+});
+
+Deno.test("echo-server.service drains on stop, reloads with SIGHUP, restarts on failure", () => {
+  assert.equal(only(unit, "Service", "ExecReload"), "/bin/kill -HUP $MAINPID");
+  assert.equal(only(unit, "Service", "KillSignal"), "SIGTERM");
+  assert.equal(only(unit, "Service", "Restart"), "on-failure");
+  const config = parseFlags(execStart.slice(1));
+  assert.ok(typeof config === "object");
+  assert.equal(config.drainTimeoutMs, DEFAULT_DRAIN_TIMEOUT_MS);
+  const timeoutStop = parseTimeSpan(only(unit, "Service", "TimeoutStopSec"));
+  assert.ok(
+    timeoutStop >= config.drainTimeoutMs + 5000,
+    `TimeoutStopSec (${timeoutStop} ms) must leave the ${config.drainTimeoutMs} ms drain time to finish`,
+  );
+  assert.ok(
+    Number(only(unit, "Service", "LimitNOFILE")) > config.maxConnections,
+    "LimitNOFILE leaves room for --max-connections clients",
+  );
+  assert.equal(only(unit, "Install", "WantedBy"), "multi-user.target");
+});
+
+Deno.test("echo-server.service runs as a dynamic user with hardening, but lets V8 JIT", () => {
+  const expected: Record<string, string> = {
+    DynamicUser: "yes",
+    NoNewPrivileges: "yes",
+    ProtectSystem: "strict",
+    ProtectHome: "yes",
+    PrivateTmp: "yes",
+    PrivateDevices: "yes",
+    RestrictAddressFamilies: "AF_INET AF_INET6",
+    CapabilityBoundingSet: "",
+    AmbientCapabilities: "",
+    ProtectKernelTunables: "yes",
+    ProtectKernelModules: "yes",
+    ProtectControlGroups: "yes",
+    SystemCallArchitectures: "native",
+    LockPersonality: "yes",
+    RestrictNamespaces: "yes",
+    RestrictRealtime: "yes",
+    RestrictSUIDSGID: "yes",
+  };
+  for (const [key, value] of Object.entries(expected)) {
+    assert.equal(only(unit, "Service", key), value, `${key}=`);
+  }
+  // V8's JIT needs writable+executable memory: this would kill the server.
+  assert.ok(!unit.get("Service")!.has("MemoryDenyWriteExecute"));
+  // And no key sneaks in outside [Unit], [Service], [Install].
+  assert.deepEqual([...unit.keys()], ["Unit", "Service", "Install"]);
+});
+
+// --- logrotate config ------------------------------------------------------
+
+const logrotateConf = await Deno.readTextFile(LOGROTATE_PATH);
+
+/** The directives of the config's one block, without the postrotate script. */
+function parseLogrotate(text: string) {
+  const block = /^(\S+) \{\n([\s\S]*?)^\}$/m.exec(text);
+  assert.ok(block, "one `PATH {` ... `}` block");
+  const script = /^\s*postrotate\n([\s\S]*?)^\s*endscript$/m.exec(block[2]);
+  assert.ok(script, "a postrotate ... endscript script");
+  const directives = block[2].replace(script[0], "").split("\n")
+    .map((line) => line.trim()).filter((line) => line && !line.startsWith("#"));
+  return { path: block[1], directives, postrotate: script[1].trim() };
+}
+
+Deno.test("logrotate.conf rotates the access log by rename, then SIGHUPs the service", () => {
+  const { path, directives, postrotate } = parseLogrotate(logrotateConf);
+  assert.equal(path, DEFAULT_LOG_PATH);
+  for (
+    const directive of [
+      "daily",
+      "rotate 14",
+      "missingok",
+      "notifempty",
+      "compress",
+      "delaycompress",
+      "nocopytruncate",
+      "nocreate",
+    ]
+  ) {
+    assert.ok(directives.includes(directive), `missing: ${directive}`);
+  }
+  assert.ok(!directives.includes("copytruncate"), "copytruncate loses lines");
+  assert.ok(!directives.some((d) => /^create\b/.test(d)), "the server creates");
+  assert.match(postrotate, /--signal=HUP echo-server\.service/);
+});
+
+// --- logrotate against a live server ---------------------------------------
+
+function findExecutable(name: string): string | undefined {
+  let path = "";
+  try {
+    path = Deno.env.get("PATH") ?? "";
+  } catch {
+    // no --allow-env: try the usual places only
+  }
+  // logrotate lives in /usr/sbin, which a non-root PATH may lack.
+  for (const dir of [...path.split(":"), "/usr/sbin", "/sbin"]) {
+    if (!dir) continue;
+    try {
+      if (Deno.statSync(`${dir}/${name}`).isFile) return `${dir}/${name}`;
+    } catch {
+      // not there (or not allowed to look)
+    }
+  }
+  return undefined;
+}
+
+const LOGROTATE = findExecutable("logrotate");
+
+/**
+ * deploy/logrotate.conf for a test: the log path and the postrotate script
+ * replaced (`kill -HUP PID` instead of systemctl), every option kept, so
+ * compress and delaycompress are exercised too.
+ */
+function testConfig(logPath: string, pid: number): string {
+  const { path, postrotate } = parseLogrotate(logrotateConf);
+  const text = logrotateConf.replace(`${path} {`, `${logPath} {`)
+    .replace(postrotate, `kill -HUP ${pid}`);
+  assert.ok(text.includes(`${logPath} {`) && text.includes(`kill -HUP ${pid}`));
+  return text;
+}
+
+/** Reads a child's stderr to the end, line by line; lets a test await one. */
+class Lines {
+  readonly lines: string[] = [];
+  readonly done: Promise<void>;
+  #cursor = 0;
+  #closed = false;
+  #changed = Promise.withResolvers<void>();
+
+  constructor(stream: ReadableStream<Uint8Array>) {
+    this.done = this.#pump(stream);
+  }
+
+  async #pump(stream: ReadableStream<Uint8Array>): Promise<void> {
+    let partial = "";
+    try {
+      for await (const text of stream.pipeThrough(new TextDecoderStream())) {
+        const parts = (partial + text).split("\n");
+        partial = parts.pop()!;
+        this.lines.push(...parts);
+        this.#notify();
+      }
+    } finally {
+      if (partial) this.lines.push(partial);
+      this.#closed = true;
+      this.#notify();
+    }
+  }
+
+  #notify(): void {
+    this.#changed.resolve();
+    this.#changed = Promise.withResolvers();
+  }
+
+  /** The next line (after the last one matched) that matches `pattern`. */
+  async next(pattern: RegExp): Promise<RegExpExecArray> {
+    for (;;) {
+      while (this.#cursor < this.lines.length) {
+        const match = pattern.exec(this.lines[this.#cursor++]);
+        if (match) return match;
+      }
+      if (this.#closed) {
+        throw new Error(
+          `stderr ended with no line matching ${pattern}:\n${
+            this.lines.join("\n")
+          }`,
+        );
+      }
+      await this.#changed.promise;
+    }
+  }
+}
+
+/** Sends `payload`, half-closes, reads to EOF; throws unless echoed back. */
+async function echo(port: number, payload: Uint8Array): Promise<void> {
+  const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+  try {
+    const writing = (async () => {
+      for (let n = 0; n < payload.length;) {
+        n += await conn.write(payload.subarray(n));
+      }
+      await conn.closeWrite();
+    })();
+    const received: Uint8Array<ArrayBuffer>[] = [];
+    const buffer = new Uint8Array(64 * 1024);
+    for (let n; (n = await conn.read(buffer)) !== null;) {
+      received.push(buffer.slice(0, n));
+    }
+    await writing;
+    const echoed = new Uint8Array(await new Blob(received).arrayBuffer());
+    assert.deepEqual(echoed, payload, "echoed back unchanged");
+  } finally {
+    conn.close();
+  }
+}
+
+/** Counts clients done; lets a test await progress; records a failure. */
+class Progress {
+  done = 0;
+  #failed: { error: unknown } | undefined;
+  #changed = Progress.#signal();
+
+  static #signal(): PromiseWithResolvers<void> {
+    const signal = Promise.withResolvers<void>();
+    signal.promise.catch(() => {}); // rejected only while someone awaits
+    return signal;
+  }
+
+  clientDone(): void {
+    this.done++;
+    this.#changed.resolve();
+    this.#changed = Progress.#signal();
+  }
+
+  fail(error: unknown): void {
+    this.#failed ??= { error };
+    this.#changed.reject(error);
+    this.#changed = Progress.#signal();
+  }
+
+  /** Throws the first client's failure, if one failed. */
+  check(): void {
+    if (this.#failed) throw this.#failed.error;
+  }
+
+  /** Resolves once `done` reaches `count`; rejects if a client failed. */
+  async until(count: number): Promise<void> {
+    while (this.done < count) {
+      this.check();
+      await this.#changed.promise;
+    }
+  }
+}
+
+async function readLog(path: string): Promise<string> {
+  const bytes = await Deno.readFile(path);
+  if (!path.endsWith(".gz")) return new TextDecoder().decode(bytes);
+  const stream = new Blob([bytes]).stream()
+    .pipeThrough(new DecompressionStream("gzip"));
+  return await new Response(stream).text();
+}
+
+const ROTATIONS = 3;
+const WORKERS = 4;
+const CLIENTS_BETWEEN_ROTATIONS = 25;
+
+Deno.test({
+  name: LOGROTATE
+    ? "logrotate with deploy/logrotate.conf, run on a live server while clients keep coming, loses, splits and duplicates no line"
+    : "logrotate with deploy/logrotate.conf on a live server (skipped: logrotate not installed: apt-get install logrotate)",
+  ignore: LOGROTATE === undefined,
+  async fn() {
+    const dir = await Deno.makeTempDir({ prefix: "echo-server-logrotate-" });
+    const logPath = `${dir}/access.log`;
+    const server = new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        "--allow-net",
+        `--allow-write=${dir}`,
+        "main.ts",
+        "--port",
+        "0",
+        "--log",
+        logPath,
+      ],
+      cwd: REPO,
+      stdin: "null",
+      stdout: "null",
+      stderr: "piped",
+    }).spawn();
+    const stderr = new Lines(server.stderr);
+    let exited = false;
+    let stop = false;
+    const workers: Promise<void>[] = [];
+    try {
+      const [, port] = await stderr.next(/^listening on .+:(\d+), access log /);
+
+      const conf = `${dir}/logrotate.conf`;
+      await Deno.writeTextFile(conf, testConfig(logPath, server.pid));
+      await Deno.chmod(conf, 0o644); // logrotate refuses a writable config
+
+      // Clients keep coming, WORKERS at a time, until told to stop. Each
+      // sends a different number of bytes, some none at all.
+      const sent: number[] = [];
+      const progress = new Progress();
+      for (let w = 0; w < WORKERS; w++) {
+        workers.push(
+          (async () => {
+            for (let i = 0; !stop; i++) {
+              const size = (w * 7919 + i * 104_729) % 3001;
+              sent.push(size);
+              await echo(Number(port), new Uint8Array(size).fill(65 + w));
+              progress.clientDone();
+            }
+          })().catch((error) => progress.fail(error)),
+        );
+      }
+
+      for (let rotation = 1; rotation <= ROTATIONS; rotation++) {
+        await progress.until(progress.done + CLIENTS_BETWEEN_ROTATIONS);
+        // notifempty: logrotate skips an empty log and then sends no SIGHUP.
+        // A client's line is written just after it sees EOF, so wait for
+        // more clients (not for time) until the line is in the file.
+        while ((await Deno.stat(logPath)).size === 0) {
+          await progress.until(progress.done + 1);
+        }
+        const result = await new Deno.Command(LOGROTATE!, {
+          args: ["-f", "-s", `${dir}/logrotate.state`, conf],
+          stdin: "null",
+        }).output();
+        const output = new TextDecoder().decode(result.stderr) +
+          new TextDecoder().decode(result.stdout);
+        assert.ok(result.success, `logrotate failed:\n${output}`);
+        // The sync point: the server has switched to the new access.log.
+        await stderr.next(/^reopened access log /);
+      }
+      await progress.until(progress.done + CLIENTS_BETWEEN_ROTATIONS);
+
+      stop = true;
+      await Promise.all(workers);
+      progress.check();
+      server.kill("SIGTERM");
+      const status = await server.status;
+      exited = true;
+      await stderr.done;
+      assert.equal(status.code, 0, stderr.lines.join("\n"));
+
+      // Nothing but the expected lifecycle lines: no "still writing to the
+      // old file", no client that could not be logged.
+      for (const line of stderr.lines) {
+        assert.match(
+          line,
+          /^(listening on |reopened access log |SIGTERM: stopping; |stopped after \d+ clients$)/,
+        );
+      }
+      assert.ok(stderr.lines.includes(`stopped after ${sent.length} clients`));
+
+      // rename + delaycompress: the newest rotated file stays plain.
+      const files = [];
+      for await (const entry of Deno.readDir(dir)) {
+        if (entry.name.startsWith("access.log")) files.push(entry.name);
+      }
+      assert.deepEqual(files.sort(), [
+        "access.log",
+        "access.log.1",
+        "access.log.2.gz",
+        "access.log.3.gz",
+      ]);
+
+      const ids: number[] = [];
+      const received: number[] = [];
+      for (const name of files) {
+        const text = await readLog(`${dir}/${name}`);
+        assert.ok(text === "" || text.endsWith("\n"), `${name} ends mid-line`);
+        const lines = text.split("\n").slice(0, -1);
+        if (name !== "access.log") {
+          assert.ok(lines.length > 0, `${name} has lines`);
+        }
+        for (const line of lines) {
+          const match = LOG_LINE.exec(line);
+          assert.ok(match, `${name}: malformed line ${JSON.stringify(line)}`);
+          ids.push(Number(match[1]));
+          received.push(Number(match[2]));
+        }
+      }
+      assert.equal(ids.length, sent.length, "one line per client");
+      assert.equal(new Set(ids).size, ids.length, "no duplicate client ids");
+      assert.deepEqual(
+        ids.sort((a, b) => a - b),
+        Array.from({ length: sent.length }, (_, i) => i + 1),
+        "client ids 1..N, none missing",
+      );
+      const sorted = (numbers: number[]) => numbers.sort((a, b) => a - b);
+      assert.deepEqual(sorted(received), sorted(sent), "bytes per client");
+    } finally {
+      stop = true;
+      await Promise.allSettled(workers);
+      if (!exited) {
+        server.kill("SIGKILL");
+        await server.status;
+        await stderr.done.catch(() => {});
+      }
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
