@@ -1,0 +1,778 @@
+/**
+ * A verifying load client for the echo server (`deno task bench`).
+ *
+ * It keeps a number of connections in flight; each one connects, sends a
+ * payload while already reading the reply, half-closes, reads to EOF and
+ * checks every byte it got back against what it sent. Each connection's
+ * payload starts at its own offset of a pseudo-random pattern, so a server
+ * that hands one client's bytes to another is caught too.
+ *
+ * It connects to the one host and port it is given and nowhere else. It is
+ * meant for loopback and for servers you run yourself: do not point it at
+ * other people's machines.
+ *
+ * @module
+ */
+
+import { parseArgs } from "node:util";
+
+/** Options for {@linkcode runBench}. */
+export interface BenchOptions {
+  /** Server address. Default `127.0.0.1`. */
+  hostname?: string;
+  /** Server port. Default 4000. */
+  port?: number;
+  /** Connections kept in flight at once. Default 16. */
+  concurrency?: number;
+  /** Payload bytes sent (and expected back) per connection. Default 5. */
+  size?: number;
+  /**
+   * Seconds to start new connections for. Connections in flight then get
+   * up to 5 s more to finish; any still going after that are cut off and
+   * counted as unfinished. Default 10, or no time limit when
+   * {@linkcode BenchOptions.connections} is given.
+   */
+  duration?: number;
+  /** Stop after this many connections (attempts, good or bad). */
+  connections?: number;
+  /** Stops the run at once: connections in flight are cut off. */
+  signal?: AbortSignal;
+  /** Called about once a second while the run lasts. */
+  onProgress?: (progress: BenchProgress) => void;
+}
+
+/** A snapshot passed to {@linkcode BenchOptions.onProgress}. */
+export interface BenchProgress {
+  /** Seconds since the run started. */
+  elapsedSeconds: number;
+  /** Connections completed with a correct reply so far. */
+  connections: number;
+  /** Connections completed per second since the previous snapshot. */
+  connectionsPerSecond: number;
+  /** Connections that failed so far. */
+  errors: number;
+}
+
+/** Latency from the start of the connect to the reply's EOF, in ms. */
+export interface LatencyMs {
+  p50: number;
+  p90: number;
+  p99: number;
+  max: number;
+}
+
+/** What {@linkcode runBench} measured. */
+export interface BenchResult {
+  /** Connections completed with exactly the bytes sent echoed back. */
+  connections: number;
+  /** Failed connections: the sum of the four kinds below. */
+  errors: number;
+  /** Connections that could not be opened. */
+  connectErrors: number;
+  /**
+   * Connections that broke while sending or reading: reset, or closed by
+   * the server before the whole request was sent.
+   */
+  resets: number;
+  /** Replies with a wrong byte, or longer than the request. */
+  mismatches: number;
+  /** Replies that ended before all the bytes sent came back. */
+  shortReplies: number;
+  /** Connections cut off by the end of the run or the signal; not errors. */
+  unfinished: number;
+  /** Payload bytes sent by completed and unfinished connections. */
+  bytesSent: number;
+  /** Payload bytes received (and verified) by completed and unfinished connections. */
+  bytesReceived: number;
+  /** Seconds from the start until the last connection ended or was cut off. */
+  elapsedSeconds: number;
+  /** `connections / elapsedSeconds`. */
+  connectionsPerSecond: number;
+  /** Echo throughput, `(bytesSent + bytesReceived) / 2 / elapsedSeconds`, in 10^6 B/s. */
+  megabytesPerSecond: number;
+  /** Latency of completed connections; all 0 when none completed. */
+  latencyMs: LatencyMs;
+  /** Descriptions of the first few errors. */
+  errorSamples: string[];
+}
+
+/** Size of the repeating pattern: a prime, so it never lines up with chunks. */
+const PATTERN_PERIOD = 65521;
+/** Time connections in flight at the end of the duration get to finish. */
+const FINISH_GRACE_MS = 5000;
+/** Most bytes handed to one `write` or asked of one `read`. */
+const CHUNK_BYTES = 256 * 1024;
+/** The pattern, plus one more chunk of it so any chunk-long window is contiguous. */
+const PATTERN = makePattern(PATTERN_PERIOD, CHUNK_BYTES);
+const MAX_ERROR_SAMPLES = 5;
+
+function makePattern(period: number, extra: number): Uint8Array {
+  const pattern = new Uint8Array(period + extra);
+  let x = 0x9e3779b9; // xorshift32
+  for (let i = 0; i < period; i++) {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    pattern[i] = x >>> 24;
+  }
+  for (let i = period; i < pattern.length; i += period) {
+    pattern.copyWithin(i, 0, Math.min(period, pattern.length - i));
+  }
+  return pattern;
+}
+
+/** Where in the pattern connection `seq`'s payload starts. */
+function phaseOf(seq: number): number {
+  return (Math.imul(seq + 1, 0x9e3779b1) >>> 0) % PATTERN_PERIOD;
+}
+
+/**
+ * The pattern as 32-bit words, four times: `WORDS[s]` starts at pattern byte
+ * `s`, so any pattern offset can be compared a word at a time.
+ */
+const WORDS = [0, 1, 2, 3].map((shift) => {
+  const bytes = new Uint8Array(Math.ceil(PATTERN.length / 4) * 4);
+  bytes.set(PATTERN.subarray(shift));
+  return new Int32Array(bytes.buffer);
+});
+
+/**
+ * Index of the first byte of `got[0..n)` that differs from the pattern
+ * starting at offset `from`, or -1. `words` views the same memory as `got`.
+ */
+function firstDifference(
+  got: Uint8Array,
+  words: Int32Array,
+  n: number,
+  from: number,
+): number {
+  const want = WORDS[from & 3];
+  const base = from >>> 2;
+  const count = n >>> 2;
+  let w = 0;
+  while (w < count && words[w] === want[base + w]) w++;
+  for (let i = w * 4; i < n; i++) {
+    if (got[i] !== PATTERN[from + i]) return i;
+  }
+  return -1;
+}
+
+type Failure = "reset" | "mismatch" | "short" | "unfinished";
+
+/** One connection in flight. */
+class Flight {
+  failure: Failure | undefined = undefined;
+  message = "";
+  sent = 0;
+  received = 0;
+  /** Set as the write side is shut down, i.e. the whole request was sent. */
+  requestSent = false;
+  #closed = false;
+
+  constructor(
+    readonly conn: Deno.TcpConn,
+    readonly seq: number,
+    readonly phase: number,
+  ) {}
+
+  /** Records the first failure and closes, which ends any pending I/O. */
+  fail(failure: Failure, message: string): void {
+    if (this.failure !== undefined) return;
+    this.failure = failure;
+    this.message = message;
+    this.close();
+  }
+
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.conn.close();
+  }
+}
+
+class Run {
+  readonly #hostname: string;
+  readonly #port: number;
+  readonly #size: number;
+  readonly #limit: number;
+  readonly #readBytes: number;
+  #started = 0;
+  #everConnected = false;
+  #finishing = false;
+  #stopped = false;
+  #stopTime = 0;
+  readonly #flights = new Set<Flight>();
+  readonly #connectAbort = new AbortController();
+
+  ok = 0;
+  connectErrors = 0;
+  resets = 0;
+  mismatches = 0;
+  shortReplies = 0;
+  unfinished = 0;
+  bytesSent = 0;
+  bytesReceived = 0;
+  latencies = new Float64Array(1024);
+  errorSamples: string[] = [];
+
+  constructor(hostname: string, port: number, size: number, limit: number) {
+    this.#hostname = hostname;
+    this.#port = port;
+    this.#size = size;
+    this.#limit = limit;
+    // One byte more than expected is enough to catch a reply that is too long.
+    this.#readBytes = Math.min(CHUNK_BYTES, Math.max(64, size + 1));
+  }
+
+  get errors(): number {
+    return this.connectErrors + this.resets + this.mismatches +
+      this.shortReplies;
+  }
+
+  /** Starts no more connections; those in flight may finish. */
+  finish(): void {
+    this.#finishing = true;
+  }
+
+  /** Starts no more connections and cuts off those in flight. */
+  stop(): void {
+    if (this.#stopped) return;
+    this.#finishing = true;
+    this.#stopped = true;
+    this.#stopTime = performance.now();
+    this.#connectAbort.abort();
+    for (const flight of this.#flights) {
+      flight.fail("unfinished", "cut off at the end of the run");
+    }
+  }
+
+  /** When the run was stopped early, else undefined. */
+  get stopTime(): number | undefined {
+    return this.#stopped ? this.#stopTime : undefined;
+  }
+
+  async worker(): Promise<void> {
+    const buffer = new Uint8Array(this.#readBytes);
+    const words = new Int32Array(buffer.buffer, 0, buffer.length >>> 2);
+    while (!this.#finishing && this.#started < this.#limit) {
+      await this.#connection(this.#started++, buffer, words);
+    }
+  }
+
+  async #connection(
+    seq: number,
+    buffer: Uint8Array,
+    words: Int32Array,
+  ): Promise<void> {
+    const start = performance.now();
+    let conn: Deno.TcpConn;
+    try {
+      conn = await Deno.connect({
+        hostname: this.#hostname,
+        port: this.#port,
+        signal: this.#connectAbort.signal,
+      });
+    } catch (error) {
+      if (this.#stopped) return;
+      this.connectErrors++;
+      this.#sample(`connection ${seq + 1}: connect: ${describe(error)}`);
+      // Nothing listening at all: say so once rather than retry for the
+      // whole duration.
+      if (!this.#everConnected) this.stop();
+      return;
+    }
+    this.#everConnected = true;
+    const flight = new Flight(conn, seq, phaseOf(seq));
+    if (this.#stopped) {
+      flight.close();
+      return;
+    }
+    this.#flights.add(flight);
+    // Read while writing: a server that streams its reply would otherwise
+    // fill both directions' buffers and deadlock with a large payload.
+    const reading = this.#receive(flight, buffer, words);
+    await this.#send(flight);
+    await reading;
+    this.#flights.delete(flight);
+
+    switch (flight.failure) {
+      case undefined:
+        flight.close();
+        this.#recordLatency(performance.now() - start);
+        this.ok++;
+        this.bytesSent += flight.sent;
+        this.bytesReceived += flight.received;
+        return;
+      case "unfinished":
+        this.unfinished++;
+        this.bytesSent += flight.sent;
+        this.bytesReceived += flight.received;
+        return;
+      case "reset":
+        this.resets++;
+        break;
+      case "mismatch":
+        this.mismatches++;
+        break;
+      case "short":
+        this.shortReplies++;
+        break;
+    }
+    this.#sample(`connection ${seq + 1}: ${flight.message}`);
+  }
+
+  async #send(flight: Flight): Promise<void> {
+    const { conn, phase } = flight;
+    const size = this.#size;
+    try {
+      let sent = 0;
+      while (sent < size) {
+        const offset = (phase + sent) % PATTERN_PERIOD;
+        const n = Math.min(CHUNK_BYTES, size - sent);
+        sent += await conn.write(PATTERN.subarray(offset, offset + n));
+        flight.sent = sent;
+      }
+      flight.requestSent = true;
+      await conn.closeWrite();
+    } catch (error) {
+      flight.fail(
+        "reset",
+        `write after ${flight.sent} bytes: ${describe(error)}`,
+      );
+    }
+  }
+
+  async #receive(
+    flight: Flight,
+    buffer: Uint8Array,
+    words: Int32Array,
+  ): Promise<void> {
+    const { conn, phase } = flight;
+    const size = this.#size;
+    let received = 0;
+    try {
+      for (;;) {
+        const n = await conn.read(buffer);
+        if (n === null) break;
+        if (received + n > size) {
+          flight.fail(
+            "mismatch",
+            `reply longer than the ${size} bytes sent`,
+          );
+          return;
+        }
+        const from = (phase + received) % PATTERN_PERIOD;
+        const at = firstDifference(buffer, words, n, from);
+        if (at >= 0) {
+          flight.fail(
+            "mismatch",
+            `reply byte ${received + at} is ${hex(buffer[at])}, sent ${
+              hex(PATTERN[from + at])
+            }`,
+          );
+          return;
+        }
+        received += n;
+        flight.received = received;
+      }
+    } catch (error) {
+      flight.fail("reset", `read after ${received} bytes: ${describe(error)}`);
+      return;
+    }
+    if (!flight.requestSent) {
+      // Deno reports a reset as EOF on read, so a reply that ends while the
+      // request is still being sent is counted as what it most likely is.
+      flight.fail(
+        "reset",
+        `closed or reset by the server after ${flight.sent} of ${size} bytes were sent`,
+      );
+    } else if (received < size) {
+      flight.fail(
+        "short",
+        `reply ended after ${received} of ${size} bytes`,
+      );
+    }
+  }
+
+  #recordLatency(ms: number): void {
+    if (this.ok === this.latencies.length) {
+      const grown = new Float64Array(this.latencies.length * 2);
+      grown.set(this.latencies);
+      this.latencies = grown;
+    }
+    this.latencies[this.ok] = ms;
+  }
+
+  #sample(message: string): void {
+    if (this.errorSamples.length < MAX_ERROR_SAMPLES) {
+      this.errorSamples.push(message);
+    }
+  }
+}
+
+/**
+ * Runs a load test against an echo server and resolves with what it
+ * measured. It never rejects because of the server: failures are counted
+ * in the result. If the very first connection cannot be opened (nothing
+ * listening, say), the run stops there with one connect error rather than
+ * retrying for the whole duration. Rejects with a `RangeError` for invalid
+ * options.
+ *
+ * @example
+ * ```ts
+ * const result = await runBench({ port: 4000, connections: 1000, size: 64 });
+ * console.log(formatResult(result));
+ * if (result.errors > 0) Deno.exit(1);
+ * ```
+ */
+export async function runBench(
+  options: BenchOptions = {},
+): Promise<BenchResult> {
+  const hostname = options.hostname ?? "127.0.0.1";
+  const port = options.port ?? 4000;
+  const concurrency = options.concurrency ?? 16;
+  const size = options.size ?? 5;
+  const limit = options.connections ?? Infinity;
+  const duration = options.duration ??
+    (options.connections === undefined ? 10 : undefined);
+  checkInteger("port", port, 1, 65535);
+  checkInteger("concurrency", concurrency, 1, Number.MAX_SAFE_INTEGER);
+  checkInteger("size", size, 0, Number.MAX_SAFE_INTEGER);
+  if (options.connections !== undefined) {
+    checkInteger("connections", limit, 1, Number.MAX_SAFE_INTEGER);
+  }
+  if (duration !== undefined && !(duration > 0 && duration <= 2_147_483)) {
+    throw new RangeError(`duration must be above 0 seconds, not ${duration}`);
+  }
+
+  const run = new Run(hostname, port, size, limit);
+  const stop = () => run.stop();
+  options.signal?.addEventListener("abort", stop);
+  if (options.signal?.aborted) stop();
+  const start = performance.now();
+  let grace: ReturnType<typeof setTimeout> | undefined;
+  const deadline = duration === undefined ? undefined : setTimeout(() => {
+    run.finish();
+    grace = setTimeout(stop, FINISH_GRACE_MS);
+  }, duration * 1000);
+  let lastTime = start;
+  let lastOk = 0;
+  const onProgress = options.onProgress;
+  const ticker = onProgress === undefined ? undefined : setInterval(() => {
+    const now = performance.now();
+    onProgress({
+      elapsedSeconds: (now - start) / 1000,
+      connections: run.ok,
+      connectionsPerSecond: (run.ok - lastOk) / ((now - lastTime) / 1000),
+      errors: run.errors,
+    });
+    lastTime = now;
+    lastOk = run.ok;
+  }, 1000);
+  try {
+    const workers = [];
+    for (let i = 0; i < Math.min(concurrency, limit); i++) {
+      workers.push(run.worker());
+    }
+    await Promise.all(workers);
+  } finally {
+    clearTimeout(deadline);
+    clearTimeout(grace);
+    clearInterval(ticker);
+    options.signal?.removeEventListener("abort", stop);
+  }
+  const end = run.stopTime ?? performance.now();
+  const elapsedSeconds = Math.max(end - start, 1e-6) / 1000;
+  return {
+    connections: run.ok,
+    errors: run.errors,
+    connectErrors: run.connectErrors,
+    resets: run.resets,
+    mismatches: run.mismatches,
+    shortReplies: run.shortReplies,
+    unfinished: run.unfinished,
+    bytesSent: run.bytesSent,
+    bytesReceived: run.bytesReceived,
+    elapsedSeconds,
+    connectionsPerSecond: run.ok / elapsedSeconds,
+    megabytesPerSecond: (run.bytesSent + run.bytesReceived) / 2 /
+      elapsedSeconds / 1e6,
+    latencyMs: percentiles(run.latencies.subarray(0, run.ok)),
+    errorSamples: run.errorSamples,
+  };
+}
+
+function checkInteger(
+  name: string,
+  value: number,
+  min: number,
+  max: number,
+): void {
+  if (!(Number.isInteger(value) && value >= min && value <= max)) {
+    throw new RangeError(
+      `${name} must be a whole number from ${min} to ${max}, not ${value}`,
+    );
+  }
+}
+
+function percentiles(latencies: Float64Array): LatencyMs {
+  if (latencies.length === 0) return { p50: 0, p90: 0, p99: 0, max: 0 };
+  const sorted = latencies.slice().sort();
+  const at = (p: number) => sorted[Math.floor((sorted.length - 1) * p / 100)];
+  return { p50: at(50), p90: at(90), p99: at(99), max: at(100) };
+}
+
+/**
+ * Formats a {@linkcode BenchResult} as the multi-line summary the command
+ * line prints.
+ *
+ * @example
+ * ```ts
+ * console.log(formatResult(await runBench({ connections: 100 })));
+ * ```
+ */
+export function formatResult(result: BenchResult): string {
+  const ms = (value: number) => `${value.toFixed(3)} ms`;
+  const { latencyMs } = result;
+  return [
+    `connections  ${result.connections} ok, ${result.unfinished} unfinished`,
+    `errors       ${result.errors} (connect ${result.connectErrors}, reset ${result.resets}, mismatch ${result.mismatches}, short ${result.shortReplies})`,
+    `elapsed      ${result.elapsedSeconds.toFixed(3)} s`,
+    `throughput   ${result.connectionsPerSecond.toFixed(1)} conn/s, ${
+      result.megabytesPerSecond.toFixed(1)
+    } MB/s`,
+    `latency      p50 ${ms(latencyMs.p50)}, p90 ${ms(latencyMs.p90)}, p99 ${
+      ms(latencyMs.p99)
+    }, max ${ms(latencyMs.max)}`,
+  ].join("\n");
+}
+
+function describe(error: unknown): string {
+  if (error instanceof Error) return `${error.name}: ${error.message}`;
+  return String(error);
+}
+
+function hex(byte: number): string {
+  return `0x${byte.toString(16).padStart(2, "0")}`;
+}
+
+// ---------------------------------------------------------------------------
+// Command line
+
+const USAGE = `Usage: deno task bench [options]
+
+A verifying load client for the echo server. It keeps --concurrency
+connections in flight; each sends --size bytes, half-closes, reads the reply
+to EOF and checks every byte. It connects only to --host:--port: use it on
+loopback or on servers you run yourself.
+
+Options:
+  --host HOST          server address (default 127.0.0.1)
+  --port PORT          server port (default 4000)
+  --concurrency N      connections in flight (default 16)
+  --size SIZE          payload bytes per connection, optionally with a
+                       suffix KiB, MiB or GiB, e.g. 16MiB (default 5)
+  --duration SECONDS   how long to start connections for; those in flight
+                       then get up to 5 s to finish (default 10; with
+                       --connections, no limit unless given)
+  --connections N      stop after N connections
+  -h, --help           show this help
+
+Progress goes to stderr once a second, the summary to stdout. MB/s is
+(bytes sent + bytes received) / 2 per second, in 10^6 B/s; latency is from
+connect to the reply's EOF. Exit status: 0 if every connection was echoed
+correctly, 1 if any failed (or none completed), 2 for bad flags.`;
+
+class UsageError extends Error {
+  override name = "UsageError";
+}
+
+const SIZE_UNITS: Record<string, number> = {
+  "": 1,
+  kib: 1024,
+  mib: 1024 ** 2,
+  gib: 1024 ** 3,
+};
+
+/**
+ * Parses `deno task bench` flags into {@linkcode BenchOptions}, or returns
+ * `"help"`. Throws an error with a one-line message for bad flags.
+ *
+ * @example
+ * ```ts
+ * const options = parseBenchArgs(["--port", "4777", "--size", "16MiB"]);
+ * if (options !== "help") console.log(options.size); // 16777216
+ * ```
+ */
+export function parseBenchArgs(args: string[]): BenchOptions | "help" {
+  let values;
+  try {
+    ({ values } = parseArgs({
+      args,
+      strict: true,
+      allowPositionals: false,
+      options: {
+        host: { type: "string" },
+        port: { type: "string" },
+        concurrency: { type: "string" },
+        size: { type: "string" },
+        duration: { type: "string" },
+        connections: { type: "string" },
+        help: { type: "boolean", short: "h" },
+      },
+    }));
+  } catch (error) {
+    throw new UsageError(error instanceof Error ? error.message : `${error}`);
+  }
+  if (values.help) return "help";
+  if (values.host === "") throw new UsageError("--host must not be empty");
+  const options: BenchOptions = {
+    hostname: values.host ?? "127.0.0.1",
+    port: parseInteger("--port", values.port, 4000, 1, 65535),
+    concurrency: parseInteger(
+      "--concurrency",
+      values.concurrency,
+      16,
+      1,
+      100_000,
+    ),
+    size: parseSize(values.size),
+  };
+  if (values.connections !== undefined) {
+    options.connections = parseInteger(
+      "--connections",
+      values.connections,
+      0,
+      1,
+      Number.MAX_SAFE_INTEGER,
+    );
+  }
+  if (values.duration !== undefined) {
+    const seconds = /^\d+(\.\d+)?$/.test(values.duration)
+      ? Number(values.duration)
+      : NaN;
+    if (!(seconds > 0 && seconds <= 86_400)) {
+      throw new UsageError(
+        `--duration must be a number of seconds above 0 up to 86400, not '${values.duration}'`,
+      );
+    }
+    options.duration = seconds;
+  } else if (options.connections === undefined) {
+    options.duration = 10;
+  }
+  return options;
+}
+
+function parseInteger(
+  flag: string,
+  text: string | undefined,
+  fallback: number,
+  min: number,
+  max: number,
+): number {
+  if (text === undefined) return fallback;
+  const value = /^\d+$/.test(text) ? Number(text) : NaN;
+  if (!(value >= min && value <= max)) {
+    throw new UsageError(
+      `${flag} must be a whole number from ${min} to ${max}, not '${text}'`,
+    );
+  }
+  return value;
+}
+
+function parseSize(text: string | undefined): number {
+  if (text === undefined) return 5;
+  const match = /^(\d+)\s*(kib|mib|gib)?$/i.exec(text);
+  const value = match
+    ? Number(match[1]) * SIZE_UNITS[(match[2] ?? "").toLowerCase()]
+    : NaN;
+  if (!Number.isSafeInteger(value)) {
+    throw new UsageError(
+      `--size must be a number of bytes such as 5, 64KiB or 16MiB, not '${text}'`,
+    );
+  }
+  return value;
+}
+
+function formatBytes(bytes: number): string {
+  for (
+    const [unit, factor] of [["GiB", 1024 ** 3], ["MiB", 1024 ** 2]] as const
+  ) {
+    if (bytes >= factor && bytes % factor === 0) {
+      return `${bytes / factor} ${unit}`;
+    }
+  }
+  if (bytes >= 1024 && bytes % 1024 === 0) return `${bytes / 1024} KiB`;
+  return `${bytes} B`;
+}
+
+const encoder = new TextEncoder();
+
+function writeStderr(text: string): void {
+  const bytes = encoder.encode(text);
+  for (let written = 0; written < bytes.length;) {
+    written += Deno.stderr.writeSync(bytes.subarray(written));
+  }
+}
+
+async function main(args: string[]): Promise<number> {
+  let options;
+  try {
+    options = parseBenchArgs(args);
+  } catch (error) {
+    if (!(error instanceof UsageError)) throw error;
+    console.error(`bench: ${error.message}\n\n${USAGE}`);
+    return 2;
+  }
+  if (options === "help") {
+    console.log(USAGE);
+    return 0;
+  }
+  const tty = Deno.stderr.isTerminal();
+  const limits = [
+    options.duration === undefined ? undefined : `${options.duration} s`,
+    options.connections === undefined
+      ? undefined
+      : `${options.connections} connections`,
+  ].filter((limit) => limit !== undefined).join(" or ");
+  writeStderr(
+    `bench: ${options.hostname}:${options.port}, ${options.concurrency} in flight, ${
+      formatBytes(options.size ?? 5)
+    } each, for ${limits}\n`,
+  );
+  let progressShown = false;
+  const abort = new AbortController();
+  // Ctrl-C stops the run and still prints the summary; a second one quits.
+  const onInterrupt = () => {
+    if (abort.signal.aborted) Deno.exit(130);
+    abort.abort();
+  };
+  Deno.addSignalListener("SIGINT", onInterrupt);
+  let result;
+  try {
+    result = await runBench({
+      ...options,
+      signal: abort.signal,
+      onProgress: (progress) => {
+        progressShown = true;
+        writeStderr(
+          `${tty ? "\r" : ""}${
+            progress.elapsedSeconds.toFixed(0).padStart(3)
+          } s  ${String(progress.connections).padStart(8)} conns  ${
+            progress.connectionsPerSecond.toFixed(0).padStart(6)
+          } conn/s  ${progress.errors} errors${tty ? "\x1b[K" : "\n"}`,
+        );
+      },
+    });
+  } finally {
+    Deno.removeSignalListener("SIGINT", onInterrupt);
+  }
+  if (tty && progressShown) writeStderr("\n");
+  for (const sample of result.errorSamples) writeStderr(`bench: ${sample}\n`);
+  console.log(formatResult(result));
+  return result.errors > 0 || result.connections === 0 ? 1 : 0;
+}
+
+if (import.meta.main) {
+  Deno.exit(await main(Deno.args));
+}

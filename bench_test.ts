@@ -1,0 +1,548 @@
+import assert from "node:assert/strict";
+import {
+  type BenchResult,
+  formatResult,
+  parseBenchArgs,
+  runBench,
+} from "./bench.ts";
+import { serveEcho } from "./server.ts";
+
+const MIB = 1024 * 1024;
+
+/** Runs `fn` against the real echo server, then shuts it down and returns
+ * what it reported: one `[clientId, bytes]` per client, and diagnostics. */
+async function withEchoServer(
+  fn: (port: number) => Promise<void>,
+): Promise<{ clients: [number, number][]; diagnostics: string[] }> {
+  const clients: [number, number][] = [];
+  const diagnostics: string[] = [];
+  const server = serveEcho(
+    (clientId, bytes) => clients.push([clientId, bytes]),
+    { port: 0, onDiagnostic: (message) => diagnostics.push(message) },
+  );
+  try {
+    await fn(server.addr.port);
+  } finally {
+    await server.shutdown();
+  }
+  return { clients, diagnostics };
+}
+
+function assertClean(result: BenchResult, connections: number, size: number) {
+  assert.deepEqual(result.errorSamples, []);
+  assert.equal(result.errors, 0);
+  assert.equal(result.connections, connections);
+  assert.equal(result.unfinished, 0);
+  assert.equal(result.bytesSent, connections * size);
+  assert.equal(result.bytesReceived, connections * size);
+  const { p50, p90, p99, max } = result.latencyMs;
+  assert.ok(0 < p50 && p50 <= p90 && p90 <= p99 && p99 <= max);
+  assert.ok(result.elapsedSeconds > 0);
+}
+
+function assertServerSaw(
+  clients: [number, number][],
+  connections: number,
+  size: number,
+) {
+  assert.equal(clients.length, connections);
+  assert.deepEqual(
+    clients.map(([id]) => id).sort((a, b) => a - b),
+    Array.from({ length: connections }, (_, i) => i + 1),
+  );
+  assert.ok(clients.every(([, bytes]) => bytes === size));
+}
+
+Deno.test("runBench: 200 connections of 5 B at concurrency 8 against the echo server", async () => {
+  let result: BenchResult | undefined;
+  const { clients, diagnostics } = await withEchoServer(async (port) => {
+    result = await runBench({
+      port,
+      connections: 200,
+      concurrency: 8,
+      size: 5,
+    });
+  });
+  assertClean(result!, 200, 5);
+  assertServerSaw(clients, 200, 5);
+  assert.deepEqual(diagnostics, []);
+});
+
+Deno.test("runBench: 20 connections of 1 MiB against the echo server", async () => {
+  let result: BenchResult | undefined;
+  const { clients, diagnostics } = await withEchoServer(async (port) => {
+    result = await runBench({
+      port,
+      connections: 20,
+      concurrency: 4,
+      size: MIB,
+    });
+  });
+  assertClean(result!, 20, MIB);
+  assert.ok(result!.megabytesPerSecond > 0);
+  assertServerSaw(clients, 20, MIB);
+  assert.deepEqual(diagnostics, []);
+});
+
+Deno.test("runBench: empty payloads get empty replies", async () => {
+  let result: BenchResult | undefined;
+  const { clients } = await withEchoServer(async (port) => {
+    result = await runBench({ port, connections: 10, concurrency: 3, size: 0 });
+  });
+  assertClean(result!, 10, 0);
+  assertServerSaw(clients, 10, 0);
+});
+
+Deno.test("runBench: a duration run lets the connections in flight finish", async () => {
+  let result: BenchResult | undefined;
+  const { clients, diagnostics } = await withEchoServer(async (port) => {
+    result = await runBench({ port, duration: 0.2, concurrency: 4, size: 100 });
+  });
+  // Connections in flight at the end get time to finish, so none is cut off
+  // and at least the first four complete however slow the machine is.
+  assert.ok(result!.connections >= 4);
+  assertClean(result!, result!.connections, 100);
+  assertServerSaw(clients, result!.connections, 100);
+  assert.deepEqual(diagnostics, []);
+});
+
+/** A deliberately wrong server: `serve` handles each connection, which is
+ * closed afterwards; `close` waits for every handler. */
+class WrongServer {
+  readonly port: number;
+  readonly #listener: Deno.TcpListener;
+  readonly #handlers = new Set<Promise<void>>();
+  readonly #acceptLoop: Promise<void>;
+
+  constructor(
+    readonly serve: (conn: Deno.TcpConn) => Promise<void>,
+  ) {
+    this.#listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    this.port = this.#listener.addr.port;
+    this.#acceptLoop = this.#accept();
+  }
+
+  async #accept(): Promise<void> {
+    for (;;) {
+      let conn: Deno.TcpConn;
+      try {
+        conn = await this.#listener.accept();
+      } catch {
+        return; // closed
+      }
+      const handler = this.#serve(conn).finally(() =>
+        this.#handlers.delete(handler)
+      );
+      this.#handlers.add(handler);
+    }
+  }
+
+  async #serve(conn: Deno.TcpConn): Promise<void> {
+    try {
+      await this.serve(conn);
+    } catch {
+      // The client may have given up on a wrong reply; that is fine here.
+    } finally {
+      try {
+        conn.close();
+      } catch {
+        // Already closed by `serve`.
+      }
+    }
+  }
+
+  async close(): Promise<void> {
+    this.#listener.close();
+    await this.#acceptLoop;
+    while (this.#handlers.size > 0) await Promise.all(this.#handlers);
+  }
+}
+
+async function readAll(conn: Deno.TcpConn): Promise<Uint8Array> {
+  const chunks: Uint8Array[] = [];
+  const buffer = new Uint8Array(64 * 1024);
+  for (;;) {
+    const n = await conn.read(buffer);
+    if (n === null) break;
+    chunks.push(buffer.slice(0, n));
+  }
+  const all = new Uint8Array(chunks.reduce((sum, c) => sum + c.length, 0));
+  let offset = 0;
+  for (const chunk of chunks) {
+    all.set(chunk, offset);
+    offset += chunk.length;
+  }
+  return all;
+}
+
+async function writeAll(conn: Deno.TcpConn, bytes: Uint8Array): Promise<void> {
+  for (let written = 0; written < bytes.length;) {
+    written += await conn.write(bytes.subarray(written));
+  }
+}
+
+/** A server that reads to EOF and replies with `transform(request)`. */
+function bufferingServer(
+  transform: (request: Uint8Array) => Uint8Array,
+): WrongServer {
+  return new WrongServer(async (conn) => {
+    const request = await readAll(conn);
+    await writeAll(conn, transform(request));
+    await conn.closeWrite();
+  });
+}
+
+async function benchAgainst(
+  server: WrongServer,
+  options: { connections: number; concurrency: number; size: number },
+): Promise<BenchResult> {
+  try {
+    return await runBench({ port: server.port, ...options });
+  } finally {
+    await server.close();
+  }
+}
+
+Deno.test("runBench: a server that flips one byte is caught", async () => {
+  const result = await benchAgainst(
+    bufferingServer((request) => {
+      request[2] ^= 0x01;
+      return request;
+    }),
+    { connections: 30, concurrency: 4, size: 5 },
+  );
+  assert.equal(result.connections, 0);
+  assert.equal(result.errors, 30);
+  assert.equal(result.mismatches, 30);
+  assert.equal(result.bytesSent + result.bytesReceived, 0);
+  assert.match(result.errorSamples[0], /reply byte 2 is 0x[0-9a-f]{2}, sent/);
+});
+
+Deno.test("runBench: a flipped byte deep in a large reply is caught", async () => {
+  const result = await benchAgainst(
+    bufferingServer((request) => {
+      request[request.length - 3] ^= 0x80;
+      return request;
+    }),
+    { connections: 3, concurrency: 3, size: MIB + 7 },
+  );
+  assert.equal(result.mismatches, 3);
+  assert.equal(result.connections, 0);
+  assert.match(result.errorSamples[0], new RegExp(`reply byte ${MIB + 4} `));
+});
+
+Deno.test("runBench: a server one byte short is caught", async () => {
+  const result = await benchAgainst(
+    bufferingServer((request) => request.subarray(0, request.length - 1)),
+    { connections: 30, concurrency: 4, size: 5 },
+  );
+  assert.equal(result.connections, 0);
+  assert.equal(result.errors, 30);
+  assert.equal(result.shortReplies, 30);
+  assert.match(result.errorSamples[0], /reply ended after 4 of 5 bytes/);
+});
+
+Deno.test("runBench: a server one byte long is caught", async () => {
+  const result = await benchAgainst(
+    bufferingServer((request) => {
+      const reply = new Uint8Array(request.length + 1);
+      reply.set(request);
+      return reply;
+    }),
+    { connections: 30, concurrency: 4, size: 5 },
+  );
+  assert.equal(result.connections, 0);
+  assert.equal(result.mismatches, 30);
+  assert.match(result.errorSamples[0], /reply longer than the 5 bytes sent/);
+});
+
+Deno.test("runBench: a server that sends one client's bytes to another is caught", async () => {
+  let previous: Uint8Array | undefined;
+  const result = await benchAgainst(
+    bufferingServer((request) => {
+      const reply = previous ?? request;
+      previous = request;
+      return reply;
+    }),
+    // One at a time, so each client gets the one before's request.
+    { connections: 20, concurrency: 1, size: 64 },
+  );
+  assert.equal(result.connections, 1);
+  assert.equal(result.mismatches, 19);
+});
+
+Deno.test("runBench: a server that resets is caught", async () => {
+  // Closing with unread input makes the kernel reset the connection; the
+  // payload is more than the socket buffers hold, so the client is still
+  // sending then.
+  const result = await benchAgainst(
+    new WrongServer(async (conn) => {
+      await conn.read(new Uint8Array(1024));
+      conn.close();
+    }),
+    { connections: 10, concurrency: 2, size: 16 * MIB },
+  );
+  assert.equal(result.connections, 0);
+  assert.equal(result.resets, 10);
+  assert.equal(result.errors, 10);
+});
+
+Deno.test("runBench: a streaming server does not deadlock a large payload", async () => {
+  // Echoes as it reads: the reply comes back while the request is still
+  // being sent, so a client that only read after sending would stall.
+  const result = await benchAgainst(
+    new WrongServer(async (conn) => {
+      const buffer = new Uint8Array(16 * 1024);
+      for (;;) {
+        const n = await conn.read(buffer);
+        if (n === null) break;
+        await writeAll(conn, buffer.subarray(0, n));
+      }
+      await conn.closeWrite();
+    }),
+    { connections: 4, concurrency: 2, size: 16 * MIB },
+  );
+  assertClean(result, 4, 16 * MIB);
+});
+
+Deno.test("runBench: nothing listening is one connect error, not a retry storm", async () => {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const { port } = listener.addr;
+  listener.close();
+  const result = await runBench({ port, duration: 60, concurrency: 8 });
+  assert.equal(result.connections, 0);
+  assert.equal(result.connectErrors, 1);
+  assert.equal(result.errors, 1);
+  assert.match(result.errorSamples[0], /connect: ConnectionRefused/);
+});
+
+Deno.test("runBench: the signal cuts off connections in flight", async () => {
+  const abort = new AbortController();
+  let waiting = 0;
+  const release = Promise.withResolvers<void>();
+  // Reads each request to EOF and then holds the reply back until released;
+  // once all four connections are held, the run is aborted.
+  const server = new WrongServer(async (conn) => {
+    await readAll(conn);
+    if (++waiting === 4) abort.abort();
+    await release.promise;
+  });
+  let result: BenchResult;
+  try {
+    result = await runBench({
+      port: server.port,
+      connections: 100,
+      concurrency: 4,
+      size: 10,
+      signal: abort.signal,
+    });
+  } finally {
+    release.resolve();
+    await server.close();
+  }
+  assert.equal(result.connections, 0);
+  assert.equal(result.errors, 0);
+  assert.equal(result.unfinished, 4);
+  assert.equal(result.bytesSent, 40);
+});
+
+Deno.test("runBench: rejects invalid options", async () => {
+  await assert.rejects(runBench({ concurrency: 0 }), RangeError);
+  await assert.rejects(runBench({ port: 0 }), RangeError);
+  await assert.rejects(runBench({ size: 1.5 }), RangeError);
+  await assert.rejects(runBench({ duration: 0 }), RangeError);
+});
+
+Deno.test("formatResult: every figure appears", () => {
+  const text = formatResult({
+    connections: 1234,
+    errors: 10,
+    connectErrors: 1,
+    resets: 2,
+    mismatches: 3,
+    shortReplies: 4,
+    unfinished: 5,
+    bytesSent: 0,
+    bytesReceived: 0,
+    elapsedSeconds: 2,
+    connectionsPerSecond: 617,
+    megabytesPerSecond: 12.5,
+    latencyMs: { p50: 0.5, p90: 1.25, p99: 3, max: 9.75 },
+    errorSamples: [],
+  });
+  for (
+    const figure of [
+      "1234 ok",
+      "5 unfinished",
+      "10 (connect 1, reset 2, mismatch 3, short 4)",
+      "2.000 s",
+      "617.0 conn/s",
+      "12.5 MB/s",
+      "p50 0.500 ms",
+      "p90 1.250 ms",
+      "p99 3.000 ms",
+      "max 9.750 ms",
+    ]
+  ) {
+    assert.ok(text.includes(figure), `${figure} missing from:\n${text}`);
+  }
+});
+
+Deno.test("parseBenchArgs: defaults, sizes and limits", () => {
+  assert.deepEqual(parseBenchArgs([]), {
+    hostname: "127.0.0.1",
+    port: 4000,
+    concurrency: 16,
+    size: 5,
+    duration: 10,
+  });
+  assert.deepEqual(
+    parseBenchArgs([
+      "--host=::1",
+      "--port",
+      "4777",
+      "--concurrency",
+      "4",
+      "--size",
+      "16MiB",
+      "--connections",
+      "100",
+    ]),
+    {
+      hostname: "::1",
+      port: 4777,
+      concurrency: 4,
+      size: 16 * MIB,
+      connections: 100,
+    },
+  );
+  const sized = (size: string) => {
+    const options = parseBenchArgs(["--size", size]);
+    return options === "help" ? undefined : options.size;
+  };
+  assert.equal(sized("64KiB"), 64 * 1024);
+  assert.equal(sized("2gib"), 2 * 1024 * MIB);
+  assert.equal(sized("0"), 0);
+  const timed = parseBenchArgs(["--connections", "5", "--duration", "2.5"]);
+  assert.equal(timed !== "help" && timed.duration, 2.5);
+  assert.equal(parseBenchArgs(["-h"]), "help");
+  for (
+    const bad of [
+      ["--size", "5MB"],
+      ["--size", "-1"],
+      ["--port", "0"],
+      ["--port", "65536"],
+      ["--concurrency", "0"],
+      ["--duration", "0"],
+      ["--connections", "1e3"],
+      ["--host", ""],
+      ["--verbose"],
+      ["extra"],
+    ]
+  ) {
+    assert.throws(() => parseBenchArgs(bad), { name: "UsageError" }, `${bad}`);
+  }
+});
+
+const BENCH = new URL("./bench.ts", import.meta.url).pathname;
+
+async function cli(args: string[]) {
+  const { code, stdout, stderr } = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "--allow-net", BENCH, ...args],
+    env: { NO_COLOR: "1" },
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const decoder = new TextDecoder();
+  return {
+    code,
+    stdout: decoder.decode(stdout),
+    stderr: decoder.decode(stderr),
+  };
+}
+
+Deno.test("CLI: --help lists every flag and default", async () => {
+  const { code, stdout, stderr } = await cli(["--help"]);
+  assert.equal(code, 0);
+  assert.equal(stderr, "");
+  for (
+    const text of [
+      "--host HOST",
+      "(default 127.0.0.1)",
+      "--port PORT",
+      "(default 4000)",
+      "--concurrency N",
+      "(default 16)",
+      "--size SIZE",
+      "(default 5)",
+      "--duration SECONDS",
+      "(default 10",
+      "--connections N",
+      "--help",
+    ]
+  ) {
+    assert.ok(stdout.includes(text), `${text} missing from:\n${stdout}`);
+  }
+});
+
+Deno.test("CLI: a bad flag is one line, the usage and status 2", async () => {
+  for (
+    const [args, message] of [
+      [["--bogus"], "bench: Unknown option '--bogus'"],
+      [["--size", "12XB"], "bench: --size must be a number of bytes"],
+      [["--concurrency", "0"], "bench: --concurrency must be a whole number"],
+    ] as const
+  ) {
+    const { code, stdout, stderr } = await cli([...args]);
+    assert.equal(code, 2, `${args}`);
+    assert.equal(stdout, "");
+    const [first, blank, usage] = stderr.split("\n");
+    assert.ok(first.startsWith(message), first);
+    assert.equal(blank, "");
+    assert.equal(usage, "Usage: deno task bench [options]");
+  }
+});
+
+Deno.test("CLI: a run prints the summary and exits 0", async () => {
+  let output: { code: number; stdout: string; stderr: string } | undefined;
+  const { clients } = await withEchoServer(async (port) => {
+    output = await cli([
+      "--port",
+      `${port}`,
+      "--connections",
+      "50",
+      "--concurrency",
+      "4",
+      "--size",
+      "1KiB",
+    ]);
+  });
+  const { code, stdout, stderr } = output!;
+  assert.equal(code, 0, stderr);
+  assert.match(stdout, /^connections {2}50 ok, 0 unfinished$/m);
+  assert.match(
+    stdout,
+    /^errors {7}0 \(connect 0, reset 0, mismatch 0, short 0\)$/m,
+  );
+  assert.match(stdout, /^throughput .* conn\/s, .* MB\/s$/m);
+  assert.match(
+    stdout,
+    /^latency {6}p50 .* ms, p90 .* ms, p99 .* ms, max .* ms$/m,
+  );
+  assert.match(
+    stderr,
+    /^bench: 127\.0\.0\.1:\d+, 4 in flight, 1 KiB each, for 50 connections$/m,
+  );
+  assertServerSaw(clients, 50, 1024);
+});
+
+Deno.test("CLI: errors give status 1 and say what went wrong", async () => {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const { port } = listener.addr;
+  listener.close();
+  const { code, stdout, stderr } = await cli(["--port", `${port}`]);
+  assert.equal(code, 1);
+  assert.match(stdout, /^errors {7}1 \(connect 1,/m);
+  assert.match(stderr, /connect: ConnectionRefused/);
+});
