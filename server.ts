@@ -61,9 +61,11 @@ export const DEFAULT_DRAIN_TIMEOUT_MS = 10_000;
 // 10 000 idle clients cost 40 MiB) to 1 MiB (large reads for bulk).
 const FIRST_CHUNK_BYTES = 4 * 1024;
 const MAX_CHUNK_BYTES = 1024 * 1024;
-// Up to 16 freed 1 MiB chunks are kept for reuse: a new ArrayBuffer is
-// zero-filled, which cost ~10% of the CPU time of a bulk (16 MiB) echo.
-const MAX_SPARE_CHUNKS = 16;
+// Freed 1 MiB chunks are kept for reuse, up to 64 MiB: a new ArrayBuffer is
+// zero-filled (~10% of the CPU time of a bulk echo), and a dropped one lingers
+// until V8's next GC, which let bulk load double the peak RSS. Spares unused
+// for a sweep period are let go, so an idle server shrinks back.
+const MAX_SPARE_CHUNKS = 64;
 // Back-off after an accept error that is not a client's (e.g. out of fds).
 const ACCEPT_RETRY_MS = 100;
 
@@ -118,6 +120,7 @@ class Server implements EchoServer {
   #lastClientId = 0;
   #bufferedBytes = 0;
   #spareChunks: Uint8Array[] = [];
+  #spareChunksUsed = false;
   #stopping = false;
   #wakeAcceptLoop: (() => void) | undefined;
   #acceptLoop: Promise<void>;
@@ -140,7 +143,7 @@ class Server implements EchoServer {
     this.addr = this.#listener.addr;
     // One sweep for all clients instead of a timer per read or write.
     this.#idleSweep = setInterval(
-      () => this.#cutOffIdle(),
+      () => this.#sweep(),
       Math.max(10, Math.min(1000, this.#idleTimeoutMs / 2)),
     );
     this.#acceptLoop = this.#accept();
@@ -307,6 +310,7 @@ class Server implements EchoServer {
     this.#bufferedBytes += size;
     client.bufferedBytes += size;
     if (size === MAX_CHUNK_BYTES && this.#spareChunks.length > 0) {
+      this.#spareChunksUsed = true;
       return this.#spareChunks.pop()!;
     }
     return new Uint8Array(size);
@@ -349,7 +353,10 @@ class Server implements EchoServer {
     client.conn.close();
   }
 
-  #cutOffIdle(): void {
+  /** The periodic sweep: cuts off idle clients, lets unused spares go. */
+  #sweep(): void {
+    if (!this.#spareChunksUsed) this.#spareChunks = [];
+    this.#spareChunksUsed = false;
     const deadline = Date.now() - this.#idleTimeoutMs;
     for (const client of this.#clients) {
       if (client.lastActivity <= deadline) {
