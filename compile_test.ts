@@ -33,11 +33,9 @@ const words = (task: string) => task.trim().split(/\s+/);
 const compileTask = words(denoJson.tasks.compile);
 const startTask = words(denoJson.tasks.start);
 
-/** A task's flags other than --output NAME: its permissions. */
+/** A task's permission flags (--allow-*, --deny-*, -A). */
 function permissions(task: string[]): string[] {
-  return task.filter((word, i) =>
-    word.startsWith("-") && word !== "--output" && task[i - 1] !== "--output"
-  ).sort();
+  return task.filter((word) => /^(--allow-|--deny-|-A$)/.test(word)).sort();
 }
 
 Deno.test("compile and start tasks grant exactly --allow-net and --allow-write to the log dir", () => {

@@ -5,6 +5,8 @@
  * @module
  */
 
+import { BufferPool } from "./buffer_pool.ts";
+
 /** Called once for every accepted client, however its connection ended. */
 export type ClientDone = (clientId: number, bytesReceived: number) => void;
 
@@ -61,11 +63,6 @@ export const DEFAULT_DRAIN_TIMEOUT_MS = 10_000;
 // 10 000 idle clients cost 40 MiB) to 1 MiB (large reads for bulk).
 const FIRST_CHUNK_BYTES = 4 * 1024;
 const MAX_CHUNK_BYTES = 1024 * 1024;
-// Freed 1 MiB chunks are kept for reuse, up to 64 MiB: a new ArrayBuffer is
-// zero-filled (~10% of the CPU time of a bulk echo), and a dropped one lingers
-// until V8's next GC, which let bulk load double the peak RSS. Spares unused
-// for a sweep period are let go, so an idle server shrinks back.
-const MAX_SPARE_CHUNKS = 64;
 // Back-off after an accept error that is not a client's (e.g. out of fds).
 const ACCEPT_RETRY_MS = 100;
 
@@ -119,8 +116,9 @@ class Server implements EchoServer {
   #clients = new Set<Client>();
   #lastClientId = 0;
   #bufferedBytes = 0;
-  #spareChunks: Uint8Array[] = [];
-  #spareChunksUsed = false;
+  // Freed chunks are reused (see buffer_pool.ts); spares left unused for a
+  // sweep period are let go.
+  #pool = new BufferPool();
   #stopping = false;
   #wakeAcceptLoop: (() => void) | undefined;
   #acceptLoop: Promise<void>;
@@ -254,7 +252,10 @@ class Server implements EchoServer {
       const n = await conn.read(filled === 0 ? chunk : chunk.subarray(filled));
       if (n === null) {
         if (filled > 0) chunks.push(this.#trim(client, chunk, filled));
-        else this.#release(client, chunk.length);
+        else {
+          this.#release(client, chunk.length);
+          this.#pool.give(chunk);
+        }
         return true;
       }
       client.bytesReceived += n;
@@ -292,7 +293,7 @@ class Server implements EchoServer {
       // Free each chunk once it is sent rather than holding all to the end.
       chunks[i] = EMPTY;
       this.#release(client, chunk.buffer.byteLength);
-      this.#recycle(chunk);
+      this.#pool.give(chunk);
     }
   }
 
@@ -309,22 +310,9 @@ class Server implements EchoServer {
     }
     this.#bufferedBytes += size;
     client.bufferedBytes += size;
-    if (size === MAX_CHUNK_BYTES && this.#spareChunks.length > 0) {
-      this.#spareChunksUsed = true;
-      return this.#spareChunks.pop()!;
-    }
-    return new Uint8Array(size);
-  }
-
-  /** Keeps a sent full-size chunk for reuse; its old bytes are never sent
-   * again, since only what a read fills is written back. */
-  #recycle(chunk: Uint8Array): void {
-    if (
-      chunk.buffer.byteLength === MAX_CHUNK_BYTES &&
-      this.#spareChunks.length < MAX_SPARE_CHUNKS
-    ) {
-      this.#spareChunks.push(new Uint8Array(chunk.buffer));
-    }
+    // A reused chunk holds an earlier client's bytes, but only the part a
+    // read fills is ever written back.
+    return this.#pool.take(size);
   }
 
   /** Keeps a partly filled last chunk, or a tight copy if much is unused. */
@@ -333,7 +321,7 @@ class Server implements EchoServer {
     if (unused <= client.bytesReceived / 16) return chunk.subarray(0, filled);
     this.#release(client, unused);
     const tight = chunk.slice(0, filled);
-    this.#recycle(chunk);
+    this.#pool.give(chunk);
     return tight;
   }
 
@@ -355,8 +343,7 @@ class Server implements EchoServer {
 
   /** The periodic sweep: cuts off idle clients, lets unused spares go. */
   #sweep(): void {
-    if (!this.#spareChunksUsed) this.#spareChunks = [];
-    this.#spareChunksUsed = false;
+    this.#pool.trim();
     const deadline = Date.now() - this.#idleTimeoutMs;
     for (const client of this.#clients) {
       if (client.lastActivity <= deadline) {
