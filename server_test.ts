@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import net from "node:net";
 import { type EchoServer, serveEcho, type ServeOptions } from "./server.ts";
 
 const HOST = "127.0.0.1";
@@ -239,6 +240,27 @@ Deno.test("a client that leaves without reading is logged; the next is served", 
   );
   assert.equal(s.diagnostics.length, 1);
   assert.match(s.diagnostics[0], /^client 1: /);
+});
+
+Deno.test("a client that resets mid-send is logged; the next is served", async () => {
+  await using s = startServer();
+  // Deno's own sockets cannot send a reset; node:net's resetAndDestroy can.
+  const socket = net.connect(s.port, HOST);
+  await new Promise((resolve) => socket.once("connect", resolve));
+  await new Promise((resolve) => socket.write("abc", resolve));
+  const closed = new Promise((resolve) => socket.once("close", resolve));
+  socket.resetAndDestroy();
+  await closed;
+  const payload = pattern(10, 10);
+  assert.ok(sameBytes(await echo(s.port, payload), payload));
+  await s.server.shutdown();
+  const [first, second] = s.records.toSorted(([a], [b]) => a - b);
+  assert.equal(first[0], 1);
+  // Linux may drop unread data when the reset arrives: 0 to 3 bytes.
+  assert.ok(first[1] >= 0 && first[1] <= 3, `logged ${first[1]} bytes`);
+  assert.deepEqual(second, [2, 10]);
+  assert.equal(s.diagnostics.length, 1);
+  assert.match(s.diagnostics[0], /^client 1: (ConnectionReset|BrokenPipe)/);
 });
 
 Deno.test("a client over the per-client limit is cut off; others are not", async () => {
