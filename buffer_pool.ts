@@ -30,10 +30,11 @@ export interface BufferPoolOptions {
  */
 export class BufferPool {
   #maxSpareBytes: number;
-  #spares = new Map<number, Uint8Array[]>();
+  /** Spare buffers by size, and whether that size was reused since trim. */
+  #spares = new Map<number, { buffers: Uint8Array[]; reused: boolean }>();
   #spareBytes = 0;
-  #reusedSinceTrim = false;
 
+  /** Creates an empty pool. */
   constructor(options: BufferPoolOptions = {}) {
     this.#maxSpareBytes = options.maxSpareBytes ?? 64 * 1024 * 1024;
   }
@@ -45,10 +46,11 @@ export class BufferPool {
 
   /** A buffer of `size` bytes, reused if one is spare, else a new one. */
   take(size: number): Uint8Array {
-    const spare = this.#spares.get(size)?.pop();
+    const spares = this.#spares.get(size);
+    const spare = spares?.buffers.pop();
     if (spare === undefined) return new Uint8Array(size);
+    spares!.reused = true;
     this.#spareBytes -= size;
-    this.#reusedSinceTrim = true;
     return spare;
   }
 
@@ -61,8 +63,10 @@ export class BufferPool {
     if ((size & (size - 1)) !== 0 || size < 64) return;
     if (this.#spareBytes + size > this.#maxSpareBytes) return;
     let spares = this.#spares.get(size);
-    if (spares === undefined) this.#spares.set(size, spares = []);
-    spares.push(
+    if (spares === undefined) {
+      this.#spares.set(size, spares = { buffers: [], reused: false });
+    }
+    spares.buffers.push(
       chunk.byteOffset === 0 && chunk.length === size
         ? chunk
         : new Uint8Array(chunk.buffer),
@@ -71,14 +75,24 @@ export class BufferPool {
   }
 
   /**
-   * Lets every spare go if none was reused since the last call, so a server
-   * that has gone quiet gives its memory back. Call it periodically.
+   * Lets go of the spares of each size that was not reused since the last
+   * call, so memory from a burst of large clients is given back once they
+   * stop coming. Call it periodically.
    */
   trim(): void {
-    if (!this.#reusedSinceTrim) {
-      this.#spares.clear();
-      this.#spareBytes = 0;
+    for (const [size, spares] of this.#spares) {
+      if (spares.reused) {
+        spares.reused = false;
+      } else {
+        this.#spareBytes -= size * spares.buffers.length;
+        this.#spares.delete(size);
+      }
     }
-    this.#reusedSinceTrim = false;
+  }
+
+  /** Lets go of every spare. */
+  clear(): void {
+    this.#spares.clear();
+    this.#spareBytes = 0;
   }
 }

@@ -35,3 +35,27 @@ Deno.test("trim lets spares go only after a period without reuse", () => {
   pool.trim(); // none reused since the last trim
   assert.equal(pool.spareBytes, 0);
 });
+
+Deno.test("trim keeps only the sizes reused since the last trim", () => {
+  const pool = new BufferPool();
+  pool.give(new Uint8Array(4096));
+  pool.give(new Uint8Array(4096));
+  pool.give(new Uint8Array(1 << 20));
+  pool.trim(); // nothing reused yet: all go
+  assert.equal(pool.spareBytes, 0);
+  pool.give(new Uint8Array(4096));
+  pool.give(new Uint8Array(4096));
+  pool.give(new Uint8Array(1 << 20));
+  pool.take(4096);
+  pool.trim(); // 4 KiB was reused, 1 MiB was not
+  assert.equal(pool.spareBytes, 4096);
+});
+
+Deno.test("clear lets every spare go", () => {
+  const pool = new BufferPool();
+  pool.give(new Uint8Array(4096));
+  pool.give(new Uint8Array(1 << 20));
+  pool.clear();
+  assert.equal(pool.spareBytes, 0);
+  assert.equal(pool.take(4096).length, 4096);
+});

@@ -114,11 +114,14 @@ export function parseFlags(args: string[]): Config | "help" | "version" {
       "--max-client-bytes",
       values["max-client-bytes"],
       DEFAULT_MAX_CLIENT_BYTES,
+      1,
     ),
     maxBufferedBytes: parseSize(
       "--max-buffered",
       values["max-buffered"],
       DEFAULT_MAX_BUFFERED_BYTES,
+      // Below this every client would be cut off at its first read.
+      64 * 1024,
     ),
     maxConnections: parseInteger(
       "--max-connections",
@@ -170,15 +173,16 @@ function parseSize(
   flag: string,
   text: string | undefined,
   fallback: number,
+  min: number,
 ): number {
   if (text === undefined) return fallback;
   const match = /^(\d+)\s*(kib|mib|gib)?$/i.exec(text);
   const value = match
     ? Number(match[1]) * SIZE_UNITS[(match[2] ?? "").toLowerCase()]
     : NaN;
-  if (!(value >= 1 && Number.isSafeInteger(value))) {
+  if (!(value >= min && Number.isSafeInteger(value))) {
     throw new UsageError(
-      `${flag} must be a size of at least 1 byte such as 65536 or 64MiB, not '${text}'`,
+      `${flag} must be a size of at least ${min} bytes such as 65536 or 64MiB, not '${text}'`,
     );
   }
   return value;

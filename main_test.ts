@@ -220,6 +220,10 @@ const BAD_FLAGS: Array<[string[], string]> = [
   [["--port"], "echo-server: Option '--port <value>' argument missing"],
   [["--max-client-bytes", "12XB"], "echo-server: --max-client-bytes must"],
   [["--max-connections", "0"], "echo-server: --max-connections must"],
+  [
+    ["--max-buffered", "1KiB"],
+    "echo-server: --max-buffered must be a size of at least 65536 bytes",
+  ],
   [["--idle-timeout", "0"], "echo-server: --idle-timeout must"],
   [["--drain-timeout", "-1"], "echo-server: Option '--drain-timeout"],
   [["--log", ""], "echo-server: --log must not be empty"],

@@ -99,7 +99,7 @@ class Client {
   chunks: Uint8Array[] = [];
 
   constructor(readonly conn: Deno.TcpConn, readonly clientId: number) {
-    this.lastActivity = Date.now();
+    this.lastActivity = performance.now();
   }
 }
 
@@ -121,7 +121,8 @@ class Server implements EchoServer {
   #pool = new BufferPool();
   #stopping = false;
   #wakeAcceptLoop: (() => void) | undefined;
-  #acceptLoop: Promise<void>;
+  #acceptLoopDone = false;
+  #drainExpired = false;
   #idleSweep: ReturnType<typeof setInterval>;
   #drainTimer: ReturnType<typeof setTimeout> | undefined;
   #allServed: PromiseWithResolvers<void> | undefined;
@@ -144,7 +145,10 @@ class Server implements EchoServer {
       () => this.#sweep(),
       Math.max(10, Math.min(1000, this.#idleTimeoutMs / 2)),
     );
-    this.#acceptLoop = this.#accept();
+    this.#accept().finally(() => {
+      this.#acceptLoopDone = true;
+      this.#resolveIfAllServed();
+    });
   }
 
   get connections(): number {
@@ -161,20 +165,27 @@ class Server implements EchoServer {
       this.#listener.close();
       this.#wakeAcceptLoop?.();
       this.#allServed = Promise.withResolvers();
-      if (this.#clients.size === 0) this.#allServed.resolve();
+      this.#resolveIfAllServed();
     }
     clearTimeout(this.#drainTimer);
     this.#drainTimer = setTimeout(() => {
+      this.#drainExpired = true;
       for (const client of this.#clients) {
         this.#cutOff(client, "still connected at shutdown");
       }
     }, options.drainTimeoutMs ?? DEFAULT_DRAIN_TIMEOUT_MS);
-    return Promise.all([this.#acceptLoop, this.#allServed!.promise]).then(
-      () => {
-        clearTimeout(this.#drainTimer);
-        clearInterval(this.#idleSweep);
-      },
-    );
+    return this.#allServed!.promise.then(() => {
+      clearTimeout(this.#drainTimer);
+      clearInterval(this.#idleSweep);
+    });
+  }
+
+  /** Once stopping, resolves shutdown when the accept loop has ended (so no
+   * client can still be added) and every client has been reported. */
+  #resolveIfAllServed(): void {
+    if (this.#acceptLoopDone && this.#clients.size === 0) {
+      this.#allServed?.resolve();
+    }
   }
 
   async #accept(): Promise<void> {
@@ -213,7 +224,12 @@ class Server implements EchoServer {
         this.#wakeAcceptLoop = undefined;
         continue;
       }
-      this.#serve(new Client(conn, ++this.#lastClientId));
+      const client = new Client(conn, ++this.#lastClientId);
+      this.#serve(client);
+      // Accepted just as the drain ran out: it is logged, but not waited for.
+      if (this.#drainExpired) {
+        this.#cutOff(client, "still connected at shutdown");
+      }
     }
   }
 
@@ -237,9 +253,7 @@ class Server implements EchoServer {
       this.#clients.delete(client);
       this.#report(client.clientId, client.bytesReceived);
       this.#wakeAcceptLoop?.();
-      if (this.#stopping && this.#clients.size === 0) {
-        this.#allServed?.resolve();
-      }
+      if (this.#stopping) this.#resolveIfAllServed();
     }
   }
 
@@ -259,7 +273,7 @@ class Server implements EchoServer {
         return true;
       }
       client.bytesReceived += n;
-      client.lastActivity = Date.now();
+      client.lastActivity = performance.now();
       if (client.bytesReceived > this.#maxClientBytes) {
         this.#cutOff(
           client,
@@ -288,7 +302,7 @@ class Server implements EchoServer {
         written += await conn.write(
           written === 0 ? chunk : chunk.subarray(written),
         );
-        client.lastActivity = Date.now();
+        client.lastActivity = performance.now();
       }
       // Free each chunk once it is sent rather than holding all to the end.
       chunks[i] = EMPTY;
@@ -312,7 +326,12 @@ class Server implements EchoServer {
     client.bufferedBytes += size;
     // A reused chunk holds an earlier client's bytes, but only the part a
     // read fills is ever written back.
-    return this.#pool.take(size);
+    const chunk = this.#pool.take(size);
+    // Spares count against the limit too; live buffers win over them.
+    if (this.#bufferedBytes + this.#pool.spareBytes > this.#maxBufferedBytes) {
+      this.#pool.clear();
+    }
+    return chunk;
   }
 
   /** Keeps a partly filled last chunk, or a tight copy if much is unused. */
@@ -344,7 +363,8 @@ class Server implements EchoServer {
   /** The periodic sweep: cuts off idle clients, lets unused spares go. */
   #sweep(): void {
     this.#pool.trim();
-    const deadline = Date.now() - this.#idleTimeoutMs;
+    // Monotonic: a wall-clock jump must not cut everyone off.
+    const deadline = performance.now() - this.#idleTimeoutMs;
     for (const client of this.#clients) {
       if (client.lastActivity <= deadline) {
         this.#cutOff(
