@@ -5,7 +5,14 @@ import {
   parseBenchArgs,
   runBench,
 } from "./bench.ts";
-import { serveEcho } from "./server.ts";
+import {
+  assertUsageError,
+  type CommandResult,
+  readAll,
+  runCommand,
+  startServer,
+  writeAll,
+} from "./test_util.ts";
 
 const MIB = 1024 * 1024;
 
@@ -14,18 +21,10 @@ const MIB = 1024 * 1024;
 async function withEchoServer(
   fn: (port: number) => Promise<void>,
 ): Promise<{ clients: [number, number][]; diagnostics: string[] }> {
-  const clients: [number, number][] = [];
-  const diagnostics: string[] = [];
-  const server = serveEcho(
-    (clientId, bytes) => clients.push([clientId, bytes]),
-    { port: 0, onDiagnostic: (message) => diagnostics.push(message) },
-  );
-  try {
-    await fn(server.addr.port);
-  } finally {
-    await server.shutdown();
-  }
-  return { clients, diagnostics };
+  await using s = startServer();
+  await fn(s.port);
+  await s.server.shutdown();
+  return { clients: s.records, diagnostics: s.diagnostics };
 }
 
 function assertClean(result: BenchResult, connections: number, size: number) {
@@ -155,29 +154,6 @@ class WrongServer {
     this.#listener.close();
     await this.#acceptLoop;
     while (this.#handlers.size > 0) await Promise.all(this.#handlers);
-  }
-}
-
-async function readAll(conn: Deno.TcpConn): Promise<Uint8Array> {
-  const chunks: Uint8Array[] = [];
-  const buffer = new Uint8Array(64 * 1024);
-  for (;;) {
-    const n = await conn.read(buffer);
-    if (n === null) break;
-    chunks.push(buffer.slice(0, n));
-  }
-  const all = new Uint8Array(chunks.reduce((sum, c) => sum + c.length, 0));
-  let offset = 0;
-  for (const chunk of chunks) {
-    all.set(chunk, offset);
-    offset += chunk.length;
-  }
-  return all;
-}
-
-async function writeAll(conn: Deno.TcpConn, bytes: Uint8Array): Promise<void> {
-  for (let written = 0; written < bytes.length;) {
-    written += await conn.write(bytes.subarray(written));
   }
 }
 
@@ -446,20 +422,10 @@ Deno.test("parseBenchArgs: defaults, sizes and limits", () => {
 
 const BENCH = new URL("./bench.ts", import.meta.url).pathname;
 
-async function cli(args: string[]) {
-  const { code, stdout, stderr } = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "--allow-net", BENCH, ...args],
+function cli(args: string[]): Promise<CommandResult> {
+  return runCommand(Deno.execPath(), ["run", "--allow-net", BENCH, ...args], {
     env: { NO_COLOR: "1" },
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  const decoder = new TextDecoder();
-  return {
-    code,
-    stdout: decoder.decode(stdout),
-    stderr: decoder.decode(stderr),
-  };
+  });
 }
 
 Deno.test("CLI: --help lists every flag and default", async () => {
@@ -494,18 +460,16 @@ Deno.test("CLI: a bad flag is one line, the usage and status 2", async () => {
       [["--concurrency", "0"], "bench: --concurrency must be a whole number"],
     ] as const
   ) {
-    const { code, stdout, stderr } = await cli([...args]);
-    assert.equal(code, 2, `${args}`);
-    assert.equal(stdout, "");
-    const [first, blank, usage] = stderr.split("\n");
-    assert.ok(first.startsWith(message), first);
-    assert.equal(blank, "");
-    assert.equal(usage, "Usage: deno task bench [options]");
+    assertUsageError(
+      await cli([...args]),
+      message,
+      "Usage: deno task bench [options]",
+    );
   }
 });
 
 Deno.test("CLI: a run prints the summary and exits 0", async () => {
-  let output: { code: number; stdout: string; stderr: string } | undefined;
+  let output: CommandResult | undefined;
   const { clients } = await withEchoServer(async (port) => {
     output = await cli([
       "--port",

@@ -24,6 +24,7 @@ import assert from "node:assert/strict";
 import { fileURLToPath } from "node:url";
 import denoJson from "./deno.json" with { type: "json" };
 import { DEFAULT_LOG_PATH } from "./main.ts";
+import { echo, runCommand, withTempDir } from "./test_util.ts";
 
 const REPO = fileURLToPath(new URL(".", import.meta.url));
 const LOG_DIR = DEFAULT_LOG_PATH.slice(0, DEFAULT_LOG_PATH.lastIndexOf("/"));
@@ -104,19 +105,6 @@ function isFile(path: string): boolean {
   }
 }
 
-async function run(command: string, args: string[], cwd = REPO) {
-  const output = await new Deno.Command(command, {
-    args,
-    cwd,
-    stdin: "null",
-  }).output();
-  return {
-    code: output.code,
-    stdout: decoder.decode(output.stdout),
-    stderr: decoder.decode(output.stderr),
-  };
-}
-
 /** How to start the server: the compiled binary, or a `deno run` stand-in. */
 interface Server {
   /** Runs with the compile task's permissions. */
@@ -129,9 +117,13 @@ interface Server {
 async function checkHelpAndVersion(server: Server): Promise<void> {
   const [command, ...prefix] = server.exact;
   for (const flag of ["--help", "--version"]) {
-    const expected = await run(Deno.execPath(), ["run", "main.ts", flag]);
+    const expected = await runCommand(
+      Deno.execPath(),
+      ["run", "main.ts", flag],
+      { cwd: REPO },
+    );
     assert.equal(expected.code, 0);
-    const actual = await run(command, [...prefix, flag]);
+    const actual = await runCommand(command, [...prefix, flag], { cwd: REPO });
     assert.deepEqual(actual, expected, flag);
   }
 }
@@ -140,13 +132,11 @@ async function checkHelpAndVersion(server: Server): Promise<void> {
 async function checkLogOutsideLogDir(server: Server, dir: string) {
   const [command, ...prefix] = server.exact;
   const logPath = `${dir}/outside/access.log`;
-  const result = await run(command, [
-    ...prefix,
-    "--port",
-    "0",
-    "--log",
-    logPath,
-  ]);
+  const result = await runCommand(
+    command,
+    [...prefix, "--port", "0", "--log", logPath],
+    { cwd: REPO },
+  );
   assert.notEqual(result.code, 0);
   assert.equal(result.stdout, "");
   const message = result.stderr.trimEnd();
@@ -183,25 +173,7 @@ async function checkServesAndStops(server: Server, dir: string) {
     }
     assert.equal(listening[2], logPath);
     const payload = new TextEncoder().encode("hello, compiled echo-server\n");
-    const conn = await Deno.connect({
-      hostname: "127.0.0.1",
-      port: Number(listening[1]),
-    });
-    try {
-      await conn.write(payload);
-      await conn.closeWrite();
-      const echoed = new Uint8Array(
-        await new Response(conn.readable).arrayBuffer(),
-      );
-      assert.deepEqual(echoed, payload);
-    } catch (error) {
-      try {
-        conn.close();
-      } catch {
-        // already closed by reading its readable to the end
-      }
-      throw error;
-    }
+    assert.deepEqual(await echo(Number(listening[1]), payload), payload);
     child.kill("SIGTERM");
     const status = await child.status;
     exited = true;
@@ -221,37 +193,36 @@ async function checkServesAndStops(server: Server, dir: string) {
   }
 }
 
-Deno.test("deno compile with a missing DENORT_BIN fails and names the path", async () => {
-  const dir = await Deno.makeTempDir({ prefix: "echo-server-compile-" });
-  try {
+Deno.test(
+  "deno compile with a missing DENORT_BIN fails and names the path",
+  withTempDir(async (dir) => {
     const denort = `${dir}/no-such-denort`;
-    const output = await new Deno.Command(Deno.execPath(), {
-      args: compileArgs(`${dir}/echo-server`),
-      cwd: REPO,
-      env: { DENORT_BIN: denort, NO_COLOR: "1" },
-      stdin: "null",
-    }).output();
+    const output = await runCommand(
+      Deno.execPath(),
+      compileArgs(`${dir}/echo-server`),
+      { cwd: REPO, env: { DENORT_BIN: denort, NO_COLOR: "1" } },
+    );
     assert.notEqual(output.code, 0);
-    const stderr = decoder.decode(output.stderr);
-    assert.ok(stderr.includes(`Could not find denort at '${denort}'`), stderr);
+    assert.ok(
+      output.stderr.includes(`Could not find denort at '${denort}'`),
+      output.stderr,
+    );
     assert.ok(!isFile(`${dir}/echo-server`));
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
-});
+  }, { prefix: "echo-server-compile-" }),
+);
 
-Deno.test("the compile task's permissions, under deno run: help, version, log dir, serve, stop", async (t) => {
-  const dir = await Deno.makeTempDir({ prefix: "echo-server-compile-" });
-  const run = [Deno.execPath(), "run", "--no-prompt"] as const;
-  const server: Server = {
-    exact: [...run, ...permissions(compileTask), "main.ts"],
-    withTempLog: [
-      ...run,
-      ...permissions(compileArgs("", dir)),
-      `${REPO}/main.ts`,
-    ],
-  };
-  try {
+Deno.test(
+  "the compile task's permissions, under deno run: help, version, log dir, serve, stop",
+  withTempDir(async (dir, t) => {
+    const run = [Deno.execPath(), "run", "--no-prompt"] as const;
+    const server: Server = {
+      exact: [...run, ...permissions(compileTask), "main.ts"],
+      withTempLog: [
+        ...run,
+        ...permissions(compileArgs("", dir)),
+        `${REPO}/main.ts`,
+      ],
+    };
     await t.step("--help and --version", () => checkHelpAndVersion(server));
     await t.step(
       "log outside the log dir",
@@ -261,10 +232,8 @@ Deno.test("the compile task's permissions, under deno run: help, version, log di
       "serves and stops on SIGTERM",
       () => checkServesAndStops(server, dir),
     );
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
-});
+  }, { prefix: "echo-server-compile-" }),
+);
 
 const denort = findDenort();
 
@@ -273,35 +242,32 @@ Deno.test({
     ? `compiled ./echo-server (denort: ${denort.reason}): help, version, log dir, serve, stop`
     : `compiled ./echo-server (skipped: ${denort.reason})`,
   ignore: !denort.found,
-  async fn(t) {
-    const dir = await Deno.makeTempDir({ prefix: "echo-server-compile-" });
-    try {
-      const exact = `${dir}/echo-server`;
-      const withTempLog = `${dir}/echo-server-test-log`;
-      await t.step(
-        "deno task compile's command builds the binaries",
-        async () => {
-          const results = await Promise.all([
-            run(Deno.execPath(), compileArgs(exact)),
-            run(Deno.execPath(), compileArgs(withTempLog, dir)),
-          ]);
-          for (const result of results) {
-            assert.equal(result.code, 0, result.stderr);
-          }
-        },
-      );
-      const server: Server = { exact: [exact], withTempLog: [withTempLog] };
-      await t.step("--help and --version", () => checkHelpAndVersion(server));
-      await t.step(
-        "log outside the log dir",
-        () => checkLogOutsideLogDir(server, dir),
-      );
-      await t.step(
-        "serves and stops on SIGTERM",
-        () => checkServesAndStops(server, dir),
-      );
-    } finally {
-      await Deno.remove(dir, { recursive: true });
-    }
-  },
+  fn: withTempDir(async (dir, t) => {
+    const exact = `${dir}/echo-server`;
+    const withTempLog = `${dir}/echo-server-test-log`;
+    await t.step(
+      "deno task compile's command builds the binaries",
+      async () => {
+        const results = await Promise.all([
+          runCommand(Deno.execPath(), compileArgs(exact), { cwd: REPO }),
+          runCommand(Deno.execPath(), compileArgs(withTempLog, dir), {
+            cwd: REPO,
+          }),
+        ]);
+        for (const result of results) {
+          assert.equal(result.code, 0, result.stderr);
+        }
+      },
+    );
+    const server: Server = { exact: [exact], withTempLog: [withTempLog] };
+    await t.step("--help and --version", () => checkHelpAndVersion(server));
+    await t.step(
+      "log outside the log dir",
+      () => checkLogOutsideLogDir(server, dir),
+    );
+    await t.step(
+      "serves and stops on SIGTERM",
+      () => checkServesAndStops(server, dir),
+    );
+  }, { prefix: "echo-server-compile-" }),
 });

@@ -1,24 +1,20 @@
 import assert from "node:assert/strict";
 import denoJson from "./deno.json" with { type: "json" };
 import { parseFlags } from "./main.ts";
+import {
+  assertUsageError,
+  type CommandResult,
+  echo,
+  readAll,
+  runCommand,
+  withTempDir,
+} from "./test_util.ts";
 
 const MAIN = new URL("./main.ts", import.meta.url).pathname;
 
 /** Runs main.ts to completion with the given permissions and flags. */
-async function run(
-  permissions: string[],
-  args: string[],
-): Promise<{ code: number; stdout: string; stderr: string }> {
-  const output = await new Deno.Command(Deno.execPath(), {
-    args: ["run", ...permissions, MAIN, ...args],
-    stdin: "null",
-  }).output();
-  const decoder = new TextDecoder();
-  return {
-    code: output.code,
-    stdout: decoder.decode(output.stdout),
-    stderr: decoder.decode(output.stderr),
-  };
+function run(permissions: string[], args: string[]): Promise<CommandResult> {
+  return runCommand(Deno.execPath(), ["run", ...permissions, MAIN, ...args]);
 }
 
 /** A server process whose stderr is read line by line. */
@@ -98,25 +94,10 @@ class ServerProcess implements AsyncDisposable {
   }
 }
 
-async function echo(port: number, text: string): Promise<string> {
-  const conn = await Deno.connect({ hostname: "127.0.0.1", port });
-  try {
-    await conn.write(new TextEncoder().encode(text));
-    await conn.closeWrite();
-    return await readText(conn);
-  } finally {
-    conn.close();
-  }
-}
-
-async function readText(conn: Deno.Conn): Promise<string> {
-  let text = "";
-  const decoder = new TextDecoder();
-  const buffer = new Uint8Array(4096);
-  for (let n; (n = await conn.read(buffer)) !== null;) {
-    text += decoder.decode(buffer.subarray(0, n), { stream: true });
-  }
-  return text;
+/** Echoes `text` through the server at `port`; returns the reply as text. */
+async function echoText(port: number, text: string): Promise<string> {
+  const reply = await echo(port, new TextEncoder().encode(text));
+  return new TextDecoder().decode(reply);
 }
 
 /**
@@ -126,7 +107,7 @@ async function readText(conn: Deno.Conn): Promise<string> {
 async function assertNotServed(port: number): Promise<void> {
   let reply;
   try {
-    reply = await echo(port, "late");
+    reply = await echoText(port, "late");
   } catch (error) {
     if (
       error instanceof Deno.errors.ConnectionRefused ||
@@ -135,17 +116,6 @@ async function assertNotServed(port: number): Promise<void> {
     throw error;
   }
   assert.equal(reply, "", "a client was served after shutdown began");
-}
-
-function withTempDir(fn: (dir: string) => Promise<void>): () => Promise<void> {
-  return async () => {
-    const dir = await Deno.makeTempDir();
-    try {
-      await fn(dir);
-    } finally {
-      await Deno.remove(dir, { recursive: true });
-    }
-  };
 }
 
 Deno.test("parseFlags: defaults, sizes and seconds", () => {
@@ -230,13 +200,11 @@ const BAD_FLAGS: Array<[string[], string]> = [
 ];
 for (const [args, message] of BAD_FLAGS) {
   Deno.test(`bad flags ${args.join(" ")}: one line, usage, exit 2`, async () => {
-    const { code, stdout, stderr } = await run([], args);
-    assert.equal(code, 2);
-    assert.equal(stdout, "");
-    const [first, blank, usage] = stderr.split("\n");
-    assert.ok(first.startsWith(message), first);
-    assert.equal(blank, "");
-    assert.equal(usage, "Usage: echo-server [options]");
+    assertUsageError(
+      await run([], args),
+      message,
+      "Usage: echo-server [options]",
+    );
   });
 }
 
@@ -329,12 +297,12 @@ Deno.test(
   withTempDir(async (dir) => {
     await using server = new ServerProcess(dir, []);
     const port = await server.port();
-    assert.equal(await echo(port, "one"), "one");
+    assert.equal(await echoText(port, "one"), "one");
     await Deno.rename(`${dir}/access.log`, `${dir}/access.log.1`);
-    assert.equal(await echo(port, "two"), "two");
+    assert.equal(await echoText(port, "two"), "two");
     server.child.kill("SIGHUP");
     await server.waitFor(/^reopened access log /);
-    assert.equal(await echo(port, "three"), "three");
+    assert.equal(await echoText(port, "three"), "three");
     server.child.kill("SIGTERM");
     assert.equal((await server.exit()).code, 0);
     assert.equal(
@@ -358,13 +326,16 @@ for (const signal of ["SIGTERM", "SIGINT"] as const) {
       try {
         await conn.write(new TextEncoder().encode("in "));
         // A later client's full round trip proves the first was accepted.
-        assert.equal(await echo(port, "x"), "x");
+        assert.equal(await echoText(port, "x"), "x");
         server.child.kill(signal);
         await server.waitFor(new RegExp(`^${signal}: stopping; 1 connections`));
         await assertNotServed(port);
         await conn.write(new TextEncoder().encode("flight"));
         await conn.closeWrite();
-        assert.equal(await readText(conn), "in flight");
+        assert.equal(
+          new TextDecoder().decode(await readAll(conn)),
+          "in flight",
+        );
       } finally {
         conn.close();
       }
@@ -387,7 +358,7 @@ Deno.test(
     const conn = await Deno.connect({ hostname: "127.0.0.1", port });
     try {
       await conn.write(new Uint8Array(6));
-      assert.equal(await echo(port, "x"), "x");
+      assert.equal(await echoText(port, "x"), "x");
       server.child.kill("SIGTERM");
       await server.waitFor(/^SIGTERM: stopping; 1 connections/);
       server.child.kill("SIGTERM");

@@ -1,37 +1,8 @@
 import assert from "node:assert/strict";
 import net from "node:net";
-import { type EchoServer, serveEcho, type ServeOptions } from "./server.ts";
+import { echo, readAll, startServer, writeAll } from "./test_util.ts";
 
 const HOST = "127.0.0.1";
-
-/** A server on an ephemeral port that records what it reports. */
-interface TestServer extends AsyncDisposable {
-  server: EchoServer;
-  port: number;
-  /** [clientId, bytesReceived] in the order the server reported them. */
-  records: Array<[number, number]>;
-  diagnostics: string[];
-}
-
-function startServer(options: ServeOptions = {}): TestServer {
-  const records: Array<[number, number]> = [];
-  const diagnostics: string[] = [];
-  const server = serveEcho(
-    (clientId, bytesReceived) => records.push([clientId, bytesReceived]),
-    {
-      port: 0,
-      onDiagnostic: (message) => diagnostics.push(message),
-      ...options,
-    },
-  );
-  return {
-    server,
-    port: server.addr.port,
-    records,
-    diagnostics,
-    [Symbol.asyncDispose]: () => server.shutdown({ drainTimeoutMs: 0 }),
-  };
-}
 
 /** Deterministic pseudo-random bytes, different for each seed. */
 function pattern(size: number, seed = 1): Uint8Array {
@@ -52,41 +23,6 @@ function sameBytes(actual: Uint8Array, expected: Uint8Array): boolean {
     if (actual[i] !== expected[i]) return false;
   }
   return true;
-}
-
-async function writeAll(conn: Deno.Conn, data: Uint8Array): Promise<void> {
-  for (let written = 0; written < data.length;) {
-    written += await conn.write(data.subarray(written));
-  }
-}
-
-async function readAll(conn: Deno.Conn): Promise<Uint8Array> {
-  const chunks: Uint8Array[] = [];
-  const buffer = new Uint8Array(64 * 1024);
-  let total = 0;
-  for (let n; (n = await conn.read(buffer)) !== null;) {
-    chunks.push(buffer.slice(0, n));
-    total += n;
-  }
-  const all = new Uint8Array(total);
-  let offset = 0;
-  for (const chunk of chunks) {
-    all.set(chunk, offset);
-    offset += chunk.length;
-  }
-  return all;
-}
-
-/** Sends everything, half-closes, then reads the reply to EOF. */
-async function echo(port: number, payload: Uint8Array): Promise<Uint8Array> {
-  const conn = await Deno.connect({ hostname: HOST, port });
-  try {
-    await writeAll(conn, payload);
-    await conn.closeWrite();
-    return await readAll(conn);
-  } finally {
-    conn.close();
-  }
 }
 
 /**

@@ -12,6 +12,7 @@ import { fileURLToPath as fromFileUrl } from "node:url";
 import { DEFAULT_LOG_PATH, parseFlags } from "../main.ts";
 import { DEFAULT_DRAIN_TIMEOUT_MS } from "../server.ts";
 import denoJson from "../deno.json" with { type: "json" };
+import { echo, withTempDir } from "../test_util.ts";
 
 const REPO = fromFileUrl(new URL("..", import.meta.url));
 const UNIT_PATH = fromFileUrl(new URL("echo-server.service", import.meta.url));
@@ -268,29 +269,6 @@ class Lines {
   }
 }
 
-/** Sends `payload`, half-closes, reads to EOF; throws unless echoed back. */
-async function echo(port: number, payload: Uint8Array): Promise<void> {
-  const conn = await Deno.connect({ hostname: "127.0.0.1", port });
-  try {
-    const writing = (async () => {
-      for (let n = 0; n < payload.length;) {
-        n += await conn.write(payload.subarray(n));
-      }
-      await conn.closeWrite();
-    })();
-    const received: Uint8Array<ArrayBuffer>[] = [];
-    const buffer = new Uint8Array(64 * 1024);
-    for (let n; (n = await conn.read(buffer)) !== null;) {
-      received.push(buffer.slice(0, n));
-    }
-    await writing;
-    const echoed = new Uint8Array(await new Blob(received).arrayBuffer());
-    assert.deepEqual(echoed, payload, "echoed back unchanged");
-  } finally {
-    conn.close();
-  }
-}
-
 /** Counts clients done; lets a test await progress; records a failure. */
 class Progress {
   done = 0;
@@ -346,8 +324,7 @@ Deno.test({
     ? "logrotate with deploy/logrotate.conf, run on a live server while clients keep coming, loses, splits and duplicates no line"
     : "logrotate with deploy/logrotate.conf on a live server (skipped: logrotate not installed: apt-get install logrotate)",
   ignore: LOGROTATE === undefined,
-  async fn() {
-    const dir = await Deno.makeTempDir({ prefix: "echo-server-logrotate-" });
+  fn: withTempDir(async (dir) => {
     const logPath = `${dir}/access.log`;
     const server = new Deno.Command(Deno.execPath(), {
       args: [
@@ -386,7 +363,12 @@ Deno.test({
             for (let i = 0; !stop; i++) {
               const size = (w * 7919 + i * 104_729) % 3001;
               sent.push(size);
-              await echo(Number(port), new Uint8Array(size).fill(65 + w));
+              const payload = new Uint8Array(size).fill(65 + w);
+              assert.deepEqual(
+                await echo(Number(port), payload),
+                payload,
+                "echoed back unchanged",
+              );
               progress.clientDone();
             }
           })().catch((error) => progress.fail(error)),
@@ -477,7 +459,6 @@ Deno.test({
         await server.status;
         await stderr.done.catch(() => {});
       }
-      await Deno.remove(dir, { recursive: true });
     }
-  },
+  }, { prefix: "echo-server-logrotate-" }),
 });

@@ -1,0 +1,208 @@
+/**
+ * Test support shared by the `*_test.ts` files: socket I/O against the echo
+ * server, a recording server on an ephemeral port, running a command, and a
+ * temporary directory per test.
+ *
+ * @module
+ */
+
+import assert from "node:assert/strict";
+import { type EchoServer, serveEcho, type ServeOptions } from "./server.ts";
+
+/**
+ * Writes all of `bytes` to `conn`, however many writes that takes.
+ *
+ * @example
+ * ```ts
+ * await writeAll(conn, new Uint8Array(1024 * 1024));
+ * ```
+ */
+export async function writeAll(
+  conn: Deno.Conn,
+  bytes: Uint8Array,
+): Promise<void> {
+  for (let written = 0; written < bytes.length;) {
+    written += await conn.write(bytes.subarray(written));
+  }
+}
+
+/**
+ * Reads `conn` to EOF and returns every byte read.
+ *
+ * @example
+ * ```ts
+ * await conn.closeWrite();
+ * const reply = await readAll(conn);
+ * ```
+ */
+export async function readAll(conn: Deno.Conn): Promise<Uint8Array> {
+  const chunks: Uint8Array[] = [];
+  const buffer = new Uint8Array(64 * 1024);
+  let total = 0;
+  for (let n; (n = await conn.read(buffer)) !== null;) {
+    chunks.push(buffer.slice(0, n));
+    total += n;
+  }
+  const all = new Uint8Array(total);
+  let offset = 0;
+  for (const chunk of chunks) {
+    all.set(chunk, offset);
+    offset += chunk.length;
+  }
+  return all;
+}
+
+/**
+ * Connects to 127.0.0.1:`port`, sends `payload`, half-closes, then reads
+ * the reply to EOF and returns it.
+ *
+ * @example
+ * ```ts
+ * const reply = await echo(port, new TextEncoder().encode("hello"));
+ * ```
+ */
+export async function echo(
+  port: number,
+  payload: Uint8Array,
+): Promise<Uint8Array> {
+  const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+  try {
+    await writeAll(conn, payload);
+    await conn.closeWrite();
+    return await readAll(conn);
+  } finally {
+    conn.close();
+  }
+}
+
+/** An echo server on an ephemeral port that records what it reports. */
+export interface TestServer extends AsyncDisposable {
+  /** The server; disposing shuts it down with no drain time. */
+  server: EchoServer;
+  /** The port it listens on, on 127.0.0.1. */
+  port: number;
+  /** [clientId, bytesReceived] in the order the server reported them. */
+  records: Array<[number, number]>;
+  /** The server's diagnostics, in order. */
+  diagnostics: string[];
+}
+
+/**
+ * Starts an echo server on an ephemeral port that records every client and
+ * diagnostic; `options` are passed on to `serveEcho`.
+ *
+ * @example
+ * ```ts
+ * await using s = startServer({ maxClientBytes: 1000 });
+ * await echo(s.port, new Uint8Array(5));
+ * await s.server.shutdown();
+ * s.records; // [[1, 5]]
+ * ```
+ */
+export function startServer(options: ServeOptions = {}): TestServer {
+  const records: Array<[number, number]> = [];
+  const diagnostics: string[] = [];
+  const server = serveEcho(
+    (clientId, bytesReceived) => records.push([clientId, bytesReceived]),
+    {
+      port: 0,
+      onDiagnostic: (message) => diagnostics.push(message),
+      ...options,
+    },
+  );
+  return {
+    server,
+    port: server.addr.port,
+    records,
+    diagnostics,
+    [Symbol.asyncDispose]: () => server.shutdown({ drainTimeoutMs: 0 }),
+  };
+}
+
+/** What {@linkcode runCommand} returns: the exit code and decoded output. */
+export interface CommandResult {
+  /** Exit code. */
+  code: number;
+  /** Everything written to stdout. */
+  stdout: string;
+  /** Everything written to stderr. */
+  stderr: string;
+}
+
+/** Options for {@linkcode runCommand}. */
+export type RunCommandOptions = Pick<Deno.CommandOptions, "cwd" | "env">;
+
+/**
+ * Runs `command` with `args` and no stdin to completion.
+ *
+ * @example
+ * ```ts
+ * const { code, stdout } = await runCommand(Deno.execPath(), ["--version"]);
+ * ```
+ */
+export async function runCommand(
+  command: string,
+  args: string[],
+  options: RunCommandOptions = {},
+): Promise<CommandResult> {
+  const output = await new Deno.Command(command, {
+    ...options,
+    args,
+    stdin: "null",
+  }).output();
+  const decoder = new TextDecoder();
+  return {
+    code: output.code,
+    stdout: decoder.decode(output.stdout),
+    stderr: decoder.decode(output.stderr),
+  };
+}
+
+/**
+ * Asserts that a command line program rejected its flags: exit status 2,
+ * nothing on stdout, and on stderr a first line starting with `message`, a
+ * blank line, then the usage, whose first line is `usage`.
+ *
+ * @example
+ * ```ts
+ * const result = await runCommand(Deno.execPath(), ["run", "main.ts", "-x"]);
+ * assertUsageError(result, "echo-server: Unknown option '-x'", "Usage: echo-server [options]");
+ * ```
+ */
+export function assertUsageError(
+  result: CommandResult,
+  message: string,
+  usage: string,
+): void {
+  assert.equal(result.code, 2, result.stderr);
+  assert.equal(result.stdout, "");
+  const [first, blank, usageLine] = result.stderr.split("\n");
+  assert.ok(first.startsWith(message), first);
+  assert.equal(blank, "");
+  assert.equal(usageLine, usage);
+}
+
+/**
+ * Wraps a test function so that it runs in a fresh temporary directory,
+ * removed with everything in it when the test ends.
+ *
+ * @example
+ * ```ts
+ * Deno.test("writes a file", withTempDir(async (dir) => {
+ *   await Deno.writeTextFile(`${dir}/file`, "");
+ * }));
+ * ```
+ */
+export function withTempDir(
+  fn: (dir: string, t: Deno.TestContext) => Promise<void>,
+  options?: Deno.MakeTempOptions,
+): (t: Deno.TestContext) => Promise<void> {
+  return async (t) => {
+    const dir = await Deno.makeTempDir(options);
+    try {
+      await fn(dir, t);
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  };
+}
