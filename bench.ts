@@ -15,6 +15,7 @@
  */
 
 import { parseArgs } from "node:util";
+import { parseInteger, parseSeconds, parseSize, UsageError } from "./flags.ts";
 
 /** Options for {@linkcode runBench}. */
 export interface BenchOptions {
@@ -583,17 +584,6 @@ Progress goes to stderr once a second, the summary to stdout. MB/s is
 connect to the reply's EOF. Exit status: 0 if every connection was echoed
 correctly, 1 if any failed (or none completed), 2 for bad flags.`;
 
-class UsageError extends Error {
-  override name = "UsageError";
-}
-
-const SIZE_UNITS: Record<string, number> = {
-  "": 1,
-  kib: 1024,
-  mib: 1024 ** 2,
-  gib: 1024 ** 3,
-};
-
 /**
  * Parses `deno task bench` flags into {@linkcode BenchOptions}, or returns
  * `"help"`. Throws an error with a one-line message for bad flags.
@@ -628,70 +618,30 @@ export function parseBenchArgs(args: string[]): BenchOptions | "help" {
   if (values.host === "") throw new UsageError("--host must not be empty");
   const options: BenchOptions = {
     hostname: values.host ?? "127.0.0.1",
-    port: parseInteger("--port", values.port, 4000, 1, 65535),
-    concurrency: parseInteger(
-      "--concurrency",
-      values.concurrency,
-      16,
-      1,
-      100_000,
-    ),
-    size: parseSize(values.size),
+    port: parseInteger("--port", values.port, {
+      default: 4000,
+      min: 1,
+      max: 65535,
+    }),
+    concurrency: parseInteger("--concurrency", values.concurrency, {
+      default: 16,
+      min: 1,
+      max: 100_000,
+    }),
+    size: parseSize("--size", values.size, { default: 5 }),
   };
   if (values.connections !== undefined) {
-    options.connections = parseInteger(
-      "--connections",
-      values.connections,
-      0,
-      1,
-      Number.MAX_SAFE_INTEGER,
-    );
+    options.connections = parseInteger("--connections", values.connections, {
+      min: 1,
+    });
   }
-  if (values.duration !== undefined) {
-    const seconds = /^\d+(\.\d+)?$/.test(values.duration)
-      ? Number(values.duration)
-      : NaN;
-    if (!(seconds > 0 && seconds <= 86_400)) {
-      throw new UsageError(
-        `--duration must be a number of seconds above 0 up to 86400, not '${values.duration}'`,
-      );
-    }
-    options.duration = seconds;
-  } else if (options.connections === undefined) {
-    options.duration = 10;
+  // Without --connections a run lasts 10 s unless --duration says otherwise.
+  if (values.duration !== undefined || options.connections === undefined) {
+    options.duration = parseSeconds("--duration", values.duration, {
+      default: 10,
+    });
   }
   return options;
-}
-
-function parseInteger(
-  flag: string,
-  text: string | undefined,
-  fallback: number,
-  min: number,
-  max: number,
-): number {
-  if (text === undefined) return fallback;
-  const value = /^\d+$/.test(text) ? Number(text) : NaN;
-  if (!(value >= min && value <= max)) {
-    throw new UsageError(
-      `${flag} must be a whole number from ${min} to ${max}, not '${text}'`,
-    );
-  }
-  return value;
-}
-
-function parseSize(text: string | undefined): number {
-  if (text === undefined) return 5;
-  const match = /^(\d+)\s*(kib|mib|gib)?$/i.exec(text);
-  const value = match
-    ? Number(match[1]) * SIZE_UNITS[(match[2] ?? "").toLowerCase()]
-    : NaN;
-  if (!Number.isSafeInteger(value)) {
-    throw new UsageError(
-      `--size must be a number of bytes such as 5, 64KiB or 16MiB, not '${text}'`,
-    );
-  }
-  return value;
 }
 
 function formatBytes(bytes: number): string {

@@ -16,6 +16,9 @@ import {
   DEFAULT_MAX_CONNECTIONS,
   serveEcho,
 } from "./server.ts";
+import { parseInteger, parseSeconds, parseSize, UsageError } from "./flags.ts";
+
+export { UsageError };
 
 /** Everything the command line can set. */
 export interface Config {
@@ -62,11 +65,6 @@ SIZE is a number of bytes, optionally with a suffix KiB, MiB or GiB.
 Signals: SIGHUP reopens the access log; SIGINT or SIGTERM stops accepting
 and drains; a second SIGINT or SIGTERM cuts everyone off at once.`;
 
-/** A command line mistake: reported with the usage and exit status 2. */
-export class UsageError extends Error {
-  override name = "UsageError";
-}
-
 /**
  * Parses command line flags into a {@linkcode Config}, or returns `"help"`
  * or `"version"` when those were asked for. Throws {@linkcode UsageError}.
@@ -108,101 +106,39 @@ export function parseFlags(args: string[]): Config | "help" | "version" {
   if (values.log === "") throw new UsageError("--log must not be empty");
   return {
     hostname: values.host ?? "127.0.0.1",
-    port: parseInteger("--port", values.port, 4000, 0, 65535),
+    port: parseInteger("--port", values.port, { default: 4000, max: 65535 }),
     logPath: values.log ?? DEFAULT_LOG_PATH,
     maxClientBytes: parseSize(
       "--max-client-bytes",
       values["max-client-bytes"],
-      DEFAULT_MAX_CLIENT_BYTES,
-      1,
+      { default: DEFAULT_MAX_CLIENT_BYTES, min: 1 },
     ),
-    maxBufferedBytes: parseSize(
-      "--max-buffered",
-      values["max-buffered"],
-      DEFAULT_MAX_BUFFERED_BYTES,
+    maxBufferedBytes: parseSize("--max-buffered", values["max-buffered"], {
+      default: DEFAULT_MAX_BUFFERED_BYTES,
       // Below this every client would be cut off at its first read.
-      64 * 1024,
-    ),
+      min: 64 * 1024,
+    }),
     maxConnections: parseInteger(
       "--max-connections",
       values["max-connections"],
-      DEFAULT_MAX_CONNECTIONS,
-      1,
-      1_000_000,
+      { default: DEFAULT_MAX_CONNECTIONS, min: 1, max: 1_000_000 },
     ),
-    idleTimeoutMs: parseSeconds(
-      "--idle-timeout",
-      values["idle-timeout"],
-      DEFAULT_IDLE_TIMEOUT_MS,
-      false,
+    idleTimeoutMs: milliseconds(
+      parseSeconds("--idle-timeout", values["idle-timeout"], {
+        default: DEFAULT_IDLE_TIMEOUT_MS / 1000,
+      }),
     ),
-    drainTimeoutMs: parseSeconds(
-      "--drain-timeout",
-      values["drain-timeout"],
-      DEFAULT_DRAIN_TIMEOUT_MS,
-      true,
+    drainTimeoutMs: milliseconds(
+      parseSeconds("--drain-timeout", values["drain-timeout"], {
+        default: DEFAULT_DRAIN_TIMEOUT_MS / 1000,
+        allowZero: true,
+      }),
     ),
   };
 }
 
-function parseInteger(
-  flag: string,
-  text: string | undefined,
-  fallback: number,
-  min: number,
-  max: number,
-): number {
-  if (text === undefined) return fallback;
-  const value = /^\d+$/.test(text) ? Number(text) : NaN;
-  if (!(value >= min && value <= max)) {
-    throw new UsageError(
-      `${flag} must be a whole number from ${min} to ${max}, not '${text}'`,
-    );
-  }
-  return value;
-}
-
-const SIZE_UNITS: Record<string, number> = {
-  "": 1,
-  kib: 1024,
-  mib: MIB,
-  gib: 1024 * MIB,
-};
-
-function parseSize(
-  flag: string,
-  text: string | undefined,
-  fallback: number,
-  min: number,
-): number {
-  if (text === undefined) return fallback;
-  const match = /^(\d+)\s*(kib|mib|gib)?$/i.exec(text);
-  const value = match
-    ? Number(match[1]) * SIZE_UNITS[(match[2] ?? "").toLowerCase()]
-    : NaN;
-  if (!(value >= min && Number.isSafeInteger(value))) {
-    throw new UsageError(
-      `${flag} must be a size of at least ${min} bytes such as 65536 or 64MiB, not '${text}'`,
-    );
-  }
-  return value;
-}
-
-function parseSeconds(
-  flag: string,
-  text: string | undefined,
-  fallbackMs: number,
-  zeroAllowed: boolean,
-): number {
-  if (text === undefined) return fallbackMs;
-  const seconds = /^\d+(\.\d+)?$/.test(text) ? Number(text) : NaN;
-  if (!(seconds <= 86_400 && (zeroAllowed ? seconds >= 0 : seconds > 0))) {
-    throw new UsageError(
-      `${flag} must be a number of seconds ${
-        zeroAllowed ? "from 0" : "above 0"
-      } up to 86400, not '${text}'`,
-    );
-  }
+/** Seconds from {@linkcode parseSeconds} as whole milliseconds. */
+function milliseconds(seconds: number): number {
   return Math.round(seconds * 1000);
 }
 

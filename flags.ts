@@ -1,0 +1,136 @@
+/**
+ * Parsers for command line flag values: whole numbers, byte sizes with an
+ * optional KiB, MiB or GiB suffix, and seconds. Each takes the flag's name
+ * and its text (`undefined` when the flag was not given) and throws a
+ * {@linkcode UsageError} with a one-line message naming the flag.
+ *
+ * @module
+ */
+
+/** A command line mistake; its message is one line meant for the user. */
+export class UsageError extends Error {
+  /** Always `"UsageError"`. */
+  override name = "UsageError";
+}
+
+/** Options for {@linkcode parseInteger}. */
+export interface IntegerOptions {
+  /** Returned when the flag was not given; without one, it is required. */
+  default?: number;
+  /** Smallest value accepted. Default 0. */
+  min?: number;
+  /** Largest value accepted. Default `Number.MAX_SAFE_INTEGER`. */
+  max?: number;
+}
+
+/**
+ * Parses a whole number from `min` to `max` written in decimal digits.
+ *
+ * @example
+ * ```ts
+ * parseInteger("--port", "8080", { default: 4000, max: 65535 }); // 8080
+ * parseInteger("--port", undefined, { default: 4000, max: 65535 }); // 4000
+ * ```
+ */
+export function parseInteger(
+  flag: string,
+  text: string | undefined,
+  options: IntegerOptions = {},
+): number {
+  const { min = 0, max = Number.MAX_SAFE_INTEGER } = options;
+  if (text === undefined) return defaultOf(flag, options.default);
+  const value = /^\d+$/.test(text) ? Number(text) : NaN;
+  if (!(value >= min && value <= max)) {
+    throw new UsageError(
+      `${flag} must be a whole number from ${min} to ${max}, not '${text}'`,
+    );
+  }
+  return value;
+}
+
+/** Options for {@linkcode parseSize}. */
+export interface SizeOptions {
+  /** Returned when the flag was not given; without one, it is required. */
+  default?: number;
+  /** Fewest bytes accepted. Default 0. */
+  min?: number;
+}
+
+const SIZE_UNITS: Record<string, number> = {
+  "": 1,
+  kib: 1024,
+  mib: 1024 ** 2,
+  gib: 1024 ** 3,
+};
+
+/**
+ * Parses a number of bytes, optionally followed by `KiB`, `MiB` or `GiB`
+ * (in any case), of at least `min` and at most `Number.MAX_SAFE_INTEGER`.
+ *
+ * @example
+ * ```ts
+ * parseSize("--max-buffered", "64MiB", { min: 65536 }); // 67108864
+ * ```
+ */
+export function parseSize(
+  flag: string,
+  text: string | undefined,
+  options: SizeOptions = {},
+): number {
+  const { min = 0 } = options;
+  if (text === undefined) return defaultOf(flag, options.default);
+  const match = /^(\d+)\s*(kib|mib|gib)?$/i.exec(text);
+  const value = match
+    ? Number(match[1]) * SIZE_UNITS[(match[2] ?? "").toLowerCase()]
+    : NaN;
+  if (!(value >= min && Number.isSafeInteger(value))) {
+    const what = min > 0
+      ? `a size of at least ${min} bytes`
+      : "a number of bytes";
+    throw new UsageError(
+      `${flag} must be ${what} such as 65536 or 64MiB, not '${text}'`,
+    );
+  }
+  return value;
+}
+
+/** Options for {@linkcode parseSeconds}. */
+export interface SecondsOptions {
+  /** Returned when the flag was not given; without one, it is required. */
+  default?: number;
+  /** Whether 0 is accepted. Default false. */
+  allowZero?: boolean;
+}
+
+/**
+ * Parses a number of seconds, with an optional decimal fraction, up to
+ * 86400 (one day). Returns seconds.
+ *
+ * @example
+ * ```ts
+ * parseSeconds("--idle-timeout", "0.25"); // 0.25
+ * parseSeconds("--drain-timeout", "0", { allowZero: true }); // 0
+ * ```
+ */
+export function parseSeconds(
+  flag: string,
+  text: string | undefined,
+  options: SecondsOptions = {},
+): number {
+  const { allowZero = false } = options;
+  if (text === undefined) return defaultOf(flag, options.default);
+  const seconds = /^\d+(\.\d+)?$/.test(text) ? Number(text) : NaN;
+  if (!(seconds <= 86_400 && (allowZero ? seconds >= 0 : seconds > 0))) {
+    throw new UsageError(
+      `${flag} must be a number of seconds ${
+        allowZero ? "from 0" : "above 0"
+      } up to 86400, not '${text}'`,
+    );
+  }
+  return seconds;
+}
+
+function defaultOf(flag: string, value: number | undefined): number {
+  if (value === undefined) throw new UsageError(`${flag} is required`);
+  return value;
+}

@@ -1,0 +1,103 @@
+import assert from "node:assert/strict";
+import { parseInteger, parseSeconds, parseSize, UsageError } from "./flags.ts";
+
+const MIB = 1024 * 1024;
+
+/** Asserts that `fn` throws a UsageError with exactly `message`. */
+function assertThrowsUsage(fn: () => unknown, message: string): void {
+  assert.throws(fn, (error) => {
+    assert.ok(error instanceof UsageError);
+    assert.equal(error.name, "UsageError");
+    assert.equal(error.message, message);
+    return true;
+  });
+}
+
+Deno.test("parseInteger: digits within the bounds, or the default", () => {
+  assert.equal(parseInteger("--n", "0"), 0);
+  assert.equal(parseInteger("--n", "007"), 7);
+  assert.equal(parseInteger("--n", "65535", { max: 65535 }), 65535);
+  assert.equal(parseInteger("--n", "1", { min: 1, max: 1 }), 1);
+  assert.equal(parseInteger("--n", undefined, { default: 4000 }), 4000);
+  assert.equal(
+    parseInteger("--n", `${Number.MAX_SAFE_INTEGER}`),
+    Number.MAX_SAFE_INTEGER,
+  );
+});
+
+Deno.test("parseInteger: out of bounds or not digits", () => {
+  assertThrowsUsage(
+    () => parseInteger("--port", "70000", { max: 65535 }),
+    "--port must be a whole number from 0 to 65535, not '70000'",
+  );
+  assertThrowsUsage(
+    () => parseInteger("--connections", "0", { min: 1 }),
+    "--connections must be a whole number from 1 to 9007199254740991, not '0'",
+  );
+  for (const bad of ["", "4x", "-1", "+1", "1.5", "1e3", " 1", "0x10"]) {
+    assertThrowsUsage(
+      () => parseInteger("--n", bad, { max: 10 }),
+      `--n must be a whole number from 0 to 10, not '${bad}'`,
+    );
+  }
+  assertThrowsUsage(() => parseInteger("--n", undefined), "--n is required");
+});
+
+Deno.test("parseSize: bytes, KiB, MiB and GiB in any case", () => {
+  assert.equal(parseSize("--s", "0"), 0);
+  assert.equal(parseSize("--s", "65536"), 65536);
+  assert.equal(parseSize("--s", "2KiB"), 2048);
+  assert.equal(parseSize("--s", "64kib"), 64 * 1024);
+  assert.equal(parseSize("--s", "3MiB"), 3 * MIB);
+  assert.equal(parseSize("--s", "16 MIB"), 16 * MIB);
+  assert.equal(parseSize("--s", "2GiB"), 2048 * MIB);
+  assert.equal(parseSize("--s", undefined, { default: 5 }), 5);
+  assert.equal(parseSize("--s", "64KiB", { min: 65536 }), 65536);
+});
+
+Deno.test("parseSize: below the minimum, too large, or not a size", () => {
+  assertThrowsUsage(
+    () => parseSize("--max-buffered", "1KiB", { min: 65536 }),
+    "--max-buffered must be a size of at least 65536 bytes such as 65536 or 64MiB, not '1KiB'",
+  );
+  assertThrowsUsage(
+    () => parseSize("--max-client-bytes", "0", { min: 1 }),
+    "--max-client-bytes must be a size of at least 1 bytes such as 65536 or 64MiB, not '0'",
+  );
+  for (
+    const bad of ["", "12XB", "5MB", "-1", "1.5MiB", "KiB", "8388608GiB"]
+  ) {
+    assertThrowsUsage(
+      () => parseSize("--size", bad),
+      `--size must be a number of bytes such as 65536 or 64MiB, not '${bad}'`,
+    );
+  }
+  assertThrowsUsage(() => parseSize("--size", undefined), "--size is required");
+});
+
+Deno.test("parseSeconds: whole or fractional seconds up to a day", () => {
+  assert.equal(parseSeconds("--t", "0.25"), 0.25);
+  assert.equal(parseSeconds("--t", "30"), 30);
+  assert.equal(parseSeconds("--t", "86400"), 86400);
+  assert.equal(parseSeconds("--t", "0", { allowZero: true }), 0);
+  assert.equal(parseSeconds("--t", "0.0", { allowZero: true }), 0);
+  assert.equal(parseSeconds("--t", undefined, { default: 10 }), 10);
+});
+
+Deno.test("parseSeconds: zero unless allowed, over a day, or not a number", () => {
+  assertThrowsUsage(
+    () => parseSeconds("--idle-timeout", "0"),
+    "--idle-timeout must be a number of seconds above 0 up to 86400, not '0'",
+  );
+  assertThrowsUsage(
+    () => parseSeconds("--drain-timeout", "86400.5", { allowZero: true }),
+    "--drain-timeout must be a number of seconds from 0 up to 86400, not '86400.5'",
+  );
+  for (const bad of ["", "-1", ".5", "1.", "1e3", "10s", "Infinity"]) {
+    assertThrowsUsage(
+      () => parseSeconds("--t", bad),
+      `--t must be a number of seconds above 0 up to 86400, not '${bad}'`,
+    );
+  }
+  assertThrowsUsage(() => parseSeconds("--t", undefined), "--t is required");
+});
