@@ -193,6 +193,23 @@ async function checkServesAndStops(server: Server, dir: string) {
   }
 }
 
+/** Runs the three checks above on `server`, each as a step of `t`. */
+async function checkServer(
+  t: Deno.TestContext,
+  server: Server,
+  dir: string,
+): Promise<void> {
+  await t.step("--help and --version", () => checkHelpAndVersion(server));
+  await t.step(
+    "log outside the log dir",
+    () => checkLogOutsideLogDir(server, dir),
+  );
+  await t.step(
+    "serves and stops on SIGTERM",
+    () => checkServesAndStops(server, dir),
+  );
+}
+
 Deno.test(
   "deno compile with a missing DENORT_BIN fails and names the path",
   withTempDir(async (dir) => {
@@ -223,15 +240,7 @@ Deno.test(
         `${REPO}/main.ts`,
       ],
     };
-    await t.step("--help and --version", () => checkHelpAndVersion(server));
-    await t.step(
-      "log outside the log dir",
-      () => checkLogOutsideLogDir(server, dir),
-    );
-    await t.step(
-      "serves and stops on SIGTERM",
-      () => checkServesAndStops(server, dir),
-    );
+    await checkServer(t, server, dir);
   }, { prefix: "echo-server-compile-" }),
 );
 
@@ -260,14 +269,6 @@ Deno.test({
       },
     );
     const server: Server = { exact: [exact], withTempLog: [withTempLog] };
-    await t.step("--help and --version", () => checkHelpAndVersion(server));
-    await t.step(
-      "log outside the log dir",
-      () => checkLogOutsideLogDir(server, dir),
-    );
-    await t.step(
-      "serves and stops on SIGTERM",
-      () => checkServesAndStops(server, dir),
-    );
+    await checkServer(t, server, dir);
   }, { prefix: "echo-server-compile-" }),
 });
