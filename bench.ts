@@ -56,9 +56,13 @@ export interface BenchProgress {
 
 /** Latency from the start of the connect to the reply's EOF, in ms. */
 export interface LatencyMs {
+  /** Median. */
   p50: number;
+  /** 90th percentile. */
   p90: number;
+  /** 99th percentile. */
   p99: number;
+  /** Slowest. */
   max: number;
 }
 

@@ -22,20 +22,30 @@ export { UsageError };
 
 /** Everything the command line can set. */
 export interface Config {
+  /** Address to listen on (`--host`). */
   hostname: string;
+  /** TCP port; 0 picks a free one (`--port`). */
   port: number;
+  /** Access log file (`--log`). */
   logPath: string;
+  /** Bytes one client may send (`--max-client-bytes`). */
   maxClientBytes: number;
+  /** Buffer memory for all clients together (`--max-buffered`). */
   maxBufferedBytes: number;
+  /** Clients served at once (`--max-connections`). */
   maxConnections: number;
+  /** A client idle this long is cut off (`--idle-timeout`, in ms). */
   idleTimeoutMs: number;
+  /** Time clients get to finish on SIGINT/SIGTERM (`--drain-timeout`, in ms). */
   drainTimeoutMs: number;
 }
 
+/** Where the access log goes unless `--log` says otherwise. */
 export const DEFAULT_LOG_PATH = "/var/log/echo-server/access.log";
 
 const MIB = 1024 * 1024;
 
+/** The `--help` text, also printed after a command line mistake. */
 export const USAGE = `Usage: echo-server [options]
 
 A TCP echo server: each client's bytes are read until it half-closes, then
@@ -97,8 +107,7 @@ export function parseFlags(args: string[]): Config | "help" | "version" {
     }));
   } catch (error) {
     // node:util's messages can span lines; ours are one line.
-    const message = error instanceof Error ? error.message : `${error}`;
-    throw new UsageError(message.replaceAll(/\s*\n\s*/g, " "));
+    throw new UsageError(errorMessage(error).replaceAll(/\s*\n\s*/g, " "));
   }
   if (values.help) return "help";
   if (values.version) return "version";
@@ -142,6 +151,11 @@ function milliseconds(seconds: number): number {
   return Math.round(seconds * 1000);
 }
 
+/** The message of a thrown `Error`, or any other thrown value as text. */
+function errorMessage(error: unknown): string {
+  return error instanceof Error ? error.message : String(error);
+}
+
 function formatAddress(hostname: string, port: number): string {
   return hostname.includes(":")
     ? `[${hostname}]:${port}`
@@ -161,9 +175,7 @@ function describeListenError(error: unknown, address: string): string {
   if (error instanceof Deno.errors.PermissionDenied) {
     return `cannot listen on ${address}: permission denied (ports below 1024 need privileges; pick another --port)`;
   }
-  return `cannot listen on ${address}: ${
-    error instanceof Error ? error.message : error
-  }`;
+  return `cannot listen on ${address}: ${errorMessage(error)}`;
 }
 
 const SIGNAL_NUMBERS = { SIGINT: 2, SIGTERM: 15 } as const;
@@ -199,7 +211,7 @@ export async function main(args: string[]): Promise<number> {
   try {
     log = AccessLog.open(config.logPath);
   } catch (error) {
-    console.error(`echo-server: ${(error as Error).message}`);
+    console.error(`echo-server: ${errorMessage(error)}`);
     return 1;
   }
 
@@ -226,9 +238,7 @@ export async function main(args: string[]): Promise<number> {
       console.error(`reopened access log ${config.logPath}`);
     } catch (error) {
       console.error(
-        `echo-server: ${
-          (error as Error).message
-        }; still writing to the old file`,
+        `echo-server: ${errorMessage(error)}; still writing to the old file`,
       );
     }
   };

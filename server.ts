@@ -53,10 +53,15 @@ export interface EchoServer {
   shutdown(options?: ShutdownOptions): Promise<void>;
 }
 
+/** Default for {@linkcode ServeOptions.maxClientBytes}: 64 MiB. */
 export const DEFAULT_MAX_CLIENT_BYTES = 64 * 1024 * 1024;
+/** Default for {@linkcode ServeOptions.maxBufferedBytes}: 512 MiB. */
 export const DEFAULT_MAX_BUFFERED_BYTES = 512 * 1024 * 1024;
+/** Default for {@linkcode ServeOptions.maxConnections}. */
 export const DEFAULT_MAX_CONNECTIONS = 16384;
+/** Default for {@linkcode ServeOptions.idleTimeoutMs}: 30 s. */
 export const DEFAULT_IDLE_TIMEOUT_MS = 30_000;
+/** Default for {@linkcode ShutdownOptions.drainTimeoutMs}: 10 s. */
 export const DEFAULT_DRAIN_TIMEOUT_MS = 10_000;
 
 // Reads go straight into chunks that double from 4 KiB (small enough that
