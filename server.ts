@@ -64,10 +64,12 @@ export const DEFAULT_IDLE_TIMEOUT_MS = 30_000;
 /** Default for {@linkcode ShutdownOptions.drainTimeoutMs}: 10 s. */
 export const DEFAULT_DRAIN_TIMEOUT_MS = 10_000;
 
-// Reads go straight into chunks that double from 4 KiB (small enough that
-// 10 000 idle clients cost 40 MiB) to 1 MiB (large reads for bulk).
+// Reads go straight into chunks: 4 KiB first (small enough that 10 000 idle
+// clients cost 40 MiB), then growing with the payload up to 1 MiB (large
+// reads for bulk); see nextChunkBytes.
 const FIRST_CHUNK_BYTES = 4 * 1024;
 const MAX_CHUNK_BYTES = 1024 * 1024;
+const MIN_GROWN_CHUNK_BYTES = 16 * 1024;
 // Back-off after an accept error that is not a client's (e.g. out of fds).
 const ACCEPT_RETRY_MS = 100;
 
@@ -289,10 +291,7 @@ class Server implements EchoServer {
       filled += n;
       if (filled === chunk.length) {
         chunks.push(chunk);
-        chunk = this.#allocate(
-          client,
-          Math.min(chunk.length * 2, MAX_CHUNK_BYTES),
-        );
+        chunk = this.#allocate(client, nextChunkBytes(client.bytesReceived));
         filled = 0;
       }
     }
@@ -392,6 +391,19 @@ class Server implements EchoServer {
 }
 
 const EMPTY = new Uint8Array(0);
+
+/**
+ * The next chunk: an eighth of what was received so far, as a power of two
+ * (so the pool can reuse it), from 16 KiB to 1 MiB. The unused end of the
+ * last chunk is then never more than 1/8 of the payload (or 16 KiB), even
+ * before EOF, so a client never holds much more than 1.125x its bytes.
+ */
+function nextChunkBytes(bytesReceived: number): number {
+  const eighth = bytesReceived / 8;
+  let size = MIN_GROWN_CHUNK_BYTES;
+  while (size * 2 <= eighth && size < MAX_CHUNK_BYTES) size *= 2;
+  return size;
+}
 
 function describe(error: unknown): string {
   if (error instanceof Error) return `${error.name}: ${error.message}`;
