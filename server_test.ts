@@ -213,6 +213,18 @@ Deno.test("a client over the per-client limit is cut off; others are not", async
   ]);
 });
 
+Deno.test("a client's buffers stay within 1.125x its bytes, even while it sends", async () => {
+  // Buffers are counted as allocated, so a total limit of 1.125x + 16 KiB
+  // lets a 1 MiB client through only if its chunks never overshoot.
+  const payload = pattern(1024 * 1024, 4);
+  await using s = startServer({
+    maxBufferedBytes: 1.125 * payload.length + 16 * 1024,
+  });
+  assert.ok(sameBytes(await echo(s.port, payload), payload));
+  await s.server.shutdown();
+  assert.deepEqual(s.diagnostics, []);
+});
+
 Deno.test("the total buffer limit cuts off one of two clients that together pass it", async () => {
   const MIB = 1024 * 1024;
   await using s = startServer({ maxBufferedBytes: 16 * MIB });
