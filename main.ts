@@ -18,8 +18,6 @@ import {
 } from "./server.ts";
 import { parseInteger, parseSeconds, parseSize, UsageError } from "./flags.ts";
 
-export { UsageError };
-
 /** Everything the command line can set. */
 export interface Config {
   /** Address to listen on (`--host`). */
