@@ -15,7 +15,7 @@
  */
 
 import { parseArgs } from "node:util";
-import { parseInteger, parseSeconds, parseSize, UsageError } from "./flags.ts";
+import { parseInteger, parseSeconds, parseSize, UsageError } from "../flags.ts";
 
 /** Options for {@linkcode runBench}. */
 export interface BenchOptions {

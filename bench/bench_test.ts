@@ -12,7 +12,7 @@ import {
   runCommand,
   startServer,
   writeAll,
-} from "./test_util.ts";
+} from "../test_util.ts";
 
 const MIB = 1024 * 1024;
 
