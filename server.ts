@@ -209,11 +209,13 @@ class Server implements EchoServer {
       } catch (error) {
         if (this.#stopping) return;
         if (
+          error instanceof Deno.errors.NotConnected ||
           error instanceof Deno.errors.ConnectionReset ||
           error instanceof Deno.errors.ConnectionAborted
         ) {
-          // The client connected and reset before we accepted it
-          // (denoland/deno#8499): it is still a client, one that sent nothing.
+          // The client reset while it sat in the accept queue: the kernel
+          // accepted it, then Deno's getpeername failed with ENOTCONN
+          // (denoland/deno#8499). It is a client, one that sent nothing.
           const clientId = ++this.#lastClientId;
           this.#diagnostic(`client ${clientId}: reset before it was accepted`);
           this.#report(clientId, 0);

@@ -45,6 +45,25 @@ async function tryEcho(
   }
 }
 
+/** Resolves once `condition()` holds, checking it every few milliseconds. */
+async function waitUntil(condition: () => boolean): Promise<void> {
+  while (!condition()) {
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+}
+
+/**
+ * Connects with node:net (Deno's own sockets cannot send a reset), waits
+ * for the handshake to complete, then resets the connection.
+ */
+async function connectAndReset(port: number): Promise<void> {
+  const socket = net.connect(port, HOST);
+  await new Promise((resolve) => socket.once("connect", resolve));
+  const closed = new Promise((resolve) => socket.once("close", resolve));
+  socket.resetAndDestroy();
+  await closed;
+}
+
 Deno.test("echoes hello and logs it", async () => {
   await using s = startServer();
   const reply = await echo(s.port, new TextEncoder().encode("hello"));
@@ -197,6 +216,38 @@ Deno.test("a client that resets mid-send is logged; the next is served", async (
   assert.deepEqual(second, [2, 10]);
   assert.equal(s.diagnostics.length, 1);
   assert.match(s.diagnostics[0], /^client 1: (ConnectionReset|BrokenPipe)/);
+});
+
+Deno.test("serveEcho() logs clients that reset while queued and accepts on at once", async () => {
+  // One connection at a time: while the held client is served, the others
+  // wait in the kernel's accept queue, where they reset. accept() then fails
+  // for each (NotConnected: denoland/deno#8499), but each was a client.
+  await using s = startServer({ maxConnections: 1 });
+  const held = await Deno.connect({ hostname: HOST, port: s.port });
+  try {
+    await writeAll(held, new Uint8Array([1]));
+    await waitUntil(() => s.server.connections === 1);
+    const resets = 5;
+    for (let i = 0; i < resets; i++) await connectAndReset(s.port);
+    await held.closeWrite();
+    assert.deepEqual([...await readAll(held)], [1]);
+    // The queue is first in, first out: this client is accepted after the
+    // reset ones, and served without a pause.
+    const payload = pattern(10, 10);
+    assert.ok(sameBytes(await echo(s.port, payload), payload));
+    await s.server.shutdown();
+    assert.deepEqual(s.records, [
+      [1, 1],
+      ...Array.from({ length: resets }, (_, i) => [i + 2, 0]),
+      [resets + 2, 10],
+    ]);
+    assert.equal(s.diagnostics.length, resets, s.diagnostics.join("\n"));
+    for (const line of s.diagnostics) {
+      assert.match(line, /^client \d+: reset before it was accepted/);
+    }
+  } finally {
+    held.close();
+  }
 });
 
 Deno.test("a client over the per-client limit is cut off; others are not", async () => {
