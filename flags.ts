@@ -130,6 +130,42 @@ export function parseSeconds(
   return seconds;
 }
 
+/** What {@linkcode parseInstance} returns: instance `instance` of `instances`. */
+export interface Instance {
+  /** This instance's number, from 1 to `instances`. */
+  instance: number;
+  /** How many instances there are. */
+  instances: number;
+}
+
+/**
+ * Parses `I/N`, instance I of N, with 1 <= I <= N. Without the flag it is
+ * instance 1 of 1.
+ *
+ * @example
+ * ```ts
+ * parseInstance("--instance", "2/4"); // { instance: 2, instances: 4 }
+ * parseInstance("--instance", undefined); // { instance: 1, instances: 1 }
+ * ```
+ */
+export function parseInstance(
+  flag: string,
+  text: string | undefined,
+): Instance {
+  if (text === undefined) return { instance: 1, instances: 1 };
+  const match = /^(\d+)\/(\d+)$/.exec(text);
+  const instance = Number(match?.[1]);
+  const instances = Number(match?.[2]);
+  if (
+    !(instance >= 1 && instance <= instances && Number.isSafeInteger(instances))
+  ) {
+    throw new UsageError(
+      `${flag} must be I/N, instance I of N with 1 <= I <= N, such as 2/4, not '${text}'`,
+    );
+  }
+  return { instance, instances };
+}
+
 function defaultOf(flag: string, value: number | undefined): number {
   if (value === undefined) throw new UsageError(`${flag} is required`);
   return value;

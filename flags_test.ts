@@ -1,5 +1,11 @@
 import assert from "node:assert/strict";
-import { parseInteger, parseSeconds, parseSize, UsageError } from "./flags.ts";
+import {
+  parseInstance,
+  parseInteger,
+  parseSeconds,
+  parseSize,
+  UsageError,
+} from "./flags.ts";
 
 const MIB = 1024 * 1024;
 
@@ -100,4 +106,46 @@ Deno.test("parseSeconds: zero unless allowed, over a day, or not a number", () =
     );
   }
   assertThrowsUsage(() => parseSeconds("--t", undefined), "--t is required");
+});
+
+Deno.test("parseInstance: I/N with 1 <= I <= N, or 1/1 without the flag", () => {
+  assert.deepEqual(parseInstance("--instance", "2/4"), {
+    instance: 2,
+    instances: 4,
+  });
+  assert.deepEqual(parseInstance("--instance", "1/1"), {
+    instance: 1,
+    instances: 1,
+  });
+  assert.deepEqual(parseInstance("--instance", "4/4"), {
+    instance: 4,
+    instances: 4,
+  });
+  assert.deepEqual(parseInstance("--instance", undefined), {
+    instance: 1,
+    instances: 1,
+  });
+});
+
+Deno.test("parseInstance: 0, over N, or not I/N", () => {
+  for (
+    const bad of [
+      "0/4",
+      "5/4",
+      "x",
+      "",
+      "2",
+      "2/",
+      "/4",
+      "1/0",
+      "-1/4",
+      "1.5/4",
+      "1/4/4",
+    ]
+  ) {
+    assertThrowsUsage(
+      () => parseInstance("--instance", bad),
+      `--instance must be I/N, instance I of N with 1 <= I <= N, such as 2/4, not '${bad}'`,
+    );
+  }
 });

@@ -16,7 +16,13 @@ import {
   DEFAULT_MAX_CONNECTIONS,
   serveEcho,
 } from "./server.ts";
-import { parseInteger, parseSeconds, parseSize, UsageError } from "./flags.ts";
+import {
+  parseInstance,
+  parseInteger,
+  parseSeconds,
+  parseSize,
+  UsageError,
+} from "./flags.ts";
 
 /** Everything the command line can set. */
 export interface Config {
@@ -36,6 +42,10 @@ export interface Config {
   idleTimeoutMs: number;
   /** Time clients get to finish on SIGINT/SIGTERM (`--drain-timeout`, in ms). */
   drainTimeoutMs: number;
+  /** This instance's number among those sharing the log (`--instance I/N`). */
+  instance: number;
+  /** How many instances share the log (`--instance I/N`). */
+  instances: number;
 }
 
 /** Where the access log goes unless `--log` says otherwise. */
@@ -66,6 +76,8 @@ Options:
   --drain-timeout SECONDS  on SIGINT/SIGTERM, time clients get to finish (default ${
   DEFAULT_DRAIN_TIMEOUT_MS / 1000
 })
+  --instance I/N           instance I of N sharing one access log: numbers
+                           its clients I, I+N, I+2N, ... (default 1/1)
   -h, --help               show this help
   -V, --version            show the version
 
@@ -99,6 +111,7 @@ export function parseFlags(args: string[]): Config | "help" | "version" {
         "max-connections": { type: "string" },
         "idle-timeout": { type: "string" },
         "drain-timeout": { type: "string" },
+        instance: { type: "string" },
         help: { type: "boolean", short: "h" },
         version: { type: "boolean", short: "V" },
       },
@@ -141,6 +154,7 @@ export function parseFlags(args: string[]): Config | "help" | "version" {
         allowZero: true,
       }),
     ),
+    ...parseInstance("--instance", values.instance),
   };
 }
 

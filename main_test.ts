@@ -128,6 +128,8 @@ Deno.test("parseFlags: defaults, sizes and seconds", () => {
     maxConnections: 16384,
     idleTimeoutMs: 30_000,
     drainTimeoutMs: 10_000,
+    instance: 1,
+    instances: 1,
   });
   const config = parseFlags([
     "--host=0.0.0.0",
@@ -137,6 +139,7 @@ Deno.test("parseFlags: defaults, sizes and seconds", () => {
     "3MiB",
     "--idle-timeout=0.25",
     "--drain-timeout=0",
+    "--instance=3/4",
   ]);
   assert.ok(typeof config === "object");
   assert.equal(config.hostname, "0.0.0.0");
@@ -145,6 +148,8 @@ Deno.test("parseFlags: defaults, sizes and seconds", () => {
   assert.equal(config.maxBufferedBytes, 3 * 1024 * 1024);
   assert.equal(config.idleTimeoutMs, 250);
   assert.equal(config.drainTimeoutMs, 0);
+  assert.equal(config.instance, 3);
+  assert.equal(config.instances, 4);
 });
 
 Deno.test("--help lists every flag with its default", async () => {
@@ -168,6 +173,8 @@ Deno.test("--help lists every flag with its default", async () => {
       "(default 30)",
       "--drain-timeout SECONDS",
       "(default 10)",
+      "--instance I/N",
+      "(default 1/1)",
       "--version",
       "SIGHUP",
     ]
@@ -197,6 +204,9 @@ const BAD_FLAGS: Array<[string[], string]> = [
   [["--idle-timeout", "0"], "echo-server: --idle-timeout must"],
   [["--drain-timeout", "-1"], "echo-server: Option '--drain-timeout"],
   [["--log", ""], "echo-server: --log must not be empty"],
+  [["--instance", "0/4"], "echo-server: --instance must be I/N"],
+  [["--instance", "5/4"], "echo-server: --instance must be I/N"],
+  [["--instance", "x"], "echo-server: --instance must be I/N"],
 ];
 for (const [args, message] of BAD_FLAGS) {
   Deno.test(`bad flags ${args.join(" ")}: one line, usage, exit 2`, async () => {
@@ -288,6 +298,24 @@ Deno.test(
     assert.equal(
       stderr,
       "echo-server: cannot listen on 127.0.0.1:0: permission to use the network was not granted (run with --allow-net)\n",
+    );
+  }),
+);
+
+Deno.test(
+  "--instance 2/3 numbers the clients it logs 2, 5, 8",
+  withTempDir(async (dir) => {
+    await using server = new ServerProcess(dir, ["--instance", "2/3"]);
+    const port = await server.port();
+    for (const text of ["a", "bb", "ccc"]) {
+      assert.equal(await echoText(port, text), text);
+    }
+    server.child.kill("SIGTERM");
+    assert.equal((await server.exit()).code, 0);
+    assert.equal(
+      await Deno.readTextFile(`${dir}/access.log`),
+      "[client 2]: received 1 bytes\n[client 5]: received 2 bytes\n" +
+        "[client 8]: received 3 bytes\n",
     );
   }),
 );

@@ -27,6 +27,15 @@ export interface ServeOptions {
   /** A client that makes no progress reading or writing for this long is
    * cut off. Default 30 000 ms. */
   idleTimeoutMs?: number;
+  /**
+   * Which of several server instances sharing one access log this is, from
+   * 1 to {@linkcode ServeOptions.instances}. Instance I of N numbers its
+   * clients I, I+N, I+2N, ..., so no two instances hand out the same
+   * number. Default 1.
+   */
+  instance?: number;
+  /** How many instances share the access log. Default 1. */
+  instances?: number;
   /** Receives one-line diagnostics (cut-offs, resets). Default `console.error`. */
   onDiagnostic?: (message: string) => void;
 }
@@ -44,7 +53,7 @@ export interface EchoServer {
   readonly addr: Deno.NetAddr;
   /** Connections being served right now. */
   readonly connections: number;
-  /** Clients accepted so far; the last client id handed out. */
+  /** Clients accepted so far (with one instance, the last id handed out). */
   readonly clientsAccepted: number;
   /**
    * Stops accepting, lets clients in flight finish within the drain timeout,
@@ -121,7 +130,9 @@ class Server implements EchoServer {
   #idleTimeoutMs: number;
 
   #clients = new Set<Client>();
-  #lastClientId = 0;
+  #clientsAccepted = 0;
+  #firstClientId: number;
+  #clientIdStep: number;
   #bufferedBytes = 0;
   // Freed chunks are reused (see buffer_pool.ts); spares left unused for a
   // sweep period are let go.
@@ -142,6 +153,17 @@ class Server implements EchoServer {
       DEFAULT_MAX_BUFFERED_BYTES;
     this.#maxConnections = options.maxConnections ?? DEFAULT_MAX_CONNECTIONS;
     this.#idleTimeoutMs = options.idleTimeoutMs ?? DEFAULT_IDLE_TIMEOUT_MS;
+    const { instance = 1, instances = 1 } = options;
+    if (
+      !Number.isSafeInteger(instances) || !Number.isSafeInteger(instance) ||
+      instance < 1 || instance > instances
+    ) {
+      throw new RangeError(
+        `instance must be from 1 to instances (${instances}), not ${instance}`,
+      );
+    }
+    this.#firstClientId = instance;
+    this.#clientIdStep = instances;
     this.#listener = Deno.listen({
       hostname: options.hostname ?? "127.0.0.1",
       port: options.port ?? 4000,
@@ -163,7 +185,12 @@ class Server implements EchoServer {
   }
 
   get clientsAccepted(): number {
-    return this.#lastClientId;
+    return this.#clientsAccepted;
+  }
+
+  /** Numbers the next accepted client: instance, instance + instances, ... */
+  #nextClientId(): number {
+    return this.#firstClientId + this.#clientIdStep * this.#clientsAccepted++;
   }
 
   shutdown(options: ShutdownOptions = {}): Promise<void> {
@@ -216,7 +243,7 @@ class Server implements EchoServer {
           // The client reset while it sat in the accept queue: the kernel
           // accepted it, then Deno's getpeername failed with ENOTCONN
           // (denoland/deno#8499). It is a client, one that sent nothing.
-          const clientId = ++this.#lastClientId;
+          const clientId = this.#nextClientId();
           this.#diagnostic(`client ${clientId}: reset before it was accepted`);
           this.#report(clientId, 0);
           continue;
@@ -233,7 +260,7 @@ class Server implements EchoServer {
         this.#wakeAcceptLoop = undefined;
         continue;
       }
-      const client = new Client(conn, ++this.#lastClientId);
+      const client = new Client(conn, this.#nextClientId());
       this.#serve(client);
       // Accepted just as the drain ran out: it is logged, but not waited for.
       if (this.#drainExpired) {

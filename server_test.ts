@@ -139,6 +139,28 @@ Deno.test("200 sequential clients are logged as 1..200 in order", async () => {
   );
 });
 
+Deno.test("serveEcho() as instance 2 of 3 numbers its clients 2, 5, 8, ...", async () => {
+  await using s = startServer({ instance: 2, instances: 3 });
+  for (let i = 1; i <= 5; i++) {
+    assert.equal((await echo(s.port, pattern(i, i))).length, i);
+  }
+  await s.server.shutdown();
+  assert.deepEqual(s.records, [[2, 1], [5, 2], [8, 3], [11, 4], [14, 5]]);
+  assert.equal(s.server.clientsAccepted, 5);
+});
+
+Deno.test("serveEcho() rejects an instance outside 1..instances before listening", () => {
+  for (
+    const [instance, instances] of [[0, 4], [5, 4], [1, 0], [1.5, 2], [1, NaN]]
+  ) {
+    assert.throws(
+      () => startServer({ instance, instances }),
+      RangeError,
+      `${instance}/${instances}`,
+    );
+  }
+});
+
 Deno.test("100 concurrent clients each get their own bytes", async () => {
   await using s = startServer();
   const payloads = Array.from(
