@@ -79,8 +79,11 @@ export const DEFAULT_DRAIN_TIMEOUT_MS = 10_000;
 const FIRST_CHUNK_BYTES = 4 * 1024;
 const MAX_CHUNK_BYTES = 1024 * 1024;
 const MIN_GROWN_CHUNK_BYTES = 16 * 1024;
-// Back-off after an accept error that is not a client's (e.g. out of fds).
+// Out of fds or memory, accepting again waits for a client to finish, or
+// this long if none does (the fds may be held by something else).
 const ACCEPT_RETRY_MS = 100;
+// Out of fds, at most one diagnostic line per this period.
+const EXHAUSTION_REPORT_MS = 1000;
 
 /**
  * Starts an echo server. Each client's bytes are read to EOF, written back,
@@ -139,6 +142,12 @@ class Server implements EchoServer {
   #pool = new BufferPool();
   #stopping = false;
   #wakeAcceptLoop: (() => void) | undefined;
+  // Accept failures from exhaustion not yet in a diagnostic line, the last
+  // such error, and when the last line was written (monotonic).
+  #exhaustionFailures = 0;
+  #exhaustionError: unknown;
+  #exhaustionReportedAt = -Infinity;
+  #exhaustionTimer: ReturnType<typeof setTimeout> | undefined;
   #acceptLoopDone = false;
   #drainExpired = false;
   #idleSweep: ReturnType<typeof setInterval>;
@@ -211,6 +220,8 @@ class Server implements EchoServer {
     return this.#allServed!.promise.then(() => {
       clearTimeout(this.#drainTimer);
       clearInterval(this.#idleSweep);
+      clearTimeout(this.#exhaustionTimer);
+      this.#reportExhaustion();
     });
   }
 
@@ -235,29 +246,28 @@ class Server implements EchoServer {
         conn = await this.#listener.accept();
       } catch (error) {
         if (this.#stopping) return;
-        if (
-          error instanceof Deno.errors.NotConnected ||
-          error instanceof Deno.errors.ConnectionReset ||
-          error instanceof Deno.errors.ConnectionAborted
-        ) {
-          // The client reset while it sat in the accept queue: the kernel
-          // accepted it, then Deno's getpeername failed with ENOTCONN
-          // (denoland/deno#8499). It is a client, one that sent nothing.
-          const clientId = this.#nextClientId();
-          this.#diagnostic(`client ${clientId}: reset before it was accepted`);
-          this.#report(clientId, 0);
+        const kind = acceptErrorKind(error);
+        if (kind === "exhaustion") {
+          // The connection stays queued; retry once a client's fd is free.
+          this.#noteExhaustion(error);
+          await new Promise<void>((resolve) => {
+            const timer = setTimeout(resolve, ACCEPT_RETRY_MS);
+            this.#wakeAcceptLoop = () => {
+              clearTimeout(timer);
+              resolve();
+            };
+          });
+          this.#wakeAcceptLoop = undefined;
           continue;
         }
-        // Not a client's doing (e.g. out of file descriptors): wait, retry.
-        this.#diagnostic(`accept failed: ${describe(error)}; retrying`);
-        await new Promise<void>((resolve) => {
-          const timer = setTimeout(resolve, ACCEPT_RETRY_MS);
-          this.#wakeAcceptLoop = () => {
-            clearTimeout(timer);
-            resolve();
-          };
-        });
-        this.#wakeAcceptLoop = undefined;
+        // The kernel accepted a connection that then failed (e.g. reset
+        // while queued, denoland/deno#8499): a client that sent nothing.
+        const clientId = this.#nextClientId();
+        const what = kind === "client"
+          ? "failed before it was accepted"
+          : "UNEXPECTED accept error (please report it), counted as a client";
+        this.#diagnostic(`client ${clientId}: ${what}: ${describe(error)}`);
+        this.#report(clientId, 0);
         continue;
       }
       const client = new Client(conn, this.#nextClientId());
@@ -408,6 +418,36 @@ class Server implements EchoServer {
     }
   }
 
+  /** Counts an exhaustion failure; reports at most once per period. */
+  #noteExhaustion(error: unknown): void {
+    this.#exhaustionFailures++;
+    this.#exhaustionError = error;
+    if (this.#exhaustionTimer !== undefined) return;
+    const wait = this.#exhaustionReportedAt + EXHAUSTION_REPORT_MS -
+      performance.now();
+    if (wait <= 0) {
+      this.#reportExhaustion();
+      return;
+    }
+    // Failures within the period go into one line at its end.
+    this.#exhaustionTimer = setTimeout(() => {
+      this.#exhaustionTimer = undefined;
+      this.#reportExhaustion();
+    }, wait);
+  }
+
+  #reportExhaustion(): void {
+    const failures = this.#exhaustionFailures;
+    if (failures === 0) return;
+    this.#exhaustionFailures = 0;
+    this.#exhaustionReportedAt = performance.now();
+    this.#diagnostic(
+      `accept failed ${failures} ${failures === 1 ? "time" : "times"}: ${
+        describe(this.#exhaustionError)
+      }; accepting again as soon as a client finishes`,
+    );
+  }
+
   #report(clientId: number, bytesReceived: number): void {
     try {
       this.#onClientDone(clientId, bytesReceived);
@@ -432,6 +472,88 @@ function nextChunkBytes(bytesReceived: number): number {
   let size = MIN_GROWN_CHUNK_BYTES;
   while (size * 2 <= eighth && size < MAX_CHUNK_BYTES) size *= 2;
   return size;
+}
+
+/**
+ * How the accept loop treats an error from `listener.accept()`:
+ *
+ * - `"exhaustion"`: the server is out of file descriptors or memory
+ *   (EMFILE, ENFILE, ENOBUFS, ENOMEM). The connection stays queued; accept
+ *   again once a client finishes.
+ * - `"client"`: the kernel accepted a connection that then failed, e.g. it
+ *   reset while queued (ENOTCONN from Deno's getpeername,
+ *   denoland/deno#8499), or a network error Linux passes on from the new
+ *   socket (see accept(2)). A client that sent nothing; accept again at once.
+ * - `"unknown"`: anything else. Counted as a client too, but worth a report.
+ *
+ * Sorted by the error's `code` (or the os error number in its message),
+ * the way Go's net package and nginx sort them, not by its class.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * const emfile = Object.assign(new Error("Too many open files (os error 24)"), {
+ *   code: "EMFILE",
+ * });
+ * assert.equal(acceptErrorKind(emfile), "exhaustion");
+ * assert.equal(
+ *   acceptErrorKind(new Deno.errors.NotConnected("os error 107")),
+ *   "client",
+ * );
+ * assert.equal(acceptErrorKind(new Error("something new")), "unknown");
+ * ```
+ */
+export function acceptErrorKind(
+  error: unknown,
+): "exhaustion" | "client" | "unknown" {
+  const code = errorCode(error);
+  if (code !== undefined) {
+    if (EXHAUSTION_CODES.has(code)) return "exhaustion";
+    if (CLIENT_CODES.has(code)) return "client";
+  }
+  // Deno gives these classes only to these client codes; errors made
+  // without a code (as in tests) are still sorted by them.
+  if (
+    error instanceof Deno.errors.NotConnected ||
+    error instanceof Deno.errors.ConnectionReset ||
+    error instanceof Deno.errors.ConnectionAborted
+  ) return "client";
+  return "unknown";
+}
+
+// Linux numbers, for an error that carries no code.
+const OS_ERROR_CODES: Record<number, string> = {
+  12: "ENOMEM",
+  23: "ENFILE",
+  24: "EMFILE",
+  105: "ENOBUFS",
+};
+const EXHAUSTION_CODES = new Set(["EMFILE", "ENFILE", "ENOBUFS", "ENOMEM"]);
+// ECONNABORTED, ECONNRESET and ENOTCONN: the client left while queued.
+// EPERM: a firewall rule refused it. The rest: network errors Linux's
+// accept(2) passes on from the new socket and says to retry.
+const CLIENT_CODES = new Set([
+  "ECONNABORTED",
+  "ECONNRESET",
+  "ENOTCONN",
+  "EPERM",
+  "ETIMEDOUT",
+  "EPROTO",
+  "ENOPROTOOPT",
+  "ENETDOWN",
+  "ENETUNREACH",
+  "EHOSTDOWN",
+  "EHOSTUNREACH",
+  "ENONET",
+  "EOPNOTSUPP",
+]);
+
+function errorCode(error: unknown): string | undefined {
+  if (!(error instanceof Error)) return undefined;
+  const { code } = error as Error & { code?: unknown };
+  if (typeof code === "string") return code;
+  const number = /\(os error (\d+)\)/.exec(error.message)?.[1];
+  return number === undefined ? undefined : OS_ERROR_CODES[Number(number)];
 }
 
 function describe(error: unknown): string {

@@ -1,6 +1,13 @@
 import assert from "node:assert/strict";
 import net from "node:net";
-import { echo, readAll, startServer, writeAll } from "./test_util.ts";
+import { acceptErrorKind, type ServeOptions } from "./server.ts";
+import {
+  echo,
+  readAll,
+  startServer,
+  type TestServer,
+  writeAll,
+} from "./test_util.ts";
 
 const HOST = "127.0.0.1";
 
@@ -45,9 +52,17 @@ async function tryEcho(
   }
 }
 
-/** Resolves once `condition()` holds, checking it every few milliseconds. */
-async function waitUntil(condition: () => boolean): Promise<void> {
+/**
+ * Resolves once `condition()` holds, checking it every few milliseconds.
+ * Gives up after a minute, so a test fails instead of hanging.
+ */
+async function waitUntil(
+  condition: () => boolean,
+  what: string,
+): Promise<void> {
+  const giveUp = Date.now() + 60_000;
   while (!condition()) {
+    if (Date.now() > giveUp) throw new Error(`gave up waiting: ${what}`);
     await new Promise((resolve) => setTimeout(resolve, 5));
   }
 }
@@ -248,7 +263,10 @@ Deno.test("serveEcho() logs clients that reset while queued and accepts on at on
   const held = await Deno.connect({ hostname: HOST, port: s.port });
   try {
     await writeAll(held, new Uint8Array([1]));
-    await waitUntil(() => s.server.connections === 1);
+    await waitUntil(
+      () => s.server.connections === 1,
+      "the held client accepted",
+    );
     const resets = 5;
     for (let i = 0; i < resets; i++) await connectAndReset(s.port);
     await held.closeWrite();
@@ -265,11 +283,212 @@ Deno.test("serveEcho() logs clients that reset while queued and accepts on at on
     ]);
     assert.equal(s.diagnostics.length, resets, s.diagnostics.join("\n"));
     for (const line of s.diagnostics) {
-      assert.match(line, /^client \d+: reset before it was accepted/);
+      assert.match(
+        line,
+        /^client \d+: failed before it was accepted: (NotConnected|ConnectionReset|ConnectionAborted)/,
+      );
     }
   } finally {
     held.close();
   }
+});
+
+/**
+ * A real listener whose accept() fails with whatever `nextFailure` returns
+ * (nothing: accept for real), like std's `stub(Deno, "listen", ...)`.
+ */
+class FailingListener implements Deno.TcpListener {
+  /** accept() calls that failed so far. */
+  failures = 0;
+
+  constructor(
+    readonly real: Deno.TcpListener,
+    readonly nextFailure: () => Error | undefined,
+  ) {}
+
+  get addr(): Deno.NetAddr {
+    return this.real.addr;
+  }
+
+  accept(): Promise<Deno.TcpConn> {
+    const error = this.nextFailure();
+    if (error === undefined) return this.real.accept();
+    this.failures++;
+    return Promise.reject(error);
+  }
+
+  close(): void {
+    this.real.close();
+  }
+
+  [Symbol.asyncIterator](): AsyncIterableIterator<Deno.TcpConn> {
+    return this.real[Symbol.asyncIterator]();
+  }
+
+  [Symbol.dispose](): void {
+    this.real[Symbol.dispose]();
+  }
+
+  ref(): void {
+    this.real.ref();
+  }
+
+  unref(): void {
+    this.real.unref();
+  }
+}
+
+/** startServer, with Deno.listen replaced while the server starts. */
+function startServerWithFailingListener(
+  nextFailure: () => Error | undefined,
+  options: ServeOptions = {},
+): TestServer & { listener: FailingListener } {
+  const listen = Deno.listen;
+  let listener: FailingListener | undefined;
+  const listenTcp = (options: Deno.TcpListenOptions): Deno.TcpListener =>
+    listener = new FailingListener(listen(options), nextFailure);
+  // Only the TCP overload is used, so only it is replaced.
+  Deno.listen = listenTcp as unknown as typeof Deno.listen;
+  try {
+    const s = startServer(options);
+    return Object.assign(s, { listener: listener! });
+  } finally {
+    Deno.listen = listen;
+  }
+}
+
+/** An error as Deno's accept throws it when out of file descriptors. */
+function emfile(): Error {
+  return Object.assign(new Error("Too many open files (os error 24)"), {
+    code: "EMFILE",
+  });
+}
+
+Deno.test("acceptErrorKind() sorts by code or os error number, not class", () => {
+  const withCode = (code: string, message = code) =>
+    Object.assign(new Error(message), { code });
+  for (const code of ["EMFILE", "ENFILE", "ENOBUFS", "ENOMEM"]) {
+    assert.equal(acceptErrorKind(withCode(code)), "exhaustion", code);
+  }
+  for (const errno of [12, 23, 24, 105]) {
+    const error = new Error(`no room (os error ${errno})`);
+    assert.equal(acceptErrorKind(error), "exhaustion", String(errno));
+  }
+  // The code wins over the class.
+  const reset = Object.assign(new Deno.errors.ConnectionReset("x"), {
+    code: "EMFILE",
+  });
+  assert.equal(acceptErrorKind(reset), "exhaustion");
+  for (
+    const code of [
+      "ENOTCONN",
+      "ECONNRESET",
+      "ECONNABORTED",
+      "EPERM",
+      "ETIMEDOUT",
+      "EPROTO",
+      "ENETUNREACH",
+      "EHOSTUNREACH",
+    ]
+  ) {
+    assert.equal(acceptErrorKind(withCode(code)), "client", code);
+  }
+  assert.equal(acceptErrorKind(new Deno.errors.NotConnected("x")), "client");
+  assert.equal(acceptErrorKind(new Deno.errors.ConnectionReset("x")), "client");
+  assert.equal(
+    acceptErrorKind(new Deno.errors.ConnectionAborted("x")),
+    "client",
+  );
+  assert.equal(acceptErrorKind(withCode("EBADF")), "unknown");
+  assert.equal(acceptErrorKind(new Error("(os error 9)")), "unknown");
+  assert.equal(acceptErrorKind(new Deno.errors.BadResource("x")), "unknown");
+  assert.equal(acceptErrorKind("not an error"), "unknown");
+});
+
+Deno.test("serveEcho() counts each accept error a client causes, or an unknown one, as a client and accepts on", async () => {
+  const errors: Error[] = [
+    Object.assign(
+      new Deno.errors.NotConnected(
+        "Transport endpoint is not connected (os error 107)",
+      ),
+      { code: "ENOTCONN" },
+    ),
+    new Deno.errors.ConnectionReset("Connection reset by peer (os error 104)"),
+    new Deno.errors.ConnectionAborted(
+      "Software caused connection abort (os error 103)",
+    ),
+    new TypeError("something nobody expected"),
+  ];
+  await using s = startServerWithFailingListener(() => errors.shift());
+  const payload = pattern(10, 10);
+  assert.ok(sameBytes(await echo(s.port, payload), payload));
+  await s.server.shutdown();
+  assert.equal(s.listener.failures, 4);
+  assert.deepEqual(s.records, [[1, 0], [2, 0], [3, 0], [4, 0], [5, 10]]);
+  assert.equal(s.diagnostics.length, 4, s.diagnostics.join("\n"));
+  const expected = [
+    /^client 1: failed before it was accepted: NotConnected: /,
+    /^client 2: failed before it was accepted: ConnectionReset: /,
+    /^client 3: failed before it was accepted: ConnectionAborted: /,
+    /^client 4: UNEXPECTED accept error .*TypeError: something nobody/,
+  ];
+  expected.forEach((re, i) => assert.match(s.diagnostics[i], re));
+});
+
+Deno.test("serveEcho() counts no client for EMFILE, reports it at most once a second, then serves the queue", async () => {
+  // The first accept succeeds (the held client); then accept fails as if out
+  // of fds until the test frees them.
+  let calls = 0;
+  let outOfFds = true;
+  const started = performance.now();
+  await using s = startServerWithFailingListener(
+    () => ++calls > 1 && outOfFds ? emfile() : undefined,
+  );
+  const held = await Deno.connect({ hostname: HOST, port: s.port });
+  try {
+    await writeAll(held, new Uint8Array([1]));
+    await waitUntil(() => s.listener.failures >= 5, "5 EMFILE failures");
+    // Queued in the kernel while the server is out of fds.
+    const queued = await Deno.connect({ hostname: HOST, port: s.port });
+    try {
+      const payload = pattern(10, 10);
+      await writeAll(queued, payload);
+      await queued.closeWrite();
+      outOfFds = false;
+      await held.closeWrite();
+      assert.deepEqual([...await readAll(held)], [1]);
+      assert.ok(sameBytes(await readAll(queued), payload));
+    } finally {
+      queued.close();
+    }
+  } finally {
+    held.close();
+  }
+  const failures = s.listener.failures;
+  const atMostOneASecond = () => {
+    const seconds = (performance.now() - started) / 1000;
+    assert.ok(
+      s.diagnostics.length <= Math.floor(seconds) + 1,
+      `${s.diagnostics.length} lines in ${seconds} s:\n${
+        s.diagnostics.join("\n")
+      }`,
+    );
+  };
+  atMostOneASecond();
+  const covered = () =>
+    s.diagnostics.reduce((sum, line) => {
+      const match =
+        /^accept failed (\d+) times?: Error: Too many open files \(os error 24\); /
+          .exec(line);
+      assert.ok(match, `not an out-of-fds line: ${line}`);
+      return sum + Number(match[1]);
+    }, 0);
+  // Failures in the last second are reported when the second is over.
+  await waitUntil(() => covered() === failures, "every failure reported");
+  atMostOneASecond();
+  await s.server.shutdown();
+  assert.deepEqual(s.records.toSorted(([a], [b]) => a - b), [[1, 1], [2, 10]]);
+  assert.equal(covered(), failures);
 });
 
 Deno.test("a client over the per-client limit is cut off; others are not", async () => {
