@@ -170,3 +170,43 @@ function defaultOf(flag: string, value: number | undefined): number {
   if (value === undefined) throw new UsageError(`${flag} is required`);
   return value;
 }
+
+/** A host and port from {@linkcode parseHostPort}. */
+export interface HostPort {
+  /** Host name or address, without brackets. */
+  hostname: string;
+  /** TCP port. */
+  port: number;
+}
+
+/**
+ * Parses `HOST:PORT`, `[IPV6]:PORT` or `:PORT`; a missing host is
+ * `defaultHostname`. The port is a whole number from 0 to 65535.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * assert.deepEqual(parseHostPort("--metrics", ":9400", "127.0.0.1"), {
+ *   hostname: "127.0.0.1",
+ *   port: 9400,
+ * });
+ * assert.deepEqual(parseHostPort("--metrics", "[::1]:0", "127.0.0.1"), {
+ *   hostname: "::1",
+ *   port: 0,
+ * });
+ * ```
+ */
+export function parseHostPort(
+  flag: string,
+  text: string,
+  defaultHostname: string,
+): HostPort {
+  const match = /^(?:\[([^\]]+)\]|([^:[\]]*)):(\d+)$/.exec(text);
+  const port = match ? Number(match[3]) : NaN;
+  if (!match || !(port <= 65535)) {
+    throw new UsageError(
+      `${flag} must be HOST:PORT or :PORT with a port from 0 to 65535, not '${text}'`,
+    );
+  }
+  return { hostname: match[1] ?? (match[2] || defaultHostname), port };
+}

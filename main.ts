@@ -17,12 +17,15 @@ import {
   serveEcho,
 } from "./server.ts";
 import {
+  type HostPort,
+  parseHostPort,
   parseInstance,
   parseInteger,
   parseSeconds,
   parseSize,
   UsageError,
 } from "./flags.ts";
+import { type MetricsServer, serveMetrics } from "./metrics.ts";
 
 /** Everything the command line can set. */
 export interface Config {
@@ -46,6 +49,8 @@ export interface Config {
   instance: number;
   /** How many instances share the log (`--instance I/N`). */
   instances: number;
+  /** Where to serve /metrics and /healthz (`--metrics`); absent: off. */
+  metrics?: HostPort;
 }
 
 /** Where the access log goes unless `--log` says otherwise. */
@@ -78,6 +83,8 @@ Options:
 })
   --instance I/N           instance I of N sharing one access log: numbers
                            its clients I, I+N, I+2N, ... (default 1/1)
+  --metrics HOST:PORT      serve Prometheus /metrics and /healthz over HTTP
+                           (default off; :PORT alone binds 127.0.0.1)
   -h, --help               show this help
   -V, --version            show the version
 
@@ -112,6 +119,7 @@ export function parseFlags(args: string[]): Config | "help" | "version" {
         "idle-timeout": { type: "string" },
         "drain-timeout": { type: "string" },
         instance: { type: "string" },
+        metrics: { type: "string" },
         help: { type: "boolean", short: "h" },
         version: { type: "boolean", short: "V" },
       },
@@ -155,6 +163,9 @@ export function parseFlags(args: string[]): Config | "help" | "version" {
       }),
     ),
     ...parseInstance("--instance", values.instance),
+    ...(values.metrics === undefined ? {} : {
+      metrics: parseHostPort("--metrics", values.metrics, "127.0.0.1"),
+    }),
   };
 }
 
@@ -244,6 +255,29 @@ export async function main(args: string[]): Promise<number> {
     }, access log ${config.logPath}`,
   );
 
+  let metrics: MetricsServer | undefined;
+  if (config.metrics !== undefined) {
+    try {
+      metrics = serveMetrics(server, config.metrics);
+    } catch (error) {
+      await server.shutdown({ drainTimeoutMs: 0 });
+      log.close();
+      const address = formatAddress(
+        config.metrics.hostname,
+        config.metrics.port,
+      );
+      console.error(
+        `echo-server: --metrics: ${describeListenError(error, address)}`,
+      );
+      return 1;
+    }
+    console.error(
+      `metrics on http://${
+        formatAddress(metrics.addr.hostname, metrics.addr.port)
+      }/metrics and /healthz`,
+    );
+  }
+
   const reopenLog = () => {
     try {
       log.reopen();
@@ -260,6 +294,8 @@ export async function main(args: string[]): Promise<number> {
   const stop = (signal: keyof typeof SIGNAL_NUMBERS) => {
     if (!stopping) {
       stopping = true;
+      // A load balancer's health check sees 503 and stops sending clients.
+      metrics?.setDraining();
       drained.resolve(
         server.shutdown({ drainTimeoutMs: config.drainTimeoutMs }),
       );
@@ -286,6 +322,7 @@ export async function main(args: string[]): Promise<number> {
   Deno.removeSignalListener("SIGINT", onInt);
   Deno.removeSignalListener("SIGTERM", onTerm);
   Deno.removeSignalListener("SIGHUP", reopenLog);
+  await metrics?.shutdown();
   log.close();
   console.error(`stopped after ${server.clientsAccepted} clients`);
   return forcedBy === undefined ? 0 : 128 + SIGNAL_NUMBERS[forcedBy];

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import denoJson from "./deno.json" with { type: "json" };
-import { parseFlags } from "./main.ts";
+import { type Config, parseFlags } from "./main.ts";
 import {
   assertUsageError,
   type CommandResult,
@@ -175,6 +175,7 @@ Deno.test("--help lists every flag with its default", async () => {
       "(default 10)",
       "--instance I/N",
       "(default 1/1)",
+      "--metrics HOST:PORT",
       "--version",
       "SIGHUP",
     ]
@@ -400,6 +401,118 @@ Deno.test(
     assert.equal(
       await Deno.readTextFile(`${dir}/access.log`),
       "[client 2]: received 1 bytes\n[client 1]: received 6 bytes\n",
+    );
+  }),
+);
+
+Deno.test("parseFlags: --metrics HOST:PORT, :PORT binds loopback, off by default", () => {
+  assert.equal((parseFlags([]) as Config).metrics, undefined);
+  assert.deepEqual((parseFlags(["--metrics", ":9400"]) as Config).metrics, {
+    hostname: "127.0.0.1",
+    port: 9400,
+  });
+  assert.deepEqual(
+    (parseFlags(["--metrics=0.0.0.0:0"]) as Config).metrics,
+    { hostname: "0.0.0.0", port: 0 },
+  );
+  assert.deepEqual(
+    (parseFlags(["--metrics=[::1]:9400"]) as Config).metrics,
+    { hostname: "::1", port: 9400 },
+  );
+});
+
+for (const bad of ["9400", "host:", "host:port", ":70000", "::1:9400"]) {
+  Deno.test(`bad flags --metrics ${bad}: one line, usage, exit 2`, async () => {
+    assertUsageError(
+      await run([], ["--metrics", bad]),
+      `echo-server: --metrics must be HOST:PORT or :PORT with a port from 0 to 65535, not '${bad}'`,
+      "Usage: echo-server [options]",
+    );
+  });
+}
+
+Deno.test(
+  "--metrics on a port in use: one clear line, exit 1",
+  withTempDir(async (dir) => {
+    using taken = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    const port = taken.addr.port;
+    const { code, stderr } = await run(
+      ["--allow-net", `--allow-write=${dir}`],
+      ["--port", "0", "--log", `${dir}/access.log`, "--metrics", `:${port}`],
+    );
+    assert.equal(code, 1);
+    assert.match(
+      stderr,
+      new RegExp(
+        `\\necho-server: --metrics: cannot listen on 127\\.0\\.0\\.1:${port}: address already in use`,
+      ),
+    );
+  }),
+);
+
+/** `GET path` over HTTP/1.1 with `Connection: close`: status and body. */
+async function httpGet(
+  port: number,
+  path: string,
+): Promise<{ status: number; body: string }> {
+  const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+  try {
+    await conn.write(
+      new TextEncoder().encode(
+        `GET ${path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n`,
+      ),
+    );
+    const text = new TextDecoder().decode(await readAll(conn));
+    return {
+      status: Number(text.split(" ", 2)[1]),
+      body: text.slice(text.indexOf("\r\n\r\n") + 4),
+    };
+  } finally {
+    conn.close();
+  }
+}
+
+Deno.test(
+  "--metrics: /healthz turns 503 on SIGTERM while a client in flight is served",
+  withTempDir(async (dir) => {
+    await using server = new ServerProcess(dir, [
+      "--drain-timeout",
+      "3600",
+      "--metrics",
+      ":0",
+    ]);
+    const port = await server.port();
+    const metricsPort = Number(
+      /:(\d+)\/metrics/.exec(await server.waitFor(/^metrics on /))![1],
+    );
+    assert.deepEqual(await httpGet(metricsPort, "/healthz"), {
+      status: 200,
+      body: "ok\n",
+    });
+    const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+    try {
+      await conn.write(new TextEncoder().encode("in "));
+      assert.equal(await echoText(port, "x"), "x");
+      server.child.kill("SIGTERM");
+      // /healthz flips before this line is printed.
+      await server.waitFor(/^SIGTERM: stopping; 1 connections/);
+      assert.deepEqual(await httpGet(metricsPort, "/healthz"), {
+        status: 503,
+        body: "draining\n",
+      });
+      await assertNotServed(port);
+      await conn.write(new TextEncoder().encode("flight"));
+      await conn.closeWrite();
+      assert.equal(new TextDecoder().decode(await readAll(conn)), "in flight");
+    } finally {
+      conn.close();
+    }
+    const { code } = await server.exit();
+    assert.equal(code, 0);
+    // The health checks were never clients.
+    assert.equal(
+      await Deno.readTextFile(`${dir}/access.log`),
+      "[client 2]: received 1 bytes\n[client 1]: received 9 bytes\n",
     );
   }),
 );

@@ -40,6 +40,73 @@ export interface ServeOptions {
   onDiagnostic?: (message: string) => void;
 }
 
+/**
+ * Why a client was cut off, as counted in {@linkcode EchoStats.cutoffs}:
+ * over `maxClientBytes`, over `maxBufferedBytes`, idle too long, still
+ * connected when the drain ran out, or its connection failed under the
+ * server (almost always a reset by the client).
+ */
+export type CutoffReason =
+  | "client_limit"
+  | "buffer_limit"
+  | "idle"
+  | "shutdown"
+  | "reset";
+
+/** Whose doing a failed accept was, as counted in {@linkcode EchoStats.acceptErrors}. */
+export type AcceptErrorKind = ReturnType<typeof acceptErrorKind>;
+
+/**
+ * Upper bounds, in seconds, of the buckets of
+ * {@linkcode EchoStats.durationCounts}: 100 µs to 60 s.
+ */
+export const DURATION_BUCKETS_SECONDS: readonly number[] = [
+  0.0001,
+  0.00025,
+  0.0005,
+  0.001,
+  0.0025,
+  0.005,
+  0.01,
+  0.025,
+  0.05,
+  0.1,
+  0.25,
+  0.5,
+  1,
+  2.5,
+  5,
+  10,
+  30,
+  60,
+];
+
+/**
+ * Running totals kept by a server, cheap enough to keep always: plain
+ * numbers incremented in place. Read them through
+ * {@linkcode EchoServer.stats}.
+ */
+export interface EchoStats {
+  /** Bytes read from clients. */
+  readonly receivedBytes: number;
+  /** Bytes written back to clients. */
+  readonly sentBytes: number;
+  /** Clients cut off, by reason. */
+  readonly cutoffs: Readonly<Record<CutoffReason, number>>;
+  /** Failed accepts, by whose doing. */
+  readonly acceptErrors: Readonly<Record<AcceptErrorKind, number>>;
+  /**
+   * Served clients by how long they were connected: `durationCounts[i]`
+   * counts those that took at most `DURATION_BUCKETS_SECONDS[i]` and more
+   * than the bucket before (not cumulative); the last entry counts the rest.
+   */
+  readonly durationCounts: readonly number[];
+  /** The sum of those durations, in seconds. */
+  readonly durationSecondsSum: number;
+  /** Times `onClientDone` threw (in main.ts: access log writes that failed). */
+  readonly reportErrors: number;
+}
+
 /** Options for {@linkcode EchoServer.shutdown}. */
 export interface ShutdownOptions {
   /** How long clients in flight may take to finish before they are cut
@@ -55,6 +122,12 @@ export interface EchoServer {
   readonly connections: number;
   /** Clients accepted so far (with one instance, the last id handed out). */
   readonly clientsAccepted: number;
+  /** Buffer memory held for clients now, counted against `maxBufferedBytes`. */
+  readonly bufferedBytes: number;
+  /** Spare chunks kept for reuse; dropped first when clients need the room. */
+  readonly spareBufferBytes: number;
+  /** Running totals: bytes, cut-offs, accept errors, durations. */
+  readonly stats: EchoStats;
   /**
    * Stops accepting, lets clients in flight finish within the drain timeout,
    * cuts off the rest, and resolves once every client has been reported.
@@ -116,9 +189,42 @@ class Client {
   lastActivity: number;
   cutOffReason: string | undefined = undefined;
   chunks: Uint8Array[] = [];
+  readonly acceptedAt: number;
 
   constructor(readonly conn: Deno.TcpConn, readonly clientId: number) {
-    this.lastActivity = performance.now();
+    this.acceptedAt = this.lastActivity = performance.now();
+  }
+}
+
+/** The counters behind {@linkcode EchoStats}, mutable inside the server. */
+class Stats implements EchoStats {
+  receivedBytes = 0;
+  sentBytes = 0;
+  cutoffs: Record<CutoffReason, number> = {
+    client_limit: 0,
+    buffer_limit: 0,
+    idle: 0,
+    shutdown: 0,
+    reset: 0,
+  };
+  acceptErrors: Record<AcceptErrorKind, number> = {
+    exhaustion: 0,
+    client: 0,
+    unknown: 0,
+  };
+  durationCounts: number[] = new Array(DURATION_BUCKETS_SECONDS.length + 1)
+    .fill(0);
+  durationSecondsSum = 0;
+  reportErrors = 0;
+
+  recordDuration(seconds: number): void {
+    let i = 0;
+    while (
+      i < DURATION_BUCKETS_SECONDS.length &&
+      seconds > DURATION_BUCKETS_SECONDS[i]
+    ) i++;
+    this.durationCounts[i]++;
+    this.durationSecondsSum += seconds;
   }
 }
 
@@ -133,6 +239,7 @@ class Server implements EchoServer {
   #idleTimeoutMs: number;
 
   #clients = new Set<Client>();
+  #stats = new Stats();
   #clientsAccepted = 0;
   #firstClientId: number;
   #clientIdStep: number;
@@ -202,6 +309,18 @@ class Server implements EchoServer {
     return this.#firstClientId + this.#clientIdStep * this.#clientsAccepted++;
   }
 
+  get bufferedBytes(): number {
+    return this.#bufferedBytes;
+  }
+
+  get spareBufferBytes(): number {
+    return this.#pool.spareBytes;
+  }
+
+  get stats(): EchoStats {
+    return this.#stats;
+  }
+
   shutdown(options: ShutdownOptions = {}): Promise<void> {
     if (!this.#stopping) {
       this.#stopping = true;
@@ -214,7 +333,7 @@ class Server implements EchoServer {
     this.#drainTimer = setTimeout(() => {
       this.#drainExpired = true;
       for (const client of this.#clients) {
-        this.#cutOff(client, "still connected at shutdown");
+        this.#cutOff(client, "shutdown", "still connected at shutdown");
       }
     }, options.drainTimeoutMs ?? DEFAULT_DRAIN_TIMEOUT_MS);
     return this.#allServed!.promise.then(() => {
@@ -247,6 +366,7 @@ class Server implements EchoServer {
       } catch (error) {
         if (this.#stopping) return;
         const kind = acceptErrorKind(error);
+        this.#stats.acceptErrors[kind]++;
         if (kind === "exhaustion") {
           // The connection stays queued; retry once a client's fd is free.
           this.#noteExhaustion(error);
@@ -274,7 +394,7 @@ class Server implements EchoServer {
       this.#serve(client);
       // Accepted just as the drain ran out: it is logged, but not waited for.
       if (this.#drainExpired) {
-        this.#cutOff(client, "still connected at shutdown");
+        this.#cutOff(client, "shutdown", "still connected at shutdown");
       }
     }
   }
@@ -290,6 +410,7 @@ class Server implements EchoServer {
       // A cut-off closes the connection under a pending read or write; that
       // rejection is expected and was already reported.
       if (client.cutOffReason === undefined) {
+        this.#stats.cutoffs.reset++;
         this.#diagnostic(`client ${client.clientId}: ${describe(error)}`);
       }
     } finally {
@@ -297,6 +418,9 @@ class Server implements EchoServer {
       client.chunks = [];
       if (client.cutOffReason === undefined) client.conn.close();
       this.#clients.delete(client);
+      this.#stats.recordDuration(
+        (performance.now() - client.acceptedAt) / 1000,
+      );
       this.#report(client.clientId, client.bytesReceived);
       this.#wakeAcceptLoop?.();
       if (this.#stopping) this.#resolveIfAllServed();
@@ -319,10 +443,12 @@ class Server implements EchoServer {
         return true;
       }
       client.bytesReceived += n;
+      this.#stats.receivedBytes += n;
       client.lastActivity = performance.now();
       if (client.bytesReceived > this.#maxClientBytes) {
         this.#cutOff(
           client,
+          "client_limit",
           `sent more than the limit of ${this.#maxClientBytes} bytes`,
         );
         return false;
@@ -342,9 +468,11 @@ class Server implements EchoServer {
     for (let i = 0; i < chunks.length; i++) {
       const chunk = chunks[i];
       for (let written = 0; written < chunk.length;) {
-        written += await conn.write(
+        const n = await conn.write(
           written === 0 ? chunk : chunk.subarray(written),
         );
+        written += n;
+        this.#stats.sentBytes += n;
         client.lastActivity = performance.now();
       }
       // Free each chunk once it is sent rather than holding all to the end.
@@ -361,6 +489,7 @@ class Server implements EchoServer {
     if (this.#bufferedBytes + size > this.#maxBufferedBytes) {
       this.#cutOff(
         client,
+        "buffer_limit",
         `server buffer limit of ${this.#maxBufferedBytes} bytes reached`,
       );
       return undefined;
@@ -392,9 +521,10 @@ class Server implements EchoServer {
     client.bufferedBytes -= bytes;
   }
 
-  #cutOff(client: Client, reason: string): void {
+  #cutOff(client: Client, kind: CutoffReason, reason: string): void {
     if (client.cutOffReason !== undefined) return;
     client.cutOffReason = reason;
+    this.#stats.cutoffs[kind]++;
     this.#diagnostic(
       `client ${client.clientId}: cut off after ${client.bytesReceived} bytes: ${reason}`,
     );
@@ -412,6 +542,7 @@ class Server implements EchoServer {
       if (client.lastActivity <= deadline) {
         this.#cutOff(
           client,
+          "idle",
           `idle for more than ${this.#idleTimeoutMs / 1000} s`,
         );
       }
@@ -452,6 +583,7 @@ class Server implements EchoServer {
     try {
       this.#onClientDone(clientId, bytesReceived);
     } catch (error) {
+      this.#stats.reportErrors++;
       this.#diagnostic(
         `client ${clientId}: could not be logged: ${describe(error)}`,
       );

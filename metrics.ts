@@ -1,0 +1,412 @@
+/**
+ * The metrics endpoint: renders an {@linkcode EchoServer}'s counters in the
+ * Prometheus text exposition format (version 0.0.4) and serves them over
+ * HTTP with `Deno.serve`, with a health check for load balancers.
+ *
+ * - `GET /metrics`: the exposition.
+ * - `GET /healthz`: `200 ok` while accepting, `503 draining` once
+ *   {@linkcode MetricsServer.setDraining} was called.
+ * - Any other path: 404; another method on those two paths: 405.
+ *
+ * It needs no permission beyond `--allow-net`. Deno 2.9 lets only
+ * `--allow-all` read `/proc/self`, so `process_open_fds` and
+ * `process_max_fds` appear only under `--allow-all`; the other process
+ * metrics come from `Deno.memoryUsage()`, `node:process` and
+ * `performance.timeOrigin`, which need none.
+ *
+ * @module
+ */
+
+import process from "node:process";
+import { DURATION_BUCKETS_SECONDS, type EchoServer } from "./server.ts";
+
+/** Options for {@linkcode serveMetrics}. */
+export interface MetricsOptions {
+  /**
+   * Address to listen on.
+   * @default {"127.0.0.1"}
+   */
+  hostname?: string;
+  /**
+   * TCP port; 0 picks a free one.
+   * @default {9400}
+   */
+  port?: number;
+  /**
+   * Receives one-line diagnostics (the HTTP server failed and is being
+   * restarted).
+   * @default {console.error}
+   */
+  onDiagnostic?: (message: string) => void;
+}
+
+/** A running metrics endpoint. */
+export interface MetricsServer extends AsyncDisposable {
+  /** The address it listens on (useful with port 0). */
+  readonly addr: Deno.NetAddr;
+  /** Whether `/healthz` answers 503 (after {@linkcode setDraining}). */
+  readonly draining: boolean;
+  /** From now on `/healthz` answers `503 draining`, so a load balancer
+   * stops sending clients while those in flight finish. */
+  setDraining(): void;
+  /** Stops listening and resolves once the HTTP server has stopped. */
+  shutdown(): Promise<void>;
+}
+
+/** Default for {@linkcode MetricsOptions.port}. */
+export const DEFAULT_METRICS_PORT = 9400;
+
+/** The media type of the text exposition format, version 0.0.4. */
+export const EXPOSITION_CONTENT_TYPE =
+  "text/plain; version=0.0.4; charset=utf-8";
+
+// Restarting after a failure (Deno.serve stops for good when its accept
+// fails, e.g. with EMFILE): the delay doubles up to the maximum while
+// restarts keep failing, and is reset by a request served.
+const RESTART_MIN_MS = 100;
+const RESTART_MAX_MS = 5000;
+
+/**
+ * Starts serving `/metrics` and `/healthz` for `server`. Throws the
+ * `Deno.serve` error (e.g. `Deno.errors.AddrInUse`) if the address cannot
+ * be bound. If the HTTP server later stops on its own (its accept failed,
+ * e.g. out of file descriptors), it is restarted on the same address with a
+ * back-off, and the echo server is never affected.
+ *
+ * @example
+ * ```ts ignore
+ * const server = serveEcho(() => {}, { port: 0 });
+ * const metrics = serveMetrics(server, { port: 0 });
+ * const response = await fetch(`http://127.0.0.1:${metrics.addr.port}/healthz`);
+ * console.log(response.status, await response.text()); // 200 "ok\n"
+ * await metrics.shutdown();
+ * await server.shutdown();
+ * ```
+ */
+export function serveMetrics(
+  server: EchoServer,
+  options: MetricsOptions = {},
+): MetricsServer {
+  return new Metrics(server, options);
+}
+
+class Metrics implements MetricsServer {
+  readonly addr: Deno.NetAddr;
+  #server: EchoServer;
+  #diagnostic: (message: string) => void;
+  #http: Deno.HttpServer<Deno.NetAddr> | undefined;
+  #draining = false;
+  #stopped = false;
+  #restartMs = RESTART_MIN_MS;
+  #restartTimer: ReturnType<typeof setTimeout> | undefined;
+
+  constructor(server: EchoServer, options: MetricsOptions) {
+    this.#server = server;
+    this.#diagnostic = options.onDiagnostic ?? console.error;
+    this.#http = this.#listen(
+      options.hostname ?? "127.0.0.1",
+      options.port ?? DEFAULT_METRICS_PORT,
+    );
+    this.addr = this.#http.addr;
+  }
+
+  get draining(): boolean {
+    return this.#draining;
+  }
+
+  setDraining(): void {
+    this.#draining = true;
+  }
+
+  async shutdown(): Promise<void> {
+    this.#stopped = true;
+    clearTimeout(this.#restartTimer);
+    await this.#http?.shutdown();
+    this.#http = undefined;
+  }
+
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.shutdown();
+  }
+
+  #listen(hostname: string, port: number): Deno.HttpServer<Deno.NetAddr> {
+    const http = Deno.serve({
+      hostname,
+      port,
+      onListen: () => {}, // no "Listening on" line on stdout
+    }, (request) => this.#handle(request));
+    // Deno.serve stops for good when an accept fails (EMFILE), and its
+    // `finished` rejects; unhandled, that would end the process. Whatever
+    // stopped it, serving again is the only way back, so restart.
+    http.finished.catch((error) => {
+      if (this.#stopped) return;
+      this.#http = undefined;
+      this.#restartLater(
+        `metrics server stopped: ${describe(error)}`,
+        hostname,
+        http.addr.port,
+      );
+    });
+    return http;
+  }
+
+  #restartLater(why: string, hostname: string, port: number): void {
+    const delay = this.#restartMs;
+    this.#restartMs = Math.min(this.#restartMs * 2, RESTART_MAX_MS);
+    this.#diagnostic(`${why}; restarting in ${delay} ms`);
+    this.#restartTimer = setTimeout(() => {
+      this.#restartTimer = undefined;
+      if (this.#stopped) return;
+      try {
+        this.#http = this.#listen(hostname, port);
+      } catch (error) {
+        // Binding again can fail the same way (EMFILE), or the port was
+        // taken meanwhile: keep trying, more and more slowly.
+        this.#restartLater(
+          `metrics server could not restart: ${describe(error)}`,
+          hostname,
+          port,
+        );
+        return;
+      }
+      this.#diagnostic(
+        `metrics server restarted on ${formatAddress(hostname, port)}`,
+      );
+    }, delay);
+  }
+
+  #handle(request: Request): Response {
+    this.#restartMs = RESTART_MIN_MS;
+    const { pathname } = new URL(request.url);
+    if (pathname !== "/metrics" && pathname !== "/healthz") {
+      return text(404, "not found\n");
+    }
+    if (request.method !== "GET" && request.method !== "HEAD") {
+      return text(405, "method not allowed\n", { allow: "GET, HEAD" });
+    }
+    if (pathname === "/healthz") {
+      return this.#draining ? text(503, "draining\n") : text(200, "ok\n");
+    }
+    return text(
+      200,
+      renderMetrics(this.#server, { draining: this.#draining }),
+      {
+        "content-type": EXPOSITION_CONTENT_TYPE,
+      },
+    );
+  }
+}
+
+function text(
+  status: number,
+  body: string,
+  headers: Record<string, string> = {},
+): Response {
+  return new Response(body, {
+    status,
+    headers: { "content-type": "text/plain; charset=utf-8", ...headers },
+  });
+}
+
+/** Options for {@linkcode renderMetrics}. */
+export interface RenderOptions {
+  /**
+   * Reported as `echo_draining`: whether the server is draining.
+   * @default {false}
+   */
+  draining?: boolean;
+}
+
+/**
+ * The Prometheus text exposition (version 0.0.4) of `server`'s counters and
+ * of this process: `# HELP` and `# TYPE` for every family, base units,
+ * `_total` on counters.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { serveEcho } from "./server.ts";
+ *
+ * const server = serveEcho(() => {}, { port: 0 });
+ * const text = renderMetrics(server);
+ * assert.match(text, /^echo_connections_accepted_total 0$/m);
+ * assert.match(text, /^echo_cutoffs_total\{reason="idle"\} 0$/m);
+ * await server.shutdown();
+ * ```
+ */
+export function renderMetrics(
+  server: EchoServer,
+  options: RenderOptions = {},
+): string {
+  const { stats } = server;
+  const out: string[] = [];
+  const family = (
+    name: string,
+    type: "counter" | "gauge" | "histogram",
+    help: string,
+  ) => out.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);
+
+  family(
+    "echo_connections_active",
+    "gauge",
+    "Clients being served now.",
+  );
+  out.push(`echo_connections_active ${server.connections}`);
+  family(
+    "echo_connections_accepted_total",
+    "counter",
+    "Clients accepted; equals access log lines written plus clients being served plus log write errors.",
+  );
+  out.push(`echo_connections_accepted_total ${server.clientsAccepted}`);
+  family(
+    "echo_received_bytes_total",
+    "counter",
+    "Bytes read from clients.",
+  );
+  out.push(`echo_received_bytes_total ${stats.receivedBytes}`);
+  family("echo_sent_bytes_total", "counter", "Bytes echoed back to clients.");
+  out.push(`echo_sent_bytes_total ${stats.sentBytes}`);
+  family(
+    "echo_cutoffs_total",
+    "counter",
+    "Clients cut off, by reason: client_limit (over --max-client-bytes), buffer_limit (over --max-buffered), idle, shutdown (drain ran out), reset (connection failed, e.g. reset by the client).",
+  );
+  for (const [reason, count] of Object.entries(stats.cutoffs)) {
+    out.push(`echo_cutoffs_total{reason="${reason}"} ${count}`);
+  }
+  family(
+    "echo_accept_errors_total",
+    "counter",
+    "Failed accepts, by kind: exhaustion (out of file descriptors or memory), client (the connection failed while queued), unknown; both of the latter are logged as clients.",
+  );
+  for (const [kind, count] of Object.entries(stats.acceptErrors)) {
+    out.push(`echo_accept_errors_total{kind="${kind}"} ${count}`);
+  }
+  family(
+    "echo_connection_duration_seconds",
+    "histogram",
+    "Time from accept to the end of the connection, of clients served.",
+  );
+  let cumulative = 0;
+  for (let i = 0; i < DURATION_BUCKETS_SECONDS.length; i++) {
+    cumulative += stats.durationCounts[i];
+    out.push(
+      `echo_connection_duration_seconds_bucket{le="${
+        DURATION_BUCKETS_SECONDS[i]
+      }"} ${cumulative}`,
+    );
+  }
+  cumulative += stats.durationCounts[DURATION_BUCKETS_SECONDS.length];
+  out.push(
+    `echo_connection_duration_seconds_bucket{le="+Inf"} ${cumulative}`,
+    `echo_connection_duration_seconds_sum ${stats.durationSecondsSum}`,
+    `echo_connection_duration_seconds_count ${cumulative}`,
+  );
+  family(
+    "echo_buffered_bytes",
+    "gauge",
+    "Buffer memory held for clients, counted against --max-buffered.",
+  );
+  out.push(`echo_buffered_bytes ${server.bufferedBytes}`);
+  family(
+    "echo_spare_buffer_bytes",
+    "gauge",
+    "Freed read buffers kept for reuse; dropped first when clients need the room.",
+  );
+  out.push(`echo_spare_buffer_bytes ${server.spareBufferBytes}`);
+  family(
+    "echo_log_write_errors_total",
+    "counter",
+    "Access log lines that could not be written.",
+  );
+  out.push(`echo_log_write_errors_total ${stats.reportErrors}`);
+  family(
+    "echo_draining",
+    "gauge",
+    "1 once SIGINT or SIGTERM started the drain (/healthz answers 503), else 0.",
+  );
+  out.push(`echo_draining ${options.draining ? 1 : 0}`);
+
+  const memory = Deno.memoryUsage();
+  const cpu = process.cpuUsage();
+  family(
+    "process_cpu_seconds_total",
+    "counter",
+    "Total user and system CPU time spent in seconds.",
+  );
+  out.push(`process_cpu_seconds_total ${(cpu.user + cpu.system) / 1e6}`);
+  family(
+    "process_start_time_seconds",
+    "gauge",
+    "Start time of the process since unix epoch in seconds.",
+  );
+  out.push(`process_start_time_seconds ${performance.timeOrigin / 1000}`);
+  family(
+    "process_resident_memory_bytes",
+    "gauge",
+    "Resident memory size in bytes.",
+  );
+  out.push(`process_resident_memory_bytes ${memory.rss}`);
+  const fds = openFds();
+  if (fds !== undefined) {
+    family("process_open_fds", "gauge", "Number of open file descriptors.");
+    out.push(`process_open_fds ${fds}`);
+  }
+  family(
+    "deno_heap_used_bytes",
+    "gauge",
+    "V8 heap in use, from Deno.memoryUsage().",
+  );
+  out.push(`deno_heap_used_bytes ${memory.heapUsed}`);
+  family(
+    "deno_heap_total_bytes",
+    "gauge",
+    "V8 heap allocated, from Deno.memoryUsage().",
+  );
+  out.push(`deno_heap_total_bytes ${memory.heapTotal}`);
+  family(
+    "deno_external_memory_bytes",
+    "gauge",
+    "Memory outside the V8 heap held by JavaScript objects (e.g. buffers), from Deno.memoryUsage().",
+  );
+  out.push(`deno_external_memory_bytes ${memory.external}`);
+  return out.join("\n") + "\n";
+}
+
+// Whether /proc/self/fd can be read: Deno 2.9 asks for --allow-all. Checked
+// once, without a prompt (querySync never asks).
+let procReadable: boolean | undefined;
+
+/** Open file descriptors from /proc/self/fd, or undefined if not allowed. */
+function openFds(): number | undefined {
+  if (procReadable === undefined) {
+    procReadable =
+      Deno.permissions.querySync({ name: "read", path: "/proc/self/fd" })
+        .state === "granted";
+  }
+  if (!procReadable) return undefined;
+  try {
+    let count = 0;
+    for (const _ of Deno.readDirSync("/proc/self/fd")) count++;
+    return count - 1; // the directory's own descriptor
+  } catch (error) {
+    if (
+      error instanceof Deno.errors.NotCapable ||
+      error instanceof Deno.errors.NotFound
+    ) {
+      procReadable = false;
+      return undefined;
+    }
+    throw error;
+  }
+}
+
+function formatAddress(hostname: string, port: number): string {
+  return hostname.includes(":")
+    ? `[${hostname}]:${port}`
+    : `${hostname}:${port}`;
+}
+
+function describe(error: unknown): string {
+  return error instanceof Error ? error.message : String(error);
+}

@@ -1,0 +1,266 @@
+import assert from "node:assert/strict";
+import net from "node:net";
+import { AccessLog } from "./access_log.ts";
+import {
+  EXPOSITION_CONTENT_TYPE,
+  renderMetrics,
+  serveMetrics,
+} from "./metrics.ts";
+import { DURATION_BUCKETS_SECONDS, serveEcho } from "./server.ts";
+import {
+  echo,
+  readAll,
+  runCommand,
+  startServer,
+  withTempDir,
+  writeAll,
+} from "./test_util.ts";
+
+const HOST = "127.0.0.1";
+const encoder = new TextEncoder();
+const decoder = new TextDecoder();
+
+interface HttpResponse {
+  status: number;
+  headers: Map<string, string>;
+  body: string;
+}
+
+/** Sends `request` as is over a fresh connection, reads to EOF, parses. */
+async function rawHttp(port: number, request: string): Promise<HttpResponse> {
+  const conn = await Deno.connect({ hostname: HOST, port });
+  try {
+    await writeAll(conn, encoder.encode(request));
+    const text = decoder.decode(await readAll(conn));
+    const end = text.indexOf("\r\n\r\n");
+    assert.ok(end > 0, `not an HTTP response: ${JSON.stringify(text)}`);
+    const [statusLine, ...lines] = text.slice(0, end).split("\r\n");
+    const headers = new Map<string, string>();
+    for (const line of lines) {
+      const colon = line.indexOf(":");
+      headers.set(
+        line.slice(0, colon).toLowerCase(),
+        line.slice(colon + 1).trim(),
+      );
+    }
+    return {
+      status: Number(statusLine.split(" ")[1]),
+      headers,
+      body: text.slice(end + 4),
+    };
+  } finally {
+    conn.close();
+  }
+}
+
+/** `GET path` with `Connection: close`. */
+function get(port: number, path: string, method = "GET") {
+  return rawHttp(
+    port,
+    `${method} ${path} HTTP/1.1\r\nHost: ${HOST}\r\nConnection: close\r\n\r\n`,
+  );
+}
+
+/** The samples of an exposition: `name{labels}` -> value. */
+function samples(exposition: string): Map<string, number> {
+  const map = new Map<string, number>();
+  for (const line of exposition.split("\n")) {
+    if (line === "" || line.startsWith("#")) continue;
+    const space = line.lastIndexOf(" ");
+    map.set(line.slice(0, space), Number(line.slice(space + 1)));
+  }
+  return map;
+}
+
+function sample(map: Map<string, number>, key: string): number {
+  const value = map.get(key);
+  assert.ok(value !== undefined, `no sample ${key}`);
+  return value;
+}
+
+Deno.test("serveMetrics() answers /healthz 200 ok, then 503 once draining", async () => {
+  await using s = startServer();
+  await using metrics = serveMetrics(s.server, { port: 0 });
+  const ok = await get(metrics.addr.port, "/healthz");
+  assert.equal(ok.status, 200);
+  assert.equal(ok.body, "ok\n");
+  metrics.setDraining();
+  const draining = await get(metrics.addr.port, "/healthz");
+  assert.equal(draining.status, 503);
+  assert.equal(draining.body, "draining\n");
+  const exposition = await get(metrics.addr.port, "/metrics");
+  assert.equal(sample(samples(exposition.body), "echo_draining"), 1);
+});
+
+Deno.test("serveMetrics() answers 404 elsewhere and 405 to other methods", async () => {
+  await using s = startServer();
+  await using metrics = serveMetrics(s.server, { port: 0 });
+  const port = metrics.addr.port;
+  assert.equal((await get(port, "/")).status, 404);
+  assert.equal((await get(port, "/metrics/x")).status, 404);
+  assert.equal((await get(port, "/healthz", "HEAD")).status, 200);
+  const post = await get(port, "/metrics", "POST");
+  assert.equal(post.status, 405);
+  assert.equal(post.headers.get("allow"), "GET, HEAD");
+  const metricsResponse = await get(port, "/metrics?x=1");
+  assert.equal(metricsResponse.status, 200);
+  assert.equal(
+    metricsResponse.headers.get("content-type"),
+    EXPOSITION_CONTENT_TYPE,
+  );
+  // Requests to the metrics port are never echo clients.
+  await s.server.shutdown();
+  assert.equal(s.server.clientsAccepted, 0);
+  assert.deepEqual(s.records, []);
+});
+
+Deno.test("renderMetrics() counts good clients, resets and an over-limit client exactly", async () => {
+  const GOOD = 5;
+  const RESETS = 3;
+  await using s = startServer({ maxClientBytes: 1000 });
+  for (let i = 1; i <= GOOD; i++) {
+    assert.equal((await echo(s.port, new Uint8Array(i * 10))).length, i * 10);
+  }
+  for (let i = 0; i < RESETS; i++) {
+    // Deno's own sockets cannot send a reset; node:net's resetAndDestroy can.
+    const socket = net.connect(s.port, HOST);
+    await new Promise((resolve) => socket.once("connect", resolve));
+    await new Promise((resolve) => socket.write("abc", resolve));
+    const closed = new Promise((resolve) => socket.once("close", resolve));
+    socket.resetAndDestroy();
+    await closed;
+  }
+  const over = await Deno.connect({ hostname: HOST, port: s.port });
+  try {
+    await writeAll(over, new Uint8Array(1001));
+    await over.closeWrite();
+    await readAll(over);
+  } catch (error) {
+    if (!(error instanceof Deno.errors.ConnectionReset)) throw error;
+  } finally {
+    over.close();
+  }
+  // One client held open: counted as accepted and active, not yet logged.
+  const held = await Deno.connect({ hostname: HOST, port: s.port });
+  try {
+    await writeAll(held, encoder.encode("held"));
+    // A later client's full round trip proves the held one was accepted.
+    assert.equal((await echo(s.port, encoder.encode("x"))).length, 1);
+    const during = samples(renderMetrics(s.server));
+    assert.equal(sample(during, "echo_connections_active"), 1);
+    assert.equal(
+      sample(during, "echo_connections_accepted_total"),
+      s.records.length + 1,
+    );
+    await held.closeWrite();
+    assert.equal(decoder.decode(await readAll(held)), "held");
+  } finally {
+    held.close();
+  }
+  await s.server.shutdown();
+
+  const m = samples(renderMetrics(s.server));
+  const clients = GOOD + RESETS + 3; // + over-limit, "x" and held
+  assert.equal(s.records.length, clients);
+  assert.equal(sample(m, "echo_connections_accepted_total"), clients);
+  assert.equal(sample(m, "echo_connections_active"), 0);
+  const received = s.records.reduce((sum, [, bytes]) => sum + bytes, 0);
+  assert.equal(sample(m, "echo_received_bytes_total"), received);
+  const goodBytes = (GOOD * (GOOD + 1) / 2) * 10;
+  assert.equal(sample(m, "echo_sent_bytes_total"), goodBytes + 1 + 4);
+  assert.equal(sample(m, 'echo_cutoffs_total{reason="client_limit"}'), 1);
+  // A reset lands in the read (a cut-off) or, if it beat the accept, in
+  // the accept (a client's accept error); either way it was logged.
+  assert.equal(
+    sample(m, 'echo_cutoffs_total{reason="reset"}') +
+      sample(m, 'echo_accept_errors_total{kind="client"}'),
+    RESETS,
+  );
+  for (const reason of ["buffer_limit", "idle", "shutdown"]) {
+    assert.equal(sample(m, `echo_cutoffs_total{reason="${reason}"}`), 0);
+  }
+  assert.equal(sample(m, 'echo_accept_errors_total{kind="exhaustion"}'), 0);
+  assert.equal(sample(m, "echo_log_write_errors_total"), 0);
+  assert.equal(
+    sample(m, "echo_connection_duration_seconds_count"),
+    clients - sample(m, 'echo_accept_errors_total{kind="client"}'),
+  );
+  assert.equal(
+    sample(m, 'echo_connection_duration_seconds_bucket{le="+Inf"}'),
+    sample(m, "echo_connection_duration_seconds_count"),
+  );
+  let previous = 0;
+  for (const le of DURATION_BUCKETS_SECONDS) {
+    const count = sample(
+      m,
+      `echo_connection_duration_seconds_bucket{le="${le}"}`,
+    );
+    assert.ok(count >= previous, `bucket le=${le} is not cumulative`);
+    previous = count;
+  }
+  assert.equal(sample(m, "echo_buffered_bytes"), 0);
+  assert.ok(sample(m, "process_resident_memory_bytes") > 0);
+  assert.ok(sample(m, "process_start_time_seconds") <= Date.now() / 1000);
+});
+
+Deno.test(
+  "renderMetrics() counts access log lines that could not be written",
+  withTempDir(async (dir) => {
+    // A log whose file is already closed: every record() throws. (/dev/full
+    // would be the real fault, but Deno lets only --allow-all open it.)
+    const log = AccessLog.open(`${dir}/access.log`);
+    log.close();
+    const server = serveEcho((id, bytes) => log.record(id, bytes), {
+      port: 0,
+      onDiagnostic: () => {},
+    });
+    await echo(server.addr.port, encoder.encode("a"));
+    await echo(server.addr.port, encoder.encode("b"));
+    await server.shutdown();
+    const m = samples(renderMetrics(server));
+    assert.equal(sample(m, "echo_log_write_errors_total"), 2);
+    assert.equal(sample(m, "echo_connections_accepted_total"), 2);
+    assert.equal(await Deno.readTextFile(`${dir}/access.log`), "");
+  }),
+);
+
+const promtool = await findPromtool();
+
+async function findPromtool(): Promise<string | undefined> {
+  for (const path of ["/usr/bin/promtool", "/usr/local/bin/promtool"]) {
+    try {
+      await Deno.stat(path);
+      return path;
+    } catch (error) {
+      if (!(error instanceof Deno.errors.NotFound)) throw error;
+    }
+  }
+  return undefined;
+}
+
+Deno.test({
+  name: `serveMetrics() passes promtool check metrics${
+    promtool
+      ? ""
+      : " (ignored: promtool not installed; apt-get install prometheus)"
+  }`,
+  ignore: promtool === undefined,
+  fn: withTempDir(async (dir) => {
+    await using s = startServer({ maxClientBytes: 10 });
+    await echo(s.port, encoder.encode("hello"));
+    await echo(s.port, new Uint8Array(11)).catch(() => {});
+    await using metrics = serveMetrics(s.server, { port: 0 });
+    const response = await get(metrics.addr.port, "/metrics");
+    assert.equal(response.status, 200);
+    await Deno.writeTextFile(`${dir}/metrics.txt`, response.body);
+    const result = await runCommand("bash", [
+      "-c",
+      `"$0" check metrics < "$1"`,
+      promtool!,
+      `${dir}/metrics.txt`,
+    ]);
+    // promtool prints lint problems (missing HELP, bad names) and exits 1.
+    assert.equal(result.code, 0, result.stdout + result.stderr);
+    assert.equal(result.stdout + result.stderr, "");
+  }),
+});
