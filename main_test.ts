@@ -17,30 +17,63 @@ function run(permissions: string[], args: string[]): Promise<CommandResult> {
   return runCommand(Deno.execPath(), ["run", ...permissions, MAIN, ...args]);
 }
 
-/** A server process whose stderr is read line by line. */
+/** Options for a {@linkcode ServerProcess}. */
+interface ServerProcessOptions {
+  /** Run under `ulimit -n` of this (soft and hard). */
+  maxOpenFiles?: number;
+  /** Kill the server (SIGKILL) if it still runs after this long. */
+  timeoutMs?: number;
+}
+
+/**
+ * A server process whose stderr is read line by line. It is killed if it
+ * still runs after its timeout, so a test fails instead of hanging.
+ */
 class ServerProcess implements AsyncDisposable {
   readonly child: Deno.ChildProcess;
   readonly stderrLines: string[] = [];
   #reader: ReadableStreamDefaultReader<string>;
   #pending = "";
+  #timer: ReturnType<typeof setTimeout>;
 
-  constructor(logDir: string, args: string[]) {
-    this.child = new Deno.Command(Deno.execPath(), {
-      args: [
-        "run",
-        "--allow-net",
-        `--allow-write=${logDir}`,
-        MAIN,
-        "--port",
-        "0",
-        "--log",
-        `${logDir}/access.log`,
-        ...args,
-      ],
+  constructor(
+    logDir: string,
+    args: string[],
+    options: ServerProcessOptions = {},
+  ) {
+    const { maxOpenFiles, timeoutMs = 60_000 } = options;
+    const command = [
+      Deno.execPath(),
+      "run",
+      "--allow-net",
+      `--allow-write=${logDir}`,
+      MAIN,
+      "--port",
+      "0",
+      "--log",
+      `${logDir}/access.log`,
+      ...args,
+    ];
+    if (maxOpenFiles !== undefined) {
+      // Both limits: Deno raises its soft limit to the hard one.
+      command.unshift(
+        "bash",
+        "-c",
+        `ulimit -Sn ${maxOpenFiles} -Hn ${maxOpenFiles} && exec "$@"`,
+        "bash",
+      );
+    }
+    this.child = new Deno.Command(command[0], {
+      args: command.slice(1),
+      env: { NO_COLOR: "1" },
       stdin: "null",
       stdout: "null",
       stderr: "piped",
     }).spawn();
+    this.#timer = setTimeout(() => {
+      this.stderrLines.push(`(killed after ${timeoutMs} ms)`);
+      this.child.kill("SIGKILL");
+    }, timeoutMs);
     this.#reader = this.child.stderr.pipeThrough(new TextDecoderStream())
       .getReader();
   }
@@ -81,7 +114,9 @@ class ServerProcess implements AsyncDisposable {
       rest += value;
     }
     this.#pending = "";
-    return { code: (await this.child.status).code, stderr: rest };
+    const { code } = await this.child.status;
+    clearTimeout(this.#timer);
+    return { code, stderr: rest };
   }
 
   async [Symbol.asyncDispose]() {
@@ -514,5 +549,99 @@ Deno.test(
       await Deno.readTextFile(`${dir}/access.log`),
       "[client 2]: received 1 bytes\n[client 1]: received 9 bytes\n",
     );
+  }),
+);
+
+Deno.test(
+  "out of file descriptors (ulimit -n 64): every client is served and logged once, the back-off reported at most once a second",
+  withTempDir(async (dir) => {
+    await using server = new ServerProcess(dir, [], { maxOpenFiles: 64 });
+    const port = await server.port();
+    const started = performance.now();
+    // More clients than the server has descriptors, all held open at once:
+    // the server accepts until accept fails with EMFILE, the rest wait in
+    // the kernel's queue.
+    const clients = 100;
+    const conns = await Promise.all(
+      Array.from(
+        { length: clients },
+        () => Deno.connect({ hostname: "127.0.0.1", port }),
+      ),
+    );
+    try {
+      const payloads = conns.map((_, i) =>
+        new TextEncoder().encode("x".repeat(i + 1))
+      );
+      await Promise.all(conns.map((conn, i) => conn.write(payloads[i])));
+      // Held until the server has retried for over a second, so that the
+      // back-off has something to report twice.
+      await server.waitFor(/^accept failed.*\(os error 24\)/);
+      await server.waitFor(/^accept failed.*\(os error 24\)/);
+      // Release them: each finished client frees a descriptor for the next.
+      const replies = await Promise.all(conns.map(async (conn) => {
+        await conn.closeWrite();
+        return new TextDecoder().decode(await readAll(conn));
+      }));
+      replies.forEach((reply, i) => assert.equal(reply.length, i + 1));
+    } finally {
+      for (const conn of conns) conn.close();
+    }
+    // The server is still up.
+    assert.equal(await echoText(port, "after"), "after");
+    server.child.kill("SIGTERM");
+    await server.waitFor(/^SIGTERM: stopping/);
+    const seconds = (performance.now() - started) / 1000;
+    const { code, stderr } = await server.exit();
+    assert.equal(code, 0, stderr);
+
+    const log = await Deno.readTextFile(`${dir}/access.log`);
+    const lines = log.trimEnd().split("\n");
+    assert.equal(lines.length, clients + 1);
+    const ids = new Set<number>();
+    const sizes: number[] = [];
+    for (const line of lines) {
+      const match = /^\[client (\d+)\]: received (\d+) bytes$/.exec(line);
+      assert.ok(match, `malformed line: ${line}`);
+      ids.add(Number(match[1]));
+      sizes.push(Number(match[2]));
+    }
+    assert.equal(ids.size, clients + 1, "a client number was logged twice");
+    assert.deepEqual(
+      sizes.toSorted((a, b) => a - b),
+      [...Array.from({ length: clients }, (_, i) => i + 1), 5].toSorted((
+        a,
+        b,
+      ) => a - b),
+    );
+
+    // Before the signal: one back-off line per second at most, each saying
+    // how many failures it covers; at shutdown, one more for the rest.
+    const stopping = server.stderrLines.findIndex((line) =>
+      line.startsWith("SIGTERM: stopping")
+    );
+    const isBackOff = (line: string) =>
+      /^accept failed \d+ times?: Error: Too many open files \(os error 24\); /
+        .test(line);
+    // Deno's own warnings are not the server's (with NODE_EXTRA_CA_CERTS
+    // set, Deno loads it lazily, which fails when out of fds).
+    const serverLines = (lines: string[]) =>
+      lines.filter((line) =>
+        line !== "" && !line.startsWith("Warning: ") &&
+        !line.startsWith("stopped after ")
+      );
+    const before = serverLines(server.stderrLines.slice(1, stopping));
+    const after = serverLines([
+      ...server.stderrLines.slice(stopping + 1),
+      ...stderr.split("\n"),
+    ]);
+    assert.ok(before.length >= 1);
+    assert.ok(
+      before.length <= Math.floor(seconds) + 1,
+      `${before.length} back-off lines in ${seconds} s:\n${before.join("\n")}`,
+    );
+    assert.ok(after.length <= 1, after.join("\n"));
+    for (const line of [...before, ...after]) {
+      assert.ok(isBackOff(line), `unexpected stderr line: ${line}`);
+    }
   }),
 );

@@ -130,10 +130,20 @@ export interface CommandResult {
 }
 
 /** Options for {@linkcode runCommand}. */
-export type RunCommandOptions = Pick<Deno.CommandOptions, "cwd" | "env">;
+export interface RunCommandOptions
+  extends Pick<Deno.CommandOptions, "cwd" | "env"> {
+  /**
+   * Kill the command (SIGKILL) and throw if it runs longer than this, so a
+   * test fails instead of hanging.
+   *
+   * @default {120_000}
+   */
+  timeoutMs?: number;
+}
 
 /**
- * Runs `command` with `args` and no stdin to completion.
+ * Runs `command` with `args` and no stdin to completion; throws if it is
+ * still running after `options.timeoutMs`.
  *
  * @example
  * ```ts
@@ -145,11 +155,30 @@ export async function runCommand(
   args: string[],
   options: RunCommandOptions = {},
 ): Promise<CommandResult> {
-  const output = await new Deno.Command(command, {
-    ...options,
+  const { timeoutMs = 120_000, ...commandOptions } = options;
+  const child = new Deno.Command(command, {
+    ...commandOptions,
     args,
     stdin: "null",
-  }).output();
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  let timedOut = false;
+  const timer = setTimeout(() => {
+    timedOut = true;
+    child.kill("SIGKILL");
+  }, timeoutMs);
+  let output: Deno.CommandOutput;
+  try {
+    output = await child.output();
+  } finally {
+    clearTimeout(timer);
+  }
+  if (timedOut) {
+    throw new Error(
+      `${command} ${args.join(" ")} ran longer than ${timeoutMs} ms; killed`,
+    );
+  }
   const decoder = new TextDecoder();
   return {
     code: output.code,
