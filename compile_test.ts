@@ -1,12 +1,20 @@
 /**
- * Tests of `deno task compile` and the binary it builds.
+ * Tests of the start and compile tasks and of the binary `deno task compile`
+ * builds.
  *
- * `deno compile` needs denort, Deno's runtime binary for the target: from
- * `DENORT_BIN=/path/to/denort` (an unpacked binary), else from Deno's cache,
- * `$DENO_DIR/dl/release/v<version>/denort-<target>.zip` (DENO_DIR defaults
- * to ~/.cache/deno on Linux; `deno info` shows it), else it downloads it.
- * Offline without either, the tests of the compiled binary are reported as
- * ignored, with the reason in their name.
+ * Checked in every run, offline: both tasks run main.ts with the same flags
+ * (`--no-prompt`, the V8 flags, exactly `--allow-net
+ * --allow-write=/var/log/echo-server`); in a terminal a missing permission is
+ * one line and exit 1, never a prompt; and the payload `deno compile` embeds:
+ * the test compiles with `DENORT_BIN` set to the Deno running the tests
+ * (the result runs as the Deno CLI, but its payload is the real one) and
+ * reads the binary's permissions, V8 flags, entry point and modules.
+ *
+ * Running the compiled binary needs a real denort, Deno's runtime binary for
+ * the target: from `DENORT_BIN=/path/to/denort` (an unpacked binary), else
+ * from Deno's cache, `$DENO_DIR/dl/release/v<version>/denort-<target>.zip`
+ * (DENO_DIR defaults to ~/.cache/deno on Linux; `deno info` shows it). Without
+ * one, that test is reported as ignored, with the reason in its name.
  *
  * The compiled binary may only write under /var/log/echo-server, so a live
  * test cannot use a temporary log with it, and must not write the real log.
@@ -16,18 +24,20 @@
  * once with the temporary dir added to --allow-write, only for the test that
  * serves a client and is stopped with SIGTERM.
  *
- * The same checks also run on `deno run` with the compile task's
- * permissions, which needs no denort, so they are exercised everywhere.
+ * The same checks also run on `deno run` with the compile task's flags,
+ * which needs no denort, so they are exercised everywhere.
  */
 
 import assert from "node:assert/strict";
 import { fileURLToPath } from "node:url";
 import denoJson from "./deno.json" with { type: "json" };
 import { DEFAULT_LOG_PATH } from "./main.ts";
+import { readCompiledPayload } from "./_compiled_payload.ts";
 import { echo, runCommand, withTempDir } from "./test_util.ts";
 
 const REPO = fileURLToPath(new URL(".", import.meta.url));
 const LOG_DIR = DEFAULT_LOG_PATH.slice(0, DEFAULT_LOG_PATH.lastIndexOf("/"));
+const GRANTED = ["--allow-net", `--allow-write=${LOG_DIR}`];
 const decoder = new TextDecoder();
 
 const words = (task: string) => task.trim().split(/\s+/);
@@ -39,13 +49,29 @@ function permissions(task: string[]): string[] {
   return task.filter((word) => /^(--allow-|--deny-|-A$)/.test(word)).sort();
 }
 
-Deno.test("compile and start tasks grant exactly --allow-net and --allow-write to the log dir", () => {
-  const granted = ["--allow-net", `--allow-write=${LOG_DIR}`];
+/** The flags a task runs main.ts with: all but the subcommand and --output. */
+function runFlags(task: string[]): string[] {
+  return task.slice(2, -1).filter((word, i, flags) =>
+    word !== "--output" && flags[i - 1] !== "--output"
+  );
+}
+
+/** The V8 flags a task passes with --v8-flags. */
+function v8Flags(task: string[]): string[] {
+  return task.filter((word) => word.startsWith("--v8-flags="))
+    .flatMap((word) => word.slice("--v8-flags=".length).split(","));
+}
+
+Deno.test("start and compile tasks run main.ts with the same flags: --no-prompt, --allow-net and --allow-write to the log dir", () => {
   assert.equal(LOG_DIR, "/var/log/echo-server");
   assert.deepEqual(compileTask.slice(0, 2), ["deno", "compile"]);
-  assert.deepEqual(permissions(compileTask), granted);
   assert.deepEqual(startTask.slice(0, 2), ["deno", "run"]);
-  assert.deepEqual(permissions(startTask), granted);
+  assert.deepEqual(runFlags(compileTask), runFlags(startTask));
+  assert.deepEqual(permissions(startTask), GRANTED);
+  assert.ok(
+    startTask.includes("--no-prompt"),
+    "a prompt would stop the server",
+  );
   for (const task of [compileTask, startTask]) {
     assert.ok(!task.some((w) => /^(-A|--allow-all)$/.test(w)), "never -A");
     assert.equal(task.at(-1), "main.ts");
@@ -75,9 +101,14 @@ function findDenort(): { found: boolean; reason: string } {
   try {
     const bin = Deno.env.get("DENORT_BIN");
     if (bin) {
-      return isFile(bin)
-        ? { found: true, reason: `DENORT_BIN=${bin}` }
-        : { found: false, reason: `DENORT_BIN=${bin} does not exist` };
+      if (!isFile(bin)) {
+        return { found: false, reason: `DENORT_BIN=${bin} does not exist` };
+      }
+      // A binary built on the Deno CLI runs as the CLI; only its payload is
+      // real, and the payload test checks that.
+      return Deno.realPathSync(bin) === Deno.realPathSync(Deno.execPath())
+        ? { found: false, reason: `DENORT_BIN=${bin} is the Deno CLI` }
+        : { found: true, reason: `DENORT_BIN=${bin}` };
     }
     const info = new Deno.Command(Deno.execPath(), {
       args: ["info", "--json"],
@@ -104,6 +135,247 @@ function isFile(path: string): boolean {
     return false;
   }
 }
+
+/**
+ * V8 flags Deno 2.9.6 puts ahead of the user's (`construct_v8_flags` with
+ * `get_default_v8_flags()`, cli/args/mod.rs); the first stands for argv[0].
+ */
+const DENO_V8_FLAGS = [
+  "UNUSED_BUT_NECESSARY_ARG0",
+  "--stack-size=1024",
+  "--inspector-live-edit",
+  "--external-memory-max-reasonable-size=0",
+];
+
+/**
+ * Hosts Deno 2.9.6 allows imports from when no --allow-import is given
+ * (`implicit_allow_import`, cli/args/mod.rs). An empty list would mean any.
+ */
+const DENO_DEFAULT_IMPORT_HOSTS = [
+  "jsr.io:443",
+  "deno.land:443",
+  "esm.sh:443",
+  "raw.esm.sh:443",
+  "cdn.jsdelivr.net:443",
+  "raw.githubusercontent.com:443",
+  "gist.githubusercontent.com:443",
+];
+
+/** One module of `deno info --json`. */
+interface InfoModule {
+  specifier: string;
+  kind: string;
+  local?: string;
+}
+
+function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
+  return a.length === b.length && a.every((byte, i) => byte === b[i]);
+}
+
+Deno.test(
+  "deno task compile's payload: exactly its permissions, no prompt, the start task's V8 flags, main.ts and every module it imports",
+  withTempDir(async (dir, t) => {
+    // Built on the Deno CLI instead of denort, which needs no download: the
+    // binary runs as the CLI, but its payload is what denort would run.
+    const output = `${dir}/echo-server`;
+    const compiled = await runCommand(Deno.execPath(), compileArgs(output), {
+      cwd: REPO,
+      env: { DENORT_BIN: Deno.execPath(), NO_COLOR: "1" },
+    });
+    assert.equal(compiled.code, 0, compiled.stderr);
+    const payload = await readCompiledPayload(output);
+    const { metadata } = payload;
+
+    await t.step(
+      "--allow-net and --allow-write to the log dir, nothing else, no prompt",
+      () => {
+        const { allow_import, ...granted } = metadata.permissions;
+        const nothing = Object.fromEntries(
+          Object.keys(granted).map((name) => [name, null]),
+        );
+        assert.deepEqual(granted, {
+          ...nothing,
+          allow_net: [], // every host
+          allow_write: [LOG_DIR],
+          prompt: false,
+        });
+        assert.ok(
+          allow_import?.length,
+          `imports from anywhere: ${allow_import}`,
+        );
+        for (const host of allow_import) {
+          assert.ok(
+            DENO_DEFAULT_IMPORT_HOSTS.includes(host),
+            `imports: ${host}`,
+          );
+        }
+      },
+    );
+
+    await t.step(
+      "the start task's V8 flags, no arguments or env baked in",
+      () => {
+        assert.ok(v8Flags(startTask).length > 0);
+        assert.deepEqual(metadata.v8_flags, [
+          ...DENO_V8_FLAGS,
+          ...v8Flags(startTask),
+        ]);
+        assert.deepEqual(metadata.argv, []);
+        assert.deepEqual(metadata.env_vars_from_env_file, {});
+      },
+    );
+
+    await t.step(
+      "main.ts and every module deno info lists for it",
+      async () => {
+        // VFS paths are relative to the directory the entry point is in.
+        assert.equal(metadata.entrypoint_key, "main.ts");
+        const info = await runCommand(
+          Deno.execPath(),
+          ["info", "--json", "main.ts"],
+          { cwd: REPO },
+        );
+        assert.equal(info.code, 0, info.stderr);
+        const { modules, npmPackages } = JSON.parse(info.stdout) as {
+          modules: InfoModule[];
+          npmPackages: Record<string, unknown>;
+        };
+        assert.deepEqual(npmPackages, {}, "npm packages: check node_modules");
+        assert.equal(payload.hasNpmSnapshot, false);
+        // node: modules are built into the runtime.
+        const needed = modules.filter((module) => module.kind !== "node");
+        const local = needed.filter((m) => m.specifier.startsWith("file:"));
+        const remote = needed.filter((m) => !m.specifier.startsWith("file:"));
+        const paths = local.map((m) =>
+          fileURLToPath(m.specifier).slice(REPO.length)
+        );
+        assert.ok(paths.includes("main.ts") && paths.includes("server.ts"));
+        assert.deepEqual([...payload.files.keys()].sort(), paths.sort());
+        for (const path of paths) {
+          const embedded = payload.files.get(path)!;
+          const source = await Deno.readFile(`${REPO}${path}`);
+          assert.ok(sameBytes(embedded, source), `${path} as embedded differs`);
+        }
+        assert.deepEqual(
+          [...payload.remoteModules.keys()].sort(),
+          remote.map((m) => m.specifier).sort(),
+        );
+        for (const module of remote) {
+          const source = await Deno.readFile(module.local!);
+          const embedded = payload.remoteModules.get(module.specifier)!;
+          assert.ok(sameBytes(embedded, source), `${module.specifier} differs`);
+        }
+      },
+    );
+  }, { prefix: "echo-server-compile-" }),
+);
+
+/** What a command printed in a terminal, and whether it prompted. */
+interface TerminalResult {
+  code: number;
+  /** The terminal's non-empty lines. */
+  lines: string[];
+  /** It asked for a permission (and was stopped there). */
+  prompted: boolean;
+}
+
+const hasScript = (() => {
+  try {
+    return new Deno.Command("script", { args: ["--version"] }).outputSync()
+      .success;
+  } catch {
+    return false;
+  }
+})();
+
+/**
+ * Runs a command in a pseudo-terminal with util-linux `script`, as a user
+ * at a shell would. A permission prompt would wait there forever, so at the
+ * first one `script` is stopped, which hangs the command up.
+ */
+async function runInTerminal(
+  args: string[],
+  cwd: string,
+): Promise<TerminalResult> {
+  const quoted = args.map((arg) => `'${arg.replaceAll("'", `'\\''`)}'`);
+  const child = new Deno.Command("script", {
+    args: ["--quiet", "--return", "--command", quoted.join(" "), "/dev/null"],
+    cwd,
+    env: { NO_COLOR: "1" },
+    stdin: "null",
+    stdout: "piped",
+    stderr: "null",
+  }).spawn();
+  let output = "";
+  let prompted = false;
+  for await (const text of child.stdout.pipeThrough(new TextDecoderStream())) {
+    output += text;
+    if (!prompted && /Deno requests|Allow\?/.test(output)) {
+      prompted = true;
+      child.kill("SIGTERM");
+    }
+  }
+  const { code } = await child.status;
+  return { code, lines: output.split(/\r?\n/).filter(Boolean), prompted };
+}
+
+const NO_SCRIPT = " (skipped: no util-linux script for a terminal)";
+
+Deno.test({
+  name:
+    `deno task start in a terminal: a log it may not write is one line and exit 1, never a prompt${
+      hasScript ? "" : NO_SCRIPT
+    }`,
+  ignore: !hasScript,
+  fn: withTempDir(async (dir) => {
+    const logPath = `${dir}/outside/access.log`;
+    const result = await runInTerminal(
+      [Deno.execPath(), "task", "start", "--port", "0", "--log", logPath],
+      REPO,
+    );
+    assert.ok(!result.prompted, result.lines.join("\n"));
+    assert.equal(result.code, 1);
+    assert.deepEqual(result.lines.filter((l) => !l.startsWith("Task start ")), [
+      `echo-server: cannot open access log ${logPath}: permission denied ` +
+      "(run as a user who may write there, or pass --log PATH and grant " +
+      "--allow-write for that path)",
+    ]);
+  }, { prefix: "echo-server-compile-" }),
+});
+
+Deno.test({
+  name:
+    `the start task's flags without --allow-net, in a terminal: one line and exit 1, never a prompt${
+      hasScript ? "" : NO_SCRIPT
+    }`,
+  ignore: !hasScript,
+  fn: withTempDir(async (dir) => {
+    const flags = runFlags(startTask)
+      .filter((flag) => flag !== "--allow-net")
+      .map((flag) =>
+        flag.startsWith("--allow-write=") ? `--allow-write=${dir}` : flag
+      );
+    const result = await runInTerminal(
+      [
+        Deno.execPath(),
+        "run",
+        ...flags,
+        "main.ts",
+        "--port",
+        "0",
+        "--log",
+        `${dir}/access.log`,
+      ],
+      REPO,
+    );
+    assert.ok(!result.prompted, result.lines.join("\n"));
+    assert.equal(result.code, 1);
+    assert.deepEqual(result.lines, [
+      "echo-server: cannot listen on 127.0.0.1:0: permission to use the " +
+      "network was not granted (run with --allow-net)",
+    ]);
+  }, { prefix: "echo-server-compile-" }),
+});
 
 /** How to start the server: the compiled binary, or a `deno run` stand-in. */
 interface Server {
@@ -229,14 +501,14 @@ Deno.test(
 );
 
 Deno.test(
-  "the compile task's permissions, under deno run: help, version, log dir, serve, stop",
+  "the compile task's flags, under deno run: help, version, log dir, serve, stop",
   withTempDir(async (dir, t) => {
-    const run = [Deno.execPath(), "run", "--no-prompt"] as const;
+    const run = [Deno.execPath(), "run"] as const;
     const server: Server = {
-      exact: [...run, ...permissions(compileTask), "main.ts"],
+      exact: [...run, ...runFlags(compileTask), "main.ts"],
       withTempLog: [
         ...run,
-        ...permissions(compileArgs("", dir)),
+        ...runFlags(["deno", ...compileArgs("", dir)]),
         `${REPO}/main.ts`,
       ],
     };
