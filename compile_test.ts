@@ -33,7 +33,7 @@ import { fileURLToPath } from "node:url";
 import denoJson from "./deno.json" with { type: "json" };
 import { DEFAULT_LOG_PATH } from "./main.ts";
 import { readCompiledPayload } from "./_compiled_payload.ts";
-import { echo, runCommand, withTempDir } from "./test_util.ts";
+import { echo, killAfter, runCommand, withTempDir } from "./test_util.ts";
 
 const REPO = fileURLToPath(new URL(".", import.meta.url));
 const LOG_DIR = DEFAULT_LOG_PATH.slice(0, DEFAULT_LOG_PATH.lastIndexOf("/"));
@@ -306,6 +306,7 @@ async function runInTerminal(
     stdout: "piped",
     stderr: "null",
   }).spawn();
+  using _timeout = killAfter(child, 60_000);
   let output = "";
   let prompted = false;
   for await (const text of child.stdout.pipeThrough(new TextDecoderStream())) {
@@ -429,6 +430,7 @@ async function checkServesAndStops(server: Server, dir: string) {
     stdout: "null",
     stderr: "piped",
   }).spawn();
+  using _timeout = killAfter(child, 60_000);
   const lines = child.stderr.pipeThrough(new TextDecoderStream())
     .getReader();
   let stderr = "";

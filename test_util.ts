@@ -188,6 +188,31 @@ export async function runCommand(
 }
 
 /**
+ * Kills `child` (SIGKILL) if it still runs after `timeoutMs`, so a test
+ * fails instead of hanging; disposing the result cancels that.
+ *
+ * @example
+ * ```ts
+ * const child = new Deno.Command("sleep", { args: ["1"] }).spawn();
+ * using _timeout = killAfter(child, 60_000);
+ * await child.status;
+ * ```
+ */
+export function killAfter(
+  child: Deno.ChildProcess,
+  timeoutMs: number,
+): Disposable {
+  const timer = setTimeout(() => {
+    try {
+      child.kill("SIGKILL");
+    } catch {
+      // It exited meanwhile.
+    }
+  }, timeoutMs);
+  return { [Symbol.dispose]: () => clearTimeout(timer) };
+}
+
+/**
  * Asserts that a command line program rejected its flags: exit status 2,
  * nothing on stdout, and on stderr a first line starting with `message`, a
  * blank line, then the usage, whose first line is `usage`.

@@ -12,7 +12,7 @@ import { fileURLToPath as fromFileUrl } from "node:url";
 import { DEFAULT_LOG_PATH, parseFlags } from "../main.ts";
 import { DEFAULT_DRAIN_TIMEOUT_MS } from "../server.ts";
 import denoJson from "../deno.json" with { type: "json" };
-import { echo, withTempDir } from "../test_util.ts";
+import { echo, killAfter, withTempDir } from "../test_util.ts";
 
 const REPO = fromFileUrl(new URL("..", import.meta.url));
 const UNIT_PATH = fromFileUrl(new URL("echo-server.service", import.meta.url));
@@ -342,6 +342,7 @@ Deno.test({
       stdout: "null",
       stderr: "piped",
     }).spawn();
+    using _timeout = killAfter(server, 120_000);
     const stderr = new Lines(server.stderr);
     let exited = false;
     let stop = false;
@@ -383,10 +384,14 @@ Deno.test({
         while ((await Deno.stat(logPath)).size === 0) {
           await progress.until(progress.done + 1);
         }
-        const result = await new Deno.Command(LOGROTATE!, {
+        const logrotate = new Deno.Command(LOGROTATE!, {
           args: ["-f", "-s", `${dir}/logrotate.state`, conf],
           stdin: "null",
-        }).output();
+          stdout: "piped",
+          stderr: "piped",
+        }).spawn();
+        using _logrotateTimeout = killAfter(logrotate, 60_000);
+        const result = await logrotate.output();
         const output = new TextDecoder().decode(result.stderr) +
           new TextDecoder().decode(result.stdout);
         assert.ok(result.success, `logrotate failed:\n${output}`);
