@@ -264,3 +264,239 @@ Deno.test({
     assert.equal(result.stdout + result.stderr, "");
   }),
 });
+
+Deno.test("serveMetrics() bad requests never disturb the echo port", async () => {
+  await using s = startServer();
+  const metrics = serveMetrics(s.server, { port: 0 });
+  const port = metrics.addr.port;
+  // A client that starts a request and never finishes it, held throughout.
+  const slow = await Deno.connect({ hostname: HOST, port });
+  try {
+    await writeAll(slow, encoder.encode("GET /metrics HTTP/1.1\r\nHost:"));
+    // A 1 MiB header: refused (431) or the connection reset, nothing else.
+    try {
+      const huge = await rawHttp(
+        port,
+        `GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: ${
+          "a".repeat(1024 * 1024)
+        }\r\n\r\n`,
+      );
+      assert.equal(huge.status, 431);
+    } catch (error) {
+      if (
+        !(error instanceof Deno.errors.ConnectionReset ||
+          error instanceof Deno.errors.BrokenPipe)
+      ) throw error;
+    }
+    // Bytes that are not HTTP at all: answered 400 or closed.
+    const garbage = await Deno.connect({ hostname: HOST, port });
+    try {
+      const bytes = new Uint8Array(4096).fill(0xff);
+      await writeAll(garbage, bytes);
+      const reply = decoder.decode(await readAll(garbage));
+      assert.ok(reply === "" || reply.startsWith("HTTP/1.1 400 "), reply);
+    } catch (error) {
+      if (!(error instanceof Deno.errors.ConnectionReset)) throw error;
+    } finally {
+      garbage.close();
+    }
+    assert.equal(
+      decoder.decode(await echo(s.port, encoder.encode("still here"))),
+      "still here",
+    );
+    assert.equal((await get(port, "/healthz")).status, 200);
+    // Shutting down is not held up by the unfinished request either.
+    await metrics.shutdown();
+  } finally {
+    slow.close();
+  }
+  await s.server.shutdown();
+  assert.deepEqual(s.records, [[1, 10]]);
+});
+
+const MAIN = new URL("./main.ts", import.meta.url).pathname;
+
+/** main.ts under `ulimit -n` of `maxOpenFiles`, its stderr read by line. */
+class LimitedServer implements AsyncDisposable {
+  readonly child: Deno.ChildProcess;
+  readonly lines: string[] = [];
+  #cursor = 0;
+  #reader: ReadableStreamDefaultReader<string>;
+  #partial = "";
+  #timer: ReturnType<typeof setTimeout>;
+
+  constructor(dir: string, maxOpenFiles: number, args: string[]) {
+    this.child = new Deno.Command("bash", {
+      args: [
+        "-c",
+        // Both limits: Deno raises its soft limit to the hard one.
+        `ulimit -Sn ${maxOpenFiles} -Hn ${maxOpenFiles} && exec "$@"`,
+        "bash",
+        Deno.execPath(),
+        "run",
+        "--allow-net",
+        `--allow-write=${dir}`,
+        MAIN,
+        "--port",
+        "0",
+        "--log",
+        `${dir}/access.log`,
+        ...args,
+      ],
+      env: { NO_COLOR: "1" },
+      stdin: "null",
+      stdout: "null",
+      stderr: "piped",
+    }).spawn();
+    // A test that would hang fails instead.
+    this.#timer = setTimeout(() => this.child.kill("SIGKILL"), 60_000);
+    this.#reader = this.child.stderr.pipeThrough(new TextDecoderStream())
+      .getReader();
+  }
+
+  /** The next stderr line (after the last one matched) matching `pattern`. */
+  async next(pattern: RegExp): Promise<RegExpExecArray> {
+    for (;;) {
+      while (this.#cursor < this.lines.length) {
+        const match = pattern.exec(this.lines[this.#cursor++]);
+        if (match) return match;
+      }
+      const { value, done } = await this.#reader.read();
+      if (done) {
+        throw new Error(
+          `no line matching ${pattern}:\n${this.lines.join("\n")}`,
+        );
+      }
+      const parts = (this.#partial + value).split("\n");
+      this.#partial = parts.pop()!;
+      this.lines.push(...parts);
+    }
+  }
+
+  /** Reads stderr to its end and returns the exit code. */
+  async exit(): Promise<number> {
+    while (!(await this.#reader.read()).done);
+    const { code } = await this.child.status;
+    clearTimeout(this.#timer);
+    return code;
+  }
+
+  async [Symbol.asyncDispose]() {
+    try {
+      this.child.kill("SIGKILL");
+    } catch {
+      // already exited
+    }
+    await this.exit();
+  }
+}
+
+Deno.test(
+  "--metrics survives running out of file descriptors: restarted, /metrics answers again",
+  withTempDir(async (dir) => {
+    await using server = new LimitedServer(dir, 64, ["--metrics", ":0"]);
+    const port = Number((await server.next(/^listening on .+:(\d+), /))[1]);
+    const metricsPort = Number(
+      (await server.next(/^metrics on http:\/\/.+:(\d+)\/metrics/))[1],
+    );
+    assert.equal((await get(metricsPort, "/metrics")).status, 200);
+    // More clients than the server has descriptors, all held open: the
+    // server accepts until accept fails with EMFILE.
+    const clients = 100;
+    const conns = await Promise.all(
+      Array.from(
+        { length: clients },
+        () => Deno.connect({ hostname: HOST, port }),
+      ),
+    );
+    try {
+      await server.next(/^accept failed .*Too many open files/);
+      // Now the metrics server's accept fails too, and Deno.serve stops.
+      await get(metricsPort, "/metrics").catch(() => {});
+      await server.next(/^metrics server stopped: .*Too many open files/);
+    } finally {
+      for (const conn of conns) conn.close();
+    }
+    // Descriptors are free again: keep asking, once per restart attempt.
+    for (;;) {
+      try {
+        const response = await get(metricsPort, "/metrics");
+        assert.equal(response.status, 200);
+        const m = samples(response.body);
+        assert.ok(
+          sample(m, 'echo_accept_errors_total{kind="exhaustion"}') > 0,
+        );
+        break;
+      } catch (error) {
+        if (
+          !(error instanceof Deno.errors.ConnectionRefused ||
+            error instanceof Deno.errors.ConnectionReset)
+        ) throw error;
+        await server.next(/^metrics server (restarted|could not restart)/);
+      }
+    }
+    // The process lived through it and stops as usual.
+    server.child.kill("SIGTERM");
+    assert.equal(await server.exit(), 0);
+    const log = await Deno.readTextFile(`${dir}/access.log`);
+    assert.equal(log.split("\n").length - 1, clients);
+  }),
+);
+
+Deno.test("serveMetrics() restarts Deno.serve after it stops, also when restarting fails", async () => {
+  await using s = startServer();
+  // The first server's `finished` is ours to reject, as Deno's is on
+  // EMFILE; the real server stays bound, so the first restart fails with
+  // AddrInUse, and only once it is shut down can the next one succeed.
+  const realServe = Deno.serve;
+  const first = Promise.withResolvers<void>();
+  let firstServer: Deno.HttpServer<Deno.NetAddr> | undefined;
+  const stub = (...args: Parameters<typeof Deno.serve>) => {
+    const server = realServe(...args) as Deno.HttpServer<Deno.NetAddr>;
+    if (firstServer !== undefined) return server;
+    firstServer = server;
+    return Object.assign(Object.create(server), {
+      addr: server.addr,
+      finished: first.promise,
+      shutdown: () => server.shutdown(),
+    });
+  };
+  const diagnostics: string[] = [];
+  let changed = Promise.withResolvers<void>();
+  const nextDiagnostic = async (pattern: RegExp) => {
+    while (!diagnostics.some((line) => pattern.test(line))) {
+      await changed.promise;
+    }
+  };
+  Object.defineProperty(Deno, "serve", { value: stub, configurable: true });
+  let metrics;
+  try {
+    metrics = serveMetrics(s.server, {
+      port: 0,
+      onDiagnostic: (line) => {
+        diagnostics.push(line);
+        changed.resolve();
+        changed = Promise.withResolvers();
+      },
+    });
+    first.reject(new Error("Too many open files (os error 24)"));
+    await nextDiagnostic(/^metrics server could not restart: /);
+    await firstServer!.shutdown();
+    await nextDiagnostic(/^metrics server restarted on /);
+  } finally {
+    Object.defineProperty(Deno, "serve", {
+      value: realServe,
+      configurable: true,
+    });
+  }
+  try {
+    assert.equal((await get(metrics.addr.port, "/healthz")).status, 200);
+  } finally {
+    await metrics.shutdown();
+  }
+  assert.deepEqual(diagnostics, [
+    "metrics server stopped: Too many open files (os error 24); restarting in 100 ms",
+    `metrics server could not restart: Address already in use (os error 98); restarting in 200 ms`,
+    `metrics server restarted on 127.0.0.1:${metrics.addr.port}`,
+  ]);
+});
