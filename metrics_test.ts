@@ -500,3 +500,63 @@ Deno.test("serveMetrics() restarts Deno.serve after it stops, also when restarti
     `metrics server restarted on 127.0.0.1:${metrics.addr.port}`,
   ]);
 });
+
+Deno.test(
+  "OTEL_DENO=true exports Deno's own HTTP metrics of the metrics port, not the echo_* ones",
+  withTempDir(async (dir) => {
+    // A stand-in OTLP/HTTP collector: keeps what is posted, by path.
+    const posted = new Map<string, string>();
+    await using collector = Deno.serve(
+      { hostname: HOST, port: 0, onListen: () => {} },
+      async (request) => {
+        const { pathname } = new URL(request.url);
+        // Protobuf: names are plain bytes; latin1 keeps them readable.
+        const body = new TextDecoder("latin1").decode(
+          await request.arrayBuffer(),
+        );
+        posted.set(pathname, (posted.get(pathname) ?? "") + body);
+        return new Response(null, { status: 200 });
+      },
+    );
+    const child = new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        "--allow-net",
+        `--allow-write=${dir}`,
+        MAIN,
+        "--port",
+        "0",
+        "--log",
+        `${dir}/access.log`,
+        "--metrics",
+        ":0",
+      ],
+      env: {
+        OTEL_DENO: "true",
+        OTEL_EXPORTER_OTLP_ENDPOINT: `http://${HOST}:${collector.addr.port}`,
+      },
+      stdin: "null",
+      stdout: "null",
+      stderr: "piped",
+    }).spawn();
+    const stderr = child.stderr.pipeThrough(new TextDecoderStream());
+    let text = "";
+    let asked = false;
+    for await (const chunk of stderr) {
+      text += chunk;
+      const ports = /:(\d+), access log[^]*\nmetrics on http:\/\/.+:(\d+)\//
+        .exec(text);
+      if (ports === null || asked) continue;
+      asked = true;
+      await echo(Number(ports[1]), encoder.encode("hello"));
+      assert.equal((await get(Number(ports[2]), "/metrics")).status, 200);
+      child.kill("SIGTERM");
+    }
+    assert.equal((await child.status).code, 0);
+    // Deno flushes at exit: the /metrics request's HTTP server metrics...
+    const metrics = posted.get("/v1/metrics") ?? "";
+    assert.match(metrics, /http\.server\.request\.duration/);
+    // ...but nothing of ours: the echo_* counters are not bridged to OTel.
+    assert.doesNotMatch(metrics, /echo_connections/);
+  }),
+);
