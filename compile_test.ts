@@ -290,8 +290,9 @@ const hasScript = (() => {
 
 /**
  * Runs a command in a pseudo-terminal with util-linux `script`, as a user
- * at a shell would. A permission prompt would wait there forever, so at the
- * first one `script` is stopped, which hangs the command up.
+ * at a shell would. A permission prompt would wait there forever, and so
+ * would a server that started after all, so at the first prompt or
+ * `listening on` line `script` is stopped, which hangs the command up.
  */
 async function runInTerminal(
   args: string[],
@@ -308,14 +309,15 @@ async function runInTerminal(
   }).spawn();
   using _timeout = killAfter(child, 60_000);
   let output = "";
-  let prompted = false;
+  let stopped = false;
   for await (const text of child.stdout.pipeThrough(new TextDecoderStream())) {
     output += text;
-    if (!prompted && /Deno requests|Allow\?/.test(output)) {
-      prompted = true;
+    if (!stopped && /Deno requests|Allow\?|^listening on /m.test(output)) {
+      stopped = true;
       child.kill("SIGTERM");
     }
   }
+  const prompted = /Deno requests|Allow\?/.test(output);
   const { code } = await child.status;
   return { code, lines: output.split(/\r?\n/).filter(Boolean), prompted };
 }
