@@ -260,3 +260,98 @@ export function withTempDir(
     }
   };
 }
+
+/**
+ * The path of an executable called `name` on `PATH` or in `/usr/sbin` or
+ * `/sbin` (Debian puts logrotate and haproxy there, and a non-root `PATH`
+ * may lack them), or undefined if there is none.
+ *
+ * @example
+ * ```ts
+ * const logrotate = findExecutable("logrotate"); // "/usr/sbin/logrotate"
+ * ```
+ */
+export function findExecutable(name: string): string | undefined {
+  let path = "";
+  try {
+    path = Deno.env.get("PATH") ?? "";
+  } catch {
+    // no --allow-env: try the usual places only
+  }
+  for (const dir of [...path.split(":"), "/usr/sbin", "/sbin"]) {
+    if (!dir) continue;
+    try {
+      if (Deno.statSync(`${dir}/${name}`).isFile) return `${dir}/${name}`;
+    } catch {
+      // not there (or not allowed to look)
+    }
+  }
+  return undefined;
+}
+
+/**
+ * Reads a child's output to the end, line by line, and lets a test await
+ * the next line that matches a pattern.
+ *
+ * @example
+ * ```ts
+ * const stderr = new Lines(child.stderr);
+ * const [, port] = await stderr.next(/^listening on .+:(\d+), /);
+ * ```
+ */
+export class Lines {
+  /** Every line read so far, without its newline. */
+  readonly lines: string[] = [];
+  /** Resolves once the stream has ended. */
+  readonly done: Promise<void>;
+  #cursor = 0;
+  #closed = false;
+  #changed = Promise.withResolvers<void>();
+
+  /** Starts reading `stream`. */
+  constructor(stream: ReadableStream<Uint8Array>) {
+    this.done = this.#pump(stream);
+  }
+
+  async #pump(stream: ReadableStream<Uint8Array>): Promise<void> {
+    let partial = "";
+    try {
+      for await (const text of stream.pipeThrough(new TextDecoderStream())) {
+        const parts = (partial + text).split("\n");
+        partial = parts.pop()!;
+        this.lines.push(...parts);
+        this.#notify();
+      }
+    } finally {
+      if (partial) this.lines.push(partial);
+      this.#closed = true;
+      this.#notify();
+    }
+  }
+
+  #notify(): void {
+    this.#changed.resolve();
+    this.#changed = Promise.withResolvers();
+  }
+
+  /**
+   * The next line (after the last one matched) that matches `pattern`.
+   * Rejects if the stream ends without one.
+   */
+  async next(pattern: RegExp): Promise<RegExpExecArray> {
+    for (;;) {
+      while (this.#cursor < this.lines.length) {
+        const match = pattern.exec(this.lines[this.#cursor++]);
+        if (match) return match;
+      }
+      if (this.#closed) {
+        throw new Error(
+          `stream ended with no line matching ${pattern}:\n${
+            this.lines.join("\n")
+          }`,
+        );
+      }
+      await this.#changed.promise;
+    }
+  }
+}

@@ -12,10 +12,21 @@ import { fileURLToPath as fromFileUrl } from "node:url";
 import { DEFAULT_LOG_PATH, parseFlags } from "../main.ts";
 import { DEFAULT_DRAIN_TIMEOUT_MS } from "../server.ts";
 import denoJson from "../deno.json" with { type: "json" };
-import { echo, killAfter, withTempDir } from "../test_util.ts";
+import {
+  echo,
+  findExecutable,
+  killAfter,
+  Lines,
+  withTempDir,
+} from "../test_util.ts";
 
 const REPO = fromFileUrl(new URL("..", import.meta.url));
 const UNIT_PATH = fromFileUrl(new URL("echo-server.service", import.meta.url));
+const TEMPLATE_PATH = fromFileUrl(
+  new URL("echo-server@.service", import.meta.url),
+);
+const HAPROXY_CFG = fromFileUrl(new URL("haproxy.cfg", import.meta.url));
+const NGINX_CONF = fromFileUrl(new URL("nginx-stream.conf", import.meta.url));
 const LOGROTATE_PATH = fromFileUrl(new URL("logrotate.conf", import.meta.url));
 const LOG_LINE = /^\[client (\d+)\]: received (\d+) bytes$/;
 
@@ -144,6 +155,115 @@ Deno.test("echo-server.service runs as a dynamic user with hardening, but lets V
   assert.deepEqual([...unit.keys()], ["Unit", "Service", "Install"]);
 });
 
+// --- systemd template unit, HAProxy and nginx --------------------------------
+
+const template = parseUnit(await Deno.readTextFile(TEMPLATE_PATH));
+// What systemd makes of the template's ExecStart for instance %i=name.
+function instanceFlags(name: string): string[] {
+  const [variable, instances] = only(template, "Service", "Environment")
+    .split("=");
+  const words = only(template, "Service", "ExecStart")
+    .replaceAll("%i", name).replaceAll(`\${${variable}}`, instances)
+    .split(/\s+/);
+  assert.equal(words[0], "/usr/local/bin/echo-server");
+  return words.slice(1);
+}
+const instanceCount = Number(
+  only(template, "Service", "Environment").split("=")[1],
+);
+
+Deno.test("echo-server@.service is echo-server.service but for its ports, --instance and shared user", () => {
+  const differs = ["Description", "ExecStart", "Environment", "User"];
+  for (const [section, keys] of unit) {
+    for (const [key, values] of keys) {
+      if (differs.includes(key)) continue;
+      assert.deepEqual(
+        template.get(section)?.get(key),
+        values,
+        `[${section}] ${key}= as in echo-server.service`,
+      );
+    }
+  }
+  for (const [section, keys] of template) {
+    for (const key of keys.keys()) {
+      assert.ok(
+        differs.includes(key) || unit.get(section)?.has(key),
+        `[${section}] ${key}= only in the template`,
+      );
+    }
+  }
+  // One dynamic user for every instance: they share LogsDirectory.
+  assert.equal(only(template, "Service", "User"), "echo-server");
+  assert.equal(only(template, "Service", "DynamicUser"), "yes");
+});
+
+Deno.test("echo-server@I.service listens on 400I with /healthz on 940I, as instance I/N, logging where the single unit does", () => {
+  assert.ok(instanceCount >= 2, "ECHO_SERVER_INSTANCES is a number above 1");
+  const single = parseFlags(execStart.slice(1));
+  assert.ok(typeof single === "object");
+  for (let i = 1; i <= instanceCount; i++) {
+    const config = parseFlags(instanceFlags(`${i}`));
+    assert.ok(typeof config === "object");
+    assert.equal(config.hostname, "127.0.0.1");
+    assert.equal(config.port, 4000 + i);
+    assert.deepEqual(config.metrics, { hostname: "127.0.0.1", port: 9400 + i });
+    assert.equal(config.instance, i);
+    assert.equal(config.instances, instanceCount);
+    assert.equal(config.logPath, single.logPath);
+  }
+});
+
+/** [instance, port, metrics port] per `server` line of haproxy.cfg. */
+function haproxyServers(text: string): number[][] {
+  return [
+    ...text.matchAll(
+      /^\s*server echo(\d) 127\.0\.0\.1:(\d+) check port (\d+)$/gm,
+    ),
+  ].map((match) => match.slice(1).map(Number));
+}
+
+Deno.test("haproxy.cfg balances over the template's instances, checking each on its metrics port", async () => {
+  const text = await Deno.readTextFile(HAPROXY_CFG);
+  assert.equal(text.match(/^\s*server /gm)?.length, instanceCount);
+  assert.deepEqual(
+    haproxyServers(text),
+    Array.from({ length: instanceCount }, (_, j) => [
+      j + 1,
+      4000 + j + 1,
+      9400 + j + 1,
+    ]),
+  );
+  // The public port is the single unit's: clients need not change.
+  const single = parseFlags(execStart.slice(1));
+  assert.ok(typeof single === "object");
+  assert.match(text, new RegExp(`^\\s*bind :${single.port}$`, "m"));
+  for (
+    const line of [
+      "mode tcp",
+      "option httpchk",
+      "http-check send meth GET uri /healthz ver HTTP/1.1 hdr Host localhost",
+      "http-check expect status 200",
+      "timeout client-fin 40s",
+      "timeout server-fin 40s",
+      "option redispatch 1",
+    ]
+  ) {
+    assert.match(text, new RegExp(`^\\s*${line}$`, "m"), line);
+  }
+});
+
+Deno.test("nginx-stream.conf balances over the template's instances with proxy_half_close on", async () => {
+  const text = await Deno.readTextFile(NGINX_CONF);
+  const servers = [...text.matchAll(/^\s*server 127\.0\.0\.1:(\d+) /gm)]
+    .map((match) => Number(match[1]));
+  assert.deepEqual(
+    servers,
+    Array.from({ length: instanceCount }, (_, j) => 4000 + j + 1),
+  );
+  assert.match(text, /^\s*listen 4000;$/m);
+  assert.match(text, /^\s*proxy_half_close on;$/m);
+});
+
 // --- logrotate config ------------------------------------------------------
 
 const logrotateConf = await Deno.readTextFile(LOGROTATE_PATH);
@@ -159,7 +279,7 @@ function parseLogrotate(text: string) {
   return { path: block[1], directives, postrotate: script[1].trim() };
 }
 
-Deno.test("logrotate.conf rotates the access log by rename, then SIGHUPs the service", () => {
+Deno.test("logrotate.conf rotates the access log by rename, then SIGHUPs every running server", () => {
   const { path, directives, postrotate } = parseLogrotate(logrotateConf);
   assert.equal(path, DEFAULT_LOG_PATH);
   for (
@@ -178,29 +298,23 @@ Deno.test("logrotate.conf rotates the access log by rename, then SIGHUPs the ser
   }
   assert.ok(!directives.includes("copytruncate"), "copytruncate loses lines");
   assert.ok(!directives.some((d) => /^create\b/.test(d)), "the server creates");
-  assert.match(postrotate, /--signal=HUP echo-server\.service/);
+  // Every running server sharing the log reloads, and the reload is SIGHUP.
+  const glob = /^systemctl try-reload-or-restart '([^']+)'$/.exec(postrotate);
+  assert.ok(glob, postrotate);
+  const pattern = new RegExp(
+    `^${glob[1].replaceAll(".", "\\.").replaceAll("*", ".*")}$`,
+  );
+  for (const name of ["echo-server.service", "echo-server@2.service"]) {
+    assert.match(name, pattern);
+  }
+  assert.equal(only(unit, "Service", "ExecReload"), "/bin/kill -HUP $MAINPID");
+  assert.equal(
+    only(template, "Service", "ExecReload"),
+    "/bin/kill -HUP $MAINPID",
+  );
 });
 
 // --- logrotate against a live server ---------------------------------------
-
-function findExecutable(name: string): string | undefined {
-  let path = "";
-  try {
-    path = Deno.env.get("PATH") ?? "";
-  } catch {
-    // no --allow-env: try the usual places only
-  }
-  // logrotate lives in /usr/sbin, which a non-root PATH may lack.
-  for (const dir of [...path.split(":"), "/usr/sbin", "/sbin"]) {
-    if (!dir) continue;
-    try {
-      if (Deno.statSync(`${dir}/${name}`).isFile) return `${dir}/${name}`;
-    } catch {
-      // not there (or not allowed to look)
-    }
-  }
-  return undefined;
-}
 
 const LOGROTATE = findExecutable("logrotate");
 
@@ -215,58 +329,6 @@ function testConfig(logPath: string, pid: number): string {
     .replace(postrotate, `kill -HUP ${pid}`);
   assert.ok(text.includes(`${logPath} {`) && text.includes(`kill -HUP ${pid}`));
   return text;
-}
-
-/** Reads a child's stderr to the end, line by line; lets a test await one. */
-class Lines {
-  readonly lines: string[] = [];
-  readonly done: Promise<void>;
-  #cursor = 0;
-  #closed = false;
-  #changed = Promise.withResolvers<void>();
-
-  constructor(stream: ReadableStream<Uint8Array>) {
-    this.done = this.#pump(stream);
-  }
-
-  async #pump(stream: ReadableStream<Uint8Array>): Promise<void> {
-    let partial = "";
-    try {
-      for await (const text of stream.pipeThrough(new TextDecoderStream())) {
-        const parts = (partial + text).split("\n");
-        partial = parts.pop()!;
-        this.lines.push(...parts);
-        this.#notify();
-      }
-    } finally {
-      if (partial) this.lines.push(partial);
-      this.#closed = true;
-      this.#notify();
-    }
-  }
-
-  #notify(): void {
-    this.#changed.resolve();
-    this.#changed = Promise.withResolvers();
-  }
-
-  /** The next line (after the last one matched) that matches `pattern`. */
-  async next(pattern: RegExp): Promise<RegExpExecArray> {
-    for (;;) {
-      while (this.#cursor < this.lines.length) {
-        const match = pattern.exec(this.lines[this.#cursor++]);
-        if (match) return match;
-      }
-      if (this.#closed) {
-        throw new Error(
-          `stderr ended with no line matching ${pattern}:\n${
-            this.lines.join("\n")
-          }`,
-        );
-      }
-      await this.#changed.promise;
-    }
-  }
 }
 
 /** Counts clients done; lets a test await progress; records a failure. */

@@ -1,0 +1,725 @@
+/**
+ * Tests of deploy/haproxy.cfg and deploy/nginx-stream.conf with the real
+ * proxies on loopback, in front of three echo-server processes (main.ts)
+ * that share one access log (`--instance I/3`).
+ *
+ * The proxies run the files in deploy/ themselves, with only what must
+ * differ on a test machine rewritten: the public port (4000 -> a free
+ * one), each instance's echo and metrics port (400I/940I -> the ports the
+ * instances got), HAProxy's stats socket path (-> the temporary
+ * directory), and HAProxy's `chroot`/`user`/`group` lines dropped (they
+ * need root). Every rewrite must match exactly once, so a deploy file that
+ * changes shape fails here instead of drifting from what was tested. nginx
+ * gets the main context a real nginx.conf would give it (pid, error log,
+ * events, the stream module) around the file.
+ *
+ * A test needing a proxy that is not installed is reported as ignored, with
+ * the package to install in its name; `.ci/run` installs both.
+ */
+
+import assert from "node:assert/strict";
+import { fileURLToPath as fromFileUrl } from "node:url";
+import {
+  echo,
+  findExecutable,
+  Lines,
+  readAll,
+  withTempDir,
+  writeAll,
+} from "../test_util.ts";
+
+const MAIN = fromFileUrl(new URL("../main.ts", import.meta.url));
+const HAPROXY_CFG = fromFileUrl(new URL("haproxy.cfg", import.meta.url));
+const NGINX_CONF = fromFileUrl(new URL("nginx-stream.conf", import.meta.url));
+const INSTANCES = 3;
+const LOG_LINE = /^\[client (\d+)\]: received (\d+) bytes$/;
+const MIB = 1024 * 1024;
+// Every process a test starts is killed after this, whatever happens.
+const PROCESS_TIMEOUT_MS = 180_000;
+// Bound for waiting on a proxy or a health state; polled, never slept on.
+const READY_TIMEOUT_MS = 30_000;
+const POLL_MS = 20;
+
+const HAPROXY = findExecutable("haproxy");
+const NGINX = findExecutable("nginx");
+// Debian builds nginx's stream module as a loadable module
+// (libnginx-mod-stream); other builds may have it compiled in.
+const NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so";
+const NGINX_HAS_STREAM = NGINX !== undefined && (exists(NGINX_STREAM_MODULE) ||
+  /--with-stream(?!=dynamic)\b/.test(
+    new TextDecoder().decode(
+      new Deno.Command(NGINX, { args: ["-V"], stdin: "null" }).outputSync()
+        .stderr,
+    ),
+  ));
+
+function exists(path: string): boolean {
+  try {
+    Deno.statSync(path);
+    return true;
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) return false;
+    throw error;
+  }
+}
+
+// --- processes ---------------------------------------------------------------
+
+/** A child process killed after PROCESS_TIMEOUT_MS, its stderr read by lines. */
+class Child implements AsyncDisposable {
+  readonly process: Deno.ChildProcess;
+  readonly stderr: Lines;
+  readonly status: Promise<Deno.CommandStatus>;
+  #exited = false;
+
+  constructor(readonly name: string, command: string, args: string[]) {
+    this.process = new Deno.Command(command, {
+      args,
+      stdin: "null",
+      stdout: "null",
+      stderr: "piped",
+    }).spawn();
+    this.stderr = new Lines(this.process.stderr);
+    const timer = setTimeout(() => {
+      this.stderr.lines.push(`(killed after ${PROCESS_TIMEOUT_MS} ms)`);
+      this.kill("SIGKILL");
+    }, PROCESS_TIMEOUT_MS);
+    this.status = this.process.status.finally(() => {
+      this.#exited = true;
+      clearTimeout(timer);
+    });
+  }
+
+  get exited(): boolean {
+    return this.#exited;
+  }
+
+  kill(signal: Deno.Signal): void {
+    if (this.#exited) return;
+    try {
+      this.process.kill(signal);
+    } catch (error) {
+      // It exited, and `status` has not settled yet.
+      if (!(error instanceof TypeError)) throw error;
+    }
+  }
+
+  /** Waits for exit and the end of stderr; returns the exit code. */
+  async exit(): Promise<number> {
+    const { code } = await this.status;
+    await this.stderr.done;
+    return code;
+  }
+
+  /** The stderr read so far, for failure messages. */
+  describe(): string {
+    return `--- ${this.name} stderr:\n${this.stderr.lines.join("\n")}`;
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    this.kill("SIGKILL");
+    await this.exit();
+  }
+}
+
+/** One echo-server process, instance `index` of INSTANCES. */
+interface Instance {
+  index: number;
+  child: Child;
+  port: number;
+  metricsPort: number;
+}
+
+async function startInstance(dir: string, index: number): Promise<Instance> {
+  const child = new Child(`instance ${index}`, Deno.execPath(), [
+    "run",
+    "--allow-net",
+    `--allow-write=${dir}`,
+    MAIN,
+    "--port",
+    "0",
+    "--metrics",
+    "127.0.0.1:0",
+    "--log",
+    `${dir}/access.log`,
+    "--instance",
+    `${index}/${INSTANCES}`,
+    "--drain-timeout",
+    "120",
+  ]);
+  try {
+    const [, port] = await child.stderr.next(/^listening on .+:(\d+), /);
+    const [, metricsPort] = await child.stderr.next(METRICS_LINE);
+    return {
+      index,
+      child,
+      port: Number(port),
+      metricsPort: Number(metricsPort),
+    };
+  } catch (error) {
+    await child[Symbol.asyncDispose]();
+    throw error;
+  }
+}
+
+const METRICS_LINE = /^metrics on http:\/\/.+:(\d+)\/metrics /;
+
+/** Three instances sharing `${dir}/access.log`; stops them all on dispose. */
+class Cluster implements AsyncDisposable {
+  constructor(readonly dir: string, readonly instances: Instance[]) {}
+
+  static async start(dir: string): Promise<Cluster> {
+    const instances: Instance[] = [];
+    try {
+      for (let i = 1; i <= INSTANCES; i++) {
+        instances.push(await startInstance(dir, i));
+      }
+    } catch (error) {
+      for (const instance of instances) {
+        await instance.child[Symbol.asyncDispose]();
+      }
+      throw error;
+    }
+    return new Cluster(dir, instances);
+  }
+
+  get logPath(): string {
+    return `${this.dir}/access.log`;
+  }
+
+  /**
+   * SIGTERMs every instance still running and returns how many clients
+   * each accepted (its "stopped after N clients" line), by index.
+   */
+  async stop(): Promise<Map<number, number>> {
+    const accepted = new Map<number, number>();
+    for (const { child } of this.instances) child.kill("SIGTERM");
+    for (const { index, child } of this.instances) {
+      assert.equal(await child.exit(), 0, child.describe());
+      const [, count] = await child.stderr.next(/^stopped after (\d+) clients$/)
+        .catch(() => assert.fail(child.describe()));
+      accepted.set(index, Number(count));
+    }
+    return accepted;
+  }
+
+  describe(): string {
+    return this.instances.map(({ child }) => child.describe()).join("\n");
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    for (const { child } of this.instances) {
+      await child[Symbol.asyncDispose]();
+    }
+  }
+}
+
+/** A port that was free a moment ago (proxies cannot bind port 0). */
+function freePort(): number {
+  using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  return listener.addr.port;
+}
+
+/** Calls `probe` until it returns a value, at most READY_TIMEOUT_MS. */
+async function poll<T>(
+  what: string,
+  probe: () => Promise<T | undefined> | T | undefined,
+): Promise<T> {
+  const deadline = performance.now() + READY_TIMEOUT_MS;
+  for (;;) {
+    const value = await probe();
+    if (value !== undefined) return value;
+    if (performance.now() > deadline) {
+      throw new Error(`gave up after ${READY_TIMEOUT_MS} ms waiting: ${what}`);
+    }
+    await new Promise((resolve) => setTimeout(resolve, POLL_MS));
+  }
+}
+
+// --- config rewriting ----------------------------------------------------------
+
+/** Replaces the one match of `pattern`; fails unless there is exactly one. */
+function replaceOnce(
+  text: string,
+  pattern: RegExp,
+  replacement: string,
+): string {
+  const global = new RegExp(pattern.source, pattern.flags + "g");
+  const matches = text.match(global)?.length ?? 0;
+  assert.equal(matches, 1, `${pattern} matches ${matches} times, not once`);
+  return text.replace(pattern, replacement);
+}
+
+/** deploy/haproxy.cfg with the test's ports and paths (see module doc). */
+function haproxyConfig(
+  text: string,
+  port: number,
+  instances: Instance[],
+  statsSocket: string,
+): string {
+  text = replaceOnce(text, /^(\s*bind) :4000$/m, `$1 127.0.0.1:${port}`);
+  text = replaceOnce(
+    text,
+    /^(\s*stats socket) \/run\/haproxy\/admin\.sock /m,
+    `$1 ${statsSocket} `,
+  );
+  for (
+    const line of ["chroot /var/lib/haproxy", "user haproxy", "group haproxy"]
+  ) {
+    text = replaceOnce(text, new RegExp(`^\\s*${line}\\n`, "m"), "");
+  }
+  assert.equal(text.match(/^\s*server /gm)?.length, instances.length);
+  for (const { index, port, metricsPort } of instances) {
+    text = replaceOnce(
+      text,
+      new RegExp(
+        `^(\\s*server echo${index}) 127\\.0\\.0\\.1:400${index} check port 940${index}$`,
+        "m",
+      ),
+      `$1 127.0.0.1:${port} check port ${metricsPort}`,
+    );
+  }
+  return text;
+}
+
+/**
+ * A whole nginx.conf: the main context a real one gives (pid, error log,
+ * events, the stream module), then deploy/nginx-stream.conf with the test's
+ * ports, optionally without its `proxy_half_close on;` line.
+ */
+function nginxConfig(
+  text: string,
+  dir: string,
+  port: number,
+  instances: Instance[],
+  options: { halfClose: boolean },
+): string {
+  text = replaceOnce(text, /^(\s*listen) 4000;$/m, `$1 127.0.0.1:${port};`);
+  assert.equal(text.match(/^\s*server 127\./gm)?.length, instances.length);
+  for (const { index, port } of instances) {
+    text = replaceOnce(
+      text,
+      new RegExp(`^(\\s*server) 127\\.0\\.0\\.1:400${index} `, "m"),
+      `$1 127.0.0.1:${port} `,
+    );
+  }
+  if (!options.halfClose) {
+    text = replaceOnce(text, /^\s*proxy_half_close on;\n/m, "");
+  }
+  const main = [
+    exists(NGINX_STREAM_MODULE) ? `load_module ${NGINX_STREAM_MODULE};` : "",
+    `pid ${dir}/nginx.pid;`,
+    `error_log ${dir}/nginx-error.log info;`,
+    "events { worker_connections 1024; }",
+  ];
+  return `${main.join("\n")}\n${text}`;
+}
+
+// --- HAProxy runtime API -------------------------------------------------------
+
+/** The backend's servers from `show stat`, by name (echo1, ...). */
+async function haproxyServers(
+  socket: string,
+): Promise<Map<string, Record<string, string>>> {
+  const conn = await Deno.connect({ transport: "unix", path: socket });
+  let text;
+  try {
+    await writeAll(conn, new TextEncoder().encode("show stat\n"));
+    text = new TextDecoder().decode(await readAll(conn));
+  } finally {
+    conn.close();
+  }
+  const [header, ...rows] = text.trim().split("\n");
+  const names = header.replace(/^# /, "").split(",");
+  const servers = new Map<string, Record<string, string>>();
+  for (const row of rows) {
+    const values = row.split(",");
+    const record = Object.fromEntries(
+      names.map((name, i) => [name, values[i]]),
+    );
+    if (record.pxname === "echo_servers" && /^echo\d$/.test(record.svname)) {
+      servers.set(record.svname, record);
+    }
+  }
+  return servers;
+}
+
+/** Polls `show stat` until `ready` holds for it (the socket may not exist yet). */
+function pollHaproxy(
+  what: string,
+  socket: string,
+  haproxy: Child,
+  ready: (servers: Map<string, Record<string, string>>) => boolean,
+): Promise<Map<string, Record<string, string>>> {
+  return poll(what, async () => {
+    if (haproxy.exited) {
+      throw new Error(`haproxy exited\n${haproxy.describe()}`);
+    }
+    let servers;
+    try {
+      servers = await haproxyServers(socket);
+    } catch (error) {
+      if (
+        error instanceof Deno.errors.NotFound ||
+        error instanceof Deno.errors.ConnectionRefused
+      ) return undefined;
+      throw error;
+    }
+    return ready(servers) ? servers : undefined;
+  });
+}
+
+/** One gauge or counter from an instance's /metrics. */
+async function metric(instance: Instance, name: string): Promise<number> {
+  const response = await fetch(
+    `http://127.0.0.1:${instance.metricsPort}/metrics`,
+  );
+  const text = await response.text();
+  const match = new RegExp(`^${name} (\\S+)$`, "m").exec(text);
+  assert.ok(match, `no ${name} in /metrics`);
+  return Number(match[1]);
+}
+
+// --- clients -------------------------------------------------------------------
+
+/** Pseudo-random bytes, different for each size (sizes are unique). */
+function payloadOf(size: number): Uint8Array {
+  const bytes = new Uint8Array(size);
+  let x = (size * 2654435761 + 1) >>> 0 || 1;
+  for (let i = 0; i < size; i++) {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    bytes[i] = x;
+  }
+  return bytes;
+}
+
+function assertSameBytes(actual: Uint8Array, expected: Uint8Array): void {
+  assert.equal(actual.length, expected.length, "reply length");
+  for (let i = 0; i < actual.length; i++) {
+    if (actual[i] !== expected[i]) {
+      assert.fail(`reply of ${expected.length} B differs at byte ${i}`);
+    }
+  }
+}
+
+/**
+ * Clients of the given sizes, `concurrency` at a time, through `port`:
+ * each sends everything, half-closes, then reads; every reply must be
+ * byte-exact. Waits for all before throwing the first failure.
+ */
+async function runClients(
+  port: number,
+  sizes: number[],
+  concurrency: number,
+): Promise<void> {
+  let next = 0;
+  const worker = async () => {
+    while (next < sizes.length) {
+      const size = sizes[next++];
+      const payload = payloadOf(size);
+      try {
+        assertSameBytes(await echo(port, payload), payload);
+      } catch (error) {
+        throw new Error(`client of ${size} B: ${error}`, { cause: error });
+      }
+    }
+  };
+  const results = await Promise.allSettled(
+    Array.from({ length: concurrency }, worker),
+  );
+  for (const result of results) {
+    if (result.status === "rejected") throw result.reason;
+  }
+}
+
+/**
+ * `count` unique sizes from 0 B to 16 MiB: a few large ones (16 MiB, 1 MiB,
+ * around 64 KiB) and many small ones. `offset` keeps batches apart.
+ */
+function sizes(count: number, offset: number): number[] {
+  const large = [16 * MIB, MIB, 65536, 65535, 4096];
+  const result = large.slice(0, Math.min(large.length, count))
+    .map((size) => size + offset);
+  for (let i = 0; result.length < count; i++) {
+    result.push(offset + i * 97);
+  }
+  return result;
+}
+
+// --- the access log ------------------------------------------------------------
+
+/** [client id, bytes] for every line of the log files, which must be whole. */
+async function readLogs(paths: string[]): Promise<Array<[number, number]>> {
+  const records: Array<[number, number]> = [];
+  for (const path of paths) {
+    const text = await Deno.readTextFile(path);
+    assert.ok(text === "" || text.endsWith("\n"), `${path} ends mid-line`);
+    for (const line of text.split("\n").slice(0, -1)) {
+      const match = LOG_LINE.exec(line);
+      assert.ok(match, `${path}: malformed line ${JSON.stringify(line)}`);
+      records.push([Number(match[1]), Number(match[2])]);
+    }
+  }
+  return records;
+}
+
+/**
+ * Every client sent (sizes are unique) has exactly one line with its size,
+ * and nothing else is in the log (no health check, no stray connection);
+ * each instance I numbered its clients I, I+N, ... with no gap or repeat.
+ */
+function assertOneLinePerClient(
+  records: Array<[number, number]>,
+  sent: number[],
+  accepted: Map<number, number>,
+): void {
+  const numeric = (a: number, b: number) => a - b;
+  assert.equal(new Set(sent).size, sent.length, "test bug: sizes repeat");
+  assert.deepEqual(
+    records.map(([, bytes]) => bytes).sort(numeric),
+    [...sent].sort(numeric),
+    "one line per client, with its size, and no other line",
+  );
+  for (const [index, count] of accepted) {
+    const ids = records.map(([id]) => id)
+      .filter((id) => (id - index) % INSTANCES === 0).sort(numeric);
+    assert.deepEqual(
+      ids,
+      Array.from({ length: count }, (_, j) => index + j * INSTANCES),
+      `instance ${index} numbered its ${count} clients ${index}, ${
+        index + INSTANCES
+      }, ...`,
+    );
+  }
+}
+
+// --- tests ---------------------------------------------------------------------
+
+Deno.test({
+  name: HAPROXY
+    ? "deploy/haproxy.cfg in front of 3 instances sharing one log: byte-exact replies, one line per client, no lines from health checks; a SIGTERMed instance finishes its clients and new ones go to the others"
+    : "deploy/haproxy.cfg in front of 3 instances (skipped: haproxy not installed: apt-get install haproxy)",
+  ignore: HAPROXY === undefined,
+  fn: withTempDir(async (dir) => {
+    await using cluster = await Cluster.start(dir);
+    const [, second, third] = cluster.instances;
+    const port = freePort();
+    const socket = `${dir}/haproxy.sock`;
+    const cfg = `${dir}/haproxy.cfg`;
+    await Deno.writeTextFile(
+      cfg,
+      haproxyConfig(
+        await Deno.readTextFile(HAPROXY_CFG),
+        port,
+        cluster.instances,
+        socket,
+      ),
+    );
+    await using haproxy = new Child("haproxy", HAPROXY!, [
+      "-db",
+      "-f",
+      cfg,
+      "-p",
+      `${dir}/haproxy.pid`,
+    ]);
+    const inFlight: Array<{ conn: Deno.TcpConn; payload: Uint8Array }> = [];
+    try {
+      // Ready: every instance has passed its /healthz check at least once.
+      await pollHaproxy(
+        "all instances UP and L7OK",
+        socket,
+        haproxy,
+        (servers) =>
+          servers.size === INSTANCES &&
+          [...servers.values()].every((s) =>
+            s.status === "UP" && s.check_status === "L7OK"
+          ),
+      );
+
+      const sent = sizes(64, 0);
+      await runClients(port, sent, 32);
+
+      // Clients in flight: connected and half sent, spread over the three
+      // instances (leastconn), and accepted by instance 2.
+      for (const size of sizes(6, 1000)) {
+        const payload = payloadOf(size);
+        const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+        inFlight.push({ conn, payload });
+        await writeAll(conn, payload.subarray(0, payload.length >> 1));
+        sent.push(size);
+      }
+      const servers = await pollHaproxy(
+        "6 clients in flight at the instances",
+        socket,
+        haproxy,
+        (servers) =>
+          [...servers.values()].reduce((n, s) => n + Number(s.scur), 0) === 6,
+      );
+      const onSecond = Number(servers.get("echo2")!.scur);
+      assert.ok(onSecond >= 1, "leastconn gave instance 2 a client in flight");
+      await poll(
+        "instance 2 accepted its clients in flight",
+        async () =>
+          await metric(second, "echo_connections_active") === onSecond
+            ? true
+            : undefined,
+      );
+
+      second.child.kill("SIGTERM");
+      await second.child.stderr.next(
+        new RegExp(`^SIGTERM: stopping; ${onSecond} connections`),
+      );
+      // Right after SIGTERM, before HAProxy's checks notice: instance 2
+      // refuses, HAProxy passes those clients to the others.
+      const afterStop = sizes(24, 2000);
+      await runClients(port, afterStop, 12);
+      await pollHaproxy(
+        "instance 2 DOWN",
+        socket,
+        haproxy,
+        (servers) => servers.get("echo2")!.status.startsWith("DOWN"),
+      );
+      const afterDown = sizes(12, 3000);
+      await runClients(port, afterDown, 12);
+      sent.push(...afterStop, ...afterDown);
+
+      // The clients in flight on instance 2 finish in full.
+      for (const { conn, payload } of inFlight) {
+        await writeAll(conn, payload.subarray(payload.length >> 1));
+        await conn.closeWrite();
+        assertSameBytes(await readAll(conn), payload);
+      }
+      assert.equal(await second.child.exit(), 0, second.child.describe());
+      assert.equal(third.child.exited, false);
+
+      const accepted = await cluster.stop();
+      const records = await readLogs([cluster.logPath]);
+      assertOneLinePerClient(records, sent, accepted);
+      // Every client that came after the SIGTERM was served by 1 or 3.
+      const after = new Set([...afterStop, ...afterDown]);
+      for (const [id, bytes] of records) {
+        if (after.has(bytes)) assert.notEqual(id % INSTANCES, 2);
+      }
+    } catch (error) {
+      throw new Error(
+        `${error}\n${haproxy.describe()}\n${cluster.describe()}`,
+        { cause: error },
+      );
+    } finally {
+      for (const { conn } of inFlight) conn.close();
+    }
+  }, { prefix: "echo-server-haproxy-" }),
+});
+
+/** Runs nginx on `conf` in `dir`, waits until it listens (its pid file). */
+async function startNginx(dir: string, conf: string): Promise<Child> {
+  const nginx = new Child("nginx", NGINX!, [
+    "-p",
+    `${dir}/`,
+    "-c",
+    conf,
+    "-e",
+    `${dir}/nginx-error.log`,
+    "-g",
+    "daemon off;",
+  ]);
+  try {
+    // nginx writes its pid file after it has opened its listening sockets.
+    await poll("nginx's pid file", () => {
+      if (nginx.exited) throw new Error(`nginx exited\n${nginx.describe()}`);
+      return exists(`${dir}/nginx.pid`) ? true : undefined;
+    });
+  } catch (error) {
+    await nginx[Symbol.asyncDispose]();
+    throw error;
+  }
+  return nginx;
+}
+
+Deno.test({
+  name: NGINX_HAS_STREAM
+    ? "deploy/nginx-stream.conf in front of 3 instances sharing one log: byte-exact replies, one line per client, SIGHUP rotation for all; without proxy_half_close the reply is lost"
+    : "deploy/nginx-stream.conf in front of 3 instances (skipped: nginx with its stream module not installed: apt-get install nginx libnginx-mod-stream)",
+  ignore: !NGINX_HAS_STREAM,
+  fn: withTempDir(async (dir) => {
+    await using cluster = await Cluster.start(dir);
+    const text = await Deno.readTextFile(NGINX_CONF);
+    const sent: number[] = [];
+    let nginx: Child | undefined;
+    try {
+      const port = freePort();
+      await Deno.mkdir(`${dir}/on`);
+      const conf = `${dir}/on/nginx.conf`;
+      await Deno.writeTextFile(
+        conf,
+        nginxConfig(text, `${dir}/on`, port, cluster.instances, {
+          halfClose: true,
+        }),
+      );
+      nginx = await startNginx(`${dir}/on`, conf);
+      const first = sizes(64, 0);
+      await runClients(port, first, 32);
+      sent.push(...first);
+
+      // Rotation with three writers: rename, then SIGHUP every instance.
+      await Deno.rename(cluster.logPath, `${cluster.logPath}.1`);
+      for (const { child } of cluster.instances) {
+        child.kill("SIGHUP");
+        await child.stderr.next(/^reopened access log /);
+      }
+      const second = sizes(16, 5000);
+      await runClients(port, second, 16);
+      sent.push(...second);
+      nginx.kill("SIGTERM");
+      assert.equal(await nginx.exit(), 0, nginx.describe());
+
+      // The same file without `proxy_half_close on;`: nginx ends the session
+      // at the client's FIN, and the reply never reaches the client.
+      const withoutPort = freePort();
+      await Deno.mkdir(`${dir}/off`);
+      const withoutConf = `${dir}/off/nginx.conf`;
+      await Deno.writeTextFile(
+        withoutConf,
+        nginxConfig(text, `${dir}/off`, withoutPort, cluster.instances, {
+          halfClose: false,
+        }),
+      );
+      nginx = await startNginx(`${dir}/off`, withoutConf);
+      for (const size of [5, 1000, 100_000]) {
+        const payload = payloadOf(size + 7);
+        let reply: Uint8Array | "reset";
+        try {
+          reply = await echo(withoutPort, payload);
+        } catch (error) {
+          if (!(error instanceof Deno.errors.ConnectionReset)) throw error;
+          reply = "reset";
+        }
+        assert.ok(
+          reply === "reset" || reply.length === 0,
+          `without proxy_half_close a ${payload.length} B client got ${
+            reply === "reset" ? "reset" : `${reply.length} B back`
+          }, expected nothing`,
+        );
+        sent.push(payload.length);
+      }
+      nginx.kill("SIGTERM");
+      assert.equal(await nginx.exit(), 0, nginx.describe());
+      nginx = undefined;
+
+      const accepted = await cluster.stop();
+      const rotated = await readLogs([`${cluster.logPath}.1`]);
+      assert.ok(rotated.length > 0, "the lines before the rotation");
+      const records = await readLogs([`${cluster.logPath}.1`, cluster.logPath]);
+      assertOneLinePerClient(records, sent, accepted);
+    } catch (error) {
+      throw new Error(
+        `${error}\n${nginx?.describe() ?? ""}\n${cluster.describe()}`,
+        { cause: error },
+      );
+    } finally {
+      await nginx?.[Symbol.asyncDispose]();
+    }
+  }, { prefix: "echo-server-nginx-" }),
+});
