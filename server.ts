@@ -438,7 +438,7 @@ class Server implements EchoServer {
         if (filled > 0) chunks.push(this.#trim(client, chunk, filled));
         else {
           this.#release(client, chunk.length);
-          this.#pool.give(chunk);
+          this.#recycle(chunk);
         }
         return true;
       }
@@ -478,7 +478,7 @@ class Server implements EchoServer {
       // Free each chunk once it is sent rather than holding all to the end.
       chunks[i] = EMPTY;
       this.#release(client, chunk.buffer.byteLength);
-      this.#pool.give(chunk);
+      this.#recycle(chunk);
     }
   }
 
@@ -512,8 +512,15 @@ class Server implements EchoServer {
     if (unused <= client.bytesReceived / 16) return chunk.subarray(0, filled);
     this.#release(client, unused);
     const tight = chunk.slice(0, filled);
-    this.#pool.give(chunk);
+    this.#recycle(chunk);
     return tight;
+  }
+
+  /** Keeps a freed chunk as a spare only if spares still fit the limit. */
+  #recycle(chunk: Uint8Array): void {
+    const total = this.#bufferedBytes + this.#pool.spareBytes +
+      chunk.buffer.byteLength;
+    if (total <= this.#maxBufferedBytes) this.#pool.give(chunk);
   }
 
   #release(client: Client, bytes: number): void {

@@ -519,6 +519,52 @@ Deno.test("a client's buffers stay within 1.125x its bytes, even while it sends"
   assert.deepEqual(s.diagnostics, []);
 });
 
+Deno.test("serveEcho() counts spare chunks against maxBufferedBytes while a trimmed reply is written", async () => {
+  const MIB = 1024 * 1024;
+  // Where a read chunk ends near 8 MiB, and the capacity once the next is
+  // allocated (read from the server, whatever its chunk sizes are).
+  let boundary: number;
+  let capacity: number;
+  {
+    await using s = startServer();
+    const conn = await Deno.connect({ hostname: HOST, port: s.port });
+    try {
+      await writeAll(conn, pattern(8 * MIB, 1));
+      await waitUntil(() => s.server.stats.receivedBytes === 8 * MIB, "read");
+      boundary = s.server.bufferedBytes;
+      await writeAll(conn, pattern(boundary - 8 * MIB, 2));
+      await waitUntil(
+        () => s.server.stats.receivedBytes === boundary,
+        "read to the boundary",
+      );
+      capacity = s.server.bufferedBytes;
+    } finally {
+      conn.close();
+    }
+  }
+  // One byte past the boundary: the last chunk is mostly empty, so its byte
+  // is copied out and the chunk is freed for reuse. The limit is exactly
+  // what the reads took, so that freed chunk must not be kept as a spare
+  // while the copy is still held.
+  await using s = startServer({ maxBufferedBytes: capacity });
+  const conn = await Deno.connect({ hostname: HOST, port: s.port });
+  try {
+    await writeAll(conn, pattern(boundary + 1, 3));
+    await conn.closeWrite();
+    // The client does not read, so the reply stalls before its last chunk.
+    await waitUntil(() => s.server.stats.sentBytes > 0, "the reply started");
+    const held = s.server.bufferedBytes + s.server.spareBufferBytes;
+    assert.ok(
+      s.server.stats.sentBytes < boundary,
+      "the reply did not stall",
+    );
+    assert.ok(held <= capacity, `${held} bytes held, limit ${capacity}`);
+    assert.deepEqual(s.diagnostics, []);
+  } finally {
+    conn.close();
+  }
+});
+
 Deno.test("the total buffer limit cuts off one of two clients that together pass it", async () => {
   const MIB = 1024 * 1024;
   await using s = startServer({ maxBufferedBytes: 16 * MIB });
