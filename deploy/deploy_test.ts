@@ -17,6 +17,7 @@ import {
   findExecutable,
   killAfter,
   Lines,
+  readAll,
   withTempDir,
 } from "../test_util.ts";
 
@@ -84,6 +85,11 @@ function parseTimeSpan(text: string): number {
 }
 
 const unit = parseUnit(await Deno.readTextFile(UNIT_PATH));
+// Descriptors the server needs besides one per client: stdio, the
+// listener, the access log, the metrics listener and its scrapes, and
+// Deno's own (26 at start under `deno run`). The test "LimitNOFILE of
+// --max-connections + FD_HEADROOM ..." below shows it is enough.
+const FD_HEADROOM = 64;
 const execStart = only(unit, "Service", "ExecStart").split(/\s+/);
 
 Deno.test("echo-server.service runs the installed binary with flags main.ts accepts", () => {
@@ -119,9 +125,10 @@ Deno.test("echo-server.service drains on stop, reloads with SIGHUP, restarts on 
     timeoutStop >= config.drainTimeoutMs + 5000,
     `TimeoutStopSec (${timeoutStop} ms) must leave the ${config.drainTimeoutMs} ms drain time to finish`,
   );
+  const limitNoFile = Number(only(unit, "Service", "LimitNOFILE"));
   assert.ok(
-    Number(only(unit, "Service", "LimitNOFILE")) > config.maxConnections,
-    "LimitNOFILE leaves room for --max-connections clients",
+    limitNoFile >= config.maxConnections + FD_HEADROOM,
+    `LimitNOFILE (${limitNoFile}) must cover --max-connections (${config.maxConnections}) + ${FD_HEADROOM}`,
   );
   assert.equal(only(unit, "Install", "WantedBy"), "multi-user.target");
 });
@@ -529,3 +536,104 @@ Deno.test({
     }
   }, { prefix: "echo-server-logrotate-" }),
 });
+
+Deno.test(
+  "LimitNOFILE of --max-connections + FD_HEADROOM serves that many clients at once, metrics scraped, no accept failing",
+  withTempDir(async (dir) => {
+    const clients = 100;
+    const limit = clients + FD_HEADROOM;
+    // Both limits, as LimitNOFILE=N sets them (deno run would raise a lower
+    // soft limit to the hard one; a compiled binary may not).
+    const server = new Deno.Command("bash", {
+      args: [
+        "-c",
+        `ulimit -Sn ${limit} -Hn ${limit} && exec "$@"`,
+        "bash",
+        Deno.execPath(),
+        "run",
+        "--allow-net",
+        `--allow-write=${dir}`,
+        "main.ts",
+        "--port",
+        "0",
+        "--log",
+        `${dir}/access.log`,
+        "--max-connections",
+        `${clients}`,
+        "--metrics",
+        "127.0.0.1:0",
+      ],
+      cwd: REPO,
+      env: { NO_COLOR: "1" },
+      stdin: "null",
+      stdout: "null",
+      stderr: "piped",
+    }).spawn();
+    using _timeout = killAfter(server, 60_000);
+    const stderr = new Lines(server.stderr);
+    let exited = false;
+    try {
+      const [, port] = await stderr.next(/^listening on .+:(\d+), access log /);
+      const [, metricsPort] = await stderr.next(
+        /^metrics on .+:(\d+)\/metrics/,
+      );
+      const conns = await Promise.all(
+        Array.from(
+          { length: clients },
+          () => Deno.connect({ hostname: "127.0.0.1", port: Number(port) }),
+        ),
+      );
+      try {
+        await Promise.all(conns.map((conn) => conn.write(new Uint8Array([1]))));
+        // Every client accepted and held at once, and a scrape served then.
+        while (
+          !(await scrape(Number(metricsPort))).includes(
+            `\necho_connections_active ${clients}\n`,
+          )
+        ) {
+          await new Promise((resolve) => setTimeout(resolve, 10));
+        }
+        for (const conn of conns) await conn.closeWrite();
+        for (const conn of conns) {
+          assert.deepEqual([...await readAll(conn)], [1]);
+        }
+      } finally {
+        for (const conn of conns) conn.close();
+      }
+      server.kill("SIGTERM");
+      const status = await server.status;
+      exited = true;
+      await stderr.done;
+      assert.equal(status.code, 0, stderr.lines.join("\n"));
+      for (const line of stderr.lines) {
+        assert.match(
+          line,
+          /^(listening on |metrics on |SIGTERM: stopping; |stopped after \d+ clients$)/,
+        );
+      }
+      const log = await Deno.readTextFile(`${dir}/access.log`);
+      assert.equal(log.split("\n").length - 1, clients);
+    } finally {
+      if (!exited) {
+        server.kill("SIGKILL");
+        await server.status;
+        await stderr.done.catch(() => {});
+      }
+    }
+  }),
+);
+
+/** GET /metrics from 127.0.0.1:`port`; the whole response as text. */
+async function scrape(port: number): Promise<string> {
+  const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+  try {
+    await conn.write(
+      new TextEncoder().encode(
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+      ),
+    );
+    return new TextDecoder().decode(await readAll(conn));
+  } finally {
+    conn.close();
+  }
+}
