@@ -9,6 +9,7 @@ import {
 import { DURATION_BUCKETS_SECONDS, serveEcho } from "./server.ts";
 import {
   echo,
+  killAfter,
   readAll,
   runCommand,
   startServer,
@@ -539,6 +540,7 @@ Deno.test(
       stdout: "null",
       stderr: "piped",
     }).spawn();
+    using _timeout = killAfter(child, 60_000);
     const stderr = child.stderr.pipeThrough(new TextDecoderStream());
     let text = "";
     let asked = false;

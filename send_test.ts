@@ -3,6 +3,7 @@ import denoJson from "./deno.json" with { type: "json" };
 import { exchange, USAGE } from "./send.ts";
 import {
   assertUsageError,
+  killAfter,
   readAll,
   runCommand,
   startServer,
@@ -32,6 +33,7 @@ async function runSend(args: string[], input?: Uint8Array): Promise<SendRun> {
     stdout: "piped",
     stderr: "piped",
   }).spawn();
+  using _timeout = killAfter(child, 60_000);
   if (input) {
     const writer = child.stdin.getWriter();
     await writer.write(input);
