@@ -16,6 +16,20 @@
 
 import { parseArgs } from "node:util";
 import { parseInteger, parseSeconds, parseSize, UsageError } from "../flags.ts";
+import {
+  CHUNK_BYTES,
+  PatternBuffer,
+  patternSlice,
+  phaseOf,
+} from "./pattern.ts";
+import { formatLogReport } from "./log_check.ts";
+import {
+  CLIENT_KINDS,
+  type ClientKind,
+  formatMixResult,
+  type MixOptions,
+  runMix,
+} from "./mix.ts";
 
 /** Options for {@linkcode runBench}. */
 export interface BenchOptions {
@@ -101,66 +115,9 @@ export interface BenchResult {
   errorSamples: string[];
 }
 
-/** Size of the repeating pattern: a prime, so it never lines up with chunks. */
-const PATTERN_PERIOD = 65521;
 /** Time connections in flight at the end of the duration get to finish. */
 const FINISH_GRACE_MS = 5000;
-/** Most bytes handed to one `write` or asked of one `read`. */
-const CHUNK_BYTES = 256 * 1024;
-/** The pattern, plus one more chunk of it so any chunk-long window is contiguous. */
-const PATTERN = makePattern(PATTERN_PERIOD, CHUNK_BYTES);
 const MAX_ERROR_SAMPLES = 5;
-
-function makePattern(period: number, extra: number): Uint8Array {
-  const pattern = new Uint8Array(period + extra);
-  let x = 0x9e3779b9; // xorshift32
-  for (let i = 0; i < period; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    pattern[i] = x >>> 24;
-  }
-  for (let i = period; i < pattern.length; i += period) {
-    pattern.copyWithin(i, 0, Math.min(period, pattern.length - i));
-  }
-  return pattern;
-}
-
-/** Where in the pattern connection `seq`'s payload starts. */
-function phaseOf(seq: number): number {
-  return (Math.imul(seq + 1, 0x9e3779b1) >>> 0) % PATTERN_PERIOD;
-}
-
-/**
- * The pattern as 32-bit words, four times: `WORDS[s]` starts at pattern byte
- * `s`, so any pattern offset can be compared a word at a time.
- */
-const WORDS = [0, 1, 2, 3].map((shift) => {
-  const bytes = new Uint8Array(Math.ceil(PATTERN.length / 4) * 4);
-  bytes.set(PATTERN.subarray(shift));
-  return new Int32Array(bytes.buffer);
-});
-
-/**
- * Index of the first byte of `got[0..n)` that differs from the pattern
- * starting at offset `from`, or -1. `words` views the same memory as `got`.
- */
-function firstDifference(
-  got: Uint8Array,
-  words: Int32Array,
-  n: number,
-  from: number,
-): number {
-  const want = WORDS[from & 3];
-  const base = from >>> 2;
-  const count = n >>> 2;
-  let w = 0;
-  while (w < count && words[w] === want[base + w]) w++;
-  for (let i = w * 4; i < n; i++) {
-    if (got[i] !== PATTERN[from + i]) return i;
-  }
-  return -1;
-}
 
 type Failure = "reset" | "mismatch" | "short" | "unfinished";
 
@@ -257,18 +214,13 @@ class Run {
   }
 
   async worker(): Promise<void> {
-    const buffer = new Uint8Array(this.#readBytes);
-    const words = new Int32Array(buffer.buffer, 0, buffer.length >>> 2);
+    const buffer = new PatternBuffer(this.#readBytes);
     while (!this.#finishing && this.#started < this.#limit) {
-      await this.#connection(this.#started++, buffer, words);
+      await this.#connection(this.#started++, buffer);
     }
   }
 
-  async #connection(
-    seq: number,
-    buffer: Uint8Array,
-    words: Int32Array,
-  ): Promise<void> {
+  async #connection(seq: number, buffer: PatternBuffer): Promise<void> {
     const start = performance.now();
     let conn: Deno.TcpConn;
     try {
@@ -295,7 +247,7 @@ class Run {
     this.#flights.add(flight);
     // Read while writing: a server that streams its reply would otherwise
     // fill both directions' buffers and deadlock with a large payload.
-    const reading = this.#receive(flight, buffer, words);
+    const reading = this.#receive(flight, buffer);
     await this.#send(flight);
     await reading;
     this.#flights.delete(flight);
@@ -332,9 +284,8 @@ class Run {
     try {
       let sent = 0;
       while (sent < size) {
-        const offset = (phase + sent) % PATTERN_PERIOD;
         const n = Math.min(CHUNK_BYTES, size - sent);
-        sent += await conn.write(PATTERN.subarray(offset, offset + n));
+        sent += await conn.write(patternSlice(phase, sent, n));
         flight.sent = sent;
       }
       flight.requestSent = true;
@@ -347,17 +298,13 @@ class Run {
     }
   }
 
-  async #receive(
-    flight: Flight,
-    buffer: Uint8Array,
-    words: Int32Array,
-  ): Promise<void> {
+  async #receive(flight: Flight, buffer: PatternBuffer): Promise<void> {
     const { conn, phase } = flight;
     const size = this.#size;
     let received = 0;
     try {
       for (;;) {
-        const n = await conn.read(buffer);
+        const n = await conn.read(buffer.bytes);
         if (n === null) break;
         if (received + n > size) {
           flight.fail(
@@ -366,13 +313,12 @@ class Run {
           );
           return;
         }
-        const from = (phase + received) % PATTERN_PERIOD;
-        const at = firstDifference(buffer, words, n, from);
+        const at = buffer.firstDifference(n, phase, received);
         if (at >= 0) {
           flight.fail(
             "mismatch",
-            `reply byte ${received + at} is ${hex(buffer[at])}, sent ${
-              hex(PATTERN[from + at])
+            `reply byte ${received + at} is ${hex(buffer.bytes[at])}, sent ${
+              hex(PatternBuffer.expected(phase, received + at))
             }`,
           );
           return;
@@ -574,31 +520,59 @@ loopback or on servers you run yourself.
 Options:
   --host HOST          server address (default 127.0.0.1)
   --port PORT          server port (default 4000)
-  --concurrency N      connections in flight (default 16)
+  --concurrency N      connections in flight (default 16); with --mix, the
+                       echo clients in flight
   --size SIZE          payload bytes per connection, optionally with a
                        suffix KiB, MiB or GiB, e.g. 16MiB (default 5)
   --duration SECONDS   how long to start connections for; those in flight
                        then get up to 5 s to finish (default 10; with
                        --connections, no limit unless given)
-  --connections N      stop after N connections
+  --connections N      stop after N connections (with --mix, N of each kind)
   -h, --help           show this help
+
+Fault injection:
+  --mix                run misbehaving clients beside the good ones:
+                       ${CLIENT_KINDS.join(", ")}
+  --kinds LIST         with --mix, only these kinds (comma-separated)
+  --large-size SIZE    payload of an echo-large client (default 1MiB)
+  --oversize SIZE      bytes an oversize client sends, to be more than the
+                       server's --max-client-bytes (default 65MiB)
+  --log PATH           with --mix, the access log of the server under test:
+                       at the end, check one well-formed line per connection
+                       that succeeded, no client number twice, and the byte
+                       count of every verified client
 
 Progress goes to stderr once a second, the summary to stdout. MB/s is
 (bytes sent + bytes received) / 2 per second, in 10^6 B/s; latency is from
 connect to the reply's EOF. Exit status: 0 if every connection was echoed
-correctly, 1 if any failed (or none completed), 2 for bad flags.`;
+correctly (and, with --log, every line is there), 1 if any failed or a line
+is missing (or nothing completed), 2 for bad flags.`;
+
+/** Options of a `--mix` run, as {@linkcode parseBenchArgs} returns them. */
+export interface MixCommandOptions extends MixOptions {
+  /** Marks a `--mix` run. */
+  mix: true;
+}
 
 /**
- * Parses `deno task bench` flags into {@linkcode BenchOptions}, or returns
- * `"help"`. Throws an error with a one-line message for bad flags.
+ * Parses `deno task bench` flags into {@linkcode BenchOptions}, or with
+ * `--mix` into {@linkcode MixCommandOptions}, or returns `"help"`. Throws a
+ * `UsageError` with a one-line message for bad flags.
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * const options = parseBenchArgs(["--port", "4777", "--size", "16MiB"]);
- * if (options !== "help") console.log(options.size); // 16777216
+ * assert.ok(options !== "help" && !("mix" in options));
+ * assert.equal(options.size, 16 * 1024 * 1024);
+ * const mix = parseBenchArgs(["--mix", "--log", "/tmp/access.log"]);
+ * assert.ok(mix !== "help" && "mix" in mix);
+ * assert.equal(mix.logPath, "/tmp/access.log");
  * ```
  */
-export function parseBenchArgs(args: string[]): BenchOptions | "help" {
+export function parseBenchArgs(
+  args: string[],
+): BenchOptions | MixCommandOptions | "help" {
   let values;
   try {
     ({ values } = parseArgs({
@@ -612,6 +586,11 @@ export function parseBenchArgs(args: string[]): BenchOptions | "help" {
         size: { type: "string" },
         duration: { type: "string" },
         connections: { type: "string" },
+        mix: { type: "boolean" },
+        kinds: { type: "string" },
+        "large-size": { type: "string" },
+        oversize: { type: "string" },
+        log: { type: "string" },
         help: { type: "boolean", short: "h" },
       },
     }));
@@ -645,7 +624,50 @@ export function parseBenchArgs(args: string[]): BenchOptions | "help" {
       default: 10,
     });
   }
-  return options;
+  if (!values.mix) {
+    for (const flag of ["kinds", "large-size", "oversize", "log"] as const) {
+      if (values[flag] !== undefined) {
+        throw new UsageError(`--${flag} needs --mix`);
+      }
+    }
+    return options;
+  }
+  const mix: MixCommandOptions = {
+    mix: true,
+    hostname: options.hostname,
+    port: options.port,
+    concurrency: options.concurrency,
+    size: options.size,
+    largeSize: parseSize("--large-size", values["large-size"], {
+      default: 1024 * 1024,
+    }),
+    oversize: parseSize("--oversize", values.oversize, {
+      default: 65 * 1024 * 1024,
+      min: 1,
+    }),
+  };
+  if (options.duration !== undefined) mix.duration = options.duration;
+  if (options.connections !== undefined) {
+    mix.connections = options.connections;
+  }
+  if (values.kinds !== undefined) mix.kinds = parseKinds(values.kinds);
+  if (values.log !== undefined) {
+    if (values.log === "") throw new UsageError("--log must not be empty");
+    mix.logPath = values.log;
+  }
+  return mix;
+}
+
+function parseKinds(text: string): ClientKind[] {
+  const kinds = text.split(",").map((kind) => kind.trim());
+  for (const kind of kinds) {
+    if (!(CLIENT_KINDS as readonly string[]).includes(kind)) {
+      throw new UsageError(
+        `--kinds must list kinds from ${CLIENT_KINDS.join(",")}, not '${kind}'`,
+      );
+    }
+  }
+  return kinds as ClientKind[];
 }
 
 function formatBytes(bytes: number): string {
@@ -687,14 +709,15 @@ async function main(args: string[]): Promise<number> {
     options.duration === undefined ? undefined : `${options.duration} s`,
     options.connections === undefined
       ? undefined
-      : `${options.connections} connections`,
+      : `${options.connections} connections${
+        "mix" in options ? " of each kind" : ""
+      }`,
   ].filter((limit) => limit !== undefined).join(" or ");
-  writeStderr(
-    `bench: ${options.hostname}:${options.port}, ${options.concurrency} in flight, ${
-      formatBytes(options.size ?? 5)
-    } each, for ${limits}\n`,
-  );
   let progressShown = false;
+  const progress = (text: string) => {
+    progressShown = true;
+    writeStderr(`${tty ? "\r" : ""}${text}${tty ? "\x1b[K" : "\n"}`);
+  };
   const abort = new AbortController();
   // Ctrl-C stops the run and still prints the summary; a second one quits.
   const onInterrupt = () => {
@@ -702,29 +725,73 @@ async function main(args: string[]): Promise<number> {
     abort.abort();
   };
   Deno.addSignalListener("SIGINT", onInterrupt);
-  let result;
   try {
-    result = await runBench({
+    if ("mix" in options) {
+      writeStderr(
+        `bench: ${options.hostname}:${options.port}, mix of ${
+          (options.kinds ?? CLIENT_KINDS).join(", ")
+        }; echo ${formatBytes(options.size ?? 5)}, ${
+          options.concurrency ?? 16
+        } in flight; for ${limits}${
+          options.logPath === undefined ? "" : `; checking ${options.logPath}`
+        }\n`,
+      );
+      let result;
+      try {
+        result = await runMix({
+          ...options,
+          signal: abort.signal,
+          onProgress: (p) =>
+            progress(
+              `${p.elapsedSeconds.toFixed(0).padStart(3)} s  ${
+                String(p.connected).padStart(8)
+              } connected  ${
+                p.echoesPerSecond.toFixed(0).padStart(6)
+              } echo/s  ${p.failures} failures`,
+            ),
+        });
+      } catch (error) {
+        // The log could not be opened: the one mistake runMix rejects for.
+        if (!(error instanceof Deno.errors.NotFound)) throw error;
+        console.error(
+          `bench: cannot read --log ${options.logPath}: ${error.message}`,
+        );
+        return 1;
+      }
+      if (tty && progressShown) writeStderr("\n");
+      for (const sample of result.errorSamples) {
+        writeStderr(`bench: ${sample}\n`);
+      }
+      console.log(formatMixResult(result));
+      if (result.log !== undefined) console.log(formatLogReport(result.log));
+      return result.ok ? 0 : 1;
+    }
+    writeStderr(
+      `bench: ${options.hostname}:${options.port}, ${options.concurrency} in flight, ${
+        formatBytes(options.size ?? 5)
+      } each, for ${limits}\n`,
+    );
+    const result = await runBench({
       ...options,
       signal: abort.signal,
-      onProgress: (progress) => {
-        progressShown = true;
-        writeStderr(
-          `${tty ? "\r" : ""}${
-            progress.elapsedSeconds.toFixed(0).padStart(3)
-          } s  ${String(progress.connections).padStart(8)} conns  ${
-            progress.connectionsPerSecond.toFixed(0).padStart(6)
-          } conn/s  ${progress.errors} errors${tty ? "\x1b[K" : "\n"}`,
-        );
-      },
+      onProgress: (p) =>
+        progress(
+          `${p.elapsedSeconds.toFixed(0).padStart(3)} s  ${
+            String(p.connections).padStart(8)
+          } conns  ${
+            p.connectionsPerSecond.toFixed(0).padStart(6)
+          } conn/s  ${p.errors} errors`,
+        ),
     });
+    if (tty && progressShown) writeStderr("\n");
+    for (const sample of result.errorSamples) {
+      writeStderr(`bench: ${sample}\n`);
+    }
+    console.log(formatResult(result));
+    return result.errors > 0 || result.connections === 0 ? 1 : 0;
   } finally {
     Deno.removeSignalListener("SIGINT", onInterrupt);
   }
-  if (tty && progressShown) writeStderr("\n");
-  for (const sample of result.errorSamples) writeStderr(`bench: ${sample}\n`);
-  console.log(formatResult(result));
-  return result.errors > 0 || result.connections === 0 ? 1 : 0;
 }
 
 if (import.meta.main) {

@@ -1,0 +1,862 @@
+/**
+ * Fault injection for `deno task bench --mix`: misbehaving clients run beside
+ * verified good ones, and the server's access log is checked afterwards.
+ *
+ * Each kind of client has its own workers, so slow kinds never hold up the
+ * good ones. The kinds:
+ *
+ * | kind               | what it does                                               | the log must show           |
+ * | ------------------ | ---------------------------------------------------------- | --------------------------- |
+ * | `echo`             | sends `size` bytes, half-closes, verifies the echo         | `size` bytes                |
+ * | `echo-large`       | the same with `largeSize` bytes                            | `largeSize` bytes           |
+ * | `reset-on-connect` | resets (SO_LINGER 0) as soon as the connect completes      | 0 bytes                     |
+ * | `reset-mid-send`   | sends 32 KiB, then resets                                  | a line (0 to 32 KiB)        |
+ * | `vanish`           | connects, then closes without sending                      | 0 bytes                     |
+ * | `no-read`          | sends 4 KiB, then closes without reading the reply         | 4096 bytes                  |
+ * | `slowloris`        | sends a byte every `slowlorisIntervalMs`, 10 in all, then half-closes and verifies the echo | 10 bytes |
+ * | `idle`             | sends nothing for `idleMs`, then half-closes; verifies the empty reply | 0 bytes        |
+ * | `oversize`         | sends `oversize` bytes (more than the server's limit)      | a line (any size)           |
+ *
+ * A connection "succeeded" when the kernel completed it: the connect call
+ * returned. That includes the `reset-on-connect` clients: the server's
+ * kernel accepted them, so the server has a client to number and log even
+ * if it only learns of it as a failed `accept`. So the log must have one
+ * line per connection that succeeded, whatever the client then did. A
+ * connect still pending when the run is cut off may or may not have
+ * completed; such connections are counted as uncertain.
+ *
+ * @module
+ */
+
+import * as net from "node:net";
+import { type LogReport, LogTail, type WaitOptions } from "./log_check.ts";
+import {
+  CHUNK_BYTES,
+  PatternBuffer,
+  patternSlice,
+  phaseOf,
+} from "./pattern.ts";
+
+/** The kinds of client {@linkcode runMix} runs. */
+export const CLIENT_KINDS = [
+  "echo",
+  "echo-large",
+  "reset-on-connect",
+  "reset-mid-send",
+  "vanish",
+  "no-read",
+  "slowloris",
+  "idle",
+  "oversize",
+] as const;
+
+/** One of {@linkcode CLIENT_KINDS}. */
+export type ClientKind = typeof CLIENT_KINDS[number];
+
+/** Options for {@linkcode runMix}. */
+export interface MixOptions {
+  /** Server address. @default {"127.0.0.1"} */
+  hostname?: string;
+  /** Server port. @default {4000} */
+  port?: number;
+  /** The kinds of client to run. @default {CLIENT_KINDS} */
+  kinds?: readonly ClientKind[];
+  /** `echo` clients in flight at once. @default {16} */
+  concurrency?: number;
+  /**
+   * Clients in flight at once for the other kinds.
+   * @default {{"echo-large": 2, oversize: 1, slowloris: 4, idle: 4, others 2}}
+   */
+  kindConcurrency?: Partial<Record<ClientKind, number>>;
+  /** Payload bytes of an `echo` client. @default {5} */
+  size?: number;
+  /** Payload bytes of an `echo-large` client. @default {1048576} */
+  largeSize?: number;
+  /**
+   * Bytes an `oversize` client sends: more than the server's per-client
+   * limit. @default {68157440} (65 MiB, over echo-server's default 64 MiB)
+   */
+  oversize?: number;
+  /** Time between the bytes of a `slowloris` client. @default {100} */
+  slowlorisIntervalMs?: number;
+  /** How long an `idle` client waits before it half-closes. @default {1000} */
+  idleMs?: number;
+  /**
+   * Seconds to start new clients for; clients in flight then get up to 5 s
+   * more to finish, and are cut off after that (counted as unfinished).
+   * @default {10, or no limit when connections is given}
+   */
+  duration?: number;
+  /** Stop after this many clients of each kind. */
+  connections?: number;
+  /**
+   * The server's access log. When given, the lines appended during the run
+   * are checked against the connections that succeeded.
+   */
+  logPath?: string;
+  /** How long to wait for the server to write its last lines. */
+  logWait?: WaitOptions;
+  /** Stops the run at once: clients in flight are cut off. */
+  signal?: AbortSignal;
+  /** Called about once a second while clients run. */
+  onProgress?: (progress: MixProgress) => void;
+}
+
+/** A snapshot passed to {@linkcode MixOptions.onProgress}. */
+export interface MixProgress {
+  /** Seconds since the run started. */
+  elapsedSeconds: number;
+  /** Connections that succeeded so far, all kinds. */
+  connected: number;
+  /** `echo` clients verified since the previous snapshot, per second. */
+  echoesPerSecond: number;
+  /** Failures so far, all kinds. */
+  failures: number;
+}
+
+/** What happened to the clients of one kind. */
+export interface KindResult {
+  /** The kind. */
+  kind: ClientKind;
+  /** Clients of this kind in flight at once. */
+  concurrency: number;
+  /** Connections the kernel completed. */
+  connected: number;
+  /** Clients that behaved as the kind should and got what they should. */
+  ok: number;
+  /** Replies with a wrong byte, too long, or too short. */
+  wrong: number;
+  /** Clients the server reset or closed on when it should have served them. */
+  broken: number;
+  /** Connects that failed. */
+  connectErrors: number;
+  /** Clients cut off by the end of the run (connected); not failures. */
+  unfinished: number;
+  /** Connects cut off by the end of the run, which may have completed. */
+  uncertain: number;
+  /** `oversize` clients whose whole payload was echoed instead of cut off. */
+  echoedInFull: number;
+}
+
+/** What {@linkcode runMix} found. */
+export interface MixResult {
+  /** One entry per kind run, in {@linkcode CLIENT_KINDS} order. */
+  kinds: KindResult[];
+  /** Connections that succeeded, all kinds: each must have a log line. */
+  connected: number;
+  /** Connects that may or may not have completed, all kinds. */
+  uncertain: number;
+  /** Wrong replies, all kinds. */
+  wrong: number;
+  /** Broken good clients, all kinds. */
+  broken: number;
+  /** Failed connects, all kinds. */
+  connectErrors: number;
+  /** Seconds from the start until the last client ended. */
+  elapsedSeconds: number;
+  /** The check of the access log, if {@linkcode MixOptions.logPath} was given. */
+  log?: LogReport;
+  /** Descriptions of the first few failures. */
+  errorSamples: string[];
+  /** True when something connected and there was no failure or loss. */
+  ok: boolean;
+}
+
+/** Time clients in flight at the end of the duration get to finish. */
+const FINISH_GRACE_MS = 5000;
+const RESET_MID_SEND_BYTES = 32 * 1024;
+const NO_READ_BYTES = 4096;
+const SLOWLORIS_BYTES = 10;
+const MAX_ERROR_SAMPLES = 8;
+const DEFAULT_KIND_CONCURRENCY: Record<ClientKind, number> = {
+  "echo": 16,
+  "echo-large": 2,
+  "reset-on-connect": 2,
+  "reset-mid-send": 2,
+  "vanish": 2,
+  "no-read": 2,
+  "slowloris": 4,
+  "idle": 4,
+  "oversize": 1,
+};
+
+/** How one client ended. */
+type Outcome =
+  | { status: "connect failed"; message: string }
+  | { status: "uncertain" }
+  | { status: "ok"; loggedBytes?: number; echoedInFull?: boolean }
+  | { status: "wrong" | "broken"; message: string }
+  | { status: "unfinished" };
+
+/** What a client needs: where to go, its payload, and the run's stop signal. */
+interface Attempt {
+  hostname: string;
+  port: number;
+  phase: number;
+  /** Aborted when the run cuts off clients in flight. */
+  stop: AbortSignal;
+  /** A read buffer for this worker. */
+  buffer: PatternBuffer;
+}
+
+interface KindSettings {
+  size: number;
+  largeSize: number;
+  oversize: number;
+  slowlorisIntervalMs: number;
+  idleMs: number;
+}
+
+/**
+ * Runs the mix of clients against an echo server and, given its access log,
+ * checks the log. It never rejects because of the server: failures are
+ * counted in the result. If no client could connect at all, the run stops
+ * at the first failed connect. Rejects with a `RangeError` for invalid
+ * options.
+ *
+ * @example
+ * ```ts ignore
+ * const result = await runMix({
+ *   port: 4000,
+ *   duration: 10,
+ *   logPath: "/var/log/echo-server/access.log",
+ * });
+ * console.log(formatMixResult(result));
+ * if (!result.ok) Deno.exit(1);
+ * ```
+ */
+export async function runMix(options: MixOptions = {}): Promise<MixResult> {
+  const hostname = options.hostname ?? "127.0.0.1";
+  const port = options.port ?? 4000;
+  const kinds = CLIENT_KINDS.filter((kind) =>
+    (options.kinds ?? CLIENT_KINDS).includes(kind)
+  );
+  const settings: KindSettings = {
+    size: options.size ?? 5,
+    largeSize: options.largeSize ?? 1024 * 1024,
+    oversize: options.oversize ?? 65 * 1024 * 1024,
+    slowlorisIntervalMs: options.slowlorisIntervalMs ?? 100,
+    idleMs: options.idleMs ?? 1000,
+  };
+  const limit = options.connections ?? Infinity;
+  const duration = options.duration ??
+    (options.connections === undefined ? 10 : undefined);
+  checkInteger("port", port, 1, 65535);
+  if (kinds.length === 0) throw new RangeError("no kind of client to run");
+  for (const [name, value] of Object.entries(settings)) {
+    checkInteger(name, value, 0, Number.MAX_SAFE_INTEGER);
+  }
+  if (options.connections !== undefined) {
+    checkInteger("connections", limit, 1, Number.MAX_SAFE_INTEGER);
+  }
+  if (duration !== undefined && !(duration > 0 && duration <= 2_147_483)) {
+    throw new RangeError(`duration must be above 0 seconds, not ${duration}`);
+  }
+  const concurrencyOf = (kind: ClientKind) =>
+    (kind === "echo" ? options.concurrency : options.kindConcurrency?.[kind]) ??
+      DEFAULT_KIND_CONCURRENCY[kind];
+  for (const kind of kinds) {
+    checkInteger(`${kind} concurrency`, concurrencyOf(kind), 1, 100_000);
+  }
+
+  // Opened before the first connect, so every line of this run is after it.
+  const tail = options.logPath === undefined
+    ? undefined
+    : await LogTail.open(options.logPath);
+  try {
+    const run = new MixRun(hostname, port, settings, limit);
+    const stop = () => run.stop();
+    options.signal?.addEventListener("abort", stop);
+    if (options.signal?.aborted) stop();
+    const start = performance.now();
+    let grace: ReturnType<typeof setTimeout> | undefined;
+    const deadline = duration === undefined ? undefined : setTimeout(() => {
+      run.finish();
+      grace = setTimeout(stop, FINISH_GRACE_MS);
+    }, duration * 1000);
+    const onProgress = options.onProgress;
+    let lastTime = start;
+    let lastOk = 0;
+    const ticker = onProgress === undefined ? undefined : setInterval(() => {
+      const now = performance.now();
+      const echoes = run.results.get("echo")?.ok ?? 0;
+      onProgress({
+        elapsedSeconds: (now - start) / 1000,
+        connected: run.connected,
+        echoesPerSecond: (echoes - lastOk) / ((now - lastTime) / 1000),
+        failures: run.failures,
+      });
+      lastTime = now;
+      lastOk = echoes;
+    }, 1000);
+    let end;
+    try {
+      const workers = [];
+      for (const kind of kinds) {
+        const concurrency = concurrencyOf(kind);
+        run.results.set(kind, emptyResult(kind, concurrency));
+        for (let i = 0; i < Math.min(concurrency, limit); i++) {
+          workers.push(run.worker(kind));
+        }
+      }
+      await Promise.all(workers);
+      end = performance.now();
+    } finally {
+      clearTimeout(deadline);
+      clearTimeout(grace);
+      clearInterval(ticker);
+      options.signal?.removeEventListener("abort", stop);
+    }
+
+    const kindResults = kinds.map((kind) => run.results.get(kind)!);
+    const sum = (field: keyof KindResult) =>
+      kindResults.reduce((total, result) => total + Number(result[field]), 0);
+    const result: MixResult = {
+      kinds: kindResults,
+      connected: run.connected,
+      uncertain: sum("uncertain"),
+      wrong: sum("wrong"),
+      broken: sum("broken"),
+      connectErrors: sum("connectErrors"),
+      elapsedSeconds: Math.max(end - start, 1e-6) / 1000,
+      errorSamples: run.errorSamples,
+      ok: false,
+    };
+    if (tail !== undefined) {
+      await tail.waitFor(result.connected, options.logWait);
+      result.log = tail.check({
+        connections: result.connected,
+        uncertain: result.uncertain,
+        requiredSizes: run.loggedSizes,
+      });
+    }
+    result.ok = result.connected > 0 && result.wrong === 0 &&
+      result.broken === 0 && result.connectErrors === 0 &&
+      (result.log?.ok ?? true);
+    return result;
+  } finally {
+    tail?.close();
+  }
+}
+
+function emptyResult(kind: ClientKind, concurrency: number): KindResult {
+  return {
+    kind,
+    concurrency,
+    connected: 0,
+    ok: 0,
+    wrong: 0,
+    broken: 0,
+    connectErrors: 0,
+    unfinished: 0,
+    uncertain: 0,
+    echoedInFull: 0,
+  };
+}
+
+class MixRun {
+  readonly results = new Map<ClientKind, KindResult>();
+  /** Byte counts the log must show: bytes → clients. */
+  readonly loggedSizes = new Map<number, number>();
+  readonly errorSamples: string[] = [];
+  connected = 0;
+  failures = 0;
+  readonly #hostname: string;
+  readonly #port: number;
+  readonly #settings: KindSettings;
+  readonly #limit: number;
+  readonly #started = new Map<ClientKind, number>();
+  readonly #stop = new AbortController();
+  #seq = 0;
+  #everConnected = false;
+  #finishing = false;
+
+  constructor(
+    hostname: string,
+    port: number,
+    settings: KindSettings,
+    limit: number,
+  ) {
+    this.#hostname = hostname;
+    this.#port = port;
+    this.#settings = settings;
+    this.#limit = limit;
+  }
+
+  /** Starts no more clients; those in flight may finish. */
+  finish(): void {
+    this.#finishing = true;
+  }
+
+  /** Starts no more clients and cuts off those in flight. */
+  stop(): void {
+    this.#finishing = true;
+    this.#stop.abort();
+  }
+
+  async worker(kind: ClientKind): Promise<void> {
+    const size = this.#settings.size;
+    const readBytes = kind === "echo"
+      ? Math.min(CHUNK_BYTES, Math.max(64, size + 1))
+      : CHUNK_BYTES;
+    const buffer = new PatternBuffer(readBytes);
+    for (;;) {
+      const started = this.#started.get(kind) ?? 0;
+      if (this.#finishing || started >= this.#limit) return;
+      this.#started.set(kind, started + 1);
+      const seq = this.#seq++;
+      const outcome = await CLIENTS[kind]({
+        hostname: this.#hostname,
+        port: this.#port,
+        phase: phaseOf(seq),
+        stop: this.#stop.signal,
+        buffer,
+      }, this.#settings);
+      this.#record(kind, seq, outcome);
+    }
+  }
+
+  #record(kind: ClientKind, seq: number, outcome: Outcome): void {
+    const result = this.results.get(kind)!;
+    switch (outcome.status) {
+      case "connect failed":
+        result.connectErrors++;
+        this.failures++;
+        this.#sample(`${kind} client ${seq + 1}: connect: ${outcome.message}`);
+        // Nothing listening at all: say so once rather than retry for the
+        // whole duration.
+        if (!this.#everConnected) this.stop();
+        return;
+      case "uncertain":
+        result.uncertain++;
+        return;
+    }
+    this.#everConnected = true;
+    this.connected++;
+    result.connected++;
+    switch (outcome.status) {
+      case "ok":
+        result.ok++;
+        if (outcome.echoedInFull) result.echoedInFull++;
+        if (outcome.loggedBytes !== undefined) {
+          const bytes = outcome.loggedBytes;
+          this.loggedSizes.set(bytes, (this.loggedSizes.get(bytes) ?? 0) + 1);
+        }
+        return;
+      case "unfinished":
+        result.unfinished++;
+        return;
+      case "wrong":
+      case "broken":
+        result[outcome.status]++;
+        this.failures++;
+        this.#sample(`${kind} client ${seq + 1}: ${outcome.message}`);
+        return;
+    }
+  }
+
+  #sample(message: string): void {
+    if (this.errorSamples.length < MAX_ERROR_SAMPLES) {
+      this.errorSamples.push(message);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The clients
+
+type Client = (attempt: Attempt, settings: KindSettings) => Promise<Outcome>;
+
+const CLIENTS: Record<ClientKind, Client> = {
+  "echo": (attempt, { size }) =>
+    echoClient(attempt, size, (conn) => sendAll(conn, attempt.phase, size)),
+  "echo-large": (attempt, { largeSize }) =>
+    echoClient(
+      attempt,
+      largeSize,
+      (conn) => sendAll(conn, attempt.phase, largeSize),
+    ),
+  "slowloris": (attempt, { slowlorisIntervalMs }) =>
+    echoClient(attempt, SLOWLORIS_BYTES, async (conn) => {
+      for (let sent = 0; sent < SLOWLORIS_BYTES; sent++) {
+        if (sent > 0) await sleep(slowlorisIntervalMs, attempt.stop);
+        await writeAll(conn, patternSlice(attempt.phase, sent, 1));
+      }
+    }),
+  "idle": (attempt, { idleMs }) =>
+    echoClient(attempt, 0, () => sleep(idleMs, attempt.stop)),
+  "oversize": oversizeClient,
+  "vanish": async (attempt) => {
+    const conn = await connect(attempt);
+    if (!("localAddr" in conn)) return conn;
+    conn.close();
+    return { status: "ok", loggedBytes: 0 };
+  },
+  "no-read": async (attempt) => {
+    const conn = await connect(attempt);
+    if (!("localAddr" in conn)) return conn;
+    using guard = new CloseOnStop(conn, attempt.stop);
+    try {
+      await sendAll(conn, attempt.phase, NO_READ_BYTES);
+    } catch (error) {
+      if (attempt.stop.aborted) return { status: "unfinished" };
+      return { status: "broken", message: `write: ${describe(error)}` };
+    }
+    guard.close();
+    return { status: "ok", loggedBytes: NO_READ_BYTES };
+  },
+  "reset-on-connect": async (attempt) => {
+    const socket = await nodeConnect(attempt);
+    if (!(socket instanceof net.Socket)) return socket;
+    await reset(socket);
+    return { status: "ok", loggedBytes: 0 };
+  },
+  "reset-mid-send": async (attempt) => {
+    const socket = await nodeConnect(attempt);
+    if (!(socket instanceof net.Socket)) return socket;
+    const onStop = () => socket.destroy();
+    attempt.stop.addEventListener("abort", onStop);
+    try {
+      await new Promise<void>((resolve) => {
+        socket.write(
+          patternSlice(attempt.phase, 0, RESET_MID_SEND_BYTES),
+          () => resolve(),
+        );
+        socket.once("close", () => resolve());
+      });
+    } finally {
+      attempt.stop.removeEventListener("abort", onStop);
+    }
+    if (attempt.stop.aborted) return { status: "unfinished" };
+    await reset(socket);
+    // The server logs whatever part of the bytes it read before the reset.
+    return { status: "ok" };
+  },
+};
+
+/** A Deno connection, or how connecting ended if it did not connect. */
+async function connect(attempt: Attempt): Promise<Deno.TcpConn | Outcome> {
+  try {
+    return await Deno.connect({
+      hostname: attempt.hostname,
+      port: attempt.port,
+      signal: attempt.stop,
+    });
+  } catch (error) {
+    // Cut off mid-connect: the kernel may have completed it or not.
+    if (attempt.stop.aborted) return { status: "uncertain" };
+    return { status: "connect failed", message: describe(error) };
+  }
+}
+
+/** A node:net socket (for its reset), or how connecting ended. */
+async function nodeConnect(attempt: Attempt): Promise<net.Socket | Outcome> {
+  const socket = net.connect({ host: attempt.hostname, port: attempt.port });
+  // Errors after the connect (the server's reset) are expected; without a
+  // listener they would be thrown.
+  let error: unknown;
+  socket.on("error", (e) => error ??= e);
+  const connected = await new Promise<boolean>((resolve) => {
+    const onStop = () => resolve(false);
+    attempt.stop.addEventListener("abort", onStop);
+    socket.once("connect", () => resolve(true));
+    socket.once("close", () => resolve(false));
+    if (attempt.stop.aborted) resolve(false);
+  }).finally(() => {
+    socket.removeAllListeners("connect");
+  });
+  if (connected) return socket;
+  const closed = new Promise((resolve) => socket.once("close", resolve));
+  socket.destroy();
+  await closed;
+  if (attempt.stop.aborted) return { status: "uncertain" };
+  return { status: "connect failed", message: describe(error) };
+}
+
+/** Resets the connection (SO_LINGER 0) and waits for the socket to close. */
+async function reset(socket: net.Socket): Promise<void> {
+  if (socket.destroyed) return;
+  const closed = new Promise((resolve) => socket.once("close", resolve));
+  socket.resetAndDestroy();
+  await closed;
+}
+
+/**
+ * Sends with `send` while reading and verifying the reply, then judges it
+ * as an echo of `size` bytes.
+ */
+async function echoClient(
+  attempt: Attempt,
+  size: number,
+  send: (conn: Deno.TcpConn) => Promise<void>,
+): Promise<Outcome> {
+  const conn = await connect(attempt);
+  if (!("localAddr" in conn)) return conn;
+  const exchanged = await exchange(conn, attempt, size, send);
+  if (exchanged.mismatch !== undefined) {
+    return { status: "wrong", message: exchanged.mismatch };
+  }
+  if (attempt.stop.aborted) return { status: "unfinished" };
+  const { sendError, readError, requestSent, received } = exchanged;
+  if (sendError !== undefined) {
+    return { status: "broken", message: `write: ${sendError}` };
+  }
+  if (readError !== undefined) {
+    return {
+      status: "broken",
+      message: `read after ${received} bytes: ${readError}`,
+    };
+  }
+  if (!requestSent) {
+    // Deno reports a reset as EOF on read, so a reply that ends while the
+    // request is still being sent is counted as what it most likely is.
+    return {
+      status: "broken",
+      message: "closed or reset by the server before the request was sent",
+    };
+  }
+  if (received < size) {
+    return {
+      status: "wrong",
+      message: `reply ended after ${received} of ${size} bytes`,
+    };
+  }
+  return { status: "ok", loggedBytes: size };
+}
+
+/**
+ * Sends more than the server takes: a cut-off (reset or short reply) is
+ * what it should get, a full echo is fine too; a wrong byte is not.
+ */
+async function oversizeClient(
+  attempt: Attempt,
+  { oversize }: KindSettings,
+): Promise<Outcome> {
+  const conn = await connect(attempt);
+  if (!("localAddr" in conn)) return conn;
+  const exchanged = await exchange(
+    conn,
+    attempt,
+    oversize,
+    (conn) => sendAll(conn, attempt.phase, oversize),
+  );
+  if (exchanged.mismatch !== undefined) {
+    return { status: "wrong", message: exchanged.mismatch };
+  }
+  if (attempt.stop.aborted) return { status: "unfinished" };
+  const echoedInFull = exchanged.requestSent &&
+    exchanged.received === oversize && exchanged.sendError === undefined &&
+    exchanged.readError === undefined;
+  return { status: "ok", echoedInFull };
+}
+
+interface Exchanged {
+  received: number;
+  requestSent: boolean;
+  sendError?: string;
+  readError?: string;
+  mismatch?: string;
+}
+
+/**
+ * Runs `send` then half-closes, while reading the reply and checking it
+ * against the pattern; closes `conn` at the end. Reading while sending
+ * matters: a server that streams its reply would otherwise deadlock.
+ */
+async function exchange(
+  conn: Deno.TcpConn,
+  attempt: Attempt,
+  size: number,
+  send: (conn: Deno.TcpConn) => Promise<void>,
+): Promise<Exchanged> {
+  using guard = new CloseOnStop(conn, attempt.stop);
+  const { buffer, phase } = attempt;
+  const result: Exchanged = { received: 0, requestSent: false };
+  const reading = (async () => {
+    try {
+      for (;;) {
+        const n = await conn.read(buffer.bytes);
+        if (n === null) return;
+        if (result.received + n > size) {
+          result.mismatch = `reply longer than the ${size} bytes sent`;
+          return;
+        }
+        const at = buffer.firstDifference(n, phase, result.received);
+        if (at >= 0) {
+          result.mismatch = `reply byte ${result.received + at} is ${
+            hex(buffer.bytes[at])
+          }, sent ${hex(PatternBuffer.expected(phase, result.received + at))}`;
+          return;
+        }
+        result.received += n;
+      }
+    } catch (error) {
+      result.readError = describe(error);
+    }
+  })().finally(() => {
+    // A wrong reply or a broken read ends the exchange: closing stops a
+    // send that may be blocked on a server that no longer reads.
+    if (result.mismatch !== undefined || result.readError !== undefined) {
+      guard.close();
+    }
+  });
+  try {
+    await send(conn);
+    result.requestSent = true;
+    await conn.closeWrite();
+  } catch (error) {
+    result.sendError = describe(error);
+    guard.close();
+  }
+  await reading;
+  return result;
+}
+
+/** Closes a connection once: when asked, or when the run cuts clients off. */
+class CloseOnStop implements Disposable {
+  #closed = false;
+  readonly #onStop = () => this.close();
+
+  constructor(readonly conn: Deno.TcpConn, readonly stop: AbortSignal) {
+    stop.addEventListener("abort", this.#onStop);
+    if (stop.aborted) this.close();
+  }
+
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.conn.close();
+  }
+
+  [Symbol.dispose](): void {
+    this.stop.removeEventListener("abort", this.#onStop);
+    this.close();
+  }
+}
+
+async function sendAll(
+  conn: Deno.TcpConn,
+  phase: number,
+  size: number,
+): Promise<void> {
+  for (let sent = 0; sent < size;) {
+    sent += await conn.write(
+      patternSlice(phase, sent, Math.min(CHUNK_BYTES, size - sent)),
+    );
+  }
+}
+
+async function writeAll(conn: Deno.TcpConn, bytes: Uint8Array): Promise<void> {
+  for (let written = 0; written < bytes.length;) {
+    written += await conn.write(bytes.subarray(written));
+  }
+}
+
+/** Waits `ms`, or less if `signal` aborts first. */
+function sleep(ms: number, signal: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    const done = () => {
+      clearTimeout(timer);
+      signal.removeEventListener("abort", done);
+      resolve();
+    };
+    const timer = setTimeout(done, ms);
+    signal.addEventListener("abort", done);
+    if (signal.aborted) done();
+  });
+}
+
+function checkInteger(
+  name: string,
+  value: number,
+  min: number,
+  max: number,
+): void {
+  if (!(Number.isInteger(value) && value >= min && value <= max)) {
+    throw new RangeError(
+      `${name} must be a whole number from ${min} to ${max}, not ${value}`,
+    );
+  }
+}
+
+function describe(error: unknown): string {
+  if (error instanceof Error) return `${error.name}: ${error.message}`;
+  return String(error);
+}
+
+function hex(byte: number): string {
+  return `0x${byte.toString(16).padStart(2, "0")}`;
+}
+
+// ---------------------------------------------------------------------------
+// Output
+
+/**
+ * Formats a {@linkcode MixResult} as the table the command line prints: one
+ * row per kind of client, a total, and the log check.
+ *
+ * @example
+ * ```ts ignore
+ * console.log(formatMixResult(await runMix({ port: 4000, duration: 5 })));
+ * ```
+ */
+export function formatMixResult(result: MixResult): string {
+  const header = [
+    "kind",
+    "in flight",
+    "connected",
+    "ok",
+    "wrong",
+    "broken",
+    "connect err",
+    "unfinished",
+  ];
+  const rows = result.kinds.map((kind) =>
+    [
+      kind.kind,
+      kind.concurrency,
+      kind.connected,
+      kind.ok,
+      kind.wrong,
+      kind.broken,
+      kind.connectErrors,
+      kind.unfinished,
+    ].map(String)
+  );
+  rows.push([
+    "total",
+    "",
+    `${result.connected}`,
+    `${result.kinds.reduce((total, kind) => total + kind.ok, 0)}`,
+    `${result.wrong}`,
+    `${result.broken}`,
+    `${result.connectErrors}`,
+    `${result.kinds.reduce((total, kind) => total + kind.unfinished, 0)}`,
+  ]);
+  const widths = header.map((title, column) =>
+    Math.max(title.length, ...rows.map((row) => row[column].length))
+  );
+  const format = (row: string[]) =>
+    row.map((cell, column) =>
+      column === 0 ? cell.padEnd(widths[0]) : cell.padStart(widths[column])
+    ).join("  ");
+  const lines = [format(header), ...rows.map(format)];
+  lines.push(
+    `elapsed      ${result.elapsedSeconds.toFixed(3)} s, ${
+      (result.connected / result.elapsedSeconds).toFixed(1)
+    } conn/s`,
+  );
+  if (result.uncertain > 0) {
+    lines.push(
+      `uncertain    ${result.uncertain} connects cut off at the end may have completed`,
+    );
+  }
+  const echoedInFull = result.kinds.find((kind) => kind.kind === "oversize")
+    ?.echoedInFull;
+  if (echoedInFull) {
+    lines.push(
+      `note         ${echoedInFull} oversize clients were echoed in full: is --oversize above the server's limit?`,
+    );
+  }
+  return lines.join("\n");
+}
