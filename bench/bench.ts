@@ -7,6 +7,16 @@
  * payload starts at its own offset of a pseudo-random pattern, so a server
  * that hands one client's bytes to another is caught too.
  *
+ * With `--mix` it runs misbehaving clients beside the verified ones (resets,
+ * slowloris, idle, oversize, ...; see `mix.ts`), and with `--log PATH` it
+ * then checks the server's access log: one well-formed line per connection
+ * that succeeded, no client number twice (see `log_check.ts`).
+ *
+ * ```sh
+ * deno run --allow-net --allow-read bench/bench.ts --port 4000 --mix \
+ *   --log /var/log/echo-server/access.log
+ * ```
+ *
  * It connects to the one host and port it is given and nowhere else. It is
  * meant for loopback and for servers you run yourself: do not point it at
  * other people's machines.

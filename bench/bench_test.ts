@@ -446,6 +446,12 @@ Deno.test("CLI: --help lists every flag and default", async () => {
       "(default 10",
       "--connections N",
       "--help",
+      "--mix",
+      "reset-on-connect",
+      "--kinds LIST",
+      "--large-size SIZE",
+      "--oversize SIZE",
+      "--log PATH",
     ]
   ) {
     assert.ok(stdout.includes(text), `${text} missing from:\n${stdout}`);
@@ -509,4 +515,66 @@ Deno.test("CLI: errors give status 1 and say what went wrong", async () => {
   assert.equal(code, 1);
   assert.match(stdout, /^errors {7}1 \(connect 1,/m);
   assert.match(stderr, /connect: ConnectionRefused/);
+});
+
+Deno.test("parseBenchArgs: --mix and its flags", () => {
+  assert.deepEqual(parseBenchArgs(["--mix"]), {
+    mix: true,
+    hostname: "127.0.0.1",
+    port: 4000,
+    concurrency: 16,
+    size: 5,
+    largeSize: MIB,
+    oversize: 65 * MIB,
+    duration: 10,
+  });
+  assert.deepEqual(
+    parseBenchArgs([
+      "--mix",
+      "--port",
+      "4777",
+      "--kinds",
+      "echo,reset-on-connect",
+      "--connections",
+      "7",
+      "--large-size",
+      "4MiB",
+      "--oversize",
+      "2MiB",
+      "--log",
+      "/tmp/access.log",
+    ]),
+    {
+      mix: true,
+      hostname: "127.0.0.1",
+      port: 4777,
+      concurrency: 16,
+      size: 5,
+      largeSize: 4 * MIB,
+      oversize: 2 * MIB,
+      connections: 7,
+      kinds: ["echo", "reset-on-connect"],
+      logPath: "/tmp/access.log",
+    },
+  );
+  for (
+    const [args, message] of [
+      [["--log", "/tmp/a.log"], "--log needs --mix"],
+      [["--kinds", "echo"], "--kinds needs --mix"],
+      [["--oversize", "1MiB"], "--oversize needs --mix"],
+      [
+        ["--mix", "--kinds", "echo,bogus"],
+        "--kinds must list kinds from echo,",
+      ],
+      [["--mix", "--oversize", "0"], "--oversize must be a size of at least 1"],
+      [["--mix", "--log", ""], "--log must not be empty"],
+    ] as const
+  ) {
+    assert.throws(
+      () => parseBenchArgs([...args]),
+      (error: Error) =>
+        error.name === "UsageError" && error.message.startsWith(message),
+      `${args}`,
+    );
+  }
 });

@@ -61,7 +61,7 @@ export interface LogReport {
 
 /** Options for {@linkcode LogTail.waitFor}. */
 export interface WaitOptions {
-  /** Stop waiting once the line count has not changed for this long. Default 3000 ms. */
+  /** Stop waiting once the line count has not changed for this long. Default 2000 ms. */
   quietMs?: number;
   /** Stop waiting after this long whatever happens. Default 30 000 ms. */
   timeoutMs?: number;
@@ -173,7 +173,7 @@ export class LogTail implements Disposable {
    */
   async waitFor(expected: number, options: WaitOptions = {}): Promise<number> {
     const {
-      quietMs = 3000,
+      quietMs = 2000,
       timeoutMs = 30_000,
       settleMs = 300,
       pollMs = 50,
@@ -232,6 +232,7 @@ export class LogTail implements Disposable {
     this.#file.close();
   }
 
+  /** Closes the file, for `using`. */
   [Symbol.dispose](): void {
     this.close();
   }
