@@ -645,3 +645,60 @@ Deno.test(
     }
   }),
 );
+
+Deno.test(
+  "--metrics survives running out of file descriptors (ulimit -n 64): restarted, /metrics answers again",
+  withTempDir(async (dir) => {
+    await using server = new ServerProcess(dir, ["--metrics", ":0"], {
+      maxOpenFiles: 64,
+    });
+    const port = await server.port();
+    const metricsPort = Number(
+      /:(\d+)\/metrics/.exec(await server.waitFor(/^metrics on /))![1],
+    );
+    assert.equal((await httpGet(metricsPort, "/metrics")).status, 200);
+    // More clients than the server has descriptors, all held open: the
+    // server accepts until accept fails with EMFILE.
+    const clients = 100;
+    const conns = await Promise.all(
+      Array.from(
+        { length: clients },
+        () => Deno.connect({ hostname: "127.0.0.1", port }),
+      ),
+    );
+    try {
+      await server.waitFor(/^accept failed.*\(os error 24\)/);
+      // Now the metrics server's accept fails too, and Deno.serve stops
+      // for good; unhandled, that would end the process.
+      await httpGet(metricsPort, "/metrics").catch(() => {});
+      await server.waitFor(/^metrics server stopped: .*\(os error 24\)/);
+    } finally {
+      for (const conn of conns) conn.close();
+    }
+    // Descriptors are free again: ask once per restart attempt until it
+    // answers.
+    let exposition;
+    for (;;) {
+      try {
+        exposition = await httpGet(metricsPort, "/metrics");
+        break;
+      } catch (error) {
+        if (
+          !(error instanceof Deno.errors.ConnectionRefused ||
+            error instanceof Deno.errors.ConnectionReset)
+        ) throw error;
+        await server.waitFor(/^metrics server (restarted|could not restart)/);
+      }
+    }
+    assert.equal(exposition.status, 200);
+    const exhaustion = /^echo_accept_errors_total\{kind="exhaustion"\} (\d+)$/m
+      .exec(exposition.body);
+    assert.ok(exhaustion && Number(exhaustion[1]) > 0, exposition.body);
+    // The process lived through it and stops as usual.
+    server.child.kill("SIGTERM");
+    const { code, stderr } = await server.exit();
+    assert.equal(code, 0, stderr);
+    const log = await Deno.readTextFile(`${dir}/access.log`);
+    assert.equal(log.split("\n").length - 1, clients);
+  }),
+);

@@ -9,6 +9,7 @@ import {
 import { DURATION_BUCKETS_SECONDS, serveEcho } from "./server.ts";
 import {
   echo,
+  findExecutable,
   killAfter,
   readAll,
   runCommand,
@@ -225,19 +226,7 @@ Deno.test(
   }),
 );
 
-const promtool = await findPromtool();
-
-async function findPromtool(): Promise<string | undefined> {
-  for (const path of ["/usr/bin/promtool", "/usr/local/bin/promtool"]) {
-    try {
-      await Deno.stat(path);
-      return path;
-    } catch (error) {
-      if (!(error instanceof Deno.errors.NotFound)) throw error;
-    }
-  }
-  return undefined;
-}
+const promtool = findExecutable("promtool");
 
 Deno.test({
   name: `serveMetrics() passes promtool check metrics${
@@ -316,133 +305,6 @@ Deno.test("serveMetrics() bad requests never disturb the echo port", async () =>
 });
 
 const MAIN = new URL("./main.ts", import.meta.url).pathname;
-
-/** main.ts under `ulimit -n` of `maxOpenFiles`, its stderr read by line. */
-class LimitedServer implements AsyncDisposable {
-  readonly child: Deno.ChildProcess;
-  readonly lines: string[] = [];
-  #cursor = 0;
-  #reader: ReadableStreamDefaultReader<string>;
-  #partial = "";
-  #timer: ReturnType<typeof setTimeout>;
-
-  constructor(dir: string, maxOpenFiles: number, args: string[]) {
-    this.child = new Deno.Command("bash", {
-      args: [
-        "-c",
-        // Both limits: Deno raises its soft limit to the hard one.
-        `ulimit -Sn ${maxOpenFiles} -Hn ${maxOpenFiles} && exec "$@"`,
-        "bash",
-        Deno.execPath(),
-        "run",
-        "--allow-net",
-        `--allow-write=${dir}`,
-        MAIN,
-        "--port",
-        "0",
-        "--log",
-        `${dir}/access.log`,
-        ...args,
-      ],
-      env: { NO_COLOR: "1" },
-      stdin: "null",
-      stdout: "null",
-      stderr: "piped",
-    }).spawn();
-    // A test that would hang fails instead.
-    this.#timer = setTimeout(() => this.child.kill("SIGKILL"), 60_000);
-    this.#reader = this.child.stderr.pipeThrough(new TextDecoderStream())
-      .getReader();
-  }
-
-  /** The next stderr line (after the last one matched) matching `pattern`. */
-  async next(pattern: RegExp): Promise<RegExpExecArray> {
-    for (;;) {
-      while (this.#cursor < this.lines.length) {
-        const match = pattern.exec(this.lines[this.#cursor++]);
-        if (match) return match;
-      }
-      const { value, done } = await this.#reader.read();
-      if (done) {
-        throw new Error(
-          `no line matching ${pattern}:\n${this.lines.join("\n")}`,
-        );
-      }
-      const parts = (this.#partial + value).split("\n");
-      this.#partial = parts.pop()!;
-      this.lines.push(...parts);
-    }
-  }
-
-  /** Reads stderr to its end and returns the exit code. */
-  async exit(): Promise<number> {
-    while (!(await this.#reader.read()).done);
-    const { code } = await this.child.status;
-    clearTimeout(this.#timer);
-    return code;
-  }
-
-  async [Symbol.asyncDispose]() {
-    try {
-      this.child.kill("SIGKILL");
-    } catch {
-      // already exited
-    }
-    await this.exit();
-  }
-}
-
-Deno.test(
-  "--metrics survives running out of file descriptors: restarted, /metrics answers again",
-  withTempDir(async (dir) => {
-    await using server = new LimitedServer(dir, 64, ["--metrics", ":0"]);
-    const port = Number((await server.next(/^listening on .+:(\d+), /))[1]);
-    const metricsPort = Number(
-      (await server.next(/^metrics on http:\/\/.+:(\d+)\/metrics/))[1],
-    );
-    assert.equal((await get(metricsPort, "/metrics")).status, 200);
-    // More clients than the server has descriptors, all held open: the
-    // server accepts until accept fails with EMFILE.
-    const clients = 100;
-    const conns = await Promise.all(
-      Array.from(
-        { length: clients },
-        () => Deno.connect({ hostname: HOST, port }),
-      ),
-    );
-    try {
-      await server.next(/^accept failed .*Too many open files/);
-      // Now the metrics server's accept fails too, and Deno.serve stops.
-      await get(metricsPort, "/metrics").catch(() => {});
-      await server.next(/^metrics server stopped: .*Too many open files/);
-    } finally {
-      for (const conn of conns) conn.close();
-    }
-    // Descriptors are free again: keep asking, once per restart attempt.
-    for (;;) {
-      try {
-        const response = await get(metricsPort, "/metrics");
-        assert.equal(response.status, 200);
-        const m = samples(response.body);
-        assert.ok(
-          sample(m, 'echo_accept_errors_total{kind="exhaustion"}') > 0,
-        );
-        break;
-      } catch (error) {
-        if (
-          !(error instanceof Deno.errors.ConnectionRefused ||
-            error instanceof Deno.errors.ConnectionReset)
-        ) throw error;
-        await server.next(/^metrics server (restarted|could not restart)/);
-      }
-    }
-    // The process lived through it and stops as usual.
-    server.child.kill("SIGTERM");
-    assert.equal(await server.exit(), 0);
-    const log = await Deno.readTextFile(`${dir}/access.log`);
-    assert.equal(log.split("\n").length - 1, clients);
-  }),
-);
 
 Deno.test("serveMetrics() restarts Deno.serve after it stops, also when restarting fails", async () => {
   await using s = startServer();

@@ -7,7 +7,7 @@
 import assert from "node:assert/strict";
 import { fileURLToPath as fromFileUrl } from "node:url";
 import { parseFlags } from "../main.ts";
-import { runCommand, withTempDir } from "../test_util.ts";
+import { findExecutable, runCommand, withTempDir } from "../test_util.ts";
 
 const here = (path: string) => fromFileUrl(new URL(path, import.meta.url));
 const CONFIG_PATH = here("prometheus/prometheus.yml");
@@ -15,22 +15,10 @@ const RULES_PATH = here("prometheus/echo-server.rules.yml");
 const UNIT_PATH = here("echo-server.service");
 const README_PATH = here("README.md");
 
-const promtool = await findPromtool();
+const promtool = findExecutable("promtool");
 const needsPromtool = promtool === undefined
   ? " (ignored: promtool not installed; apt-get install prometheus)"
   : "";
-
-async function findPromtool(): Promise<string | undefined> {
-  for (const path of ["/usr/bin/promtool", "/usr/local/bin/promtool"]) {
-    try {
-      await Deno.stat(path);
-      return path;
-    } catch (error) {
-      if (!(error instanceof Deno.errors.NotFound)) throw error;
-    }
-  }
-  return undefined;
-}
 
 Deno.test("prometheus.yml scrapes the address the unit passes to --metrics", async () => {
   const unit = await Deno.readTextFile(UNIT_PATH);
