@@ -507,50 +507,73 @@ async function httpGet(
   }
 }
 
-Deno.test(
-  "--metrics: /healthz turns 503 on SIGTERM while a client in flight is served",
-  withTempDir(async (dir) => {
-    await using server = new ServerProcess(dir, [
-      "--drain-timeout",
-      "3600",
-      "--metrics",
-      ":0",
-    ]);
-    const port = await server.port();
-    const metricsPort = Number(
-      /:(\d+)\/metrics/.exec(await server.waitFor(/^metrics on /))![1],
-    );
-    assert.deepEqual(await httpGet(metricsPort, "/healthz"), {
-      status: 200,
-      body: "ok\n",
-    });
-    const conn = await Deno.connect({ hostname: "127.0.0.1", port });
-    try {
-      await conn.write(new TextEncoder().encode("in "));
-      assert.equal(await echoText(port, "x"), "x");
-      server.child.kill("SIGTERM");
-      // /healthz flips before this line is printed.
-      await server.waitFor(/^SIGTERM: stopping; 1 connections/);
+/** The value of the unlabelled sample `name` in an exposition. */
+function sampleValue(exposition: string, name: string): number {
+  const match = new RegExp(`^${name} (\\S+)$`, "m").exec(exposition);
+  assert.ok(match, `no ${name} in ${exposition}`);
+  return Number(match[1]);
+}
+
+for (const signal of ["SIGTERM", "SIGINT"] as const) {
+  Deno.test(
+    `--metrics: /healthz turns 503 on ${signal} while a client in flight is served`,
+    withTempDir(async (dir) => {
+      await using server = new ServerProcess(dir, [
+        "--drain-timeout",
+        "3600",
+        "--metrics",
+        ":0",
+      ]);
+      const port = await server.port();
+      const metricsPort = Number(
+        /:(\d+)\/metrics/.exec(await server.waitFor(/^metrics on /))![1],
+      );
       assert.deepEqual(await httpGet(metricsPort, "/healthz"), {
-        status: 503,
-        body: "draining\n",
+        status: 200,
+        body: "ok\n",
       });
-      await assertNotServed(port);
-      await conn.write(new TextEncoder().encode("flight"));
-      await conn.closeWrite();
-      assert.equal(new TextDecoder().decode(await readAll(conn)), "in flight");
-    } finally {
-      conn.close();
-    }
-    const { code } = await server.exit();
-    assert.equal(code, 0);
-    // The health checks were never clients.
-    assert.equal(
-      await Deno.readTextFile(`${dir}/access.log`),
-      "[client 2]: received 1 bytes\n[client 1]: received 9 bytes\n",
-    );
-  }),
-);
+      const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+      try {
+        await conn.write(new TextEncoder().encode("in "));
+        assert.equal(await echoText(port, "x"), "x");
+        // Accepted = lines written + clients being served: a client's line
+        // is written in the same step that stops counting it as active.
+        const exposition = (await httpGet(metricsPort, "/metrics")).body;
+        const lines = (await Deno.readTextFile(`${dir}/access.log`))
+          .split("\n").length - 1;
+        assert.equal(sampleValue(exposition, "echo_connections_active"), 1);
+        assert.equal(lines, 1);
+        assert.equal(
+          sampleValue(exposition, "echo_connections_accepted_total"),
+          lines + 1,
+        );
+        server.child.kill(signal);
+        // /healthz flips before this line is printed.
+        await server.waitFor(new RegExp(`^${signal}: stopping; 1 connections`));
+        assert.deepEqual(await httpGet(metricsPort, "/healthz"), {
+          status: 503,
+          body: "draining\n",
+        });
+        await assertNotServed(port);
+        await conn.write(new TextEncoder().encode("flight"));
+        await conn.closeWrite();
+        assert.equal(
+          new TextDecoder().decode(await readAll(conn)),
+          "in flight",
+        );
+      } finally {
+        conn.close();
+      }
+      const { code } = await server.exit();
+      assert.equal(code, 0);
+      // The health checks and scrapes were never clients.
+      assert.equal(
+        await Deno.readTextFile(`${dir}/access.log`),
+        "[client 2]: received 1 bytes\n[client 1]: received 9 bytes\n",
+      );
+    }),
+  );
+}
 
 Deno.test(
   "out of file descriptors (ulimit -n 64): every client is served and logged once, the back-off reported at most once a second",
