@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import {
+  parseHostPort,
   parseInstance,
   parseInteger,
   parseSeconds,
@@ -146,6 +147,36 @@ Deno.test("parseInstance: 0, over N, or not I/N", () => {
     assertThrowsUsage(
       () => parseInstance("--instance", bad),
       `--instance must be I/N, instance I of N with 1 <= I <= N, such as 2/4, not '${bad}'`,
+    );
+  }
+});
+
+Deno.test("parseHostPort: HOST:PORT, [IPV6]:PORT, or :PORT on the default host", () => {
+  assert.deepEqual(parseHostPort("--metrics", "0.0.0.0:9400", "127.0.0.1"), {
+    hostname: "0.0.0.0",
+    port: 9400,
+  });
+  assert.deepEqual(parseHostPort("--metrics", "localhost:0", "127.0.0.1"), {
+    hostname: "localhost",
+    port: 0,
+  });
+  assert.deepEqual(parseHostPort("--metrics", "[::1]:65535", "127.0.0.1"), {
+    hostname: "::1",
+    port: 65535,
+  });
+  assert.deepEqual(parseHostPort("--metrics", ":9400", "127.0.0.1"), {
+    hostname: "127.0.0.1",
+    port: 9400,
+  });
+});
+
+Deno.test("parseHostPort: no port, a port over 65535, or a bare IPv6 address", () => {
+  for (
+    const text of ["", "9400", "host:", "host:x", ":65536", "::1:9400", "[::1]"]
+  ) {
+    assertThrowsUsage(
+      () => parseHostPort("--metrics", text, "127.0.0.1"),
+      `--metrics must be HOST:PORT or :PORT with a port from 0 to 65535, not '${text}'`,
     );
   }
 });
