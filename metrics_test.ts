@@ -424,3 +424,81 @@ Deno.test(
     assert.doesNotMatch(metrics, /echo_connections/);
   }),
 );
+
+/** Reads `conn` to its end, a reset counting as the end. */
+async function readUntilClosed(conn: Deno.Conn): Promise<void> {
+  try {
+    await readAll(conn);
+  } catch (error) {
+    if (!(error instanceof Deno.errors.ConnectionReset)) throw error;
+  }
+}
+
+/** The cut-off counters of `server`'s exposition, by reason. */
+function cutoffs(exposition: string): Record<string, number> {
+  const counts: Record<string, number> = {};
+  for (const [key, value] of samples(exposition)) {
+    const reason = /^echo_cutoffs_total\{reason="(\w+)"\}$/.exec(key)?.[1];
+    if (reason !== undefined) counts[reason] = value;
+  }
+  return counts;
+}
+
+const NO_CUTOFFS = {
+  client_limit: 0,
+  buffer_limit: 0,
+  idle: 0,
+  shutdown: 0,
+  reset: 0,
+};
+
+Deno.test("renderMetrics() counts an idle client's cut-off as idle", async () => {
+  await using s = startServer({ idleTimeoutMs: 50 });
+  const conn = await Deno.connect({ hostname: HOST, port: s.port });
+  try {
+    await readUntilClosed(conn); // sends nothing until the server gives up
+  } finally {
+    conn.close();
+  }
+  await s.server.shutdown();
+  assert.deepEqual(cutoffs(renderMetrics(s.server)), {
+    ...NO_CUTOFFS,
+    idle: 1,
+  });
+});
+
+Deno.test("renderMetrics() counts a cut-off over maxBufferedBytes as buffer_limit", async () => {
+  await using s = startServer({ maxBufferedBytes: 64 * 1024 });
+  const conn = await Deno.connect({ hostname: HOST, port: s.port });
+  try {
+    await writeAll(conn, new Uint8Array(1024 * 1024));
+  } catch (error) {
+    if (
+      !(error instanceof Deno.errors.ConnectionReset ||
+        error instanceof Deno.errors.BrokenPipe)
+    ) throw error;
+  } finally {
+    conn.close();
+  }
+  await s.server.shutdown();
+  assert.deepEqual(cutoffs(renderMetrics(s.server)), {
+    ...NO_CUTOFFS,
+    buffer_limit: 1,
+  });
+});
+
+Deno.test("renderMetrics() counts a client still there when the drain ends as shutdown", async () => {
+  await using s = startServer();
+  const conn = await Deno.connect({ hostname: HOST, port: s.port });
+  try {
+    await writeAll(conn, encoder.encode("unfinished"));
+    // A later client's full round trip proves the first was accepted.
+    assert.equal((await echo(s.port, encoder.encode("x"))).length, 1);
+    await s.server.shutdown({ drainTimeoutMs: 0 });
+  } finally {
+    conn.close();
+  }
+  const exposition = renderMetrics(s.server);
+  assert.deepEqual(cutoffs(exposition), { ...NO_CUTOFFS, shutdown: 1 });
+  assert.deepEqual(s.records.map(([id]) => id).toSorted(), [1, 2]);
+});
