@@ -48,8 +48,11 @@ const NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so";
 const NGINX_HAS_STREAM = NGINX !== undefined && (exists(NGINX_STREAM_MODULE) ||
   /--with-stream(?!=dynamic)\b/.test(
     new TextDecoder().decode(
-      new Deno.Command(NGINX, { args: ["-V"], stdin: "null" }).outputSync()
-        .stderr,
+      (await new Deno.Command(NGINX, {
+        args: ["-V"],
+        stdin: "null",
+        signal: AbortSignal.timeout(10_000),
+      }).output()).stderr,
     ),
   ));
 
