@@ -105,6 +105,13 @@ Deno.test("all 256 byte values come back unchanged", async () => {
 for (
   const size of [
     1,
+    // Around the 64-byte first chunk and the 16 KiB one after it.
+    63,
+    64,
+    65,
+    64 + 16 * 1024 - 1,
+    64 + 16 * 1024,
+    64 + 16 * 1024 + 1,
     64 * 1024 - 1,
     64 * 1024 + 1,
     16 * 1024 * 1024,
@@ -563,6 +570,34 @@ Deno.test("serveEcho() counts spare chunks against maxBufferedBytes while a trim
   } finally {
     conn.close();
   }
+});
+
+Deno.test("serveEcho() holds a 64-byte first chunk for an idle client, no more", async () => {
+  // Buffers are counted as allocated: 200 idle clients and one more fit in
+  // 201 x 64 bytes only if each holds no more than 64 bytes while idle.
+  const idleClients = 200;
+  await using s = startServer({ maxBufferedBytes: (idleClients + 1) * 64 });
+  const idle: Deno.TcpConn[] = [];
+  try {
+    for (let i = 0; i < idleClients; i++) {
+      idle.push(await Deno.connect({ hostname: HOST, port: s.port }));
+    }
+    // Accepted after the idle ones, so once it is echoed they all hold
+    // their first chunk.
+    const reply = await echo(s.port, pattern(5, 3));
+    assert.ok(sameBytes(reply, pattern(5, 3)));
+    assert.equal(s.server.connections, idleClients);
+    for (const conn of idle) {
+      await conn.closeWrite();
+      assert.equal((await readAll(conn)).length, 0);
+    }
+  } finally {
+    for (const conn of idle) conn.close();
+  }
+  await s.server.shutdown();
+  assert.deepEqual(s.diagnostics, []);
+  assert.equal(s.records.length, idleClients + 1);
+  assert.ok(s.records.every(([id, bytes]) => bytes === (id === 201 ? 5 : 0)));
 });
 
 Deno.test("the total buffer limit cuts off one of two clients that together pass it", async () => {
