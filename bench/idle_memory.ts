@@ -69,6 +69,11 @@ export interface IdleMemoryMeasurement {
   rssAfterKiB: number;
   /** (after - before) / connections. */
   kibPerConnection: number;
+  /** Growth of the kernel's slab memory (`Slab` in `/proc/meminfo`) per
+   * connection over the same time: socket memory, which is in no process's
+   * RSS. Both ends are on this machine, so it counts two sockets per
+   * connection; it is machine-wide, so other work on the machine adds noise. */
+  slabKiBPerConnection: number;
   /** Idle connections that got an empty reply (EOF) after half-closing. */
   emptyReplies: number;
 }
@@ -231,6 +236,7 @@ async function measureOnce(
       return settled;
     }, () => fail("its open file descriptors kept changing"));
     const rssBeforeKiB = await readRssKiB(pid);
+    const slabBeforeKiB = await readSlabKiB();
 
     await openIdle(port, connections, idle);
     let fds = 0;
@@ -256,6 +262,7 @@ async function measureOnce(
       return settled;
     }, () => fail("its RSS kept growing for 20 s"));
 
+    const slabAfterKiB = await readSlabKiB();
     const emptyReplies = await closeIdle(idle);
     return {
       name: server.name,
@@ -264,6 +271,7 @@ async function measureOnce(
       rssBeforeKiB,
       rssAfterKiB,
       kibPerConnection: (rssAfterKiB - rssBeforeKiB) / connections,
+      slabKiBPerConnection: (slabAfterKiB - slabBeforeKiB) / connections,
       emptyReplies,
     };
   } finally {
@@ -397,6 +405,13 @@ async function readRssKiB(pid: number): Promise<number> {
   return Number(match[1]);
 }
 
+async function readSlabKiB(): Promise<number> {
+  const meminfo = await output("cat", ["/proc/meminfo"]);
+  const match = /^Slab:\s+(\d+) kB$/m.exec(meminfo);
+  if (match === null) throw new Error("no Slab in /proc/meminfo");
+  return Number(match[1]);
+}
+
 async function countFds(pid: number): Promise<number> {
   const listing = await output("ls", ["-U", `/proc/${pid}/fd`]);
   return listing.split("\n").filter((line) => line !== "").length;
@@ -416,7 +431,7 @@ async function openFileLimit(pid: number): Promise<number> {
  * @example
  * ```ts
  * import assert from "node:assert/strict";
- * const row = { round: 1, connections: 10, emptyReplies: 10 };
+ * const row = { round: 1, connections: 10, emptyReplies: 10, slabKiBPerConnection: 7 };
  * const table = formatTable([
  *   { ...row, name: "bare", rssBeforeKiB: 100, rssAfterKiB: 140, kibPerConnection: 4 },
  *   { ...row, name: "echo", rssBeforeKiB: 100, rssAfterKiB: 150, kibPerConnection: 5 },
@@ -575,7 +590,9 @@ export async function main(args: string[]): Promise<number> {
             (m.rssBeforeKiB / 1024).toFixed(1)
           } -> ${(m.rssAfterKiB / 1024).toFixed(1)} MiB, ${
             m.kibPerConnection.toFixed(2)
-          } KiB per idle connection, ` +
+          } KiB per idle connection (kernel slab ${
+            m.slabKiBPerConnection.toFixed(2)
+          } KiB, both ends), ` +
             `${m.emptyReplies}/${m.connections} empty replies`,
         ),
     });
