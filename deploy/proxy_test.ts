@@ -36,6 +36,8 @@ const LOG_LINE = /^\[client (\d+)\]: received (\d+) bytes$/;
 const MIB = 1024 * 1024;
 // Every process a test starts is killed after this, whatever happens.
 const PROCESS_TIMEOUT_MS = 180_000;
+// How long a process gets to exit on SIGTERM before SIGKILL.
+const STOP_GRACE_MS = 5_000;
 // Bound for waiting on a proxy or a health state; polled, never slept on.
 const READY_TIMEOUT_MS = 30_000;
 const POLL_MS = 20;
@@ -68,7 +70,7 @@ function exists(path: string): boolean {
 
 // --- processes ---------------------------------------------------------------
 
-/** A child process killed after PROCESS_TIMEOUT_MS, its stderr read by lines. */
+/** A child process stopped after PROCESS_TIMEOUT_MS, its stderr read by lines. */
 class Child implements AsyncDisposable {
   readonly process: Deno.ChildProcess;
   readonly stderr: Lines;
@@ -84,8 +86,9 @@ class Child implements AsyncDisposable {
     }).spawn();
     this.stderr = new Lines(this.process.stderr);
     const timer = setTimeout(() => {
-      this.stderr.lines.push(`(killed after ${PROCESS_TIMEOUT_MS} ms)`);
-      this.kill("SIGKILL");
+      this.stderr.lines.push(`(stopped after ${PROCESS_TIMEOUT_MS} ms)`);
+      // The test sees the exit through `status`.
+      this.stop().catch(() => {});
     }, PROCESS_TIMEOUT_MS);
     this.status = this.process.status.finally(() => {
       this.#exited = true;
@@ -119,9 +122,23 @@ class Child implements AsyncDisposable {
     return `--- ${this.name} stderr:\n${this.stderr.lines.join("\n")}`;
   }
 
+  /**
+   * SIGTERM, then SIGKILL if it has not exited within STOP_GRACE_MS; returns
+   * the exit code. nginx's master stops its workers on SIGTERM; killed
+   * outright, it would leave them running and listening.
+   */
+  async stop(): Promise<number> {
+    this.kill("SIGTERM");
+    const timer = setTimeout(() => this.kill("SIGKILL"), STOP_GRACE_MS);
+    try {
+      return await this.exit();
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
   async [Symbol.asyncDispose](): Promise<void> {
-    this.kill("SIGKILL");
-    await this.exit();
+    await this.stop();
   }
 }
 
@@ -178,9 +195,9 @@ class Cluster implements AsyncDisposable {
         instances.push(await startInstance(dir, i));
       }
     } catch (error) {
-      for (const instance of instances) {
-        await instance.child[Symbol.asyncDispose]();
-      }
+      await Promise.all(
+        instances.map((instance) => instance.child[Symbol.asyncDispose]()),
+      );
       throw error;
     }
     return new Cluster(dir, instances);
@@ -211,9 +228,9 @@ class Cluster implements AsyncDisposable {
   }
 
   async [Symbol.asyncDispose](): Promise<void> {
-    for (const { child } of this.instances) {
-      await child[Symbol.asyncDispose]();
-    }
+    await Promise.all(
+      this.instances.map(({ child }) => child[Symbol.asyncDispose]()),
+    );
   }
 }
 
@@ -675,8 +692,7 @@ Deno.test({
       const second = sizes(16, 5000);
       await runClients(port, second, 16);
       sent.push(...second);
-      nginx.kill("SIGTERM");
-      assert.equal(await nginx.exit(), 0, nginx.describe());
+      assert.equal(await nginx.stop(), 0, nginx.describe());
 
       // The same file without `proxy_half_close on;`: nginx ends the session
       // at the client's FIN, and the reply never reaches the client.
@@ -707,8 +723,7 @@ Deno.test({
         );
         sent.push(payload.length);
       }
-      nginx.kill("SIGTERM");
-      assert.equal(await nginx.exit(), 0, nginx.describe());
+      assert.equal(await nginx.stop(), 0, nginx.describe());
       nginx = undefined;
 
       const accepted = await cluster.stop();
