@@ -1,0 +1,561 @@
+#!/usr/bin/env -S deno run --no-prompt --allow-net --allow-read --allow-write --allow-run
+/**
+ * A soak test of the echo server (`deno task soak`): starts `main.ts` as a
+ * subprocess (port 0, an access log in a temporary directory) and runs
+ * `bench --mix` against it for a bounded time, then checks that:
+ *
+ * - no reply was wrong and no good client was broken off;
+ * - the log has one well-formed line per connection that succeeded
+ *   (accepted == logged), and every verified client's byte count;
+ * - the RSS did not grow over the second half of the run (see
+ *   {@linkcode checkRss});
+ * - the server's open file descriptors are back to what they were before
+ *   the run;
+ * - the server still listens: a good client is echoed at the end;
+ * - it exits 0 on SIGTERM.
+ *
+ * ```sh
+ * deno task soak                  # 20 s, what CI runs
+ * deno task soak --duration 600   # ten minutes
+ * ```
+ *
+ * It needs Linux (`/proc/PID/status` and `/proc/PID/fd`). Exit status: 0 if
+ * every check passed, 1 if one failed, 2 for bad flags.
+ *
+ * @module
+ */
+
+import { parseArgs } from "node:util";
+import { parseSeconds, UsageError } from "../flags.ts";
+import { formatLogReport } from "./log_check.ts";
+import { formatMixResult, type MixResult, runMix } from "./mix.ts";
+
+/** Options for {@linkcode runSoak}. */
+export interface SoakOptions {
+  /** Seconds of mixed clients. @default {20} */
+  duration?: number;
+  /** Called with a line of progress every few seconds. */
+  onProgress?: (line: string) => void;
+}
+
+/** One reading of the server's resident memory. */
+export interface RssSample {
+  /** Seconds since the clients started. */
+  seconds: number;
+  /** VmRSS, in bytes. */
+  bytes: number;
+}
+
+/** What {@linkcode checkRss} concluded. */
+export interface RssCheck {
+  /** Highest sample of the second quarter of the run. */
+  secondQuarterMax: number;
+  /** Highest sample of the last quarter. */
+  lastQuarterMax: number;
+  /** The most the last quarter may reach: `secondQuarterMax` × 1.1 + 8 MiB. */
+  limit: number;
+  /** Whether `lastQuarterMax <= limit`. */
+  ok: boolean;
+}
+
+/** One check of the soak and how it went. */
+export interface SoakCheck {
+  /** What was checked, e.g. `"descriptors"`. */
+  name: string;
+  /** The figures, one line. */
+  detail: string;
+  /** Whether it passed. */
+  ok: boolean;
+}
+
+/** What {@linkcode runSoak} found. */
+export interface SoakResult {
+  /** The mix run against the server. */
+  mix: MixResult;
+  /** Every check, in order; the soak passed if all are ok. */
+  checks: SoakCheck[];
+  /** The server's stderr lines, counted by shape (digits as N), most first. */
+  diagnostics: Array<[shape: string, count: number]>;
+  /** RSS samples, about four a second, while clients ran. */
+  rss: RssSample[];
+  /** Whether every check passed. */
+  ok: boolean;
+}
+
+const MIB = 1024 * 1024;
+const RSS_SAMPLE_MS = 250;
+/** Bounds on waiting for the server: to start, to close its sockets, to exit. */
+const START_TIMEOUT_MS = 30_000;
+const FD_SETTLE_MS = 10_000;
+const EXIT_TIMEOUT_MS = 20_000;
+/** The server's per-client limit in the soak; the oversize clients send twice it. */
+const MAX_CLIENT_BYTES = MIB;
+
+/**
+ * Whether the RSS stopped growing: the highest sample of the last quarter
+ * of the run may be at most the highest of the second quarter × 1.1 + 8 MiB.
+ * Maxima, because a garbage-collected heap saws up and down and only its
+ * peaks are comparable; the second quarter, because the first holds the
+ * warm-up (JIT code, the buffer pool filling); 10% + 8 MiB of slack for a
+ * late heap resize or a GC that happens to fall at a quarter's edge. A leak
+ * of 1 KiB per connection at a few thousand connections a second grows the
+ * RSS by several MiB a second and fails this within a 20 s run.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * const flat = [0, 1, 2, 3, 4, 5, 6, 7].map((s) => ({ seconds: s, bytes: 50 * 2 ** 20 }));
+ * assert.equal(checkRss(flat).ok, true);
+ * const growing = flat.map(({ seconds }) => ({ seconds, bytes: (50 + 10 * seconds) * 2 ** 20 }));
+ * assert.equal(checkRss(growing).ok, false);
+ * ```
+ */
+export function checkRss(samples: readonly RssSample[]): RssCheck {
+  const end = Math.max(0, ...samples.map((sample) => sample.seconds));
+  const maxWithin = (from: number, to: number) =>
+    Math.max(
+      0,
+      ...samples.filter((s) => s.seconds >= from * end && s.seconds <= to * end)
+        .map((s) => s.bytes),
+    );
+  const secondQuarterMax = maxWithin(0.25, 0.5);
+  const lastQuarterMax = maxWithin(0.75, 1);
+  const limit = Math.round(secondQuarterMax * 1.1 + 8 * MIB);
+  return {
+    secondQuarterMax,
+    lastQuarterMax,
+    limit,
+    ok: samples.length >= 4 && lastQuarterMax <= limit,
+  };
+}
+
+/** A running server subprocess and what it says on stderr. */
+class ServerProcess implements AsyncDisposable {
+  readonly child: Deno.ChildProcess;
+  readonly port: Promise<number>;
+  readonly #shapes = new Map<string, number>();
+  readonly #stderrDone: Promise<void>;
+  #exited = false;
+
+  constructor(readonly logPath: string, dir: string) {
+    const mainTs = new URL("../main.ts", import.meta.url).pathname;
+    this.child = new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        "--no-prompt",
+        "--v8-flags=--max-semi-space-size=1",
+        "--allow-net",
+        `--allow-write=${dir}`,
+        mainTs,
+        "--port",
+        "0",
+        "--log",
+        logPath,
+        "--max-client-bytes",
+        `${MAX_CLIENT_BYTES}`,
+      ],
+      stdin: "null",
+      stdout: "null",
+      stderr: "piped",
+    }).spawn();
+    this.child.status.then(() => this.#exited = true);
+    const port = Promise.withResolvers<number>();
+    this.port = port.promise;
+    this.#stderrDone = this.#readStderr((line) => {
+      const match = /^listening on .*:(\d+), access log /.exec(line);
+      if (match !== null) port.resolve(Number(match[1]));
+    }).finally(() =>
+      port.reject(new Error("the server exited before it was listening"))
+    );
+  }
+
+  get pid(): number {
+    return this.child.pid;
+  }
+
+  /** stderr lines by shape, most frequent first. */
+  get diagnostics(): Array<[string, number]> {
+    return [...this.#shapes].sort((a, b) => b[1] - a[1]);
+  }
+
+  async #readStderr(onLine: (line: string) => void): Promise<void> {
+    let partial = "";
+    for await (
+      const text of this.child.stderr.pipeThrough(new TextDecoderStream())
+    ) {
+      const lines = (partial + text).split("\n");
+      partial = lines.pop()!;
+      for (const line of lines) {
+        onLine(line);
+        const shape = line.replace(/\d+/g, "N");
+        this.#shapes.set(shape, (this.#shapes.get(shape) ?? 0) + 1);
+      }
+    }
+  }
+
+  /** Sends SIGTERM and waits for the exit, bounded; kills it after that. */
+  async stop(): Promise<Deno.CommandStatus | undefined> {
+    if (!this.#exited) this.child.kill("SIGTERM");
+    const timeout = Promise.withResolvers<undefined>();
+    const timer = setTimeout(() => timeout.resolve(undefined), EXIT_TIMEOUT_MS);
+    const status = await Promise.race([this.child.status, timeout.promise]);
+    clearTimeout(timer);
+    return status;
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    if (!this.#exited) this.child.kill("SIGKILL");
+    await this.child.status;
+    await this.#stderrDone;
+  }
+}
+
+// Deno asks for --allow-all to read another process's /proc files, so `cat`
+// and `ls` read them (as hold_memory.ts does).
+async function procOutput(command: string, args: string[]): Promise<string> {
+  const { success, stdout, stderr } = await new Deno.Command(command, {
+    args,
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const decoder = new TextDecoder();
+  if (!success) {
+    throw new Error(`${command} ${args.join(" ")}: ${decoder.decode(stderr)}`);
+  }
+  return decoder.decode(stdout);
+}
+
+async function readRss(pid: number): Promise<number> {
+  const status = await procOutput("cat", [`/proc/${pid}/status`]);
+  const match = /^VmRSS:\s+(\d+) kB$/m.exec(status);
+  if (match === null) throw new Error(`no VmRSS in /proc/${pid}/status`);
+  return Number(match[1]) * 1024;
+}
+
+async function countFds(pid: number): Promise<number> {
+  const listing = await procOutput("ls", ["-1", `/proc/${pid}/fd`]);
+  return listing.split("\n").filter((name) => name !== "").length;
+}
+
+/** Polls until `fds(pid)` is at most `target`, bounded; returns the last count. */
+async function settleFds(pid: number, target: number): Promise<number> {
+  const start = performance.now();
+  let count = await countFds(pid);
+  while (count > target && performance.now() - start < FD_SETTLE_MS) {
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    count = await countFds(pid);
+  }
+  return count;
+}
+
+/** Connects, sends `text`, half-closes and returns the reply, bounded by `ms`. */
+async function echoText(port: number, text: string, ms = 10_000) {
+  const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+  const timer = setTimeout(() => conn.close(), ms);
+  try {
+    const bytes = new TextEncoder().encode(text);
+    for (let n = 0; n < bytes.length;) {
+      n += await conn.write(bytes.subarray(n));
+    }
+    await conn.closeWrite();
+    const chunks: Uint8Array[] = [];
+    const buffer = new Uint8Array(1024);
+    for (let n; (n = await conn.read(buffer)) !== null;) {
+      chunks.push(buffer.slice(0, n));
+    }
+    return new TextDecoder().decode(
+      new Uint8Array(chunks.flatMap((chunk) => [...chunk])),
+    );
+  } finally {
+    clearTimeout(timer);
+    try {
+      conn.close();
+    } catch {
+      // Closed by the timer.
+    }
+  }
+}
+
+async function countLines(path: string): Promise<number> {
+  const text = await Deno.readTextFile(path);
+  let lines = 0;
+  for (let i = text.indexOf("\n"); i >= 0; i = text.indexOf("\n", i + 1)) {
+    lines++;
+  }
+  return lines;
+}
+
+/** Polls until the log has `lines` lines, bounded by FD_SETTLE_MS. */
+async function waitForLines(path: string, lines: number): Promise<void> {
+  const start = performance.now();
+  while (
+    await countLines(path) < lines &&
+    performance.now() - start < FD_SETTLE_MS
+  ) {
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
+function mib(bytes: number): string {
+  return `${(bytes / MIB).toFixed(1)} MiB`;
+}
+
+/**
+ * Runs the soak: starts the server, runs the mix of clients against it for
+ * `duration` seconds, and checks what is described in the module doc.
+ * Rejects only if the server cannot be started or `/proc` cannot be read.
+ *
+ * @example
+ * ```ts ignore
+ * const result = await runSoak({ duration: 20 });
+ * console.log(formatSoakResult(result));
+ * ```
+ */
+export async function runSoak(options: SoakOptions = {}): Promise<SoakResult> {
+  const duration = options.duration ?? 20;
+  const progress = options.onProgress ?? (() => {});
+  const dir = await Deno.makeTempDir({ prefix: "echo-soak-" });
+  try {
+    const logPath = `${dir}/access.log`;
+    await using server = new ServerProcess(logPath, dir);
+    const startTimer = Promise.withResolvers<never>();
+    const timer = setTimeout(
+      () => startTimer.reject(new Error("the server did not start in 30 s")),
+      START_TIMEOUT_MS,
+    );
+    let port: number;
+    try {
+      port = await Promise.race([server.port, startTimer.promise]);
+    } finally {
+      clearTimeout(timer);
+    }
+    const checks: SoakCheck[] = [];
+    const check = (name: string, ok: boolean, detail: string) =>
+      checks.push({ name, ok, detail });
+
+    // One echo first, so descriptors Deno opens lazily are in the baseline.
+    const warmUp = await echoText(port, "warm-up");
+    check(
+      "warm-up",
+      warmUp === "warm-up",
+      `echo of 7 bytes: ${JSON.stringify(warmUp)}`,
+    );
+    // The server closes a connection before it logs it: once the warm-up's
+    // line is there, its socket is gone from the count.
+    await waitForLines(logPath, 1);
+    const fdsBefore = await countFds(server.pid);
+    const rssBefore = await readRss(server.pid);
+
+    const rss: RssSample[] = [];
+    const start = performance.now();
+    const sampling = new AbortController();
+    const sampler = (async () => {
+      while (!sampling.signal.aborted) {
+        try {
+          const bytes = await readRss(server.pid);
+          rss.push({ seconds: (performance.now() - start) / 1000, bytes });
+        } catch {
+          return; // The server exited; the checks below will say so.
+        }
+        await new Promise((resolve) => setTimeout(resolve, RSS_SAMPLE_MS));
+      }
+    })();
+    let mix: MixResult;
+    try {
+      mix = await runMix({
+        port,
+        duration,
+        largeSize: 256 * 1024,
+        oversize: 2 * MAX_CLIENT_BYTES,
+        logPath,
+        onProgress: ({ elapsedSeconds, connected, failures }) => {
+          const seconds = Math.round(elapsedSeconds);
+          if (seconds % 5 !== 0) return;
+          const last = rss.at(-1)?.bytes ?? 0;
+          progress(
+            `${
+              String(seconds).padStart(4)
+            } s  ${connected} connected, ${failures} failures, server RSS ${
+              mib(last)
+            }`,
+          );
+        },
+      });
+    } finally {
+      sampling.abort();
+      await sampler;
+    }
+
+    check(
+      "echoes",
+      mix.wrong === 0 && mix.broken === 0 && mix.connectErrors === 0,
+      `${mix.wrong} wrong, ${mix.broken} broken, ${mix.connectErrors} connect errors`,
+    );
+    const log = mix.log!;
+    check(
+      "accepted == logged",
+      mix.connected > 0 && log.ok,
+      `${mix.connected} connections succeeded (${
+        (mix.connected / mix.elapsedSeconds).toFixed(0)
+      }/s), ${log.lines} lines${
+        log.ok
+          ? ""
+          : `: ${
+            formatLogReport(log).split("\n").slice(1).map((l) => l.trim()).join(
+              "; ",
+            )
+          }`
+      }`,
+    );
+    const rssCheck = checkRss(rss);
+    check(
+      "RSS",
+      rssCheck.ok,
+      `${mib(rssBefore)} before, peak ${
+        mib(Math.max(0, ...rss.map((s) => s.bytes)))
+      }; last quarter max ${mib(rssCheck.lastQuarterMax)} <= ${
+        mib(rssCheck.limit)
+      } (second quarter max ${
+        mib(rssCheck.secondQuarterMax)
+      } x 1.1 + 8 MiB), ${rss.length} samples`,
+    );
+    const fdsAfter = await settleFds(server.pid, fdsBefore);
+    check(
+      "descriptors",
+      fdsAfter === fdsBefore,
+      `${fdsBefore} before, ${fdsAfter} after`,
+    );
+    let final: string;
+    try {
+      final = await echoText(port, "still listening");
+    } catch (error) {
+      final = `${error}`;
+    }
+    check(
+      "listening",
+      final === "still listening",
+      `a good client at the end got ${JSON.stringify(final)}`,
+    );
+    const status = await server.stop();
+    check(
+      "exit",
+      status?.code === 0,
+      status === undefined
+        ? `still running ${EXIT_TIMEOUT_MS / 1000} s after SIGTERM`
+        : `status ${status.code} after SIGTERM`,
+    );
+    const total = await countLines(logPath);
+    // Warm-up and final clients, plus the mix's.
+    const expected = mix.connected + 2;
+    check(
+      "log total",
+      total >= expected && total <= expected + mix.uncertain,
+      `${total} lines, ${expected} expected (mix + warm-up + final)`,
+    );
+    await using _ = server;
+    return {
+      mix,
+      checks,
+      diagnostics: server.diagnostics,
+      rss,
+      ok: checks.every((c) => c.ok),
+    };
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
+/**
+ * Formats a {@linkcode SoakResult}: the mix's table, then one line per
+ * check and the server's most frequent stderr lines.
+ *
+ * @example
+ * ```ts ignore
+ * console.log(formatSoakResult(await runSoak()));
+ * ```
+ */
+export function formatSoakResult(result: SoakResult): string {
+  const lines = [formatMixResult(result.mix), ""];
+  const width = Math.max(...result.checks.map((c) => c.name.length));
+  for (const { name, ok, detail } of result.checks) {
+    lines.push(`${name.padEnd(width)}  ${ok ? "ok    " : "FAILED"}  ${detail}`);
+  }
+  lines.push("", "server stderr, by shape (N = digits):");
+  for (const [shape, count] of result.diagnostics.slice(0, 8)) {
+    lines.push(`${String(count).padStart(9)}  ${shape}`);
+  }
+  lines.push("", `soak ${result.ok ? "passed" : "FAILED"}`);
+  return lines.join("\n");
+}
+
+const USAGE = `Usage: deno task soak [--duration SECONDS]
+
+Starts the echo server (main.ts, port 0, a temporary access log) and runs
+bench --mix against it: good clients beside resets, slowloris, idle and
+oversize ones. Then checks: no wrong echo, one log line per connection, RSS
+not growing over the second half, descriptors back to where they were, the
+server still listening, exit 0 on SIGTERM. Linux only (/proc).
+
+Options:
+  --duration SECONDS   how long to run clients (default 20)
+  -h, --help           show this help
+
+Exit status: 0 if every check passed, 1 if one failed, 2 for bad flags.`;
+
+/**
+ * Parses `deno task soak` flags, or returns `"help"`. Throws a `UsageError`
+ * with a one-line message for bad flags.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * assert.deepEqual(parseSoakArgs(["--duration", "60"]), { duration: 60 });
+ * ```
+ */
+export function parseSoakArgs(args: string[]): SoakOptions | "help" {
+  let values;
+  try {
+    ({ values } = parseArgs({
+      args,
+      strict: true,
+      allowPositionals: false,
+      options: {
+        duration: { type: "string" },
+        help: { type: "boolean", short: "h" },
+      },
+    }));
+  } catch (error) {
+    throw new UsageError(error instanceof Error ? error.message : `${error}`);
+  }
+  if (values.help) return "help";
+  return {
+    duration: parseSeconds("--duration", values.duration, { default: 20 }),
+  };
+}
+
+async function main(args: string[]): Promise<number> {
+  let options;
+  try {
+    options = parseSoakArgs(args);
+  } catch (error) {
+    if (!(error instanceof UsageError)) throw error;
+    console.error(`soak: ${error.message}\n\n${USAGE}`);
+    return 2;
+  }
+  if (options === "help") {
+    console.log(USAGE);
+    return 0;
+  }
+  console.error(`soak: echo server and bench --mix for ${options.duration} s`);
+  const result = await runSoak({
+    ...options,
+    onProgress: (line) => console.error(`soak: ${line}`),
+  });
+  console.log(formatSoakResult(result));
+  return result.ok ? 0 : 1;
+}
+
+if (import.meta.main) {
+  Deno.exit(await main(Deno.args));
+}
