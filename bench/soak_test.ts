@@ -1,0 +1,103 @@
+import assert from "node:assert/strict";
+import { assertUsageError, runCommand } from "../test_util.ts";
+import { checkRss, parseSoakArgs, type RssSample, runSoak } from "./soak.ts";
+
+const MIB = 1024 * 1024;
+
+/** Samples four a second for `seconds`, of `mib(t)` MiB at time t. */
+function samples(seconds: number, mib: (t: number) => number): RssSample[] {
+  return Array.from({ length: seconds * 4 + 1 }, (_, i) => ({
+    seconds: i / 4,
+    bytes: Math.round(mib(i / 4) * MIB),
+  }));
+}
+
+Deno.test("checkRss() passes a flat RSS and growth during the first quarter", () => {
+  assert.ok(checkRss(samples(20, () => 60)).ok);
+  // Warm-up: 40 -> 70 MiB over the first 5 s, flat after.
+  const warm = checkRss(samples(20, (t) => 40 + 6 * Math.min(t, 5)));
+  assert.ok(warm.ok);
+  assert.equal(warm.secondQuarterMax, 70 * MIB);
+  assert.equal(warm.lastQuarterMax, 70 * MIB);
+  assert.equal(warm.limit, Math.round(77 * MIB + 8 * MIB));
+});
+
+Deno.test("checkRss() passes a sawtooth whose peaks stay level", () => {
+  // A heap that grows 2 MiB a second and is collected every 3 s.
+  assert.ok(checkRss(samples(20, (t) => 60 + 2 * (t % 3))).ok);
+});
+
+Deno.test("checkRss() fails an RSS that keeps growing", () => {
+  // 2 MiB a second from 60 MiB: 80 MiB at the end of the second quarter,
+  // 100 at the end, over 80 x 1.1 + 8.
+  const leak = checkRss(samples(20, (t) => 60 + 2 * t));
+  assert.equal(leak.secondQuarterMax, 80 * MIB);
+  assert.equal(leak.lastQuarterMax, 100 * MIB);
+  assert.equal(leak.ok, false);
+  // A sawtooth whose peaks climb 2 MiB a second.
+  assert.equal(
+    checkRss(samples(20, (t) => 60 + 2 * (t % 3) + 2 * t)).ok,
+    false,
+  );
+});
+
+Deno.test("checkRss() fails with fewer than four samples", () => {
+  assert.equal(checkRss(samples(0.5, () => 60)).ok, false);
+  assert.equal(checkRss([]).ok, false);
+});
+
+Deno.test("parseSoakArgs() reads --duration", () => {
+  assert.deepEqual(parseSoakArgs([]), { duration: 20 });
+  assert.deepEqual(parseSoakArgs(["--duration", "600"]), { duration: 600 });
+  assert.equal(parseSoakArgs(["-h"]), "help");
+  for (
+    const bad of [["--duration", "0"], ["--duration", "x"], ["--port", "1"]]
+  ) {
+    assert.throws(() => parseSoakArgs(bad), { name: "UsageError" }, `${bad}`);
+  }
+});
+
+const SOAK = new URL("./soak.ts", import.meta.url).pathname;
+
+Deno.test("soak CLI: --help, and a bad flag is one line, the usage and status 2", async () => {
+  const run = (args: string[]) =>
+    runCommand(Deno.execPath(), ["run", "--no-prompt", SOAK, ...args], {
+      env: { NO_COLOR: "1" },
+    });
+  const help = await run(["--help"]);
+  assert.equal(help.code, 0);
+  assert.match(help.stdout, /^Usage: deno task soak \[--duration SECONDS\]$/m);
+  assert.match(
+    help.stdout,
+    /--duration SECONDS +how long to run clients \(default 20\)/,
+  );
+  assertUsageError(
+    await run(["--duration", "0"]),
+    "soak: --duration must be a number of seconds",
+    "Usage: deno task soak [--duration SECONDS]",
+  );
+});
+
+Deno.test("runSoak() runs the server and the mix for 2 s and every check passes", async () => {
+  const result = await runSoak({ duration: 2 });
+  const report = result.checks.map((c) =>
+    `${c.name}: ${c.ok ? "ok" : "FAILED"} ${c.detail}`
+  ).join("\n");
+  assert.ok(result.ok, report);
+  assert.deepEqual(result.checks.map((c) => c.name), [
+    "warm-up",
+    "echoes",
+    "accepted == logged",
+    "RSS",
+    "descriptors",
+    "listening",
+    "exit",
+    "log total",
+  ]);
+  assert.ok(result.mix.connected > 0);
+  assert.equal(result.mix.log!.lines, result.mix.connected);
+  assert.ok(result.rss.length >= 4);
+  assert.ok(
+    result.diagnostics.some(([shape]) => shape.startsWith("listening on ")),
+  );
+});
