@@ -6,7 +6,9 @@
  *
  * - no reply was wrong and no good client was broken off;
  * - the log has one well-formed line per connection that succeeded
- *   (accepted == logged), and every verified client's byte count;
+ *   (accepted == logged), and every verified client's byte count; at the
+ *   end, lines == the server's own count of clients accepted (`/metrics`)
+ *   == connections the clients made;
  * - the RSS did not grow over the second half of the run (see
  *   {@linkcode checkRss});
  * - the server's open file descriptors are back to what they were before
@@ -132,7 +134,8 @@ export function checkRss(samples: readonly RssSample[]): RssCheck {
 /** A running server subprocess and what it says on stderr. */
 class ServerProcess implements AsyncDisposable {
   readonly child: Deno.ChildProcess;
-  readonly port: Promise<number>;
+  /** The echo port and the metrics port, once both are listening. */
+  readonly ready: Promise<{ port: number; metricsPort: number }>;
   readonly #shapes = new Map<string, number>();
   readonly #stderrDone: Promise<void>;
   #exited = false;
@@ -153,19 +156,28 @@ class ServerProcess implements AsyncDisposable {
         logPath,
         "--max-client-bytes",
         `${MAX_CLIENT_BYTES}`,
+        "--metrics",
+        "127.0.0.1:0",
       ],
       stdin: "null",
       stdout: "null",
       stderr: "piped",
     }).spawn();
     this.child.status.then(() => this.#exited = true);
-    const port = Promise.withResolvers<number>();
-    this.port = port.promise;
+    const ready = Promise.withResolvers<
+      { port: number; metricsPort: number }
+    >();
+    this.ready = ready.promise;
+    let port = 0;
     this.#stderrDone = this.#readStderr((line) => {
-      const match = /^listening on .*:(\d+), access log /.exec(line);
-      if (match !== null) port.resolve(Number(match[1]));
+      const listening = /^listening on .*:(\d+), access log /.exec(line);
+      if (listening !== null) port = Number(listening[1]);
+      const metrics = /^metrics on http:\/\/.*:(\d+)\/metrics /.exec(line);
+      if (metrics !== null) {
+        ready.resolve({ port, metricsPort: Number(metrics[1]) });
+      }
     }).finally(() =>
-      port.reject(new Error("the server exited before it was listening"))
+      ready.reject(new Error("the server exited before it was listening"))
     );
   }
 
@@ -286,6 +298,38 @@ async function countLines(path: string): Promise<number> {
   return lines;
 }
 
+/** The server's `echo_connections_accepted_total`, by a bounded HTTP GET. */
+async function scrapeAccepted(metricsPort: number): Promise<number> {
+  const conn = await Deno.connect({ hostname: "127.0.0.1", port: metricsPort });
+  const timer = setTimeout(() => conn.close(), 10_000);
+  let text = "";
+  try {
+    const request = new TextEncoder().encode(
+      "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+    );
+    for (let n = 0; n < request.length;) {
+      n += await conn.write(request.subarray(n));
+    }
+    const decoder = new TextDecoder();
+    const buffer = new Uint8Array(16 * 1024);
+    for (let n; (n = await conn.read(buffer)) !== null;) {
+      text += decoder.decode(buffer.subarray(0, n), { stream: true });
+    }
+  } finally {
+    clearTimeout(timer);
+    try {
+      conn.close();
+    } catch {
+      // Closed by the timer.
+    }
+  }
+  const match = /^echo_connections_accepted_total (\d+)$/m.exec(text);
+  if (match === null) {
+    throw new Error("no echo_connections_accepted_total in /metrics");
+  }
+  return Number(match[1]);
+}
+
 /** Polls until the log has `lines` lines, bounded by FD_SETTLE_MS. */
 async function waitForLines(path: string, lines: number): Promise<void> {
   const start = performance.now();
@@ -324,9 +368,12 @@ export async function runSoak(options: SoakOptions = {}): Promise<SoakResult> {
       () => startTimer.reject(new Error("the server did not start in 30 s")),
       START_TIMEOUT_MS,
     );
-    let port: number;
+    let port: number, metricsPort: number;
     try {
-      port = await Promise.race([server.port, startTimer.promise]);
+      ({ port, metricsPort } = await Promise.race([
+        server.ready,
+        startTimer.promise,
+      ]));
     } finally {
       clearTimeout(timer);
     }
@@ -437,6 +484,12 @@ export async function runSoak(options: SoakOptions = {}): Promise<SoakResult> {
       final === "still listening",
       `a good client at the end got ${JSON.stringify(final)}`,
     );
+    let accepted: number | string;
+    try {
+      accepted = await scrapeAccepted(metricsPort);
+    } catch (error) {
+      accepted = `${error}`;
+    }
     const status = await server.stop();
     check(
       "exit",
@@ -450,8 +503,9 @@ export async function runSoak(options: SoakOptions = {}): Promise<SoakResult> {
     const expected = mix.connected + 2;
     check(
       "log total",
-      total >= expected && total <= expected + mix.uncertain,
-      `${total} lines, ${expected} expected (mix + warm-up + final)`,
+      total === accepted && total >= expected &&
+        total <= expected + mix.uncertain,
+      `${total} lines after exit; the server counted ${accepted} accepted (/metrics); clients connected ${expected} (mix + warm-up + final)`,
     );
     await using _ = server;
     return {
