@@ -518,12 +518,26 @@ class Server implements EchoServer {
     return chunk;
   }
 
-  /** Keeps a partly filled last chunk, or a tight copy if much is unused. */
+  /**
+   * Keeps a partly filled last chunk, or a tight copy if much is unused. The
+   * copy takes in a lone first chunk too, so a payload of a few KiB still
+   * goes back in one write, not two.
+   */
   #trim(client: Client, chunk: Uint8Array, filled: number): Uint8Array {
     const unused = chunk.length - filled;
     if (unused <= client.bytesReceived / 16) return chunk.subarray(0, filled);
     this.#release(client, unused);
-    const tight = chunk.slice(0, filled);
+    const { chunks } = client;
+    let tight: Uint8Array;
+    if (chunks.length === 1 && chunks[0].length === FIRST_CHUNK_BYTES) {
+      const first = chunks.pop()!;
+      tight = new Uint8Array(first.length + filled);
+      tight.set(first);
+      tight.set(chunk.subarray(0, filled), first.length);
+      this.#recycle(first);
+    } else {
+      tight = chunk.slice(0, filled);
+    }
     this.#recycle(chunk);
     return tight;
   }
