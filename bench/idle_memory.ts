@@ -78,7 +78,8 @@ export interface IdleMemoryMeasurement {
   emptyReplies: number;
 }
 
-const BENCH_DIR = new URL(".", import.meta.url).pathname;
+// A file path (pathname alone would keep %20 for a space).
+const BENCH_DIR = decodeURIComponent(new URL(".", import.meta.url).pathname);
 const V8_FLAGS = "--v8-flags=--max-semi-space-size=1";
 const CONNECTS_IN_FLIGHT = 256;
 const WARM_UP_CLIENTS = 100;
