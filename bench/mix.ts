@@ -552,21 +552,32 @@ async function connect(attempt: Attempt): Promise<Deno.TcpConn | Outcome> {
 /** A node:net socket (for its reset), or how connecting ended. */
 async function nodeConnect(attempt: Attempt): Promise<net.Socket | Outcome> {
   const socket = net.connect({ host: attempt.hostname, port: attempt.port });
+  // Listened for from the start: a refused connect emits "close" at once.
+  const closed = new Promise<void>((resolve) =>
+    socket.once("close", () => resolve())
+  );
   // Errors after the connect (the server's reset) are expected; without a
   // listener they would be thrown.
   let error: unknown;
   socket.on("error", (e) => error ??= e);
-  const connected = await new Promise<boolean>((resolve) => {
-    const onStop = () => resolve(false);
-    attempt.stop.addEventListener("abort", onStop);
-    socket.once("connect", () => resolve(true));
-    socket.once("close", () => resolve(false));
-    if (attempt.stop.aborted) resolve(false);
-  }).finally(() => {
+  const stopped = Promise.withResolvers<false>();
+  const onStop = () => stopped.resolve(false);
+  attempt.stop.addEventListener("abort", onStop);
+  if (attempt.stop.aborted) onStop();
+  let connected;
+  try {
+    connected = await Promise.race([
+      new Promise<true>((resolve) =>
+        socket.once("connect", () => resolve(true))
+      ),
+      closed.then(() => false as const),
+      stopped.promise,
+    ]);
+  } finally {
+    attempt.stop.removeEventListener("abort", onStop);
     socket.removeAllListeners("connect");
-  });
+  }
   if (connected) return socket;
-  const closed = new Promise((resolve) => socket.once("close", resolve));
   socket.destroy();
   await closed;
   if (attempt.stop.aborted) return { status: "uncertain" };

@@ -154,8 +154,17 @@ class TestEchoServer {
     if (bytes !== undefined) this.#log.record(clientId, bytes);
   }
 
+  /** Closes the listener: later connects are refused. */
+  stopListening(): void {
+    try {
+      this.#listener.close();
+    } catch (error) {
+      if (!(error instanceof Deno.errors.BadResource)) throw error;
+    }
+  }
+
   async close(): Promise<void> {
-    this.#listener.close();
+    this.stopListening();
     await this.#acceptLoop;
     while (this.#handlers.size > 0) await Promise.all(this.#handlers);
     this.#log.close();
@@ -266,6 +275,38 @@ Deno.test(
     const [large, vanish] = result.kinds;
     assert.equal(large.broken + large.wrong, 3, explain(result));
     assert.equal(vanish.ok, 3, explain(result));
+  }),
+);
+
+Deno.test(
+  "runMix() counts refused connects and ends when the server stops listening mid-run",
+  withTempDir(async (dir) => {
+    let accepted = 0;
+    // Serves the first 10 clients, then stops listening.
+    const server: TestEchoServer = new TestEchoServer(dir, async (conn) => {
+      if (++accepted === 10) server.stopListening();
+      const request = await readAll(conn);
+      await writeAll(conn, request);
+      await conn.closeWrite();
+      return request.length;
+    });
+    let result: MixResult;
+    try {
+      result = await runMix({
+        ...QUICK,
+        port: server.port,
+        kinds: ["echo", "reset-on-connect", "reset-mid-send", "vanish"],
+        connections: 40,
+      });
+    } finally {
+      await server.close();
+    }
+    assert.equal(result.ok, false);
+    assert.ok(result.connected >= 10, explain(result));
+    assert.equal(result.connected + result.connectErrors, 160, explain(result));
+    for (const kind of result.kinds) {
+      assert.equal(kind.connected + kind.connectErrors, 40, explain(result));
+    }
   }),
 );
 
