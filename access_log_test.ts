@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { AccessLog } from "./access_log.ts";
 
-Deno.test("creates the directory and writes exact lines", () => {
+Deno.test("AccessLog.open() creates the directory, record() writes exact lines", () => {
   const dir = Deno.makeTempDirSync();
   try {
     const path = `${dir}/nested/dir/access.log`;
@@ -21,7 +21,7 @@ Deno.test("creates the directory and writes exact lines", () => {
   }
 });
 
-Deno.test("appends to an existing file, never truncates", () => {
+Deno.test("AccessLog.open() appends to an existing file, never truncates", () => {
   const dir = Deno.makeTempDirSync();
   try {
     const path = `${dir}/access.log`;
@@ -38,7 +38,7 @@ Deno.test("appends to an existing file, never truncates", () => {
   }
 });
 
-Deno.test("reopen after a rename writes new lines to a new file", () => {
+Deno.test("AccessLog.reopen() after a rename writes new lines to a new file", () => {
   const dir = Deno.makeTempDirSync();
   try {
     const path = `${dir}/access.log`;
@@ -62,7 +62,7 @@ Deno.test("reopen after a rename writes new lines to a new file", () => {
   }
 });
 
-Deno.test("a failed reopen keeps writing to the old file", () => {
+Deno.test("AccessLog.reopen() that fails keeps writing to the old file", () => {
   const dir = Deno.makeTempDirSync();
   try {
     const path = `${dir}/logs/access.log`;
@@ -81,7 +81,7 @@ Deno.test("a failed reopen keeps writing to the old file", () => {
   }
 });
 
-Deno.test("two writers on one file never split a line", () => {
+Deno.test("AccessLog.record() never splits a line with two writers on one file", () => {
   const dir = Deno.makeTempDirSync();
   try {
     const path = `${dir}/access.log`;
@@ -104,7 +104,7 @@ Deno.test("two writers on one file never split a line", () => {
   }
 });
 
-Deno.test("an unwritable path fails at open, naming the path", () => {
+Deno.test("AccessLog.open() fails on an unwritable path, naming it", () => {
   const dir = Deno.makeTempDirSync();
   try {
     Deno.writeTextFileSync(`${dir}/file`, "");

@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { BufferPool } from "./buffer_pool.ts";
 
-Deno.test("a buffer given back is handed out again for its size", () => {
+Deno.test("BufferPool.take() hands out a buffer given back, for its size", () => {
   const pool = new BufferPool();
   const chunk = pool.take(4096);
   assert.equal(chunk.length, 4096);
@@ -15,7 +15,7 @@ Deno.test("a buffer given back is handed out again for its size", () => {
   assert.notEqual(pool.take(4096).buffer, chunk.buffer);
 });
 
-Deno.test("only power-of-two sizes are kept, within maxSpareBytes", () => {
+Deno.test("BufferPool.give() keeps only power-of-two sizes, within maxSpareBytes", () => {
   const pool = new BufferPool({ maxSpareBytes: 8192 });
   pool.give(new Uint8Array(5000));
   assert.equal(pool.spareBytes, 0);
@@ -25,7 +25,7 @@ Deno.test("only power-of-two sizes are kept, within maxSpareBytes", () => {
   assert.equal(pool.spareBytes, 8192);
 });
 
-Deno.test("trim lets spares go only after a period without reuse", () => {
+Deno.test("BufferPool.trim() lets spares go only after a period without reuse", () => {
   const pool = new BufferPool();
   pool.give(new Uint8Array(1024));
   pool.give(new Uint8Array(1024));
@@ -36,7 +36,7 @@ Deno.test("trim lets spares go only after a period without reuse", () => {
   assert.equal(pool.spareBytes, 0);
 });
 
-Deno.test("trim keeps only the sizes reused since the last trim", () => {
+Deno.test("BufferPool.trim() keeps only the sizes reused since the last trim", () => {
   const pool = new BufferPool();
   pool.give(new Uint8Array(4096));
   pool.give(new Uint8Array(4096));
@@ -51,7 +51,7 @@ Deno.test("trim keeps only the sizes reused since the last trim", () => {
   assert.equal(pool.spareBytes, 4096);
 });
 
-Deno.test("clear lets every spare go", () => {
+Deno.test("BufferPool.clear() lets every spare go", () => {
   const pool = new BufferPool();
   pool.give(new Uint8Array(4096));
   pool.give(new Uint8Array(1 << 20));

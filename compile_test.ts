@@ -62,7 +62,7 @@ function v8Flags(task: string[]): string[] {
     .flatMap((word) => word.slice("--v8-flags=".length).split(","));
 }
 
-Deno.test("start and compile tasks run main.ts with the same flags: --no-prompt, --allow-net and --allow-write to the log dir", () => {
+Deno.test("deno task start and compile run main.ts with the same flags, never -A or a prompt", () => {
   assert.equal(LOG_DIR, "/var/log/echo-server");
   assert.deepEqual(compileTask.slice(0, 2), ["deno", "compile"]);
   assert.deepEqual(startTask.slice(0, 2), ["deno", "run"]);
@@ -173,7 +173,7 @@ function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
 }
 
 Deno.test(
-  "deno task compile's payload: exactly its permissions, no prompt, the start task's V8 flags, main.ts and every module it imports",
+  "deno task compile embeds its permissions, the V8 flags and every module of main.ts",
   withTempDir(async (dir, t) => {
     // Built on the Deno CLI instead of denort, which needs no download: the
     // binary runs as the CLI, but its payload is what denort would run.
@@ -187,7 +187,7 @@ Deno.test(
     const { metadata } = payload;
 
     await t.step(
-      "--allow-net and --allow-write to the log dir, nothing else, no prompt",
+      "grants --allow-net and --allow-write to the log dir, nothing else, no prompt",
       () => {
         const { allow_import, ...granted } = metadata.permissions;
         const nothing = Object.fromEntries(
@@ -213,7 +213,7 @@ Deno.test(
     );
 
     await t.step(
-      "the start task's V8 flags, no arguments or env baked in",
+      "bakes in the start task's V8 flags, no arguments or env",
       () => {
         assert.ok(v8Flags(startTask).length > 0);
         assert.deepEqual(metadata.v8_flags, [
@@ -226,7 +226,7 @@ Deno.test(
     );
 
     await t.step(
-      "main.ts and every module deno info lists for it",
+      "embeds main.ts and every module deno info lists for it",
       async () => {
         // VFS paths are relative to the directory the entry point is in.
         assert.equal(metadata.entrypoint_key, "main.ts");
@@ -326,7 +326,7 @@ const NO_SCRIPT = " (skipped: no util-linux script for a terminal)";
 
 Deno.test({
   name:
-    `deno task start in a terminal: a log it may not write is one line and exit 1, never a prompt${
+    `deno task start in a terminal prints one line for a log it may not write, exits 1, never prompts${
       hasScript ? "" : NO_SCRIPT
     }`,
   ignore: !hasScript,
@@ -348,7 +348,7 @@ Deno.test({
 
 Deno.test({
   name:
-    `the start task's flags without --allow-net, in a terminal: one line and exit 1, never a prompt${
+    `deno task start without --allow-net in a terminal prints one line, exits 1, never prompts${
       hasScript ? "" : NO_SCRIPT
     }`,
   ignore: !hasScript,
@@ -475,19 +475,22 @@ async function checkServer(
   server: Server,
   dir: string,
 ): Promise<void> {
-  await t.step("--help and --version", () => checkHelpAndVersion(server));
   await t.step(
-    "log outside the log dir",
+    "prints --help and --version as deno run main.ts does",
+    () => checkHelpAndVersion(server),
+  );
+  await t.step(
+    "refuses a log outside the log dir in one line",
     () => checkLogOutsideLogDir(server, dir),
   );
   await t.step(
-    "serves and stops on SIGTERM",
+    "serves and logs a client, exits 0 on SIGTERM",
     () => checkServesAndStops(server, dir),
   );
 }
 
 Deno.test(
-  "deno compile with a missing DENORT_BIN fails and names the path",
+  "deno task compile fails naming a missing DENORT_BIN",
   withTempDir(async (dir) => {
     const denort = `${dir}/no-such-denort`;
     const output = await runCommand(
@@ -505,7 +508,7 @@ Deno.test(
 );
 
 Deno.test(
-  "the compile task's flags, under deno run: help, version, log dir, serve, stop",
+  "deno task compile's flags under deno run pass the ./echo-server checks",
   withTempDir(async (dir, t) => {
     const run = [Deno.execPath(), "run"] as const;
     const server: Server = {
@@ -524,14 +527,14 @@ const denort = findDenort();
 
 Deno.test({
   name: denort.found
-    ? `compiled ./echo-server (denort: ${denort.reason}): help, version, log dir, serve, stop`
-    : `compiled ./echo-server (skipped: ${denort.reason})`,
+    ? `deno task compile builds an ./echo-server that passes its checks (denort: ${denort.reason})`
+    : `deno task compile builds an ./echo-server that passes its checks (skipped: ${denort.reason})`,
   ignore: !denort.found,
   fn: withTempDir(async (dir, t) => {
     const exact = `${dir}/echo-server`;
     const withTempLog = `${dir}/echo-server-test-log`;
     await t.step(
-      "deno task compile's command builds the binaries",
+      "builds the binaries",
       async () => {
         const results = await Promise.all([
           runCommand(Deno.execPath(), compileArgs(exact), { cwd: REPO }),

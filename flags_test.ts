@@ -20,7 +20,7 @@ function assertThrowsUsage(fn: () => unknown, message: string): void {
   });
 }
 
-Deno.test("parseInteger: digits within the bounds, or the default", () => {
+Deno.test("parseInteger() reads digits within the bounds, or gives the default", () => {
   assert.equal(parseInteger("--n", "0"), 0);
   assert.equal(parseInteger("--n", "007"), 7);
   assert.equal(parseInteger("--n", "65535", { max: 65535 }), 65535);
@@ -32,7 +32,7 @@ Deno.test("parseInteger: digits within the bounds, or the default", () => {
   );
 });
 
-Deno.test("parseInteger: out of bounds or not digits", () => {
+Deno.test("parseInteger() rejects a value out of bounds or not digits", () => {
   assertThrowsUsage(
     () => parseInteger("--port", "70000", { max: 65535 }),
     "--port must be a whole number from 0 to 65535, not '70000'",
@@ -50,7 +50,7 @@ Deno.test("parseInteger: out of bounds or not digits", () => {
   assertThrowsUsage(() => parseInteger("--n", undefined), "--n is required");
 });
 
-Deno.test("parseSize: bytes, KiB, MiB and GiB in any case", () => {
+Deno.test("parseSize() reads bytes, KiB, MiB and GiB in any case", () => {
   assert.equal(parseSize("--s", "0"), 0);
   assert.equal(parseSize("--s", "65536"), 65536);
   assert.equal(parseSize("--s", "2KiB"), 2048);
@@ -62,7 +62,7 @@ Deno.test("parseSize: bytes, KiB, MiB and GiB in any case", () => {
   assert.equal(parseSize("--s", "64KiB", { min: 65536 }), 65536);
 });
 
-Deno.test("parseSize: below the minimum, too large, or not a size", () => {
+Deno.test("parseSize() rejects a size below the minimum, too large, or not a size", () => {
   assertThrowsUsage(
     () => parseSize("--max-buffered", "1KiB", { min: 65536 }),
     "--max-buffered must be a size of at least 65536 bytes such as 65536 or 64MiB, not '1KiB'",
@@ -82,7 +82,7 @@ Deno.test("parseSize: below the minimum, too large, or not a size", () => {
   assertThrowsUsage(() => parseSize("--size", undefined), "--size is required");
 });
 
-Deno.test("parseSeconds: whole or fractional seconds up to a day", () => {
+Deno.test("parseSeconds() reads whole or fractional seconds up to a day", () => {
   assert.equal(parseSeconds("--t", "0.25"), 0.25);
   assert.equal(parseSeconds("--t", "30"), 30);
   assert.equal(parseSeconds("--t", "86400"), 86400);
@@ -91,7 +91,7 @@ Deno.test("parseSeconds: whole or fractional seconds up to a day", () => {
   assert.equal(parseSeconds("--t", undefined, { default: 10 }), 10);
 });
 
-Deno.test("parseSeconds: zero unless allowed, over a day, or not a number", () => {
+Deno.test("parseSeconds() rejects zero unless allowed, over a day, or not a number", () => {
   assertThrowsUsage(
     () => parseSeconds("--idle-timeout", "0"),
     "--idle-timeout must be a number of seconds above 0 up to 86400, not '0'",
@@ -109,7 +109,7 @@ Deno.test("parseSeconds: zero unless allowed, over a day, or not a number", () =
   assertThrowsUsage(() => parseSeconds("--t", undefined), "--t is required");
 });
 
-Deno.test("parseInstance: I/N with 1 <= I <= N, or 1/1 without the flag", () => {
+Deno.test("parseInstance() reads I/N with 1 <= I <= N, or gives 1/1 without the flag", () => {
   assert.deepEqual(parseInstance("--instance", "2/4"), {
     instance: 2,
     instances: 4,
@@ -128,7 +128,7 @@ Deno.test("parseInstance: I/N with 1 <= I <= N, or 1/1 without the flag", () => 
   });
 });
 
-Deno.test("parseInstance: 0, over N, or not I/N", () => {
+Deno.test("parseInstance() rejects 0, over N, or not I/N", () => {
   for (
     const bad of [
       "0/4",
@@ -151,7 +151,7 @@ Deno.test("parseInstance: 0, over N, or not I/N", () => {
   }
 });
 
-Deno.test("parseHostPort: HOST:PORT, [IPV6]:PORT, or :PORT on the default host", () => {
+Deno.test("parseHostPort() reads HOST:PORT, [IPV6]:PORT, or :PORT on the default host", () => {
   assert.deepEqual(parseHostPort("--metrics", "0.0.0.0:9400", "127.0.0.1"), {
     hostname: "0.0.0.0",
     port: 9400,
@@ -170,7 +170,7 @@ Deno.test("parseHostPort: HOST:PORT, [IPV6]:PORT, or :PORT on the default host",
   });
 });
 
-Deno.test("parseHostPort: no port, a port over 65535, or a bare IPv6 address", () => {
+Deno.test("parseHostPort() rejects no port, a port over 65535, or a bare IPv6 address", () => {
   for (
     const text of ["", "9400", "host:", "host:x", ":65536", "::1:9400", "[::1]"]
   ) {

@@ -153,7 +153,7 @@ async function assertNotServed(port: number): Promise<void> {
   assert.equal(reply, "", "a client was served after shutdown began");
 }
 
-Deno.test("parseFlags: defaults, sizes and seconds", () => {
+Deno.test("parseFlags() gives the defaults and reads sizes and seconds", () => {
   assert.deepEqual(parseFlags([]), {
     hostname: "127.0.0.1",
     port: 4000,
@@ -187,7 +187,7 @@ Deno.test("parseFlags: defaults, sizes and seconds", () => {
   assert.equal(config.instances, 4);
 });
 
-Deno.test("--help lists every flag with its default", async () => {
+Deno.test("echo-server --help lists every flag with its default", async () => {
   const { code, stdout } = await run([], ["--help"]);
   assert.equal(code, 0);
   for (
@@ -219,7 +219,7 @@ Deno.test("--help lists every flag with its default", async () => {
   }
 });
 
-Deno.test("--version prints the version from deno.json", async () => {
+Deno.test("echo-server --version prints the version from deno.json", async () => {
   const { code, stdout } = await run([], ["--version"]);
   assert.equal(code, 0);
   assert.equal(stdout, `echo-server ${denoJson.version}\n`);
@@ -245,7 +245,7 @@ const BAD_FLAGS: Array<[string[], string]> = [
   [["--instance", "x"], "echo-server: --instance must be I/N"],
 ];
 for (const [args, message] of BAD_FLAGS) {
-  Deno.test(`bad flags ${args.join(" ")}: one line, usage, exit 2`, async () => {
+  Deno.test(`echo-server ${args.join(" ")} prints one line and the usage, exits 2`, async () => {
     assertUsageError(
       await run([], args),
       message,
@@ -255,7 +255,7 @@ for (const [args, message] of BAD_FLAGS) {
 }
 
 Deno.test(
-  "a port in use: one clear line, exit 1",
+  "echo-server on a port in use prints one line, exits 1",
   withTempDir(async (dir) => {
     using taken = Deno.listen({ hostname: "127.0.0.1", port: 0 });
     const port = taken.addr.port;
@@ -272,7 +272,7 @@ Deno.test(
 );
 
 Deno.test(
-  "an address not on this machine: one clear line, exit 1",
+  "echo-server on an address not on this machine prints one line, exits 1",
   withTempDir(async (dir) => {
     const { code, stderr } = await run(
       ["--allow-net", `--allow-write=${dir}`],
@@ -287,7 +287,7 @@ Deno.test(
 );
 
 Deno.test(
-  "an unwritable log path: one clear line naming it, exit 1",
+  "echo-server with an unwritable log prints one line naming it, exits 1",
   withTempDir(async (dir) => {
     await Deno.writeTextFile(`${dir}/file`, "");
     const { code, stderr } = await run(
@@ -305,7 +305,7 @@ Deno.test(
 );
 
 Deno.test(
-  "the default log path without write permission names the fixes",
+  "echo-server names the fixes when it may not write the default log",
   withTempDir(async (dir) => {
     // Write permission only for a temporary directory: the real default log
     // is never touched, whoever runs the tests.
@@ -324,7 +324,7 @@ Deno.test(
 );
 
 Deno.test(
-  "without --allow-net: one clear line, exit 1",
+  "echo-server without --allow-net prints one line, exits 1",
   withTempDir(async (dir) => {
     const { code, stderr } = await run(
       [`--allow-write=${dir}`],
@@ -339,7 +339,7 @@ Deno.test(
 );
 
 Deno.test(
-  "--instance 2/3 numbers the clients it logs 2, 5, 8",
+  "echo-server --instance 2/3 logs its clients as 2, 5, 8",
   withTempDir(async (dir) => {
     await using server = new ServerProcess(dir, ["--instance", "2/3"]);
     const port = await server.port();
@@ -357,7 +357,7 @@ Deno.test(
 );
 
 Deno.test(
-  "SIGHUP reopens the log after a rename; no line is lost",
+  "echo-server reopens the log on SIGHUP after a rename, losing no line",
   withTempDir(async (dir) => {
     await using server = new ServerProcess(dir, []);
     const port = await server.port();
@@ -382,7 +382,7 @@ Deno.test(
 
 for (const signal of ["SIGTERM", "SIGINT"] as const) {
   Deno.test(
-    `${signal} drains a client in flight, refuses new ones, exits 0`,
+    `echo-server on ${signal} drains a client in flight, refuses new ones, exits 0`,
     withTempDir(async (dir) => {
       await using server = new ServerProcess(dir, ["--drain-timeout", "3600"]);
       const port = await server.port();
@@ -415,7 +415,7 @@ for (const signal of ["SIGTERM", "SIGINT"] as const) {
 }
 
 Deno.test(
-  "a second SIGTERM cuts off at once; the log is still complete",
+  "echo-server on a second SIGTERM cuts off at once, its log complete",
   withTempDir(async (dir) => {
     await using server = new ServerProcess(dir, ["--drain-timeout", "3600"]);
     const port = await server.port();
@@ -440,7 +440,7 @@ Deno.test(
   }),
 );
 
-Deno.test("parseFlags: --metrics HOST:PORT, :PORT binds loopback, off by default", () => {
+Deno.test("parseFlags() reads --metrics HOST:PORT, or :PORT on loopback, off by default", () => {
   assert.equal((parseFlags([]) as Config).metrics, undefined);
   assert.deepEqual((parseFlags(["--metrics", ":9400"]) as Config).metrics, {
     hostname: "127.0.0.1",
@@ -457,7 +457,7 @@ Deno.test("parseFlags: --metrics HOST:PORT, :PORT binds loopback, off by default
 });
 
 for (const bad of ["9400", "host:", "host:port", ":70000", "::1:9400"]) {
-  Deno.test(`bad flags --metrics ${bad}: one line, usage, exit 2`, async () => {
+  Deno.test(`echo-server --metrics ${bad} prints one line and the usage, exits 2`, async () => {
     assertUsageError(
       await run([], ["--metrics", bad]),
       `echo-server: --metrics must be HOST:PORT or :PORT with a port from 0 to 65535, not '${bad}'`,
@@ -467,7 +467,7 @@ for (const bad of ["9400", "host:", "host:port", ":70000", "::1:9400"]) {
 }
 
 Deno.test(
-  "--metrics on a port in use: one clear line, exit 1",
+  "echo-server --metrics on a port in use prints one line, exits 1",
   withTempDir(async (dir) => {
     using taken = Deno.listen({ hostname: "127.0.0.1", port: 0 });
     const port = taken.addr.port;
@@ -516,7 +516,7 @@ function sampleValue(exposition: string, name: string): number {
 
 for (const signal of ["SIGTERM", "SIGINT"] as const) {
   Deno.test(
-    `--metrics: /healthz turns 503 on ${signal} while a client in flight is served`,
+    `echo-server --metrics answers /healthz 503 on ${signal} while a client finishes`,
     withTempDir(async (dir) => {
       await using server = new ServerProcess(dir, [
         "--drain-timeout",
@@ -576,7 +576,7 @@ for (const signal of ["SIGTERM", "SIGINT"] as const) {
 }
 
 Deno.test(
-  "out of file descriptors (ulimit -n 64): every client is served and logged once, the back-off reported at most once a second",
+  "echo-server under ulimit -n 64 serves and logs every client once, reports once a second",
   withTempDir(async (dir) => {
     await using server = new ServerProcess(dir, [], { maxOpenFiles: 64 });
     const port = await server.port();
@@ -670,7 +670,7 @@ Deno.test(
 );
 
 Deno.test(
-  "--metrics survives running out of file descriptors (ulimit -n 64): restarted, /metrics answers again",
+  "echo-server --metrics under ulimit -n 64 answers /metrics again after running out",
   withTempDir(async (dir) => {
     await using server = new ServerProcess(dir, ["--metrics", ":0"], {
       maxOpenFiles: 64,

@@ -255,7 +255,7 @@ Deno.test({
   }),
 });
 
-Deno.test("serveMetrics() bad requests never disturb the echo port", async () => {
+Deno.test("serveMetrics() never lets bad requests disturb the echo port", async () => {
   await using s = startServer();
   const metrics = serveMetrics(s.server, { port: 0 });
   const port = metrics.addr.port;
@@ -365,7 +365,7 @@ Deno.test("serveMetrics() restarts Deno.serve after it stops, also when restarti
 });
 
 Deno.test(
-  "OTEL_DENO=true exports Deno's own HTTP metrics of the metrics port, not the echo_* ones",
+  "echo-server --metrics under OTEL_DENO=true exports Deno's HTTP metrics, not echo_*",
   withTempDir(async (dir) => {
     // A stand-in OTLP/HTTP collector: keeps what is posted, by path.
     const posted = new Map<string, string>();

@@ -86,7 +86,7 @@ Deno.test("exchange() sends a message, half-closes and returns the reply", async
   assert.deepEqual(s.records, [[1, 5]]);
 });
 
-Deno.test("exchange() of an empty message gets an empty reply", async () => {
+Deno.test("exchange() gets an empty reply to an empty message", async () => {
   await using s = startServer();
   {
     using conn = await Deno.connect({ hostname: "127.0.0.1", port: s.port });
@@ -96,7 +96,7 @@ Deno.test("exchange() of an empty message gets an empty reply", async () => {
   assert.deepEqual(s.records, [[1, 0]]);
 });
 
-Deno.test("send task prints the reply on stdout, the counts on stderr, exit 0", async () => {
+Deno.test("deno task send prints the reply on stdout, the counts on stderr, exits 0", async () => {
   await using s = startServer();
   const result = await runSend(["--port", String(s.port), "hello"]);
   assert.equal(result.stderr, "sent 5 bytes, received 5 bytes\n");
@@ -104,7 +104,7 @@ Deno.test("send task prints the reply on stdout, the counts on stderr, exit 0", 
   assert.equal(result.code, 0);
 });
 
-Deno.test("send task sends standard input without a message, byte for byte", async () => {
+Deno.test("deno task send sends standard input without a message, byte for byte", async () => {
   await using s = startServer();
   const input = new Uint8Array(1024 * 1024);
   for (let i = 0; i < input.length; i += 65536) {
@@ -120,7 +120,7 @@ Deno.test("send task sends standard input without a message, byte for byte", asy
   assert.equal(result.code, 0);
 });
 
-Deno.test("send task exits 1 when the reply differs, and says from which byte", async () => {
+Deno.test("deno task send exits 1 when the reply differs, and says from which byte", async () => {
   await using peer = startPeer(() => encoder.encode("hellO"));
   const result = await runSend(["--port", String(peer.port), "hello"]);
   assert.equal(decoder.decode(result.stdout), "hellO");
@@ -132,7 +132,7 @@ Deno.test("send task exits 1 when the reply differs, and says from which byte", 
   assert.equal(result.code, 1);
 });
 
-Deno.test("send task exits 1 when the server cuts it off", async () => {
+Deno.test("deno task send exits 1 when the server cuts it off", async () => {
   await using s = startServer({ maxClientBytes: 1000 });
   const result = await runSend(
     ["--port", String(s.port)],
@@ -146,7 +146,7 @@ Deno.test("send task exits 1 when the server cuts it off", async () => {
   assert.equal(result.code, 1);
 });
 
-Deno.test("send task: connection refused is one line, exit 1", async () => {
+Deno.test("deno task send prints one line for a refused connection, exits 1", async () => {
   const port = closedPort();
   const result = await runSend(["--port", String(port), "hello"]);
   assert.equal(
@@ -157,7 +157,7 @@ Deno.test("send task: connection refused is one line, exit 1", async () => {
   assert.equal(result.code, 1);
 });
 
-Deno.test("send task may reach only this machine, and names the command for another host", async () => {
+Deno.test("deno task send reaches only this machine, names the command for another host", async () => {
   // 192.0.2.1 is TEST-NET-1: the permission check refuses it before any
   // packet is sent.
   const result = await runSend(["--host", "192.0.2.1", "hello"]);
@@ -169,7 +169,7 @@ Deno.test("send task may reach only this machine, and names the command for anot
   assert.equal(result.code, 1);
 });
 
-Deno.test("send task rejects bad flags with exit 2 and the usage", async () => {
+Deno.test("deno task send rejects bad flags with the usage, exits 2", async () => {
   const usage = USAGE.split("\n")[0];
   const run = (args: string[]) =>
     runCommand(Deno.execPath(), [...sendTask.slice(1), ...args], {
@@ -197,7 +197,7 @@ Deno.test("send task rejects bad flags with exit 2 and the usage", async () => {
   );
 });
 
-Deno.test("send task --help prints the usage, exit 0", async () => {
+Deno.test("deno task send --help prints the usage, exits 0", async () => {
   const result = await runCommand(
     Deno.execPath(),
     [...sendTask.slice(1), "--help"],
@@ -206,7 +206,7 @@ Deno.test("send task --help prints the usage, exit 0", async () => {
   assert.deepEqual(result, { code: 0, stdout: `${USAGE}\n`, stderr: "" });
 });
 
-Deno.test("send.ts's shebang line runs it with the send task's flags", async () => {
+Deno.test("./send.ts runs with deno task send's flags through its shebang line", async () => {
   const firstLine = (await Deno.readTextFile(`${REPO}send.ts`)).split("\n")[0];
   assert.equal(
     firstLine,

@@ -79,7 +79,7 @@ async function connectAndReset(port: number): Promise<void> {
   await closed;
 }
 
-Deno.test("echoes hello and logs it", async () => {
+Deno.test("serveEcho() echoes hello and logs it", async () => {
   await using s = startServer();
   const reply = await echo(s.port, new TextEncoder().encode("hello"));
   assert.equal(new TextDecoder().decode(reply), "hello");
@@ -88,7 +88,7 @@ Deno.test("echoes hello and logs it", async () => {
   assert.deepEqual(s.diagnostics, []);
 });
 
-Deno.test("an empty request gets an empty reply and is logged", async () => {
+Deno.test("serveEcho() answers an empty request with an empty reply and logs it", async () => {
   await using s = startServer();
   const reply = await echo(s.port, new Uint8Array(0));
   assert.equal(reply.length, 0);
@@ -96,7 +96,7 @@ Deno.test("an empty request gets an empty reply and is logged", async () => {
   assert.deepEqual(s.records, [[1, 0]]);
 });
 
-Deno.test("all 256 byte values come back unchanged", async () => {
+Deno.test("serveEcho() echoes all 256 byte values unchanged", async () => {
   await using s = startServer();
   const payload = Uint8Array.from({ length: 512 }, (_, i) => i % 256);
   assert.ok(sameBytes(await echo(s.port, payload), payload));
@@ -118,7 +118,7 @@ for (
     64 * 1024 * 1024,
   ]
 ) {
-  Deno.test(`${size} bytes sent before reading come back byte-exact`, async () => {
+  Deno.test(`serveEcho() echoes ${size} bytes sent before reading, byte-exact`, async () => {
     await using s = startServer();
     const payload = pattern(size, size);
     const reply = await echo(s.port, payload);
@@ -129,7 +129,7 @@ for (
   });
 }
 
-Deno.test("a slow sender's many small writes come back in order", async () => {
+Deno.test("serveEcho() echoes a slow sender's many small writes in order", async () => {
   await using s = startServer();
   const payload = pattern(3000, 7);
   const conn = await Deno.connect({ hostname: HOST, port: s.port });
@@ -148,7 +148,7 @@ Deno.test("a slow sender's many small writes come back in order", async () => {
   }
 });
 
-Deno.test("200 sequential clients are logged as 1..200 in order", async () => {
+Deno.test("serveEcho() logs 200 sequential clients as 1..200 in order", async () => {
   await using s = startServer();
   for (let i = 1; i <= 200; i++) {
     const payload = pattern(i, i);
@@ -183,7 +183,7 @@ Deno.test("serveEcho() rejects an instance outside 1..instances before listening
   }
 });
 
-Deno.test("100 concurrent clients each get their own bytes", async () => {
+Deno.test("serveEcho() gives 100 concurrent clients each their own bytes", async () => {
   await using s = startServer();
   const payloads = Array.from(
     { length: 100 },
@@ -205,7 +205,7 @@ Deno.test("100 concurrent clients each get their own bytes", async () => {
   );
 });
 
-Deno.test("an idle client does not hold up another", async () => {
+Deno.test("serveEcho() serves a client while another is idle", async () => {
   await using s = startServer();
   const idle = await Deno.connect({ hostname: HOST, port: s.port });
   await writeAll(idle, new Uint8Array([1, 2, 3]));
@@ -219,7 +219,7 @@ Deno.test("an idle client does not hold up another", async () => {
   assert.deepEqual(s.records, [[2, 100_000], [1, 3]]);
 });
 
-Deno.test("a client that leaves without reading is logged; the next is served", async () => {
+Deno.test("serveEcho() logs a client that leaves without reading and serves the next", async () => {
   await using s = startServer();
   const conn = await Deno.connect({ hostname: HOST, port: s.port });
   await writeAll(conn, pattern(32 * 1024 * 1024, 9));
@@ -241,7 +241,7 @@ Deno.test("a client that leaves without reading is logged; the next is served", 
   assert.match(s.diagnostics[0], /^client 1: /);
 });
 
-Deno.test("a client that resets mid-send is logged; the next is served", async () => {
+Deno.test("serveEcho() logs a client that resets mid-send and serves the next", async () => {
   await using s = startServer();
   // Deno's own sockets cannot send a reset; node:net's resetAndDestroy can.
   const socket = net.connect(s.port, HOST);
@@ -414,7 +414,7 @@ Deno.test("acceptErrorKind() sorts by code or os error number, not class", () =>
   assert.equal(acceptErrorKind("not an error"), "unknown");
 });
 
-Deno.test("serveEcho() counts each accept error a client causes, or an unknown one, as a client and accepts on", async () => {
+Deno.test("serveEcho() counts an accept error a client causes, or an unknown one, as a client, accepts on", async () => {
   const errors: Error[] = [
     Object.assign(
       new Deno.errors.NotConnected(
@@ -444,7 +444,7 @@ Deno.test("serveEcho() counts each accept error a client causes, or an unknown o
   expected.forEach((re, i) => assert.match(s.diagnostics[i], re));
 });
 
-Deno.test("serveEcho() counts no client for EMFILE, reports it at most once a second, then serves the queue", async () => {
+Deno.test("serveEcho() counts no client for EMFILE, reports it once a second, serves the queue", async () => {
   // The first accept succeeds (the held client); then accept fails as if out
   // of fds until the test frees them.
   let calls = 0;
@@ -500,7 +500,7 @@ Deno.test("serveEcho() counts no client for EMFILE, reports it at most once a se
   assert.equal(covered(), failures);
 });
 
-Deno.test("a client over the per-client limit is cut off; others are not", async () => {
+Deno.test("serveEcho() cuts off a client over maxClientBytes", async () => {
   await using s = startServer({ maxClientBytes: 1000 });
   const exact = pattern(1000, 1);
   assert.ok(sameBytes(await echo(s.port, exact), exact));
@@ -514,7 +514,7 @@ Deno.test("a client over the per-client limit is cut off; others are not", async
   ]);
 });
 
-Deno.test("a client's buffers stay within 1.125x its bytes, even while it sends", async () => {
+Deno.test("serveEcho() keeps a client's buffers within 1.125x its bytes while it sends", async () => {
   // Buffers are counted as allocated, so a total limit of 1.125x + 16 KiB
   // lets a 1 MiB client through only if its chunks never overshoot.
   const payload = pattern(1024 * 1024, 4);
@@ -526,7 +526,7 @@ Deno.test("a client's buffers stay within 1.125x its bytes, even while it sends"
   assert.deepEqual(s.diagnostics, []);
 });
 
-Deno.test("serveEcho() counts spare chunks against maxBufferedBytes while a trimmed reply is written", async () => {
+Deno.test("serveEcho() counts spare chunks against maxBufferedBytes while writing a trimmed reply", async () => {
   const MIB = 1024 * 1024;
   // Where a read chunk ends near 8 MiB, and the capacity once the next is
   // allocated (read from the server, whatever its chunk sizes are).
@@ -600,7 +600,7 @@ Deno.test("serveEcho() holds a 64-byte first chunk for an idle client, no more",
   assert.ok(s.records.every(([id, bytes]) => bytes === (id === 201 ? 5 : 0)));
 });
 
-Deno.test("the total buffer limit cuts off one of two clients that together pass it", async () => {
+Deno.test("serveEcho() cuts off one of two clients that together pass maxBufferedBytes", async () => {
   const MIB = 1024 * 1024;
   await using s = startServer({ maxBufferedBytes: 16 * MIB });
   const first = pattern(15 * MIB, 1);
@@ -678,7 +678,7 @@ Deno.test("serveEcho() cuts off a client idle for idleTimeoutMs and logs it", as
   ]);
 });
 
-Deno.test("shutdown lets a client in flight finish, then stops accepting", async () => {
+Deno.test("EchoServer.shutdown() stops accepting and lets a client in flight finish", async () => {
   const s = startServer();
   const conn = await Deno.connect({ hostname: HOST, port: s.port });
   await writeAll(conn, new Uint8Array([7]));
@@ -699,7 +699,7 @@ Deno.test("shutdown lets a client in flight finish, then stops accepting", async
   assert.deepEqual(s.records, [[2, 2], [1, 2]]);
 });
 
-Deno.test("shutdown cuts off clients still there at the drain timeout", async () => {
+Deno.test("EchoServer.shutdown() cuts off clients still there at drainTimeoutMs", async () => {
   const s = startServer();
   const conn = await Deno.connect({ hostname: HOST, port: s.port });
   await writeAll(conn, new Uint8Array(4));
@@ -712,7 +712,7 @@ Deno.test("shutdown cuts off clients still there at the drain timeout", async ()
   assert.match(s.diagnostics[0], /^client 1: cut off .*at shutdown/);
 });
 
-Deno.test("accepted equals logged after a flood of misbehaving clients", async () => {
+Deno.test("serveEcho() logs every client it accepts from a flood of misbehaving ones", async () => {
   await using s = startServer({ maxClientBytes: 64 * 1024 });
   const garbage = pattern(100_000, 5);
   const behaviours: Array<() => Promise<unknown>> = [
