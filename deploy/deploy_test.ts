@@ -92,7 +92,7 @@ const unit = parseUnit(await Deno.readTextFile(UNIT_PATH));
 const FD_HEADROOM = 64;
 const execStart = only(unit, "Service", "ExecStart").split(/\s+/);
 
-Deno.test("echo-server.service runs the installed binary with flags main.ts accepts", () => {
+Deno.test("deploy/echo-server.service runs the installed binary with flags main.ts accepts", () => {
   assert.equal(execStart[0], "/usr/local/bin/echo-server");
   const config = parseFlags(execStart.slice(1));
   assert.ok(typeof config === "object");
@@ -113,7 +113,7 @@ Deno.test("echo-server.service runs the installed binary with flags main.ts acce
   );
 });
 
-Deno.test("echo-server.service drains on stop, reloads with SIGHUP, restarts on failure", () => {
+Deno.test("deploy/echo-server.service drains on stop, reloads with SIGHUP, restarts on failure", () => {
   assert.equal(only(unit, "Service", "ExecReload"), "/bin/kill -HUP $MAINPID");
   assert.equal(only(unit, "Service", "KillSignal"), "SIGTERM");
   assert.equal(only(unit, "Service", "Restart"), "on-failure");
@@ -133,7 +133,7 @@ Deno.test("echo-server.service drains on stop, reloads with SIGHUP, restarts on 
   assert.equal(only(unit, "Install", "WantedBy"), "multi-user.target");
 });
 
-Deno.test("echo-server.service runs as a dynamic user with hardening, but lets V8 JIT", () => {
+Deno.test("deploy/echo-server.service runs as a dynamic user with hardening, but lets V8 JIT", () => {
   const expected: Record<string, string> = {
     DynamicUser: "yes",
     NoNewPrivileges: "yes",
@@ -179,7 +179,7 @@ const instanceCount = Number(
   only(template, "Service", "Environment").split("=")[1],
 );
 
-Deno.test("echo-server@.service is echo-server.service but for its ports, --instance and shared user", () => {
+Deno.test("deploy/echo-server@.service differs from echo-server.service only in ports, --instance and user", () => {
   const differs = ["Description", "ExecStart", "Environment", "User"];
   for (const [section, keys] of unit) {
     for (const [key, values] of keys) {
@@ -204,7 +204,7 @@ Deno.test("echo-server@.service is echo-server.service but for its ports, --inst
   assert.equal(only(template, "Service", "DynamicUser"), "yes");
 });
 
-Deno.test("echo-server@I.service listens on 400I with /healthz on 940I, as instance I/N, logging where the single unit does", () => {
+Deno.test("deploy/echo-server@I.service serves 400I, /healthz on 940I, as instance I/N, into the single unit's log", () => {
   assert.ok(instanceCount >= 2, "ECHO_SERVER_INSTANCES is a number above 1");
   const single = parseFlags(execStart.slice(1));
   assert.ok(typeof single === "object");
@@ -229,7 +229,7 @@ function haproxyServers(text: string): number[][] {
   ].map((match) => match.slice(1).map(Number));
 }
 
-Deno.test("haproxy.cfg balances over the template's instances, checking each on its metrics port", async () => {
+Deno.test("deploy/haproxy.cfg balances over the template's instances, checking each on its metrics port", async () => {
   const text = await Deno.readTextFile(HAPROXY_CFG);
   assert.equal(text.match(/^\s*server /gm)?.length, instanceCount);
   assert.deepEqual(
@@ -259,7 +259,7 @@ Deno.test("haproxy.cfg balances over the template's instances, checking each on 
   }
 });
 
-Deno.test("nginx-stream.conf balances over the template's instances with proxy_half_close on", async () => {
+Deno.test("deploy/nginx-stream.conf balances over the template's instances with proxy_half_close on", async () => {
   const text = await Deno.readTextFile(NGINX_CONF);
   const servers = [...text.matchAll(/^\s*server 127\.0\.0\.1:(\d+) /gm)]
     .map((match) => Number(match[1]));
@@ -286,7 +286,7 @@ function parseLogrotate(text: string) {
   return { path: block[1], directives, postrotate: script[1].trim() };
 }
 
-Deno.test("logrotate.conf rotates the access log by rename, then SIGHUPs every running server", () => {
+Deno.test("deploy/logrotate.conf rotates the access log by rename, then SIGHUPs every running server", () => {
   const { path, directives, postrotate } = parseLogrotate(logrotateConf);
   assert.equal(path, DEFAULT_LOG_PATH);
   for (
@@ -390,8 +390,8 @@ const CLIENTS_BETWEEN_ROTATIONS = 25;
 
 Deno.test({
   name: LOGROTATE
-    ? "logrotate with deploy/logrotate.conf, run on a live server while clients keep coming, loses, splits and duplicates no line"
-    : "logrotate with deploy/logrotate.conf on a live server (skipped: logrotate not installed: apt-get install logrotate)",
+    ? "deploy/logrotate.conf on a live server under load loses, splits and duplicates no line"
+    : "deploy/logrotate.conf on a live server under load loses, splits and duplicates no line (skipped: logrotate not installed: apt-get install logrotate)",
   ignore: LOGROTATE === undefined,
   fn: withTempDir(async (dir) => {
     const logPath = `${dir}/access.log`;
@@ -538,7 +538,7 @@ Deno.test({
 });
 
 Deno.test(
-  "LimitNOFILE of --max-connections + FD_HEADROOM serves that many clients at once, metrics scraped, no accept failing",
+  "echo-server under LimitNOFILE of --max-connections + FD_HEADROOM serves every client at once",
   withTempDir(async (dir) => {
     const clients = 100;
     const limit = clients + FD_HEADROOM;

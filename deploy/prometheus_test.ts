@@ -20,7 +20,7 @@ const needsPromtool = promtool === undefined
   ? " (ignored: promtool not installed; apt-get install prometheus)"
   : "";
 
-Deno.test("prometheus.yml scrapes the address the unit passes to --metrics", async () => {
+Deno.test("deploy/prometheus/prometheus.yml scrapes the address the unit passes to --metrics", async () => {
   const unit = await Deno.readTextFile(UNIT_PATH);
   const execStart = /^ExecStart=(.+)$/m.exec(unit)![1].split(/\s+/);
   const config = parseFlags(execStart.slice(1));
@@ -40,7 +40,7 @@ Deno.test("deploy/README.md shows the scrape config and the rules as they are", 
 
 Deno.test({
   name:
-    `promtool check config accepts prometheus.yml and its rules${needsPromtool}`,
+    `deploy/prometheus/prometheus.yml and its rules pass promtool check config${needsPromtool}`,
   ignore: promtool === undefined,
   async fn() {
     const result = await runCommand(promtool!, [
@@ -63,7 +63,7 @@ function series(name: string, labels: string, values: string) {
 
 Deno.test({
   name:
-    `echo-server.rules.yml alerts on cut-offs and exhaustion, not on shutdown (promtool test rules)${needsPromtool}`,
+    `deploy/prometheus/echo-server.rules.yml alerts on cut-offs and exhaustion, not on shutdown${needsPromtool}`,
   ignore: promtool === undefined,
   fn: withTempDir(async (dir) => {
     const firing = (

@@ -519,8 +519,8 @@ function assertOneLinePerClient(
 
 Deno.test({
   name: HAPROXY
-    ? "deploy/haproxy.cfg in front of 3 instances sharing one log: byte-exact replies, one line per client, no lines from health checks; a SIGTERMed instance finishes its clients and new ones go to the others"
-    : "deploy/haproxy.cfg in front of 3 instances (skipped: haproxy not installed: apt-get install haproxy)",
+    ? "deploy/haproxy.cfg serves through 3 instances, logs each client once, routes around a stopping one"
+    : "deploy/haproxy.cfg serves through 3 instances, logs each client once, routes around a stopping one (skipped: haproxy not installed: apt-get install haproxy)",
   ignore: HAPROXY === undefined,
   fn: withTempDir(async (dir) => {
     await using cluster = await Cluster.start(dir);
@@ -660,8 +660,8 @@ async function startNginx(dir: string, conf: string): Promise<Child> {
 
 Deno.test({
   name: NGINX_HAS_STREAM
-    ? "deploy/nginx-stream.conf in front of 3 instances sharing one log: byte-exact replies, one line per client, SIGHUP rotation for all; without proxy_half_close the reply is lost"
-    : "deploy/nginx-stream.conf in front of 3 instances (skipped: nginx with its stream module not installed: apt-get install nginx libnginx-mod-stream)",
+    ? "deploy/nginx-stream.conf serves through 3 instances, logs each client once, needs proxy_half_close"
+    : "deploy/nginx-stream.conf serves through 3 instances, logs each client once, needs proxy_half_close (skipped: nginx with its stream module not installed: apt-get install nginx libnginx-mod-stream)",
   ignore: !NGINX_HAS_STREAM,
   fn: withTempDir(async (dir) => {
     await using cluster = await Cluster.start(dir);
