@@ -245,7 +245,7 @@ const BAD_FLAGS: Array<[string[], string]> = [
   [["--instance", "x"], "echo-server: --instance must be I/N"],
 ];
 for (const [args, message] of BAD_FLAGS) {
-  Deno.test(`echo-server ${args.join(" ")} prints one line and the usage, exits 2`, async () => {
+  Deno.test(`echo-server ${args.map((arg) => arg || "''").join(" ")} prints one line and the usage, exits 2`, async () => {
     assertUsageError(
       await run([], args),
       message,
@@ -576,7 +576,7 @@ for (const signal of ["SIGTERM", "SIGINT"] as const) {
 }
 
 Deno.test(
-  "echo-server under ulimit -n 64 serves and logs every client once, reports once a second",
+  "echo-server under ulimit -n 64 serves and logs every client once, reports at most once a second",
   withTempDir(async (dir) => {
     await using server = new ServerProcess(dir, [], { maxOpenFiles: 64 });
     const port = await server.port();

@@ -161,7 +161,7 @@ Deno.test("serveEcho() logs 200 sequential clients as 1..200 in order", async ()
   );
 });
 
-Deno.test("serveEcho() as instance 2 of 3 numbers its clients 2, 5, 8, ...", async () => {
+Deno.test("serveEcho() as instance 2 of 3 numbers its clients 2, 5, 8, 11, 14", async () => {
   await using s = startServer({ instance: 2, instances: 3 });
   for (let i = 1; i <= 5; i++) {
     assert.equal((await echo(s.port, pattern(i, i))).length, i);
@@ -444,7 +444,7 @@ Deno.test("serveEcho() counts an accept error a client causes, or an unknown one
   expected.forEach((re, i) => assert.match(s.diagnostics[i], re));
 });
 
-Deno.test("serveEcho() counts no client for EMFILE, reports it once a second, serves the queue", async () => {
+Deno.test("serveEcho() counts no client for EMFILE, reports it at most once a second, serves the queue", async () => {
   // The first accept succeeds (the held client); then accept fails as if out
   // of fds until the test frees them.
   let calls = 0;

@@ -52,7 +52,7 @@ function assertServerSaw(
   assert.ok(clients.every(([, bytes]) => bytes === size));
 }
 
-Deno.test("runBench: 200 connections of 5 B at concurrency 8 against the echo server", async () => {
+Deno.test("runBench() runs 200 connections of 5 B at concurrency 8 against the echo server", async () => {
   let result: BenchResult | undefined;
   const { clients, diagnostics } = await withEchoServer(async (port) => {
     result = await runBench({
@@ -67,7 +67,7 @@ Deno.test("runBench: 200 connections of 5 B at concurrency 8 against the echo se
   assert.deepEqual(diagnostics, []);
 });
 
-Deno.test("runBench: 20 connections of 1 MiB against the echo server", async () => {
+Deno.test("runBench() runs 20 connections of 1 MiB against the echo server", async () => {
   let result: BenchResult | undefined;
   const { clients, diagnostics } = await withEchoServer(async (port) => {
     result = await runBench({
@@ -83,7 +83,7 @@ Deno.test("runBench: 20 connections of 1 MiB against the echo server", async () 
   assert.deepEqual(diagnostics, []);
 });
 
-Deno.test("runBench: empty payloads get empty replies", async () => {
+Deno.test("runBench() sends empty payloads and gets empty replies", async () => {
   let result: BenchResult | undefined;
   const { clients } = await withEchoServer(async (port) => {
     result = await runBench({ port, connections: 10, concurrency: 3, size: 0 });
@@ -92,7 +92,7 @@ Deno.test("runBench: empty payloads get empty replies", async () => {
   assertServerSaw(clients, 10, 0);
 });
 
-Deno.test("runBench: a duration run lets the connections in flight finish", async () => {
+Deno.test("runBench() lets the connections in flight finish at the end of a duration run", async () => {
   let result: BenchResult | undefined;
   const { clients, diagnostics } = await withEchoServer(async (port) => {
     result = await runBench({ port, duration: 0.2, concurrency: 4, size: 100 });
@@ -179,7 +179,7 @@ async function benchAgainst(
   }
 }
 
-Deno.test("runBench: a server that flips one byte is caught", async () => {
+Deno.test("runBench() catches a server that flips one byte", async () => {
   const result = await benchAgainst(
     bufferingServer((request) => {
       request[2] ^= 0x01;
@@ -194,7 +194,7 @@ Deno.test("runBench: a server that flips one byte is caught", async () => {
   assert.match(result.errorSamples[0], /reply byte 2 is 0x[0-9a-f]{2}, sent/);
 });
 
-Deno.test("runBench: a flipped byte deep in a large reply is caught", async () => {
+Deno.test("runBench() catches a flipped byte deep in a large reply", async () => {
   const result = await benchAgainst(
     bufferingServer((request) => {
       request[request.length - 3] ^= 0x80;
@@ -207,7 +207,7 @@ Deno.test("runBench: a flipped byte deep in a large reply is caught", async () =
   assert.match(result.errorSamples[0], new RegExp(`reply byte ${MIB + 4} `));
 });
 
-Deno.test("runBench: a server one byte short is caught", async () => {
+Deno.test("runBench() catches a server one byte short", async () => {
   const result = await benchAgainst(
     bufferingServer((request) => request.subarray(0, request.length - 1)),
     { connections: 30, concurrency: 4, size: 5 },
@@ -218,7 +218,7 @@ Deno.test("runBench: a server one byte short is caught", async () => {
   assert.match(result.errorSamples[0], /reply ended after 4 of 5 bytes/);
 });
 
-Deno.test("runBench: a server one byte long is caught", async () => {
+Deno.test("runBench() catches a server one byte long", async () => {
   const result = await benchAgainst(
     bufferingServer((request) => {
       const reply = new Uint8Array(request.length + 1);
@@ -232,7 +232,7 @@ Deno.test("runBench: a server one byte long is caught", async () => {
   assert.match(result.errorSamples[0], /reply longer than the 5 bytes sent/);
 });
 
-Deno.test("runBench: a server that sends one client's bytes to another is caught", async () => {
+Deno.test("runBench() catches a server that sends one client's bytes to another", async () => {
   let previous: Uint8Array | undefined;
   const result = await benchAgainst(
     bufferingServer((request) => {
@@ -247,7 +247,7 @@ Deno.test("runBench: a server that sends one client's bytes to another is caught
   assert.equal(result.mismatches, 19);
 });
 
-Deno.test("runBench: a server that resets is caught", async () => {
+Deno.test("runBench() catches a server that resets", async () => {
   // Closing with unread input makes the kernel reset the connection; the
   // payload is more than the socket buffers hold, so the client is still
   // sending then.
@@ -263,7 +263,7 @@ Deno.test("runBench: a server that resets is caught", async () => {
   assert.equal(result.errors, 10);
 });
 
-Deno.test("runBench: a streaming server does not deadlock a large payload", async () => {
+Deno.test("runBench() sends a large payload to a streaming server without deadlock", async () => {
   // Echoes as it reads: the reply comes back while the request is still
   // being sent, so a client that only read after sending would stall.
   const result = await benchAgainst(
@@ -281,7 +281,7 @@ Deno.test("runBench: a streaming server does not deadlock a large payload", asyn
   assertClean(result, 4, 16 * MIB);
 });
 
-Deno.test("runBench: nothing listening is one connect error, not a retry storm", async () => {
+Deno.test("runBench() stops at one connect error when nothing listens, no retry storm", async () => {
   const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   const { port } = listener.addr;
   listener.close();
@@ -292,7 +292,7 @@ Deno.test("runBench: nothing listening is one connect error, not a retry storm",
   assert.match(result.errorSamples[0], /connect: ConnectionRefused/);
 });
 
-Deno.test("runBench: the signal cuts off connections in flight", async () => {
+Deno.test("runBench() cuts off connections in flight on the signal", async () => {
   const abort = new AbortController();
   let waiting = 0;
   const release = Promise.withResolvers<void>();
@@ -322,14 +322,14 @@ Deno.test("runBench: the signal cuts off connections in flight", async () => {
   assert.equal(result.bytesSent, 40);
 });
 
-Deno.test("runBench: rejects invalid options", async () => {
+Deno.test("runBench() rejects invalid options", async () => {
   await assert.rejects(runBench({ concurrency: 0 }), RangeError);
   await assert.rejects(runBench({ port: 0 }), RangeError);
   await assert.rejects(runBench({ size: 1.5 }), RangeError);
   await assert.rejects(runBench({ duration: 0 }), RangeError);
 });
 
-Deno.test("formatResult: every figure appears", () => {
+Deno.test("formatResult() prints every figure", () => {
   const text = formatResult({
     connections: 1234,
     errors: 10,
@@ -364,7 +364,7 @@ Deno.test("formatResult: every figure appears", () => {
   }
 });
 
-Deno.test("parseBenchArgs: defaults, sizes and limits", () => {
+Deno.test("parseBenchArgs() gives the defaults and reads sizes and limits", () => {
   assert.deepEqual(parseBenchArgs([]), {
     hostname: "127.0.0.1",
     port: 4000,
@@ -428,7 +428,7 @@ function cli(args: string[]): Promise<CommandResult> {
   });
 }
 
-Deno.test("CLI: --help lists every flag and default", async () => {
+Deno.test("deno task bench --help lists every flag and default", async () => {
   const { code, stdout, stderr } = await cli(["--help"]);
   assert.equal(code, 0);
   assert.equal(stderr, "");
@@ -458,7 +458,7 @@ Deno.test("CLI: --help lists every flag and default", async () => {
   }
 });
 
-Deno.test("CLI: a bad flag is one line, the usage and status 2", async () => {
+Deno.test("deno task bench with a bad flag prints one line and the usage, exits 2", async () => {
   for (
     const [args, message] of [
       [["--bogus"], "bench: Unknown option '--bogus'"],
@@ -474,7 +474,7 @@ Deno.test("CLI: a bad flag is one line, the usage and status 2", async () => {
   }
 });
 
-Deno.test("CLI: a run prints the summary and exits 0", async () => {
+Deno.test("deno task bench prints the summary of a run, exits 0", async () => {
   let output: CommandResult | undefined;
   const { clients } = await withEchoServer(async (port) => {
     output = await cli([
@@ -507,7 +507,7 @@ Deno.test("CLI: a run prints the summary and exits 0", async () => {
   assertServerSaw(clients, 50, 1024);
 });
 
-Deno.test("CLI: errors give status 1 and say what went wrong", async () => {
+Deno.test("deno task bench says what went wrong on errors, exits 1", async () => {
   const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   const { port } = listener.addr;
   listener.close();
@@ -517,7 +517,7 @@ Deno.test("CLI: errors give status 1 and say what went wrong", async () => {
   assert.match(stderr, /connect: ConnectionRefused/);
 });
 
-Deno.test("parseBenchArgs: --mix and its flags", () => {
+Deno.test("parseBenchArgs() reads --mix and its flags", () => {
   assert.deepEqual(parseBenchArgs(["--mix"]), {
     mix: true,
     hostname: "127.0.0.1",

@@ -28,7 +28,7 @@ Deno.test("parseLogLine() reads exactly the access log's line shape", () => {
 });
 
 Deno.test(
-  "LogTail reads only lines appended after it opened",
+  "LogTail.poll() reads only the lines appended after open()",
   withTempDir(async (dir) => {
     const path = `${dir}/access.log`;
     await Deno.writeTextFile(path, "[client 1]: received 5 bytes\n");

@@ -375,7 +375,7 @@ function cli(args: string[]) {
 }
 
 Deno.test(
-  "bench --mix --log exits 1 and says how many lines a lossy server lost",
+  "deno task bench --mix --log exits 1 and says how many lines a lossy server lost",
   withTempDir(async (dir) => {
     const server = lossyServer(dir);
     let output;
@@ -405,7 +405,7 @@ Deno.test(
 );
 
 Deno.test(
-  "bench --mix --log exits 0 against the echo server and prints a row per kind",
+  "deno task bench --mix --log exits 0 against the echo server and prints a row per kind",
   withTempDir(async (dir) => {
     let output;
     await withLoggedServer(
@@ -444,7 +444,7 @@ Deno.test(
   }),
 );
 
-Deno.test("bench --mix --log with a missing log is one line and status 1", async () => {
+Deno.test("deno task bench --mix --log prints one line for a missing log, exits 1", async () => {
   const { code, stdout, stderr } = await cli([
     "--mix",
     "--log",

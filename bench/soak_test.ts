@@ -59,7 +59,7 @@ Deno.test("parseSoakArgs() reads --duration", () => {
 
 const SOAK = new URL("./soak.ts", import.meta.url).pathname;
 
-Deno.test("soak CLI: --help, and a bad flag is one line, the usage and status 2", async () => {
+Deno.test("deno task soak prints --help, and one line and the usage for a bad flag, exits 2", async () => {
   const run = (args: string[]) =>
     runCommand(Deno.execPath(), ["run", "--no-prompt", SOAK, ...args], {
       env: { NO_COLOR: "1" },
