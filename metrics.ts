@@ -49,7 +49,12 @@ export interface MetricsServer extends AsyncDisposable {
   /** From now on `/healthz` answers `503 draining`, so a load balancer
    * stops sending clients while those in flight finish. */
   setDraining(): void;
-  /** Stops listening and resolves once the HTTP server has stopped. */
+  /**
+   * Stops listening and closes every connection at once, without waiting
+   * for requests in flight (a client whose request body never ends would
+   * otherwise hold it up forever); resolves once the HTTP server has
+   * stopped.
+   */
   shutdown(): Promise<void>;
 }
 
@@ -90,24 +95,33 @@ export function serveMetrics(
   return new Metrics(server, options);
 }
 
+/** One `Deno.serve` server, and how to stop it without waiting. */
+interface Serving {
+  http: Deno.HttpServer<Deno.NetAddr>;
+  abort: AbortController;
+  /** Whether `http.finished` has settled (aborting then would throw). */
+  ended: boolean;
+}
+
 class Metrics implements MetricsServer {
   readonly addr: Deno.NetAddr;
   #server: EchoServer;
   #diagnostic: (message: string) => void;
-  #http: Deno.HttpServer<Deno.NetAddr> | undefined;
+  #serving: Serving | undefined;
   #draining = false;
   #stopped = false;
+  #closed: Promise<void> | undefined;
   #restartMs = RESTART_MIN_MS;
   #restartTimer: ReturnType<typeof setTimeout> | undefined;
 
   constructor(server: EchoServer, options: MetricsOptions) {
     this.#server = server;
     this.#diagnostic = options.onDiagnostic ?? console.error;
-    this.#http = this.#listen(
+    this.#serving = this.#listen(
       options.hostname ?? "127.0.0.1",
       options.port ?? DEFAULT_METRICS_PORT,
     );
-    this.addr = this.#http.addr;
+    this.addr = this.#serving.http.addr;
   }
 
   get draining(): boolean {
@@ -118,36 +132,52 @@ class Metrics implements MetricsServer {
     this.#draining = true;
   }
 
-  async shutdown(): Promise<void> {
+  shutdown(): Promise<void> {
+    return this.#closed ??= this.#close();
+  }
+
+  async #close(): Promise<void> {
     this.#stopped = true;
     clearTimeout(this.#restartTimer);
-    await this.#http?.shutdown();
-    this.#http = undefined;
+    const serving = this.#serving;
+    this.#serving = undefined;
+    if (serving === undefined) return;
+    // Not http.shutdown(): that waits for every connection to end, and one
+    // whose request body never completes never does. Aborting the serve
+    // signal closes them all now; a scrape cut short costs nothing here.
+    if (!serving.ended) serving.abort.abort();
+    await serving.http.finished.catch(() => {});
   }
 
   [Symbol.asyncDispose](): Promise<void> {
     return this.shutdown();
   }
 
-  #listen(hostname: string, port: number): Deno.HttpServer<Deno.NetAddr> {
+  #listen(hostname: string, port: number): Serving {
+    const abort = new AbortController();
     const http = Deno.serve({
       hostname,
       port,
+      signal: abort.signal,
       onListen: () => {}, // no "Listening on" line on stdout
     }, (request) => this.#handle(request));
+    const serving: Serving = { http, abort, ended: false };
     // Deno.serve stops for good when an accept fails (EMFILE), and its
     // `finished` rejects; unhandled, that would end the process. Whatever
     // stopped it, serving again is the only way back, so restart.
-    http.finished.catch((error) => {
+    http.finished.then(() => {
+      serving.ended = true;
+    }, (error) => {
+      serving.ended = true;
       if (this.#stopped) return;
-      this.#http = undefined;
+      this.#serving = undefined;
       this.#restartLater(
         `metrics server stopped: ${describe(error)}`,
         hostname,
         http.addr.port,
       );
     });
-    return http;
+    return serving;
   }
 
   #restartLater(why: string, hostname: string, port: number): void {
@@ -158,7 +188,7 @@ class Metrics implements MetricsServer {
       this.#restartTimer = undefined;
       if (this.#stopped) return;
       try {
-        this.#http = this.#listen(hostname, port);
+        this.#serving = this.#listen(hostname, port);
       } catch (error) {
         // Binding again can fail the same way (EMFILE), or the port was
         // taken meanwhile: keep trying, more and more slowly.

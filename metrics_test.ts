@@ -257,7 +257,7 @@ Deno.test({
 
 Deno.test("serveMetrics() never lets bad requests disturb the echo port", async () => {
   await using s = startServer();
-  const metrics = serveMetrics(s.server, { port: 0 });
+  await using metrics = serveMetrics(s.server, { port: 0 });
   const port = metrics.addr.port;
   // A client that starts a request and never finishes it, held throughout.
   const slow = await Deno.connect({ hostname: HOST, port });
@@ -296,12 +296,77 @@ Deno.test("serveMetrics() never lets bad requests disturb the echo port", async 
     );
     assert.equal((await get(port, "/healthz")).status, 200);
     // Shutting down is not held up by the unfinished request either.
-    await metrics.shutdown();
+    await within(metrics.shutdown(), 30_000, "shutdown()");
   } finally {
     slow.close();
   }
   await s.server.shutdown();
   assert.deepEqual(s.records, [[1, 10]]);
+});
+
+/** `promise`, or a rejection naming `what` if it takes over `ms`: a test
+ * of something that must end fails instead of hanging. */
+async function within<T>(
+  promise: Promise<T>,
+  ms: number,
+  what: string,
+): Promise<T> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(
+      () => reject(new Error(`${what} still pending after ${ms} ms`)),
+      ms,
+    );
+  });
+  try {
+    return await Promise.race([promise, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** Reads `conn` until a whole response head has arrived; returns it. */
+async function readHead(conn: Deno.Conn): Promise<string> {
+  const buffer = new Uint8Array(4096);
+  let text = "";
+  while (!text.includes("\r\n\r\n")) {
+    const n = await conn.read(buffer);
+    assert.ok(n !== null, `connection ended before a response: ${text}`);
+    text += decoder.decode(buffer.subarray(0, n));
+  }
+  return text;
+}
+
+Deno.test("serveMetrics() shutdown() does not wait for requests whose body never ends", async () => {
+  await using s = startServer();
+  await using metrics = serveMetrics(s.server, { port: 0 });
+  const port = metrics.addr.port;
+  // Each promises 100000 bytes of body and sends 3; the handler answers
+  // at once, and Deno.serve keeps the connection for the rest.
+  const requests: Array<[string, number]> = [
+    [
+      "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nabc",
+      405,
+    ],
+    [
+      "GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nabc",
+      200,
+    ],
+  ];
+  const held: Deno.Conn[] = [];
+  try {
+    for (const [request, status] of requests) {
+      const conn = await Deno.connect({ hostname: HOST, port });
+      held.push(conn);
+      await writeAll(conn, encoder.encode(request));
+      assert.match(await readHead(conn), new RegExp(`^HTTP/1.1 ${status} `));
+    }
+    await within(metrics.shutdown(), 30_000, "shutdown()");
+    // Their connections were closed, not left behind.
+    for (const conn of held) await readUntilClosed(conn);
+  } finally {
+    for (const conn of held) conn.close();
+  }
 });
 
 const MAIN = new URL("./main.ts", import.meta.url).pathname;
