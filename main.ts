@@ -45,6 +45,9 @@ export interface Config {
   idleTimeoutMs: number;
   /** Time clients get to finish on SIGINT/SIGTERM (`--drain-timeout`, in ms). */
   drainTimeoutMs: number;
+  /** Time between SIGINT/SIGTERM and closing the listener, while /healthz
+   * answers 503 and clients are still accepted (`--shutdown-delay`, in ms). */
+  shutdownDelayMs: number;
   /** This instance's number among those sharing the log (`--instance I/N`). */
   instance: number;
   /** How many instances share the log (`--instance I/N`). */
@@ -81,6 +84,8 @@ Options:
   --drain-timeout SECONDS  on SIGINT/SIGTERM, time clients get to finish (default ${
   DEFAULT_DRAIN_TIMEOUT_MS / 1000
 })
+  --shutdown-delay SECONDS on SIGINT/SIGTERM, keep accepting this long with
+                           /healthz answering 503 before the drain (default 0)
   --instance I/N           instance I of N sharing one access log: numbers
                            its clients I, I+N, I+2N, ... (default 1/1)
   --metrics HOST:PORT      serve Prometheus /metrics and /healthz over HTTP
@@ -90,7 +95,8 @@ Options:
 
 SIZE is a number of bytes, optionally with a suffix KiB, MiB or GiB.
 Signals: SIGHUP reopens the access log; SIGINT or SIGTERM stops accepting
-and drains; a second SIGINT or SIGTERM cuts everyone off at once.`;
+(after --shutdown-delay) and drains; a second SIGINT or SIGTERM cuts everyone
+off at once.`;
 
 /**
  * Parses command line flags into a {@linkcode Config}, or returns `"help"`
@@ -118,6 +124,7 @@ export function parseFlags(args: string[]): Config | "help" | "version" {
         "max-connections": { type: "string" },
         "idle-timeout": { type: "string" },
         "drain-timeout": { type: "string" },
+        "shutdown-delay": { type: "string" },
         instance: { type: "string" },
         metrics: { type: "string" },
         help: { type: "boolean", short: "h" },
@@ -159,6 +166,12 @@ export function parseFlags(args: string[]): Config | "help" | "version" {
     drainTimeoutMs: milliseconds(
       parseSeconds("--drain-timeout", values["drain-timeout"], {
         default: DEFAULT_DRAIN_TIMEOUT_MS / 1000,
+        allowZero: true,
+      }),
+    ),
+    shutdownDelayMs: milliseconds(
+      parseSeconds("--shutdown-delay", values["shutdown-delay"], {
+        default: 0,
         allowZero: true,
       }),
     ),
@@ -291,25 +304,43 @@ export async function main(args: string[]): Promise<number> {
   let forcedBy: keyof typeof SIGNAL_NUMBERS | undefined;
   const drained = Promise.withResolvers<Promise<void>>();
   let stopping = false;
+  let delayTimer: ReturnType<typeof setTimeout> | undefined;
+  const closeAndDrain = (signal: keyof typeof SIGNAL_NUMBERS) => {
+    drained.resolve(
+      server.shutdown({ drainTimeoutMs: config.drainTimeoutMs }),
+    );
+    console.error(
+      `${signal}: stopping; ${server.connections} connections get up to ${
+        config.drainTimeoutMs / 1000
+      } s to finish`,
+    );
+  };
   const stop = (signal: keyof typeof SIGNAL_NUMBERS) => {
     if (!stopping) {
       stopping = true;
-      // A load balancer's health check sees 503 and stops sending clients.
+      // A load balancer's health check sees 503 and stops sending clients;
+      // those it sends meanwhile are still served during the delay.
       metrics?.setDraining();
-      drained.resolve(
-        server.shutdown({ drainTimeoutMs: config.drainTimeoutMs }),
-      );
+      if (config.shutdownDelayMs === 0) return closeAndDrain(signal);
       console.error(
-        `${signal}: stopping; ${server.connections} connections get up to ${
-          config.drainTimeoutMs / 1000
-        } s to finish`,
+        `${signal}: stopping in ${
+          config.shutdownDelayMs / 1000
+        } s; accepting until then${
+          metrics === undefined ? "" : ", /healthz answers 503"
+        }`,
       );
+      delayTimer = setTimeout(() => {
+        delayTimer = undefined;
+        closeAndDrain(signal);
+      }, config.shutdownDelayMs);
     } else {
       forcedBy = signal;
       console.error(
         `${signal} again: cutting off ${server.connections} connections now`,
       );
-      server.shutdown({ drainTimeoutMs: 0 });
+      clearTimeout(delayTimer);
+      delayTimer = undefined;
+      drained.resolve(server.shutdown({ drainTimeoutMs: 0 }));
     }
   };
   const onInt = () => stop("SIGINT");
@@ -319,12 +350,13 @@ export async function main(args: string[]): Promise<number> {
   Deno.addSignalListener("SIGHUP", reopenLog);
   await await drained.promise;
 
-  Deno.removeSignalListener("SIGINT", onInt);
-  Deno.removeSignalListener("SIGTERM", onTerm);
   Deno.removeSignalListener("SIGHUP", reopenLog);
   await metrics?.shutdown();
   log.close();
   console.error(`stopped after ${server.clientsAccepted} clients`);
+  // Only now: until here a second SIGINT/SIGTERM still ends with 130/143.
+  Deno.removeSignalListener("SIGINT", onInt);
+  Deno.removeSignalListener("SIGTERM", onTerm);
   return forcedBy === undefined ? 0 : 128 + SIGNAL_NUMBERS[forcedBy];
 }
 

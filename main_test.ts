@@ -163,6 +163,7 @@ Deno.test("parseFlags() gives the defaults and reads sizes and seconds", () => {
     maxConnections: 16384,
     idleTimeoutMs: 30_000,
     drainTimeoutMs: 10_000,
+    shutdownDelayMs: 0,
     instance: 1,
     instances: 1,
   });
@@ -174,6 +175,7 @@ Deno.test("parseFlags() gives the defaults and reads sizes and seconds", () => {
     "3MiB",
     "--idle-timeout=0.25",
     "--drain-timeout=0",
+    "--shutdown-delay=2.5",
     "--instance=3/4",
   ]);
   assert.ok(typeof config === "object");
@@ -183,6 +185,7 @@ Deno.test("parseFlags() gives the defaults and reads sizes and seconds", () => {
   assert.equal(config.maxBufferedBytes, 3 * 1024 * 1024);
   assert.equal(config.idleTimeoutMs, 250);
   assert.equal(config.drainTimeoutMs, 0);
+  assert.equal(config.shutdownDelayMs, 2500);
   assert.equal(config.instance, 3);
   assert.equal(config.instances, 4);
 });
@@ -208,6 +211,8 @@ Deno.test("echo-server --help lists every flag with its default", async () => {
       "(default 30)",
       "--drain-timeout SECONDS",
       "(default 10)",
+      "--shutdown-delay SECONDS",
+      "(default 0)",
       "--instance I/N",
       "(default 1/1)",
       "--metrics HOST:PORT",
@@ -239,6 +244,7 @@ const BAD_FLAGS: Array<[string[], string]> = [
   ],
   [["--idle-timeout", "0"], "echo-server: --idle-timeout must"],
   [["--drain-timeout", "-1"], "echo-server: Option '--drain-timeout"],
+  [["--shutdown-delay", "soon"], "echo-server: --shutdown-delay must"],
   [["--log", ""], "echo-server: --log must not be empty"],
   [["--instance", "0/4"], "echo-server: --instance must be I/N"],
   [["--instance", "5/4"], "echo-server: --instance must be I/N"],
@@ -725,3 +731,143 @@ Deno.test(
     assert.equal(log.split("\n").length - 1, clients);
   }),
 );
+
+Deno.test(
+  "--metrics: SIGTERM exits 0 while a metrics client's request body never ends",
+  withTempDir(async (dir) => {
+    await using server = new ServerProcess(dir, ["--metrics", ":0"], {
+      timeoutMs: 30_000,
+    });
+    const port = await server.port();
+    const metricsPort = Number(
+      /:(\d+)\/metrics/.exec(await server.waitFor(/^metrics on /))![1],
+    );
+    // Promises 100000 bytes of body, sends 3, and stays connected.
+    const held = await Deno.connect({
+      hostname: "127.0.0.1",
+      port: metricsPort,
+    });
+    try {
+      await held.write(
+        new TextEncoder().encode(
+          "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nabc",
+        ),
+      );
+      // Answered (405) before the body ends: the request reached the server.
+      const head = new Uint8Array(1024);
+      const n = await held.read(head);
+      assert.match(
+        new TextDecoder().decode(head.subarray(0, n ?? 0)),
+        /^HTTP\/1.1 405 /,
+      );
+      assert.equal(await echoText(port, "x"), "x");
+      server.child.kill("SIGTERM");
+      // Killed after the timeout (not 0) if shutdown waits for that body.
+      const { code, stderr } = await server.exit();
+      assert.equal(code, 0, stderr);
+      assert.match(stderr, /\nstopped after 1 clients\n$/);
+    } finally {
+      held.close();
+    }
+    assert.equal(
+      await Deno.readTextFile(`${dir}/access.log`),
+      "[client 1]: received 1 bytes\n",
+    );
+  }),
+);
+
+Deno.test(
+  "--shutdown-delay: after SIGTERM /healthz answers 503 while a new client is still served and logged, then the drain and exit 0",
+  withTempDir(async (dir) => {
+    await using server = new ServerProcess(dir, [
+      "--shutdown-delay",
+      "3",
+      "--drain-timeout",
+      "3600",
+      "--metrics",
+      ":0",
+    ]);
+    const port = await server.port();
+    const metricsPort = Number(
+      /:(\d+)\/metrics/.exec(await server.waitFor(/^metrics on /))![1],
+    );
+    const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+    try {
+      await conn.write(new TextEncoder().encode("in "));
+      // A later client's full round trip proves the first was accepted.
+      assert.equal(await echoText(port, "x"), "x");
+      server.child.kill("SIGTERM");
+      // No sleep: ask until the signal has been handled.
+      while ((await httpGet(metricsPort, "/healthz")).status === 200);
+      assert.deepEqual(await httpGet(metricsPort, "/healthz"), {
+        status: 503,
+        body: "draining\n",
+      });
+      // A load balancer that has not yet seen the 503 still gets served.
+      assert.equal(
+        await echoText(port, "during the delay"),
+        "during the delay",
+      );
+      await server.waitFor(/^SIGTERM: stopping; \d+ connections/);
+      await assertNotServed(port);
+      await conn.write(new TextEncoder().encode("flight"));
+      await conn.closeWrite();
+      assert.equal(new TextDecoder().decode(await readAll(conn)), "in flight");
+    } finally {
+      conn.close();
+    }
+    const { code, stderr } = await server.exit();
+    assert.equal(code, 0, stderr);
+    assert.equal(stderr, "stopped after 3 clients\n");
+    assert.match(
+      server.stderrLines.join("\n"),
+      /\nSIGTERM: stopping in 3 s; accepting until then, \/healthz answers 503\n/,
+    );
+    // Every client, the one in the delay included, has its line.
+    assert.equal(
+      await Deno.readTextFile(`${dir}/access.log`),
+      "[client 2]: received 1 bytes\n[client 3]: received 16 bytes\n" +
+        "[client 1]: received 9 bytes\n",
+    );
+  }),
+);
+
+Deno.test(
+  "a second SIGINT during --shutdown-delay cuts off at once: exit 130, the log complete",
+  withTempDir(async (dir) => {
+    await using server = new ServerProcess(dir, ["--shutdown-delay", "3600"], {
+      timeoutMs: 30_000,
+    });
+    const port = await server.port();
+    const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+    try {
+      await conn.write(new Uint8Array(6));
+      assert.equal(await echoText(port, "x"), "x");
+      server.child.kill("SIGINT");
+      await server.waitFor(
+        /^SIGINT: stopping in 3600 s; accepting until then$/,
+      );
+      server.child.kill("SIGINT");
+      const { code, stderr } = await server.exit();
+      assert.equal(code, 130, stderr);
+      assert.match(stderr, /^SIGINT again: cutting off 1 connections now\n/);
+      assert.match(stderr, /\nstopped after 2 clients\n$/);
+      await readUntilEnd(conn);
+    } finally {
+      conn.close();
+    }
+    assert.equal(
+      await Deno.readTextFile(`${dir}/access.log`),
+      "[client 2]: received 1 bytes\n[client 1]: received 6 bytes\n",
+    );
+  }),
+);
+
+/** Reads `conn` to its end, a reset counting as the end. */
+async function readUntilEnd(conn: Deno.Conn): Promise<void> {
+  try {
+    await readAll(conn);
+  } catch (error) {
+    if (!(error instanceof Deno.errors.ConnectionReset)) throw error;
+  }
+}
