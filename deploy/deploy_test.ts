@@ -9,7 +9,7 @@
 
 import assert from "node:assert/strict";
 import { fileURLToPath as fromFileUrl } from "node:url";
-import { DEFAULT_LOG_PATH, parseFlags } from "../main.ts";
+import { type Config, DEFAULT_LOG_PATH, parseFlags } from "../main.ts";
 import { DEFAULT_DRAIN_TIMEOUT_MS } from "../server.ts";
 import denoJson from "../deno.json" with { type: "json" };
 import {
@@ -120,11 +120,7 @@ Deno.test("deploy/echo-server.service drains on stop, reloads with SIGHUP, resta
   const config = parseFlags(execStart.slice(1));
   assert.ok(typeof config === "object");
   assert.equal(config.drainTimeoutMs, DEFAULT_DRAIN_TIMEOUT_MS);
-  const timeoutStop = parseTimeSpan(only(unit, "Service", "TimeoutStopSec"));
-  assert.ok(
-    timeoutStop >= config.drainTimeoutMs + 5000,
-    `TimeoutStopSec (${timeoutStop} ms) must leave the ${config.drainTimeoutMs} ms drain time to finish`,
-  );
+  assertStopsInTime(unit, config);
   const limitNoFile = Number(only(unit, "Service", "LimitNOFILE"));
   assert.ok(
     limitNoFile >= config.maxConnections + FD_HEADROOM,
@@ -161,6 +157,18 @@ Deno.test("deploy/echo-server.service runs as a dynamic user with hardening, but
   // And no key sneaks in outside [Unit], [Service], [Install].
   assert.deepEqual([...unit.keys()], ["Unit", "Service", "Install"]);
 });
+
+/**
+ * systemd waits TimeoutStopSec for the --shutdown-delay, then the drain,
+ * with 5 s to spare for writing the last lines and exiting.
+ */
+function assertStopsInTime(unit: Unit, config: Config): void {
+  const timeoutStop = parseTimeSpan(only(unit, "Service", "TimeoutStopSec"));
+  assert.ok(
+    timeoutStop >= config.shutdownDelayMs + config.drainTimeoutMs + 5000,
+    `TimeoutStopSec (${timeoutStop} ms) must leave the ${config.shutdownDelayMs} ms shutdown delay and the ${config.drainTimeoutMs} ms drain time to finish`,
+  );
+}
 
 // --- systemd template unit, HAProxy and nginx --------------------------------
 
@@ -256,6 +264,57 @@ Deno.test("deploy/haproxy.cfg balances over the template's instances, checking e
     ]
   ) {
     assert.match(text, new RegExp(`^\\s*${line}$`, "m"), line);
+  }
+});
+
+/**
+ * The longest HAProxy can take to mark an instance down once its /healthz
+ * answers 503, in ms: the next check comes within `inter`, and `fall`
+ * failed checks in a row (after the first, `fastinter` apart if set) take
+ * it out. Reads the `default-server` line of haproxy.cfg.
+ */
+function haproxyTimeToDown(text: string): number {
+  const line = /^\s*default-server (.+)$/m.exec(text);
+  assert.ok(line, "a default-server line");
+  const words = line[1].split(/\s+/);
+  const value = (name: string) => {
+    const i = words.indexOf(name);
+    return i < 0 ? undefined : words[i + 1];
+  };
+  const inter = value("inter");
+  const fall = value("fall");
+  assert.ok(inter !== undefined && fall !== undefined, line[0]);
+  const fastinter = value("fastinter") ?? inter;
+  return parseTimeSpan(inter) + (Number(fall) - 1) * parseTimeSpan(fastinter);
+}
+
+Deno.test("deploy/echo-server.service and echo-server@.service: --shutdown-delay outlasts deploy/haproxy.cfg's health checks, TimeoutStopSec the delay and the drain", async () => {
+  const timeToDown = haproxyTimeToDown(await Deno.readTextFile(HAPROXY_CFG));
+  assert.equal(
+    haproxyTimeToDown("  default-server inter 2s fall 3 fastinter 500ms\n"),
+    3000,
+  );
+  const configs: Array<[string, Unit, string[]]> = [
+    ["echo-server.service", unit, execStart.slice(1)],
+    ...Array.from(
+      { length: instanceCount },
+      (_, j): [string, Unit, string[]] => [
+        `echo-server@${j + 1}.service`,
+        template,
+        instanceFlags(`${j + 1}`),
+      ],
+    ),
+  ];
+  for (const [name, unitFile, flags] of configs) {
+    const config = parseFlags(flags);
+    assert.ok(typeof config === "object");
+    // Until HAProxy marks it down it still sends clients; they are served
+    // as long as the listener is open.
+    assert.ok(
+      config.shutdownDelayMs > timeToDown,
+      `${name}: --shutdown-delay (${config.shutdownDelayMs} ms) must exceed HAProxy's time to mark it down (${timeToDown} ms)`,
+    );
+    assertStopsInTime(unitFile, config);
   }
 });
 
