@@ -10,7 +10,8 @@
  *
  * It needs no permission beyond `--allow-net`. Deno 2.9 lets only
  * `--allow-all` read `/proc/self`, so `process_open_fds` and
- * `process_max_fds` appear only under `--allow-all`; the other process
+ * `process_max_fds` (from `/proc/self/fd` and `/proc/self/limits`) appear
+ * only under `--allow-all`; the other process
  * metrics come from `Deno.memoryUsage()`, `node:process` and
  * `performance.timeOrigin`, which need none.
  *
@@ -382,6 +383,16 @@ export function renderMetrics(
     family("process_open_fds", "gauge", "Number of open file descriptors.");
     out.push(`process_open_fds ${fds}`);
   }
+  // Readable where /proc/self/fd was (Deno asks for the same permission).
+  const maxFds = fds === undefined ? undefined : maxOpenFds();
+  if (maxFds !== undefined) {
+    family(
+      "process_max_fds",
+      "gauge",
+      "Maximum number of open file descriptors.",
+    );
+    out.push(`process_max_fds ${maxFds}`);
+  }
   family(
     "deno_heap_used_bytes",
     "gauge",
@@ -429,6 +440,28 @@ function openFds(): number | undefined {
     }
     throw error;
   }
+}
+
+/**
+ * The soft limit on open files from /proc/self/limits, or undefined if not
+ * allowed or unlimited.
+ */
+function maxOpenFds(): number | undefined {
+  let limits;
+  try {
+    limits = Deno.readTextFileSync("/proc/self/limits");
+  } catch (error) {
+    if (
+      error instanceof Deno.errors.NotCapable ||
+      error instanceof Deno.errors.NotFound
+    ) {
+      return undefined;
+    }
+    throw error;
+  }
+  // "Max open files            1024                 4096                 files"
+  const soft = /^Max open files\s+(\d+)\s/m.exec(limits)?.[1];
+  return soft === undefined ? undefined : Number(soft);
 }
 
 function formatAddress(hostname: string, port: number): string {

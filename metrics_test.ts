@@ -11,6 +11,7 @@ import {
   echo,
   findExecutable,
   killAfter,
+  Lines,
   readAll,
   runCommand,
   startServer,
@@ -489,6 +490,65 @@ Deno.test(
     assert.doesNotMatch(metrics, /echo_connections/);
   }),
 );
+
+for (
+  const [permissions, shown] of [
+    [["--allow-all"], true],
+    [["--allow-net", "--allow-write"], false],
+  ] as const
+) {
+  Deno.test(
+    `renderMetrics() ${
+      shown ? "shows" : "omits"
+    } process_open_fds and process_max_fds (ulimit -n) under ${
+      permissions.join(" ")
+    }`,
+    withTempDir(async (dir) => {
+      const limit = 500;
+      const child = new Deno.Command("bash", {
+        args: [
+          "-c",
+          `ulimit -Sn ${limit} -Hn ${limit} && exec "$@"`,
+          "bash",
+          Deno.execPath(),
+          "run",
+          ...permissions,
+          MAIN,
+          "--port",
+          "0",
+          "--log",
+          `${dir}/access.log`,
+          "--metrics",
+          ":0",
+        ],
+        env: { NO_COLOR: "1" },
+        stdin: "null",
+        stdout: "null",
+        stderr: "piped",
+      }).spawn();
+      using _timeout = killAfter(child, 60_000);
+      const stderr = new Lines(child.stderr);
+      try {
+        const [, port] = await stderr.next(/^metrics on .+:(\d+)\/metrics/);
+        const exposition = (await get(Number(port), "/metrics")).body;
+        const m = samples(exposition);
+        if (shown) {
+          assert.equal(sample(m, "process_max_fds"), limit);
+          const open = sample(m, "process_open_fds");
+          assert.ok(open > 0 && open < limit, `process_open_fds ${open}`);
+          assert.match(exposition, /^# TYPE process_max_fds gauge$/m);
+        } else {
+          assert.ok(!m.has("process_max_fds"), exposition);
+          assert.ok(!m.has("process_open_fds"), exposition);
+        }
+      } finally {
+        child.kill("SIGTERM");
+        assert.equal((await child.status).code, 0);
+        await stderr.done;
+      }
+    }),
+  );
+}
 
 /** Reads `conn` to its end, a reset counting as the end. */
 async function readUntilClosed(conn: Deno.Conn): Promise<void> {
