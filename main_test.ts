@@ -733,7 +733,7 @@ Deno.test(
 );
 
 Deno.test(
-  "--metrics: SIGTERM exits 0 while a metrics client's request body never ends",
+  "echo-server --metrics exits 0 on SIGTERM while a metrics request body never ends",
   withTempDir(async (dir) => {
     await using server = new ServerProcess(dir, ["--metrics", ":0"], {
       timeoutMs: 30_000,
@@ -777,7 +777,7 @@ Deno.test(
 );
 
 Deno.test(
-  "--shutdown-delay: after SIGTERM /healthz answers 503 while a new client is still served and logged, then the drain and exit 0",
+  "echo-server --shutdown-delay answers /healthz 503 on SIGTERM while still serving and logging new clients, then drains and exits 0",
   withTempDir(async (dir) => {
     await using server = new ServerProcess(dir, [
       "--shutdown-delay",
@@ -833,7 +833,7 @@ Deno.test(
 );
 
 Deno.test(
-  "a second SIGINT during --shutdown-delay cuts off at once: exit 130, the log complete",
+  "echo-server --shutdown-delay on a second SIGINT in the delay cuts off at once, exits 130, its log complete",
   withTempDir(async (dir) => {
     await using server = new ServerProcess(dir, ["--shutdown-delay", "3600"], {
       timeoutMs: 30_000,

@@ -498,7 +498,7 @@ for (
   ] as const
 ) {
   Deno.test(
-    `renderMetrics() ${
+    `echo-server --metrics ${
       shown ? "shows" : "omits"
     } process_open_fds and process_max_fds (ulimit -n) under ${
       permissions.join(" ")
