@@ -124,9 +124,12 @@ export interface KindResult {
   connected: number;
   /** Clients that behaved as the kind should and got what they should. */
   ok: number;
-  /** Replies with a wrong byte, too long, or too short. */
+  /** Replies with a wrong byte, or longer than the request. */
   wrong: number;
-  /** Clients the server reset or closed on when it should have served them. */
+  /**
+   * Good clients the server reset or closed on, or whose reply ended short
+   * (every byte that came being right).
+   */
   broken: number;
   /** Connects that failed. */
   connectErrors: number;
@@ -171,10 +174,10 @@ const MAX_ERROR_SAMPLES = 8;
 const DEFAULT_KIND_CONCURRENCY: Record<ClientKind, number> = {
   "echo": 16,
   "echo-large": 2,
-  "reset-on-connect": 2,
-  "reset-mid-send": 2,
-  "vanish": 2,
-  "no-read": 2,
+  "reset-on-connect": 1,
+  "reset-mid-send": 1,
+  "vanish": 1,
+  "no-read": 1,
   "slowloris": 4,
   "idle": 4,
   "oversize": 1,
@@ -627,8 +630,9 @@ async function echoClient(
     };
   }
   if (received < size) {
+    // Every byte that came was right: the server cut the reply short.
     return {
-      status: "wrong",
+      status: "broken",
       message: `reply ended after ${received} of ${size} bytes`,
     };
   }

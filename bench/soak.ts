@@ -341,6 +341,17 @@ async function waitForLines(path: string, lines: number): Promise<void> {
   }
 }
 
+/** The highest sample in each tenth of the run, in MiB, for the record. */
+function rssByTenth(samples: readonly RssSample[]): string {
+  const end = Math.max(1e-9, ...samples.map((s) => s.seconds));
+  const max = new Array<number>(10).fill(0);
+  for (const { seconds, bytes } of samples) {
+    const tenth = Math.min(9, Math.floor(seconds / end * 10));
+    max[tenth] = Math.max(max[tenth], bytes);
+  }
+  return max.map((bytes) => (bytes / MIB).toFixed(0)).join(" ");
+}
+
 function mib(bytes: number): string {
   return `${(bytes / MIB).toFixed(1)} MiB`;
 }
@@ -465,7 +476,9 @@ export async function runSoak(options: SoakOptions = {}): Promise<SoakResult> {
         mib(rssCheck.limit)
       } (second quarter max ${
         mib(rssCheck.secondQuarterMax)
-      } x 1.1 + 8 MiB), ${rss.length} samples`,
+      } x 1.1 + 8 MiB), ${rss.length} samples; max per tenth of the run: ${
+        rssByTenth(rss)
+      } MiB`,
     );
     const fdsAfter = await settleFds(server.pid, fdsBefore);
     check(
@@ -530,7 +543,9 @@ export async function runSoak(options: SoakOptions = {}): Promise<SoakResult> {
  * ```
  */
 export function formatSoakResult(result: SoakResult): string {
-  const lines = [formatMixResult(result.mix), ""];
+  const lines = [formatMixResult(result.mix)];
+  for (const sample of result.mix.errorSamples) lines.push(`  ${sample}`);
+  lines.push("");
   const width = Math.max(...result.checks.map((c) => c.name.length));
   for (const { name, ok, detail } of result.checks) {
     lines.push(`${name.padEnd(width)}  ${ok ? "ok    " : "FAILED"}  ${detail}`);
