@@ -397,7 +397,7 @@ Deno.test(
     const { code, stdout, stderr } = output;
     assert.equal(code, 1, stderr);
     assert.match(stdout, /^echo +16 +5 +5 +0 +0 +0 +0$/m);
-    assert.match(stdout, /^reset-on-connect +2 +5 +5 +0 +0 +0 +0$/m);
+    assert.match(stdout, /^reset-on-connect +1 +5 +5 +0 +0 +0 +0$/m);
     assert.match(stdout, /^log +5 lines added, 10 expected: FAILED$/m);
     assert.match(stdout, /^ +5 connections without a line$/m);
     assert.match(stdout, /^ +0 bytes: 0 lines, at least 5 expected$/m);
