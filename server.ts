@@ -36,7 +36,11 @@ export interface ServeOptions {
   instance?: number;
   /** How many instances share the access log. Default 1. */
   instances?: number;
-  /** Receives one-line diagnostics (cut-offs, resets). Default `console.error`. */
+  /**
+   * Receives one-line diagnostics (cut-offs, resets). Those about single
+   * clients come at most 10 a second; the rest are counted into one line
+   * at the end of the second. Default `console.error`.
+   */
   onDiagnostic?: (message: string) => void;
 }
 
@@ -158,6 +162,16 @@ const MIN_GROWN_CHUNK_BYTES = 16 * 1024;
 const ACCEPT_RETRY_MS = 100;
 // Out of fds, at most one diagnostic line per this period.
 const EXHAUSTION_REPORT_MS = 1000;
+// Lines about single clients (resets, cut-offs, unknown accept errors, log
+// write failures), at most this many per period; the rest are counted by
+// kind into one line at the period's end. Resets are cheap for a client to
+// cause, and a line each would let clients flood stderr; stats has every
+// count.
+const CLIENT_LINES_PER_PERIOD = 10;
+const CLIENT_REPORT_PERIOD_MS = 1000;
+
+/** What a line about a single client was about, as its summary counts it. */
+type ClientLineKind = CutoffReason | "accept_unknown" | "not_logged";
 
 /**
  * Starts an echo server. Each client's bytes are read to EOF, written back,
@@ -256,6 +270,12 @@ class Server implements EchoServer {
   #exhaustionError: unknown;
   #exhaustionReportedAt = -Infinity;
   #exhaustionTimer: ReturnType<typeof setTimeout> | undefined;
+  // Lines about single clients in the current period, when it began, and
+  // those held back since, by kind, to be summed up at its end.
+  #clientLines = 0;
+  #clientPeriodStart = -Infinity;
+  #clientLinesHeld = new Map<ClientLineKind, number>();
+  #clientLinesTimer: ReturnType<typeof setTimeout> | undefined;
   #acceptLoopDone = false;
   #drainExpired = false;
   #idleSweep: ReturnType<typeof setInterval>;
@@ -342,6 +362,8 @@ class Server implements EchoServer {
       clearInterval(this.#idleSweep);
       clearTimeout(this.#exhaustionTimer);
       this.#reportExhaustion();
+      clearTimeout(this.#clientLinesTimer);
+      this.#reportClientLinesHeld();
     });
   }
 
@@ -371,24 +393,32 @@ class Server implements EchoServer {
         if (kind === "exhaustion") {
           // The connection stays queued; retry once a client's fd is free.
           this.#noteExhaustion(error);
-          await new Promise<void>((resolve) => {
-            const timer = setTimeout(resolve, ACCEPT_RETRY_MS);
-            this.#wakeAcceptLoop = () => {
-              clearTimeout(timer);
-              resolve();
-            };
-          });
-          this.#wakeAcceptLoop = undefined;
+          await this.#pauseAccepting();
           continue;
         }
         // The kernel accepted a connection that then failed (e.g. reset
         // while queued, denoland/deno#8499): a client that sent nothing.
         const clientId = this.#nextClientId();
-        const what = kind === "client"
-          ? "failed before it was accepted"
-          : "UNEXPECTED accept error (please report it), counted as a client";
-        this.#diagnostic(`client ${clientId}: ${what}: ${describe(error)}`);
+        if (kind === "client") {
+          this.#clientDiagnostic(
+            "reset",
+            `client ${clientId}: failed before it was accepted: ${
+              describe(error)
+            }`,
+          );
+        } else {
+          this.#clientDiagnostic(
+            "accept_unknown",
+            `client ${clientId}: UNEXPECTED accept error (please report it), counted as a client: ${
+              describe(error)
+            }`,
+          );
+        }
         this.#report(clientId, 0);
+        // An error we cannot sort may come back at once, every time: without
+        // a pause the loop would spin, numbering and logging a client each
+        // pass.
+        if (kind === "unknown") await this.#pauseAccepting();
         continue;
       }
       const client = new Client(conn, this.#nextClientId());
@@ -398,6 +428,18 @@ class Server implements EchoServer {
         this.#cutOff(client, "shutdown", "still connected at shutdown");
       }
     }
+  }
+
+  /** Waits until a client finishes, shutdown starts, or ACCEPT_RETRY_MS. */
+  async #pauseAccepting(): Promise<void> {
+    await new Promise<void>((resolve) => {
+      const timer = setTimeout(resolve, ACCEPT_RETRY_MS);
+      this.#wakeAcceptLoop = () => {
+        clearTimeout(timer);
+        resolve();
+      };
+    });
+    this.#wakeAcceptLoop = undefined;
   }
 
   async #serve(client: Client): Promise<void> {
@@ -435,7 +477,10 @@ class Server implements EchoServer {
       // rejection is expected and was already reported.
       if (client.cutOffReason === undefined) {
         this.#stats.cutoffs.reset++;
-        this.#diagnostic(`client ${client.clientId}: ${describe(error)}`);
+        this.#clientDiagnostic(
+          "reset",
+          `client ${client.clientId}: ${describe(error)}`,
+        );
       }
     } finally {
       this.#release(client, client.bufferedBytes);
@@ -558,7 +603,8 @@ class Server implements EchoServer {
     if (client.cutOffReason !== undefined) return;
     client.cutOffReason = reason;
     this.#stats.cutoffs[kind]++;
-    this.#diagnostic(
+    this.#clientDiagnostic(
+      kind,
       `client ${client.clientId}: cut off after ${client.bytesReceived} bytes: ${reason}`,
     );
     // Closing with unread input makes the kernel send a reset, and rejects
@@ -612,12 +658,57 @@ class Server implements EchoServer {
     );
   }
 
+  /**
+   * Passes on a line about a single client, or holds it back if this
+   * period has had its share; the first one held back schedules the
+   * period's summary.
+   */
+  #clientDiagnostic(kind: ClientLineKind, message: string): void {
+    const now = performance.now();
+    // A period with lines held back lasts until its summary is written.
+    if (
+      this.#clientLinesTimer === undefined &&
+      now - this.#clientPeriodStart >= CLIENT_REPORT_PERIOD_MS
+    ) {
+      this.#clientPeriodStart = now;
+      this.#clientLines = 0;
+    }
+    if (this.#clientLines < CLIENT_LINES_PER_PERIOD) {
+      this.#clientLines++;
+      this.#diagnostic(message);
+      return;
+    }
+    this.#clientLinesHeld.set(kind, (this.#clientLinesHeld.get(kind) ?? 0) + 1);
+    this.#clientLinesTimer ??= setTimeout(() => {
+      this.#clientLinesTimer = undefined;
+      this.#reportClientLinesHeld();
+    }, this.#clientPeriodStart + CLIENT_REPORT_PERIOD_MS - now);
+  }
+
+  /** One line for the client lines held back: how many, by kind. */
+  #reportClientLinesHeld(): void {
+    if (this.#clientLinesHeld.size === 0) return;
+    let total = 0;
+    const kinds: string[] = [];
+    for (const [kind, count] of this.#clientLinesHeld) {
+      total += count;
+      kinds.push(`${kind} ${count}`);
+    }
+    this.#clientLinesHeld.clear();
+    this.#diagnostic(
+      `... and ${total} more client ${
+        total === 1 ? "diagnostic" : "diagnostics"
+      } in the last second (${kinds.join(", ")})`,
+    );
+  }
+
   #report(clientId: number, bytesReceived: number): void {
     try {
       this.#onClientDone(clientId, bytesReceived);
     } catch (error) {
       this.#stats.reportErrors++;
-      this.#diagnostic(
+      this.#clientDiagnostic(
+        "not_logged",
         `client ${clientId}: could not be logged: ${describe(error)}`,
       );
     }

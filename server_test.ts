@@ -500,6 +500,79 @@ Deno.test("serveEcho() counts no client for EMFILE, reports it at most once a se
   assert.equal(covered(), failures);
 });
 
+Deno.test("serveEcho() writes at most 10 lines a second about single clients, then one counting the rest by kind", async () => {
+  // 30 clients that reset while queued, one right after another: without a
+  // limit, one stderr line each (cheap for clients to cause, without end).
+  let resets = 30;
+  await using s = startServerWithFailingListener(() =>
+    resets-- > 0
+      ? new Deno.errors.NotConnected(
+        "Transport endpoint is not connected (os error 107)",
+      )
+      : undefined
+  );
+  const payload = pattern(10, 10);
+  assert.ok(sameBytes(await echo(s.port, payload), payload));
+  // The summary is due at the end of the second, or at shutdown.
+  await s.server.shutdown();
+  assert.equal(s.records.length, 31);
+  assert.equal(s.server.stats.acceptErrors.client, 30);
+  const lines = s.diagnostics;
+  assert.deepEqual(
+    lines.slice(0, 10).map((line) =>
+      /^client (\d+): failed before/.exec(line)?.[1]
+    ),
+    Array.from({ length: 10 }, (_, i) => String(i + 1)),
+    lines.join("\n"),
+  );
+  assert.deepEqual(lines.slice(10), [
+    "... and 20 more client diagnostics in the last second (reset 20)",
+  ]);
+});
+
+Deno.test("serveEcho() counts a client for each unknown accept error but waits for a timer or a finished client before the next accept", async () => {
+  // A ticker counts the event loop's timer turns. A loop that retried at
+  // once would call accept() again with only microtasks in between.
+  let ticks = 0;
+  const ticker = setInterval(() => ticks++, 1);
+  try {
+    let lastCallTick = -1;
+    let burst = 0;
+    let longestBurst = 0;
+    await using s = startServerWithFailingListener(() => {
+      burst = ticks === lastCallTick ? burst + 1 : 1;
+      lastCallTick = ticks;
+      longestBurst = Math.max(longestBurst, burst);
+      // A spinning loop is stopped (a real accept waits) after 100 calls,
+      // so that the test fails instead of hanging.
+      return burst <= 100
+        ? new TypeError("something nobody expected")
+        : undefined;
+    });
+    await waitUntil(
+      () => s.listener.failures >= 3 || longestBurst > 1,
+      "3 unknown accept errors",
+    );
+    await s.server.shutdown();
+    assert.equal(
+      longestBurst,
+      1,
+      `${longestBurst} accept() calls in one turn of the event loop`,
+    );
+    const failures = s.listener.failures;
+    assert.deepEqual(
+      s.records,
+      Array.from({ length: failures }, (_, i) => [i + 1, 0]),
+    );
+    assert.equal(s.server.stats.acceptErrors.unknown, failures);
+    for (const line of s.diagnostics) {
+      assert.match(line, /^client \d+: UNEXPECTED accept error .*TypeError: /);
+    }
+  } finally {
+    clearInterval(ticker);
+  }
+});
+
 Deno.test("serveEcho() cuts off a client over maxClientBytes", async () => {
   await using s = startServer({ maxClientBytes: 1000 });
   const exact = pattern(1000, 1);
