@@ -8,6 +8,7 @@
 import { parseArgs } from "node:util";
 import denoJson from "./deno.json" with { type: "json" };
 import { AccessLog } from "./access_log.ts";
+import { Diagnostics } from "./diagnostics.ts";
 import {
   DEFAULT_DRAIN_TIMEOUT_MS,
   DEFAULT_IDLE_TIMEOUT_MS,
@@ -251,18 +252,27 @@ export async function main(args: string[]): Promise<number> {
     return 1;
   }
 
+  // Once serving, every stderr line goes through one queue written in the
+  // background: console.error blocks in write(2) when nobody reads stderr
+  // (a stalled log shipper, a paused terminal), and that would stop
+  // accepting, serving and signal handling. Lines about single clients
+  // come at most 10 a second (server.ts), so the queue rarely fills; if it
+  // does, lines are dropped and counted rather than block. Errors before
+  // serving stay synchronous: they must be out before the exit.
+  const diagnostics = new Diagnostics();
+  const diagnostic = (message: string) => diagnostics.write(message);
   let server;
   try {
     server = serveEcho((clientId, bytesReceived) => {
       log.record(clientId, bytesReceived);
-    }, config);
+    }, { ...config, onDiagnostic: diagnostic });
   } catch (error) {
     log.close();
     const address = formatAddress(config.hostname, config.port);
     console.error(`echo-server: ${describeListenError(error, address)}`);
     return 1;
   }
-  console.error(
+  diagnostic(
     `listening on ${
       formatAddress(server.addr.hostname, server.addr.port)
     }, access log ${config.logPath}`,
@@ -271,7 +281,10 @@ export async function main(args: string[]): Promise<number> {
   let metrics: MetricsServer | undefined;
   if (config.metrics !== undefined) {
     try {
-      metrics = serveMetrics(server, config.metrics);
+      metrics = serveMetrics(server, {
+        ...config.metrics,
+        onDiagnostic: diagnostic,
+      });
     } catch (error) {
       await server.shutdown({ drainTimeoutMs: 0 });
       log.close();
@@ -279,12 +292,13 @@ export async function main(args: string[]): Promise<number> {
         config.metrics.hostname,
         config.metrics.port,
       );
-      console.error(
+      diagnostic(
         `echo-server: --metrics: ${describeListenError(error, address)}`,
       );
+      await diagnostics.flush();
       return 1;
     }
-    console.error(
+    diagnostic(
       `metrics on http://${
         formatAddress(metrics.addr.hostname, metrics.addr.port)
       }/metrics and /healthz`,
@@ -294,9 +308,9 @@ export async function main(args: string[]): Promise<number> {
   const reopenLog = () => {
     try {
       log.reopen();
-      console.error(`reopened access log ${config.logPath}`);
+      diagnostic(`reopened access log ${config.logPath}`);
     } catch (error) {
-      console.error(
+      diagnostic(
         `echo-server: ${errorMessage(error)}; still writing to the old file`,
       );
     }
@@ -309,7 +323,7 @@ export async function main(args: string[]): Promise<number> {
     drained.resolve(
       server.shutdown({ drainTimeoutMs: config.drainTimeoutMs }),
     );
-    console.error(
+    diagnostic(
       `${signal}: stopping; ${server.connections} connections get up to ${
         config.drainTimeoutMs / 1000
       } s to finish`,
@@ -322,7 +336,7 @@ export async function main(args: string[]): Promise<number> {
       // those it sends meanwhile are still served during the delay.
       metrics?.setDraining();
       if (config.shutdownDelayMs === 0) return closeAndDrain(signal);
-      console.error(
+      diagnostic(
         `${signal}: stopping in ${
           config.shutdownDelayMs / 1000
         } s; accepting until then${
@@ -335,7 +349,7 @@ export async function main(args: string[]): Promise<number> {
       }, config.shutdownDelayMs);
     } else {
       forcedBy = signal;
-      console.error(
+      diagnostic(
         `${signal} again: cutting off ${server.connections} connections now`,
       );
       clearTimeout(delayTimer);
@@ -353,7 +367,9 @@ export async function main(args: string[]): Promise<number> {
   Deno.removeSignalListener("SIGHUP", reopenLog);
   await metrics?.shutdown();
   log.close();
-  console.error(`stopped after ${server.clientsAccepted} clients`);
+  diagnostic(`stopped after ${server.clientsAccepted} clients`);
+  // Every line out before the exit, unless stderr stays stalled for 5 s.
+  await diagnostics.flush();
   // Only now: until here a second SIGINT/SIGTERM still ends with 130/143.
   Deno.removeSignalListener("SIGINT", onInt);
   Deno.removeSignalListener("SIGTERM", onTerm);

@@ -1,10 +1,12 @@
 import assert from "node:assert/strict";
+import net from "node:net";
 import denoJson from "./deno.json" with { type: "json" };
 import { type Config, parseFlags } from "./main.ts";
 import {
   assertUsageError,
   type CommandResult,
   echo,
+  killAfter,
   readAll,
   runCommand,
   withTempDir,
@@ -871,3 +873,123 @@ async function readUntilEnd(conn: Deno.Conn): Promise<void> {
     if (!(error instanceof Deno.errors.ConnectionReset)) throw error;
   }
 }
+
+/**
+ * Connects with node:net (Deno's own sockets cannot send a reset), sends a
+ * byte, then resets the connection.
+ */
+async function sendByteAndReset(port: number): Promise<void> {
+  const socket = net.connect(port, "127.0.0.1");
+  await new Promise((resolve, reject) => {
+    socket.once("connect", resolve);
+    socket.once("error", reject);
+  });
+  await new Promise((resolve) => socket.write("x", resolve));
+  const closed = new Promise((resolve) => socket.once("close", resolve));
+  socket.resetAndDestroy();
+  await closed;
+}
+
+Deno.test(
+  "a server whose stderr nobody reads keeps serving through 2,000 client resets, then says how many it did not name",
+  withTempDir(async (dir) => {
+    // A stderr pipe the test stops reading after the start-up lines, like a
+    // stalled log shipper: a pipe holds 64 KiB, about 1,100 lines of one
+    // per reset, and a blocking write to a full one stops the event loop.
+    const child = new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        "--allow-net",
+        `--allow-write=${dir}`,
+        MAIN,
+        "--port",
+        "0",
+        "--log",
+        `${dir}/access.log`,
+        "--metrics",
+        ":0",
+      ],
+      env: { NO_COLOR: "1" },
+      stdin: "null",
+      stdout: "null",
+      stderr: "piped",
+    }).spawn();
+    // If the server hangs, killing it makes the clients below fail.
+    using _timeout = killAfter(child, 60_000);
+    const reader = child.stderr.getReader();
+    const decoder = new TextDecoder();
+    let text = "";
+    try {
+      while (!/^metrics on .*\n/m.test(text)) {
+        const { value, done } = await reader.read();
+        if (done) throw new Error(`server exited: ${text}`);
+        text += decoder.decode(value, { stream: true });
+      }
+      const port = Number(/^listening on .*:(\d+), /m.exec(text)![1]);
+      const metricsPort = Number(
+        /^metrics on .*:(\d+)\/metrics/m.exec(text)![1],
+      );
+
+      const resets = 2000;
+      for (let sent = 0; sent < resets; sent += 50) {
+        await Promise.all(
+          Array.from({ length: 50 }, () => sendByteAndReset(port)),
+        );
+      }
+      assert.equal(await echoText(port, "still here"), "still here");
+      const exposition = (await httpGet(metricsPort, "/metrics")).body;
+      assert.equal(
+        sampleValue(exposition, "echo_connections_accepted_total"),
+        resets + 1,
+      );
+      // Each reset client was either reset while queued or while served.
+      const reset = sampleValue(
+        exposition,
+        'echo_cutoffs_total{reason="reset"}',
+      );
+      const queued = sampleValue(
+        exposition,
+        'echo_accept_errors_total{kind="client"}',
+      );
+      assert.equal(reset + queued, resets, exposition);
+      child.kill("SIGTERM");
+      assert.equal((await child.status).code, 0);
+
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        text += decoder.decode(value, { stream: true });
+      }
+      const lines = text.trimEnd().split("\n");
+      let named = 0;
+      let counted = 0;
+      for (const line of lines.slice(2)) {
+        if (/^client \d+: (failed before it was accepted: )?\w+: /.test(line)) {
+          named++;
+          continue;
+        }
+        const summary =
+          /^\.\.\. and (\d+) more client diagnostics? in the last second \(reset (\d+)\)$/
+            .exec(line);
+        if (summary) {
+          assert.equal(summary[1], summary[2]);
+          counted += Number(summary[1]);
+          continue;
+        }
+        assert.match(line, /^(SIGTERM: stopping|stopped after 2001 clients$)/);
+      }
+      assert.ok(named < resets / 2, `${named} lines about single clients`);
+      assert.equal(named + counted, resets, lines.join("\n"));
+      const log = await Deno.readTextFile(`${dir}/access.log`);
+      assert.equal(log.split("\n").length - 1, resets + 1);
+    } finally {
+      try {
+        child.kill("SIGKILL");
+      } catch {
+        // It exited.
+      }
+      await reader.cancel();
+      await child.status;
+    }
+  }),
+);
