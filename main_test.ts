@@ -891,7 +891,7 @@ async function sendByteAndReset(port: number): Promise<void> {
 }
 
 Deno.test(
-  "a server whose stderr nobody reads keeps serving through 2,000 client resets, then says how many it did not name",
+  "echo-server with a stderr nobody reads serves on through 2,000 client resets, then counts the lines it held back",
   withTempDir(async (dir) => {
     // A stderr pipe the test stops reading after the start-up lines, like a
     // stalled log shipper: a pipe holds 64 KiB, about 1,100 lines of one
