@@ -172,6 +172,16 @@ const CLIENT_REPORT_PERIOD_MS = 1000;
 
 /** What a line about a single client was about, as its summary counts it. */
 type ClientLineKind = CutoffReason | "accept_unknown" | "not_logged";
+// The order kinds appear in a summary.
+const CLIENT_LINE_KINDS: readonly ClientLineKind[] = [
+  "reset",
+  "client_limit",
+  "buffer_limit",
+  "idle",
+  "shutdown",
+  "accept_unknown",
+  "not_logged",
+];
 
 /**
  * Starts an echo server. Each client's bytes are read to EOF, written back,
@@ -690,7 +700,9 @@ class Server implements EchoServer {
     if (this.#clientLinesHeld.size === 0) return;
     let total = 0;
     const kinds: string[] = [];
-    for (const [kind, count] of this.#clientLinesHeld) {
+    for (const kind of CLIENT_LINE_KINDS) {
+      const count = this.#clientLinesHeld.get(kind);
+      if (count === undefined) continue;
       total += count;
       kinds.push(`${kind} ${count}`);
     }
