@@ -30,9 +30,16 @@ export class AccessLog {
    *
    * @example
    * ```ts
-   * const log = AccessLog.open("/tmp/echo/access.log");
-   * log.record(1, 5); // appends "[client 1]: received 5 bytes\n"
+   * import assert from "node:assert/strict";
+   * const dir = await Deno.makeTempDir();
+   * const log = AccessLog.open(`${dir}/echo/access.log`);
+   * log.record(1, 5);
    * log.close();
+   * assert.equal(
+   *   await Deno.readTextFile(`${dir}/echo/access.log`),
+   *   "[client 1]: received 5 bytes\n",
+   * );
+   * await Deno.remove(dir, { recursive: true });
    * ```
    */
   static open(path: string): AccessLog {

@@ -22,10 +22,11 @@ export interface BufferPoolOptions {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * const pool = new BufferPool({ maxSpareBytes: 1024 * 1024 });
  * const chunk = pool.take(4096);
  * pool.give(chunk);
- * pool.take(4096) === chunk; // true
+ * assert.equal(pool.take(4096), chunk);
  * ```
  */
 export class BufferPool {

@@ -28,8 +28,10 @@ export interface IntegerOptions {
  *
  * @example
  * ```ts
- * parseInteger("--port", "8080", { default: 4000, max: 65535 }); // 8080
- * parseInteger("--port", undefined, { default: 4000, max: 65535 }); // 4000
+ * import assert from "node:assert/strict";
+ * assert.equal(parseInteger("--port", "8080", { default: 4000, max: 65535 }), 8080);
+ * assert.equal(parseInteger("--port", undefined, { default: 4000, max: 65535 }), 4000);
+ * assert.throws(() => parseInteger("--port", "80a"), UsageError);
  * ```
  */
 export function parseInteger(
@@ -69,7 +71,8 @@ const SIZE_UNITS: Record<string, number> = {
  *
  * @example
  * ```ts
- * parseSize("--max-buffered", "64MiB", { min: 65536 }); // 67108864
+ * import assert from "node:assert/strict";
+ * assert.equal(parseSize("--max-buffered", "64MiB", { min: 65536 }), 67108864);
  * ```
  */
 export function parseSize(
@@ -108,8 +111,9 @@ export interface SecondsOptions {
  *
  * @example
  * ```ts
- * parseSeconds("--idle-timeout", "0.25"); // 0.25
- * parseSeconds("--drain-timeout", "0", { allowZero: true }); // 0
+ * import assert from "node:assert/strict";
+ * assert.equal(parseSeconds("--idle-timeout", "0.25"), 0.25);
+ * assert.equal(parseSeconds("--drain-timeout", "0", { allowZero: true }), 0);
  * ```
  */
 export function parseSeconds(
@@ -144,8 +148,9 @@ export interface Instance {
  *
  * @example
  * ```ts
- * parseInstance("--instance", "2/4"); // { instance: 2, instances: 4 }
- * parseInstance("--instance", undefined); // { instance: 1, instances: 1 }
+ * import assert from "node:assert/strict";
+ * assert.deepEqual(parseInstance("--instance", "2/4"), { instance: 2, instances: 4 });
+ * assert.deepEqual(parseInstance("--instance", undefined), { instance: 1, instances: 1 });
  * ```
  */
 export function parseInstance(

@@ -105,8 +105,12 @@ off at once.`;
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * const config = parseFlags(["--port", "0", "--log", "/tmp/access.log"]);
- * if (typeof config === "object") console.log(config.port); // 0
+ * assert.ok(typeof config === "object");
+ * assert.equal(config.port, 0);
+ * assert.equal(config.logPath, "/tmp/access.log");
+ * assert.equal(parseFlags(["--help"]), "help");
  * ```
  */
 export function parseFlags(args: string[]): Config | "help" | "version" {
@@ -222,7 +226,7 @@ const SIGNAL_NUMBERS = { SIGINT: 2, SIGTERM: 15 } as const;
  * signal, and returns the exit status.
  *
  * @example
- * ```ts
+ * ```ts ignore
  * Deno.exit(await main(["--port", "0", "--log", "/tmp/access.log"]));
  * ```
  */

@@ -192,11 +192,17 @@ const CLIENT_LINE_KINDS: readonly ClientLineKind[] = [
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
+ * const finished: Array<[number, number]> = [];
  * const server = serveEcho((clientId, bytesReceived) => {
- *   console.log(`[client ${clientId}]: received ${bytesReceived} bytes`);
+ *   finished.push([clientId, bytesReceived]);
  * }, { port: 0 });
- * console.log(`listening on port ${server.addr.port}`);
+ * const conn = await Deno.connect({ port: server.addr.port });
+ * await conn.write(new TextEncoder().encode("hello"));
+ * await conn.closeWrite();
+ * assert.equal(await new Response(conn.readable).text(), "hello");
  * await server.shutdown();
+ * assert.deepEqual(finished, [[1, 5]]);
  * ```
  */
 export function serveEcho(

@@ -14,7 +14,12 @@ import { type EchoServer, serveEcho, type ServeOptions } from "./server.ts";
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
+ * await using s = startServer();
+ * using conn = await Deno.connect({ port: s.port });
  * await writeAll(conn, new Uint8Array(1024 * 1024));
+ * await conn.closeWrite();
+ * assert.equal((await readAll(conn)).length, 1024 * 1024);
  * ```
  */
 export async function writeAll(
@@ -31,8 +36,12 @@ export async function writeAll(
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
+ * await using s = startServer();
+ * using conn = await Deno.connect({ port: s.port });
+ * await writeAll(conn, new TextEncoder().encode("hello"));
  * await conn.closeWrite();
- * const reply = await readAll(conn);
+ * assert.equal(new TextDecoder().decode(await readAll(conn)), "hello");
  * ```
  */
 export async function readAll(conn: Deno.Conn): Promise<Uint8Array> {
@@ -58,7 +67,10 @@ export async function readAll(conn: Deno.Conn): Promise<Uint8Array> {
  *
  * @example
  * ```ts
- * const reply = await echo(port, new TextEncoder().encode("hello"));
+ * import assert from "node:assert/strict";
+ * await using s = startServer();
+ * const hello = new TextEncoder().encode("hello");
+ * assert.deepEqual(await echo(s.port, hello), hello);
  * ```
  */
 export async function echo(
@@ -93,10 +105,11 @@ export interface TestServer extends AsyncDisposable {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * await using s = startServer({ maxClientBytes: 1000 });
  * await echo(s.port, new Uint8Array(5));
  * await s.server.shutdown();
- * s.records; // [[1, 5]]
+ * assert.deepEqual(s.records, [[1, 5]]);
  * ```
  */
 export function startServer(options: ServeOptions = {}): TestServer {
@@ -147,7 +160,10 @@ export interface RunCommandOptions
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * const { code, stdout } = await runCommand(Deno.execPath(), ["--version"]);
+ * assert.equal(code, 0);
+ * assert.match(stdout, /^deno \d/);
  * ```
  */
 export async function runCommand(
@@ -193,9 +209,10 @@ export async function runCommand(
  *
  * @example
  * ```ts
- * const child = new Deno.Command("sleep", { args: ["1"] }).spawn();
+ * import assert from "node:assert/strict";
+ * const child = new Deno.Command("true").spawn();
  * using _timeout = killAfter(child, 60_000);
- * await child.status;
+ * assert.equal((await child.status).code, 0);
  * ```
  */
 export function killAfter(
@@ -241,7 +258,7 @@ export function assertUsageError(
  * removed with everything in it when the test ends.
  *
  * @example
- * ```ts
+ * ```ts ignore
  * Deno.test("writes a file", withTempDir(async (dir) => {
  *   await Deno.writeTextFile(`${dir}/file`, "");
  * }));
@@ -268,7 +285,9 @@ export function withTempDir(
  *
  * @example
  * ```ts
- * const logrotate = findExecutable("logrotate"); // "/usr/sbin/logrotate"
+ * import assert from "node:assert/strict";
+ * assert.match(findExecutable("sh") ?? "", /^\/.*\/sh$/);
+ * assert.equal(findExecutable("no-such-program"), undefined);
  * ```
  */
 export function findExecutable(name: string): string | undefined {
@@ -295,8 +314,16 @@ export function findExecutable(name: string): string | undefined {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
+ * const child = new Deno.Command(Deno.execPath(), {
+ *   args: ["eval", "console.error('listening on 127.0.0.1:4000, log x')"],
+ *   stderr: "piped",
+ * }).spawn();
  * const stderr = new Lines(child.stderr);
  * const [, port] = await stderr.next(/^listening on .+:(\d+), /);
+ * assert.equal(port, "4000");
+ * await child.status;
+ * await stderr.done;
  * ```
  */
 export class Lines {

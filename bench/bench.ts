@@ -380,7 +380,7 @@ class Run {
  * options.
  *
  * @example
- * ```ts
+ * ```ts ignore
  * const result = await runBench({ port: 4000, connections: 1000, size: 64 });
  * console.log(formatResult(result));
  * if (result.errors > 0) Deno.exit(1);
@@ -488,7 +488,7 @@ function percentiles(latencies: Float64Array): LatencyMs {
  * line prints.
  *
  * @example
- * ```ts
+ * ```ts ignore
  * console.log(formatResult(await runBench({ connections: 100 })));
  * ```
  */
