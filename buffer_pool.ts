@@ -11,7 +11,11 @@
 
 /** Options for {@linkcode BufferPool}. */
 export interface BufferPoolOptions {
-  /** Most bytes kept in spare buffers. Default 64 MiB. */
+  /**
+   * Most bytes kept in spare buffers.
+   *
+   * @default {64 * 1024 * 1024}
+   */
   maxSpareBytes?: number;
 }
 

@@ -17,9 +17,17 @@ export class UsageError extends Error {
 export interface IntegerOptions {
   /** Returned when the flag was not given; without one, it is required. */
   default?: number;
-  /** Smallest value accepted. Default 0. */
+  /**
+   * Smallest value accepted.
+   *
+   * @default {0}
+   */
   min?: number;
-  /** Largest value accepted. Default `Number.MAX_SAFE_INTEGER`. */
+  /**
+   * Largest value accepted.
+   *
+   * @default {Number.MAX_SAFE_INTEGER}
+   */
   max?: number;
 }
 
@@ -54,7 +62,11 @@ export function parseInteger(
 export interface SizeOptions {
   /** Returned when the flag was not given; without one, it is required. */
   default?: number;
-  /** Fewest bytes accepted. Default 0. */
+  /**
+   * Fewest bytes accepted.
+   *
+   * @default {0}
+   */
   min?: number;
 }
 
@@ -101,7 +113,11 @@ export function parseSize(
 export interface SecondsOptions {
   /** Returned when the flag was not given; without one, it is required. */
   default?: number;
-  /** Whether 0 is accepted. Default false. */
+  /**
+   * Whether 0 is accepted.
+   *
+   * @default {false}
+   */
   allowZero?: boolean;
 }
 

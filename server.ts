@@ -12,34 +12,66 @@ export type ClientDone = (clientId: number, bytesReceived: number) => void;
 
 /** Options for {@linkcode serveEcho}. */
 export interface ServeOptions {
-  /** Address to listen on. Default `127.0.0.1`. */
+  /**
+   * Address to listen on.
+   *
+   * @default {"127.0.0.1"}
+   */
   hostname?: string;
-  /** TCP port; 0 picks a free one. Default 4000. */
+  /**
+   * TCP port; 0 picks a free one.
+   *
+   * @default {4000}
+   */
   port?: number;
-  /** Bytes one client may send; a client that sends more is cut off. Default 64 MiB. */
+  /**
+   * Bytes one client may send; a client that sends more is cut off.
+   *
+   * @default {64 * 1024 * 1024}
+   */
   maxClientBytes?: number;
-  /** Buffer memory held for all clients together; the client whose read
-   * would pass it is cut off. Default 512 MiB. */
+  /**
+   * Buffer memory held for all clients together; the client whose read
+   * would pass it is cut off.
+   *
+   * @default {512 * 1024 * 1024}
+   */
   maxBufferedBytes?: number;
-  /** Connections served at once; at the limit the server stops accepting
-   * and the kernel's queue holds the rest. Default 16384. */
+  /**
+   * Connections served at once; at the limit the server stops accepting
+   * and the kernel's queue holds the rest.
+   *
+   * @default {16384}
+   */
   maxConnections?: number;
-  /** A client that makes no progress reading or writing for this long is
-   * cut off. Default 30 000 ms. */
+  /**
+   * A client that makes no progress reading or writing for this long is
+   * cut off, in milliseconds.
+   *
+   * @default {30_000}
+   */
   idleTimeoutMs?: number;
   /**
    * Which of several server instances sharing one access log this is, from
    * 1 to {@linkcode ServeOptions.instances}. Instance I of N numbers its
    * clients I, I+N, I+2N, ..., so no two instances hand out the same
-   * number. Default 1.
+   * number.
+   *
+   * @default {1}
    */
   instance?: number;
-  /** How many instances share the access log. Default 1. */
+  /**
+   * How many instances share the access log.
+   *
+   * @default {1}
+   */
   instances?: number;
   /**
    * Receives one-line diagnostics (cut-offs, resets). Those about single
    * clients come at most 10 a second; the rest are counted into one line
-   * at the end of the second. Default `console.error`.
+   * at the end of the second.
+   *
+   * @default {console.error}
    */
   onDiagnostic?: (message: string) => void;
 }
@@ -113,8 +145,12 @@ export interface EchoStats {
 
 /** Options for {@linkcode EchoServer.shutdown}. */
 export interface ShutdownOptions {
-  /** How long clients in flight may take to finish before they are cut
-   * off. Default 10 000 ms. A later call with a shorter time cuts sooner. */
+  /**
+   * How long clients in flight may take to finish before they are cut
+   * off, in milliseconds. A later call with a shorter time cuts sooner.
+   *
+   * @default {10_000}
+   */
   drainTimeoutMs?: number;
 }
 

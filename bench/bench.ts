@@ -43,19 +43,37 @@ import {
 
 /** Options for {@linkcode runBench}. */
 export interface BenchOptions {
-  /** Server address. Default `127.0.0.1`. */
+  /**
+   * Server address.
+   *
+   * @default {"127.0.0.1"}
+   */
   hostname?: string;
-  /** Server port. Default 4000. */
+  /**
+   * Server port.
+   *
+   * @default {4000}
+   */
   port?: number;
-  /** Connections kept in flight at once. Default 16. */
+  /**
+   * Connections kept in flight at once.
+   *
+   * @default {16}
+   */
   concurrency?: number;
-  /** Payload bytes sent (and expected back) per connection. Default 5. */
+  /**
+   * Payload bytes sent (and expected back) per connection.
+   *
+   * @default {5}
+   */
   size?: number;
   /**
    * Seconds to start new connections for. Connections in flight then get
    * up to 5 s more to finish; any still going after that are cut off and
-   * counted as unfinished. Default 10, or no time limit when
+   * counted as unfinished. No time limit when
    * {@linkcode BenchOptions.connections} is given.
+   *
+   * @default {10}
    */
   duration?: number;
   /** Stop after this many connections (attempts, good or bad). */

@@ -15,12 +15,14 @@ export interface LogExpectation {
   connections: number;
   /**
    * Connections that may or may not have completed (a connect cut off at the
-   * end of the run); each may have a line. Default 0.
+   * end of the run); each may have a line.
+   *
+   * @default {0}
    */
   uncertain?: number;
   /**
    * Byte counts that must appear: bytes → at least that many lines with
-   * exactly those bytes. Default none.
+   * exactly those bytes. None by default.
    */
   requiredSizes?: ReadonlyMap<number, number>;
 }
@@ -61,16 +63,30 @@ export interface LogReport {
 
 /** Options for {@linkcode LogTail.waitFor}. */
 export interface WaitOptions {
-  /** Stop waiting once the line count has not changed for this long. Default 2000 ms. */
+  /**
+   * Stop waiting once the line count has not changed for this long, in ms.
+   *
+   * @default {2000}
+   */
   quietMs?: number;
-  /** Stop waiting after this long whatever happens. Default 30 000 ms. */
+  /**
+   * Stop waiting after this long whatever happens, in ms.
+   *
+   * @default {30_000}
+   */
   timeoutMs?: number;
   /**
    * Once the count is reached, how long to keep watching for lines beyond
-   * it. Default 300 ms.
+   * it, in ms.
+   *
+   * @default {300}
    */
   settleMs?: number;
-  /** Time between reads of the file. Default 50 ms. */
+  /**
+   * Time between reads of the file, in ms.
+   *
+   * @default {50}
+   */
   pollMs?: number;
 }
 
