@@ -198,6 +198,12 @@ const MIN_GROWN_CHUNK_BYTES = 16 * 1024;
 const ACCEPT_RETRY_MS = 100;
 // Out of fds, at most one diagnostic line per this period.
 const EXHAUSTION_REPORT_MS = 1000;
+// While connections keep queuing, every accept succeeds at once and Deno
+// may not poll the sockets for readiness (no epoll_wait for 22 s under
+// strace): reads of new clients stayed pending with their bytes in the
+// kernel until the idle timeout. A timer turn every this many accepts
+// prevented it in every run; every 256 did not (bench/README.md).
+const ACCEPTS_PER_YIELD = 64;
 // Lines about single clients (resets, cut-offs, unknown accept errors, log
 // write failures), at most this many per period; the rest are counted by
 // kind into one line at the period's end. Resets are cheap for a client to
@@ -316,6 +322,7 @@ class Server implements EchoServer {
   #pool = new BufferPool();
   #stopping = false;
   #wakeAcceptLoop: (() => void) | undefined;
+  #acceptsSinceYield = 0;
   // Accept failures from exhaustion not yet in a diagnostic line, the last
   // such error, and when the last line was written (monotonic).
   #exhaustionFailures = 0;
@@ -478,6 +485,10 @@ class Server implements EchoServer {
       // Accepted just as the drain ran out: it is logged, but not waited for.
       if (this.#drainExpired) {
         this.#cutOff(client, "shutdown", "still connected at shutdown");
+      }
+      if (++this.#acceptsSinceYield >= ACCEPTS_PER_YIELD) {
+        this.#acceptsSinceYield = 0;
+        await new Promise((resolve) => setTimeout(resolve, 0));
       }
     }
   }
