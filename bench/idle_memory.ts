@@ -31,6 +31,7 @@
 
 import { parseArgs } from "node:util";
 import { parseInteger, UsageError } from "../flags.ts";
+import { countFds, openFileLimit, readRssKiB, readSlabKiB } from "./_proc.ts";
 
 /** A server to measure: its command line, with `{port}` replaced by a free
  * loopback port, `{log}` by an access log path and `{logdir}` by that log's
@@ -385,44 +386,6 @@ async function waitFor(
 
 function delay(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
-}
-
-async function output(program: string, args: string[]): Promise<string> {
-  const { success, stdout, stderr } = await new Deno.Command(program, {
-    args,
-    stdin: "null",
-  }).output();
-  const decoder = new TextDecoder();
-  if (!success) {
-    throw new Error(`${program} ${args.join(" ")}: ${decoder.decode(stderr)}`);
-  }
-  return decoder.decode(stdout);
-}
-
-async function readRssKiB(pid: number): Promise<number> {
-  const status = await output("cat", [`/proc/${pid}/status`]);
-  const match = /^VmRSS:\s+(\d+) kB$/m.exec(status);
-  if (match === null) throw new Error(`no VmRSS in /proc/${pid}/status`);
-  return Number(match[1]);
-}
-
-async function readSlabKiB(): Promise<number> {
-  const meminfo = await output("cat", ["/proc/meminfo"]);
-  const match = /^Slab:\s+(\d+) kB$/m.exec(meminfo);
-  if (match === null) throw new Error("no Slab in /proc/meminfo");
-  return Number(match[1]);
-}
-
-async function countFds(pid: number): Promise<number> {
-  const listing = await output("ls", ["-U", `/proc/${pid}/fd`]);
-  return listing.split("\n").filter((line) => line !== "").length;
-}
-
-async function openFileLimit(pid: number): Promise<number> {
-  const limits = await output("cat", [`/proc/${pid}/limits`]);
-  const match = /^Max open files\s+(\d+|unlimited)/m.exec(limits);
-  if (match === null) throw new Error(`no open file limit in /proc/${pid}`);
-  return match[1] === "unlimited" ? Infinity : Number(match[1]);
 }
 
 /**

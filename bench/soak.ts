@@ -30,6 +30,7 @@
 import { parseArgs } from "node:util";
 import { parseSeconds, UsageError } from "../flags.ts";
 import { formatLogReport } from "./log_check.ts";
+import { countFds, readRssKiB } from "./_proc.ts";
 import { formatMixResult, type MixResult, runMix } from "./mix.ts";
 
 /** Options for {@linkcode runSoak}. */
@@ -238,34 +239,6 @@ class ServerProcess implements AsyncDisposable {
   }
 }
 
-// Deno asks for --allow-all to read another process's /proc files, so `cat`
-// and `ls` read them (as hold_memory.ts does).
-async function procOutput(command: string, args: string[]): Promise<string> {
-  const { success, stdout, stderr } = await new Deno.Command(command, {
-    args,
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  const decoder = new TextDecoder();
-  if (!success) {
-    throw new Error(`${command} ${args.join(" ")}: ${decoder.decode(stderr)}`);
-  }
-  return decoder.decode(stdout);
-}
-
-async function readRss(pid: number): Promise<number> {
-  const status = await procOutput("cat", [`/proc/${pid}/status`]);
-  const match = /^VmRSS:\s+(\d+) kB$/m.exec(status);
-  if (match === null) throw new Error(`no VmRSS in /proc/${pid}/status`);
-  return Number(match[1]) * 1024;
-}
-
-async function countFds(pid: number): Promise<number> {
-  const listing = await procOutput("ls", ["-1", `/proc/${pid}/fd`]);
-  return listing.split("\n").filter((name) => name !== "").length;
-}
-
 /** Polls until `fds(pid)` is at most `target`, bounded; returns the last count. */
 async function settleFds(pid: number, target: number): Promise<number> {
   const start = performance.now();
@@ -420,7 +393,7 @@ export async function runSoak(options: SoakOptions = {}): Promise<SoakResult> {
     // line is there, its socket is gone from the count.
     await waitForLines(logPath, 1);
     const fdsBefore = await countFds(server.pid);
-    const rssBefore = await readRss(server.pid);
+    const rssBefore = await readRssKiB(server.pid) * 1024;
 
     const rss: RssSample[] = [];
     let peakConnections = 0;
@@ -429,7 +402,7 @@ export async function runSoak(options: SoakOptions = {}): Promise<SoakResult> {
     const sampler = (async () => {
       while (!sampling.signal.aborted) {
         try {
-          const bytes = await readRss(server.pid);
+          const bytes = await readRssKiB(server.pid) * 1024;
           rss.push({ seconds: (performance.now() - start) / 1000, bytes });
           peakConnections = Math.max(
             peakConnections,
