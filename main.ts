@@ -5,6 +5,7 @@
  * @module
  */
 
+import { errorMessage } from "./_errors.ts";
 import { parseArgs } from "node:util";
 import denoJson from "./deno.json" with { type: "json" };
 import { AccessLog } from "./access_log.ts";
@@ -193,10 +194,6 @@ function milliseconds(seconds: number): number {
 }
 
 /** The message of a thrown `Error`, or any other thrown value as text. */
-function errorMessage(error: unknown): string {
-  return error instanceof Error ? error.message : String(error);
-}
-
 function formatAddress(hostname: string, port: number): string {
   return hostname.includes(":")
     ? `[${hostname}]:${port}`

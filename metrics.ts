@@ -19,6 +19,8 @@
  */
 
 import process from "node:process";
+import { errorMessage } from "./_errors.ts";
+import { RateLimitedReporter } from "./reporter.ts";
 import { DURATION_BUCKETS_SECONDS, type EchoServer } from "./server.ts";
 
 /** Options for {@linkcode serveMetrics}. */
@@ -72,6 +74,9 @@ export const EXPOSITION_CONTENT_TYPE =
 const RESTART_MIN_MS = 100;
 const RESTART_MAX_MS = 5000;
 
+/** What a line about the HTTP server was about, as a summary counts it. */
+type RestartLineKind = "stopped" | "restart_failed" | "restarted";
+
 /**
  * Starts serving `/metrics` and `/healthz` for `server`. Throws the
  * `Deno.serve` error (e.g. `Deno.errors.AddrInUse`) if the address cannot
@@ -107,7 +112,9 @@ interface Serving {
 class Metrics implements MetricsServer {
   readonly addr: Deno.NetAddr;
   #server: EchoServer;
-  #diagnostic: (message: string) => void;
+  // The back-off keeps these few, but like every repeated line they go
+  // through the one rate limit (reporter.ts).
+  #restartLines: RateLimitedReporter<RestartLineKind>;
   #serving: Serving | undefined;
   #draining = false;
   #stopped = false;
@@ -117,7 +124,13 @@ class Metrics implements MetricsServer {
 
   constructor(server: EchoServer, options: MetricsOptions) {
     this.#server = server;
-    this.#diagnostic = options.onDiagnostic ?? console.error;
+    this.#restartLines = new RateLimitedReporter(
+      options.onDiagnostic ?? console.error,
+      {
+        kinds: ["stopped", "restart_failed", "restarted"],
+        label: "metrics server line",
+      },
+    );
     this.#serving = this.#listen(
       options.hostname ?? "127.0.0.1",
       options.port ?? DEFAULT_METRICS_PORT,
@@ -140,6 +153,7 @@ class Metrics implements MetricsServer {
   async #close(): Promise<void> {
     this.#stopped = true;
     clearTimeout(this.#restartTimer);
+    this.#restartLines.close();
     const serving = this.#serving;
     this.#serving = undefined;
     if (serving === undefined) return;
@@ -173,7 +187,8 @@ class Metrics implements MetricsServer {
       if (this.#stopped) return;
       this.#serving = undefined;
       this.#restartLater(
-        `metrics server stopped: ${describe(error)}`,
+        "stopped",
+        `metrics server stopped: ${errorMessage(error)}`,
         hostname,
         http.addr.port,
       );
@@ -181,10 +196,15 @@ class Metrics implements MetricsServer {
     return serving;
   }
 
-  #restartLater(why: string, hostname: string, port: number): void {
+  #restartLater(
+    kind: RestartLineKind,
+    why: string,
+    hostname: string,
+    port: number,
+  ): void {
     const delay = this.#restartMs;
     this.#restartMs = Math.min(this.#restartMs * 2, RESTART_MAX_MS);
-    this.#diagnostic(`${why}; restarting in ${delay} ms`);
+    this.#restartLines.report(kind, `${why}; restarting in ${delay} ms`);
     this.#restartTimer = setTimeout(() => {
       this.#restartTimer = undefined;
       if (this.#stopped) return;
@@ -194,13 +214,15 @@ class Metrics implements MetricsServer {
         // Binding again can fail the same way (EMFILE), or the port was
         // taken meanwhile: keep trying, more and more slowly.
         this.#restartLater(
-          `metrics server could not restart: ${describe(error)}`,
+          "restart_failed",
+          `metrics server could not restart: ${errorMessage(error)}`,
           hostname,
           port,
         );
         return;
       }
-      this.#diagnostic(
+      this.#restartLines.report(
+        "restarted",
         `metrics server restarted on ${formatAddress(hostname, port)}`,
       );
     }, delay);
@@ -468,8 +490,4 @@ function formatAddress(hostname: string, port: number): string {
   return hostname.includes(":")
     ? `[${hostname}]:${port}`
     : `${hostname}:${port}`;
-}
-
-function describe(error: unknown): string {
-  return error instanceof Error ? error.message : String(error);
 }

@@ -21,6 +21,7 @@
  * @module
  */
 
+import { errorMessage } from "./_errors.ts";
 import { parseArgs } from "node:util";
 import { parseInteger, UsageError } from "./flags.ts";
 
@@ -99,10 +100,6 @@ function describeConnectError(
     return `cannot connect to ${address}: not allowed (the send task reaches only this machine; run deno run --allow-net=${address} send.ts --host ${hostname} --port ${port})`;
   }
   return `cannot connect to ${address}: ${errorMessage(error)}`;
-}
-
-function errorMessage(error: unknown): string {
-  return error instanceof Error ? error.message : String(error);
 }
 
 /** Reads all of standard input. */

@@ -24,6 +24,7 @@
  * @module
  */
 
+import { checkInteger, describe } from "../_errors.ts";
 import { parseArgs } from "node:util";
 import { parseInteger, parseSeconds, parseSize, UsageError } from "../flags.ts";
 import {
@@ -481,19 +482,6 @@ export async function runBench(
   };
 }
 
-function checkInteger(
-  name: string,
-  value: number,
-  min: number,
-  max: number,
-): void {
-  if (!(Number.isInteger(value) && value >= min && value <= max)) {
-    throw new RangeError(
-      `${name} must be a whole number from ${min} to ${max}, not ${value}`,
-    );
-  }
-}
-
 function percentiles(latencies: Float64Array): LatencyMs {
   if (latencies.length === 0) return { p50: 0, p90: 0, p99: 0, max: 0 };
   const sorted = latencies.slice().sort();
@@ -524,11 +512,6 @@ export function formatResult(result: BenchResult): string {
       ms(latencyMs.p99)
     }, max ${ms(latencyMs.max)}`,
   ].join("\n");
-}
-
-function describe(error: unknown): string {
-  if (error instanceof Error) return `${error.name}: ${error.message}`;
-  return String(error);
 }
 
 function hex(byte: number): string {

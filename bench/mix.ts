@@ -28,6 +28,7 @@
  * @module
  */
 
+import { checkInteger, describe } from "../_errors.ts";
 import * as net from "node:net";
 import { type LogReport, LogTail, type WaitOptions } from "./log_check.ts";
 import {
@@ -779,24 +780,6 @@ function sleep(ms: number, signal: AbortSignal): Promise<void> {
     signal.addEventListener("abort", done);
     if (signal.aborted) done();
   });
-}
-
-function checkInteger(
-  name: string,
-  value: number,
-  min: number,
-  max: number,
-): void {
-  if (!(Number.isInteger(value) && value >= min && value <= max)) {
-    throw new RangeError(
-      `${name} must be a whole number from ${min} to ${max}, not ${value}`,
-    );
-  }
-}
-
-function describe(error: unknown): string {
-  if (error instanceof Error) return `${error.name}: ${error.message}`;
-  return String(error);
 }
 
 function hex(byte: number): string {
