@@ -9,6 +9,7 @@ import {
   killAfter,
   readAll,
   runCommand,
+  spawnServer,
   withTempDir,
 } from "./test_util.ts";
 
@@ -44,34 +45,7 @@ class ServerProcess implements AsyncDisposable {
     options: ServerProcessOptions = {},
   ) {
     const { maxOpenFiles, timeoutMs = 60_000 } = options;
-    const command = [
-      Deno.execPath(),
-      "run",
-      "--allow-net",
-      `--allow-write=${logDir}`,
-      MAIN,
-      "--port",
-      "0",
-      "--log",
-      `${logDir}/access.log`,
-      ...args,
-    ];
-    if (maxOpenFiles !== undefined) {
-      // Both limits: Deno raises its soft limit to the hard one.
-      command.unshift(
-        "bash",
-        "-c",
-        `ulimit -Sn ${maxOpenFiles} -Hn ${maxOpenFiles} && exec "$@"`,
-        "bash",
-      );
-    }
-    this.child = new Deno.Command(command[0], {
-      args: command.slice(1),
-      env: { NO_COLOR: "1" },
-      stdin: "null",
-      stdout: "null",
-      stderr: "piped",
-    }).spawn();
+    this.child = spawnServer(logDir, args, { maxOpenFiles });
     this.#timer = setTimeout(() => {
       this.stderrLines.push(`(killed after ${timeoutMs} ms)`);
       this.child.kill("SIGKILL");
@@ -896,24 +870,7 @@ Deno.test(
     // A stderr pipe the test stops reading after the start-up lines, like a
     // stalled log shipper: a pipe holds 64 KiB, about 1,100 lines of one
     // per reset, and a blocking write to a full one stops the event loop.
-    const child = new Deno.Command(Deno.execPath(), {
-      args: [
-        "run",
-        "--allow-net",
-        `--allow-write=${dir}`,
-        MAIN,
-        "--port",
-        "0",
-        "--log",
-        `${dir}/access.log`,
-        "--metrics",
-        ":0",
-      ],
-      env: { NO_COLOR: "1" },
-      stdin: "null",
-      stdout: "null",
-      stderr: "piped",
-    }).spawn();
+    const child = spawnServer(dir, ["--metrics", ":0"]);
     // If the server hangs, killing it makes the clients below fail.
     using _timeout = killAfter(child, 60_000);
     const reader = child.stderr.getReader();

@@ -14,6 +14,7 @@ import {
   Lines,
   readAll,
   runCommand,
+  spawnServer,
   startServer,
   withTempDir,
   writeAll,
@@ -370,8 +371,6 @@ Deno.test("serveMetrics() shutdown() does not wait for requests whose body never
   }
 });
 
-const MAIN = new URL("./main.ts", import.meta.url).pathname;
-
 Deno.test("serveMetrics() restarts Deno.serve after it stops, also when restarting fails", async () => {
   await using s = startServer();
   // The first server's `finished` is ours to reject, as Deno's is on
@@ -447,27 +446,12 @@ Deno.test(
         return new Response(null, { status: 200 });
       },
     );
-    const child = new Deno.Command(Deno.execPath(), {
-      args: [
-        "run",
-        "--allow-net",
-        `--allow-write=${dir}`,
-        MAIN,
-        "--port",
-        "0",
-        "--log",
-        `${dir}/access.log`,
-        "--metrics",
-        ":0",
-      ],
+    const child = spawnServer(dir, ["--metrics", ":0"], {
       env: {
         OTEL_DENO: "true",
         OTEL_EXPORTER_OTLP_ENDPOINT: `http://${HOST}:${collector.addr.port}`,
       },
-      stdin: "null",
-      stdout: "null",
-      stderr: "piped",
-    }).spawn();
+    });
     using _timeout = killAfter(child, 60_000);
     const stderr = child.stderr.pipeThrough(new TextDecoderStream());
     let text = "";
@@ -505,27 +489,10 @@ for (
     }`,
     withTempDir(async (dir) => {
       const limit = 500;
-      const child = new Deno.Command("bash", {
-        args: [
-          "-c",
-          `ulimit -Sn ${limit} -Hn ${limit} && exec "$@"`,
-          "bash",
-          Deno.execPath(),
-          "run",
-          ...permissions,
-          MAIN,
-          "--port",
-          "0",
-          "--log",
-          `${dir}/access.log`,
-          "--metrics",
-          ":0",
-        ],
-        env: { NO_COLOR: "1" },
-        stdin: "null",
-        stdout: "null",
-        stderr: "piped",
-      }).spawn();
+      const child = spawnServer(dir, ["--metrics", ":0"], {
+        permissions: [...permissions],
+        maxOpenFiles: limit,
+      });
       using _timeout = killAfter(child, 60_000);
       const stderr = new Lines(child.stderr);
       try {

@@ -24,9 +24,15 @@
  * @module
  */
 
+import { parseCommand } from "./_cli.ts";
 import { checkInteger, describe } from "../_errors.ts";
-import { parseArgs } from "node:util";
-import { parseInteger, parseSeconds, parseSize, UsageError } from "../flags.ts";
+import {
+  parseCommandLine,
+  parseInteger,
+  parseSeconds,
+  parseSize,
+  UsageError,
+} from "../flags.ts";
 import {
   CHUNK_BYTES,
   PatternBuffer,
@@ -584,30 +590,20 @@ export interface MixCommandOptions extends MixOptions {
 export function parseBenchArgs(
   args: string[],
 ): BenchOptions | MixCommandOptions | "help" {
-  let values;
-  try {
-    ({ values } = parseArgs({
-      args,
-      strict: true,
-      allowPositionals: false,
-      options: {
-        host: { type: "string" },
-        port: { type: "string" },
-        concurrency: { type: "string" },
-        size: { type: "string" },
-        duration: { type: "string" },
-        connections: { type: "string" },
-        mix: { type: "boolean" },
-        kinds: { type: "string" },
-        "large-size": { type: "string" },
-        oversize: { type: "string" },
-        log: { type: "string" },
-        help: { type: "boolean", short: "h" },
-      },
-    }));
-  } catch (error) {
-    throw new UsageError(error instanceof Error ? error.message : `${error}`);
-  }
+  const { values } = parseCommandLine(args, {
+    host: { type: "string" },
+    port: { type: "string" },
+    concurrency: { type: "string" },
+    size: { type: "string" },
+    duration: { type: "string" },
+    connections: { type: "string" },
+    mix: { type: "boolean" },
+    kinds: { type: "string" },
+    "large-size": { type: "string" },
+    oversize: { type: "string" },
+    log: { type: "string" },
+    help: { type: "boolean", short: "h" },
+  });
   if (values.help) return "help";
   if (values.host === "") throw new UsageError("--host must not be empty");
   const options: BenchOptions = {
@@ -703,18 +699,8 @@ function writeStderr(text: string): void {
 }
 
 async function main(args: string[]): Promise<number> {
-  let options;
-  try {
-    options = parseBenchArgs(args);
-  } catch (error) {
-    if (!(error instanceof UsageError)) throw error;
-    console.error(`bench: ${error.message}\n\n${USAGE}`);
-    return 2;
-  }
-  if (options === "help") {
-    console.log(USAGE);
-    return 0;
-  }
+  const options = parseCommand("bench", USAGE, () => parseBenchArgs(args));
+  if (typeof options === "number") return options;
   const tty = Deno.stderr.isTerminal();
   const limits = [
     options.duration === undefined ? undefined : `${options.duration} s`,

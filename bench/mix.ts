@@ -28,6 +28,7 @@
  * @module
  */
 
+import { writeAll } from "../_bytes.ts";
 import { checkInteger, describe } from "../_errors.ts";
 import * as net from "node:net";
 import { type LogReport, LogTail, type WaitOptions } from "./log_check.ts";
@@ -759,12 +760,6 @@ async function sendAll(
     sent += await conn.write(
       patternSlice(phase, sent, Math.min(CHUNK_BYTES, size - sent)),
     );
-  }
-}
-
-async function writeAll(conn: Deno.TcpConn, bytes: Uint8Array): Promise<void> {
-  for (let written = 0; written < bytes.length;) {
-    written += await conn.write(bytes.subarray(written));
   }
 }
 
