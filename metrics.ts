@@ -293,48 +293,60 @@ export function renderMetrics(
 ): string {
   const { stats } = server;
   const out: string[] = [];
+  // A family's HELP and TYPE lines, and its one sample, or one sample per
+  // entry of `counts` labelled by its key.
   const family = (
     name: string,
     type: "counter" | "gauge" | "histogram",
     help: string,
-  ) => out.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);
+    value?: number | { label: string; counts: Record<string, number> },
+  ) => {
+    out.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);
+    if (typeof value === "number") {
+      out.push(`${name} ${value}`);
+    } else if (value !== undefined) {
+      for (const [key, count] of Object.entries(value.counts)) {
+        out.push(`${name}{${value.label}="${key}"} ${count}`);
+      }
+    }
+  };
 
   family(
     "echo_connections_active",
     "gauge",
     "Clients being served now.",
+    server.connections,
   );
-  out.push(`echo_connections_active ${server.connections}`);
   family(
     "echo_connections_accepted_total",
     "counter",
     "Clients accepted; equals access log lines written plus clients being served plus log write errors.",
+    server.clientsAccepted,
   );
-  out.push(`echo_connections_accepted_total ${server.clientsAccepted}`);
   family(
     "echo_received_bytes_total",
     "counter",
     "Bytes read from clients.",
+    stats.receivedBytes,
   );
-  out.push(`echo_received_bytes_total ${stats.receivedBytes}`);
-  family("echo_sent_bytes_total", "counter", "Bytes echoed back to clients.");
-  out.push(`echo_sent_bytes_total ${stats.sentBytes}`);
+  family(
+    "echo_sent_bytes_total",
+    "counter",
+    "Bytes echoed back to clients.",
+    stats.sentBytes,
+  );
   family(
     "echo_cutoffs_total",
     "counter",
     "Clients cut off, by reason: client_limit (over --max-client-bytes), buffer_limit (over --max-buffered), idle, shutdown (drain ran out), reset (connection failed, e.g. reset by the client).",
+    { label: "reason", counts: stats.cutoffs },
   );
-  for (const [reason, count] of Object.entries(stats.cutoffs)) {
-    out.push(`echo_cutoffs_total{reason="${reason}"} ${count}`);
-  }
   family(
     "echo_accept_errors_total",
     "counter",
     "Failed accepts, by kind: exhaustion (out of file descriptors or memory), client (the connection failed while queued), unknown; both of the latter are logged as clients.",
+    { label: "kind", counts: stats.acceptErrors },
   );
-  for (const [kind, count] of Object.entries(stats.acceptErrors)) {
-    out.push(`echo_accept_errors_total{kind="${kind}"} ${count}`);
-  }
   family(
     "echo_connection_duration_seconds",
     "histogram",
@@ -359,26 +371,26 @@ export function renderMetrics(
     "echo_buffered_bytes",
     "gauge",
     "Buffer memory held for clients, counted against --max-buffered.",
+    server.bufferedBytes,
   );
-  out.push(`echo_buffered_bytes ${server.bufferedBytes}`);
   family(
     "echo_spare_buffer_bytes",
     "gauge",
     "Freed read buffers kept for reuse; dropped first when clients need the room.",
+    server.spareBufferBytes,
   );
-  out.push(`echo_spare_buffer_bytes ${server.spareBufferBytes}`);
   family(
     "echo_log_write_errors_total",
     "counter",
     "Access log lines that could not be written.",
+    stats.reportErrors,
   );
-  out.push(`echo_log_write_errors_total ${stats.reportErrors}`);
   family(
     "echo_draining",
     "gauge",
     "1 once SIGINT or SIGTERM started the drain (/healthz answers 503), else 0.",
+    options.draining ? 1 : 0,
   );
-  out.push(`echo_draining ${options.draining ? 1 : 0}`);
 
   const memory = Deno.memoryUsage();
   const cpu = process.cpuUsage();
@@ -386,24 +398,28 @@ export function renderMetrics(
     "process_cpu_seconds_total",
     "counter",
     "Total user and system CPU time spent in seconds.",
+    (cpu.user + cpu.system) / 1e6,
   );
-  out.push(`process_cpu_seconds_total ${(cpu.user + cpu.system) / 1e6}`);
   family(
     "process_start_time_seconds",
     "gauge",
     "Start time of the process since unix epoch in seconds.",
+    performance.timeOrigin / 1000,
   );
-  out.push(`process_start_time_seconds ${performance.timeOrigin / 1000}`);
   family(
     "process_resident_memory_bytes",
     "gauge",
     "Resident memory size in bytes.",
+    memory.rss,
   );
-  out.push(`process_resident_memory_bytes ${memory.rss}`);
   const fds = openFds();
   if (fds !== undefined) {
-    family("process_open_fds", "gauge", "Number of open file descriptors.");
-    out.push(`process_open_fds ${fds}`);
+    family(
+      "process_open_fds",
+      "gauge",
+      "Number of open file descriptors.",
+      fds,
+    );
   }
   // Readable where /proc/self/fd was (Deno asks for the same permission).
   const maxFds = fds === undefined ? undefined : maxOpenFds();
@@ -412,27 +428,27 @@ export function renderMetrics(
       "process_max_fds",
       "gauge",
       "Maximum number of open file descriptors.",
+      maxFds,
     );
-    out.push(`process_max_fds ${maxFds}`);
   }
   family(
     "deno_heap_used_bytes",
     "gauge",
     "V8 heap in use, from Deno.memoryUsage().",
+    memory.heapUsed,
   );
-  out.push(`deno_heap_used_bytes ${memory.heapUsed}`);
   family(
     "deno_heap_total_bytes",
     "gauge",
     "V8 heap allocated, from Deno.memoryUsage().",
+    memory.heapTotal,
   );
-  out.push(`deno_heap_total_bytes ${memory.heapTotal}`);
   family(
     "deno_external_memory_bytes",
     "gauge",
     "Memory outside the V8 heap held by JavaScript objects (e.g. buffers), from Deno.memoryUsage().",
+    memory.external,
   );
-  out.push(`deno_external_memory_bytes ${memory.external}`);
   return out.join("\n") + "\n";
 }
 
