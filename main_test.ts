@@ -1,5 +1,4 @@
 import assert from "node:assert/strict";
-import net from "node:net";
 import denoJson from "./deno.json" with { type: "json" };
 import { type Config, parseFlags } from "./main.ts";
 import {
@@ -9,6 +8,7 @@ import {
   killAfter,
   readAll,
   runCommand,
+  sendAndReset,
   spawnServer,
   withTempDir,
 } from "./test_util.ts";
@@ -848,22 +848,6 @@ async function readUntilEnd(conn: Deno.Conn): Promise<void> {
   }
 }
 
-/**
- * Connects with node:net (Deno's own sockets cannot send a reset), sends a
- * byte, then resets the connection.
- */
-async function sendByteAndReset(port: number): Promise<void> {
-  const socket = net.connect(port, "127.0.0.1");
-  await new Promise((resolve, reject) => {
-    socket.once("connect", resolve);
-    socket.once("error", reject);
-  });
-  await new Promise((resolve) => socket.write("x", resolve));
-  const closed = new Promise((resolve) => socket.once("close", resolve));
-  socket.resetAndDestroy();
-  await closed;
-}
-
 Deno.test(
   "echo-server with a stderr nobody reads serves on through 2,000 client resets, then counts the lines it held back",
   withTempDir(async (dir) => {
@@ -890,7 +874,7 @@ Deno.test(
       const resets = 2000;
       for (let sent = 0; sent < resets; sent += 50) {
         await Promise.all(
-          Array.from({ length: 50 }, () => sendByteAndReset(port)),
+          Array.from({ length: 50 }, () => sendAndReset(port, "x")),
         );
       }
       assert.equal(await echoText(port, "still here"), "still here");

@@ -1,5 +1,4 @@
 import assert from "node:assert/strict";
-import net from "node:net";
 import { AccessLog } from "./access_log.ts";
 import {
   EXPOSITION_CONTENT_TYPE,
@@ -14,6 +13,7 @@ import {
   Lines,
   readAll,
   runCommand,
+  sendAndReset,
   spawnServer,
   startServer,
   withTempDir,
@@ -126,13 +126,7 @@ Deno.test("renderMetrics() counts good clients, resets and an over-limit client 
     assert.equal((await echo(s.port, new Uint8Array(i * 10))).length, i * 10);
   }
   for (let i = 0; i < RESETS; i++) {
-    // Deno's own sockets cannot send a reset; node:net's resetAndDestroy can.
-    const socket = net.connect(s.port, HOST);
-    await new Promise((resolve) => socket.once("connect", resolve));
-    await new Promise((resolve) => socket.write("abc", resolve));
-    const closed = new Promise((resolve) => socket.once("close", resolve));
-    socket.resetAndDestroy();
-    await closed;
+    await sendAndReset(s.port, "abc");
   }
   const over = await Deno.connect({ hostname: HOST, port: s.port });
   try {

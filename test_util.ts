@@ -7,6 +7,7 @@
  */
 
 import assert from "node:assert/strict";
+import net from "node:net";
 import { readAll, writeAll } from "./_bytes.ts";
 import { type EchoServer, serveEcho, type ServeOptions } from "./server.ts";
 
@@ -413,4 +414,66 @@ export function spawnServer(
     stdout: "null",
     stderr: "piped",
   }).spawn();
+}
+
+/**
+ * Deterministic pseudo-random bytes (xorshift32), different for each seed.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * assert.deepEqual(pattern(8, 3), pattern(8, 3));
+ * assert.ok(!sameBytes(pattern(8, 3), pattern(8, 4)));
+ * ```
+ */
+export function pattern(size: number, seed = 1): Uint8Array {
+  const bytes = new Uint8Array(size);
+  let x = (seed * 2654435761) >>> 0 || 1;
+  for (let i = 0; i < size; i++) {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    bytes[i] = x;
+  }
+  return bytes;
+}
+
+/**
+ * Whether two byte arrays hold the same bytes.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * assert.ok(sameBytes(new Uint8Array([1, 2]), new Uint8Array([1, 2])));
+ * ```
+ */
+export function sameBytes(actual: Uint8Array, expected: Uint8Array): boolean {
+  if (actual.length !== expected.length) return false;
+  for (let i = 0; i < actual.length; i++) {
+    if (actual[i] !== expected[i]) return false;
+  }
+  return true;
+}
+
+/**
+ * Connects to 127.0.0.1:`port` with node:net (Deno's own sockets cannot
+ * send a reset), waits for the handshake, sends `text` if any, then resets
+ * the connection and waits until it is closed.
+ *
+ * @example
+ * ```ts
+ * await using s = startServer();
+ * await sendAndReset(s.port, "abc");
+ * ```
+ */
+export async function sendAndReset(port: number, text = ""): Promise<void> {
+  const socket = net.connect(port, "127.0.0.1");
+  await new Promise((resolve, reject) => {
+    socket.once("connect", resolve);
+    socket.once("error", reject);
+  });
+  if (text !== "") await new Promise((resolve) => socket.write(text, resolve));
+  const closed = new Promise((resolve) => socket.once("close", resolve));
+  socket.resetAndDestroy();
+  await closed;
 }
