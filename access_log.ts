@@ -37,8 +37,14 @@
  * A failed {@linkcode AccessLog.reopen} (out of file descriptors) keeps
  * writing to the old file and tries to open the path again on every line and
  * on the timer until it succeeds. A fragment left in the old file is finished
- * there if it can be; otherwise its whole line goes to the new file and the
- * old one ends in the fragment, with nothing after it.
+ * there if it can be; otherwise its whole line goes to the new file.
+ *
+ * A fragment this process gives up on (the old file after a reopen, or the
+ * file at {@linkcode AccessLog.close} with the disk still full) is cut off
+ * with `ftruncate`, which needs no free space, if the file's size shows that
+ * nothing was appended after it; so the file ends on a whole line and the
+ * next process does not append to a fragment. If another instance appended
+ * meanwhile, the fragment stays and a diagnostic says so.
  *
  * Lines are ASCII (built from numbers), so their bytes are their characters.
  *
@@ -53,6 +59,15 @@ export interface LogFile {
   writeSync(bytes: Uint8Array): number;
   /** Closes the file. */
   close(): void;
+  /**
+   * Moves the file offset; with `O_APPEND` the offset after a write is the
+   * file's end then, and `SeekMode.End` gives its end now (unlike `fstat`,
+   * this needs no read permission). Used to cut off a fragment only if
+   * nothing was appended after it.
+   */
+  seekSync?(offset: number, whence: Deno.SeekMode): number;
+  /** Cuts the file to `len` bytes. */
+  truncateSync?(len: number): void;
 }
 
 /** Options for {@linkcode AccessLog.open}. */
@@ -145,6 +160,8 @@ export class AccessLog {
   #backlogLines = 0;
   // The first backlogged line was partly written to the current file.
   #fragment = false;
+  // The file's size just after the fragment was written, if known.
+  #fragmentEnd: number | undefined;
 
   #linesWritten = 0;
   #droppedLines = 0;
@@ -254,6 +271,7 @@ export class AccessLog {
     this.#readOffset = written;
     this.#backlogBytes -= written;
     this.#fragment = written > 0;
+    this.#noteFragment();
     this.#drain();
   }
 
@@ -330,6 +348,7 @@ export class AccessLog {
     if (this.#closed) return this.#droppedLines + this.#backlogLines;
     if (this.#reopenPending) this.#tryReopen();
     this.#drain();
+    this.#abandonFragment("counted below as not written");
     this.#closed = true;
     clearTimeout(this.#retryTimer);
     clearTimeout(this.#reportTimer);
@@ -400,6 +419,7 @@ export class AccessLog {
       this.#linesWritten += done;
       this.#backlogLines -= done;
       this.#fragment = pending[written - 1] !== NEWLINE;
+      this.#noteFragment();
       this.#readOffset += written;
       this.#backlogBytes -= written;
       if (this.#readOffset === end) {
@@ -464,7 +484,7 @@ export class AccessLog {
       // Finish the line the fragment began where it began, if the old file
       // takes it; if not, the whole line goes to the new file.
       this.#drainLine();
-      if (this.#fragment) this.#restartLine();
+      this.#abandonFragment("the whole line goes to the new file");
     }
     try {
       this.#file.close();
@@ -500,21 +520,58 @@ export class AccessLog {
         this.#fragment = false;
         this.#linesWritten++;
         this.#backlogLines--;
+      } else {
+        this.#noteFragment();
       }
     } catch (error) {
       this.#writeFailed(error);
     }
   }
 
-  /** Puts the first line's written start back, to write it whole again. */
-  #restartLine(): void {
+  #noteFragment(): void {
+    if (!this.#fragment) return;
+    try {
+      this.#fragmentEnd = this.#file.seekSync?.(0, Deno.SeekMode.Current);
+    } catch {
+      this.#fragmentEnd = undefined; // a file that cannot seek: left as is
+    }
+  }
+
+  /**
+   * Gives up finishing the fragment in the current file (it is being left
+   * for another, or the process exits): cuts it off the file if nothing was
+   * appended after it (ftruncate, which needs no space), and puts the line
+   * back to be written whole.
+   */
+  #abandonFragment(then: string): void {
+    if (!this.#fragment) return;
     const chunk = this.#chunks[0];
     let start = this.#readOffset;
     while (start > 0 && chunk[start - 1] !== NEWLINE) start--;
-    this.#backlogBytes += this.#readOffset - start;
+    const length = this.#readOffset - start;
+    let cut = false;
+    try {
+      const size = this.#file.seekSync?.(0, Deno.SeekMode.End);
+      if (
+        size !== undefined && size === this.#fragmentEnd &&
+        this.#file.truncateSync !== undefined
+      ) {
+        this.#file.truncateSync(size - length);
+        cut = true;
+      }
+    } catch {
+      // Left in the file; said below.
+    }
+    this.#backlogBytes += length;
     this.#readOffset = start;
+    this.#fragment = false;
+    this.#fragmentEnd = undefined;
     this.#diagnostic(
-      `access log ${this.#path}: the old file ends in part of a line (it took no more); the whole line goes to the new file`,
+      `access log ${this.#path}: ${
+        cut
+          ? `cut off the ${length} bytes of an unfinished line at its end`
+          : `the file ends in ${length} bytes of an unfinished line (another line followed it, or it could not be cut)`
+      }; ${then}`,
     );
   }
 
