@@ -147,7 +147,9 @@ export interface EchoStats {
 export interface ShutdownOptions {
   /**
    * How long clients in flight may take to finish before they are cut
-   * off, in milliseconds. A later call with a shorter time cuts sooner.
+   * off, in milliseconds. A later call can only bring that deadline
+   * forward: the drain ends at the earliest "now + drainTimeoutMs" of all
+   * calls, so a shorter time cuts sooner and a longer one changes nothing.
    *
    * @default {10_000}
    */
@@ -339,6 +341,7 @@ class Server implements EchoServer {
   #drainExpired = false;
   #idleSweep: ReturnType<typeof setInterval>;
   #drainTimer: ReturnType<typeof setTimeout> | undefined;
+  #drainDeadline = Infinity;
   #allServed: PromiseWithResolvers<void> | undefined;
 
   constructor(onClientDone: ClientDone, options: ServeOptions) {
@@ -409,13 +412,20 @@ class Server implements EchoServer {
       this.#allServed = Promise.withResolvers();
       this.#resolveIfAllServed();
     }
-    clearTimeout(this.#drainTimer);
-    this.#drainTimer = setTimeout(() => {
-      this.#drainExpired = true;
-      for (const client of this.#clients) {
-        this.#cutOff(client, "shutdown", "still connected at shutdown");
-      }
-    }, options.drainTimeoutMs ?? DEFAULT_DRAIN_TIMEOUT_MS);
+    // A later call may only bring the deadline forward: a second SIGTERM's
+    // 0 cuts off at once, but a retry with the default must not extend it.
+    const timeoutMs = options.drainTimeoutMs ?? DEFAULT_DRAIN_TIMEOUT_MS;
+    const deadline = performance.now() + timeoutMs;
+    if (deadline < this.#drainDeadline) {
+      this.#drainDeadline = deadline;
+      clearTimeout(this.#drainTimer);
+      this.#drainTimer = setTimeout(() => {
+        this.#drainExpired = true;
+        for (const client of this.#clients) {
+          this.#cutOff(client, "shutdown", "still connected at shutdown");
+        }
+      }, timeoutMs);
+    }
     return this.#allServed!.promise.then(() => {
       clearTimeout(this.#drainTimer);
       clearInterval(this.#idleSweep);
