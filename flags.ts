@@ -158,30 +158,42 @@ export interface Instance {
   instances: number;
 }
 
+/** Options for {@linkcode parseInstance}. */
+export interface InstanceOptions {
+  /**
+   * Largest N accepted (server.ts's `MAX_INSTANCES`: ids grow by N per
+   * client and must stay exact).
+   *
+   * @default {1024}
+   */
+  max?: number;
+}
+
 /**
- * Parses `I/N`, instance I of N, with 1 <= I <= N. Without the flag it is
- * instance 1 of 1.
+ * Parses `I/N`, instance I of N, with 1 <= I <= N <= `max`. Without the
+ * flag it is instance 1 of 1.
  *
  * @example
  * ```ts
  * import assert from "node:assert/strict";
  * assert.deepEqual(parseInstance("--instance", "2/4"), { instance: 2, instances: 4 });
  * assert.deepEqual(parseInstance("--instance", undefined), { instance: 1, instances: 1 });
+ * assert.throws(() => parseInstance("--instance", "1/1025"), UsageError);
  * ```
  */
 export function parseInstance(
   flag: string,
   text: string | undefined,
+  options: InstanceOptions = {},
 ): Instance {
+  const { max = 1024 } = options;
   if (text === undefined) return { instance: 1, instances: 1 };
   const match = /^(\d+)\/(\d+)$/.exec(text);
   const instance = Number(match?.[1]);
   const instances = Number(match?.[2]);
-  if (
-    !(instance >= 1 && instance <= instances && Number.isSafeInteger(instances))
-  ) {
+  if (!(instance >= 1 && instance <= instances && instances <= max)) {
     throw new UsageError(
-      `${flag} must be I/N, instance I of N with 1 <= I <= N, such as 2/4, not '${text}'`,
+      `${flag} must be I/N, instance I of N with 1 <= I <= N <= ${max}, such as 2/4, not '${text}'`,
     );
   }
   return { instance, instances };

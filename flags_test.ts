@@ -126,9 +126,17 @@ Deno.test("parseInstance() reads I/N with 1 <= I <= N, or gives 1/1 without the 
     instance: 1,
     instances: 1,
   });
+  assert.deepEqual(parseInstance("--instance", "1024/1024"), {
+    instance: 1024,
+    instances: 1024,
+  });
+  assert.deepEqual(parseInstance("--instance", "3/8", { max: 8 }), {
+    instance: 3,
+    instances: 8,
+  });
 });
 
-Deno.test("parseInstance() rejects 0, over N, or not I/N", () => {
+Deno.test("parseInstance() rejects 0, over N, N over max, or not I/N", () => {
   for (
     const bad of [
       "0/4",
@@ -142,13 +150,20 @@ Deno.test("parseInstance() rejects 0, over N, or not I/N", () => {
       "-1/4",
       "1.5/4",
       "1/4/4",
+      "1/1025",
+      "1/9007199254740993",
+      "9007199254740993/9007199254740993",
     ]
   ) {
     assertThrowsUsage(
       () => parseInstance("--instance", bad),
-      `--instance must be I/N, instance I of N with 1 <= I <= N, such as 2/4, not '${bad}'`,
+      `--instance must be I/N, instance I of N with 1 <= I <= N <= 1024, such as 2/4, not '${bad}'`,
     );
   }
+  assertThrowsUsage(
+    () => parseInstance("--instance", "1/9", { max: 8 }),
+    "--instance must be I/N, instance I of N with 1 <= I <= N <= 8, such as 2/4, not '1/9'",
+  );
 });
 
 Deno.test("parseHostPort() reads HOST:PORT, [IPV6]:PORT, or :PORT on the default host", () => {

@@ -15,6 +15,7 @@ import {
   DEFAULT_MAX_BUFFERED_BYTES,
   DEFAULT_MAX_CLIENT_BYTES,
   DEFAULT_MAX_CONNECTIONS,
+  MAX_INSTANCES,
   serveEcho,
 } from "./server.ts";
 import {
@@ -87,8 +88,9 @@ Options:
 })
   --shutdown-delay SECONDS on SIGINT/SIGTERM, keep accepting this long with
                            /healthz answering 503 before the drain (default 0)
-  --instance I/N           instance I of N sharing one access log: numbers
-                           its clients I, I+N, I+2N, ... (default 1/1)
+  --instance I/N           instance I of N (N at most ${MAX_INSTANCES}) sharing one
+                           access log: numbers its clients I, I+N, I+2N, ...
+                           (default 1/1)
   --metrics HOST:PORT      serve Prometheus /metrics and /healthz over HTTP
                            (default off; :PORT alone binds 127.0.0.1)
   -h, --help               show this help
@@ -180,7 +182,7 @@ export function parseFlags(args: string[]): Config | "help" | "version" {
         allowZero: true,
       }),
     ),
-    ...parseInstance("--instance", values.instance),
+    ...parseInstance("--instance", values.instance, { max: MAX_INSTANCES }),
     ...(values.metrics === undefined ? {} : {
       metrics: parseHostPort("--metrics", values.metrics, "127.0.0.1"),
     }),

@@ -251,6 +251,7 @@ const BAD_FLAGS: Array<[string[], string]> = [
   [["--instance", "0/4"], "echo-server: --instance must be I/N"],
   [["--instance", "5/4"], "echo-server: --instance must be I/N"],
   [["--instance", "x"], "echo-server: --instance must be I/N"],
+  [["--instance", "1/1025"], "echo-server: --instance must be I/N"],
 ];
 for (const [args, message] of BAD_FLAGS) {
   Deno.test(`echo-server ${args.map((arg) => arg || "''").join(" ")} prints one line and the usage, exits 2`, async () => {

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import net from "node:net";
-import { acceptErrorKind, type ServeOptions } from "./server.ts";
+import { acceptErrorKind, MAX_INSTANCES, type ServeOptions } from "./server.ts";
 import {
   echo,
   readAll,
@@ -171,9 +171,26 @@ Deno.test("serveEcho() as instance 2 of 3 numbers its clients 2, 5, 8, 11, 14", 
   assert.equal(s.server.clientsAccepted, 5);
 });
 
-Deno.test("serveEcho() rejects an instance outside 1..instances before listening", () => {
+Deno.test("serveEcho() as instance 1024 of MAX_INSTANCES numbers its clients 1024, 2048", async () => {
+  await using s = startServer({ instance: 1024, instances: MAX_INSTANCES });
+  for (let i = 1; i <= 2; i++) {
+    assert.equal((await echo(s.port, pattern(i, i))).length, i);
+  }
+  await s.server.shutdown();
+  assert.deepEqual(s.records, [[1024, 1], [2048, 2]]);
+});
+
+Deno.test("serveEcho() rejects an instance outside 1..instances, or instances over MAX_INSTANCES, before listening", () => {
   for (
-    const [instance, instances] of [[0, 4], [5, 4], [1, 0], [1.5, 2], [1, NaN]]
+    const [instance, instances] of [
+      [0, 4],
+      [5, 4],
+      [1, 0],
+      [1.5, 2],
+      [1, NaN],
+      [1, MAX_INSTANCES + 1],
+      [2 ** 52, 2 ** 52],
+    ]
   ) {
     assert.throws(
       () => startServer({ instance, instances }),
