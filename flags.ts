@@ -109,12 +109,15 @@ export function parseSize(
   return value;
 }
 
+// One millisecond: what the servers' timers take.
+const MIN_SECONDS = 0.001;
+
 /** Options for {@linkcode parseSeconds}. */
 export interface SecondsOptions {
   /** Returned when the flag was not given; without one, it is required. */
   default?: number;
   /**
-   * Whether 0 is accepted.
+   * Whether exactly 0 is accepted (a positive value below 0.001 never is).
    *
    * @default {false}
    */
@@ -122,14 +125,17 @@ export interface SecondsOptions {
 }
 
 /**
- * Parses a number of seconds, with an optional decimal fraction, up to
- * 86400 (one day). Returns seconds.
+ * Parses a number of seconds, with an optional decimal fraction, from 0.001
+ * (the servers take whole milliseconds; a smaller value would round to 0,
+ * and an idle timeout of 0 cuts off every client) up to 86400 (one day).
+ * Returns seconds.
  *
  * @example
  * ```ts
  * import assert from "node:assert/strict";
  * assert.equal(parseSeconds("--idle-timeout", "0.25"), 0.25);
  * assert.equal(parseSeconds("--drain-timeout", "0", { allowZero: true }), 0);
+ * assert.throws(() => parseSeconds("--idle-timeout", "0.0004"), UsageError);
  * ```
  */
 export function parseSeconds(
@@ -140,11 +146,14 @@ export function parseSeconds(
   const { allowZero = false } = options;
   if (text === undefined) return defaultOf(flag, options.default);
   const seconds = /^\d+(\.\d+)?$/.test(text) ? Number(text) : NaN;
-  if (!(seconds <= 86_400 && (allowZero ? seconds >= 0 : seconds > 0))) {
+  if (
+    !((allowZero && seconds === 0) ||
+      (seconds >= MIN_SECONDS && seconds <= 86_400))
+  ) {
     throw new UsageError(
-      `${flag} must be a number of seconds ${
-        allowZero ? "from 0" : "above 0"
-      } up to 86400, not '${text}'`,
+      `${flag} must be ${
+        allowZero ? "0 or " : ""
+      }a number of seconds from ${MIN_SECONDS} to 86400, not '${text}'`,
     );
   }
   return seconds;

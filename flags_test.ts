@@ -88,22 +88,37 @@ Deno.test("parseSeconds() reads whole or fractional seconds up to a day", () => 
   assert.equal(parseSeconds("--t", "86400"), 86400);
   assert.equal(parseSeconds("--t", "0", { allowZero: true }), 0);
   assert.equal(parseSeconds("--t", "0.0", { allowZero: true }), 0);
+  assert.equal(parseSeconds("--t", "0.000", { allowZero: true }), 0);
+  assert.equal(parseSeconds("--t", "0.001"), 0.001);
+  assert.equal(parseSeconds("--t", "0.0010"), 0.001);
+  assert.equal(parseSeconds("--t", "0.001", { allowZero: true }), 0.001);
   assert.equal(parseSeconds("--t", undefined, { default: 10 }), 10);
 });
 
-Deno.test("parseSeconds() rejects zero unless allowed, over a day, or not a number", () => {
+Deno.test("parseSeconds() rejects zero unless allowed, under 1 ms, over a day, or not a number", () => {
   assertThrowsUsage(
     () => parseSeconds("--idle-timeout", "0"),
-    "--idle-timeout must be a number of seconds above 0 up to 86400, not '0'",
+    "--idle-timeout must be a number of seconds from 0.001 to 86400, not '0'",
   );
   assertThrowsUsage(
     () => parseSeconds("--drain-timeout", "86400.5", { allowZero: true }),
-    "--drain-timeout must be a number of seconds from 0 up to 86400, not '86400.5'",
+    "--drain-timeout must be 0 or a number of seconds from 0.001 to 86400, not '86400.5'",
   );
+  // Positive, but 0 ms once rounded to the milliseconds the server takes.
+  for (const small of ["0.0004", "0.0009", "0.0000001"]) {
+    assertThrowsUsage(
+      () => parseSeconds("--idle-timeout", small),
+      `--idle-timeout must be a number of seconds from 0.001 to 86400, not '${small}'`,
+    );
+    assertThrowsUsage(
+      () => parseSeconds("--drain-timeout", small, { allowZero: true }),
+      `--drain-timeout must be 0 or a number of seconds from 0.001 to 86400, not '${small}'`,
+    );
+  }
   for (const bad of ["", "-1", ".5", "1.", "1e3", "10s", "Infinity"]) {
     assertThrowsUsage(
       () => parseSeconds("--t", bad),
-      `--t must be a number of seconds above 0 up to 86400, not '${bad}'`,
+      `--t must be a number of seconds from 0.001 to 86400, not '${bad}'`,
     );
   }
   assertThrowsUsage(() => parseSeconds("--t", undefined), "--t is required");

@@ -97,6 +97,7 @@ Options:
   -V, --version            show the version
 
 SIZE is a number of bytes, optionally with a suffix KiB, MiB or GiB.
+SECONDS may have a fraction, down to 0.001 (one millisecond).
 Signals: SIGHUP reopens the access log; SIGINT or SIGTERM stops accepting
 (after --shutdown-delay) and drains; a second SIGINT or SIGTERM cuts everyone
 off at once.`;

@@ -190,6 +190,16 @@ Deno.test("parseFlags() gives the defaults and reads sizes and seconds", () => {
   assert.equal(config.shutdownDelayMs, 2500);
   assert.equal(config.instance, 3);
   assert.equal(config.instances, 4);
+  // The smallest positive value each seconds flag takes: 1 ms, not 0.
+  const smallest = parseFlags([
+    "--idle-timeout=0.001",
+    "--drain-timeout=0.001",
+    "--shutdown-delay=0.001",
+  ]);
+  assert.ok(typeof smallest === "object");
+  assert.equal(smallest.idleTimeoutMs, 1);
+  assert.equal(smallest.drainTimeoutMs, 1);
+  assert.equal(smallest.shutdownDelayMs, 1);
 });
 
 Deno.test("echo-server --help lists every flag with its default", async () => {
@@ -245,6 +255,18 @@ const BAD_FLAGS: Array<[string[], string]> = [
     "echo-server: --max-buffered must be a size of at least 65536 bytes",
   ],
   [["--idle-timeout", "0"], "echo-server: --idle-timeout must"],
+  [
+    ["--idle-timeout", "0.0004"],
+    "echo-server: --idle-timeout must be a number of seconds from 0.001 to 86400, not '0.0004'",
+  ],
+  [
+    ["--drain-timeout", "0.0004"],
+    "echo-server: --drain-timeout must be 0 or a number of seconds from 0.001 to 86400, not '0.0004'",
+  ],
+  [
+    ["--shutdown-delay", "0.0001"],
+    "echo-server: --shutdown-delay must be 0 or a number of seconds from 0.001 to 86400, not '0.0001'",
+  ],
   [["--drain-timeout", "-1"], "echo-server: Option '--drain-timeout"],
   [["--shutdown-delay", "soon"], "echo-server: --shutdown-delay must"],
   [["--log", ""], "echo-server: --log must not be empty"],
