@@ -226,7 +226,9 @@ const SIGNAL_NUMBERS = { SIGINT: 2, SIGTERM: 15 } as const;
 
 /**
  * Runs the server with the given command line until it is stopped by a
- * signal, and returns the exit status.
+ * signal, and returns the exit status. Its signal listeners stay installed,
+ * so that no SIGHUP, SIGINT or SIGTERM kills the process before the caller
+ * exits with that status.
  *
  * @example
  * ```ts ignore
@@ -371,15 +373,16 @@ export async function main(args: string[]): Promise<number> {
   Deno.addSignalListener("SIGHUP", reopenLog);
   await await drained.promise;
 
-  Deno.removeSignalListener("SIGHUP", reopenLog);
   await metrics?.shutdown();
-  log.close();
   diagnostic(`stopped after ${server.clientsAccepted} clients`);
   // Every line out before the exit, unless stderr stays stalled for 5 s.
+  // Until then a second SIGINT/SIGTERM still ends with 130/143.
   await diagnostics.flush();
-  // Only now: until here a second SIGINT/SIGTERM still ends with 130/143.
-  Deno.removeSignalListener("SIGINT", onInt);
-  Deno.removeSignalListener("SIGTERM", onTerm);
+  // The log stays open and every listener installed to the exit: without a
+  // listener Deno restores a signal's default action, and a SIGHUP in the
+  // flush above (logrotate's postrotate during a restart) killed the
+  // process (129) before its last line was out.
+  log.close();
   return forcedBy === undefined ? 0 : 128 + SIGNAL_NUMBERS[forcedBy];
 }
 
