@@ -281,7 +281,8 @@ export class AccessLog {
    * backlogged and later lines in the new one. If the path cannot be opened
    * (out of file descriptors), lines keep going to the old file and the
    * open is tried again on every line and on a timer until it succeeds; a
-   * diagnostic says so. Returns whether the new file is open.
+   * diagnostic says so. Returns whether the new file is open (false, and
+   * nothing done, once the log is closed).
    *
    * @example
    * ```ts
@@ -301,7 +302,8 @@ export class AccessLog {
    * ```
    */
   reopen(): boolean {
-    if (this.#closed) throw new Error("the access log is closed");
+    // A SIGHUP can come after close(), in the exit's last stderr flush.
+    if (this.#closed) return false;
     this.#reopenPending = true;
     return this.#tryReopen();
   }

@@ -15,6 +15,7 @@ import {
   DEFAULT_MAX_BUFFERED_BYTES,
   DEFAULT_MAX_CLIENT_BYTES,
   DEFAULT_MAX_CONNECTIONS,
+  MAX_INSTANCES,
   serveEcho,
 } from "./server.ts";
 import {
@@ -94,14 +95,16 @@ Options:
 })
   --shutdown-delay SECONDS on SIGINT/SIGTERM, keep accepting this long with
                            /healthz answering 503 before the drain (default 0)
-  --instance I/N           instance I of N sharing one access log: numbers
-                           its clients I, I+N, I+2N, ... (default 1/1)
+  --instance I/N           instance I of N (N at most ${MAX_INSTANCES}) sharing one
+                           access log: numbers its clients I, I+N, I+2N, ...
+                           (default 1/1)
   --metrics HOST:PORT      serve Prometheus /metrics and /healthz over HTTP
                            (default off; :PORT alone binds 127.0.0.1)
   -h, --help               show this help
   -V, --version            show the version
 
 SIZE is a number of bytes, optionally with a suffix KiB, MiB or GiB.
+SECONDS may have a fraction, down to 0.001 (one millisecond).
 Signals: SIGHUP reopens the access log; SIGINT or SIGTERM stops accepting
 (after --shutdown-delay) and drains; a second SIGINT or SIGTERM cuts everyone
 off at once.`;
@@ -193,7 +196,7 @@ export function parseFlags(args: string[]): Config | "help" | "version" {
         allowZero: true,
       }),
     ),
-    ...parseInstance("--instance", values.instance),
+    ...parseInstance("--instance", values.instance, { max: MAX_INSTANCES }),
     ...(values.metrics === undefined ? {} : {
       metrics: parseHostPort("--metrics", values.metrics, "127.0.0.1"),
     }),
@@ -236,7 +239,9 @@ const SIGNAL_NUMBERS = { SIGINT: 2, SIGTERM: 15 } as const;
 
 /**
  * Runs the server with the given command line until it is stopped by a
- * signal, and returns the exit status.
+ * signal, and returns the exit status. Its signal listeners stay installed,
+ * so that no SIGHUP, SIGINT or SIGTERM kills the process before the caller
+ * exits with that status.
  *
  * @example
  * ```ts ignore
@@ -384,20 +389,25 @@ export async function main(args: string[]): Promise<number> {
   Deno.addSignalListener("SIGHUP", reopenLog);
   await await drained.promise;
 
-  Deno.removeSignalListener("SIGHUP", reopenLog);
   await metrics?.shutdown();
   // The backlog (a full disk) gets the drain time again to be written.
   await log.flush({ timeoutMs: forcedBy ? 0 : config.drainTimeoutMs });
-  const linesLost = log.close();
-  Deno.removeSignalListener("SIGXFSZ", ignore);
   diagnostic(`stopped after ${server.clientsAccepted} clients`);
   // Every line out before the exit, unless stderr stays stalled for 5 s.
+  // Until then a second SIGINT/SIGTERM still ends with 130/143.
   await diagnostics.flush();
-  // Only now: until here a second SIGINT/SIGTERM still ends with 130/143.
-  Deno.removeSignalListener("SIGINT", onInt);
-  Deno.removeSignalListener("SIGTERM", onTerm);
-  // Lines never written (dropped, or still waiting): 1, whatever stopped it.
-  if (linesLost > 0) return 1;
+  // The log stays open and every listener installed to the exit: without a
+  // listener Deno restores a signal's default action, and a SIGHUP in the
+  // flush above (logrotate's postrotate during a restart) killed the
+  // process (129) before its last line was out. (SIGXFSZ too: a write past
+  // a file-size limit would end the process.)
+  const linesLost = log.close();
+  if (linesLost > 0) {
+    // Lines never written (dropped, or still waiting): close() said how
+    // many; that line out too, and status 1 whatever stopped the server.
+    await diagnostics.flush();
+    return 1;
+  }
   return forcedBy === undefined ? 0 : 128 + SIGNAL_NUMBERS[forcedBy];
 }
 
