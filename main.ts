@@ -7,7 +7,7 @@
 
 import { parseArgs } from "node:util";
 import denoJson from "./deno.json" with { type: "json" };
-import { AccessLog } from "./access_log.ts";
+import { AccessLog, DEFAULT_MAX_BACKLOG_BYTES } from "./access_log.ts";
 import { Diagnostics } from "./diagnostics.ts";
 import {
   DEFAULT_DRAIN_TIMEOUT_MS,
@@ -37,6 +37,9 @@ export interface Config {
   port: number;
   /** Access log file (`--log`). */
   logPath: string;
+  /** Bytes of log lines kept in memory while the file takes no writes
+   * (`--log-backlog`). */
+  logBacklogBytes: number;
   /** Bytes one client may send (`--max-client-bytes`). */
   maxClientBytes: number;
   /** Buffer memory for all clients together (`--max-buffered`). */
@@ -73,6 +76,10 @@ Options:
   --host HOST              address to listen on (default 127.0.0.1)
   --port PORT              TCP port; 0 picks a free one (default 4000)
   --log PATH               access log (default ${DEFAULT_LOG_PATH})
+  --log-backlog SIZE       log lines kept in memory while the disk takes no
+                           writes; past it they are dropped (default ${
+  DEFAULT_MAX_BACKLOG_BYTES / MIB
+}MiB)
   --max-client-bytes SIZE  bytes one client may send (default ${
   DEFAULT_MAX_CLIENT_BYTES / MIB
 }MiB)
@@ -127,6 +134,7 @@ export function parseFlags(args: string[]): Config | "help" | "version" {
         host: { type: "string" },
         port: { type: "string" },
         log: { type: "string" },
+        "log-backlog": { type: "string" },
         "max-client-bytes": { type: "string" },
         "max-buffered": { type: "string" },
         "max-connections": { type: "string" },
@@ -151,6 +159,11 @@ export function parseFlags(args: string[]): Config | "help" | "version" {
     hostname: values.host ?? "127.0.0.1",
     port: parseInteger("--port", values.port, { default: 4000, max: 65535 }),
     logPath: values.log ?? DEFAULT_LOG_PATH,
+    logBacklogBytes: parseSize("--log-backlog", values["log-backlog"], {
+      default: DEFAULT_MAX_BACKLOG_BYTES,
+      // Room for a line's remainder after a short write, and then some.
+      min: 4096,
+    }),
     maxClientBytes: parseSize(
       "--max-client-bytes",
       values["max-client-bytes"],
@@ -254,8 +267,13 @@ export async function main(args: string[]): Promise<number> {
   }
 
   let log: AccessLog;
+  // Set below, once serving; until then the log has written nothing.
+  let diagnostic = (message: string) => console.error(message);
   try {
-    log = AccessLog.open(config.logPath);
+    log = AccessLog.open(config.logPath, {
+      maxBacklogBytes: config.logBacklogBytes,
+      onDiagnostic: (message) => diagnostic(message),
+    });
   } catch (error) {
     console.error(`echo-server: ${errorMessage(error)}`);
     return 1;
@@ -269,7 +287,7 @@ export async function main(args: string[]): Promise<number> {
   // does, lines are dropped and counted rather than block. Errors before
   // serving stay synchronous: they must be out before the exit.
   const diagnostics = new Diagnostics();
-  const diagnostic = (message: string) => diagnostics.write(message);
+  diagnostic = (message: string) => diagnostics.write(message);
   let server;
   try {
     server = serveEcho((clientId, bytesReceived) => {
@@ -293,6 +311,7 @@ export async function main(args: string[]): Promise<number> {
       metrics = serveMetrics(server, {
         ...config.metrics,
         onDiagnostic: diagnostic,
+        accessLog: log,
       });
     } catch (error) {
       await server.shutdown({ drainTimeoutMs: 0 });
@@ -314,16 +333,13 @@ export async function main(args: string[]): Promise<number> {
     );
   }
 
-  const reopenLog = () => {
-    try {
-      log.reopen();
-      diagnostic(`reopened access log ${config.logPath}`);
-    } catch (error) {
-      diagnostic(
-        `echo-server: ${errorMessage(error)}; still writing to the old file`,
-      );
-    }
-  };
+  // access_log.ts reports the reopen, and retries it until it works.
+  const reopenLog = () => log.reopen();
+  // Under a file-size limit (LimitFSIZE=, ulimit -f), a write past it raises
+  // SIGXFSZ, whose default action ends the process; handled, the write
+  // fails with EFBIG instead and the line waits in the log's backlog.
+  const ignore = () => {};
+  Deno.addSignalListener("SIGXFSZ", ignore);
   let forcedBy: keyof typeof SIGNAL_NUMBERS | undefined;
   const drained = Promise.withResolvers<Promise<void>>();
   let stopping = false;
@@ -374,6 +390,8 @@ export async function main(args: string[]): Promise<number> {
   await await drained.promise;
 
   await metrics?.shutdown();
+  // The backlog (a full disk) gets the drain time again to be written.
+  await log.flush({ timeoutMs: forcedBy ? 0 : config.drainTimeoutMs });
   diagnostic(`stopped after ${server.clientsAccepted} clients`);
   // Every line out before the exit, unless stderr stays stalled for 5 s.
   // Until then a second SIGINT/SIGTERM still ends with 130/143.
@@ -381,8 +399,15 @@ export async function main(args: string[]): Promise<number> {
   // The log stays open and every listener installed to the exit: without a
   // listener Deno restores a signal's default action, and a SIGHUP in the
   // flush above (logrotate's postrotate during a restart) killed the
-  // process (129) before its last line was out.
-  log.close();
+  // process (129) before its last line was out. (SIGXFSZ too: a write past
+  // a file-size limit would end the process.)
+  const linesLost = log.close();
+  if (linesLost > 0) {
+    // Lines never written (dropped, or still waiting): close() said how
+    // many; that line out too, and status 1 whatever stopped the server.
+    await diagnostics.flush();
+    return 1;
+  }
   return forcedBy === undefined ? 0 : 128 + SIGNAL_NUMBERS[forcedBy];
 }
 

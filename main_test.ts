@@ -171,6 +171,7 @@ Deno.test("parseFlags() gives the defaults and reads sizes and seconds", () => {
     hostname: "127.0.0.1",
     port: 4000,
     logPath: "/var/log/echo-server/access.log",
+    logBacklogBytes: 16 * 1024 * 1024,
     maxClientBytes: 64 * 1024 * 1024,
     maxBufferedBytes: 512 * 1024 * 1024,
     maxConnections: 16384,
@@ -190,6 +191,7 @@ Deno.test("parseFlags() gives the defaults and reads sizes and seconds", () => {
     "--drain-timeout=0",
     "--shutdown-delay=2.5",
     "--instance=3/4",
+    "--log-backlog=8KiB",
   ]);
   assert.ok(typeof config === "object");
   assert.equal(config.hostname, "0.0.0.0");
@@ -201,6 +203,7 @@ Deno.test("parseFlags() gives the defaults and reads sizes and seconds", () => {
   assert.equal(config.shutdownDelayMs, 2500);
   assert.equal(config.instance, 3);
   assert.equal(config.instances, 4);
+  assert.equal(config.logBacklogBytes, 8192);
   // The smallest positive value each seconds flag takes: 1 ms, not 0.
   const smallest = parseFlags([
     "--idle-timeout=0.001",
@@ -224,6 +227,8 @@ Deno.test("echo-server --help lists every flag with its default", async () => {
       "(default 4000)",
       "--log PATH",
       "(default /var/log/echo-server/access.log)",
+      "--log-backlog SIZE",
+      "(default 16MiB)",
       "--max-client-bytes SIZE",
       "(default 64MiB)",
       "--max-buffered SIZE",
@@ -281,6 +286,10 @@ const BAD_FLAGS: Array<[string[], string]> = [
   [["--drain-timeout", "-1"], "echo-server: Option '--drain-timeout"],
   [["--shutdown-delay", "soon"], "echo-server: --shutdown-delay must"],
   [["--log", ""], "echo-server: --log must not be empty"],
+  [
+    ["--log-backlog", "1KiB"],
+    "echo-server: --log-backlog must be a size of at least 4096 bytes",
+  ],
   [["--instance", "0/4"], "echo-server: --instance must be I/N"],
   [["--instance", "5/4"], "echo-server: --instance must be I/N"],
   [["--instance", "x"], "echo-server: --instance must be I/N"],
