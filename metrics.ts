@@ -20,6 +20,7 @@
 
 import process from "node:process";
 import { errorMessage } from "./_errors.ts";
+import type { AccessLogStats } from "./access_log.ts";
 import { RateLimitedReporter } from "./reporter.ts";
 import { DURATION_BUCKETS_SECONDS, type EchoServer } from "./server.ts";
 
@@ -41,6 +42,12 @@ export interface MetricsOptions {
    * @default {console.error}
    */
   onDiagnostic?: (message: string) => void;
+  /**
+   * The access log whose backlog, drops and write errors are reported
+   * (`AccessLog` from access_log.ts).
+   * @default {none: those metrics read 0}
+   */
+  accessLog?: { readonly stats: AccessLogStats };
 }
 
 /** A running metrics endpoint. */
@@ -115,6 +122,7 @@ class Metrics implements MetricsServer {
   // The back-off keeps these few, but like every repeated line they go
   // through the one rate limit (reporter.ts).
   #restartLines: RateLimitedReporter<RestartLineKind>;
+  #accessLog: { readonly stats: AccessLogStats } | undefined;
   #serving: Serving | undefined;
   #draining = false;
   #stopped = false;
@@ -131,6 +139,7 @@ class Metrics implements MetricsServer {
         label: "metrics server line",
       },
     );
+    this.#accessLog = options.accessLog;
     this.#serving = this.#listen(
       options.hostname ?? "127.0.0.1",
       options.port ?? DEFAULT_METRICS_PORT,
@@ -242,7 +251,10 @@ class Metrics implements MetricsServer {
     }
     return text(
       200,
-      renderMetrics(this.#server, { draining: this.#draining }),
+      renderMetrics(this.#server, {
+        draining: this.#draining,
+        accessLog: this.#accessLog?.stats,
+      }),
       {
         "content-type": EXPOSITION_CONTENT_TYPE,
       },
@@ -268,6 +280,11 @@ export interface RenderOptions {
    * @default {false}
    */
   draining?: boolean;
+  /**
+   * The access log's totals, reported as `echo_log_*`.
+   * @default {none: those metrics read 0}
+   */
+  accessLog?: AccessLogStats;
 }
 
 /**
@@ -320,7 +337,7 @@ export function renderMetrics(
   family(
     "echo_connections_accepted_total",
     "counter",
-    "Clients accepted; equals access log lines written plus clients being served plus log write errors.",
+    "Clients accepted; equals access log lines written plus lines in echo_log_backlog_lines plus echo_log_dropped_lines_total plus clients being served.",
     server.clientsAccepted,
   );
   family(
@@ -379,11 +396,36 @@ export function renderMetrics(
     "Freed read buffers kept for reuse; dropped first when clients need the room.",
     server.spareBufferBytes,
   );
+  const log = options.accessLog;
   family(
     "echo_log_write_errors_total",
     "counter",
-    "Access log lines that could not be written.",
-    stats.reportErrors,
+    "Access log writes that failed (ENOSPC, EDQUOT, EFBIG, EIO; each retry counts); their lines wait in the backlog.",
+    stats.reportErrors + (log?.writeErrors ?? 0),
+  );
+  family(
+    "echo_log_backlog_lines",
+    "gauge",
+    "Access log lines waiting in memory for the file to take writes.",
+    log?.backlogLines ?? 0,
+  );
+  family(
+    "echo_log_backlog_bytes",
+    "gauge",
+    "Bytes of those lines, counted against --log-backlog.",
+    log?.backlogBytes ?? 0,
+  );
+  family(
+    "echo_log_dropped_lines_total",
+    "counter",
+    "Access log lines dropped, never written: the backlog was full.",
+    log?.droppedLines ?? 0,
+  );
+  family(
+    "echo_log_reopen_pending",
+    "gauge",
+    "1 while a SIGHUP reopen of the access log failed and is being retried (lines go to the old file), else 0.",
+    log?.reopenPending ? 1 : 0,
   );
   family(
     "echo_draining",
