@@ -51,6 +51,7 @@
  * @module
  */
 
+import { errorMessage } from "./_errors.ts";
 import { RateLimitedReporter } from "./reporter.ts";
 
 const encoder = new TextEncoder();
@@ -651,5 +652,5 @@ function describe(error: unknown): string {
     return "permission denied (run as a user who may write there, or pass " +
       "--log PATH and grant --allow-write for that path)";
   }
-  return error instanceof Error ? error.message : String(error);
+  return errorMessage(error);
 }
