@@ -4,6 +4,7 @@ import { type Config, parseFlags } from "./main.ts";
 import {
   assertUsageError,
   type CommandResult,
+  connectMany,
   echo,
   killAfter,
   readAll,
@@ -721,12 +722,7 @@ Deno.test(
     // the server accepts until accept fails with EMFILE, the rest wait in
     // the kernel's queue.
     const clients = 100;
-    const conns = await Promise.all(
-      Array.from(
-        { length: clients },
-        () => Deno.connect({ hostname: "127.0.0.1", port }),
-      ),
-    );
+    const conns = await connectMany(port, clients);
     try {
       const payloads = conns.map((_, i) =>
         new TextEncoder().encode("x".repeat(i + 1))
@@ -819,12 +815,7 @@ Deno.test(
     // More clients than the server has descriptors, all held open: the
     // server accepts until accept fails with EMFILE.
     const clients = 100;
-    const conns = await Promise.all(
-      Array.from(
-        { length: clients },
-        () => Deno.connect({ hostname: "127.0.0.1", port }),
-      ),
-    );
+    const conns = await connectMany(port, clients);
     try {
       await server.waitFor(/^accept failed.*\(os error 24\)/);
       // Now the metrics server's accept fails too, and Deno.serve stops

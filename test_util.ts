@@ -354,6 +354,13 @@ export interface SpawnServerOptions {
    */
   maxOpenFiles?: number;
   /**
+   * A bash command run first, in the process that then becomes the server
+   * (e.g. `prlimit --pid $$ --fsize=4096`).
+   *
+   * @default {undefined}
+   */
+  shell?: string;
+  /**
    * Environment added to the test's (`NO_COLOR=1` is always set).
    *
    * @default {{}}
@@ -399,13 +406,14 @@ export function spawnServer(
     `${logDir}/access.log`,
     ...args,
   ];
-  if (maxOpenFiles !== undefined) {
-    command.unshift(
-      "bash",
-      "-c",
-      `ulimit -Sn ${maxOpenFiles} -Hn ${maxOpenFiles} && exec "$@"`,
-      "bash",
-    );
+  const shell = [
+    maxOpenFiles === undefined
+      ? undefined
+      : `ulimit -Sn ${maxOpenFiles} -Hn ${maxOpenFiles}`,
+    options.shell,
+  ].filter((part) => part !== undefined);
+  if (shell.length > 0) {
+    command.unshift("bash", "-c", `${shell.join(" && ")} && exec "$@"`, "bash");
   }
   return new Deno.Command(command[0], {
     args: command.slice(1),
@@ -476,4 +484,29 @@ export async function sendAndReset(port: number, text = ""): Promise<void> {
   const closed = new Promise((resolve) => socket.once("close", resolve));
   socket.resetAndDestroy();
   await closed;
+}
+
+/**
+ * Opens `count` connections to 127.0.0.1:`port` at once and returns them
+ * all, open; the caller closes them.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * await using s = startServer();
+ * const conns = await connectMany(s.port, 3);
+ * assert.equal(conns.length, 3);
+ * for (const conn of conns) conn.close();
+ * ```
+ */
+export function connectMany(
+  port: number,
+  count: number,
+): Promise<Deno.TcpConn[]> {
+  return Promise.all(
+    Array.from(
+      { length: count },
+      () => Deno.connect({ hostname: "127.0.0.1", port }),
+    ),
+  );
 }
