@@ -522,6 +522,12 @@ export class AccessLog {
         this.#fragment = false;
         this.#linesWritten++;
         this.#backlogLines--;
+        // The chunk's last line: on to the next, as #drain() does (it
+        // would write the empty rest of this one forever).
+        if (end === chunk.length && this.#chunks.length > 1) {
+          this.#chunks.shift();
+          this.#readOffset = 0;
+        }
       } else {
         this.#noteFragment();
       }

@@ -328,3 +328,27 @@ Deno.test("AccessLog.reopen() writes the backlog to the new file; a fragment the
   );
   assert.equal(log3.close(), 0);
 });
+
+Deno.test("AccessLog.reopen() that finishes a fragment at a backlog chunk's end goes on to the next chunk", async () => {
+  // Backlog chunks are 64 KiB of whole lines: lines 1..n fill the first.
+  let n = 1;
+  while (lines(1, n + 1).length <= 64 * 1024) n++;
+  const disk = new StubDisk(0);
+  const log = AccessLog.open("access.log", {
+    openFile: (path) => disk.open(path),
+    onDiagnostic() {},
+  });
+  disk.error = new Error("Input/output error (os error 5)");
+  for (let id = 1; id <= n + 1; id++) log.record(id, id);
+  // The first chunk goes out but for its last 3 bytes: a fragment.
+  disk.error = undefined;
+  disk.free = lines(1, n).length - 3;
+  assert.equal(await log.flush(), 2);
+  disk.rename("access.log", "access.log.1");
+  disk.free = 1_000_000;
+  assert.equal(log.reopen(), true);
+  assert.equal(disk.text("access.log.1"), lines(1, n));
+  assert.equal(disk.text("access.log"), line(n + 1, n + 1));
+  assert.equal(log.stats.backlogLines, 0);
+  assert.equal(log.close(), 0);
+});
