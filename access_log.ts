@@ -255,8 +255,9 @@ export class AccessLog {
     try {
       written = this.#file.writeSync(line);
     } catch (error) {
-      this.#writeFailed(error);
+      // Queued first, so the diagnostic counts it among the lines waiting.
       this.#enqueue(line);
+      this.#writeFailed(error);
       return;
     }
     if (written === length) {

@@ -242,7 +242,10 @@ Deno.test("AccessLog keeps lines through EIO and EDQUOT and writes them on its t
   disk.error = new Error("Disk quota exceeded (os error 122)");
   log.record(4, 4);
   assert.equal(log.stats.backlogLines, 3);
-  assert.match(diagnostics[0], /Input\/output error \(os error 5\)/);
+  assert.match(
+    diagnostics[0],
+    /Input\/output error \(os error 5\); 1 line waits in memory/,
+  );
   disk.error = undefined;
   // No new line: the timer writes them.
   const writes = disk.writes;
