@@ -434,8 +434,11 @@ export class AccessLog {
     this.#chunks = [];
     this.#readOffset = this.#fillOffset = 0;
     this.#fragment = false;
-    clearTimeout(this.#retryTimer);
-    this.#retryTimer = undefined;
+    if (!this.#reopenPending) {
+      // A failed reopen still needs the timer (no line may come to try it).
+      clearTimeout(this.#retryTimer);
+      this.#retryTimer = undefined;
+    }
     if (this.#failingSince !== undefined) {
       const seconds = (performance.now() - this.#failingSince) / 1000;
       this.#failingSince = undefined;

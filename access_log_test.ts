@@ -355,3 +355,46 @@ Deno.test("AccessLog.reopen() that finishes a fragment at a backlog chunk's end 
   assert.equal(log.stats.backlogLines, 0);
   assert.equal(log.close(), 0);
 });
+
+Deno.test("AccessLog retries a failed reopen on its timer after the backlog drains", async () => {
+  const disk = new StubDisk(3);
+  let failOpen = false;
+  const reopened = Promise.withResolvers<void>();
+  const log = AccessLog.open("access.log", {
+    openFile: (path) => {
+      if (failOpen) throw new Error("Too many open files (os error 24)");
+      const file = disk.open(path);
+      if (disk.files.has("access.log.1")) reopened.resolve();
+      return file;
+    },
+    onDiagnostic() {},
+    retryIntervalMs: 10,
+  });
+  log.record(1, 1); // "[cl", the rest waits
+  disk.rename("access.log", "access.log.1");
+  failOpen = true;
+  assert.equal(log.reopen(), false);
+  disk.free = 1_000_000;
+  log.record(2, 2); // the backlog drains to the old file
+  assert.equal(log.stats.backlogLines, 0);
+  failOpen = false;
+  // No new line: the timer must open the path.
+  let timer;
+  try {
+    await Promise.race([
+      reopened.promise,
+      new Promise((_, reject) => {
+        timer = setTimeout(
+          () => reject(new Error("the reopen was not retried in 10 s")),
+          10_000,
+        );
+      }),
+    ]);
+  } finally {
+    clearTimeout(timer);
+  }
+  assert.equal(log.stats.reopenPending, false);
+  assert.equal(log.close(), 0);
+  assert.equal(disk.text("access.log.1"), lines(1, 2));
+  assert.equal(disk.text("access.log"), "");
+});
