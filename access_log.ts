@@ -21,7 +21,9 @@
  *   lines go out together, up to 64 KiB of whole lines per `write`.
  * - Past {@linkcode AccessLogOptions.maxBacklogBytes} new lines are dropped
  *   and counted ({@linkcode AccessLogStats.droppedLines}). Memory is the
- *   lines' bytes (~38 each) in 64 KiB chunks: the bound plus at most 64 KiB.
+ *   lines' bytes (~38 each) in 64 KiB chunks: the bound plus at most 128 KiB
+ *   (the part of the first chunk already written, and the last's free room)
+ *   and under 80 bytes a chunk (the room a sealed chunk leaves unused).
  * - Diagnostics come at most one per kind per
  *   {@linkcode AccessLogOptions.reportIntervalMs}, with counts.
  *
