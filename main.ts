@@ -5,7 +5,7 @@
  * @module
  */
 
-import { parseArgs } from "node:util";
+import { errorMessage } from "./_errors.ts";
 import denoJson from "./deno.json" with { type: "json" };
 import { AccessLog, DEFAULT_MAX_BACKLOG_BYTES } from "./access_log.ts";
 import { Diagnostics } from "./diagnostics.ts";
@@ -20,6 +20,7 @@ import {
 } from "./server.ts";
 import {
   type HostPort,
+  parseCommandLine,
   parseHostPort,
   parseInstance,
   parseInteger,
@@ -124,33 +125,22 @@ off at once.`;
  * ```
  */
 export function parseFlags(args: string[]): Config | "help" | "version" {
-  let values;
-  try {
-    ({ values } = parseArgs({
-      args,
-      strict: true,
-      allowPositionals: false,
-      options: {
-        host: { type: "string" },
-        port: { type: "string" },
-        log: { type: "string" },
-        "log-backlog": { type: "string" },
-        "max-client-bytes": { type: "string" },
-        "max-buffered": { type: "string" },
-        "max-connections": { type: "string" },
-        "idle-timeout": { type: "string" },
-        "drain-timeout": { type: "string" },
-        "shutdown-delay": { type: "string" },
-        instance: { type: "string" },
-        metrics: { type: "string" },
-        help: { type: "boolean", short: "h" },
-        version: { type: "boolean", short: "V" },
-      },
-    }));
-  } catch (error) {
-    // node:util's messages can span lines; ours are one line.
-    throw new UsageError(errorMessage(error).replaceAll(/\s*\n\s*/g, " "));
-  }
+  const { values } = parseCommandLine(args, {
+    host: { type: "string" },
+    port: { type: "string" },
+    log: { type: "string" },
+    "log-backlog": { type: "string" },
+    "max-client-bytes": { type: "string" },
+    "max-buffered": { type: "string" },
+    "max-connections": { type: "string" },
+    "idle-timeout": { type: "string" },
+    "drain-timeout": { type: "string" },
+    "shutdown-delay": { type: "string" },
+    instance: { type: "string" },
+    metrics: { type: "string" },
+    help: { type: "boolean", short: "h" },
+    version: { type: "boolean", short: "V" },
+  });
   if (values.help) return "help";
   if (values.version) return "version";
   if (values.host === "") throw new UsageError("--host must not be empty");
@@ -209,10 +199,6 @@ function milliseconds(seconds: number): number {
 }
 
 /** The message of a thrown `Error`, or any other thrown value as text. */
-function errorMessage(error: unknown): string {
-  return error instanceof Error ? error.message : String(error);
-}
-
 function formatAddress(hostname: string, port: number): string {
   return hostname.includes(":")
     ? `[${hostname}]:${port}`

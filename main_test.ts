@@ -1,14 +1,16 @@
 import assert from "node:assert/strict";
-import net from "node:net";
 import denoJson from "./deno.json" with { type: "json" };
 import { type Config, parseFlags } from "./main.ts";
 import {
   assertUsageError,
   type CommandResult,
+  connectMany,
   echo,
   killAfter,
   readAll,
   runCommand,
+  sendAndReset,
+  spawnServer,
   withTempDir,
 } from "./test_util.ts";
 
@@ -44,34 +46,7 @@ class ServerProcess implements AsyncDisposable {
     options: ServerProcessOptions = {},
   ) {
     const { maxOpenFiles, timeoutMs = 60_000 } = options;
-    const command = [
-      Deno.execPath(),
-      "run",
-      "--allow-net",
-      `--allow-write=${logDir}`,
-      MAIN,
-      "--port",
-      "0",
-      "--log",
-      `${logDir}/access.log`,
-      ...args,
-    ];
-    if (maxOpenFiles !== undefined) {
-      // Both limits: Deno raises its soft limit to the hard one.
-      command.unshift(
-        "bash",
-        "-c",
-        `ulimit -Sn ${maxOpenFiles} -Hn ${maxOpenFiles} && exec "$@"`,
-        "bash",
-      );
-    }
-    this.child = new Deno.Command(command[0], {
-      args: command.slice(1),
-      env: { NO_COLOR: "1" },
-      stdin: "null",
-      stdout: "null",
-      stderr: "piped",
-    }).spawn();
+    this.child = spawnServer(logDir, args, { maxOpenFiles });
     this.#timer = setTimeout(() => {
       this.stderrLines.push(`(killed after ${timeoutMs} ms)`);
       this.child.kill("SIGKILL");
@@ -750,12 +725,7 @@ Deno.test(
     // the server accepts until accept fails with EMFILE, the rest wait in
     // the kernel's queue.
     const clients = 100;
-    const conns = await Promise.all(
-      Array.from(
-        { length: clients },
-        () => Deno.connect({ hostname: "127.0.0.1", port }),
-      ),
-    );
+    const conns = await connectMany(port, clients);
     try {
       const payloads = conns.map((_, i) =>
         new TextEncoder().encode("x".repeat(i + 1))
@@ -848,12 +818,7 @@ Deno.test(
     // More clients than the server has descriptors, all held open: the
     // server accepts until accept fails with EMFILE.
     const clients = 100;
-    const conns = await Promise.all(
-      Array.from(
-        { length: clients },
-        () => Deno.connect({ hostname: "127.0.0.1", port }),
-      ),
-    );
+    const conns = await connectMany(port, clients);
     try {
       await server.waitFor(/^accept failed.*\(os error 24\)/);
       // Now the metrics server's accept fails too, and Deno.serve stops
@@ -1031,46 +996,13 @@ async function readUntilEnd(conn: Deno.Conn): Promise<void> {
   }
 }
 
-/**
- * Connects with node:net (Deno's own sockets cannot send a reset), sends a
- * byte, then resets the connection.
- */
-async function sendByteAndReset(port: number): Promise<void> {
-  const socket = net.connect(port, "127.0.0.1");
-  await new Promise((resolve, reject) => {
-    socket.once("connect", resolve);
-    socket.once("error", reject);
-  });
-  await new Promise((resolve) => socket.write("x", resolve));
-  const closed = new Promise((resolve) => socket.once("close", resolve));
-  socket.resetAndDestroy();
-  await closed;
-}
-
 Deno.test(
   "echo-server with a stderr nobody reads serves on through 2,000 client resets, then counts the lines it held back",
   withTempDir(async (dir) => {
     // A stderr pipe the test stops reading after the start-up lines, like a
     // stalled log shipper: a pipe holds 64 KiB, about 1,100 lines of one
     // per reset, and a blocking write to a full one stops the event loop.
-    const child = new Deno.Command(Deno.execPath(), {
-      args: [
-        "run",
-        "--allow-net",
-        `--allow-write=${dir}`,
-        MAIN,
-        "--port",
-        "0",
-        "--log",
-        `${dir}/access.log`,
-        "--metrics",
-        ":0",
-      ],
-      env: { NO_COLOR: "1" },
-      stdin: "null",
-      stdout: "null",
-      stderr: "piped",
-    }).spawn();
+    const child = spawnServer(dir, ["--metrics", ":0"]);
     // If the server hangs, killing it makes the clients below fail.
     using _timeout = killAfter(child, 60_000);
     const reader = child.stderr.getReader();
@@ -1090,7 +1022,7 @@ Deno.test(
       const resets = 2000;
       for (let sent = 0; sent < resets; sent += 50) {
         await Promise.all(
-          Array.from({ length: 50 }, () => sendByteAndReset(port)),
+          Array.from({ length: 50 }, () => sendAndReset(port, "x")),
         );
       }
       assert.equal(await echoText(port, "still here"), "still here");
