@@ -62,7 +62,7 @@ export const DEFAULT_LOG_PATH = "/var/log/echo-server/access.log";
 
 const MIB = 1024 * 1024;
 
-/** The `--help` text, also printed after a command line mistake. */
+/** The `--help` text. */
 export const USAGE = `Usage: echo-server [options]
 
 A TCP echo server: each client's bytes are read until it half-closes, then
@@ -97,7 +97,8 @@ Options:
 SIZE is a number of bytes, optionally with a suffix KiB, MiB or GiB.
 Signals: SIGHUP reopens the access log; SIGINT or SIGTERM stops accepting
 (after --shutdown-delay) and drains; a second SIGINT or SIGTERM cuts everyone
-off at once.`;
+off at once. Signals within 500 ms of the first count as one (one Ctrl-C under
+deno task or npx arrives more than once).`;
 
 /**
  * Parses command line flags into a {@linkcode Config}, or returns `"help"`
@@ -222,6 +223,13 @@ function describeListenError(error: unknown, address: string): string {
 const SIGNAL_NUMBERS = { SIGINT: 2, SIGTERM: 15 } as const;
 
 /**
+ * A SIGINT/SIGTERM this soon after the first is the same request, not a
+ * second one: a terminal's Ctrl-C reaches the whole foreground process
+ * group, and `deno task` forwards its copy to the server 1-2 ms later.
+ */
+export const SAME_SIGNAL_WINDOW_MS = 500;
+
+/**
  * Runs the server with the given command line until it is stopped by a
  * signal, and returns the exit status.
  *
@@ -236,7 +244,9 @@ export async function main(args: string[]): Promise<number> {
     config = parseFlags(args);
   } catch (error) {
     if (!(error instanceof UsageError)) throw error;
-    console.error(`echo-server: ${error.message}\n\n${USAGE}`);
+    console.error(
+      `echo-server: ${error.message}\nTry 'echo-server --help' for more information.`,
+    );
     return 2;
   }
   if (config === "help") {
@@ -323,6 +333,7 @@ export async function main(args: string[]): Promise<number> {
   const drained = Promise.withResolvers<Promise<void>>();
   let stopping = false;
   let delayTimer: ReturnType<typeof setTimeout> | undefined;
+  let firstSignalAt = 0;
   const closeAndDrain = (signal: keyof typeof SIGNAL_NUMBERS) => {
     drained.resolve(
       server.shutdown({ drainTimeoutMs: config.drainTimeoutMs }),
@@ -336,6 +347,7 @@ export async function main(args: string[]): Promise<number> {
   const stop = (signal: keyof typeof SIGNAL_NUMBERS) => {
     if (!stopping) {
       stopping = true;
+      firstSignalAt = performance.now();
       // A load balancer's health check sees 503 and stops sending clients;
       // those it sends meanwhile are still served during the delay.
       metrics?.setDraining();
@@ -351,7 +363,10 @@ export async function main(args: string[]): Promise<number> {
         delayTimer = undefined;
         closeAndDrain(signal);
       }, config.shutdownDelayMs);
-    } else {
+    } else if (
+      forcedBy === undefined &&
+      performance.now() - firstSignalAt >= SAME_SIGNAL_WINDOW_MS
+    ) {
       forcedBy = signal;
       diagnostic(
         `${signal} again: cutting off ${server.connections} connections now`,
