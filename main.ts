@@ -107,8 +107,8 @@ SIZE is a number of bytes, optionally with a suffix KiB, MiB or GiB.
 SECONDS may have a fraction, down to 0.001 (one millisecond).
 Signals: SIGHUP reopens the access log; SIGINT or SIGTERM stops accepting
 (after --shutdown-delay) and drains; a second SIGINT or SIGTERM cuts everyone
-off at once. Signals within 500 ms of the first count as one (one Ctrl-C under
-deno task or npx arrives more than once).`;
+off at once. Signals within 500 ms of the first count as one: one Ctrl-C under
+deno task arrives twice.`;
 
 /**
  * Parses command line flags into a {@linkcode Config}, or returns `"help"`
