@@ -90,11 +90,11 @@ class Terminal implements AsyncDisposable {
 
 /**
  * A project beside the test's files whose start task is the real one with
- * its log directory moved to `dir/log`, so a test writes only there.
+ * its log directory moved to `dir/project/log`, so a test writes only there.
  */
 async function startTaskIn(dir: string): Promise<string> {
   const start = denoJson.tasks.start
-    .replace("/var/log/echo-server", `${dir}/log`)
+    .replace("/var/log/echo-server", `${dir}/project/log`)
     .replace(" main.ts", ` ${MAIN}`);
   assert.notEqual(start, denoJson.tasks.start);
   await Deno.mkdir(`${dir}/project`);
@@ -123,7 +123,8 @@ async function waitForFile(path: string, timeoutMs = 60_000): Promise<string> {
 const encoder = new TextEncoder();
 
 /**
- * Types `command` (the start task, with `--port 0` and the log in `dir`),
+ * Types `deno` and then `args` (the start task or the README's normal-user
+ * command, with `--port 0` and `--log ./log/access.log`) in `dir/project`,
  * holds a client open, presses Ctrl-C `presses` times a second apart, then
  * finishes the client (after one press) or reads it to the end. Returns the client's reply, the screen and, unless
  * the command is under npx (which always ends killed by SIGINT, 130, so
@@ -131,13 +132,14 @@ const encoder = new TextEncoder();
  */
 async function ctrlCWhileServing(
   dir: string,
-  command: string,
+  deno: string,
+  args: string,
   presses: number,
-): Promise<{ reply: string; screen: string; status?: string }> {
+): Promise<{ reply: string; screen: string; status?: string; log: string }> {
   const cwd = await startTaskIn(dir);
   await using terminal = await Terminal.open(dir, cwd);
   await terminal.type(
-    `${command} task start --port 0 --log ${dir}/log/access.log; ` +
+    `${deno} ${args} --port 0 --log ./log/access.log; ` +
       `echo $? > ${dir}/status`,
   );
   const [, port] = await terminal.waitFor(/listening on 127\.0\.0\.1:(\d+)/);
@@ -173,56 +175,62 @@ async function ctrlCWhileServing(
     conn.close();
   }
   await terminal.waitFor(/stopped after 2 clients/);
-  const status = command.startsWith("npx")
+  const status = deno.startsWith("npx")
     ? undefined
     : await waitForFile(`${dir}/status`);
-  return { reply, screen: await terminal.screen(), status };
+  const log = await Deno.readTextFile(`${cwd}/log/access.log`);
+  return { reply, screen: await terminal.screen(), status, log };
 }
 
 const ignore = TMUX === undefined;
 if (ignore) console.warn("terminal_test.ts: skipped, tmux is not installed");
 
-for (
-  const command of [
-    "npx -y deno@2.9.6",
-    Deno.execPath(),
-  ]
-) {
-  const name = command.startsWith("npx") ? "npx -y deno@2.9.6" : "deno";
-  Deno.test({
-    name: `${name} task start on one Ctrl-C in a terminal drains, exits 0`,
-    ignore,
-    fn: withTempDir(async (dir) => {
-      const { reply, screen, status } = await ctrlCWhileServing(
-        dir,
-        command,
-        1,
-      );
-      assert.equal(reply, "in flight", screen);
-      assert.doesNotMatch(screen, /again: cutting off/);
-      if (status !== undefined) assert.equal(status, "0", screen);
-      assert.equal(
-        await Deno.readTextFile(`${dir}/log/access.log`),
-        "[client 2]: received 1 bytes\n[client 1]: received 9 bytes\n",
-      );
-    }),
-  });
+/** The README's normal-user command, its log in the test's directory. */
+const RUN = `run --no-prompt --v8-flags=--max-semi-space-size=1 --allow-net ` +
+  `--allow-write=./log ${MAIN}`;
+
+for (const deno of ["npx -y deno@2.9.6", Deno.execPath()]) {
+  for (const args of ["task start", RUN]) {
+    const name = `${deno.startsWith("npx") ? deno : "deno"} ${
+      args === RUN ? "run main.ts" : args
+    }`;
+    Deno.test({
+      name: `${name} on one Ctrl-C in a terminal drains, exits 0`,
+      ignore,
+      fn: withTempDir(async (dir) => {
+        const { reply, screen, status, log } = await ctrlCWhileServing(
+          dir,
+          deno,
+          args,
+          1,
+        );
+        assert.equal(reply, "in flight", screen);
+        assert.doesNotMatch(screen, /again: cutting off/);
+        if (status !== undefined) assert.equal(status, "0", screen);
+        assert.equal(
+          log,
+          "[client 2]: received 1 bytes\n[client 1]: received 9 bytes\n",
+        );
+      }),
+    });
+  }
 }
 
 Deno.test({
   name: "deno task start on two Ctrl-C a second apart cuts off, exits 130",
   ignore,
   fn: withTempDir(async (dir) => {
-    const { reply, screen, status } = await ctrlCWhileServing(
+    const { reply, screen, status, log } = await ctrlCWhileServing(
       dir,
       Deno.execPath(),
+      "task start",
       2,
     );
     assert.match(screen, /SIGINT again: cutting off 1 connections now/);
     assert.equal(reply, "", screen);
     assert.equal(status, "130", screen);
     assert.equal(
-      await Deno.readTextFile(`${dir}/log/access.log`),
+      log,
       "[client 2]: received 1 bytes\n[client 1]: received 3 bytes\n",
     );
   }),
