@@ -157,6 +157,9 @@ async function ctrlCWhileServing(
       await new Promise((resolve) =>
         setTimeout(resolve, Math.max(1000, 2 * SAME_SIGNAL_WINDOW_MS))
       );
+      // The first press alone cut nobody off.
+      const screen = await terminal.screen();
+      assert.doesNotMatch(screen, /again: cutting off/, screen);
       await terminal.ctrlC();
       await terminal.waitFor(/SIGINT again: cutting off/);
     }
