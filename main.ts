@@ -67,7 +67,7 @@ export const DEFAULT_LOG_PATH = "/var/log/echo-server/access.log";
 
 const MIB = 1024 * 1024;
 
-/** The `--help` text, also printed after a command line mistake. */
+/** The `--help` text. */
 export const USAGE = `Usage: echo-server [options]
 
 A TCP echo server: each client's bytes are read until it half-closes, then
@@ -108,7 +108,8 @@ SIZE is a number of bytes, optionally with a suffix KiB, MiB or GiB.
 SECONDS may have a fraction, down to 0.001 (one millisecond).
 Signals: SIGHUP reopens the access log; SIGINT or SIGTERM stops accepting
 (after --shutdown-delay) and drains; a second SIGINT or SIGTERM cuts everyone
-off at once.`;
+off at once. Signals within 500 ms of the first count as one: one Ctrl-C under
+deno task arrives twice.`;
 
 /**
  * Parses command line flags into a {@linkcode Config}, or returns `"help"`
@@ -224,6 +225,13 @@ function describeListenError(error: unknown, address: string): string {
 const SIGNAL_NUMBERS = { SIGINT: 2, SIGTERM: 15 } as const;
 
 /**
+ * A SIGINT/SIGTERM this soon after the first is the same request, not a
+ * second one: a terminal's Ctrl-C reaches the whole foreground process
+ * group, and `deno task` forwards its copy to the server 1-2 ms later.
+ */
+export const SAME_SIGNAL_WINDOW_MS = 500;
+
+/**
  * Runs the server with the given command line until it is stopped by a
  * signal, and returns the exit status. Its signal listeners stay installed,
  * so that no SIGHUP, SIGINT or SIGTERM kills the process before the caller
@@ -240,7 +248,9 @@ export async function main(args: string[]): Promise<number> {
     config = parseFlags(args);
   } catch (error) {
     if (!(error instanceof UsageError)) throw error;
-    console.error(`echo-server: ${error.message}\n\n${USAGE}`);
+    console.error(
+      `echo-server: ${error.message}\nTry 'echo-server --help' for more information.`,
+    );
     return 2;
   }
   if (config === "help") {
@@ -330,6 +340,7 @@ export async function main(args: string[]): Promise<number> {
   const drained = Promise.withResolvers<Promise<void>>();
   let stopping = false;
   let delayTimer: ReturnType<typeof setTimeout> | undefined;
+  let firstSignalAt = 0;
   let drainEnds = Infinity;
   const closeAndDrain = (signal: keyof typeof SIGNAL_NUMBERS) => {
     drainEnds = performance.now() + config.drainTimeoutMs;
@@ -345,6 +356,7 @@ export async function main(args: string[]): Promise<number> {
   const stop = (signal: keyof typeof SIGNAL_NUMBERS) => {
     if (!stopping) {
       stopping = true;
+      firstSignalAt = performance.now();
       // A load balancer's health check sees 503 and stops sending clients;
       // those it sends meanwhile are still served during the delay.
       metrics?.setDraining();
@@ -360,7 +372,10 @@ export async function main(args: string[]): Promise<number> {
         delayTimer = undefined;
         closeAndDrain(signal);
       }, config.shutdownDelayMs);
-    } else {
+    } else if (
+      forcedBy === undefined &&
+      performance.now() - firstSignalAt >= SAME_SIGNAL_WINDOW_MS
+    ) {
       forcedBy = signal;
       diagnostic(
         `${signal} again: cutting off ${server.connections} connections now`,

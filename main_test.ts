@@ -1,8 +1,7 @@
 import assert from "node:assert/strict";
 import denoJson from "./deno.json" with { type: "json" };
-import { type Config, parseFlags } from "./main.ts";
+import { type Config, parseFlags, SAME_SIGNAL_WINDOW_MS } from "./main.ts";
 import {
-  assertUsageError,
   type CommandResult,
   connectMany,
   echo,
@@ -104,6 +103,27 @@ class ServerProcess implements AsyncDisposable {
     }
     await this.exit();
   }
+}
+
+/**
+ * A command line mistake: exit 2, nothing on stdout, and on stderr the one
+ * line starting with `message` plus a pointer to `--help`.
+ */
+function assertUsageError(result: CommandResult, message: string): void {
+  assert.equal(result.code, 2, result.stderr);
+  assert.equal(result.stdout, "");
+  const [first, hint, end] = result.stderr.split("\n");
+  assert.ok(first.startsWith(message), first);
+  assert.equal(hint, "Try 'echo-server --help' for more information.");
+  assert.equal(end, "");
+  assert.equal(result.stderr.split("\n").length, 3, result.stderr);
+}
+
+/** Waits until a second signal is a second request, not the same one. */
+function outlastSameSignalWindow(): Promise<void> {
+  return new Promise((resolve) =>
+    setTimeout(resolve, SAME_SIGNAL_WINDOW_MS + 50)
+  );
 }
 
 /** Whether `path` exists. */
@@ -271,12 +291,8 @@ const BAD_FLAGS: Array<[string[], string]> = [
   [["--instance", "1/1025"], "echo-server: --instance must be I/N"],
 ];
 for (const [args, message] of BAD_FLAGS) {
-  Deno.test(`echo-server ${args.map((arg) => arg || "''").join(" ")} prints one line and the usage, exits 2`, async () => {
-    assertUsageError(
-      await run([], args),
-      message,
-      "Usage: echo-server [options]",
-    );
+  Deno.test(`echo-server ${args.map((arg) => arg || "''").join(" ")} prints one line and a pointer to --help, exits 2`, async () => {
+    assertUsageError(await run([], args), message);
   });
 }
 
@@ -451,6 +467,7 @@ Deno.test(
       assert.equal(await echoText(port, "x"), "x");
       server.child.kill("SIGTERM");
       await server.waitFor(/^SIGTERM: stopping; 1 connections/);
+      await outlastSameSignalWindow();
       server.child.kill("SIGTERM");
       const { code, stderr } = await server.exit();
       assert.equal(code, 143);
@@ -463,6 +480,34 @@ Deno.test(
       await Deno.readTextFile(`${dir}/access.log`),
       "[client 2]: received 1 bytes\n[client 1]: received 6 bytes\n",
     );
+  }),
+);
+
+Deno.test(
+  "echo-server takes a second SIGINT right after the first as the same request and drains, exits 0",
+  withTempDir(async (dir) => {
+    await using server = new ServerProcess(dir, ["--drain-timeout", "3600"]);
+    const port = await server.port();
+    const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+    try {
+      await conn.write(new TextEncoder().encode("in "));
+      assert.equal(await echoText(port, "x"), "x");
+      // What a terminal's Ctrl-C under `deno task` delivers: two at once.
+      server.child.kill("SIGINT");
+      server.child.kill("SIGINT");
+      await server.waitFor(/^SIGINT: stopping; 1 connections/);
+      await conn.write(new TextEncoder().encode("flight"));
+      await conn.closeWrite();
+      assert.equal(
+        new TextDecoder().decode(await readAll(conn)),
+        "in flight",
+      );
+    } finally {
+      conn.close();
+    }
+    const { code, stderr } = await server.exit();
+    assert.equal(code, 0, stderr);
+    assert.equal(stderr, "stopped after 2 clients\n");
   }),
 );
 
@@ -483,11 +528,10 @@ Deno.test("parseFlags() reads --metrics HOST:PORT, or :PORT on loopback, off by 
 });
 
 for (const bad of ["9400", "host:", "host:port", ":70000", "::1:9400"]) {
-  Deno.test(`echo-server --metrics ${bad} prints one line and the usage, exits 2`, async () => {
+  Deno.test(`echo-server --metrics ${bad} prints one line and a pointer to --help, exits 2`, async () => {
     assertUsageError(
       await run([], ["--metrics", bad]),
       `echo-server: --metrics must be HOST:PORT or :PORT with a port from 0 to 65535, not '${bad}'`,
-      "Usage: echo-server [options]",
     );
   });
 }
@@ -971,6 +1015,7 @@ Deno.test(
       await server.waitFor(
         /^SIGINT: stopping in 3600 s; accepting until then$/,
       );
+      await outlastSameSignalWindow();
       server.child.kill("SIGINT");
       const { code, stderr } = await server.exit();
       assert.equal(code, 130, stderr);

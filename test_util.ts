@@ -191,8 +191,8 @@ export function killAfter(
  *
  * @example
  * ```ts
- * const result = await runCommand(Deno.execPath(), ["run", "main.ts", "-x"]);
- * assertUsageError(result, "echo-server: Unknown option '-x'", "Usage: echo-server [options]");
+ * const result = await runCommand(Deno.execPath(), ["run", "send.ts", "-x"]);
+ * assertUsageError(result, "send: Unknown option '-x'", "Usage: send [options] [MESSAGE]");
  * ```
  */
 export function assertUsageError(
