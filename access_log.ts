@@ -326,9 +326,9 @@ export class AccessLog {
   }
 
   /**
-   * Tries to write the backlog until it is empty or `timeoutMs` has passed
-   * (every {@linkcode AccessLogOptions.retryIntervalMs}); resolves with the
-   * lines still waiting.
+   * Tries to write the backlog until it is empty, `timeoutMs` has passed or
+   * `signal` is aborted (every {@linkcode AccessLogOptions.retryIntervalMs});
+   * resolves with the lines still waiting. An abort ends the wait at once.
    *
    * @example
    * ```ts
@@ -341,17 +341,29 @@ export class AccessLog {
    * await Deno.remove(dir, { recursive: true });
    * ```
    */
-  async flush(options: { timeoutMs?: number } = {}): Promise<number> {
+  async flush(
+    options: { timeoutMs?: number; signal?: AbortSignal } = {},
+  ): Promise<number> {
+    const { signal } = options;
     const deadline = performance.now() + (options.timeoutMs ?? 0);
     if (this.#reopenPending) this.#tryReopen();
     this.#drain();
-    while (this.#backlogBytes > 0 && !this.#closed) {
+    while (this.#backlogBytes > 0 && !this.#closed && !signal?.aborted) {
       const wait = Math.min(
         this.#retryIntervalMs,
         deadline - performance.now(),
       );
       if (wait <= 0) break;
-      await new Promise((resolve) => setTimeout(resolve, wait));
+      await new Promise<void>((resolve) => {
+        const done = () => {
+          clearTimeout(timer);
+          signal?.removeEventListener("abort", done);
+          resolve();
+        };
+        const timer = setTimeout(done, wait);
+        signal?.addEventListener("abort", done);
+      });
+      if (signal?.aborted) break;
       if (this.#reopenPending) this.#tryReopen();
       this.#drain();
     }

@@ -398,3 +398,25 @@ Deno.test("AccessLog retries a failed reopen on its timer after the backlog drai
   assert.equal(disk.text("access.log.1"), lines(1, 2));
   assert.equal(disk.text("access.log"), "");
 });
+
+Deno.test("AccessLog.flush() ends at once when its signal is aborted, resolving with the lines still waiting", async () => {
+  const disk = new StubDisk(0);
+  const log = AccessLog.open("access.log", {
+    openFile: (path) => disk.open(path),
+    onDiagnostic() {},
+  });
+  disk.error = new Error("No space left on device (os error 28)");
+  log.record(1, 1);
+  log.record(2, 2);
+  const abort = new AbortController();
+  // The disk stays full: without the abort this flush would wait an hour.
+  const flushed = log.flush({ timeoutMs: 3_600_000, signal: abort.signal });
+  abort.abort();
+  assert.equal(await flushed, 2);
+  assert.equal(
+    await log.flush({ timeoutMs: 3_600_000, signal: abort.signal }),
+    2,
+  );
+  assert.equal(disk.text("access.log"), "");
+  assert.equal(log.close(), 2);
+});

@@ -273,6 +273,58 @@ Deno.test({
   }),
 });
 
+Deno.test({
+  name:
+    `echo-server cuts its exit's access-log flush short on a second SIGTERM, counting the lines still waiting${needsTmpfs}`,
+  ignore: noTmpfs !== undefined,
+  fn: withTinyTmpfs(async (mnt) => {
+    // A drain time far past the test's bound: only the second signal can
+    // end the flush of a disk that stays full in time.
+    await using server = new Server(mnt, ["--drain-timeout", "600"]);
+    const { port, metricsPort } = await server.ports();
+    await serveClients(port, 1, 5);
+    fill(`${mnt}/filler`);
+    await serveClients(port, 6, 400);
+    const full = await metrics(metricsPort);
+    assert.ok(full.echo_log_backlog_lines > 100, JSON.stringify(full));
+    const firstAt = performance.now();
+    server.child.kill("SIGTERM");
+    const [, announced] = await server.stderr.next(
+      /^access log: writing (\d+) waiting lines for up to \d+\.\d s; a second SIGINT\/SIGTERM cuts this off$/,
+    );
+    assert.equal(Number(announced), full.echo_log_backlog_lines);
+    // Not synchronisation: signals within 500 ms of the first count as one
+    // (main.ts), so a deliberate second one comes later.
+    await new Promise((resolve) =>
+      setTimeout(resolve, Math.max(0, firstAt + 600 - performance.now()))
+    );
+    server.child.kill("SIGTERM");
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const status = await Promise.race([
+      server.child.status,
+      new Promise<undefined>((resolve) => {
+        timer = setTimeout(() => resolve(undefined), 30_000);
+      }),
+    ]);
+    clearTimeout(timer);
+    assert.ok(status, "still flushing 30 s after the second SIGTERM");
+    // Lines lost outrank the forced stop's 143 (README, Signals).
+    assert.equal(status.code, 1, server.stderr.lines.join("\n"));
+    await server.stderr.done;
+    const [, cut] = await server.stderr.next(
+      /^SIGTERM again: cutting off 0 connections now and the access log's (\d+) waiting lines$/,
+    );
+    const [, lost, waiting] = await server.stderr.next(
+      /^access log .*: (\d+) lines never written \((\d+) still waiting at exit, 0 dropped past the backlog bound\)$/,
+    );
+    assert.equal(Number(cut), full.echo_log_backlog_lines);
+    assert.equal(Number(lost), Number(waiting));
+    const log = await Deno.readTextFile(`${mnt}/access.log`);
+    assert.ok(log.endsWith("\n"));
+    assert.equal(assertLinesInOrder(log, 1) + Number(lost), 400);
+  }),
+});
+
 const prlimit = findExecutable("prlimit");
 
 Deno.test({

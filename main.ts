@@ -342,6 +342,8 @@ export async function main(args: string[]): Promise<number> {
   let delayTimer: ReturnType<typeof setTimeout> | undefined;
   let firstSignalAt = 0;
   let drainEnds = Infinity;
+  // A second signal during the exit's log flush (a full disk) ends it too.
+  const cutFlush = new AbortController();
   const closeAndDrain = (signal: keyof typeof SIGNAL_NUMBERS) => {
     drainEnds = performance.now() + config.drainTimeoutMs;
     drained.resolve(
@@ -377,9 +379,17 @@ export async function main(args: string[]): Promise<number> {
       performance.now() - firstSignalAt >= SAME_SIGNAL_WINDOW_MS
     ) {
       forcedBy = signal;
+      const { backlogLines } = log.stats;
       diagnostic(
-        `${signal} again: cutting off ${server.connections} connections now`,
+        `${signal} again: cutting off ${server.connections} connections now${
+          backlogLines === 0
+            ? ""
+            : ` and the access log's ${backlogLines} waiting ${
+              backlogLines === 1 ? "line" : "lines"
+            }`
+        }`,
       );
+      cutFlush.abort();
       clearTimeout(delayTimer);
       delayTimer = undefined;
       drained.resolve(server.shutdown({ drainTimeoutMs: 0 }));
@@ -396,9 +406,18 @@ export async function main(args: string[]): Promise<number> {
   // The backlog (a full disk) gets what is left of the drain time: a
   // second drain time would outlast systemd's TimeoutStopSec (delay +
   // drain, deploy/), whose SIGKILL loses the backlog without a count.
-  await log.flush({
-    timeoutMs: forcedBy ? 0 : Math.max(0, drainEnds - performance.now()),
-  });
+  const flushMs = forcedBy ? 0 : Math.max(0, drainEnds - performance.now());
+  const { backlogLines } = log.stats;
+  if (backlogLines > 0 && flushMs > 0) {
+    diagnostic(
+      `access log: writing ${backlogLines} waiting ${
+        backlogLines === 1 ? "line" : "lines"
+      } for up to ${
+        (flushMs / 1000).toFixed(1)
+      } s; a second SIGINT/SIGTERM cuts this off`,
+    );
+  }
+  await log.flush({ timeoutMs: flushMs, signal: cutFlush.signal });
   diagnostic(`stopped after ${server.clientsAccepted} clients`);
   // Every line out before the exit, unless stderr stays stalled for 5 s.
   // Until then a second SIGINT/SIGTERM still ends with 130/143.
