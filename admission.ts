@@ -41,15 +41,20 @@
  *   ends. A newcomer is never the one evicted. Cost: with every slot taken,
  *   the slowest client older than 2 s loses its connection to each
  *   newcomer, whoever it is.
- * - **Memory eviction** (same grace): when a read buffer would pass
- *   `maxBufferedBytes`, the server evicts the clients holding the most
- *   buffer for the least progress, largest `bufferedBytes / (rate + 1)`
- *   first (the seconds it would take to move what they hold), until the
- *   read fits; like Redis's `maxmemory-clients`, which frees the largest
- *   clients first, but a large client moving fast is kept. Only if that
- *   cannot free enough is the asking client cut off, as before. Cost: under
- *   memory pressure, a client that holds much and moves little (a slow link
- *   with a large payload) goes first.
+ * - **Memory eviction** (on unless the grace is 0): when a read buffer
+ *   would pass `maxBufferedBytes`, the server evicts the other clients
+ *   holding the most buffer for the least progress, largest
+ *   `bufferedBytes² / (rate + 1)` first (the byte-seconds their buffer
+ *   will cost at their recent rate), until the read fits; like Redis's
+ *   `maxmemory-clients`, which frees the largest clients first, but a large
+ *   client moving fast is kept, and thousands of idle clients holding 64 B
+ *   each are not evicted to free one MiB. There is no grace here: hogs that reconnect
+ *   and fill the memory within a grace would otherwise always be in it
+ *   (bench/mix.ts showed good clients cut off that way), and a newcomer
+ *   moving fast scores low anyway. Only if all the others together hold too
+ *   little is the asking client cut off, as before. Cost: under memory
+ *   pressure, a client that holds much and moves little (a slow link with a
+ *   large payload) goes first.
  *
  * @module
  */
@@ -121,10 +126,10 @@ export interface AdmissionOptions {
    */
   minWriteRate?: number;
   /**
-   * Clients connected for less than this are never evicted, in
-   * milliseconds; 0 turns eviction off (at `maxConnections` newcomers wait
-   * in the kernel's queue, at `maxBufferedBytes` the asking client is cut
-   * off).
+   * Clients connected for less than this are never evicted for a slot, in
+   * milliseconds; 0 turns eviction off, for memory too (at
+   * `maxConnections` newcomers wait in the kernel's queue, at
+   * `maxBufferedBytes` the asking client is cut off).
    *
    * @default {2000}
    */
@@ -355,10 +360,10 @@ export class Admission {
   }
 
   /**
-   * The clients to evict so that `neededBytes` more buffer fits: those
-   * past the grace other than `asking`, largest `bufferedBytes / (rate + 1)`
-   * first, as few as free enough. Undefined if all of them together would
-   * not free enough (then nobody should be evicted).
+   * The clients to evict so that `neededBytes` more buffer fits: any but
+   * `asking`, largest `bufferedBytes ** 2 / (rate + 1)` first, as few as free
+   * enough. Undefined if all of them together would not free enough (then
+   * nobody should be evicted), or eviction is off.
    *
    * @example
    * ```ts
@@ -370,7 +375,7 @@ export class Admission {
    * const fast = newProgress(0);
    * fast.bufferedBytes = 60_000_000;
    * fast.windowRate = 50_000_000;
-   * const asking = newProgress(9990);
+   * const asking = newProgress(10_000);
    * const clients = [fast, hog, asking];
    * assert.deepEqual(admission.memoryVictims(clients, asking, 1_000_000, 10_000), [hog]);
    * assert.equal(admission.memoryVictims(clients, asking, 200_000_000, 10_000), undefined);
@@ -382,17 +387,15 @@ export class Admission {
     neededBytes: number,
     now: number,
   ): ClientProgress[] | undefined {
+    if (this.evictionGraceMs === 0) return undefined;
     const candidates: Array<{ client: ClientProgress; score: number }> = [];
     let available = 0;
     for (const client of clients) {
-      if (
-        client === asking || client.bufferedBytes <= 0 ||
-        !this.#evictable(client, now)
-      ) continue;
+      if (client === asking || client.bufferedBytes <= 0) continue;
       available += client.bufferedBytes;
       candidates.push({
         client,
-        score: client.bufferedBytes / (this.rate(client, now) + 1),
+        score: client.bufferedBytes ** 2 / (this.rate(client, now) + 1),
       });
     }
     if (available < neededBytes) return undefined;

@@ -166,13 +166,13 @@ Deno.test("Admission.memoryVictims() frees the most buffer for the least progres
   const hogs = [1, 2, 3].map(() =>
     client(0, { bufferedBytes: 63 * MIB, windowRate: 0.2 })
   );
-  const trickers = Array.from(
+  const tricklers = Array.from(
     { length: 100 },
     () => client(0, { bufferedBytes: 16 * KIB + 64, windowRate: 0.2 }),
   );
   const uploader = client(0, { bufferedBytes: 40 * MIB, windowRate: 80 * MIB });
   const asking = client(9990, { bufferedBytes: 64 });
-  const all = [uploader, ...trickers, ...hogs, asking];
+  const all = [uploader, ...tricklers, ...hogs, asking];
   const victims = admission.memoryVictims(all, asking, 1 * MIB, 10_000);
   assert.deepEqual(victims, [hogs[0]]);
   const more = admission.memoryVictims(all, asking, 100 * MIB, 10_000);
@@ -182,8 +182,17 @@ Deno.test("Admission.memoryVictims() frees the most buffer for the least progres
     admission.memoryVictims(all, asking, 1000 * MIB, 10_000),
     undefined,
   );
-  // The asking client and clients in their grace are never chosen.
+  // The asking client is never chosen; nobody is with eviction off.
   assert.equal(admission.memoryVictims([asking], asking, 1, 10_000), undefined);
+  assert.equal(
+    new Admission({ evictionGraceMs: 0 }).memoryVictims(
+      all,
+      asking,
+      1,
+      10_000,
+    ),
+    undefined,
+  );
 });
 
 Deno.test("Admission.rate() credits a reader with its average since the half-close", () => {
