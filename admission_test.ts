@@ -125,7 +125,7 @@ Deno.test("Admission.slotVictim() picks the lowest recent rate, never a client i
   const bulk = client(0, { bytesReceived: 50 * MIB });
   const trickler = client(0, { bytesReceived: 5, lastActivity: 9000 });
   const silent = client(0, { lastActivity: 0 });
-  const newcomer = client(9500);
+  const newcomer = client(9900);
   const all = [bulk, trickler, silent, newcomer];
   assert.equal(admission.slotVictim(all, 10_000), silent);
   assert.equal(
@@ -151,10 +151,35 @@ Deno.test("Admission.slotVictim() judges a hog by its last window, not its fast 
   assert.equal(admission.slotVictim([steady, hog], 10_000), hog);
 });
 
+Deno.test("Admission.slotVictim() takes a newcomer silent for an eighth of the grace, not one still moving", () => {
+  const admission = new Admission({ evictionGraceMs: 2000 });
+  // Reconnected 1 s ago, sent a byte at once, silent since.
+  const reconnected = client(9000, { bytesReceived: 1, lastActivity: 9000 });
+  // Connected as long, sending 1 MiB/s.
+  const sending = client(9000, { bytesReceived: MIB, lastActivity: 9999 });
+  // Half-closed: its echo is on the way, whatever its reader does.
+  const echoing = client(9000, { bytesReceived: 5, eofAt: 9000 });
+  assert.equal(
+    admission.slotVictim([sending, echoing, reconnected], 10_000),
+    reconnected,
+  );
+  assert.equal(admission.slotVictim([sending, echoing], 10_000), undefined);
+});
+
 Deno.test("Admission.msUntilEvictable() waits for the first grace to end", () => {
   const admission = new Admission({ evictionGraceMs: 2000 });
+  // Silent since accept: past the grace after 250 ms.
   assert.equal(
-    admission.msUntilEvictable([client(900), client(500)], 1000),
+    admission.msUntilEvictable([client(900), client(800)], 1000),
+    50,
+  );
+  // Moving bytes: an eighth of the grace after its last byte at most.
+  assert.equal(
+    admission.msUntilEvictable([client(500, { lastActivity: 1000 })], 1000),
+    250,
+  );
+  assert.equal(
+    admission.msUntilEvictable([client(500, { eofAt: 600 })], 1000),
     1500,
   );
   assert.equal(admission.msUntilEvictable([client(0)], 3000), 0);
