@@ -7,7 +7,7 @@
 
 import { parseArgs } from "node:util";
 import denoJson from "./deno.json" with { type: "json" };
-import { AccessLog } from "./access_log.ts";
+import { AccessLog, DEFAULT_MAX_BACKLOG_BYTES } from "./access_log.ts";
 import { Diagnostics } from "./diagnostics.ts";
 import {
   DEFAULT_DRAIN_TIMEOUT_MS,
@@ -15,6 +15,7 @@ import {
   DEFAULT_MAX_BUFFERED_BYTES,
   DEFAULT_MAX_CLIENT_BYTES,
   DEFAULT_MAX_CONNECTIONS,
+  MAX_INSTANCES,
   serveEcho,
 } from "./server.ts";
 import {
@@ -36,6 +37,9 @@ export interface Config {
   port: number;
   /** Access log file (`--log`). */
   logPath: string;
+  /** Bytes of log lines kept in memory while the file takes no writes
+   * (`--log-backlog`). */
+  logBacklogBytes: number;
   /** Bytes one client may send (`--max-client-bytes`). */
   maxClientBytes: number;
   /** Buffer memory for all clients together (`--max-buffered`). */
@@ -72,6 +76,10 @@ Options:
   --host HOST              address to listen on (default 127.0.0.1)
   --port PORT              TCP port; 0 picks a free one (default 4000)
   --log PATH               access log (default ${DEFAULT_LOG_PATH})
+  --log-backlog SIZE       log lines kept in memory while the disk takes no
+                           writes; past it they are dropped (default ${
+  DEFAULT_MAX_BACKLOG_BYTES / MIB
+}MiB)
   --max-client-bytes SIZE  bytes one client may send (default ${
   DEFAULT_MAX_CLIENT_BYTES / MIB
 }MiB)
@@ -87,14 +95,16 @@ Options:
 })
   --shutdown-delay SECONDS on SIGINT/SIGTERM, keep accepting this long with
                            /healthz answering 503 before the drain (default 0)
-  --instance I/N           instance I of N sharing one access log: numbers
-                           its clients I, I+N, I+2N, ... (default 1/1)
+  --instance I/N           instance I of N (N at most ${MAX_INSTANCES}) sharing one
+                           access log: numbers its clients I, I+N, I+2N, ...
+                           (default 1/1)
   --metrics HOST:PORT      serve Prometheus /metrics and /healthz over HTTP
                            (default off; :PORT alone binds 127.0.0.1)
   -h, --help               show this help
   -V, --version            show the version
 
 SIZE is a number of bytes, optionally with a suffix KiB, MiB or GiB.
+SECONDS may have a fraction, down to 0.001 (one millisecond).
 Signals: SIGHUP reopens the access log; SIGINT or SIGTERM stops accepting
 (after --shutdown-delay) and drains; a second SIGINT or SIGTERM cuts everyone
 off at once.`;
@@ -124,6 +134,7 @@ export function parseFlags(args: string[]): Config | "help" | "version" {
         host: { type: "string" },
         port: { type: "string" },
         log: { type: "string" },
+        "log-backlog": { type: "string" },
         "max-client-bytes": { type: "string" },
         "max-buffered": { type: "string" },
         "max-connections": { type: "string" },
@@ -148,6 +159,11 @@ export function parseFlags(args: string[]): Config | "help" | "version" {
     hostname: values.host ?? "127.0.0.1",
     port: parseInteger("--port", values.port, { default: 4000, max: 65535 }),
     logPath: values.log ?? DEFAULT_LOG_PATH,
+    logBacklogBytes: parseSize("--log-backlog", values["log-backlog"], {
+      default: DEFAULT_MAX_BACKLOG_BYTES,
+      // Room for a line's remainder after a short write, and then some.
+      min: 4096,
+    }),
     maxClientBytes: parseSize(
       "--max-client-bytes",
       values["max-client-bytes"],
@@ -180,7 +196,7 @@ export function parseFlags(args: string[]): Config | "help" | "version" {
         allowZero: true,
       }),
     ),
-    ...parseInstance("--instance", values.instance),
+    ...parseInstance("--instance", values.instance, { max: MAX_INSTANCES }),
     ...(values.metrics === undefined ? {} : {
       metrics: parseHostPort("--metrics", values.metrics, "127.0.0.1"),
     }),
@@ -223,7 +239,9 @@ const SIGNAL_NUMBERS = { SIGINT: 2, SIGTERM: 15 } as const;
 
 /**
  * Runs the server with the given command line until it is stopped by a
- * signal, and returns the exit status.
+ * signal, and returns the exit status. Its signal listeners stay installed,
+ * so that no SIGHUP, SIGINT or SIGTERM kills the process before the caller
+ * exits with that status.
  *
  * @example
  * ```ts ignore
@@ -249,8 +267,13 @@ export async function main(args: string[]): Promise<number> {
   }
 
   let log: AccessLog;
+  // Set below, once serving; until then the log has written nothing.
+  let diagnostic = (message: string) => console.error(message);
   try {
-    log = AccessLog.open(config.logPath);
+    log = AccessLog.open(config.logPath, {
+      maxBacklogBytes: config.logBacklogBytes,
+      onDiagnostic: (message) => diagnostic(message),
+    });
   } catch (error) {
     console.error(`echo-server: ${errorMessage(error)}`);
     return 1;
@@ -264,7 +287,7 @@ export async function main(args: string[]): Promise<number> {
   // does, lines are dropped and counted rather than block. Errors before
   // serving stay synchronous: they must be out before the exit.
   const diagnostics = new Diagnostics();
-  const diagnostic = (message: string) => diagnostics.write(message);
+  diagnostic = (message: string) => diagnostics.write(message);
   let server;
   try {
     server = serveEcho((clientId, bytesReceived) => {
@@ -288,6 +311,7 @@ export async function main(args: string[]): Promise<number> {
       metrics = serveMetrics(server, {
         ...config.metrics,
         onDiagnostic: diagnostic,
+        accessLog: log,
       });
     } catch (error) {
       await server.shutdown({ drainTimeoutMs: 0 });
@@ -309,16 +333,13 @@ export async function main(args: string[]): Promise<number> {
     );
   }
 
-  const reopenLog = () => {
-    try {
-      log.reopen();
-      diagnostic(`reopened access log ${config.logPath}`);
-    } catch (error) {
-      diagnostic(
-        `echo-server: ${errorMessage(error)}; still writing to the old file`,
-      );
-    }
-  };
+  // access_log.ts reports the reopen, and retries it until it works.
+  const reopenLog = () => log.reopen();
+  // Under a file-size limit (LimitFSIZE=, ulimit -f), a write past it raises
+  // SIGXFSZ, whose default action ends the process; handled, the write
+  // fails with EFBIG instead and the line waits in the log's backlog.
+  const ignore = () => {};
+  Deno.addSignalListener("SIGXFSZ", ignore);
   let forcedBy: keyof typeof SIGNAL_NUMBERS | undefined;
   const drained = Promise.withResolvers<Promise<void>>();
   let stopping = false;
@@ -368,15 +389,25 @@ export async function main(args: string[]): Promise<number> {
   Deno.addSignalListener("SIGHUP", reopenLog);
   await await drained.promise;
 
-  Deno.removeSignalListener("SIGHUP", reopenLog);
   await metrics?.shutdown();
-  log.close();
+  // The backlog (a full disk) gets the drain time again to be written.
+  await log.flush({ timeoutMs: forcedBy ? 0 : config.drainTimeoutMs });
   diagnostic(`stopped after ${server.clientsAccepted} clients`);
   // Every line out before the exit, unless stderr stays stalled for 5 s.
+  // Until then a second SIGINT/SIGTERM still ends with 130/143.
   await diagnostics.flush();
-  // Only now: until here a second SIGINT/SIGTERM still ends with 130/143.
-  Deno.removeSignalListener("SIGINT", onInt);
-  Deno.removeSignalListener("SIGTERM", onTerm);
+  // The log stays open and every listener installed to the exit: without a
+  // listener Deno restores a signal's default action, and a SIGHUP in the
+  // flush above (logrotate's postrotate during a restart) killed the
+  // process (129) before its last line was out. (SIGXFSZ too: a write past
+  // a file-size limit would end the process.)
+  const linesLost = log.close();
+  if (linesLost > 0) {
+    // Lines never written (dropped, or still waiting): close() said how
+    // many; that line out too, and status 1 whatever stopped the server.
+    await diagnostics.flush();
+    return 1;
+  }
   return forcedBy === undefined ? 0 : 128 + SIGNAL_NUMBERS[forcedBy];
 }
 

@@ -131,6 +131,17 @@ class ServerProcess implements AsyncDisposable {
   }
 }
 
+/** Whether `path` exists. */
+async function exists(path: string): Promise<boolean> {
+  try {
+    await Deno.lstat(path);
+    return true;
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) return false;
+    throw error;
+  }
+}
+
 /** Echoes `text` through the server at `port`; returns the reply as text. */
 async function echoText(port: number, text: string): Promise<string> {
   const reply = await echo(port, new TextEncoder().encode(text));
@@ -160,6 +171,7 @@ Deno.test("parseFlags() gives the defaults and reads sizes and seconds", () => {
     hostname: "127.0.0.1",
     port: 4000,
     logPath: "/var/log/echo-server/access.log",
+    logBacklogBytes: 16 * 1024 * 1024,
     maxClientBytes: 64 * 1024 * 1024,
     maxBufferedBytes: 512 * 1024 * 1024,
     maxConnections: 16384,
@@ -179,6 +191,7 @@ Deno.test("parseFlags() gives the defaults and reads sizes and seconds", () => {
     "--drain-timeout=0",
     "--shutdown-delay=2.5",
     "--instance=3/4",
+    "--log-backlog=8KiB",
   ]);
   assert.ok(typeof config === "object");
   assert.equal(config.hostname, "0.0.0.0");
@@ -190,6 +203,17 @@ Deno.test("parseFlags() gives the defaults and reads sizes and seconds", () => {
   assert.equal(config.shutdownDelayMs, 2500);
   assert.equal(config.instance, 3);
   assert.equal(config.instances, 4);
+  assert.equal(config.logBacklogBytes, 8192);
+  // The smallest positive value each seconds flag takes: 1 ms, not 0.
+  const smallest = parseFlags([
+    "--idle-timeout=0.001",
+    "--drain-timeout=0.001",
+    "--shutdown-delay=0.001",
+  ]);
+  assert.ok(typeof smallest === "object");
+  assert.equal(smallest.idleTimeoutMs, 1);
+  assert.equal(smallest.drainTimeoutMs, 1);
+  assert.equal(smallest.shutdownDelayMs, 1);
 });
 
 Deno.test("echo-server --help lists every flag with its default", async () => {
@@ -203,6 +227,8 @@ Deno.test("echo-server --help lists every flag with its default", async () => {
       "(default 4000)",
       "--log PATH",
       "(default /var/log/echo-server/access.log)",
+      "--log-backlog SIZE",
+      "(default 16MiB)",
       "--max-client-bytes SIZE",
       "(default 64MiB)",
       "--max-buffered SIZE",
@@ -245,12 +271,29 @@ const BAD_FLAGS: Array<[string[], string]> = [
     "echo-server: --max-buffered must be a size of at least 65536 bytes",
   ],
   [["--idle-timeout", "0"], "echo-server: --idle-timeout must"],
+  [
+    ["--idle-timeout", "0.0004"],
+    "echo-server: --idle-timeout must be a number of seconds from 0.001 to 86400, not '0.0004'",
+  ],
+  [
+    ["--drain-timeout", "0.0004"],
+    "echo-server: --drain-timeout must be 0 or a number of seconds from 0.001 to 86400, not '0.0004'",
+  ],
+  [
+    ["--shutdown-delay", "0.0001"],
+    "echo-server: --shutdown-delay must be 0 or a number of seconds from 0.001 to 86400, not '0.0001'",
+  ],
   [["--drain-timeout", "-1"], "echo-server: Option '--drain-timeout"],
   [["--shutdown-delay", "soon"], "echo-server: --shutdown-delay must"],
   [["--log", ""], "echo-server: --log must not be empty"],
+  [
+    ["--log-backlog", "1KiB"],
+    "echo-server: --log-backlog must be a size of at least 4096 bytes",
+  ],
   [["--instance", "0/4"], "echo-server: --instance must be I/N"],
   [["--instance", "5/4"], "echo-server: --instance must be I/N"],
   [["--instance", "x"], "echo-server: --instance must be I/N"],
+  [["--instance", "1/1025"], "echo-server: --instance must be I/N"],
 ];
 for (const [args, message] of BAD_FLAGS) {
   Deno.test(`echo-server ${args.map((arg) => arg || "''").join(" ")} prints one line and the usage, exits 2`, async () => {
@@ -582,6 +625,117 @@ for (const signal of ["SIGTERM", "SIGINT"] as const) {
     }),
   );
 }
+
+Deno.test(
+  "echo-server on SIGHUP after SIGTERM, while its last line waits for a stalled stderr, reopens the log and exits 0 with that line",
+  withTempDir(async (dir) => {
+    // stderr is a FIFO read here with plain reads (no read-ahead), so the
+    // test decides when the pipe is full and when it drains.
+    const fifo = `${dir}/stderr`;
+    assert.equal((await runCommand("mkfifo", [fifo])).code, 0);
+    const child = new Deno.Command("bash", {
+      args: [
+        "-c",
+        'exec "$0" "$@" 2>"$STDERR"',
+        Deno.execPath(),
+        "run",
+        "--allow-net",
+        `--allow-write=${dir}`,
+        MAIN,
+        "--port",
+        "0",
+        "--log",
+        `${dir}/access.log`,
+        "--drain-timeout",
+        "3600",
+      ],
+      env: { NO_COLOR: "1", STDERR: fifo },
+      stdin: "null",
+      stdout: "null",
+    }).spawn();
+    using _timeout = killAfter(child, 60_000);
+    using stderr = await Deno.open(fifo, { read: true });
+    let text = "";
+    const buffer = new Uint8Array(4096);
+    /** Reads stderr until `pattern` matches what was read, or to its end. */
+    const readUntil = async (pattern?: RegExp) => {
+      while (pattern === undefined || !pattern.test(text)) {
+        const n = await stderr.read(buffer);
+        if (n === null) {
+          if (pattern === undefined) return;
+          throw new Error(`stderr ended: ${text}`);
+        }
+        text += new TextDecoder().decode(buffer.subarray(0, n));
+      }
+    };
+    const readToEnd = () => readUntil();
+    try {
+      await readUntil(/^listening on .*\n/m);
+      const port = Number(/^listening on .*:(\d+), /m.exec(text)![1]);
+      const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+      try {
+        await conn.write(new TextEncoder().encode("in "));
+        assert.equal(await echoText(port, "x"), "x");
+        child.kill("SIGTERM");
+        await readUntil(/^SIGTERM: stopping; 1 connections.*\n/m);
+        // Fill the pipe (16 pages: 64 KiB on x86-64) as a stalled log
+        // shipper would, in writes of one page, each of whole lines and so
+        // never split by a line of the server's.
+        {
+          using filler = await Deno.open(fifo, { write: true });
+          const page = new TextEncoder().encode(
+            `${"#".repeat(63)}\n`.repeat(64),
+          );
+          for (let i = 0; i < 16; i++) {
+            assert.equal(await filler.write(page), page.length);
+          }
+        }
+        await conn.write(new TextEncoder().encode("flight"));
+        await conn.closeWrite();
+        assert.equal(
+          new TextDecoder().decode(await readAll(conn)),
+          "in flight",
+        );
+      } finally {
+        conn.close();
+      }
+      // Drained once the client has its line; the server then waits for
+      // stderr to take its last line (up to 5 s). Rotate the log now, as
+      // logrotate's postrotate during a restart would.
+      const log = `${dir}/access.log`;
+      const complete =
+        "[client 2]: received 1 bytes\n[client 1]: received 9 bytes\n";
+      const giveUp = Date.now() + 10_000;
+      while ((await Deno.readTextFile(log)) !== complete) {
+        assert.ok(Date.now() < giveUp, await Deno.readTextFile(log));
+      }
+      await Deno.rename(log, `${log}.1`);
+      child.kill("SIGHUP");
+      // Either the server reopens the log (a new file at the path) or the
+      // signal kills it; only then is stderr read again.
+      let exited = false;
+      child.status.then(() => exited = true);
+      while (!exited && !(await exists(log)));
+      await readToEnd();
+      const lines = text.split("\n").filter((line) => !/^#+$/.test(line));
+      assert.equal((await child.status).code, 0, lines.join("\n"));
+      assert.deepEqual(lines.slice(2), [
+        "stopped after 2 clients",
+        `reopened access log ${log}`,
+        "",
+      ]);
+      assert.equal(await Deno.readTextFile(`${log}.1`), complete);
+      assert.equal(await Deno.readTextFile(log), "");
+    } finally {
+      try {
+        child.kill("SIGKILL");
+      } catch {
+        // It exited.
+      }
+      await child.status;
+    }
+  }),
+);
 
 Deno.test(
   "echo-server under ulimit -n 64 serves and logs every client once, reports at most once a second",

@@ -19,6 +19,7 @@
  */
 
 import process from "node:process";
+import type { AccessLogStats } from "./access_log.ts";
 import { DURATION_BUCKETS_SECONDS, type EchoServer } from "./server.ts";
 
 /** Options for {@linkcode serveMetrics}. */
@@ -39,6 +40,12 @@ export interface MetricsOptions {
    * @default {console.error}
    */
   onDiagnostic?: (message: string) => void;
+  /**
+   * The access log whose backlog, drops and write errors are reported
+   * (`AccessLog` from access_log.ts).
+   * @default {none: those metrics read 0}
+   */
+  accessLog?: { readonly stats: AccessLogStats };
 }
 
 /** A running metrics endpoint. */
@@ -107,6 +114,7 @@ interface Serving {
 class Metrics implements MetricsServer {
   readonly addr: Deno.NetAddr;
   #server: EchoServer;
+  #accessLog: { readonly stats: AccessLogStats } | undefined;
   #diagnostic: (message: string) => void;
   #serving: Serving | undefined;
   #draining = false;
@@ -117,6 +125,7 @@ class Metrics implements MetricsServer {
 
   constructor(server: EchoServer, options: MetricsOptions) {
     this.#server = server;
+    this.#accessLog = options.accessLog;
     this.#diagnostic = options.onDiagnostic ?? console.error;
     this.#serving = this.#listen(
       options.hostname ?? "127.0.0.1",
@@ -220,7 +229,10 @@ class Metrics implements MetricsServer {
     }
     return text(
       200,
-      renderMetrics(this.#server, { draining: this.#draining }),
+      renderMetrics(this.#server, {
+        draining: this.#draining,
+        accessLog: this.#accessLog?.stats,
+      }),
       {
         "content-type": EXPOSITION_CONTENT_TYPE,
       },
@@ -246,6 +258,11 @@ export interface RenderOptions {
    * @default {false}
    */
   draining?: boolean;
+  /**
+   * The access log's totals, reported as `echo_log_*`.
+   * @default {none: those metrics read 0}
+   */
+  accessLog?: AccessLogStats;
 }
 
 /**
@@ -286,7 +303,7 @@ export function renderMetrics(
   family(
     "echo_connections_accepted_total",
     "counter",
-    "Clients accepted; equals access log lines written plus clients being served plus log write errors.",
+    "Clients accepted; equals access log lines written plus lines in echo_log_backlog_lines plus echo_log_dropped_lines_total plus clients being served.",
   );
   out.push(`echo_connections_accepted_total ${server.clientsAccepted}`);
   family(
@@ -345,12 +362,41 @@ export function renderMetrics(
     "Freed read buffers kept for reuse; dropped first when clients need the room.",
   );
   out.push(`echo_spare_buffer_bytes ${server.spareBufferBytes}`);
+  const log = options.accessLog;
   family(
     "echo_log_write_errors_total",
     "counter",
-    "Access log lines that could not be written.",
+    "Access log writes that failed (ENOSPC, EDQUOT, EFBIG, EIO; each retry counts); their lines wait in the backlog.",
   );
-  out.push(`echo_log_write_errors_total ${stats.reportErrors}`);
+  out.push(
+    `echo_log_write_errors_total ${
+      stats.reportErrors + (log?.writeErrors ?? 0)
+    }`,
+  );
+  family(
+    "echo_log_backlog_lines",
+    "gauge",
+    "Access log lines waiting in memory for the file to take writes.",
+  );
+  out.push(`echo_log_backlog_lines ${log?.backlogLines ?? 0}`);
+  family(
+    "echo_log_backlog_bytes",
+    "gauge",
+    "Bytes of those lines, counted against --log-backlog.",
+  );
+  out.push(`echo_log_backlog_bytes ${log?.backlogBytes ?? 0}`);
+  family(
+    "echo_log_dropped_lines_total",
+    "counter",
+    "Access log lines dropped, never written: the backlog was full.",
+  );
+  out.push(`echo_log_dropped_lines_total ${log?.droppedLines ?? 0}`);
+  family(
+    "echo_log_reopen_pending",
+    "gauge",
+    "1 while a SIGHUP reopen of the access log failed and is being retried (lines go to the old file), else 0.",
+  );
+  out.push(`echo_log_reopen_pending ${log?.reopenPending ? 1 : 0}`);
   family(
     "echo_draining",
     "gauge",

@@ -227,6 +227,46 @@ Deno.test(
   }),
 );
 
+Deno.test("renderMetrics() reports the access log's backlog, dropped lines and failed writes", async () => {
+  // A file that takes nothing (ENOSPC), then everything.
+  let full = true;
+  const log = AccessLog.open("access.log", {
+    openFile: () => ({
+      writeSync(bytes) {
+        if (full) throw new Error("No space left on device (os error 28)");
+        return bytes.length;
+      },
+      close() {},
+    }),
+    maxBacklogBytes: 4096,
+    onDiagnostic() {},
+  });
+  const server = serveEcho((id, bytes) => log.record(id, bytes), {
+    port: 0,
+    onDiagnostic: () => {},
+  });
+  await echo(server.addr.port, encoder.encode("a"));
+  await echo(server.addr.port, encoder.encode("b"));
+  for (let id = 3; id <= 200; id++) log.record(id, 0);
+  let m = samples(renderMetrics(server, { accessLog: log.stats }));
+  const { backlogLines, backlogBytes, droppedLines } = log.stats;
+  assert.ok(droppedLines > 0 && backlogBytes <= 4096);
+  assert.equal(backlogLines + droppedLines, 200);
+  assert.equal(sample(m, "echo_log_backlog_lines"), backlogLines);
+  assert.equal(sample(m, "echo_log_backlog_bytes"), backlogBytes);
+  assert.equal(sample(m, "echo_log_dropped_lines_total"), droppedLines);
+  assert.equal(sample(m, "echo_log_write_errors_total"), 200);
+  assert.equal(sample(m, "echo_log_reopen_pending"), 0);
+  full = false;
+  assert.equal(await log.flush(), 0);
+  m = samples(renderMetrics(server, { accessLog: log.stats }));
+  assert.equal(sample(m, "echo_log_backlog_lines"), 0);
+  assert.equal(sample(m, "echo_log_backlog_bytes"), 0);
+  assert.equal(sample(m, "echo_log_dropped_lines_total"), droppedLines);
+  await server.shutdown();
+  assert.equal(log.close(), droppedLines);
+});
+
 const promtool = findExecutable("promtool");
 
 Deno.test({
@@ -240,9 +280,12 @@ Deno.test({
     await using s = startServer({ maxClientBytes: 10 });
     await echo(s.port, encoder.encode("hello"));
     await echo(s.port, new Uint8Array(11)).catch(() => {});
-    await using metrics = serveMetrics(s.server, { port: 0 });
+    const log = AccessLog.open(`${dir}/access.log`);
+    await using metrics = serveMetrics(s.server, { port: 0, accessLog: log });
     const response = await get(metrics.addr.port, "/metrics");
+    log.close();
     assert.equal(response.status, 200);
+    assert.match(response.body, /^echo_log_backlog_lines 0$/m);
     await Deno.writeTextFile(`${dir}/metrics.txt`, response.body);
     const result = await runCommand("bash", [
       "-c",

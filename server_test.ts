@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import net from "node:net";
-import { acceptErrorKind, type ServeOptions } from "./server.ts";
+import { MAX_INSTANCES, type ServeOptions } from "./server.ts";
 import {
   echo,
   readAll,
@@ -171,9 +171,26 @@ Deno.test("serveEcho() as instance 2 of 3 numbers its clients 2, 5, 8, 11, 14", 
   assert.equal(s.server.clientsAccepted, 5);
 });
 
-Deno.test("serveEcho() rejects an instance outside 1..instances before listening", () => {
+Deno.test("serveEcho() as instance 1024 of MAX_INSTANCES numbers its clients 1024, 2048", async () => {
+  await using s = startServer({ instance: 1024, instances: MAX_INSTANCES });
+  for (let i = 1; i <= 2; i++) {
+    assert.equal((await echo(s.port, pattern(i, i))).length, i);
+  }
+  await s.server.shutdown();
+  assert.deepEqual(s.records, [[1024, 1], [2048, 2]]);
+});
+
+Deno.test("serveEcho() rejects an instance outside 1..instances, or instances over MAX_INSTANCES, before listening", () => {
   for (
-    const [instance, instances] of [[0, 4], [5, 4], [1, 0], [1.5, 2], [1, NaN]]
+    const [instance, instances] of [
+      [0, 4],
+      [5, 4],
+      [1, 0],
+      [1.5, 2],
+      [1, NaN],
+      [1, MAX_INSTANCES + 1],
+      [2 ** 52, 2 ** 52],
+    ]
   ) {
     assert.throws(
       () => startServer({ instance, instances }),
@@ -372,47 +389,6 @@ function emfile(): Error {
     code: "EMFILE",
   });
 }
-
-Deno.test("acceptErrorKind() sorts by code or os error number, not class", () => {
-  const withCode = (code: string, message = code) =>
-    Object.assign(new Error(message), { code });
-  for (const code of ["EMFILE", "ENFILE", "ENOBUFS", "ENOMEM"]) {
-    assert.equal(acceptErrorKind(withCode(code)), "exhaustion", code);
-  }
-  for (const errno of [12, 23, 24, 105]) {
-    const error = new Error(`no room (os error ${errno})`);
-    assert.equal(acceptErrorKind(error), "exhaustion", String(errno));
-  }
-  // The code wins over the class.
-  const reset = Object.assign(new Deno.errors.ConnectionReset("x"), {
-    code: "EMFILE",
-  });
-  assert.equal(acceptErrorKind(reset), "exhaustion");
-  for (
-    const code of [
-      "ENOTCONN",
-      "ECONNRESET",
-      "ECONNABORTED",
-      "EPERM",
-      "ETIMEDOUT",
-      "EPROTO",
-      "ENETUNREACH",
-      "EHOSTUNREACH",
-    ]
-  ) {
-    assert.equal(acceptErrorKind(withCode(code)), "client", code);
-  }
-  assert.equal(acceptErrorKind(new Deno.errors.NotConnected("x")), "client");
-  assert.equal(acceptErrorKind(new Deno.errors.ConnectionReset("x")), "client");
-  assert.equal(
-    acceptErrorKind(new Deno.errors.ConnectionAborted("x")),
-    "client",
-  );
-  assert.equal(acceptErrorKind(withCode("EBADF")), "unknown");
-  assert.equal(acceptErrorKind(new Error("(os error 9)")), "unknown");
-  assert.equal(acceptErrorKind(new Deno.errors.BadResource("x")), "unknown");
-  assert.equal(acceptErrorKind("not an error"), "unknown");
-});
 
 Deno.test("serveEcho() counts an accept error a client causes, or an unknown one, as a client, accepts on", async () => {
   const errors: Error[] = [
@@ -783,6 +759,60 @@ Deno.test("EchoServer.shutdown() cuts off clients still there at drainTimeoutMs"
   conn.close();
   assert.deepEqual(s.records, [[2, 0], [1, 4]]);
   assert.match(s.diagnostics[0], /^client 1: cut off .*at shutdown/);
+});
+
+/** Resolves with `promise`, or rejects if it takes longer than `ms`. */
+async function within<T>(promise: Promise<T>, ms: number, what: string) {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`gave up waiting: ${what}`)), ms);
+  });
+  try {
+    return await Promise.race([promise, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** Starts a server with one client that sent 3 bytes and stays connected. */
+async function serverWithHeldClient(): Promise<[TestServer, Deno.TcpConn]> {
+  const s = startServer();
+  const conn = await Deno.connect({ hostname: HOST, port: s.port });
+  await writeAll(conn, new Uint8Array(3));
+  await waitUntil(() => s.server.stats.receivedBytes === 3, "3 bytes read");
+  return [s, conn];
+}
+
+Deno.test("EchoServer.shutdown() called again with a shorter drainTimeoutMs cuts off sooner", async () => {
+  const [s, conn] = await serverWithHeldClient();
+  try {
+    const first = s.server.shutdown({ drainTimeoutMs: 3_600_000 });
+    const second = s.server.shutdown({ drainTimeoutMs: 0 });
+    await within(Promise.all([first, second]), 20_000, "cut off at 0 ms");
+  } finally {
+    conn.close();
+  }
+  assert.deepEqual(s.records, [[1, 3]]);
+  assert.deepEqual(s.diagnostics, [
+    "client 1: cut off after 3 bytes: still connected at shutdown",
+  ]);
+});
+
+Deno.test("EchoServer.shutdown() called again with a longer drainTimeoutMs keeps the first deadline", async () => {
+  const [s, conn] = await serverWithHeldClient();
+  try {
+    const first = s.server.shutdown({ drainTimeoutMs: 200 });
+    // Restarting the timer with this would leave the client for an hour,
+    // far past the bound below.
+    const second = s.server.shutdown({ drainTimeoutMs: 3_600_000 });
+    await within(Promise.all([first, second]), 20_000, "cut off at 200 ms");
+  } finally {
+    conn.close();
+  }
+  assert.deepEqual(s.records, [[1, 3]]);
+  assert.deepEqual(s.diagnostics, [
+    "client 1: cut off after 3 bytes: still connected at shutdown",
+  ]);
 });
 
 Deno.test("serveEcho() logs every client it accepts from a flood of misbehaving ones", async () => {
