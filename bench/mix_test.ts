@@ -459,3 +459,54 @@ Deno.test("deno task bench --mix --log prints one line for a missing log, exits 
     /^bench: cannot read --log \/nonexistent\/echo-server\/access\.log: /m,
   );
 });
+
+Deno.test(
+  "runMix() runs the attacks at the server's limits while every good client is served within the bound",
+  withTempDir(async (dir) => {
+    const MIB = 1024 * KIB;
+    const limits = {
+      maxConnections: 16,
+      maxBufferedBytes: 8 * MIB,
+      maxClientBytes: 4 * MIB,
+    };
+    let result: MixResult | undefined;
+    await withLoggedServer(
+      dir,
+      {
+        ...limits,
+        evictionGraceMs: 200,
+        idleTimeoutMs: 1000,
+        minWriteRate: MIB,
+      },
+      async (port, logPath) => {
+        result = await runMix({
+          port,
+          duration: 3,
+          kinds: ["echo", "echo-large", ...ATTACK_KINDS],
+          limits,
+          concurrency: 2,
+          largeSize: 256 * KIB,
+          attackIntervalMs: 200,
+          logPath,
+        });
+      },
+    );
+    const r = result!;
+    assert.ok(r.ok, explain(r));
+    assert.equal(r.goodWithinMs, 5000);
+    const kind = (name: string) => r.kinds.find((k) => k.kind === name)!;
+    // Scaled from the limits: every slot, and the buffer limit and more.
+    assert.equal(kind("slot-hog").concurrency, 16);
+    assert.equal(kind("memory-hog").concurrency, 5);
+    assert.equal(kind("slow-reader").concurrency, 5);
+    // The kernels take a slow reader's whole echo at these sizes: the
+    // server is done with it long before the reader notices.
+    for (const attack of ["slot-hog", "memory-hog"]) {
+      assert.ok(kind(attack).ok > 0, `no ${attack} was cut off\n${explain(r)}`);
+    }
+    assert.equal(kind("slow-reader").connected, 5);
+    assert.ok(kind("echo").ok > 0 && kind("echo-large").ok > 0, explain(r));
+    assert.match(formatMixResult(r), /^latency {6}echo: p50 /m);
+    assert.match(formatMixResult(r), /^attack {7}slot-hog: 16 in flight, /m);
+  }),
+);
