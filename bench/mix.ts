@@ -454,7 +454,8 @@ function emptyResult(kind: ClientKind, concurrency: number): KindResult {
  * The attacks' sizes and clients in flight for a server's limits: every
  * connection slot for the slot hogs; memory hogs of up to 63 MiB (under the
  * per-client limit), and slow readers of up to 16 MiB, each enough to hold
- * all of `maxBufferedBytes` and one more.
+ * all of `maxBufferedBytes` and one more (for the readers, counting the
+ * ~4 MiB of each echo the kernels buffer).
  */
 function scaleAttacks(limits: Required<MixLimits>): {
   hogBytes: number;
@@ -480,7 +481,11 @@ function scaleAttacks(limits: Required<MixLimits>): {
     concurrency: {
       "slot-hog": limits.maxConnections,
       "memory-hog": Math.ceil(limits.maxBufferedBytes / hogBytes) + 1,
-      "slow-reader": Math.ceil(limits.maxBufferedBytes / readerBytes) + 1,
+      // The kernels take ~4 MiB of each echo off the server's hands.
+      "slow-reader": Math.ceil(
+        limits.maxBufferedBytes /
+          Math.max(readerBytes / 4, readerBytes - 4 * MIB),
+      ) + 1,
     },
   };
 }
@@ -594,9 +599,22 @@ class MixRun {
         return;
       case "unfinished":
         result.unfinished++;
-        if (outcome.durationMs !== undefined) {
+        if (outcome.durationMs === undefined) return;
+        if (!GOOD_KINDS.includes(kind)) {
           result.durationsMs.push(outcome.durationMs);
           result.outlasted++;
+        } else if (
+          this.#goodWithinMs !== undefined &&
+          outcome.durationMs > this.#goodWithinMs
+        ) {
+          // Never served by the end of the run, and already over the bound.
+          result.late++;
+          this.failures++;
+          this.#sample(
+            `${kind} client ${seq + 1}: not served after ${
+              Math.round(outcome.durationMs)
+            } ms, over the bound of ${this.#goodWithinMs} ms`,
+          );
         }
         return;
       case "wrong":
@@ -849,7 +867,9 @@ async function echoClient(
   if (exchanged.mismatch !== undefined) {
     return { status: "wrong", message: exchanged.mismatch };
   }
-  if (attempt.stop.aborted) return { status: "unfinished" };
+  if (attempt.stop.aborted) {
+    return { status: "unfinished", durationMs: performance.now() - start };
+  }
   const { sendError, readError, requestSent, received } = exchanged;
   if (sendError !== undefined) {
     return { status: "broken", message: `write: ${sendError}` };
