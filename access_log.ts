@@ -21,7 +21,9 @@
  *   lines go out together, up to 64 KiB of whole lines per `write`.
  * - Past {@linkcode AccessLogOptions.maxBacklogBytes} new lines are dropped
  *   and counted ({@linkcode AccessLogStats.droppedLines}). Memory is the
- *   lines' bytes (~38 each) in 64 KiB chunks: the bound plus at most 64 KiB.
+ *   lines' bytes (~38 each) in 64 KiB chunks: the bound plus at most 128 KiB
+ *   (the part of the first chunk already written, and the last's free room)
+ *   and under 80 bytes a chunk (the room a sealed chunk leaves unused).
  * - Diagnostics come at most one per kind per
  *   {@linkcode AccessLogOptions.reportIntervalMs}, with counts.
  *
@@ -255,8 +257,9 @@ export class AccessLog {
     try {
       written = this.#file.writeSync(line);
     } catch (error) {
-      this.#writeFailed(error);
+      // Queued first, so the diagnostic counts it among the lines waiting.
       this.#enqueue(line);
+      this.#writeFailed(error);
       return;
     }
     if (written === length) {
@@ -433,8 +436,11 @@ export class AccessLog {
     this.#chunks = [];
     this.#readOffset = this.#fillOffset = 0;
     this.#fragment = false;
-    clearTimeout(this.#retryTimer);
-    this.#retryTimer = undefined;
+    if (!this.#reopenPending) {
+      // A failed reopen still needs the timer (no line may come to try it).
+      clearTimeout(this.#retryTimer);
+      this.#retryTimer = undefined;
+    }
     if (this.#failingSince !== undefined) {
       const seconds = (performance.now() - this.#failingSince) / 1000;
       this.#failingSince = undefined;
@@ -522,6 +528,12 @@ export class AccessLog {
         this.#fragment = false;
         this.#linesWritten++;
         this.#backlogLines--;
+        // The chunk's last line: on to the next, as #drain() does (it
+        // would write the empty rest of this one forever).
+        if (end === chunk.length && this.#chunks.length > 1) {
+          this.#chunks.shift();
+          this.#readOffset = 0;
+        }
       } else {
         this.#noteFragment();
       }

@@ -242,7 +242,10 @@ Deno.test("AccessLog keeps lines through EIO and EDQUOT and writes them on its t
   disk.error = new Error("Disk quota exceeded (os error 122)");
   log.record(4, 4);
   assert.equal(log.stats.backlogLines, 3);
-  assert.match(diagnostics[0], /Input\/output error \(os error 5\)/);
+  assert.match(
+    diagnostics[0],
+    /Input\/output error \(os error 5\); 1 line waits in memory/,
+  );
   disk.error = undefined;
   // No new line: the timer writes them.
   const writes = disk.writes;
@@ -327,4 +330,71 @@ Deno.test("AccessLog.reopen() writes the backlog to the new file; a fragment the
     ),
   );
   assert.equal(log3.close(), 0);
+});
+
+Deno.test("AccessLog.reopen() that finishes a fragment at a backlog chunk's end goes on to the next chunk", async () => {
+  // Backlog chunks are 64 KiB of whole lines: lines 1..n fill the first.
+  let n = 1;
+  while (lines(1, n + 1).length <= 64 * 1024) n++;
+  const disk = new StubDisk(0);
+  const log = AccessLog.open("access.log", {
+    openFile: (path) => disk.open(path),
+    onDiagnostic() {},
+  });
+  disk.error = new Error("Input/output error (os error 5)");
+  for (let id = 1; id <= n + 1; id++) log.record(id, id);
+  // The first chunk goes out but for its last 3 bytes: a fragment.
+  disk.error = undefined;
+  disk.free = lines(1, n).length - 3;
+  assert.equal(await log.flush(), 2);
+  disk.rename("access.log", "access.log.1");
+  disk.free = 1_000_000;
+  assert.equal(log.reopen(), true);
+  assert.equal(disk.text("access.log.1"), lines(1, n));
+  assert.equal(disk.text("access.log"), line(n + 1, n + 1));
+  assert.equal(log.stats.backlogLines, 0);
+  assert.equal(log.close(), 0);
+});
+
+Deno.test("AccessLog retries a failed reopen on its timer after the backlog drains", async () => {
+  const disk = new StubDisk(3);
+  let failOpen = false;
+  const reopened = Promise.withResolvers<void>();
+  const log = AccessLog.open("access.log", {
+    openFile: (path) => {
+      if (failOpen) throw new Error("Too many open files (os error 24)");
+      const file = disk.open(path);
+      if (disk.files.has("access.log.1")) reopened.resolve();
+      return file;
+    },
+    onDiagnostic() {},
+    retryIntervalMs: 10,
+  });
+  log.record(1, 1); // "[cl", the rest waits
+  disk.rename("access.log", "access.log.1");
+  failOpen = true;
+  assert.equal(log.reopen(), false);
+  disk.free = 1_000_000;
+  log.record(2, 2); // the backlog drains to the old file
+  assert.equal(log.stats.backlogLines, 0);
+  failOpen = false;
+  // No new line: the timer must open the path.
+  let timer;
+  try {
+    await Promise.race([
+      reopened.promise,
+      new Promise((_, reject) => {
+        timer = setTimeout(
+          () => reject(new Error("the reopen was not retried in 10 s")),
+          10_000,
+        );
+      }),
+    ]);
+  } finally {
+    clearTimeout(timer);
+  }
+  assert.equal(log.stats.reopenPending, false);
+  assert.equal(log.close(), 0);
+  assert.equal(disk.text("access.log.1"), lines(1, 2));
+  assert.equal(disk.text("access.log"), "");
 });

@@ -393,7 +393,9 @@ export async function main(args: string[]): Promise<number> {
   const drained = Promise.withResolvers<Promise<void>>();
   let stopping = false;
   let delayTimer: ReturnType<typeof setTimeout> | undefined;
+  let drainEnds = Infinity;
   const closeAndDrain = (signal: keyof typeof SIGNAL_NUMBERS) => {
+    drainEnds = performance.now() + config.drainTimeoutMs;
     drained.resolve(
       server.shutdown({ drainTimeoutMs: config.drainTimeoutMs }),
     );
@@ -439,8 +441,12 @@ export async function main(args: string[]): Promise<number> {
   await await drained.promise;
 
   await metrics?.shutdown();
-  // The backlog (a full disk) gets the drain time again to be written.
-  await log.flush({ timeoutMs: forcedBy ? 0 : config.drainTimeoutMs });
+  // The backlog (a full disk) gets what is left of the drain time: a
+  // second drain time would outlast systemd's TimeoutStopSec (delay +
+  // drain, deploy/), whose SIGKILL loses the backlog without a count.
+  await log.flush({
+    timeoutMs: forcedBy ? 0 : Math.max(0, drainEnds - performance.now()),
+  });
   diagnostic(`stopped after ${server.clientsAccepted} clients`);
   // Every line out before the exit, unless stderr stays stalled for 5 s.
   // Until then a second SIGINT/SIGTERM still ends with 130/143.

@@ -728,6 +728,7 @@ Deno.test(
       const giveUp = Date.now() + 10_000;
       while ((await Deno.readTextFile(log)) !== complete) {
         assert.ok(Date.now() < giveUp, await Deno.readTextFile(log));
+        await new Promise((resolve) => setTimeout(resolve, 0)); // a timer turn
       }
       await Deno.rename(log, `${log}.1`);
       child.kill("SIGHUP");
@@ -735,7 +736,9 @@ Deno.test(
       // signal kills it; only then is stderr read again.
       let exited = false;
       child.status.then(() => exited = true);
-      while (!exited && !(await exists(log)));
+      while (!exited && !(await exists(log))) {
+        await new Promise((resolve) => setTimeout(resolve, 0)); // a timer turn
+      }
       await readToEnd();
       const lines = text.split("\n").filter((line) => !/^#+$/.test(line));
       assert.equal((await child.status).code, 0, lines.join("\n"));
