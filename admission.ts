@@ -97,6 +97,11 @@ export interface ClientProgress {
   windowMoved: number;
   /** Bytes per second over the last whole window, or -1 before one ended. */
   windowRate: number;
+  /**
+   * Why it was cut off, once it was: it is on its way out (its connection
+   * closed, its end not yet reported) and is never picked to evict again.
+   */
+  cutOffReason: string | undefined;
 }
 
 /** Options for {@linkcode Admission}. */
@@ -181,6 +186,7 @@ export function newProgress(now: number): ClientProgress {
     windowStart: now,
     windowMoved: 0,
     windowRate: -1,
+    cutOffReason: undefined,
   };
 }
 
@@ -303,7 +309,8 @@ export class Admission {
 
   /** Whether `client` is past its grace and may be evicted for a slot. */
   #evictable(client: ClientProgress, now: number): boolean {
-    return this.evictionGraceMs > 0 && now >= this.#graceEnds(client);
+    return this.evictionGraceMs > 0 && client.cutOffReason === undefined &&
+      now >= this.#graceEnds(client);
   }
 
   /**
@@ -365,6 +372,7 @@ export class Admission {
     if (this.evictionGraceMs === 0) return Infinity;
     let wait = Infinity;
     for (const client of clients) {
+      if (client.cutOffReason !== undefined) continue;
       wait = Math.min(wait, Math.max(0, this.#graceEnds(client) - now));
       if (wait === 0) break;
     }
@@ -403,7 +411,10 @@ export class Admission {
     const candidates: Array<{ client: ClientProgress; score: number }> = [];
     let available = 0;
     for (const client of clients) {
-      if (client === asking || client.bufferedBytes <= 0) continue;
+      if (
+        client === asking || client.bufferedBytes <= 0 ||
+        client.cutOffReason !== undefined
+      ) continue;
       available += client.bufferedBytes;
       candidates.push({
         client,

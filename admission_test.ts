@@ -133,6 +133,9 @@ Deno.test("Admission.slotVictim() picks the lowest recent rate, never a client i
     trickler,
   );
   assert.equal(admission.slotVictim([newcomer], 10_000), undefined);
+  // One already cut off is on its way out: not picked twice.
+  silent.cutOffReason = "evicted";
+  assert.equal(admission.slotVictim(all, 10_000), trickler);
   assert.equal(
     new Admission({ evictionGraceMs: 0 }).slotVictim(all, 10_000),
     undefined,
