@@ -53,6 +53,9 @@
  * @module
  */
 
+import { errorMessage } from "./_errors.ts";
+import { RateLimitedReporter } from "./reporter.ts";
+
 const encoder = new TextEncoder();
 
 /** What the log writes to: `Deno.FsFile` or, in tests, a stub. */
@@ -171,10 +174,11 @@ export class AccessLog {
   #reopenPending = false;
   #retryTimer: ReturnType<typeof setTimeout> | undefined;
   #closed = false;
-  // Per kind: when it was last reported, and what happened since.
-  #reported = new Map<ReportKind, number>();
-  #unreported = new Map<ReportKind, { count: number; last: string }>();
-  #reportTimer: ReturnType<typeof setTimeout> | undefined;
+  // Per kind, one line per report interval; the rest counted into the
+  // interval's last line (reporter.ts).
+  #reports: Record<ReportKind, RateLimitedReporter<ReportKind>>;
+  // A reopen failure was reported since the last successful reopen.
+  #reopenReported = false;
   #failingSince: number | undefined;
   #line = new Uint8Array(MAX_LINE_BYTES);
 
@@ -193,6 +197,16 @@ export class AccessLog {
     this.#reportIntervalMs = options.reportIntervalMs ??
       DEFAULT_REPORT_INTERVAL_MS;
     this.#diagnostic = options.onDiagnostic ?? console.error;
+    const reporter = () =>
+      new RateLimitedReporter<ReportKind>(this.#diagnostic, {
+        linesPerPeriod: 1,
+        periodMs: this.#reportIntervalMs,
+        summarize: (_, count: number, last: string) =>
+          `${last}${
+            count === 1 ? "" : ` (${count} times since the last line)`
+          }`,
+      });
+    this.#reports = { write: reporter(), drop: reporter(), reopen: reporter() };
   }
 
   /**
@@ -356,8 +370,7 @@ export class AccessLog {
     this.#abandonFragment("counted below as not written");
     this.#closed = true;
     clearTimeout(this.#retryTimer);
-    clearTimeout(this.#reportTimer);
-    this.#retryTimer = this.#reportTimer = undefined;
+    this.#retryTimer = undefined;
     this.#file.close();
     this.#flushReports();
     const lost = this.#droppedLines + this.#backlogLines;
@@ -502,9 +515,9 @@ export class AccessLog {
     }
     this.#file = next;
     this.#fragment = false;
-    const hadReopenReport = this.#reported.has("reopen");
-    this.#flushReport("reopen");
-    this.#reported.delete("reopen");
+    const hadReopenReport = this.#reopenReported;
+    this.#reports.reopen.reset();
+    this.#reopenReported = false;
     this.#diagnostic(
       `reopened access log ${this.#path}${
         hadReopenReport ? " (after failing)" : ""
@@ -599,45 +612,19 @@ export class AccessLog {
     }, this.#retryIntervalMs);
   }
 
-  /** One line per kind per report interval; the rest counted. */
-  #report(kind: ReportKind, message: string): void {
-    const now = performance.now();
-    const last = this.#reported.get(kind);
-    if (last === undefined || now - last >= this.#reportIntervalMs) {
-      this.#reported.set(kind, now);
-      this.#emit(kind, message, 1);
-      return;
-    }
-    const held = this.#unreported.get(kind);
-    this.#unreported.set(kind, {
-      count: (held?.count ?? 0) + 1,
-      last: message,
-    });
-    this.#reportTimer ??= setTimeout(() => {
-      this.#reportTimer = undefined;
-      this.#flushReports();
-    }, last + this.#reportIntervalMs - now);
-  }
-
+  /** Writes the lines held back of every kind, in this order. */
   #flushReports(): void {
     for (const kind of ["write", "drop", "reopen"] as const) {
-      this.#flushReport(kind);
+      this.#reports[kind].flush();
     }
   }
 
-  #flushReport(kind: ReportKind): void {
-    const held = this.#unreported.get(kind);
-    if (held === undefined) return;
-    this.#unreported.delete(kind);
-    this.#reported.set(kind, performance.now());
-    this.#emit(kind, held.last, held.count);
-  }
-
-  #emit(kind: ReportKind, message: string, count: number): void {
-    const times = count === 1 ? "" : ` (${count} times since the last line)`;
+  /** One line per kind per report interval; the rest counted. */
+  #report(kind: ReportKind, message: string): void {
+    if (kind === "reopen") this.#reopenReported = true;
     // A reopen's error already names the path (openForAppend).
     const subject = kind === "reopen" ? "" : `access log ${this.#path}: `;
-    this.#diagnostic(`${subject}${message}${times}`);
+    this.#reports[kind].report(kind, `${subject}${message}`);
   }
 }
 
@@ -677,5 +664,5 @@ function describe(error: unknown): string {
     return "permission denied (run as a user who may write there, or pass " +
       "--log PATH and grant --allow-write for that path)";
   }
-  return error instanceof Error ? error.message : String(error);
+  return errorMessage(error);
 }

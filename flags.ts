@@ -7,6 +7,9 @@
  * @module
  */
 
+import { parseArgs, type ParseArgsConfig } from "node:util";
+import { errorMessage } from "./_errors.ts";
+
 /** A command line mistake; its message is one line meant for the user. */
 export class UsageError extends Error {
   /** Always `"UsageError"`. */
@@ -251,4 +254,48 @@ export function parseHostPort(
     );
   }
   return { hostname: match[1] ?? (match[2] || defaultHostname), port };
+}
+
+/** What {@linkcode parseCommandLine} accepts: node:util's option table. */
+export type CommandLineOptions = NonNullable<ParseArgsConfig["options"]>;
+
+/**
+ * Parses `args` strictly against `options` with `node:util`'s `parseArgs`,
+ * and throws its complaint (unknown flag, missing value) as a
+ * {@linkcode UsageError} in one line. Positional arguments are refused
+ * unless `allowPositionals` is set.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * const { values } = parseCommandLine(["--port", "80"], {
+ *   port: { type: "string" },
+ * });
+ * assert.equal(values.port, "80");
+ * assert.throws(() => parseCommandLine(["--nope"], {}), UsageError);
+ * ```
+ */
+export function parseCommandLine<
+  T extends CommandLineOptions,
+  P extends boolean = false,
+>(
+  args: string[],
+  options: T,
+  config: { allowPositionals?: P } = {},
+): ReturnType<
+  typeof parseArgs<
+    { args: string[]; options: T; strict: true; allowPositionals: P }
+  >
+> {
+  try {
+    return parseArgs({
+      args,
+      options,
+      strict: true,
+      allowPositionals: (config.allowPositionals ?? false) as P,
+    });
+  } catch (error) {
+    // node:util's messages can span lines; ours are one line.
+    throw new UsageError(errorMessage(error).replaceAll(/\s*\n\s*/g, " "));
+  }
 }

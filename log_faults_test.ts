@@ -7,16 +7,16 @@
 
 import assert from "node:assert/strict";
 import {
+  connectMany,
   echo,
   findExecutable,
   killAfter,
   Lines,
   readAll,
   runCommand,
+  spawnServer,
   withTempDir,
 } from "./test_util.ts";
-
-const MAIN = new URL("./main.ts", import.meta.url).pathname;
 
 /** A server process on port 0 logging to `${logDir}/access.log`. */
 class Server implements AsyncDisposable {
@@ -25,31 +25,9 @@ class Server implements AsyncDisposable {
   #timeout: Disposable;
 
   constructor(logDir: string, args: string[], shell?: string) {
-    const command = [
-      Deno.execPath(),
-      "run",
-      "--allow-net",
-      `--allow-write=${logDir}`,
-      MAIN,
-      "--port",
-      "0",
-      "--metrics",
-      "127.0.0.1:0",
-      "--log",
-      `${logDir}/access.log`,
-      ...args,
-    ];
-    // `shell` runs first, then execs the server (same pid).
-    if (shell !== undefined) {
-      command.unshift("bash", "-c", `${shell} && exec "$@"`, "bash");
-    }
-    this.child = new Deno.Command(command[0], {
-      args: command.slice(1),
-      env: { NO_COLOR: "1" },
-      stdin: "null",
-      stdout: "null",
-      stderr: "piped",
-    }).spawn();
+    this.child = spawnServer(logDir, ["--metrics", "127.0.0.1:0", ...args], {
+      shell,
+    });
     this.#timeout = killAfter(this.child, 120_000);
     this.stderr = new Lines(this.child.stderr);
   }
@@ -352,12 +330,7 @@ Deno.test(
     await serveClients(port, 1, 2);
     // More clients than descriptors, held open: accept fails with EMFILE.
     const clients = 100;
-    const conns = await Promise.all(
-      Array.from(
-        { length: clients },
-        () => Deno.connect({ hostname: "127.0.0.1", port }),
-      ),
-    );
+    const conns = await connectMany(port, clients);
     try {
       await Promise.all(conns.map((conn) => conn.write(new Uint8Array(3))));
       await server.stderr.next(/^accept failed.*\(os error 24\)/);

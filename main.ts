@@ -5,7 +5,7 @@
  * @module
  */
 
-import { parseArgs } from "node:util";
+import { errorMessage } from "./_errors.ts";
 import denoJson from "./deno.json" with { type: "json" };
 import { AccessLog, DEFAULT_MAX_BACKLOG_BYTES } from "./access_log.ts";
 import { Diagnostics } from "./diagnostics.ts";
@@ -24,6 +24,7 @@ import {
 } from "./server.ts";
 import {
   type HostPort,
+  parseCommandLine,
   parseHostPort,
   parseInstance,
   parseInteger,
@@ -78,7 +79,7 @@ export const DEFAULT_LOG_PATH = "/var/log/echo-server/access.log";
 
 const MIB = 1024 * 1024;
 
-/** The `--help` text, also printed after a command line mistake. */
+/** The `--help` text. */
 export const USAGE = `Usage: echo-server [options]
 
 A TCP echo server: each client's bytes are read until it half-closes, then
@@ -135,7 +136,8 @@ SIZE is a number of bytes, optionally with a suffix KiB, MiB or GiB.
 SECONDS may have a fraction, down to 0.001 (one millisecond).
 Signals: SIGHUP reopens the access log; SIGINT or SIGTERM stops accepting
 (after --shutdown-delay) and drains; a second SIGINT or SIGTERM cuts everyone
-off at once.`;
+off at once. Signals within 500 ms of the first count as one: one Ctrl-C under
+deno task arrives twice.`;
 
 /**
  * Parses command line flags into a {@linkcode Config}, or returns `"help"`
@@ -152,37 +154,26 @@ off at once.`;
  * ```
  */
 export function parseFlags(args: string[]): Config | "help" | "version" {
-  let values;
-  try {
-    ({ values } = parseArgs({
-      args,
-      strict: true,
-      allowPositionals: false,
-      options: {
-        host: { type: "string" },
-        port: { type: "string" },
-        log: { type: "string" },
-        "log-backlog": { type: "string" },
-        "max-client-bytes": { type: "string" },
-        "max-buffered": { type: "string" },
-        "max-connections": { type: "string" },
-        "idle-timeout": { type: "string" },
-        "min-rate": { type: "string" },
-        "min-rate-grace": { type: "string" },
-        "min-read-rate": { type: "string" },
-        "eviction-grace": { type: "string" },
-        "drain-timeout": { type: "string" },
-        "shutdown-delay": { type: "string" },
-        instance: { type: "string" },
-        metrics: { type: "string" },
-        help: { type: "boolean", short: "h" },
-        version: { type: "boolean", short: "V" },
-      },
-    }));
-  } catch (error) {
-    // node:util's messages can span lines; ours are one line.
-    throw new UsageError(errorMessage(error).replaceAll(/\s*\n\s*/g, " "));
-  }
+  const { values } = parseCommandLine(args, {
+    host: { type: "string" },
+    port: { type: "string" },
+    log: { type: "string" },
+    "log-backlog": { type: "string" },
+    "max-client-bytes": { type: "string" },
+    "max-buffered": { type: "string" },
+    "max-connections": { type: "string" },
+    "idle-timeout": { type: "string" },
+    "min-rate": { type: "string" },
+    "min-rate-grace": { type: "string" },
+    "min-read-rate": { type: "string" },
+    "eviction-grace": { type: "string" },
+    "drain-timeout": { type: "string" },
+    "shutdown-delay": { type: "string" },
+    instance: { type: "string" },
+    metrics: { type: "string" },
+    help: { type: "boolean", short: "h" },
+    version: { type: "boolean", short: "V" },
+  });
   if (values.help) return "help";
   if (values.version) return "version";
   if (values.host === "") throw new UsageError("--host must not be empty");
@@ -258,10 +249,6 @@ function milliseconds(seconds: number): number {
 }
 
 /** The message of a thrown `Error`, or any other thrown value as text. */
-function errorMessage(error: unknown): string {
-  return error instanceof Error ? error.message : String(error);
-}
-
 function formatAddress(hostname: string, port: number): string {
   return hostname.includes(":")
     ? `[${hostname}]:${port}`
@@ -287,6 +274,13 @@ function describeListenError(error: unknown, address: string): string {
 const SIGNAL_NUMBERS = { SIGINT: 2, SIGTERM: 15 } as const;
 
 /**
+ * A SIGINT/SIGTERM this soon after the first is the same request, not a
+ * second one: a terminal's Ctrl-C reaches the whole foreground process
+ * group, and `deno task` forwards its copy to the server 1-2 ms later.
+ */
+export const SAME_SIGNAL_WINDOW_MS = 500;
+
+/**
  * Runs the server with the given command line until it is stopped by a
  * signal, and returns the exit status. Its signal listeners stay installed,
  * so that no SIGHUP, SIGINT or SIGTERM kills the process before the caller
@@ -303,7 +297,9 @@ export async function main(args: string[]): Promise<number> {
     config = parseFlags(args);
   } catch (error) {
     if (!(error instanceof UsageError)) throw error;
-    console.error(`echo-server: ${error.message}\n\n${USAGE}`);
+    console.error(
+      `echo-server: ${error.message}\nTry 'echo-server --help' for more information.`,
+    );
     return 2;
   }
   if (config === "help") {
@@ -393,6 +389,7 @@ export async function main(args: string[]): Promise<number> {
   const drained = Promise.withResolvers<Promise<void>>();
   let stopping = false;
   let delayTimer: ReturnType<typeof setTimeout> | undefined;
+  let firstSignalAt = 0;
   let drainEnds = Infinity;
   const closeAndDrain = (signal: keyof typeof SIGNAL_NUMBERS) => {
     drainEnds = performance.now() + config.drainTimeoutMs;
@@ -408,6 +405,7 @@ export async function main(args: string[]): Promise<number> {
   const stop = (signal: keyof typeof SIGNAL_NUMBERS) => {
     if (!stopping) {
       stopping = true;
+      firstSignalAt = performance.now();
       // A load balancer's health check sees 503 and stops sending clients;
       // those it sends meanwhile are still served during the delay.
       metrics?.setDraining();
@@ -423,7 +421,10 @@ export async function main(args: string[]): Promise<number> {
         delayTimer = undefined;
         closeAndDrain(signal);
       }, config.shutdownDelayMs);
-    } else {
+    } else if (
+      forcedBy === undefined &&
+      performance.now() - firstSignalAt >= SAME_SIGNAL_WINDOW_MS
+    ) {
       forcedBy = signal;
       diagnostic(
         `${signal} again: cutting off ${server.connections} connections now`,

@@ -1,14 +1,15 @@
 import assert from "node:assert/strict";
-import net from "node:net";
 import denoJson from "./deno.json" with { type: "json" };
-import { type Config, parseFlags } from "./main.ts";
+import { type Config, parseFlags, SAME_SIGNAL_WINDOW_MS } from "./main.ts";
 import {
-  assertUsageError,
   type CommandResult,
+  connectMany,
   echo,
   killAfter,
   readAll,
   runCommand,
+  sendAndReset,
+  spawnServer,
   withTempDir,
 } from "./test_util.ts";
 
@@ -44,34 +45,7 @@ class ServerProcess implements AsyncDisposable {
     options: ServerProcessOptions = {},
   ) {
     const { maxOpenFiles, timeoutMs = 60_000 } = options;
-    const command = [
-      Deno.execPath(),
-      "run",
-      "--allow-net",
-      `--allow-write=${logDir}`,
-      MAIN,
-      "--port",
-      "0",
-      "--log",
-      `${logDir}/access.log`,
-      ...args,
-    ];
-    if (maxOpenFiles !== undefined) {
-      // Both limits: Deno raises its soft limit to the hard one.
-      command.unshift(
-        "bash",
-        "-c",
-        `ulimit -Sn ${maxOpenFiles} -Hn ${maxOpenFiles} && exec "$@"`,
-        "bash",
-      );
-    }
-    this.child = new Deno.Command(command[0], {
-      args: command.slice(1),
-      env: { NO_COLOR: "1" },
-      stdin: "null",
-      stdout: "null",
-      stderr: "piped",
-    }).spawn();
+    this.child = spawnServer(logDir, args, { maxOpenFiles });
     this.#timer = setTimeout(() => {
       this.stderrLines.push(`(killed after ${timeoutMs} ms)`);
       this.child.kill("SIGKILL");
@@ -129,6 +103,27 @@ class ServerProcess implements AsyncDisposable {
     }
     await this.exit();
   }
+}
+
+/**
+ * A command line mistake: exit 2, nothing on stdout, and on stderr the one
+ * line starting with `message` plus a pointer to `--help`.
+ */
+function assertUsageError(result: CommandResult, message: string): void {
+  assert.equal(result.code, 2, result.stderr);
+  assert.equal(result.stdout, "");
+  const [first, hint, end] = result.stderr.split("\n");
+  assert.ok(first.startsWith(message), first);
+  assert.equal(hint, "Try 'echo-server --help' for more information.");
+  assert.equal(end, "");
+  assert.equal(result.stderr.split("\n").length, 3, result.stderr);
+}
+
+/** Waits until a second signal is a second request, not the same one. */
+function outlastSameSignalWindow(): Promise<void> {
+  return new Promise((resolve) =>
+    setTimeout(resolve, SAME_SIGNAL_WINDOW_MS + 50)
+  );
 }
 
 /** Whether `path` exists. */
@@ -316,12 +311,8 @@ const BAD_FLAGS: Array<[string[], string]> = [
   [["--instance", "1/1025"], "echo-server: --instance must be I/N"],
 ];
 for (const [args, message] of BAD_FLAGS) {
-  Deno.test(`echo-server ${args.map((arg) => arg || "''").join(" ")} prints one line and the usage, exits 2`, async () => {
-    assertUsageError(
-      await run([], args),
-      message,
-      "Usage: echo-server [options]",
-    );
+  Deno.test(`echo-server ${args.map((arg) => arg || "''").join(" ")} prints one line and a pointer to --help, exits 2`, async () => {
+    assertUsageError(await run([], args), message);
   });
 }
 
@@ -496,6 +487,7 @@ Deno.test(
       assert.equal(await echoText(port, "x"), "x");
       server.child.kill("SIGTERM");
       await server.waitFor(/^SIGTERM: stopping; 1 connections/);
+      await outlastSameSignalWindow();
       server.child.kill("SIGTERM");
       const { code, stderr } = await server.exit();
       assert.equal(code, 143);
@@ -508,6 +500,34 @@ Deno.test(
       await Deno.readTextFile(`${dir}/access.log`),
       "[client 2]: received 1 bytes\n[client 1]: received 6 bytes\n",
     );
+  }),
+);
+
+Deno.test(
+  "echo-server takes a second SIGINT right after the first as the same request and drains, exits 0",
+  withTempDir(async (dir) => {
+    await using server = new ServerProcess(dir, ["--drain-timeout", "3600"]);
+    const port = await server.port();
+    const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+    try {
+      await conn.write(new TextEncoder().encode("in "));
+      assert.equal(await echoText(port, "x"), "x");
+      // What a terminal's Ctrl-C under `deno task` delivers: two at once.
+      server.child.kill("SIGINT");
+      server.child.kill("SIGINT");
+      await server.waitFor(/^SIGINT: stopping; 1 connections/);
+      await conn.write(new TextEncoder().encode("flight"));
+      await conn.closeWrite();
+      assert.equal(
+        new TextDecoder().decode(await readAll(conn)),
+        "in flight",
+      );
+    } finally {
+      conn.close();
+    }
+    const { code, stderr } = await server.exit();
+    assert.equal(code, 0, stderr);
+    assert.equal(stderr, "stopped after 2 clients\n");
   }),
 );
 
@@ -528,11 +548,10 @@ Deno.test("parseFlags() reads --metrics HOST:PORT, or :PORT on loopback, off by 
 });
 
 for (const bad of ["9400", "host:", "host:port", ":70000", "::1:9400"]) {
-  Deno.test(`echo-server --metrics ${bad} prints one line and the usage, exits 2`, async () => {
+  Deno.test(`echo-server --metrics ${bad} prints one line and a pointer to --help, exits 2`, async () => {
     assertUsageError(
       await run([], ["--metrics", bad]),
       `echo-server: --metrics must be HOST:PORT or :PORT with a port from 0 to 65535, not '${bad}'`,
-      "Usage: echo-server [options]",
     );
   });
 }
@@ -770,12 +789,7 @@ Deno.test(
     // the server accepts until accept fails with EMFILE, the rest wait in
     // the kernel's queue.
     const clients = 100;
-    const conns = await Promise.all(
-      Array.from(
-        { length: clients },
-        () => Deno.connect({ hostname: "127.0.0.1", port }),
-      ),
-    );
+    const conns = await connectMany(port, clients);
     try {
       const payloads = conns.map((_, i) =>
         new TextEncoder().encode("x".repeat(i + 1))
@@ -868,12 +882,7 @@ Deno.test(
     // More clients than the server has descriptors, all held open: the
     // server accepts until accept fails with EMFILE.
     const clients = 100;
-    const conns = await Promise.all(
-      Array.from(
-        { length: clients },
-        () => Deno.connect({ hostname: "127.0.0.1", port }),
-      ),
-    );
+    const conns = await connectMany(port, clients);
     try {
       await server.waitFor(/^accept failed.*\(os error 24\)/);
       // Now the metrics server's accept fails too, and Deno.serve stops
@@ -1026,6 +1035,7 @@ Deno.test(
       await server.waitFor(
         /^SIGINT: stopping in 3600 s; accepting until then$/,
       );
+      await outlastSameSignalWindow();
       server.child.kill("SIGINT");
       const { code, stderr } = await server.exit();
       assert.equal(code, 130, stderr);
@@ -1051,46 +1061,13 @@ async function readUntilEnd(conn: Deno.Conn): Promise<void> {
   }
 }
 
-/**
- * Connects with node:net (Deno's own sockets cannot send a reset), sends a
- * byte, then resets the connection.
- */
-async function sendByteAndReset(port: number): Promise<void> {
-  const socket = net.connect(port, "127.0.0.1");
-  await new Promise((resolve, reject) => {
-    socket.once("connect", resolve);
-    socket.once("error", reject);
-  });
-  await new Promise((resolve) => socket.write("x", resolve));
-  const closed = new Promise((resolve) => socket.once("close", resolve));
-  socket.resetAndDestroy();
-  await closed;
-}
-
 Deno.test(
   "echo-server with a stderr nobody reads serves on through 2,000 client resets, then counts the lines it held back",
   withTempDir(async (dir) => {
     // A stderr pipe the test stops reading after the start-up lines, like a
     // stalled log shipper: a pipe holds 64 KiB, about 1,100 lines of one
     // per reset, and a blocking write to a full one stops the event loop.
-    const child = new Deno.Command(Deno.execPath(), {
-      args: [
-        "run",
-        "--allow-net",
-        `--allow-write=${dir}`,
-        MAIN,
-        "--port",
-        "0",
-        "--log",
-        `${dir}/access.log`,
-        "--metrics",
-        ":0",
-      ],
-      env: { NO_COLOR: "1" },
-      stdin: "null",
-      stdout: "null",
-      stderr: "piped",
-    }).spawn();
+    const child = spawnServer(dir, ["--metrics", ":0"]);
     // If the server hangs, killing it makes the clients below fail.
     using _timeout = killAfter(child, 60_000);
     const reader = child.stderr.getReader();
@@ -1110,7 +1087,7 @@ Deno.test(
       const resets = 2000;
       for (let sent = 0; sent < resets; sent += 50) {
         await Promise.all(
-          Array.from({ length: 50 }, () => sendByteAndReset(port)),
+          Array.from({ length: 50 }, () => sendAndReset(port, "x")),
         );
       }
       assert.equal(await echoText(port, "still here"), "still here");

@@ -1,5 +1,4 @@
 import assert from "node:assert/strict";
-import net from "node:net";
 import { AccessLog } from "./access_log.ts";
 import {
   EXPOSITION_CONTENT_TYPE,
@@ -14,6 +13,8 @@ import {
   Lines,
   readAll,
   runCommand,
+  sendAndReset,
+  spawnServer,
   startServer,
   withTempDir,
   writeAll,
@@ -125,13 +126,7 @@ Deno.test("renderMetrics() counts good clients, resets and an over-limit client 
     assert.equal((await echo(s.port, new Uint8Array(i * 10))).length, i * 10);
   }
   for (let i = 0; i < RESETS; i++) {
-    // Deno's own sockets cannot send a reset; node:net's resetAndDestroy can.
-    const socket = net.connect(s.port, HOST);
-    await new Promise((resolve) => socket.once("connect", resolve));
-    await new Promise((resolve) => socket.write("abc", resolve));
-    const closed = new Promise((resolve) => socket.once("close", resolve));
-    socket.resetAndDestroy();
-    await closed;
+    await sendAndReset(s.port, "abc");
   }
   const over = await Deno.connect({ hostname: HOST, port: s.port });
   try {
@@ -427,8 +422,6 @@ Deno.test("serveMetrics() shutdown() does not wait for requests whose body never
   }
 });
 
-const MAIN = new URL("./main.ts", import.meta.url).pathname;
-
 Deno.test("serveMetrics() restarts Deno.serve after it stops, also when restarting fails", async () => {
   await using s = startServer();
   // The first server's `finished` is ours to reject, as Deno's is on
@@ -504,27 +497,12 @@ Deno.test(
         return new Response(null, { status: 200 });
       },
     );
-    const child = new Deno.Command(Deno.execPath(), {
-      args: [
-        "run",
-        "--allow-net",
-        `--allow-write=${dir}`,
-        MAIN,
-        "--port",
-        "0",
-        "--log",
-        `${dir}/access.log`,
-        "--metrics",
-        ":0",
-      ],
+    const child = spawnServer(dir, ["--metrics", ":0"], {
       env: {
         OTEL_DENO: "true",
         OTEL_EXPORTER_OTLP_ENDPOINT: `http://${HOST}:${collector.addr.port}`,
       },
-      stdin: "null",
-      stdout: "null",
-      stderr: "piped",
-    }).spawn();
+    });
     using _timeout = killAfter(child, 60_000);
     const stderr = child.stderr.pipeThrough(new TextDecoderStream());
     let text = "";
@@ -562,27 +540,10 @@ for (
     }`,
     withTempDir(async (dir) => {
       const limit = 500;
-      const child = new Deno.Command("bash", {
-        args: [
-          "-c",
-          `ulimit -Sn ${limit} -Hn ${limit} && exec "$@"`,
-          "bash",
-          Deno.execPath(),
-          "run",
-          ...permissions,
-          MAIN,
-          "--port",
-          "0",
-          "--log",
-          `${dir}/access.log`,
-          "--metrics",
-          ":0",
-        ],
-        env: { NO_COLOR: "1" },
-        stdin: "null",
-        stdout: "null",
-        stderr: "piped",
-      }).spawn();
+      const child = spawnServer(dir, ["--metrics", ":0"], {
+        permissions: [...permissions],
+        maxOpenFiles: limit,
+      });
       using _timeout = killAfter(child, 60_000);
       const stderr = new Lines(child.stderr);
       try {

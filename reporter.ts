@@ -51,13 +51,15 @@ export interface RateLimitedReporterOptions<Kind extends string> {
   label?: string;
   /**
    * Makes the summary line from the counts held back, by kind in the order
-   * of `kinds`, and their total; replaces the default format.
+   * of `kinds`, their total, and the last line held back; replaces the
+   * default format.
    *
    * @default {undefined}
    */
   summarize?: (
     counts: ReadonlyArray<readonly [Kind, number]>,
     total: number,
+    lastLine: string,
   ) => string;
   /**
    * Clock and timer.
@@ -109,18 +111,14 @@ export class RateLimitedReporter<Kind extends string> {
   #periodMs: number;
   #kinds: readonly Kind[];
   #label: string;
-  #summarize:
-    | ((
-      counts: ReadonlyArray<readonly [Kind, number]>,
-      total: number,
-    ) => string)
-    | undefined;
+  #summarize: RateLimitedReporterOptions<Kind>["summarize"];
   #clock: ReporterClock;
   // Lines written in the current period, when it began, and the lines held
   // back since, by kind, to be summed up at its end.
   #lines = 0;
   #periodStart = -Infinity;
   #held = new Map<Kind, number>();
+  #lastHeld = "";
   #timer: unknown;
 
   /** Creates a reporter that writes through `write`. */
@@ -155,6 +153,7 @@ export class RateLimitedReporter<Kind extends string> {
       return;
     }
     this.#held.set(kind, (this.#held.get(kind) ?? 0) + 1);
+    this.#lastHeld = line;
     this.#timer ??= this.#clock.setTimeout(() => {
       this.#timer = undefined;
       this.#writeSummary();
@@ -168,6 +167,16 @@ export class RateLimitedReporter<Kind extends string> {
       this.#timer = undefined;
     }
     this.#writeSummary();
+  }
+
+  /**
+   * Flushes, then forgets the period: the next line is written at once,
+   * as if nothing had been reported before.
+   */
+  reset(): void {
+    this.flush();
+    this.#periodStart = -Infinity;
+    this.#lines = 0;
   }
 
   /** Flushes, leaving no timer behind; call it when done reporting. */
@@ -196,7 +205,7 @@ export class RateLimitedReporter<Kind extends string> {
     this.#periodStart = this.#clock.now();
     this.#lines = 1;
     this.#write(
-      this.#summarize?.(counts, total) ??
+      this.#summarize?.(counts, total, this.#lastHeld) ??
         `... and ${total} more ${this.#label}${
           total === 1 ? "" : "s"
         } in the last ${periodText(this.#periodMs)} (${

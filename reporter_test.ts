@@ -119,3 +119,33 @@ Deno.test("RateLimitedReporter uses summarize for its summary line", () => {
   ]);
   reporter.close();
 });
+
+Deno.test("RateLimitedReporter.reset() writes what is held back and lets the next line out at once", () => {
+  const { lines, reporter } = reporterWith({ linesPerPeriod: 1 });
+  reporter.report("reset", "first");
+  reporter.report("reset", "held");
+  reporter.reset();
+  reporter.report("idle", "next");
+  assert.deepEqual(lines, [
+    "first",
+    "... and 1 more line in the last second (reset 1)",
+    "next",
+  ]);
+  reporter.close();
+});
+
+Deno.test("RateLimitedReporter passes the last line held back to summarize", () => {
+  const lines: string[] = [];
+  const reporter = new RateLimitedReporter<"write">(
+    (line) => lines.push(line),
+    {
+      linesPerPeriod: 1,
+      summarize: (_, total, last) => `${last} (${total} times)`,
+    },
+  );
+  reporter.report("write", "ENOSPC");
+  reporter.report("write", "EDQUOT");
+  reporter.report("write", "EIO");
+  reporter.close();
+  assert.deepEqual(lines, ["ENOSPC", "EIO (2 times)"]);
+});

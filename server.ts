@@ -23,6 +23,7 @@
  * @module
  */
 
+import { describe } from "./_errors.ts";
 import { acceptErrorKind } from "./accept_errors.ts";
 import {
   Admission,
@@ -801,9 +802,4 @@ function exhaustionLine(failures: number, error: unknown): string {
   return `accept failed ${failures} ${failures === 1 ? "time" : "times"}: ${
     describe(error)
   }; accepting again as soon as a client finishes`;
-}
-
-function describe(error: unknown): string {
-  if (error instanceof Error) return `${error.name}: ${error.message}`;
-  return String(error);
 }

@@ -1,36 +1,17 @@
 import assert from "node:assert/strict";
-import net from "node:net";
 import { MAX_INSTANCES, type ServeOptions } from "./server.ts";
 import {
   echo,
+  pattern,
   readAll,
+  sameBytes,
+  sendAndReset,
   startServer,
   type TestServer,
   writeAll,
 } from "./test_util.ts";
 
 const HOST = "127.0.0.1";
-
-/** Deterministic pseudo-random bytes, different for each seed. */
-function pattern(size: number, seed = 1): Uint8Array {
-  const bytes = new Uint8Array(size);
-  let x = (seed * 2654435761) >>> 0 || 1;
-  for (let i = 0; i < size; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    bytes[i] = x;
-  }
-  return bytes;
-}
-
-function sameBytes(actual: Uint8Array, expected: Uint8Array): boolean {
-  if (actual.length !== expected.length) return false;
-  for (let i = 0; i < actual.length; i++) {
-    if (actual[i] !== expected[i]) return false;
-  }
-  return true;
-}
 
 /**
  * Like echo, but being cut off is an outcome, not a failure: a reset, a
@@ -65,18 +46,6 @@ async function waitUntil(
     if (Date.now() > giveUp) throw new Error(`gave up waiting: ${what}`);
     await new Promise((resolve) => setTimeout(resolve, 5));
   }
-}
-
-/**
- * Connects with node:net (Deno's own sockets cannot send a reset), waits
- * for the handshake to complete, then resets the connection.
- */
-async function connectAndReset(port: number): Promise<void> {
-  const socket = net.connect(port, HOST);
-  await new Promise((resolve) => socket.once("connect", resolve));
-  const closed = new Promise((resolve) => socket.once("close", resolve));
-  socket.resetAndDestroy();
-  await closed;
 }
 
 Deno.test("serveEcho() echoes hello and logs it", async () => {
@@ -260,13 +229,7 @@ Deno.test("serveEcho() logs a client that leaves without reading and serves the 
 
 Deno.test("serveEcho() logs a client that resets mid-send and serves the next", async () => {
   await using s = startServer();
-  // Deno's own sockets cannot send a reset; node:net's resetAndDestroy can.
-  const socket = net.connect(s.port, HOST);
-  await new Promise((resolve) => socket.once("connect", resolve));
-  await new Promise((resolve) => socket.write("abc", resolve));
-  const closed = new Promise((resolve) => socket.once("close", resolve));
-  socket.resetAndDestroy();
-  await closed;
+  await sendAndReset(s.port, "abc");
   const payload = pattern(10, 10);
   assert.ok(sameBytes(await echo(s.port, payload), payload));
   await s.server.shutdown();
@@ -293,7 +256,7 @@ Deno.test("serveEcho() logs clients that reset while queued and accepts on at on
       "the held client accepted",
     );
     const resets = 5;
-    for (let i = 0; i < resets; i++) await connectAndReset(s.port);
+    for (let i = 0; i < resets; i++) await sendAndReset(s.port);
     await held.closeWrite();
     assert.deepEqual([...await readAll(held)], [1]);
     // The queue is first in, first out: this client is accepted after the

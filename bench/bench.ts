@@ -24,8 +24,16 @@
  * @module
  */
 
-import { parseArgs } from "node:util";
-import { parseInteger, parseSeconds, parseSize, UsageError } from "../flags.ts";
+import { controlRun } from "./_run.ts";
+import { parseCommand } from "./_cli.ts";
+import { checkInteger, describe } from "../_errors.ts";
+import {
+  parseCommandLine,
+  parseInteger,
+  parseSeconds,
+  parseSize,
+  UsageError,
+} from "../flags.ts";
 import {
   CHUNK_BYTES,
   PatternBuffer,
@@ -144,8 +152,6 @@ export interface BenchResult {
   errorSamples: string[];
 }
 
-/** Time connections in flight at the end of the duration get to finish. */
-const FINISH_GRACE_MS = 5000;
 const MAX_ERROR_SAMPLES = 5;
 
 type Failure = "reset" | "mismatch" | "short" | "unfinished";
@@ -426,15 +432,8 @@ export async function runBench(
   }
 
   const run = new Run(hostname, port, size, limit);
-  const stop = () => run.stop();
-  options.signal?.addEventListener("abort", stop);
-  if (options.signal?.aborted) stop();
   const start = performance.now();
-  let grace: ReturnType<typeof setTimeout> | undefined;
-  const deadline = duration === undefined ? undefined : setTimeout(() => {
-    run.finish();
-    grace = setTimeout(stop, FINISH_GRACE_MS);
-  }, duration * 1000);
+  using _control = controlRun(run, { signal: options.signal, duration });
   let lastTime = start;
   let lastOk = 0;
   const onProgress = options.onProgress;
@@ -456,10 +455,7 @@ export async function runBench(
     }
     await Promise.all(workers);
   } finally {
-    clearTimeout(deadline);
-    clearTimeout(grace);
     clearInterval(ticker);
-    options.signal?.removeEventListener("abort", stop);
   }
   const end = run.stopTime ?? performance.now();
   const elapsedSeconds = Math.max(end - start, 1e-6) / 1000;
@@ -480,19 +476,6 @@ export async function runBench(
     latencyMs: percentiles(run.latencies.subarray(0, run.ok)),
     errorSamples: run.errorSamples,
   };
-}
-
-function checkInteger(
-  name: string,
-  value: number,
-  min: number,
-  max: number,
-): void {
-  if (!(Number.isInteger(value) && value >= min && value <= max)) {
-    throw new RangeError(
-      `${name} must be a whole number from ${min} to ${max}, not ${value}`,
-    );
-  }
 }
 
 function percentiles(latencies: Float64Array): LatencyMs {
@@ -525,11 +508,6 @@ export function formatResult(result: BenchResult): string {
       ms(latencyMs.p99)
     }, max ${ms(latencyMs.max)}`,
   ].join("\n");
-}
-
-function describe(error: unknown): string {
-  if (error instanceof Error) return `${error.name}: ${error.message}`;
-  return String(error);
 }
 
 function hex(byte: number): string {
@@ -612,35 +590,25 @@ export interface MixCommandOptions extends MixOptions {
 export function parseBenchArgs(
   args: string[],
 ): BenchOptions | MixCommandOptions | "help" {
-  let values;
-  try {
-    ({ values } = parseArgs({
-      args,
-      strict: true,
-      allowPositionals: false,
-      options: {
-        host: { type: "string" },
-        port: { type: "string" },
-        concurrency: { type: "string" },
-        size: { type: "string" },
-        duration: { type: "string" },
-        connections: { type: "string" },
-        mix: { type: "boolean" },
-        kinds: { type: "string" },
-        attacks: { type: "boolean" },
-        "max-connections": { type: "string" },
-        "max-buffered": { type: "string" },
-        "max-client-bytes": { type: "string" },
-        "good-within": { type: "string" },
-        "large-size": { type: "string" },
-        oversize: { type: "string" },
-        log: { type: "string" },
-        help: { type: "boolean", short: "h" },
-      },
-    }));
-  } catch (error) {
-    throw new UsageError(error instanceof Error ? error.message : `${error}`);
-  }
+  const { values } = parseCommandLine(args, {
+    host: { type: "string" },
+    port: { type: "string" },
+    concurrency: { type: "string" },
+    size: { type: "string" },
+    duration: { type: "string" },
+    connections: { type: "string" },
+    mix: { type: "boolean" },
+    kinds: { type: "string" },
+    attacks: { type: "boolean" },
+    "max-connections": { type: "string" },
+    "max-buffered": { type: "string" },
+    "max-client-bytes": { type: "string" },
+    "good-within": { type: "string" },
+    "large-size": { type: "string" },
+    oversize: { type: "string" },
+    log: { type: "string" },
+    help: { type: "boolean", short: "h" },
+  });
   if (values.help) return "help";
   if (values.host === "") throw new UsageError("--host must not be empty");
   const options: BenchOptions = {
@@ -782,18 +750,8 @@ function writeStderr(text: string): void {
 }
 
 async function main(args: string[]): Promise<number> {
-  let options;
-  try {
-    options = parseBenchArgs(args);
-  } catch (error) {
-    if (!(error instanceof UsageError)) throw error;
-    console.error(`bench: ${error.message}\n\n${USAGE}`);
-    return 2;
-  }
-  if (options === "help") {
-    console.log(USAGE);
-    return 0;
-  }
+  const options = parseCommand("bench", USAGE, () => parseBenchArgs(args));
+  if (typeof options === "number") return options;
   const tty = Deno.stderr.isTerminal();
   const limits = [
     options.duration === undefined ? undefined : `${options.duration} s`,
@@ -804,9 +762,16 @@ async function main(args: string[]): Promise<number> {
       }`,
   ].filter((limit) => limit !== undefined).join(" or ");
   let progressShown = false;
-  const progress = (text: string) => {
+  // One line a second: seconds, counts and rates, failures.
+  const progress = (seconds: number, counts: string, failures: string) => {
     progressShown = true;
+    const text = `${seconds.toFixed(0).padStart(3)} s  ${counts}  ${failures}`;
     writeStderr(`${tty ? "\r" : ""}${text}${tty ? "\x1b[K" : "\n"}`);
+  };
+  // Ends the progress line, then shows the run's sample errors.
+  const finished = (errorSamples: readonly string[]) => {
+    if (tty && progressShown) writeStderr("\n");
+    for (const sample of errorSamples) writeStderr(`bench: ${sample}\n`);
   };
   const abort = new AbortController();
   // Ctrl-C stops the run and still prints the summary; a second one quits.
@@ -833,11 +798,11 @@ async function main(args: string[]): Promise<number> {
           signal: abort.signal,
           onProgress: (p) =>
             progress(
-              `${p.elapsedSeconds.toFixed(0).padStart(3)} s  ${
-                String(p.connected).padStart(8)
-              } connected  ${
+              p.elapsedSeconds,
+              `${String(p.connected).padStart(8)} connected  ${
                 p.echoesPerSecond.toFixed(0).padStart(6)
-              } echo/s  ${p.failures} failures`,
+              } echo/s`,
+              `${p.failures} failures`,
             ),
         });
       } catch (error) {
@@ -848,10 +813,7 @@ async function main(args: string[]): Promise<number> {
         );
         return 1;
       }
-      if (tty && progressShown) writeStderr("\n");
-      for (const sample of result.errorSamples) {
-        writeStderr(`bench: ${sample}\n`);
-      }
+      finished(result.errorSamples);
       console.log(formatMixResult(result));
       if (result.log !== undefined) console.log(formatLogReport(result.log));
       return result.ok ? 0 : 1;
@@ -866,17 +828,14 @@ async function main(args: string[]): Promise<number> {
       signal: abort.signal,
       onProgress: (p) =>
         progress(
-          `${p.elapsedSeconds.toFixed(0).padStart(3)} s  ${
-            String(p.connections).padStart(8)
-          } conns  ${
+          p.elapsedSeconds,
+          `${String(p.connections).padStart(8)} conns  ${
             p.connectionsPerSecond.toFixed(0).padStart(6)
-          } conn/s  ${p.errors} errors`,
+          } conn/s`,
+          `${p.errors} errors`,
         ),
     });
-    if (tty && progressShown) writeStderr("\n");
-    for (const sample of result.errorSamples) {
-      writeStderr(`bench: ${sample}\n`);
-    }
+    finished(result.errorSamples);
     console.log(formatResult(result));
     return result.errors > 0 || result.connections === 0 ? 1 : 0;
   } finally {

@@ -41,6 +41,9 @@
  * @module
  */
 
+import { controlRun } from "./_run.ts";
+import { writeAll } from "../_bytes.ts";
+import { checkInteger, describe } from "../_errors.ts";
 import * as net from "node:net";
 import { type LogReport, LogTail, type WaitOptions } from "./log_check.ts";
 import {
@@ -223,8 +226,6 @@ export interface MixResult {
   ok: boolean;
 }
 
-/** Time clients in flight at the end of the duration get to finish. */
-const FINISH_GRACE_MS = 5000;
 const RESET_MID_SEND_BYTES = 32 * 1024;
 const NO_READ_BYTES = 4096;
 const SLOWLORIS_BYTES = 10;
@@ -357,15 +358,8 @@ export async function runMix(options: MixOptions = {}): Promise<MixResult> {
     : await LogTail.open(options.logPath);
   try {
     const run = new MixRun(hostname, port, settings, limit, goodWithinMs);
-    const stop = () => run.stop();
-    options.signal?.addEventListener("abort", stop);
-    if (options.signal?.aborted) stop();
     const start = performance.now();
-    let grace: ReturnType<typeof setTimeout> | undefined;
-    const deadline = duration === undefined ? undefined : setTimeout(() => {
-      run.finish();
-      grace = setTimeout(stop, FINISH_GRACE_MS);
-    }, duration * 1000);
+    const control = controlRun(run, { signal: options.signal, duration });
     const onProgress = options.onProgress;
     let lastTime = start;
     let lastOk = 0;
@@ -394,10 +388,8 @@ export async function runMix(options: MixOptions = {}): Promise<MixResult> {
       await Promise.all(workers);
       end = performance.now();
     } finally {
-      clearTimeout(deadline);
-      clearTimeout(grace);
       clearInterval(ticker);
-      options.signal?.removeEventListener("abort", stop);
+      control[Symbol.dispose]();
     }
 
     const kindResults = kinds.map((kind) => run.results.get(kind)!);
@@ -1024,12 +1016,6 @@ async function sendAll(
   }
 }
 
-async function writeAll(conn: Deno.TcpConn, bytes: Uint8Array): Promise<void> {
-  for (let written = 0; written < bytes.length;) {
-    written += await conn.write(bytes.subarray(written));
-  }
-}
-
 /** Waits `ms`, or less if `signal` aborts first. */
 function sleep(ms: number, signal: AbortSignal): Promise<void> {
   return new Promise((resolve) => {
@@ -1042,24 +1028,6 @@ function sleep(ms: number, signal: AbortSignal): Promise<void> {
     signal.addEventListener("abort", done);
     if (signal.aborted) done();
   });
-}
-
-function checkInteger(
-  name: string,
-  value: number,
-  min: number,
-  max: number,
-): void {
-  if (!(Number.isInteger(value) && value >= min && value <= max)) {
-    throw new RangeError(
-      `${name} must be a whole number from ${min} to ${max}, not ${value}`,
-    );
-  }
-}
-
-function describe(error: unknown): string {
-  if (error instanceof Error) return `${error.name}: ${error.message}`;
-  return String(error);
 }
 
 function hex(byte: number): string {

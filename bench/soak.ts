@@ -29,8 +29,8 @@
  * @module
  */
 
-import { parseArgs } from "node:util";
-import { parseSeconds, UsageError } from "../flags.ts";
+import { parseCommand } from "./_cli.ts";
+import { parseCommandLine, parseSeconds } from "../flags.ts";
 import { formatLogReport } from "./log_check.ts";
 import { countFds, readRssKiB } from "./_proc.ts";
 import {
@@ -606,20 +606,10 @@ Exit status: 0 if every check passed, 1 if one failed, 2 for bad flags.`;
  * ```
  */
 export function parseSoakArgs(args: string[]): SoakOptions | "help" {
-  let values;
-  try {
-    ({ values } = parseArgs({
-      args,
-      strict: true,
-      allowPositionals: false,
-      options: {
-        duration: { type: "string" },
-        help: { type: "boolean", short: "h" },
-      },
-    }));
-  } catch (error) {
-    throw new UsageError(error instanceof Error ? error.message : `${error}`);
-  }
+  const { values } = parseCommandLine(args, {
+    duration: { type: "string" },
+    help: { type: "boolean", short: "h" },
+  });
   if (values.help) return "help";
   return {
     duration: parseSeconds("--duration", values.duration, { default: 20 }),
@@ -627,18 +617,8 @@ export function parseSoakArgs(args: string[]): SoakOptions | "help" {
 }
 
 async function main(args: string[]): Promise<number> {
-  let options;
-  try {
-    options = parseSoakArgs(args);
-  } catch (error) {
-    if (!(error instanceof UsageError)) throw error;
-    console.error(`soak: ${error.message}\n\n${USAGE}`);
-    return 2;
-  }
-  if (options === "help") {
-    console.log(USAGE);
-    return 0;
-  }
+  const options = parseCommand("soak", USAGE, () => parseSoakArgs(args));
+  if (typeof options === "number") return options;
   console.error(`soak: echo server and bench --mix for ${options.duration} s`);
   const result = await runSoak({
     ...options,
