@@ -9,17 +9,21 @@
  */
 
 import type { AcceptErrorKind } from "./accept_errors.ts";
+import type { AdmissionReason } from "./admission.ts";
 
 /**
  * Why a client was cut off, as counted in {@linkcode EchoStats.cutoffs}:
- * over `maxClientBytes`, over `maxBufferedBytes`, idle too long, still
- * connected when the drain ran out, or its connection failed under the
- * server (almost always a reset by the client).
+ * over `maxClientBytes`, over `maxBufferedBytes` with nobody to evict, one
+ * of admission.ts's rules (idle too long, sending below `minRate`, reading
+ * its echo below `minWriteRate`, evicted for a newcomer at
+ * `maxConnections` or for memory at `maxBufferedBytes`), still connected
+ * when the drain ran out, or its connection failed under the server
+ * (almost always a reset by the client).
  */
 export type CutoffReason =
   | "client_limit"
   | "buffer_limit"
-  | "idle"
+  | AdmissionReason
   | "shutdown"
   | "reset";
 
@@ -97,6 +101,10 @@ export class EchoCounters implements EchoStats {
     client_limit: 0,
     buffer_limit: 0,
     idle: 0,
+    min_rate: 0,
+    slow_reader: 0,
+    slot_eviction: 0,
+    memory_eviction: 0,
     shutdown: 0,
     reset: 0,
   };

@@ -11,10 +11,14 @@ import { AccessLog, DEFAULT_MAX_BACKLOG_BYTES } from "./access_log.ts";
 import { Diagnostics } from "./diagnostics.ts";
 import {
   DEFAULT_DRAIN_TIMEOUT_MS,
+  DEFAULT_EVICTION_GRACE_MS,
   DEFAULT_IDLE_TIMEOUT_MS,
   DEFAULT_MAX_BUFFERED_BYTES,
   DEFAULT_MAX_CLIENT_BYTES,
   DEFAULT_MAX_CONNECTIONS,
+  DEFAULT_MIN_RATE,
+  DEFAULT_MIN_RATE_GRACE_MS,
+  DEFAULT_MIN_WRITE_RATE,
   MAX_INSTANCES,
   serveEcho,
 } from "./server.ts";
@@ -49,6 +53,14 @@ export interface Config {
   maxConnections: number;
   /** A client idle this long is cut off (`--idle-timeout`, in ms). */
   idleTimeoutMs: number;
+  /** Bytes per second a client must send until it half-closes (`--min-rate`); 0 is off. */
+  minRate: number;
+  /** How long a client may send below it (`--min-rate-grace`, in ms). */
+  minRateGraceMs: number;
+  /** Bytes per second a client must read its echo at (`--min-read-rate`); 0 is off. */
+  minWriteRate: number;
+  /** Clients younger than this are never evicted (`--eviction-grace`, in ms); 0 turns eviction off. */
+  evictionGraceMs: number;
   /** Time clients get to finish on SIGINT/SIGTERM (`--drain-timeout`, in ms). */
   drainTimeoutMs: number;
   /** Time between SIGINT/SIGTERM and closing the listener, while /healthz
@@ -87,9 +99,25 @@ Options:
   --max-buffered SIZE      buffer memory for all clients together (default ${
   DEFAULT_MAX_BUFFERED_BYTES / MIB
 }MiB)
-  --max-connections N      clients served at once (default ${DEFAULT_MAX_CONNECTIONS})
+  --max-connections N      clients served at once; at the limit a newcomer
+                           evicts the slowest (default ${DEFAULT_MAX_CONNECTIONS})
   --idle-timeout SECONDS   cut off a client idle this long (default ${
   DEFAULT_IDLE_TIMEOUT_MS / 1000
+})
+  --min-rate SIZE          bytes a second a client must send on average until
+                           it half-closes, after --min-rate-grace; 0 is off
+                           (default ${DEFAULT_MIN_RATE})
+  --min-rate-grace SECONDS time a client may send below --min-rate (default ${
+  DEFAULT_MIN_RATE_GRACE_MS / 1000
+})
+  --min-read-rate SIZE     bytes a second a client must read its echo at, on
+                           average, once idle; 0 is off (default ${
+  DEFAULT_MIN_WRITE_RATE / 1024
+}KiB)
+  --eviction-grace SECONDS clients connected this long may be evicted for a
+                           newcomer at --max-connections; 0 turns eviction
+                           off, for --max-buffered too (default ${
+  DEFAULT_EVICTION_GRACE_MS / 1000
 })
   --drain-timeout SECONDS  on SIGINT/SIGTERM, time clients get to finish (default ${
   DEFAULT_DRAIN_TIMEOUT_MS / 1000
@@ -135,6 +163,10 @@ export function parseFlags(args: string[]): Config | "help" | "version" {
     "max-buffered": { type: "string" },
     "max-connections": { type: "string" },
     "idle-timeout": { type: "string" },
+    "min-rate": { type: "string" },
+    "min-rate-grace": { type: "string" },
+    "min-read-rate": { type: "string" },
+    "eviction-grace": { type: "string" },
     "drain-timeout": { type: "string" },
     "shutdown-delay": { type: "string" },
     instance: { type: "string" },
@@ -173,6 +205,23 @@ export function parseFlags(args: string[]): Config | "help" | "version" {
     idleTimeoutMs: milliseconds(
       parseSeconds("--idle-timeout", values["idle-timeout"], {
         default: DEFAULT_IDLE_TIMEOUT_MS / 1000,
+      }),
+    ),
+    minRate: parseSize("--min-rate", values["min-rate"], {
+      default: DEFAULT_MIN_RATE,
+    }),
+    minRateGraceMs: milliseconds(
+      parseSeconds("--min-rate-grace", values["min-rate-grace"], {
+        default: DEFAULT_MIN_RATE_GRACE_MS / 1000,
+      }),
+    ),
+    minWriteRate: parseSize("--min-read-rate", values["min-read-rate"], {
+      default: DEFAULT_MIN_WRITE_RATE,
+    }),
+    evictionGraceMs: milliseconds(
+      parseSeconds("--eviction-grace", values["eviction-grace"], {
+        default: DEFAULT_EVICTION_GRACE_MS / 1000,
+        allowZero: true,
       }),
     ),
     drainTimeoutMs: milliseconds(

@@ -171,6 +171,10 @@ Deno.test("parseFlags() gives the defaults and reads sizes and seconds", () => {
     maxBufferedBytes: 512 * 1024 * 1024,
     maxConnections: 16384,
     idleTimeoutMs: 30_000,
+    minRate: 500,
+    minRateGraceMs: 20_000,
+    minWriteRate: 16 * 1024,
+    evictionGraceMs: 2000,
     drainTimeoutMs: 10_000,
     shutdownDelayMs: 0,
     instance: 1,
@@ -187,6 +191,10 @@ Deno.test("parseFlags() gives the defaults and reads sizes and seconds", () => {
     "--shutdown-delay=2.5",
     "--instance=3/4",
     "--log-backlog=8KiB",
+    "--min-rate=0",
+    "--min-rate-grace=5",
+    "--min-read-rate=32KiB",
+    "--eviction-grace=0",
   ]);
   assert.ok(typeof config === "object");
   assert.equal(config.hostname, "0.0.0.0");
@@ -196,6 +204,10 @@ Deno.test("parseFlags() gives the defaults and reads sizes and seconds", () => {
   assert.equal(config.idleTimeoutMs, 250);
   assert.equal(config.drainTimeoutMs, 0);
   assert.equal(config.shutdownDelayMs, 2500);
+  assert.equal(config.minRate, 0);
+  assert.equal(config.minRateGraceMs, 5000);
+  assert.equal(config.minWriteRate, 32 * 1024);
+  assert.equal(config.evictionGraceMs, 0);
   assert.equal(config.instance, 3);
   assert.equal(config.instances, 4);
   assert.equal(config.logBacklogBytes, 8192);
@@ -232,6 +244,14 @@ Deno.test("echo-server --help lists every flag with its default", async () => {
       "(default 16384)",
       "--idle-timeout SECONDS",
       "(default 30)",
+      "--min-rate SIZE",
+      "(default 500)",
+      "--min-rate-grace SECONDS",
+      "(default 20)",
+      "--min-read-rate SIZE",
+      "(default 16KiB)",
+      "--eviction-grace SECONDS",
+      "(default 2)",
       "--drain-timeout SECONDS",
       "(default 10)",
       "--shutdown-delay SECONDS",

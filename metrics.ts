@@ -335,6 +335,12 @@ export function renderMetrics(
     server.connections,
   );
   family(
+    "echo_connections_max",
+    "gauge",
+    "--max-connections: at it, a newcomer evicts the slowest client past its grace.",
+    server.limits.maxConnections,
+  );
+  family(
     "echo_connections_accepted_total",
     "counter",
     "Clients accepted; equals access log lines written plus lines in echo_log_backlog_lines plus echo_log_dropped_lines_total plus clients being served.",
@@ -355,7 +361,7 @@ export function renderMetrics(
   family(
     "echo_cutoffs_total",
     "counter",
-    "Clients cut off, by reason: client_limit (over --max-client-bytes), buffer_limit (over --max-buffered), idle, shutdown (drain ran out), reset (connection failed, e.g. reset by the client).",
+    "Clients cut off, by reason: client_limit (over --max-client-bytes), buffer_limit (over --max-buffered, nobody to evict), idle, min_rate (sent below --min-rate), slow_reader (read its echo below --min-read-rate), slot_eviction (evicted for a newcomer at --max-connections), memory_eviction (evicted for memory at --max-buffered), shutdown (drain ran out), reset (connection failed, e.g. reset by the client).",
     { label: "reason", counts: stats.cutoffs },
   );
   family(
@@ -389,6 +395,12 @@ export function renderMetrics(
     "gauge",
     "Buffer memory held for clients, counted against --max-buffered.",
     server.bufferedBytes,
+  );
+  family(
+    "echo_buffered_bytes_max",
+    "gauge",
+    "--max-buffered: past it, the clients holding the most for the least progress are evicted.",
+    server.limits.maxBufferedBytes,
   );
   family(
     "echo_spare_buffer_bytes",

@@ -174,7 +174,17 @@ Deno.test("renderMetrics() counts good clients, resets and an over-limit client 
       sample(m, 'echo_accept_errors_total{kind="client"}'),
     RESETS,
   );
-  for (const reason of ["buffer_limit", "idle", "shutdown"]) {
+  for (
+    const reason of [
+      "buffer_limit",
+      "idle",
+      "min_rate",
+      "slow_reader",
+      "slot_eviction",
+      "memory_eviction",
+      "shutdown",
+    ]
+  ) {
     assert.equal(sample(m, `echo_cutoffs_total{reason="${reason}"}`), 0);
   }
   assert.equal(sample(m, 'echo_accept_errors_total{kind="exhaustion"}'), 0);
@@ -197,6 +207,9 @@ Deno.test("renderMetrics() counts good clients, resets and an over-limit client 
     previous = count;
   }
   assert.equal(sample(m, "echo_buffered_bytes"), 0);
+  // How close to each limit: the limits beside the gauges.
+  assert.equal(sample(m, "echo_connections_max"), 16384);
+  assert.equal(sample(m, "echo_buffered_bytes_max"), 512 * 1024 * 1024);
   assert.ok(sample(m, "process_resident_memory_bytes") > 0);
   assert.ok(sample(m, "process_start_time_seconds") <= Date.now() / 1000);
 });
@@ -578,6 +591,10 @@ const NO_CUTOFFS = {
   client_limit: 0,
   buffer_limit: 0,
   idle: 0,
+  min_rate: 0,
+  slow_reader: 0,
+  slot_eviction: 0,
+  memory_eviction: 0,
   shutdown: 0,
   reset: 0,
 };

@@ -15,13 +15,25 @@
  *
  * Admission (who gets a connection slot at `maxConnections`, who loses
  * memory at `maxBufferedBytes`, who is cut off for making too little
- * progress) is decided at the three places marked `ADMISSION:` below.
+ * progress) is decided by `admission.ts`, asked at the three places marked
+ * `ADMISSION:` below: the accept loop at the limit, the allocator at the
+ * limit, and the periodic sweep. None of them adds a timer per client or
+ * an await per read.
  *
  * @module
  */
 
 import { describe } from "./_errors.ts";
 import { acceptErrorKind } from "./accept_errors.ts";
+import {
+  Admission,
+  type AdmissionReason,
+  type ClientProgress,
+  DEFAULT_EVICTION_GRACE_MS,
+  DEFAULT_MIN_RATE,
+  DEFAULT_MIN_RATE_GRACE_MS,
+  DEFAULT_MIN_WRITE_RATE,
+} from "./admission.ts";
 import {
   BufferBudget,
   type BufferHolder,
@@ -42,6 +54,12 @@ export {
   DURATION_BUCKETS_SECONDS,
   type EchoStats,
 } from "./echo_stats.ts";
+export {
+  DEFAULT_EVICTION_GRACE_MS,
+  DEFAULT_MIN_RATE,
+  DEFAULT_MIN_RATE_GRACE_MS,
+  DEFAULT_MIN_WRITE_RATE,
+};
 
 /** Called once for every accepted client, however its connection ended. */
 export type ClientDone = (clientId: number, bytesReceived: number) => void;
@@ -67,26 +85,60 @@ export interface ServeOptions {
    */
   maxClientBytes?: number;
   /**
-   * Buffer memory held for all clients together; the client whose read
-   * would pass it is cut off.
+   * Buffer memory held for all clients together. When a read would pass
+   * it, the other clients holding the most for the least progress are
+   * evicted; if they hold too little, the asking client is cut off.
    *
    * @default {512 * 1024 * 1024}
    */
   maxBufferedBytes?: number;
   /**
-   * Connections served at once; at the limit the server stops accepting
-   * and the kernel's queue holds the rest.
+   * Connections served at once. At the limit a newcomer is accepted and
+   * the slowest client past its grace
+   * ({@linkcode ServeOptions.evictionGraceMs}) is evicted for it; while
+   * none is past it (or with eviction off) the kernel's queue holds the
+   * rest.
    *
    * @default {16384}
    */
   maxConnections?: number;
   /**
    * A client that makes no progress reading or writing for this long is
-   * cut off, in milliseconds.
+   * cut off, in milliseconds; while its echo is written, only if it also
+   * reads below {@linkcode ServeOptions.minWriteRate}.
    *
    * @default {30_000}
    */
   idleTimeoutMs?: number;
+  /**
+   * Bytes per second a client must average until it half-closes, once
+   * {@linkcode ServeOptions.minRateGraceMs} is over; 0 turns the rule off.
+   *
+   * @default {500}
+   */
+  minRate?: number;
+  /**
+   * How long a client may send below `minRate`, in milliseconds.
+   *
+   * @default {20_000}
+   */
+  minRateGraceMs?: number;
+  /**
+   * Bytes per second a client must read its echo at, on average since it
+   * half-closed, once idle for `idleTimeoutMs`; 0 leaves the idle rule
+   * alone on the write side.
+   *
+   * @default {16_384}
+   */
+  minWriteRate?: number;
+  /**
+   * How long a newcomer that keeps moving bytes cannot be evicted for a
+   * slot, in milliseconds; 0 turns eviction off, for memory too
+   * (admission.ts).
+   *
+   * @default {2000}
+   */
+  evictionGraceMs?: number;
   /**
    * Which of several server instances sharing one access log this is, from
    * 1 to {@linkcode ServeOptions.instances}. Instance I of N numbers its
@@ -138,6 +190,8 @@ export interface EchoServer {
   readonly bufferedBytes: number;
   /** Spare chunks kept for reuse; dropped first when clients need the room. */
   readonly spareBufferBytes: number;
+  /** The limits it runs with, to show how close it is to each. */
+  readonly limits: ServerLimits;
   /** Running totals: bytes, cut-offs, accept errors, durations. */
   readonly stats: EchoStats;
   /**
@@ -145,6 +199,16 @@ export interface EchoServer {
    * cuts off the rest, and resolves once every client has been reported.
    */
   shutdown(options?: ShutdownOptions): Promise<void>;
+}
+
+/** The limits of an {@linkcode EchoServer}, defaults applied. */
+export interface ServerLimits {
+  /** {@linkcode ServeOptions.maxConnections}. */
+  readonly maxConnections: number;
+  /** {@linkcode ServeOptions.maxBufferedBytes}. */
+  readonly maxBufferedBytes: number;
+  /** {@linkcode ServeOptions.maxClientBytes}. */
+  readonly maxClientBytes: number;
 }
 
 /** Default for {@linkcode ServeOptions.maxClientBytes}: 64 MiB. */
@@ -194,6 +258,10 @@ const CLIENT_LINE_KINDS: readonly ClientLineKind[] = [
   "client_limit",
   "buffer_limit",
   "idle",
+  "min_rate",
+  "slow_reader",
+  "slot_eviction",
+  "memory_eviction",
   "shutdown",
   "accept_unknown",
   "not_logged",
@@ -228,18 +296,28 @@ export function serveEcho(
   return new Server(onClientDone, options);
 }
 
-/** Per-connection state, one object so the idle sweep can see every client. */
-class Client implements BufferHolder {
+/**
+ * Per-connection state, one object so the sweep can see every client; the
+ * progress fields are what admission.ts judges.
+ */
+class Client implements BufferHolder, ClientProgress {
   bytesReceived = 0;
+  bytesSent = 0;
   /** Buffer capacity this client holds, counted against maxBufferedBytes. */
   bufferedBytes = 0;
   lastActivity: number;
+  eofAt: number | undefined = undefined;
+  windowStart: number;
+  windowMoved = 0;
+  windowRate = -1;
   cutOffReason: string | undefined = undefined;
+  /** Evicted for memory: its buffers were let go then, none since. */
+  evicted = false;
   chunks: Uint8Array[] = [];
   readonly acceptedAt: number;
 
   constructor(readonly conn: Deno.TcpConn, readonly clientId: number) {
-    this.acceptedAt = this.lastActivity = performance.now();
+    this.acceptedAt = this.lastActivity = this.windowStart = performance.now();
   }
 }
 
@@ -250,6 +328,7 @@ class Server implements EchoServer {
   #maxClientBytes: number;
   #maxConnections: number;
   #idleTimeoutMs: number;
+  #admission: Admission;
 
   #clients = new Set<Client>();
   #stats = new EchoCounters();
@@ -280,6 +359,13 @@ class Server implements EchoServer {
     });
     this.#maxConnections = options.maxConnections ?? DEFAULT_MAX_CONNECTIONS;
     this.#idleTimeoutMs = options.idleTimeoutMs ?? DEFAULT_IDLE_TIMEOUT_MS;
+    this.#admission = new Admission({
+      idleTimeoutMs: this.#idleTimeoutMs,
+      minRate: options.minRate,
+      minRateGraceMs: options.minRateGraceMs,
+      minWriteRate: options.minWriteRate,
+      evictionGraceMs: options.evictionGraceMs,
+    });
     const { instance = 1, instances = 1 } = options;
     if (
       !Number.isSafeInteger(instances) || !Number.isSafeInteger(instance) ||
@@ -308,9 +394,17 @@ class Server implements EchoServer {
     });
     this.addr = this.#listener.addr;
     // One sweep for all clients instead of a timer per read or write.
+    const { minRate, minRateGraceMs } = this.#admission;
     this.#idleSweep = setInterval(
       () => this.#sweep(),
-      Math.max(10, Math.min(1000, this.#idleTimeoutMs / 2)),
+      Math.max(
+        10,
+        Math.min(
+          1000,
+          this.#idleTimeoutMs / 2,
+          minRate > 0 ? minRateGraceMs / 2 : Infinity,
+        ),
+      ),
     );
     this.#accept().finally(() => {
       this.#acceptLoopDone = true;
@@ -333,6 +427,14 @@ class Server implements EchoServer {
 
   get bufferedBytes(): number {
     return this.#budget.bufferedBytes;
+  }
+
+  get limits(): ServerLimits {
+    return {
+      maxConnections: this.#maxConnections,
+      maxBufferedBytes: this.#budget.maxBufferedBytes,
+      maxClientBytes: this.#maxClientBytes,
+    };
   }
 
   get spareBufferBytes(): number {
@@ -383,12 +485,18 @@ class Server implements EchoServer {
 
   async #accept(): Promise<void> {
     while (!this.#stopping) {
-      // ADMISSION: who gets a slot. At the limit, leave the rest in the
-      // kernel's accept queue until a client finishes.
+      // ADMISSION: who gets a slot. At the limit, accept a newcomer only
+      // if a client can be evicted for it (below); else leave the rest in
+      // the kernel's accept queue until a client finishes or a grace ends.
       if (this.#clients.size >= this.#maxConnections) {
-        await new Promise<void>((resolve) => this.#wakeAcceptLoop = resolve);
-        this.#wakeAcceptLoop = undefined;
-        continue;
+        const wait = this.#admission.msUntilEvictable(
+          this.#clients,
+          performance.now(),
+        );
+        if (wait > 0) {
+          await this.#pauseAccepting(wait);
+          continue;
+        }
       }
       let conn: Deno.TcpConn;
       try {
@@ -433,6 +541,7 @@ class Server implements EchoServer {
         continue;
       }
       const client = new Client(conn, this.#nextClientId());
+      if (this.#clients.size >= this.#maxConnections) this.#evictForSlot();
       this.#serve(client);
       // Accepted just as the drain ran out: it is logged, but not waited for.
       if (this.#drainExpired) {
@@ -445,10 +554,10 @@ class Server implements EchoServer {
     }
   }
 
-  /** Waits until a client finishes, shutdown starts, or ACCEPT_RETRY_MS. */
-  async #pauseAccepting(): Promise<void> {
+  /** Waits until a client finishes, shutdown starts, or `ms` passed. */
+  async #pauseAccepting(ms = ACCEPT_RETRY_MS): Promise<void> {
     await new Promise<void>((resolve) => {
-      const timer = setTimeout(resolve, ACCEPT_RETRY_MS);
+      const timer = ms === Infinity ? undefined : setTimeout(resolve, ms);
       this.#wakeAcceptLoop = () => {
         clearTimeout(timer);
         resolve();
@@ -472,7 +581,8 @@ class Server implements EchoServer {
           filled === 0 ? chunk : chunk.subarray(filled),
         );
         if (n === null) {
-          budget.keepLast(client, chunk, filled);
+          client.eofAt = performance.now();
+          if (!client.evicted) budget.keepLast(client, chunk, filled);
           break;
         }
         if (!this.#count(client, n)) break;
@@ -536,8 +646,11 @@ class Server implements EchoServer {
         );
         written += n;
         this.#stats.sentBytes += n;
+        client.bytesSent += n;
         client.lastActivity = performance.now();
       }
+      // Evicted while this write completed: its buffers are already gone.
+      if (client.evicted) return;
       // Free each chunk once it is sent rather than holding all to the end.
       chunks[i] = EMPTY;
       this.#budget.free(client, chunk);
@@ -546,11 +659,17 @@ class Server implements EchoServer {
 
   /** A new read chunk, or undefined (client cut off) if over a limit. */
   #allocate(client: Client, size: number): Uint8Array | undefined {
+    // Cut off (or evicted) while a read completed: it gets no more.
+    if (client.cutOffReason !== undefined) return undefined;
     // Never buffer more than one byte past the per-client limit.
     size = Math.min(size, this.#maxClientBytes + 1 - client.bytesReceived);
-    const chunk = this.#budget.allocate(client, size);
-    // ADMISSION: who loses memory. Today the client whose read would pass
-    // the limit is the one cut off.
+    let chunk = this.#budget.allocate(client, size);
+    // ADMISSION: who loses memory. Others holding the most for the least
+    // progress are evicted for this read; only if they hold too little is
+    // the asking client the one cut off.
+    if (chunk === undefined && this.#evictForMemory(client, size)) {
+      chunk = this.#budget.allocate(client, size);
+    }
     if (chunk === undefined) {
       this.#cutOff(
         client,
@@ -574,22 +693,89 @@ class Server implements EchoServer {
     client.conn.close();
   }
 
-  /** The periodic sweep: cuts off idle clients, lets unused spares go. */
+  /**
+   * The periodic sweep: cuts off clients idle or below a minimum rate, lets
+   * unused spares go.
+   */
   #sweep(): void {
     this.#budget.trimSpares();
-    // ADMISSION: who is cut off for making no progress. Today: no read or
-    // write for idleTimeoutMs.
+    // ADMISSION: who is cut off for making too little progress: idle,
+    // sending below minRate, reading below minWriteRate (admission.ts).
     // Monotonic: a wall-clock jump must not cut everyone off.
-    const deadline = performance.now() - this.#idleTimeoutMs;
+    const now = performance.now();
     for (const client of this.#clients) {
-      if (client.lastActivity <= deadline) {
-        this.#cutOff(
-          client,
-          "idle",
-          `idle for more than ${this.#idleTimeoutMs / 1000} s`,
-        );
+      const verdict = this.#admission.check(client, now);
+      if (verdict !== undefined) {
+        this.#cutOff(client, verdict, this.#verdictText(verdict, client, now));
       }
     }
+  }
+
+  #verdictText(verdict: AdmissionReason, client: Client, now: number): string {
+    const { minRate, minWriteRate } = this.#admission;
+    switch (verdict) {
+      case "min_rate":
+        return `sent below the minimum rate of ${minRate} B/s for ${
+          seconds(now - client.acceptedAt)
+        } s without half-closing`;
+      case "slow_reader":
+        return `read its echo below the minimum rate of ${minWriteRate} B/s (${client.bytesSent} bytes taken in ${
+          seconds(now - client.eofAt!)
+        } s)`;
+      default:
+        return `idle for more than ${this.#idleTimeoutMs / 1000} s`;
+    }
+  }
+
+  /** At maxConnections with a newcomer accepted: evicts the slowest. */
+  #evictForSlot(): void {
+    const now = performance.now();
+    const victim = this.#admission.slotVictim(this.#clients, now) as
+      | Client
+      | undefined;
+    if (victim === undefined) return;
+    this.#cutOff(
+      victim,
+      "slot_eviction",
+      `evicted for a newcomer at the limit of ${this.#maxConnections} connections (${
+        Math.round(this.#admission.rate(victim, now))
+      } B/s, the slowest)`,
+    );
+  }
+
+  /**
+   * Evicts the other clients holding the most buffer for the least
+   * progress until `size` more bytes fit; false (nobody evicted) if they
+   * hold too little. Their buffers are let go at once, so the read that
+   * asked fits now.
+   */
+  #evictForMemory(asking: Client, size: number): boolean {
+    const needed = this.#budget.bufferedBytes + size -
+      this.#budget.maxBufferedBytes;
+    const now = performance.now();
+    const victims = this.#admission.memoryVictims(
+      this.#clients,
+      asking,
+      needed,
+      now,
+    ) as Client[] | undefined;
+    if (victims === undefined) return false;
+    for (const victim of victims) {
+      const held = victim.bufferedBytes;
+      this.#cutOff(
+        victim,
+        "memory_eviction",
+        `evicted: server buffer limit of ${this.#budget.maxBufferedBytes} bytes reached, it held ${held} bytes at ${
+          Math.round(this.#admission.rate(victim, now))
+        } B/s`,
+      );
+      // Its pending read or write is rejected by the close; nothing of its
+      // chunks is used again.
+      this.#budget.release(victim, held);
+      victim.evicted = true;
+      victim.chunks = [];
+    }
+    return true;
   }
 
   #report(clientId: number, bytesReceived: number): void {
@@ -606,6 +792,10 @@ class Server implements EchoServer {
 }
 
 const EMPTY = new Uint8Array(0);
+
+function seconds(ms: number): string {
+  return (ms / 1000).toFixed(1);
+}
 
 /** The line about `failures` accepts that failed for want of fds. */
 function exhaustionLine(failures: number, error: unknown): string {

@@ -42,6 +42,7 @@ import {
 } from "./pattern.ts";
 import { formatLogReport } from "./log_check.ts";
 import {
+  ATTACK_KINDS,
   CLIENT_KINDS,
   type ClientKind,
   formatMixResult,
@@ -540,6 +541,16 @@ Fault injection:
   --mix                run misbehaving clients beside the good ones:
                        ${CLIENT_KINDS.join(", ")}
   --kinds LIST         with --mix, only these kinds (comma-separated)
+  --attacks            with --mix, add the attacks: ${ATTACK_KINDS.join(", ")},
+                       scaled to the limits below; a good client not served
+                       within --good-within fails the run
+  --max-connections N  the server's --max-connections (default 16384)
+  --max-buffered SIZE  the server's --max-buffered (default 512MiB)
+  --max-client-bytes SIZE
+                       the server's --max-client-bytes (default 64MiB)
+  --good-within SECONDS
+                       bound on a good client's connect-to-echo time (default
+                       5 with --attacks, else none)
   --large-size SIZE    payload of an echo-large client (default 1MiB)
   --oversize SIZE      bytes an oversize client sends, to be more than the
                        server's --max-client-bytes (default 65MiB)
@@ -588,6 +599,11 @@ export function parseBenchArgs(
     connections: { type: "string" },
     mix: { type: "boolean" },
     kinds: { type: "string" },
+    attacks: { type: "boolean" },
+    "max-connections": { type: "string" },
+    "max-buffered": { type: "string" },
+    "max-client-bytes": { type: "string" },
+    "good-within": { type: "string" },
     "large-size": { type: "string" },
     oversize: { type: "string" },
     log: { type: "string" },
@@ -621,7 +637,19 @@ export function parseBenchArgs(
     });
   }
   if (!values.mix) {
-    for (const flag of ["kinds", "large-size", "oversize", "log"] as const) {
+    for (
+      const flag of [
+        "kinds",
+        "attacks",
+        "max-connections",
+        "max-buffered",
+        "max-client-bytes",
+        "good-within",
+        "large-size",
+        "oversize",
+        "log",
+      ] as const
+    ) {
       if (values[flag] !== undefined) {
         throw new UsageError(`--${flag} needs --mix`);
       }
@@ -647,6 +675,40 @@ export function parseBenchArgs(
     mix.connections = options.connections;
   }
   if (values.kinds !== undefined) mix.kinds = parseKinds(values.kinds);
+  if (values.attacks) {
+    mix.kinds = [
+      ...(mix.kinds ??
+        CLIENT_KINDS.filter((kind) => !ATTACK_KINDS.includes(kind))),
+      ...ATTACK_KINDS,
+    ];
+  }
+  const limitFlags = [
+    values["max-connections"],
+    values["max-buffered"],
+    values["max-client-bytes"],
+  ];
+  if (limitFlags.some((value) => value !== undefined)) {
+    mix.limits = {
+      maxConnections: parseInteger(
+        "--max-connections",
+        values["max-connections"],
+        { default: 16384, min: 1, max: 1_000_000 },
+      ),
+      maxBufferedBytes: parseSize("--max-buffered", values["max-buffered"], {
+        default: 512 * 1024 * 1024,
+        min: 1,
+      }),
+      maxClientBytes: parseSize(
+        "--max-client-bytes",
+        values["max-client-bytes"],
+        { default: 64 * 1024 * 1024, min: 1 },
+      ),
+    };
+  }
+  if (values["good-within"] !== undefined) {
+    mix.goodWithinMs = parseSeconds("--good-within", values["good-within"]) *
+      1000;
+  }
   if (values.log !== undefined) {
     if (values.log === "") throw new UsageError("--log must not be empty");
     mix.logPath = values.log;

@@ -4,7 +4,9 @@
  * subprocess (port 0, an access log in a temporary directory) and runs
  * `bench --mix` against it for a bounded time, then checks that:
  *
- * - no reply was wrong and no good client was broken off;
+ * - no reply was wrong and no good client was broken off or served later
+ *   than the mix's bound (5 s), while `slot-hog` attackers hold every
+ *   connection slot (`--max-connections`) beside them;
  * - the log has one well-formed line per connection that succeeded
  *   (accepted == logged), and every verified client's byte count; at the
  *   end, lines == the server's own count of clients accepted (`/metrics`)
@@ -31,7 +33,13 @@ import { parseCommand } from "./_cli.ts";
 import { parseCommandLine, parseSeconds } from "../flags.ts";
 import { formatLogReport } from "./log_check.ts";
 import { countFds, readRssKiB } from "./_proc.ts";
-import { formatMixResult, type MixResult, runMix } from "./mix.ts";
+import {
+  ATTACK_KINDS,
+  CLIENT_KINDS,
+  formatMixResult,
+  type MixResult,
+  runMix,
+} from "./mix.ts";
 
 /** Options for {@linkcode runSoak}. */
 export interface SoakOptions {
@@ -421,6 +429,15 @@ export async function runSoak(options: SoakOptions = {}): Promise<SoakResult> {
         duration,
         largeSize: 256 * 1024,
         oversize: 2 * MAX_CLIENT_BYTES,
+        // One attack beside the good clients: slowloris at the slot limit.
+        kinds: [
+          ...CLIENT_KINDS.filter((kind) => !ATTACK_KINDS.includes(kind)),
+          "slot-hog",
+        ],
+        limits: {
+          maxConnections: MAX_CONNECTIONS,
+          maxClientBytes: MAX_CLIENT_BYTES,
+        },
         kindConcurrency: {
           "reset-on-connect": FAST_KIND_CONCURRENCY,
           "reset-mid-send": FAST_KIND_CONCURRENCY,
@@ -446,10 +463,12 @@ export async function runSoak(options: SoakOptions = {}): Promise<SoakResult> {
       await sampler;
     }
 
+    const late = mix.kinds.reduce((sum, kind) => sum + kind.late, 0);
     check(
       "echoes",
-      mix.wrong === 0 && mix.broken === 0 && mix.connectErrors === 0,
-      `${mix.wrong} wrong, ${mix.broken} broken, ${mix.connectErrors} connect errors`,
+      mix.wrong === 0 && mix.broken === 0 && mix.connectErrors === 0 &&
+        late === 0,
+      `${mix.wrong} wrong, ${mix.broken} broken, ${mix.connectErrors} connect errors, ${late} good clients later than ${mix.goodWithinMs} ms`,
     );
     const log = mix.log!;
     check(
