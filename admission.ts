@@ -369,7 +369,12 @@ export class Admission {
    * ```ts
    * import assert from "node:assert/strict";
    * const admission = new Admission({ evictionGraceMs: 2000 });
-   * assert.equal(admission.msUntilEvictable([newProgress(900)], 1000), 150);
+   * // Nothing read yet: the whole grace.
+   * assert.equal(admission.msUntilEvictable([newProgress(900)], 1000), 1900);
+   * // A first byte, then silence: an eighth of the grace after it.
+   * const trickler = newProgress(900);
+   * trickler.bytesReceived = 1;
+   * assert.equal(admission.msUntilEvictable([trickler], 1000), 150);
    * assert.equal(new Admission({ evictionGraceMs: 0 }).msUntilEvictable([newProgress(0)], 9000), Infinity);
    * ```
    */
