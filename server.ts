@@ -540,11 +540,12 @@ class Server implements EchoServer {
         if (kind === "unknown") await this.#pauseAccepting();
         continue;
       }
-      const client = new Client(conn, this.#nextClientId());
+      const clientId = this.#nextClientId();
       // The check above is as old as the wait in accept(): the client that
       // could be evicted then may have moved bytes since and be in its
       // grace again. Hold the newcomer (one fd) until one can be evicted or
-      // a client finishes, rather than serve past maxConnections.
+      // a client finishes, rather than serve past maxConnections; its
+      // clocks (and grace) start once it is served.
       while (
         this.#clients.size >= this.#maxConnections && !this.#stopping &&
         !this.#evictForSlot()
@@ -553,6 +554,7 @@ class Server implements EchoServer {
           this.#admission.msUntilEvictable(this.#clients, performance.now()),
         );
       }
+      const client = new Client(conn, clientId);
       this.#serve(client);
       // Accepted just as the drain ran out: it is logged, but not waited for.
       if (this.#drainExpired) {
