@@ -155,6 +155,48 @@ Deno.test("serveEcho() at maxConnections waits while every slot is in its grace"
   assert.deepEqual(s.records, [[1, 1], [2, 3]]);
 });
 
+Deno.test("serveEcho() at maxConnections never serves a newcomer past the limit when the evictable client moved since", async () => {
+  // After its first byte, a client still sending leaves its grace after
+  // evictionGraceMs / 8 = 1 s of silence and re-enters it when it sends
+  // again; one that sent nothing keeps the whole 8 s.
+  await using s = startServer({ maxConnections: 2, evictionGraceMs: 8000 });
+  const [held] = await holders(s, 1, 1);
+  const silent = await Deno.connect({ hostname: HOST, port: s.port });
+  try {
+    await waitUntil(() => s.server.stats.receivedBytes === 1, "1 byte read");
+    await waitUntil(() => s.server.connections === 2, "2 clients held");
+    // The rule's own clock: once the first has been silent for 1 s the
+    // server accepts again, to evict it for whoever comes next.
+    const silentSince = performance.now();
+    await waitUntil(
+      () => performance.now() - silentSince > 1500,
+      "1.5 s of silence",
+    );
+    await writeAll(held, new Uint8Array([1]));
+    await waitUntil(() => s.server.stats.receivedBytes === 2, "its byte read");
+    // Both are in their grace now: the newcomer waits until the first is
+    // not, then takes its slot; it is not served beside them.
+    const payload = pattern(5, 8);
+    const reply = await within(
+      10_000,
+      "the newcomer echoed",
+      echoOnce(s.port, payload),
+    );
+    assert.ok(sameBytes(reply, payload));
+    assert.equal(s.server.stats.cutoffs.slot_eviction, 1);
+    assert.match(s.diagnostics[0], /^client 1: cut off after 2 bytes: evicted/);
+  } finally {
+    held.close();
+    silent.close();
+  }
+  await s.server.shutdown({ drainTimeoutMs: 0 });
+  assert.deepEqual(s.records.toSorted(([a], [b]) => a - b), [
+    [1, 2],
+    [2, 0],
+    [3, 5],
+  ]);
+});
+
 Deno.test("serveEcho() at maxBufferedBytes evicts the clients holding the most for the least progress and serves 1 MiB", async () => {
   await using s = startServer({
     maxBufferedBytes: 4 * MIB,

@@ -540,8 +540,21 @@ class Server implements EchoServer {
         if (kind === "unknown") await this.#pauseAccepting();
         continue;
       }
-      const client = new Client(conn, this.#nextClientId());
-      if (this.#clients.size >= this.#maxConnections) this.#evictForSlot();
+      const clientId = this.#nextClientId();
+      // The check above is as old as the wait in accept(): the client that
+      // could be evicted then may have moved bytes since and be in its
+      // grace again. Hold the newcomer (one fd) until one can be evicted or
+      // a client finishes, rather than serve past maxConnections; its
+      // clocks (and grace) start once it is served.
+      while (
+        this.#clients.size >= this.#maxConnections && !this.#stopping &&
+        !this.#evictForSlot()
+      ) {
+        await this.#pauseAccepting(
+          this.#admission.msUntilEvictable(this.#clients, performance.now()),
+        );
+      }
+      const client = new Client(conn, clientId);
       this.#serve(client);
       // Accepted just as the drain ran out: it is logged, but not waited for.
       if (this.#drainExpired) {
@@ -727,13 +740,16 @@ class Server implements EchoServer {
     }
   }
 
-  /** At maxConnections with a newcomer accepted: evicts the slowest. */
-  #evictForSlot(): void {
+  /**
+   * At maxConnections with a newcomer accepted: evicts the slowest; false
+   * if every client is in its grace.
+   */
+  #evictForSlot(): boolean {
     const now = performance.now();
     const victim = this.#admission.slotVictim(this.#clients, now) as
       | Client
       | undefined;
-    if (victim === undefined) return;
+    if (victim === undefined) return false;
     this.#cutOff(
       victim,
       "slot_eviction",
@@ -741,6 +757,7 @@ class Server implements EchoServer {
         Math.round(this.#admission.rate(victim, now))
       } B/s, the slowest)`,
     );
+    return true;
   }
 
   /**
