@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import net from "node:net";
-import { acceptErrorKind, type ServeOptions } from "./server.ts";
+import { acceptErrorKind, serveEcho, type ServeOptions } from "./server.ts";
 import {
   echo,
   readAll,
@@ -832,4 +832,57 @@ Deno.test("serveEcho() logs every client it accepts from a flood of misbehaving 
   const sizes = s.records.map(([, bytes]) => bytes);
   assert.equal(sizes.filter((n) => n === 1000).length, rounds);
   assert.equal(sizes.filter((n) => n === 64 * 1024 + 1).length, rounds);
+});
+
+Deno.test("serveEcho() counts the client lines it holds back by kind, several kinds in one summary", async () => {
+  // 15 clients reset while queued, and none can be logged (onClientDone
+  // throws, as a failing log write does): two lines each, of two kinds, all
+  // in the same turn of the event loop, so in one period.
+  let resets = 15;
+  const reported: number[] = [];
+  const diagnostics: string[] = [];
+  const listen = Deno.listen;
+  let listener: FailingListener | undefined;
+  Deno.listen =
+    ((options: Deno.TcpListenOptions) =>
+      listener = new FailingListener(
+        listen(options),
+        () =>
+          resets-- > 0
+            ? new Deno.errors.NotConnected(
+              "Transport endpoint is not connected (os error 107)",
+            )
+            : undefined,
+      )) as unknown as typeof Deno.listen;
+  let server: ReturnType<typeof serveEcho>;
+  try {
+    server = serveEcho((clientId) => {
+      reported.push(clientId);
+      throw new Error("disk full");
+    }, { port: 0, onDiagnostic: (line) => diagnostics.push(line) });
+  } finally {
+    Deno.listen = listen;
+  }
+  try {
+    await waitUntil(() => reported.length === 15, "15 clients reported");
+  } finally {
+    await server.shutdown({ drainTimeoutMs: 0 });
+  }
+  assert.equal(listener?.failures, 15);
+  assert.equal(server.stats.reportErrors, 15);
+  const all = diagnostics.join("\n");
+  assert.equal(diagnostics.length, 11, all);
+  diagnostics.slice(0, 10).forEach((line, i) =>
+    assert.match(
+      line,
+      i % 2 === 0
+        ? /^client \d+: failed before it was accepted: NotConnected: /
+        : /^client \d+: could not be logged: Error: disk full/,
+      all,
+    )
+  );
+  assert.equal(
+    diagnostics[10],
+    "... and 20 more client diagnostics in the last second (reset 10, not_logged 10)",
+  );
 });
