@@ -59,8 +59,9 @@ async function tryEcho(
 async function waitUntil(
   condition: () => boolean,
   what: string,
+  timeoutMs = 60_000,
 ): Promise<void> {
-  const giveUp = Date.now() + 60_000;
+  const giveUp = Date.now() + timeoutMs;
   while (!condition()) {
     if (Date.now() > giveUp) throw new Error(`gave up waiting: ${what}`);
     await new Promise((resolve) => setTimeout(resolve, 5));
@@ -885,4 +886,90 @@ Deno.test("serveEcho() counts the client lines it holds back by kind, several ki
     diagnostics[10],
     "... and 20 more client diagnostics in the last second (reset 10, not_logged 10)",
   );
+});
+
+/**
+ * Holds back every timer of `delayMs` set while it is in place: it fires
+ * only on fire(). Other timers are left alone. Disposing puts setTimeout
+ * back and clears what is still held.
+ */
+function holdTimers(delayMs: number) {
+  const realSetTimeout = globalThis.setTimeout;
+  const held: Array<
+    { id: ReturnType<typeof setTimeout>; callback: () => void }
+  > = [];
+  globalThis.setTimeout = ((
+    callback: (...args: unknown[]) => void,
+    ms?: number,
+    ...args: unknown[]
+  ) => {
+    if (ms !== delayMs) return realSetTimeout(() => callback(...args), ms);
+    // A real timer that never fires in time, so that clearTimeout works.
+    const id = realSetTimeout(() => {}, 3_600_000);
+    held.push({ id, callback });
+    return id;
+  }) as typeof setTimeout;
+  return {
+    held,
+    fireAll(): void {
+      for (const { id, callback } of held.splice(0)) {
+        clearTimeout(id);
+        callback();
+      }
+    },
+    [Symbol.dispose](): void {
+      globalThis.setTimeout = realSetTimeout;
+      for (const { id } of held.splice(0)) clearTimeout(id);
+    },
+  };
+}
+
+Deno.test("serveEcho() after an unknown accept error with no client to finish, accepts again only when the 100 ms timer fires", async () => {
+  // The retry timer is held back until the test fires it: an accept() call
+  // before that would be a loop that does not wait.
+  using timers = holdTimers(100);
+  let calls = 0;
+  await using s = startServerWithFailingListener(() =>
+    ++calls === 1 ? new TypeError("something nobody expected") : undefined
+  );
+  await waitUntil(
+    () => timers.held.length === 1 || s.listener.calls > 1,
+    "a retry timer, or a second accept",
+  );
+  assert.equal(s.listener.calls, 1, "accept() called again without waiting");
+  assert.equal(timers.held.length, 1);
+  timers.fireAll();
+  await waitUntil(() => s.listener.calls === 2, "the next accept", 10_000);
+  await s.server.shutdown();
+  assert.deepEqual(s.records, [[1, 0]]);
+});
+
+Deno.test("serveEcho() after an unknown accept error, accepts again as soon as a client finishes, before the 100 ms timer", async () => {
+  // The retry timer never fires here: only a finished client can wake the
+  // accept loop.
+  using timers = holdTimers(100);
+  let calls = 0;
+  await using s = startServerWithFailingListener(() =>
+    ++calls === 2 ? new TypeError("something nobody expected") : undefined
+  );
+  const held = await Deno.connect({ hostname: HOST, port: s.port });
+  try {
+    await waitUntil(() => timers.held.length === 1, "the retry timer");
+    assert.equal(s.listener.calls, 2);
+  } finally {
+    held.close();
+  }
+  try {
+    await waitUntil(
+      () => s.listener.calls === 3,
+      "an accept() woken by the finished client",
+      10_000,
+    );
+  } finally {
+    // Shutdown too wakes the loop through the finished-client path; without
+    // it, only the timer could end the test.
+    timers.fireAll();
+  }
+  await s.server.shutdown();
+  assert.deepEqual(s.records, [[2, 0], [1, 0]]);
 });
