@@ -973,3 +973,51 @@ Deno.test("serveEcho() after an unknown accept error, accepts again as soon as a
   await s.server.shutdown();
   assert.deepEqual(s.records, [[2, 0], [1, 0]]);
 });
+
+Deno.test("serveEcho() keeps a client that sends a byte every idleTimeoutMs/3 for longer than idleTimeoutMs", async () => {
+  // The pauses are the client's behaviour, not synchronisation: each byte
+  // is sent once the server has read the one before, so the gap the server
+  // sees is the pause and not a backlog.
+  const idleTimeoutMs = 900;
+  await using s = startServer({ idleTimeoutMs });
+  const conn = await Deno.connect({ hostname: HOST, port: s.port });
+  const bytes = 6; // 6 x 300 ms: twice the idle timeout.
+  try {
+    for (let i = 0; i < bytes; i++) {
+      await writeAll(conn, new Uint8Array([i]));
+      await waitUntil(
+        () => s.server.stats.receivedBytes === i + 1,
+        `byte ${i}`,
+      );
+      await new Promise((resolve) => setTimeout(resolve, idleTimeoutMs / 3));
+    }
+    await conn.closeWrite();
+    assert.deepEqual([...await readAll(conn)], [0, 1, 2, 3, 4, 5]);
+  } finally {
+    conn.close();
+  }
+  await s.server.shutdown();
+  assert.deepEqual(s.records, [[1, bytes]]);
+  assert.deepEqual(s.diagnostics, []);
+});
+
+Deno.test("serveEcho() cuts off as idle a client that half-closes and never reads a large reply", async () => {
+  // 32 MiB is far more than loopback socket buffers hold, so the reply
+  // stalls once they fill and the client makes no more progress.
+  const size = 32 * 1024 * 1024;
+  await using s = startServer({ idleTimeoutMs: 200 });
+  const conn = await Deno.connect({ hostname: HOST, port: s.port });
+  try {
+    await writeAll(conn, pattern(size, 7));
+    await conn.closeWrite();
+    await waitUntil(() => s.records.length === 1, "the cut-off", 20_000);
+  } finally {
+    conn.close();
+  }
+  await s.server.shutdown();
+  assert.deepEqual(s.records, [[1, size]]);
+  assert.ok(s.server.stats.sentBytes < size, `${s.server.stats.sentBytes}`);
+  assert.deepEqual(s.diagnostics, [
+    `client 1: cut off after ${size} bytes: idle for more than 0.2 s`,
+  ]);
+});
