@@ -6,7 +6,9 @@ import {
   assertUsageError,
   type CommandResult,
   echo,
+  findExecutable,
   killAfter,
+  Lines,
   readAll,
   runCommand,
   withTempDir,
@@ -993,3 +995,103 @@ Deno.test(
     }
   }),
 );
+
+// Holds the server's stderr in a pipe of one page (4 KiB, F_SETPIPE_SZ) that
+// it reads only for the start-up lines, and says "full" once the pipe is.
+// At 10 lines a second about single clients, a 64 KiB pipe would take
+// minutes to fill; one page takes a few seconds.
+const STALLED_STDERR = `
+import fcntl, os, struct, subprocess, sys, termios, time
+r, w = os.pipe()
+fcntl.fcntl(w, 1031, 4096)  # F_SETPIPE_SZ
+child = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=w)
+os.close(w)
+seen = b""
+while not (b"metrics on" in seen and seen.endswith(b"\\n")):
+    byte = os.read(r, 1)
+    if not byte:
+        break
+    seen += byte
+sys.stdout.write("pid %d\\n" % child.pid + seen.decode())
+sys.stdout.flush()
+said = False
+while child.poll() is None:
+    queued = struct.unpack("i", fcntl.ioctl(r, termios.FIONREAD, b"\\0" * 4))[0]
+    if queued >= 4096 - 200 and not said:
+        print("full", flush=True)
+        said = True
+    time.sleep(0.05)
+sys.exit(child.returncode)
+`;
+
+Deno.test({
+  name:
+    "echo-server serves on while its stderr pipe is full and nobody reads it",
+  ignore: findExecutable("python3") === undefined,
+  fn: withTempDir(async (dir) => {
+    const child = new Deno.Command(findExecutable("python3")!, {
+      args: [
+        "-c",
+        STALLED_STDERR,
+        Deno.execPath(),
+        "run",
+        "--allow-net",
+        `--allow-write=${dir}`,
+        MAIN,
+        "--port",
+        "0",
+        "--log",
+        `${dir}/access.log`,
+        "--metrics",
+        ":0",
+      ],
+      env: { NO_COLOR: "1" },
+      stdin: "null",
+      stdout: "piped",
+      stderr: "inherit",
+    }).spawn();
+    using _timeout = killAfter(child, 60_000);
+    const lines = new Lines(child.stdout);
+    try {
+      const pid = Number((await lines.next(/^pid (\d+)$/))[1]);
+      const port = Number((await lines.next(/^listening on .*:(\d+), /))[1]);
+      const metricsPort = Number(
+        (await lines.next(/^metrics on .*:(\d+)\//))[1],
+      );
+      // One line per reset until the pipe is full: about 70 lines.
+      const full = lines.next(/^full$/);
+      let resets = 0;
+      let isFull = false;
+      // If it never fills, killAfter ends the server and a reset fails.
+      full.then(() => isFull = true, () => {});
+      while (!isFull) {
+        await Promise.all(
+          Array.from({ length: 20 }, () => sendByteAndReset(port)),
+        );
+        resets += 20;
+      }
+      await full;
+      // A blocking stderr write would stop the event loop here.
+      assert.equal(await echoText(port, "still here"), "still here");
+      const exposition = (await httpGet(metricsPort, "/metrics")).body;
+      assert.equal(
+        sampleValue(exposition, "echo_connections_accepted_total"),
+        resets + 1,
+      );
+      Deno.kill(pid, "SIGTERM");
+      // The server gives up flushing the stalled pipe and exits.
+      assert.equal((await child.status).code, 0);
+      const log = await Deno.readTextFile(`${dir}/access.log`);
+      assert.equal(log.split("\n").length - 1, resets + 1);
+    } finally {
+      try {
+        child.kill("SIGKILL");
+      } catch {
+        // It exited.
+      }
+      await child.status;
+      await lines.done;
+    }
+  }),
+});
