@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import net from "node:net";
 import denoJson from "./deno.json" with { type: "json" };
-import { type Config, parseFlags } from "./main.ts";
+import { type Config, parseFlags, USAGE } from "./main.ts";
 import {
   assertUsageError,
   type CommandResult,
@@ -194,44 +194,63 @@ Deno.test("parseFlags() gives the defaults and reads sizes and seconds", () => {
   assert.equal(config.instances, 4);
 });
 
-Deno.test("echo-server --help lists every flag with its default", async () => {
-  const { code, stdout } = await run([], ["--help"]);
-  assert.equal(code, 0);
-  for (
-    const text of [
-      "--host HOST",
-      "(default 127.0.0.1)",
-      "--port PORT",
-      "(default 4000)",
-      "--log PATH",
-      "(default /var/log/echo-server/access.log)",
-      "--max-client-bytes SIZE",
-      "(default 64MiB)",
-      "--max-buffered SIZE",
-      "(default 512MiB)",
-      "--max-connections N",
-      "(default 16384)",
-      "--idle-timeout SECONDS",
-      "(default 30)",
-      "--drain-timeout SECONDS",
-      "(default 10)",
-      "--shutdown-delay SECONDS",
-      "(default 0)",
-      "--instance I/N",
-      "(default 1/1)",
-      "--metrics HOST:PORT",
-      "--version",
-      "SIGHUP",
-    ]
-  ) {
-    assert.ok(stdout.includes(text), `--help lacks ${text}`);
+Deno.test("echo-server --help and -h print the usage with each flag beside its own default", async () => {
+  const help = await run([], ["--help"]);
+  assert.equal(help.code, 0);
+  assert.equal(help.stdout, `${USAGE}\n`);
+  assert.deepEqual(await run([], ["-h"]), help);
+  // Each option's text, continuation lines included, keyed by its flags: a
+  // default printed beside the wrong flag fails here.
+  const options = new Map<string, string>();
+  let current = "";
+  for (const line of help.stdout.split("\n")) {
+    const option = /^  (-[^\s,]+(?:, -\S+)?(?: [A-Z][A-Z/:]*)?) +(\S.*)$/.exec(
+      line,
+    );
+    if (option) {
+      current = option[1].trim();
+      options.set(current, option[2]);
+    } else if (current && /^ {10,}\S/.test(line)) {
+      options.set(current, `${options.get(current)} ${line.trim()}`);
+    } else {
+      current = "";
+    }
   }
+  const defaults: Array<[string, string | undefined]> = [
+    ["--host HOST", "127.0.0.1"],
+    ["--port PORT", "4000"],
+    ["--log PATH", "/var/log/echo-server/access.log"],
+    ["--max-client-bytes SIZE", "64MiB"],
+    ["--max-buffered SIZE", "512MiB"],
+    ["--max-connections N", "16384"],
+    ["--idle-timeout SECONDS", "30"],
+    ["--drain-timeout SECONDS", "10"],
+    ["--shutdown-delay SECONDS", "0"],
+    ["--instance I/N", "1/1"],
+    ["--metrics HOST:PORT", "off"],
+    ["-h, --help", undefined],
+    ["-V, --version", undefined],
+  ];
+  assert.deepEqual([...options.keys()], defaults.map(([flag]) => flag));
+  for (const [flag, value] of defaults) {
+    const defaultsSaid = [
+      ...options.get(flag)!.matchAll(/\(default ([^)\s;]+)/g),
+    ]
+      .map((m) => m[1]);
+    assert.deepEqual(
+      defaultsSaid,
+      value === undefined ? [] : [value],
+      `${flag}: ${options.get(flag)}`,
+    );
+  }
+  assert.match(help.stdout, /^Signals: SIGHUP reopens the access log;/m);
 });
 
-Deno.test("echo-server --version prints the version from deno.json", async () => {
-  const { code, stdout } = await run([], ["--version"]);
-  assert.equal(code, 0);
-  assert.equal(stdout, `echo-server ${denoJson.version}\n`);
+Deno.test("echo-server --version and -V print the version from deno.json", async () => {
+  const version = await run([], ["--version"]);
+  assert.equal(version.code, 0);
+  assert.equal(version.stdout, `echo-server ${denoJson.version}\n`);
+  assert.deepEqual(await run([], ["-V"]), version);
 });
 
 const BAD_FLAGS: Array<[string[], string]> = [
