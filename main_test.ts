@@ -204,7 +204,7 @@ Deno.test("echo-server --help and -h print the usage with each flag beside its o
   const options = new Map<string, string>();
   let current = "";
   for (const line of help.stdout.split("\n")) {
-    const option = /^  (-[^\s,]+(?:, -\S+)?(?: [A-Z][A-Z/:]*)?) +(\S.*)$/.exec(
+    const option = /^ {2}(-[^\s,]+(?:, -\S+)?(?: [A-Z][A-Z/:]*)?) +(\S.*)$/.exec(
       line,
     );
     if (option) {
