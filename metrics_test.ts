@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { readRssKiB } from "./bench/_proc.ts";
 import net from "node:net";
 import { AccessLog } from "./access_log.ts";
 import {
@@ -202,7 +203,16 @@ Deno.test("renderMetrics() counts good clients, resets and an over-limit client 
     previous = count;
   }
   assert.equal(sample(m, "echo_buffered_bytes"), 0);
-  assert.ok(sample(m, "process_resident_memory_bytes") > 0);
+  // This process's RSS as the kernel reports it: in bytes, not pages or KiB,
+  // and this process's. RSS moves between the two readings, by far less
+  // than the factor of 1024 or 4096 a wrong unit would make.
+  // (Deno lets only --allow-all read this process's /proc, so a child does.)
+  const vmRssBytes = 1024 * await readRssKiB(Deno.pid);
+  const rss = sample(m, "process_resident_memory_bytes");
+  assert.ok(
+    rss > vmRssBytes / 2 && rss < vmRssBytes * 2,
+    `${rss} bytes reported, VmRSS ${vmRssBytes} bytes`,
+  );
   assert.ok(sample(m, "process_start_time_seconds") <= Date.now() / 1000);
 });
 
@@ -217,9 +227,12 @@ Deno.test(
       port: 0,
       onDiagnostic: () => {},
     });
-    await echo(server.addr.port, encoder.encode("a"));
-    await echo(server.addr.port, encoder.encode("b"));
-    await server.shutdown();
+    try {
+      await echo(server.addr.port, encoder.encode("a"));
+      await echo(server.addr.port, encoder.encode("b"));
+    } finally {
+      await server.shutdown({ drainTimeoutMs: 0 });
+    }
     const m = samples(renderMetrics(server));
     assert.equal(sample(m, "echo_log_write_errors_total"), 2);
     assert.equal(sample(m, "echo_connections_accepted_total"), 2);

@@ -208,14 +208,13 @@ Deno.test("serveEcho() gives 100 concurrent clients each their own bytes", async
 
 Deno.test("serveEcho() serves a client while another is idle", async () => {
   await using s = startServer();
-  const idle = await Deno.connect({ hostname: HOST, port: s.port });
+  using idle = await Deno.connect({ hostname: HOST, port: s.port });
   await writeAll(idle, new Uint8Array([1, 2, 3]));
   // The idle client is accepted first and never half-closes meanwhile.
   const payload = pattern(100_000, 3);
   assert.ok(sameBytes(await echo(s.port, payload), payload));
   await idle.closeWrite();
   assert.deepEqual([...await readAll(idle)], [1, 2, 3]);
-  idle.close();
   await s.server.shutdown();
   assert.deepEqual(s.records, [[2, 100_000], [1, 3]]);
 });
@@ -753,8 +752,8 @@ Deno.test("serveEcho() cuts off a client idle for idleTimeoutMs and logs it", as
 });
 
 Deno.test("EchoServer.shutdown() stops accepting and lets a client in flight finish", async () => {
-  const s = startServer();
-  const conn = await Deno.connect({ hostname: HOST, port: s.port });
+  await using s = startServer();
+  using conn = await Deno.connect({ hostname: HOST, port: s.port });
   await writeAll(conn, new Uint8Array([7]));
   // A full round trip by a later client proves the first was accepted.
   assert.equal((await echo(s.port, new Uint8Array(2))).length, 2);
@@ -768,20 +767,18 @@ Deno.test("EchoServer.shutdown() stops accepting and lets a client in flight fin
   await writeAll(conn, new Uint8Array([8]));
   await conn.closeWrite();
   assert.deepEqual([...await readAll(conn)], [7, 8]);
-  conn.close();
   await stopped;
   assert.deepEqual(s.records, [[2, 2], [1, 2]]);
 });
 
 Deno.test("EchoServer.shutdown() cuts off clients still there at drainTimeoutMs", async () => {
-  const s = startServer();
-  const conn = await Deno.connect({ hostname: HOST, port: s.port });
+  await using s = startServer();
+  using conn = await Deno.connect({ hostname: HOST, port: s.port });
   await writeAll(conn, new Uint8Array(4));
   assert.equal((await echo(s.port, new Uint8Array(0))).length, 0);
   // The line must say 4 bytes, so the server must have read them first.
   await waitUntil(() => s.server.stats.receivedBytes === 4, "4 bytes read");
   await s.server.shutdown({ drainTimeoutMs: 10 });
-  conn.close();
   assert.deepEqual(s.records, [[2, 0], [1, 4]]);
   assert.match(s.diagnostics[0], /^client 1: cut off .*at shutdown/);
 });
