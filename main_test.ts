@@ -109,6 +109,12 @@ class ServerProcess implements AsyncDisposable {
     return Number(/:(\d+), access log /.exec(line)![1]);
   }
 
+  /** The --metrics port from its start-up line. */
+  async metricsPort(): Promise<number> {
+    const line = await this.waitFor(/^metrics on /);
+    return Number(/:(\d+)\/metrics/.exec(line)![1]);
+  }
+
   /** Waits for exit; returns the status code and the rest of stderr. */
   async exit(): Promise<{ code: number; stderr: string }> {
     let rest = this.#pending;
@@ -204,9 +210,10 @@ Deno.test("echo-server --help and -h print the usage with each flag beside its o
   const options = new Map<string, string>();
   let current = "";
   for (const line of help.stdout.split("\n")) {
-    const option = /^ {2}(-[^\s,]+(?:, -\S+)?(?: [A-Z][A-Z/:]*)?) +(\S.*)$/.exec(
-      line,
-    );
+    const option = /^ {2}(-[^\s,]+(?:, -\S+)?(?: [A-Z][A-Z/:]*)?) +(\S.*)$/
+      .exec(
+        line,
+      );
     if (option) {
       current = option[1].trim();
       options.set(current, option[2]);
@@ -446,12 +453,20 @@ for (const signal of ["SIGTERM", "SIGINT"] as const) {
 Deno.test(
   "echo-server on a second SIGTERM cuts off at once, its log complete",
   withTempDir(async (dir) => {
-    await using server = new ServerProcess(dir, ["--drain-timeout", "3600"]);
+    await using server = new ServerProcess(dir, [
+      "--drain-timeout",
+      "3600",
+      "--metrics",
+      ":0",
+    ]);
     const port = await server.port();
+    const metricsPort = await server.metricsPort();
     const conn = await Deno.connect({ hostname: "127.0.0.1", port });
     try {
       await conn.write(new Uint8Array(6));
       assert.equal(await echoText(port, "x"), "x");
+      // The line must say 6 bytes: the server must have read them first.
+      await waitForReceivedBytes(metricsPort, 7);
       server.child.kill("SIGTERM");
       await server.waitFor(/^SIGTERM: stopping; 1 connections/);
       server.child.kill("SIGTERM");
@@ -858,17 +873,22 @@ Deno.test(
 Deno.test(
   "echo-server --shutdown-delay on a second SIGINT in the delay cuts off at once, exits 130, its log complete",
   withTempDir(async (dir) => {
-    await using server = new ServerProcess(dir, ["--shutdown-delay", "3600"], {
-      timeoutMs: 30_000,
-    });
+    await using server = new ServerProcess(
+      dir,
+      ["--shutdown-delay", "3600", "--metrics", ":0"],
+      { timeoutMs: 30_000 },
+    );
     const port = await server.port();
+    const metricsPort = await server.metricsPort();
     const conn = await Deno.connect({ hostname: "127.0.0.1", port });
     try {
       await conn.write(new Uint8Array(6));
       assert.equal(await echoText(port, "x"), "x");
+      // The line must say 6 bytes: the server must have read them first.
+      await waitForReceivedBytes(metricsPort, 7);
       server.child.kill("SIGINT");
       await server.waitFor(
-        /^SIGINT: stopping in 3600 s; accepting until then$/,
+        /^SIGINT: stopping in 3600 s; accepting until then, \/healthz answers 503$/,
       );
       server.child.kill("SIGINT");
       const { code, stderr } = await server.exit();
@@ -1114,3 +1134,24 @@ Deno.test({
     }
   }),
 });
+
+/**
+ * Waits until the server at `metricsPort` has read at least `bytes` bytes
+ * (echo_received_bytes_total), checking every few milliseconds for at most
+ * 30 s.
+ */
+async function waitForReceivedBytes(
+  metricsPort: number,
+  bytes: number,
+): Promise<void> {
+  const giveUp = Date.now() + 30_000;
+  for (;;) {
+    const { body } = await httpGet(metricsPort, "/metrics");
+    const received = sampleValue(body, "echo_received_bytes_total");
+    if (received >= bytes) return;
+    if (Date.now() > giveUp) {
+      throw new Error(`gave up waiting: ${received} of ${bytes} bytes read`);
+    }
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+}
