@@ -1,26 +1,212 @@
 /**
- * The access log: one line per finished client, `[client N]: received X bytes`.
+ * The access log: one line per finished client, `[client N]: received X bytes`,
+ * kept whole and in order through a full disk, a failed reopen and a
+ * file-size limit.
  *
  * Lines are written synchronously, one `write` of a whole line at a time, to a
- * file opened with `O_APPEND`. That gives the guarantees the log promises:
- * a line is in the file before the next client's line is started, lines never
- * interleave (not even with another process appending), and nothing waits in
- * a user-space buffer to be lost at exit. A local append of ~40 bytes costs a
- * few microseconds, cheaper than the promise an async write would need.
+ * file opened with `O_APPEND`. A local append of ~40 bytes costs a few
+ * microseconds, cheaper than the promise an async write would need, and
+ * nothing waits in a user-space buffer while the file takes writes.
+ *
+ * When the file does not take a line (ENOSPC, EDQUOT, EFBIG, EIO, or a short
+ * write, which is how a disk that fills mid-line answers), the unwritten
+ * bytes wait in memory, in order, in a bounded backlog:
+ *
+ * - A short write's remainder is the backlog's first bytes, so the next
+ *   successful write finishes the line the fragment began: this process
+ *   never appends another line to a fragment.
+ * - The backlog is written again on the next line and on a timer (every
+ *   {@linkcode AccessLogOptions.retryIntervalMs}), never in a loop; while it
+ *   is not empty, new lines join its end, so the order is kept. Backlogged
+ *   lines go out together, up to 64 KiB of whole lines per `write`.
+ * - Past {@linkcode AccessLogOptions.maxBacklogBytes} new lines are dropped
+ *   and counted ({@linkcode AccessLogStats.droppedLines}). Memory is the
+ *   lines' bytes (~38 each) in 64 KiB chunks: the bound plus at most 128 KiB
+ *   (the part of the first chunk already written, and the last's free room)
+ *   and under 80 bytes a chunk (the room a sealed chunk leaves unused).
+ * - Diagnostics come at most one per kind per
+ *   {@linkcode AccessLogOptions.reportIntervalMs}, with counts.
+ *
+ * Several instances appending to one file (`--instance I/N`): each `write` is
+ * one or more whole lines at the file's end (`O_APPEND`), so lines never
+ * interleave while the file takes whole writes. After a short write this
+ * process writes the remainder before any other line of its own, but another
+ * instance's line can land between the fragment and its rest: that happens
+ * only when the file system is at its limit (a short write), and then one
+ * line in the file is broken by another instance's line. A single instance
+ * never leaves a fragment that another line runs into.
+ *
+ * A failed {@linkcode AccessLog.reopen} (out of file descriptors) keeps
+ * writing to the old file and tries to open the path again on every line and
+ * on the timer until it succeeds. A fragment left in the old file is finished
+ * there if it can be; otherwise its whole line goes to the new file.
+ *
+ * A fragment this process gives up on (the old file after a reopen, or the
+ * file at {@linkcode AccessLog.close} with the disk still full) is cut off
+ * with `ftruncate`, which needs no free space, if the file's size shows that
+ * nothing was appended after it; so the file ends on a whole line and the
+ * next process does not append to a fragment. If another instance appended
+ * meanwhile, the fragment stays and a diagnostic says so.
+ *
+ * Lines are ASCII (built from numbers), so their bytes are their characters.
  *
  * @module
  */
 
+import { errorMessage } from "./_errors.ts";
+import { RateLimitedReporter } from "./reporter.ts";
+
 const encoder = new TextEncoder();
+
+/** What the log writes to: `Deno.FsFile` or, in tests, a stub. */
+export interface LogFile {
+  /** Writes some of `bytes`, returning how many; throws on an error. */
+  writeSync(bytes: Uint8Array): number;
+  /** Closes the file. */
+  close(): void;
+  /**
+   * Moves the file offset; with `O_APPEND` the offset after a write is the
+   * file's end then, and `SeekMode.End` gives its end now (unlike `fstat`,
+   * this needs no read permission). Used to cut off a fragment only if
+   * nothing was appended after it.
+   */
+  seekSync?(offset: number, whence: Deno.SeekMode): number;
+  /** Cuts the file to `len` bytes. */
+  truncateSync?(len: number): void;
+}
+
+/** Options for {@linkcode AccessLog.open}. */
+export interface AccessLogOptions {
+  /**
+   * Bytes of lines kept in memory while the file takes no writes; a line
+   * that would pass this is dropped and counted. 16 MiB holds ~440,000
+   * lines: over 7 minutes of a full disk at 1,000 clients a second.
+   *
+   * @default {16 * 1024 * 1024}
+   */
+  maxBacklogBytes?: number;
+  /**
+   * How often a backlog, or a reopen that failed, is tried again, in
+   * milliseconds (each new line tries too).
+   *
+   * @default {1000}
+   */
+  retryIntervalMs?: number;
+  /**
+   * At most one diagnostic of each kind (write failed, lines dropped,
+   * reopen failed) per this period, in milliseconds; the next one counts
+   * what happened meanwhile.
+   *
+   * @default {10_000}
+   */
+  reportIntervalMs?: number;
+  /**
+   * Receives one-line diagnostics: writes failing and working again, lines
+   * dropped, reopens done or failed, lines lost at close.
+   *
+   * @default {console.error}
+   */
+  onDiagnostic?: (message: string) => void;
+  /**
+   * Opens the path for appending (for tests: a stub that fails on purpose).
+   *
+   * @default {opens it with `O_APPEND`, creating it and its directory}
+   */
+  openFile?: (path: string) => LogFile;
+}
+
+/** Running totals of an {@linkcode AccessLog}, read through its `stats`. */
+export interface AccessLogStats {
+  /** Lines written completely. */
+  readonly linesWritten: number;
+  /** Lines waiting in memory, a partly written one included. */
+  readonly backlogLines: number;
+  /** Bytes waiting in memory. */
+  readonly backlogBytes: number;
+  /** Lines dropped because the backlog was full. */
+  readonly droppedLines: number;
+  /** `write` calls that failed (each retry counts). */
+  readonly writeErrors: number;
+  /** Whether a reopen failed and is still being retried. */
+  readonly reopenPending: boolean;
+}
+
+/** Default for {@linkcode AccessLogOptions.maxBacklogBytes}: 16 MiB. */
+export const DEFAULT_MAX_BACKLOG_BYTES = 16 * 1024 * 1024;
+/** Default for {@linkcode AccessLogOptions.retryIntervalMs}: 1 s. */
+export const DEFAULT_RETRY_INTERVAL_MS = 1000;
+/** Default for {@linkcode AccessLogOptions.reportIntervalMs}: 10 s. */
+export const DEFAULT_REPORT_INTERVAL_MS = 10_000;
+
+// Backlog chunks hold whole lines; one chunk is one write when draining.
+const CHUNK_BYTES = 64 * 1024;
+// The longest line: two 16-digit numbers and the text around them.
+const MAX_LINE_BYTES = 80;
+const NEWLINE = 10;
+
+type ReportKind = "write" | "drop" | "reopen";
 
 /** An append-only access log file that can be reopened after rotation. */
 export class AccessLog {
   #path: string;
-  #file: Deno.FsFile;
+  #file: LogFile;
+  #openFile: (path: string) => LogFile;
+  #maxBacklogBytes: number;
+  #retryIntervalMs: number;
+  #reportIntervalMs: number;
+  #diagnostic: (message: string) => void;
 
-  private constructor(path: string, file: Deno.FsFile) {
+  // The backlog: chunks of whole lines, the first read from #readOffset,
+  // the last filled to #fillOffset.
+  #chunks: Uint8Array[] = [];
+  #readOffset = 0;
+  #fillOffset = 0;
+  #backlogBytes = 0;
+  #backlogLines = 0;
+  // The first backlogged line was partly written to the current file.
+  #fragment = false;
+  // The file's size just after the fragment was written, if known.
+  #fragmentEnd: number | undefined;
+
+  #linesWritten = 0;
+  #droppedLines = 0;
+  #writeErrors = 0;
+  #reopenPending = false;
+  #retryTimer: ReturnType<typeof setTimeout> | undefined;
+  #closed = false;
+  // Per kind, one line per report interval; the rest counted into the
+  // interval's last line (reporter.ts).
+  #reports: Record<ReportKind, RateLimitedReporter<ReportKind>>;
+  // A reopen failure was reported since the last successful reopen.
+  #reopenReported = false;
+  #failingSince: number | undefined;
+  #line = new Uint8Array(MAX_LINE_BYTES);
+
+  private constructor(
+    path: string,
+    openFile: (path: string) => LogFile,
+    options: AccessLogOptions,
+  ) {
     this.#path = path;
-    this.#file = file;
+    this.#openFile = openFile;
+    this.#file = openFile(path);
+    this.#maxBacklogBytes = options.maxBacklogBytes ??
+      DEFAULT_MAX_BACKLOG_BYTES;
+    this.#retryIntervalMs = options.retryIntervalMs ??
+      DEFAULT_RETRY_INTERVAL_MS;
+    this.#reportIntervalMs = options.reportIntervalMs ??
+      DEFAULT_REPORT_INTERVAL_MS;
+    this.#diagnostic = options.onDiagnostic ?? console.error;
+    const reporter = () =>
+      new RateLimitedReporter<ReportKind>(this.#diagnostic, {
+        linesPerPeriod: 1,
+        periodMs: this.#reportIntervalMs,
+        summarize: (_, count: number, last: string) =>
+          `${last}${
+            count === 1 ? "" : ` (${count} times since the last line)`
+          }`,
+      });
+    this.#reports = { write: reporter(), drop: reporter(), reopen: reporter() };
   }
 
   /**
@@ -34,7 +220,7 @@ export class AccessLog {
    * const dir = await Deno.makeTempDir();
    * const log = AccessLog.open(`${dir}/echo/access.log`);
    * log.record(1, 5);
-   * log.close();
+   * assert.equal(log.close(), 0);
    * assert.equal(
    *   await Deno.readTextFile(`${dir}/echo/access.log`),
    *   "[client 1]: received 5 bytes\n",
@@ -42,8 +228,8 @@ export class AccessLog {
    * await Deno.remove(dir, { recursive: true });
    * ```
    */
-  static open(path: string): AccessLog {
-    return new AccessLog(path, openForAppend(path));
+  static open(path: string, options: AccessLogOptions = {}): AccessLog {
+    return new AccessLog(path, options.openFile ?? openForAppend, options);
   }
 
   /** The path the log was opened with. */
@@ -51,34 +237,423 @@ export class AccessLog {
     return this.#path;
   }
 
-  /** Appends the line for one finished client in a single write. */
+  /** Running totals: lines written, waiting, dropped; write errors. */
+  get stats(): AccessLogStats {
+    return {
+      linesWritten: this.#linesWritten,
+      backlogLines: this.#backlogLines,
+      backlogBytes: this.#backlogBytes,
+      droppedLines: this.#droppedLines,
+      writeErrors: this.#writeErrors,
+      reopenPending: this.#reopenPending,
+    };
+  }
+
+  /**
+   * Appends the line for one finished client in a single write; if the file
+   * does not take it whole, what is left waits in the backlog. Never throws
+   * while the log is open.
+   */
   record(clientId: number, bytesReceived: number): void {
-    const line = encoder.encode(
+    if (this.#closed) throw new Error("the access log is closed");
+    const { written: length } = encoder.encodeInto(
       `[client ${clientId}]: received ${bytesReceived} bytes\n`,
+      this.#line,
     );
-    // A regular file takes the whole line in one write; the loop only guards
-    // the short write POSIX allows, so a line is never cut short.
-    for (let written = 0; written < line.length;) {
-      written += this.#file.writeSync(line.subarray(written));
+    const line = this.#line.subarray(0, length);
+    if (this.#reopenPending) this.#tryReopen();
+    if (this.#backlogBytes > 0) {
+      // Lines wait: they go first. Still waiting, this one joins them.
+      this.#drain();
+      if (this.#backlogBytes > 0) return this.#enqueue(line);
     }
+    let written;
+    try {
+      written = this.#file.writeSync(line);
+    } catch (error) {
+      // Queued first, so the diagnostic counts it among the lines waiting.
+      this.#enqueue(line);
+      this.#writeFailed(error);
+      return;
+    }
+    if (written === length) {
+      this.#linesWritten++;
+      return;
+    }
+    // A short write (the disk filled mid-line): the whole line joins the
+    // empty backlog with its written start marked, so the remainder is
+    // written first; try it once now, as POSIX would have us, which gives
+    // the error (ENOSPC, EFBIG) or finishes the line.
+    this.#enqueue(line, { force: true });
+    this.#readOffset = written;
+    this.#backlogBytes -= written;
+    this.#fragment = written > 0;
+    this.#noteFragment();
+    this.#drain();
   }
 
   /**
    * Opens the path again and switches to the new file, for log rotation by
    * rename: lines written before the call are in the old (renamed) file,
-   * lines after it in the new one. If the path cannot be opened the log keeps
-   * writing to the old file and the error is thrown.
+   * backlogged and later lines in the new one. If the path cannot be opened
+   * (out of file descriptors), lines keep going to the old file and the
+   * open is tried again on every line and on a timer until it succeeds; a
+   * diagnostic says so. Returns whether the new file is open (false, and
+   * nothing done, once the log is closed).
+   *
+   * @example
+   * ```ts
+   * import assert from "node:assert/strict";
+   * const dir = await Deno.makeTempDir();
+   * const log = AccessLog.open(`${dir}/access.log`, { onDiagnostic() {} });
+   * log.record(1, 5);
+   * await Deno.rename(`${dir}/access.log`, `${dir}/access.log.1`);
+   * assert.equal(log.reopen(), true);
+   * log.record(2, 7);
+   * log.close();
+   * assert.equal(
+   *   await Deno.readTextFile(`${dir}/access.log`),
+   *   "[client 2]: received 7 bytes\n",
+   * );
+   * await Deno.remove(dir, { recursive: true });
+   * ```
    */
-  reopen(): void {
-    const next = openForAppend(this.#path);
-    this.#file.close();
-    this.#file = next;
+  reopen(): boolean {
+    // A SIGHUP can come after close(), in the exit's last stderr flush.
+    if (this.#closed) return false;
+    this.#reopenPending = true;
+    return this.#tryReopen();
   }
 
-  /** Closes the file. Every recorded line is already written. */
-  close(): void {
-    this.#file.close();
+  /**
+   * Tries to write the backlog until it is empty, `timeoutMs` has passed or
+   * `signal` is aborted (every {@linkcode AccessLogOptions.retryIntervalMs});
+   * resolves with the lines still waiting. An abort ends the wait at once.
+   *
+   * @example
+   * ```ts
+   * import assert from "node:assert/strict";
+   * const dir = await Deno.makeTempDir();
+   * const log = AccessLog.open(`${dir}/access.log`);
+   * log.record(1, 5);
+   * assert.equal(await log.flush({ timeoutMs: 1000 }), 0);
+   * log.close();
+   * await Deno.remove(dir, { recursive: true });
+   * ```
+   */
+  async flush(
+    options: { timeoutMs?: number; signal?: AbortSignal } = {},
+  ): Promise<number> {
+    const { signal } = options;
+    const deadline = performance.now() + (options.timeoutMs ?? 0);
+    if (this.#reopenPending) this.#tryReopen();
+    this.#drain();
+    while (this.#backlogBytes > 0 && !this.#closed && !signal?.aborted) {
+      const wait = Math.min(
+        this.#retryIntervalMs,
+        deadline - performance.now(),
+      );
+      if (wait <= 0) break;
+      await new Promise<void>((resolve) => {
+        const done = () => {
+          clearTimeout(timer);
+          signal?.removeEventListener("abort", done);
+          resolve();
+        };
+        const timer = setTimeout(done, wait);
+        signal?.addEventListener("abort", done);
+      });
+      if (signal?.aborted) break;
+      if (this.#reopenPending) this.#tryReopen();
+      this.#drain();
+    }
+    return this.#backlogLines;
   }
+
+  /**
+   * Tries the backlog once more, closes the file and stops the timers.
+   * Returns how many lines were never written: dropped while the backlog
+   * was full, or still waiting now (a diagnostic gives both counts).
+   */
+  close(): number {
+    if (this.#closed) return this.#droppedLines + this.#backlogLines;
+    if (this.#reopenPending) this.#tryReopen();
+    this.#drain();
+    this.#abandonFragment("counted below as not written");
+    this.#closed = true;
+    clearTimeout(this.#retryTimer);
+    this.#retryTimer = undefined;
+    this.#file.close();
+    this.#flushReports();
+    const lost = this.#droppedLines + this.#backlogLines;
+    if (lost > 0) {
+      this.#diagnostic(
+        `access log ${this.#path}: ${lost} ${
+          plural(lost, "line")
+        } never written (${this.#backlogLines} still waiting at exit, ${this.#droppedLines} dropped past the backlog bound)`,
+      );
+    }
+    return lost;
+  }
+
+  /**
+   * Appends a line to the backlog, or drops and counts it past the bound
+   * (never with `force`: the line a fragment began is always kept).
+   */
+  #enqueue(line: Uint8Array, options: { force?: boolean } = {}): void {
+    if (
+      !options.force &&
+      this.#backlogBytes + line.length > this.#maxBacklogBytes
+    ) {
+      this.#droppedLines++;
+      this.#report(
+        "drop",
+        `lines dropped: the backlog is full (${this.#backlogBytes} bytes, --log-backlog ${this.#maxBacklogBytes})`,
+      );
+      return;
+    }
+    const last = this.#chunks.at(-1);
+    if (last === undefined || this.#fillOffset + line.length > last.length) {
+      // Seal the last chunk at what it holds; a chunk holds whole lines.
+      if (last !== undefined) {
+        this.#chunks[this.#chunks.length - 1] = last.subarray(
+          0,
+          this.#fillOffset,
+        );
+      }
+      this.#chunks.push(new Uint8Array(CHUNK_BYTES));
+      this.#fillOffset = 0;
+    }
+    this.#chunks.at(-1)!.set(line, this.#fillOffset);
+    this.#fillOffset += line.length;
+    this.#backlogBytes += line.length;
+    this.#backlogLines++;
+    this.#armRetry();
+  }
+
+  /** Writes backlogged bytes, a chunk per write, until done or a failure. */
+  #drain(): void {
+    while (this.#backlogBytes > 0) {
+      const chunk = this.#chunks[0];
+      const end = this.#chunks.length === 1 ? this.#fillOffset : chunk.length;
+      const pending = chunk.subarray(this.#readOffset, end);
+      let written;
+      try {
+        written = this.#file.writeSync(pending);
+      } catch (error) {
+        this.#writeFailed(error);
+        return;
+      }
+      if (written === 0) return; // nothing taken and no error: try later
+      const done = countNewlines(pending.subarray(0, written));
+      this.#linesWritten += done;
+      this.#backlogLines -= done;
+      this.#fragment = pending[written - 1] !== NEWLINE;
+      this.#noteFragment();
+      this.#readOffset += written;
+      this.#backlogBytes -= written;
+      if (this.#readOffset === end) {
+        this.#chunks.shift();
+        this.#readOffset = 0;
+      }
+    }
+    // Empty: drop the chunks (memory back) and say the file works again.
+    this.#chunks = [];
+    this.#readOffset = this.#fillOffset = 0;
+    this.#fragment = false;
+    if (!this.#reopenPending) {
+      // A failed reopen still needs the timer (no line may come to try it).
+      clearTimeout(this.#retryTimer);
+      this.#retryTimer = undefined;
+    }
+    if (this.#failingSince !== undefined) {
+      const seconds = (performance.now() - this.#failingSince) / 1000;
+      this.#failingSince = undefined;
+      this.#flushReports();
+      this.#diagnostic(
+        `access log ${this.#path}: writing again after ${
+          seconds.toFixed(1)
+        } s; the backlog is written${
+          this.#droppedLines > 0
+            ? ` (${this.#droppedLines} lines dropped so far)`
+            : ""
+        }`,
+      );
+    }
+  }
+
+  #writeFailed(error: unknown): void {
+    this.#writeErrors++;
+    this.#failingSince ??= performance.now();
+    this.#report(
+      "write",
+      `write failed: ${describe(error)}; ${this.#backlogLines} ${
+        this.#backlogLines === 1 ? "line waits" : "lines wait"
+      } in memory, retried every ${this.#retryIntervalMs / 1000} s`,
+    );
+    this.#armRetry();
+  }
+
+  /** Opens the path again if a reopen is pending; whether it is done. */
+  #tryReopen(): boolean {
+    if (!this.#reopenPending) return true;
+    let next;
+    try {
+      next = this.#openFile(this.#path);
+    } catch (error) {
+      this.#report(
+        "reopen",
+        `${
+          describe(error)
+        }; still writing to the old file, trying again on every line and every ${
+          this.#retryIntervalMs / 1000
+        } s`,
+      );
+      this.#armRetry();
+      return false;
+    }
+    this.#reopenPending = false;
+    if (this.#fragment) {
+      // Finish the line the fragment began where it began, if the old file
+      // takes it; if not, the whole line goes to the new file.
+      this.#drainLine();
+      this.#abandonFragment("the whole line goes to the new file");
+    }
+    try {
+      this.#file.close();
+    } catch {
+      // Closing the old file cannot lose a line: each write went straight
+      // to the kernel (no user-space buffer).
+    }
+    this.#file = next;
+    this.#fragment = false;
+    const hadReopenReport = this.#reopenReported;
+    this.#reports.reopen.reset();
+    this.#reopenReported = false;
+    this.#diagnostic(
+      `reopened access log ${this.#path}${
+        hadReopenReport ? " (after failing)" : ""
+      }`,
+    );
+    this.#drain();
+    return true;
+  }
+
+  /** Writes the backlog's first line's remainder, if the file takes it. */
+  #drainLine(): void {
+    const chunk = this.#chunks[0];
+    const end = chunk.indexOf(NEWLINE, this.#readOffset) + 1;
+    try {
+      const written = this.#file.writeSync(
+        chunk.subarray(this.#readOffset, end),
+      );
+      this.#readOffset += written;
+      this.#backlogBytes -= written;
+      if (this.#readOffset === end) {
+        this.#fragment = false;
+        this.#linesWritten++;
+        this.#backlogLines--;
+        // The chunk's last line: on to the next, as #drain() does (it
+        // would write the empty rest of this one forever).
+        if (end === chunk.length && this.#chunks.length > 1) {
+          this.#chunks.shift();
+          this.#readOffset = 0;
+        }
+      } else {
+        this.#noteFragment();
+      }
+    } catch (error) {
+      this.#writeFailed(error);
+    }
+  }
+
+  #noteFragment(): void {
+    if (!this.#fragment) return;
+    try {
+      this.#fragmentEnd = this.#file.seekSync?.(0, Deno.SeekMode.Current);
+    } catch {
+      this.#fragmentEnd = undefined; // a file that cannot seek: left as is
+    }
+  }
+
+  /**
+   * Gives up finishing the fragment in the current file (it is being left
+   * for another, or the process exits): cuts it off the file if nothing was
+   * appended after it (ftruncate, which needs no space), and puts the line
+   * back to be written whole.
+   */
+  #abandonFragment(then: string): void {
+    if (!this.#fragment) return;
+    const chunk = this.#chunks[0];
+    let start = this.#readOffset;
+    while (start > 0 && chunk[start - 1] !== NEWLINE) start--;
+    const length = this.#readOffset - start;
+    let cut = false;
+    try {
+      const size = this.#file.seekSync?.(0, Deno.SeekMode.End);
+      if (
+        size !== undefined && size === this.#fragmentEnd &&
+        this.#file.truncateSync !== undefined
+      ) {
+        this.#file.truncateSync(size - length);
+        cut = true;
+      }
+    } catch {
+      // Left in the file; said below.
+    }
+    this.#backlogBytes += length;
+    this.#readOffset = start;
+    this.#fragment = false;
+    this.#fragmentEnd = undefined;
+    this.#diagnostic(
+      `access log ${this.#path}: ${
+        cut
+          ? `cut off the ${length} bytes of an unfinished line at its end`
+          : `the file ends in ${length} bytes of an unfinished line (another line followed it, or it could not be cut)`
+      }; ${then}`,
+    );
+  }
+
+  #armRetry(): void {
+    if (this.#retryTimer !== undefined || this.#closed) return;
+    this.#retryTimer = setTimeout(() => {
+      this.#retryTimer = undefined;
+      if (this.#reopenPending) this.#tryReopen();
+      this.#drain();
+      if (this.#backlogBytes > 0 || this.#reopenPending) this.#armRetry();
+    }, this.#retryIntervalMs);
+  }
+
+  /** Writes the lines held back of every kind, in this order. */
+  #flushReports(): void {
+    for (const kind of ["write", "drop", "reopen"] as const) {
+      this.#reports[kind].flush();
+    }
+  }
+
+  /** One line per kind per report interval; the rest counted. */
+  #report(kind: ReportKind, message: string): void {
+    if (kind === "reopen") this.#reopenReported = true;
+    // A reopen's error already names the path (openForAppend).
+    const subject = kind === "reopen" ? "" : `access log ${this.#path}: `;
+    this.#reports[kind].report(kind, `${subject}${message}`);
+  }
+}
+
+function countNewlines(bytes: Uint8Array): number {
+  let count = 0;
+  for (
+    let i = bytes.indexOf(NEWLINE);
+    i >= 0;
+    i = bytes.indexOf(NEWLINE, i + 1)
+  ) {
+    count++;
+  }
+  return count;
+}
+
+function plural(count: number, word: string): string {
+  return count === 1 ? word : `${word}s`;
 }
 
 function openForAppend(path: string): Deno.FsFile {
@@ -101,5 +676,5 @@ function describe(error: unknown): string {
     return "permission denied (run as a user who may write there, or pass " +
       "--log PATH and grant --allow-write for that path)";
   }
-  return error instanceof Error ? error.message : String(error);
+  return errorMessage(error);
 }

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { AccessLog } from "./access_log.ts";
+import { AccessLog, type LogFile } from "./access_log.ts";
 
 Deno.test("AccessLog.open() creates the directory, record() writes exact lines", () => {
   const dir = Deno.makeTempDirSync();
@@ -42,7 +42,7 @@ Deno.test("AccessLog.reopen() after a rename writes new lines to a new file", ()
   const dir = Deno.makeTempDirSync();
   try {
     const path = `${dir}/access.log`;
-    const log = AccessLog.open(path);
+    const log = AccessLog.open(path, { onDiagnostic() {} });
     log.record(1, 10);
     Deno.renameSync(path, `${path}.1`);
     log.record(2, 20); // still the old, renamed file
@@ -62,20 +62,35 @@ Deno.test("AccessLog.reopen() after a rename writes new lines to a new file", ()
   }
 });
 
-Deno.test("AccessLog.reopen() that fails keeps writing to the old file", () => {
+Deno.test("AccessLog.reopen() that fails keeps writing to the old file, retries on the next line", () => {
   const dir = Deno.makeTempDirSync();
   try {
     const path = `${dir}/logs/access.log`;
-    const log = AccessLog.open(path);
+    const diagnostics: string[] = [];
+    const log = AccessLog.open(path, {
+      onDiagnostic: (message) => diagnostics.push(message),
+    });
     Deno.renameSync(`${dir}/logs`, `${dir}/old`);
     Deno.writeTextFileSync(`${dir}/logs`, "a file where the directory was");
-    assert.throws(() => log.reopen(), /cannot open access log .*logs\/access/);
+    assert.equal(log.reopen(), false);
+    assert.equal(log.stats.reopenPending, true);
+    assert.match(
+      diagnostics[0],
+      /^cannot open access log .*logs\/access.log: .*; still writing to the old file, trying again/,
+    );
     log.record(1, 1);
-    log.close();
+    // The path can be opened again: the next line's retry switches.
+    Deno.removeSync(`${dir}/logs`);
+    log.record(2, 2);
+    assert.equal(log.stats.reopenPending, false);
+    assert.equal(log.close(), 0);
     assert.equal(
       Deno.readTextFileSync(`${dir}/old/access.log`),
       "[client 1]: received 1 bytes\n",
     );
+    assert.equal(Deno.readTextFileSync(path), "[client 2]: received 2 bytes\n");
+    assert.equal(diagnostics.length, 3, diagnostics.join("\n"));
+    assert.match(diagnostics[2], /^reopened access log .* \(after failing\)$/);
   } finally {
     Deno.removeSync(dir, { recursive: true });
   }
@@ -164,4 +179,293 @@ Deno.test("AccessLog.open() fails on an unwritable path, naming it", () => {
   } finally {
     Deno.removeSync(dir, { recursive: true });
   }
+});
+
+/**
+ * A stub disk: files on it share `free` bytes; a write takes what fits (a
+ * short write, as a real full disk gives) and throws ENOSPC when nothing
+ * does, or throws `error` while it is set (EIO, EDQUOT).
+ */
+class StubDisk {
+  free: number;
+  error: Error | undefined;
+  /** Each name's file; a file keeps its text when renamed. */
+  files = new Map<string, { text: string }>();
+  writes = 0;
+
+  constructor(free: number) {
+    this.free = free;
+  }
+
+  open(path: string): LogFile {
+    const decoder = new TextDecoder();
+    let file = this.files.get(path);
+    if (file === undefined) this.files.set(path, file = { text: "" });
+    return {
+      writeSync: (bytes) => {
+        this.writes++;
+        if (this.error) throw this.error;
+        if (this.free === 0) {
+          throw new Error("No space left on device (os error 28)");
+        }
+        const n = Math.min(bytes.length, this.free);
+        this.free -= n;
+        file.text += decoder.decode(bytes.subarray(0, n));
+        return n;
+      },
+      close() {},
+    };
+  }
+
+  text(path: string): string | undefined {
+    return this.files.get(path)?.text;
+  }
+
+  /** Renames a file, as logrotate does. */
+  rename(from: string, to: string): void {
+    this.files.set(to, this.files.get(from)!);
+    this.files.delete(from);
+  }
+}
+
+function line(id: number, bytes: number): string {
+  return `[client ${id}]: received ${bytes} bytes\n`;
+}
+
+function lines(from: number, to: number): string {
+  let text = "";
+  for (let id = from; id <= to; id++) text += line(id, id);
+  return text;
+}
+
+Deno.test("AccessLog.record() on a disk that fills mid-line finishes that line first once space returns", () => {
+  // Room for two lines and 8 bytes of the third: "[client " then ENOSPC.
+  const disk = new StubDisk(line(1, 1).length * 2 + 8);
+  const diagnostics: string[] = [];
+  const log = AccessLog.open("access.log", {
+    openFile: (path) => disk.open(path),
+    onDiagnostic: (message) => diagnostics.push(message),
+    reportIntervalMs: 60_000,
+  });
+  for (let id = 1; id <= 20; id++) log.record(id, id);
+  assert.equal(disk.text("access.log"), lines(1, 2) + "[client ");
+  assert.deepEqual(log.stats, {
+    linesWritten: 2,
+    backlogLines: 18,
+    backlogBytes: lines(3, 20).length - 8,
+    droppedLines: 0,
+    // The short write's retry, then one try per later line.
+    writeErrors: 18,
+    reopenPending: false,
+  });
+  // One line for all those failures in the report interval.
+  assert.equal(diagnostics.length, 1, diagnostics.join("\n"));
+  assert.match(
+    diagnostics[0],
+    /^access log access.log: write failed: No space left on device \(os error 28\); 1 line waits in memory, retried every 1 s$/,
+  );
+  disk.free = 1_000_000;
+  log.record(21, 21);
+  assert.equal(disk.text("access.log"), lines(1, 21));
+  assert.equal(log.stats.backlogLines, 0);
+  assert.equal(log.stats.linesWritten, 21);
+  assert.equal(log.close(), 0);
+  assert.match(
+    diagnostics.at(-1)!,
+    /^access log access.log: writing again after \d+\.\d s; the backlog is written$/,
+  );
+});
+
+Deno.test("AccessLog keeps lines through EIO and EDQUOT and writes them on its timer, in order", async () => {
+  const disk = new StubDisk(1_000_000);
+  const diagnostics: string[] = [];
+  const log = AccessLog.open("access.log", {
+    openFile: (path) => disk.open(path),
+    onDiagnostic: (message) => diagnostics.push(message),
+    retryIntervalMs: 10,
+  });
+  log.record(1, 1);
+  disk.error = new Error("Input/output error (os error 5)");
+  log.record(2, 2);
+  log.record(3, 3);
+  disk.error = new Error("Disk quota exceeded (os error 122)");
+  log.record(4, 4);
+  assert.equal(log.stats.backlogLines, 3);
+  assert.match(
+    diagnostics[0],
+    /Input\/output error \(os error 5\); 1 line waits in memory/,
+  );
+  disk.error = undefined;
+  // No new line: the timer writes them.
+  const writes = disk.writes;
+  assert.equal(await log.flush({ timeoutMs: 10_000 }), 0);
+  assert.equal(disk.writes, writes + 1, "the backlog went out in one write");
+  assert.equal(disk.text("access.log"), lines(1, 4));
+  assert.equal(log.close(), 0);
+});
+
+Deno.test("AccessLog drops and counts lines past maxBacklogBytes, never the one a fragment began", () => {
+  const disk = new StubDisk(5);
+  const diagnostics: string[] = [];
+  const log = AccessLog.open("access.log", {
+    openFile: (path) => disk.open(path),
+    onDiagnostic: (message) => diagnostics.push(message),
+    maxBacklogBytes: 100,
+    reportIntervalMs: 60_000,
+  });
+  for (let id = 1; id <= 100; id++) log.record(id, id);
+  // Line 1's remainder (24 bytes) and lines 2-3 fit; the rest are dropped.
+  assert.equal(log.stats.backlogLines, 3);
+  assert.equal(log.stats.droppedLines, 97);
+  assert.equal(
+    diagnostics.filter((line) => line.includes("dropped")).length,
+    1,
+    diagnostics.join("\n"),
+  );
+  disk.free = 1_000_000;
+  log.record(101, 101);
+  assert.equal(disk.text("access.log"), lines(1, 3) + line(101, 101));
+  assert.equal(log.close(), 97);
+  assert.match(
+    diagnostics.at(-1)!,
+    /^access log access.log: 97 lines never written \(0 still waiting at exit, 97 dropped past the backlog bound\)$/,
+  );
+});
+
+Deno.test("AccessLog.reopen() writes the backlog to the new file; a fragment the old one refuses is written whole", () => {
+  const disk = new StubDisk(line(1, 1).length + 3);
+  const diagnostics: string[] = [];
+  const log = AccessLog.open("access.log", {
+    openFile: (path) => disk.open(path),
+    onDiagnostic: (message) => diagnostics.push(message),
+  });
+  log.record(1, 1);
+  log.record(2, 2);
+  log.record(3, 3);
+  disk.rename("access.log", "access.log.1");
+  disk.free = 1_000_000;
+  // The old file would take the remainder now; finish it there instead.
+  assert.equal(log.reopen(), true);
+  assert.equal(disk.text("access.log.1"), lines(1, 2));
+  assert.equal(disk.text("access.log"), line(3, 3));
+  assert.equal(log.close(), 0);
+
+  // And when the old file takes no more, the whole line goes to the new.
+  const full = new StubDisk(line(1, 1).length + 3);
+  const files: LogFile[] = [];
+  const log3 = AccessLog.open("access.log", {
+    openFile: (path) => {
+      const file = full.open(path);
+      files.push(file);
+      return file;
+    },
+    onDiagnostic: (message) => diagnostics.push(message),
+  });
+  log3.record(1, 1);
+  log3.record(2, 2);
+  full.rename("access.log", "access.log.1");
+  const oldFile = files[0];
+  oldFile.writeSync = () => {
+    throw new Error("No space left on device (os error 28)");
+  };
+  full.free = 1_000_000;
+  assert.equal(log3.reopen(), true);
+  assert.equal(full.text("access.log.1"), line(1, 1) + "[cl");
+  assert.equal(full.text("access.log"), line(2, 2));
+  assert.ok(
+    diagnostics.some((line) =>
+      /ends in 3 bytes of an unfinished line .*; the whole line goes to the new file$/
+        .test(line)
+    ),
+  );
+  assert.equal(log3.close(), 0);
+});
+
+Deno.test("AccessLog.reopen() that finishes a fragment at a backlog chunk's end goes on to the next chunk", async () => {
+  // Backlog chunks are 64 KiB of whole lines: lines 1..n fill the first.
+  let n = 1;
+  while (lines(1, n + 1).length <= 64 * 1024) n++;
+  const disk = new StubDisk(0);
+  const log = AccessLog.open("access.log", {
+    openFile: (path) => disk.open(path),
+    onDiagnostic() {},
+  });
+  disk.error = new Error("Input/output error (os error 5)");
+  for (let id = 1; id <= n + 1; id++) log.record(id, id);
+  // The first chunk goes out but for its last 3 bytes: a fragment.
+  disk.error = undefined;
+  disk.free = lines(1, n).length - 3;
+  assert.equal(await log.flush(), 2);
+  disk.rename("access.log", "access.log.1");
+  disk.free = 1_000_000;
+  assert.equal(log.reopen(), true);
+  assert.equal(disk.text("access.log.1"), lines(1, n));
+  assert.equal(disk.text("access.log"), line(n + 1, n + 1));
+  assert.equal(log.stats.backlogLines, 0);
+  assert.equal(log.close(), 0);
+});
+
+Deno.test("AccessLog retries a failed reopen on its timer after the backlog drains", async () => {
+  const disk = new StubDisk(3);
+  let failOpen = false;
+  const reopened = Promise.withResolvers<void>();
+  const log = AccessLog.open("access.log", {
+    openFile: (path) => {
+      if (failOpen) throw new Error("Too many open files (os error 24)");
+      const file = disk.open(path);
+      if (disk.files.has("access.log.1")) reopened.resolve();
+      return file;
+    },
+    onDiagnostic() {},
+    retryIntervalMs: 10,
+  });
+  log.record(1, 1); // "[cl", the rest waits
+  disk.rename("access.log", "access.log.1");
+  failOpen = true;
+  assert.equal(log.reopen(), false);
+  disk.free = 1_000_000;
+  log.record(2, 2); // the backlog drains to the old file
+  assert.equal(log.stats.backlogLines, 0);
+  failOpen = false;
+  // No new line: the timer must open the path.
+  let timer;
+  try {
+    await Promise.race([
+      reopened.promise,
+      new Promise((_, reject) => {
+        timer = setTimeout(
+          () => reject(new Error("the reopen was not retried in 10 s")),
+          10_000,
+        );
+      }),
+    ]);
+  } finally {
+    clearTimeout(timer);
+  }
+  assert.equal(log.stats.reopenPending, false);
+  assert.equal(log.close(), 0);
+  assert.equal(disk.text("access.log.1"), lines(1, 2));
+  assert.equal(disk.text("access.log"), "");
+});
+
+Deno.test("AccessLog.flush() ends at once when its signal is aborted, resolving with the lines still waiting", async () => {
+  const disk = new StubDisk(0);
+  const log = AccessLog.open("access.log", {
+    openFile: (path) => disk.open(path),
+    onDiagnostic() {},
+  });
+  disk.error = new Error("No space left on device (os error 28)");
+  log.record(1, 1);
+  log.record(2, 2);
+  const abort = new AbortController();
+  // The disk stays full: without the abort this flush would wait an hour.
+  const flushed = log.flush({ timeoutMs: 3_600_000, signal: abort.signal });
+  abort.abort();
+  assert.equal(await flushed, 2);
+  assert.equal(
+    await log.flush({ timeoutMs: 3_600_000, signal: abort.signal }),
+    2,
+  );
+  assert.equal(disk.text("access.log"), "");
+  assert.equal(log.close(), 2);
 });

@@ -16,6 +16,8 @@
  * @module
  */
 
+import { concat } from "./_bytes.ts";
+
 /** Where {@linkcode Diagnostics} writes: `Deno.stderr`, or a test's stand-in. */
 export interface DiagnosticsOutput {
   /** Writes some of `bytes`; resolves with how many. */
@@ -169,17 +171,4 @@ export class Diagnostics {
       this.#writing = undefined;
     }
   }
-}
-
-function concat(chunks: Uint8Array[]): Uint8Array {
-  if (chunks.length === 1) return chunks[0];
-  let length = 0;
-  for (const chunk of chunks) length += chunk.length;
-  const all = new Uint8Array(length);
-  let offset = 0;
-  for (const chunk of chunks) {
-    all.set(chunk, offset);
-    offset += chunk.length;
-  }
-  return all;
 }

@@ -7,6 +7,9 @@
  * @module
  */
 
+import { parseArgs, type ParseArgsConfig } from "node:util";
+import { errorMessage } from "./_errors.ts";
+
 /** A command line mistake; its message is one line meant for the user. */
 export class UsageError extends Error {
   /** Always `"UsageError"`. */
@@ -109,12 +112,15 @@ export function parseSize(
   return value;
 }
 
+// One millisecond: what the servers' timers take.
+const MIN_SECONDS = 0.001;
+
 /** Options for {@linkcode parseSeconds}. */
 export interface SecondsOptions {
   /** Returned when the flag was not given; without one, it is required. */
   default?: number;
   /**
-   * Whether 0 is accepted.
+   * Whether exactly 0 is accepted (a positive value below 0.001 never is).
    *
    * @default {false}
    */
@@ -122,14 +128,17 @@ export interface SecondsOptions {
 }
 
 /**
- * Parses a number of seconds, with an optional decimal fraction, up to
- * 86400 (one day). Returns seconds.
+ * Parses a number of seconds, with an optional decimal fraction, from 0.001
+ * (the servers take whole milliseconds; a smaller value would round to 0,
+ * and an idle timeout of 0 cuts off every client) up to 86400 (one day).
+ * Returns seconds.
  *
  * @example
  * ```ts
  * import assert from "node:assert/strict";
  * assert.equal(parseSeconds("--idle-timeout", "0.25"), 0.25);
  * assert.equal(parseSeconds("--drain-timeout", "0", { allowZero: true }), 0);
+ * assert.throws(() => parseSeconds("--idle-timeout", "0.0004"), UsageError);
  * ```
  */
 export function parseSeconds(
@@ -140,11 +149,14 @@ export function parseSeconds(
   const { allowZero = false } = options;
   if (text === undefined) return defaultOf(flag, options.default);
   const seconds = /^\d+(\.\d+)?$/.test(text) ? Number(text) : NaN;
-  if (!(seconds <= 86_400 && (allowZero ? seconds >= 0 : seconds > 0))) {
+  if (
+    !((allowZero && seconds === 0) ||
+      (seconds >= MIN_SECONDS && seconds <= 86_400))
+  ) {
     throw new UsageError(
-      `${flag} must be a number of seconds ${
-        allowZero ? "from 0" : "above 0"
-      } up to 86400, not '${text}'`,
+      `${flag} must be ${
+        allowZero ? "0 or " : ""
+      }a number of seconds from ${MIN_SECONDS} to 86400, not '${text}'`,
     );
   }
   return seconds;
@@ -158,30 +170,42 @@ export interface Instance {
   instances: number;
 }
 
+/** Options for {@linkcode parseInstance}. */
+export interface InstanceOptions {
+  /**
+   * Largest N accepted (server.ts's `MAX_INSTANCES`: ids grow by N per
+   * client and must stay exact).
+   *
+   * @default {1024}
+   */
+  max?: number;
+}
+
 /**
- * Parses `I/N`, instance I of N, with 1 <= I <= N. Without the flag it is
- * instance 1 of 1.
+ * Parses `I/N`, instance I of N, with 1 <= I <= N <= `max`. Without the
+ * flag it is instance 1 of 1.
  *
  * @example
  * ```ts
  * import assert from "node:assert/strict";
  * assert.deepEqual(parseInstance("--instance", "2/4"), { instance: 2, instances: 4 });
  * assert.deepEqual(parseInstance("--instance", undefined), { instance: 1, instances: 1 });
+ * assert.throws(() => parseInstance("--instance", "1/1025"), UsageError);
  * ```
  */
 export function parseInstance(
   flag: string,
   text: string | undefined,
+  options: InstanceOptions = {},
 ): Instance {
+  const { max = 1024 } = options;
   if (text === undefined) return { instance: 1, instances: 1 };
   const match = /^(\d+)\/(\d+)$/.exec(text);
   const instance = Number(match?.[1]);
   const instances = Number(match?.[2]);
-  if (
-    !(instance >= 1 && instance <= instances && Number.isSafeInteger(instances))
-  ) {
+  if (!(instance >= 1 && instance <= instances && instances <= max)) {
     throw new UsageError(
-      `${flag} must be I/N, instance I of N with 1 <= I <= N, such as 2/4, not '${text}'`,
+      `${flag} must be I/N, instance I of N with 1 <= I <= N <= ${max}, such as 2/4, not '${text}'`,
     );
   }
   return { instance, instances };
@@ -230,4 +254,48 @@ export function parseHostPort(
     );
   }
   return { hostname: match[1] ?? (match[2] || defaultHostname), port };
+}
+
+/** What {@linkcode parseCommandLine} accepts: node:util's option table. */
+export type CommandLineOptions = NonNullable<ParseArgsConfig["options"]>;
+
+/**
+ * Parses `args` strictly against `options` with `node:util`'s `parseArgs`,
+ * and throws its complaint (unknown flag, missing value) as a
+ * {@linkcode UsageError} in one line. Positional arguments are refused
+ * unless `allowPositionals` is set.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * const { values } = parseCommandLine(["--port", "80"], {
+ *   port: { type: "string" },
+ * });
+ * assert.equal(values.port, "80");
+ * assert.throws(() => parseCommandLine(["--nope"], {}), UsageError);
+ * ```
+ */
+export function parseCommandLine<
+  T extends CommandLineOptions,
+  P extends boolean = false,
+>(
+  args: string[],
+  options: T,
+  config: { allowPositionals?: P } = {},
+): ReturnType<
+  typeof parseArgs<
+    { args: string[]; options: T; strict: true; allowPositionals: P }
+  >
+> {
+  try {
+    return parseArgs({
+      args,
+      options,
+      strict: true,
+      allowPositionals: (config.allowPositionals ?? false) as P,
+    });
+  } catch (error) {
+    // node:util's messages can span lines; ours are one line.
+    throw new UsageError(errorMessage(error).replaceAll(/\s*\n\s*/g, " "));
+  }
 }

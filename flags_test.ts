@@ -88,22 +88,37 @@ Deno.test("parseSeconds() reads whole or fractional seconds up to a day", () => 
   assert.equal(parseSeconds("--t", "86400"), 86400);
   assert.equal(parseSeconds("--t", "0", { allowZero: true }), 0);
   assert.equal(parseSeconds("--t", "0.0", { allowZero: true }), 0);
+  assert.equal(parseSeconds("--t", "0.000", { allowZero: true }), 0);
+  assert.equal(parseSeconds("--t", "0.001"), 0.001);
+  assert.equal(parseSeconds("--t", "0.0010"), 0.001);
+  assert.equal(parseSeconds("--t", "0.001", { allowZero: true }), 0.001);
   assert.equal(parseSeconds("--t", undefined, { default: 10 }), 10);
 });
 
-Deno.test("parseSeconds() rejects zero unless allowed, over a day, or not a number", () => {
+Deno.test("parseSeconds() rejects zero unless allowed, under 1 ms, over a day, or not a number", () => {
   assertThrowsUsage(
     () => parseSeconds("--idle-timeout", "0"),
-    "--idle-timeout must be a number of seconds above 0 up to 86400, not '0'",
+    "--idle-timeout must be a number of seconds from 0.001 to 86400, not '0'",
   );
   assertThrowsUsage(
     () => parseSeconds("--drain-timeout", "86400.5", { allowZero: true }),
-    "--drain-timeout must be a number of seconds from 0 up to 86400, not '86400.5'",
+    "--drain-timeout must be 0 or a number of seconds from 0.001 to 86400, not '86400.5'",
   );
+  // Positive, but 0 ms once rounded to the milliseconds the server takes.
+  for (const small of ["0.0004", "0.0009", "0.0000001"]) {
+    assertThrowsUsage(
+      () => parseSeconds("--idle-timeout", small),
+      `--idle-timeout must be a number of seconds from 0.001 to 86400, not '${small}'`,
+    );
+    assertThrowsUsage(
+      () => parseSeconds("--drain-timeout", small, { allowZero: true }),
+      `--drain-timeout must be 0 or a number of seconds from 0.001 to 86400, not '${small}'`,
+    );
+  }
   for (const bad of ["", "-1", ".5", "1.", "1e3", "10s", "Infinity"]) {
     assertThrowsUsage(
       () => parseSeconds("--t", bad),
-      `--t must be a number of seconds above 0 up to 86400, not '${bad}'`,
+      `--t must be a number of seconds from 0.001 to 86400, not '${bad}'`,
     );
   }
   assertThrowsUsage(() => parseSeconds("--t", undefined), "--t is required");
@@ -126,9 +141,17 @@ Deno.test("parseInstance() reads I/N with 1 <= I <= N, or gives 1/1 without the 
     instance: 1,
     instances: 1,
   });
+  assert.deepEqual(parseInstance("--instance", "1024/1024"), {
+    instance: 1024,
+    instances: 1024,
+  });
+  assert.deepEqual(parseInstance("--instance", "3/8", { max: 8 }), {
+    instance: 3,
+    instances: 8,
+  });
 });
 
-Deno.test("parseInstance() rejects 0, over N, or not I/N", () => {
+Deno.test("parseInstance() rejects 0, over N, N over max, or not I/N", () => {
   for (
     const bad of [
       "0/4",
@@ -142,13 +165,20 @@ Deno.test("parseInstance() rejects 0, over N, or not I/N", () => {
       "-1/4",
       "1.5/4",
       "1/4/4",
+      "1/1025",
+      "1/9007199254740993",
+      "9007199254740993/9007199254740993",
     ]
   ) {
     assertThrowsUsage(
       () => parseInstance("--instance", bad),
-      `--instance must be I/N, instance I of N with 1 <= I <= N, such as 2/4, not '${bad}'`,
+      `--instance must be I/N, instance I of N with 1 <= I <= N <= 1024, such as 2/4, not '${bad}'`,
     );
   }
+  assertThrowsUsage(
+    () => parseInstance("--instance", "1/9", { max: 8 }),
+    "--instance must be I/N, instance I of N with 1 <= I <= N <= 8, such as 2/4, not '1/9'",
+  );
 });
 
 Deno.test("parseHostPort() reads HOST:PORT, [IPV6]:PORT, or :PORT on the default host", () => {

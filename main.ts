@@ -5,20 +5,26 @@
  * @module
  */
 
-import { parseArgs } from "node:util";
+import { errorMessage } from "./_errors.ts";
 import denoJson from "./deno.json" with { type: "json" };
-import { AccessLog } from "./access_log.ts";
+import { AccessLog, DEFAULT_MAX_BACKLOG_BYTES } from "./access_log.ts";
 import { Diagnostics } from "./diagnostics.ts";
 import {
   DEFAULT_DRAIN_TIMEOUT_MS,
+  DEFAULT_EVICTION_GRACE_MS,
   DEFAULT_IDLE_TIMEOUT_MS,
   DEFAULT_MAX_BUFFERED_BYTES,
   DEFAULT_MAX_CLIENT_BYTES,
   DEFAULT_MAX_CONNECTIONS,
+  DEFAULT_MIN_RATE,
+  DEFAULT_MIN_RATE_GRACE_MS,
+  DEFAULT_MIN_WRITE_RATE,
+  MAX_INSTANCES,
   serveEcho,
 } from "./server.ts";
 import {
   type HostPort,
+  parseCommandLine,
   parseHostPort,
   parseInstance,
   parseInteger,
@@ -36,6 +42,9 @@ export interface Config {
   port: number;
   /** Access log file (`--log`). */
   logPath: string;
+  /** Bytes of log lines kept in memory while the file takes no writes
+   * (`--log-backlog`). */
+  logBacklogBytes: number;
   /** Bytes one client may send (`--max-client-bytes`). */
   maxClientBytes: number;
   /** Buffer memory for all clients together (`--max-buffered`). */
@@ -44,6 +53,14 @@ export interface Config {
   maxConnections: number;
   /** A client idle this long is cut off (`--idle-timeout`, in ms). */
   idleTimeoutMs: number;
+  /** Bytes per second a client must send until it half-closes (`--min-rate`); 0 is off. */
+  minRate: number;
+  /** How long a client may send below it (`--min-rate-grace`, in ms). */
+  minRateGraceMs: number;
+  /** Bytes per second a client must read its echo at (`--min-read-rate`); 0 is off. */
+  minWriteRate: number;
+  /** Clients younger than this are never evicted (`--eviction-grace`, in ms); 0 turns eviction off. */
+  evictionGraceMs: number;
   /** Time clients get to finish on SIGINT/SIGTERM (`--drain-timeout`, in ms). */
   drainTimeoutMs: number;
   /** Time between SIGINT/SIGTERM and closing the listener, while /healthz
@@ -62,7 +79,7 @@ export const DEFAULT_LOG_PATH = "/var/log/echo-server/access.log";
 
 const MIB = 1024 * 1024;
 
-/** The `--help` text, also printed after a command line mistake. */
+/** The `--help` text. */
 export const USAGE = `Usage: echo-server [options]
 
 A TCP echo server: each client's bytes are read until it half-closes, then
@@ -72,32 +89,55 @@ Options:
   --host HOST              address to listen on (default 127.0.0.1)
   --port PORT              TCP port; 0 picks a free one (default 4000)
   --log PATH               access log (default ${DEFAULT_LOG_PATH})
+  --log-backlog SIZE       log lines kept in memory while the disk takes no
+                           writes; past it they are dropped (default ${
+  DEFAULT_MAX_BACKLOG_BYTES / MIB
+}MiB)
   --max-client-bytes SIZE  bytes one client may send (default ${
   DEFAULT_MAX_CLIENT_BYTES / MIB
 }MiB)
   --max-buffered SIZE      buffer memory for all clients together (default ${
   DEFAULT_MAX_BUFFERED_BYTES / MIB
 }MiB)
-  --max-connections N      clients served at once (default ${DEFAULT_MAX_CONNECTIONS})
+  --max-connections N      clients served at once; at the limit a newcomer
+                           evicts the slowest (default ${DEFAULT_MAX_CONNECTIONS})
   --idle-timeout SECONDS   cut off a client idle this long (default ${
   DEFAULT_IDLE_TIMEOUT_MS / 1000
+})
+  --min-rate SIZE          bytes a second a client must send on average until
+                           it half-closes, after --min-rate-grace; 0 is off
+                           (default ${DEFAULT_MIN_RATE})
+  --min-rate-grace SECONDS time a client may send below --min-rate (default ${
+  DEFAULT_MIN_RATE_GRACE_MS / 1000
+})
+  --min-read-rate SIZE     bytes a second a client must read its echo at, on
+                           average, once idle; 0 is off (default ${
+  DEFAULT_MIN_WRITE_RATE / 1024
+}KiB)
+  --eviction-grace SECONDS clients connected this long may be evicted for a
+                           newcomer at --max-connections; 0 turns eviction
+                           off, for --max-buffered too (default ${
+  DEFAULT_EVICTION_GRACE_MS / 1000
 })
   --drain-timeout SECONDS  on SIGINT/SIGTERM, time clients get to finish (default ${
   DEFAULT_DRAIN_TIMEOUT_MS / 1000
 })
   --shutdown-delay SECONDS on SIGINT/SIGTERM, keep accepting this long with
                            /healthz answering 503 before the drain (default 0)
-  --instance I/N           instance I of N sharing one access log: numbers
-                           its clients I, I+N, I+2N, ... (default 1/1)
+  --instance I/N           instance I of N (N at most ${MAX_INSTANCES}) sharing one
+                           access log: numbers its clients I, I+N, I+2N, ...
+                           (default 1/1)
   --metrics HOST:PORT      serve Prometheus /metrics and /healthz over HTTP
                            (default off; :PORT alone binds 127.0.0.1)
   -h, --help               show this help
   -V, --version            show the version
 
 SIZE is a number of bytes, optionally with a suffix KiB, MiB or GiB.
+SECONDS may have a fraction, down to 0.001 (one millisecond).
 Signals: SIGHUP reopens the access log; SIGINT or SIGTERM stops accepting
 (after --shutdown-delay) and drains; a second SIGINT or SIGTERM cuts everyone
-off at once.`;
+off at once. Signals within 500 ms of the first count as one: one Ctrl-C under
+deno task arrives twice.`;
 
 /**
  * Parses command line flags into a {@linkcode Config}, or returns `"help"`
@@ -114,32 +154,26 @@ off at once.`;
  * ```
  */
 export function parseFlags(args: string[]): Config | "help" | "version" {
-  let values;
-  try {
-    ({ values } = parseArgs({
-      args,
-      strict: true,
-      allowPositionals: false,
-      options: {
-        host: { type: "string" },
-        port: { type: "string" },
-        log: { type: "string" },
-        "max-client-bytes": { type: "string" },
-        "max-buffered": { type: "string" },
-        "max-connections": { type: "string" },
-        "idle-timeout": { type: "string" },
-        "drain-timeout": { type: "string" },
-        "shutdown-delay": { type: "string" },
-        instance: { type: "string" },
-        metrics: { type: "string" },
-        help: { type: "boolean", short: "h" },
-        version: { type: "boolean", short: "V" },
-      },
-    }));
-  } catch (error) {
-    // node:util's messages can span lines; ours are one line.
-    throw new UsageError(errorMessage(error).replaceAll(/\s*\n\s*/g, " "));
-  }
+  const { values } = parseCommandLine(args, {
+    host: { type: "string" },
+    port: { type: "string" },
+    log: { type: "string" },
+    "log-backlog": { type: "string" },
+    "max-client-bytes": { type: "string" },
+    "max-buffered": { type: "string" },
+    "max-connections": { type: "string" },
+    "idle-timeout": { type: "string" },
+    "min-rate": { type: "string" },
+    "min-rate-grace": { type: "string" },
+    "min-read-rate": { type: "string" },
+    "eviction-grace": { type: "string" },
+    "drain-timeout": { type: "string" },
+    "shutdown-delay": { type: "string" },
+    instance: { type: "string" },
+    metrics: { type: "string" },
+    help: { type: "boolean", short: "h" },
+    version: { type: "boolean", short: "V" },
+  });
   if (values.help) return "help";
   if (values.version) return "version";
   if (values.host === "") throw new UsageError("--host must not be empty");
@@ -148,6 +182,11 @@ export function parseFlags(args: string[]): Config | "help" | "version" {
     hostname: values.host ?? "127.0.0.1",
     port: parseInteger("--port", values.port, { default: 4000, max: 65535 }),
     logPath: values.log ?? DEFAULT_LOG_PATH,
+    logBacklogBytes: parseSize("--log-backlog", values["log-backlog"], {
+      default: DEFAULT_MAX_BACKLOG_BYTES,
+      // Room for a line's remainder after a short write, and then some.
+      min: 4096,
+    }),
     maxClientBytes: parseSize(
       "--max-client-bytes",
       values["max-client-bytes"],
@@ -168,6 +207,23 @@ export function parseFlags(args: string[]): Config | "help" | "version" {
         default: DEFAULT_IDLE_TIMEOUT_MS / 1000,
       }),
     ),
+    minRate: parseSize("--min-rate", values["min-rate"], {
+      default: DEFAULT_MIN_RATE,
+    }),
+    minRateGraceMs: milliseconds(
+      parseSeconds("--min-rate-grace", values["min-rate-grace"], {
+        default: DEFAULT_MIN_RATE_GRACE_MS / 1000,
+      }),
+    ),
+    minWriteRate: parseSize("--min-read-rate", values["min-read-rate"], {
+      default: DEFAULT_MIN_WRITE_RATE,
+    }),
+    evictionGraceMs: milliseconds(
+      parseSeconds("--eviction-grace", values["eviction-grace"], {
+        default: DEFAULT_EVICTION_GRACE_MS / 1000,
+        allowZero: true,
+      }),
+    ),
     drainTimeoutMs: milliseconds(
       parseSeconds("--drain-timeout", values["drain-timeout"], {
         default: DEFAULT_DRAIN_TIMEOUT_MS / 1000,
@@ -180,7 +236,7 @@ export function parseFlags(args: string[]): Config | "help" | "version" {
         allowZero: true,
       }),
     ),
-    ...parseInstance("--instance", values.instance),
+    ...parseInstance("--instance", values.instance, { max: MAX_INSTANCES }),
     ...(values.metrics === undefined ? {} : {
       metrics: parseHostPort("--metrics", values.metrics, "127.0.0.1"),
     }),
@@ -193,10 +249,6 @@ function milliseconds(seconds: number): number {
 }
 
 /** The message of a thrown `Error`, or any other thrown value as text. */
-function errorMessage(error: unknown): string {
-  return error instanceof Error ? error.message : String(error);
-}
-
 function formatAddress(hostname: string, port: number): string {
   return hostname.includes(":")
     ? `[${hostname}]:${port}`
@@ -222,8 +274,17 @@ function describeListenError(error: unknown, address: string): string {
 const SIGNAL_NUMBERS = { SIGINT: 2, SIGTERM: 15 } as const;
 
 /**
+ * A SIGINT/SIGTERM this soon after the first is the same request, not a
+ * second one: a terminal's Ctrl-C reaches the whole foreground process
+ * group, and `deno task` forwards its copy to the server 1-2 ms later.
+ */
+export const SAME_SIGNAL_WINDOW_MS = 500;
+
+/**
  * Runs the server with the given command line until it is stopped by a
- * signal, and returns the exit status.
+ * signal, and returns the exit status. Its signal listeners stay installed,
+ * so that no SIGHUP, SIGINT or SIGTERM kills the process before the caller
+ * exits with that status.
  *
  * @example
  * ```ts ignore
@@ -236,7 +297,9 @@ export async function main(args: string[]): Promise<number> {
     config = parseFlags(args);
   } catch (error) {
     if (!(error instanceof UsageError)) throw error;
-    console.error(`echo-server: ${error.message}\n\n${USAGE}`);
+    console.error(
+      `echo-server: ${error.message}\nTry 'echo-server --help' for more information.`,
+    );
     return 2;
   }
   if (config === "help") {
@@ -249,8 +312,13 @@ export async function main(args: string[]): Promise<number> {
   }
 
   let log: AccessLog;
+  // Set below, once serving; until then the log has written nothing.
+  let diagnostic = (message: string) => console.error(message);
   try {
-    log = AccessLog.open(config.logPath);
+    log = AccessLog.open(config.logPath, {
+      maxBacklogBytes: config.logBacklogBytes,
+      onDiagnostic: (message) => diagnostic(message),
+    });
   } catch (error) {
     console.error(`echo-server: ${errorMessage(error)}`);
     return 1;
@@ -264,7 +332,7 @@ export async function main(args: string[]): Promise<number> {
   // does, lines are dropped and counted rather than block. Errors before
   // serving stay synchronous: they must be out before the exit.
   const diagnostics = new Diagnostics();
-  const diagnostic = (message: string) => diagnostics.write(message);
+  diagnostic = (message: string) => diagnostics.write(message);
   let server;
   try {
     server = serveEcho((clientId, bytesReceived) => {
@@ -288,6 +356,7 @@ export async function main(args: string[]): Promise<number> {
       metrics = serveMetrics(server, {
         ...config.metrics,
         onDiagnostic: diagnostic,
+        accessLog: log,
       });
     } catch (error) {
       await server.shutdown({ drainTimeoutMs: 0 });
@@ -309,21 +378,23 @@ export async function main(args: string[]): Promise<number> {
     );
   }
 
-  const reopenLog = () => {
-    try {
-      log.reopen();
-      diagnostic(`reopened access log ${config.logPath}`);
-    } catch (error) {
-      diagnostic(
-        `echo-server: ${errorMessage(error)}; still writing to the old file`,
-      );
-    }
-  };
+  // access_log.ts reports the reopen, and retries it until it works.
+  const reopenLog = () => log.reopen();
+  // Under a file-size limit (LimitFSIZE=, ulimit -f), a write past it raises
+  // SIGXFSZ, whose default action ends the process; handled, the write
+  // fails with EFBIG instead and the line waits in the log's backlog.
+  const ignore = () => {};
+  Deno.addSignalListener("SIGXFSZ", ignore);
   let forcedBy: keyof typeof SIGNAL_NUMBERS | undefined;
   const drained = Promise.withResolvers<Promise<void>>();
   let stopping = false;
   let delayTimer: ReturnType<typeof setTimeout> | undefined;
+  let firstSignalAt = 0;
+  let drainEnds = Infinity;
+  // A second signal during the exit's log flush (a full disk) ends it too.
+  const cutFlush = new AbortController();
   const closeAndDrain = (signal: keyof typeof SIGNAL_NUMBERS) => {
+    drainEnds = performance.now() + config.drainTimeoutMs;
     drained.resolve(
       server.shutdown({ drainTimeoutMs: config.drainTimeoutMs }),
     );
@@ -336,6 +407,7 @@ export async function main(args: string[]): Promise<number> {
   const stop = (signal: keyof typeof SIGNAL_NUMBERS) => {
     if (!stopping) {
       stopping = true;
+      firstSignalAt = performance.now();
       // A load balancer's health check sees 503 and stops sending clients;
       // those it sends meanwhile are still served during the delay.
       metrics?.setDraining();
@@ -351,11 +423,22 @@ export async function main(args: string[]): Promise<number> {
         delayTimer = undefined;
         closeAndDrain(signal);
       }, config.shutdownDelayMs);
-    } else {
+    } else if (
+      forcedBy === undefined &&
+      performance.now() - firstSignalAt >= SAME_SIGNAL_WINDOW_MS
+    ) {
       forcedBy = signal;
+      const { backlogLines } = log.stats;
       diagnostic(
-        `${signal} again: cutting off ${server.connections} connections now`,
+        `${signal} again: cutting off ${server.connections} connections now${
+          backlogLines === 0
+            ? ""
+            : ` and the access log's ${backlogLines} waiting ${
+              backlogLines === 1 ? "line" : "lines"
+            }`
+        }`,
       );
+      cutFlush.abort();
       clearTimeout(delayTimer);
       delayTimer = undefined;
       drained.resolve(server.shutdown({ drainTimeoutMs: 0 }));
@@ -368,15 +451,38 @@ export async function main(args: string[]): Promise<number> {
   Deno.addSignalListener("SIGHUP", reopenLog);
   await await drained.promise;
 
-  Deno.removeSignalListener("SIGHUP", reopenLog);
   await metrics?.shutdown();
-  log.close();
+  // The backlog (a full disk) gets what is left of the drain time: a
+  // second drain time would outlast systemd's TimeoutStopSec (delay +
+  // drain, deploy/), whose SIGKILL loses the backlog without a count.
+  const flushMs = forcedBy ? 0 : Math.max(0, drainEnds - performance.now());
+  const { backlogLines } = log.stats;
+  if (backlogLines > 0 && flushMs > 0) {
+    diagnostic(
+      `access log: writing ${backlogLines} waiting ${
+        backlogLines === 1 ? "line" : "lines"
+      } for up to ${
+        (flushMs / 1000).toFixed(1)
+      } s; a second SIGINT/SIGTERM cuts this off`,
+    );
+  }
+  await log.flush({ timeoutMs: flushMs, signal: cutFlush.signal });
   diagnostic(`stopped after ${server.clientsAccepted} clients`);
   // Every line out before the exit, unless stderr stays stalled for 5 s.
+  // Until then a second SIGINT/SIGTERM still ends with 130/143.
   await diagnostics.flush();
-  // Only now: until here a second SIGINT/SIGTERM still ends with 130/143.
-  Deno.removeSignalListener("SIGINT", onInt);
-  Deno.removeSignalListener("SIGTERM", onTerm);
+  // The log stays open and every listener installed to the exit: without a
+  // listener Deno restores a signal's default action, and a SIGHUP in the
+  // flush above (logrotate's postrotate during a restart) killed the
+  // process (129) before its last line was out. (SIGXFSZ too: a write past
+  // a file-size limit would end the process.)
+  const linesLost = log.close();
+  if (linesLost > 0) {
+    // Lines never written (dropped, or still waiting): close() said how
+    // many; that line out too, and status 1 whatever stopped the server.
+    await diagnostics.flush();
+    return 1;
+  }
   return forcedBy === undefined ? 0 : 128 + SIGNAL_NUMBERS[forcedBy];
 }
 

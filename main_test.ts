@@ -1,16 +1,22 @@
 import assert from "node:assert/strict";
-import net from "node:net";
 import denoJson from "./deno.json" with { type: "json" };
-import { type Config, parseFlags, USAGE } from "./main.ts";
 import {
-  assertUsageError,
+  type Config,
+  parseFlags,
+  SAME_SIGNAL_WINDOW_MS,
+  USAGE,
+} from "./main.ts";
+import {
   type CommandResult,
+  connectMany,
   echo,
   findExecutable,
   killAfter,
   Lines,
   readAll,
   runCommand,
+  sendAndReset,
+  spawnServer,
   withTempDir,
 } from "./test_util.ts";
 
@@ -46,34 +52,7 @@ class ServerProcess implements AsyncDisposable {
     options: ServerProcessOptions = {},
   ) {
     const { maxOpenFiles, timeoutMs = 60_000 } = options;
-    const command = [
-      Deno.execPath(),
-      "run",
-      "--allow-net",
-      `--allow-write=${logDir}`,
-      MAIN,
-      "--port",
-      "0",
-      "--log",
-      `${logDir}/access.log`,
-      ...args,
-    ];
-    if (maxOpenFiles !== undefined) {
-      // Both limits: Deno raises its soft limit to the hard one.
-      command.unshift(
-        "bash",
-        "-c",
-        `ulimit -Sn ${maxOpenFiles} -Hn ${maxOpenFiles} && exec "$@"`,
-        "bash",
-      );
-    }
-    this.child = new Deno.Command(command[0], {
-      args: command.slice(1),
-      env: { NO_COLOR: "1" },
-      stdin: "null",
-      stdout: "null",
-      stderr: "piped",
-    }).spawn();
+    this.child = spawnServer(logDir, args, { maxOpenFiles });
     this.#timer = setTimeout(() => {
       this.stderrLines.push(`(killed after ${timeoutMs} ms)`);
       this.child.kill("SIGKILL");
@@ -139,6 +118,38 @@ class ServerProcess implements AsyncDisposable {
   }
 }
 
+/**
+ * A command line mistake: exit 2, nothing on stdout, and on stderr the one
+ * line starting with `message` plus a pointer to `--help`.
+ */
+function assertUsageError(result: CommandResult, message: string): void {
+  assert.equal(result.code, 2, result.stderr);
+  assert.equal(result.stdout, "");
+  const [first, hint, end] = result.stderr.split("\n");
+  assert.ok(first.startsWith(message), first);
+  assert.equal(hint, "Try 'echo-server --help' for more information.");
+  assert.equal(end, "");
+  assert.equal(result.stderr.split("\n").length, 3, result.stderr);
+}
+
+/** Waits until a second signal is a second request, not the same one. */
+function outlastSameSignalWindow(): Promise<void> {
+  return new Promise((resolve) =>
+    setTimeout(resolve, SAME_SIGNAL_WINDOW_MS + 50)
+  );
+}
+
+/** Whether `path` exists. */
+async function exists(path: string): Promise<boolean> {
+  try {
+    await Deno.lstat(path);
+    return true;
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) return false;
+    throw error;
+  }
+}
+
 /** Echoes `text` through the server at `port`; returns the reply as text. */
 async function echoText(port: number, text: string): Promise<string> {
   const reply = await echo(port, new TextEncoder().encode(text));
@@ -168,10 +179,15 @@ Deno.test("parseFlags() gives the defaults and reads sizes and seconds", () => {
     hostname: "127.0.0.1",
     port: 4000,
     logPath: "/var/log/echo-server/access.log",
+    logBacklogBytes: 16 * 1024 * 1024,
     maxClientBytes: 64 * 1024 * 1024,
     maxBufferedBytes: 512 * 1024 * 1024,
     maxConnections: 16384,
     idleTimeoutMs: 30_000,
+    minRate: 500,
+    minRateGraceMs: 20_000,
+    minWriteRate: 16 * 1024,
+    evictionGraceMs: 2000,
     drainTimeoutMs: 10_000,
     shutdownDelayMs: 0,
     instance: 1,
@@ -187,6 +203,11 @@ Deno.test("parseFlags() gives the defaults and reads sizes and seconds", () => {
     "--drain-timeout=0",
     "--shutdown-delay=2.5",
     "--instance=3/4",
+    "--log-backlog=8KiB",
+    "--min-rate=0",
+    "--min-rate-grace=5",
+    "--min-read-rate=32KiB",
+    "--eviction-grace=0",
   ]);
   assert.ok(typeof config === "object");
   assert.equal(config.hostname, "0.0.0.0");
@@ -196,8 +217,23 @@ Deno.test("parseFlags() gives the defaults and reads sizes and seconds", () => {
   assert.equal(config.idleTimeoutMs, 250);
   assert.equal(config.drainTimeoutMs, 0);
   assert.equal(config.shutdownDelayMs, 2500);
+  assert.equal(config.minRate, 0);
+  assert.equal(config.minRateGraceMs, 5000);
+  assert.equal(config.minWriteRate, 32 * 1024);
+  assert.equal(config.evictionGraceMs, 0);
   assert.equal(config.instance, 3);
   assert.equal(config.instances, 4);
+  assert.equal(config.logBacklogBytes, 8192);
+  // The smallest positive value each seconds flag takes: 1 ms, not 0.
+  const smallest = parseFlags([
+    "--idle-timeout=0.001",
+    "--drain-timeout=0.001",
+    "--shutdown-delay=0.001",
+  ]);
+  assert.ok(typeof smallest === "object");
+  assert.equal(smallest.idleTimeoutMs, 1);
+  assert.equal(smallest.drainTimeoutMs, 1);
+  assert.equal(smallest.shutdownDelayMs, 1);
 });
 
 Deno.test("echo-server --help and -h print the usage with each flag beside its own default", async () => {
@@ -227,10 +263,15 @@ Deno.test("echo-server --help and -h print the usage with each flag beside its o
     ["--host HOST", "127.0.0.1"],
     ["--port PORT", "4000"],
     ["--log PATH", "/var/log/echo-server/access.log"],
+    ["--log-backlog SIZE", "16MiB"],
     ["--max-client-bytes SIZE", "64MiB"],
     ["--max-buffered SIZE", "512MiB"],
     ["--max-connections N", "16384"],
     ["--idle-timeout SECONDS", "30"],
+    ["--min-rate SIZE", "500"],
+    ["--min-rate-grace SECONDS", "20"],
+    ["--min-read-rate SIZE", "16KiB"],
+    ["--eviction-grace SECONDS", "2"],
     ["--drain-timeout SECONDS", "10"],
     ["--shutdown-delay SECONDS", "0"],
     ["--instance I/N", "1/1"],
@@ -273,20 +314,33 @@ const BAD_FLAGS: Array<[string[], string]> = [
     "echo-server: --max-buffered must be a size of at least 65536 bytes",
   ],
   [["--idle-timeout", "0"], "echo-server: --idle-timeout must"],
+  [
+    ["--idle-timeout", "0.0004"],
+    "echo-server: --idle-timeout must be a number of seconds from 0.001 to 86400, not '0.0004'",
+  ],
+  [
+    ["--drain-timeout", "0.0004"],
+    "echo-server: --drain-timeout must be 0 or a number of seconds from 0.001 to 86400, not '0.0004'",
+  ],
+  [
+    ["--shutdown-delay", "0.0001"],
+    "echo-server: --shutdown-delay must be 0 or a number of seconds from 0.001 to 86400, not '0.0001'",
+  ],
   [["--drain-timeout", "-1"], "echo-server: Option '--drain-timeout"],
   [["--shutdown-delay", "soon"], "echo-server: --shutdown-delay must"],
   [["--log", ""], "echo-server: --log must not be empty"],
+  [
+    ["--log-backlog", "1KiB"],
+    "echo-server: --log-backlog must be a size of at least 4096 bytes",
+  ],
   [["--instance", "0/4"], "echo-server: --instance must be I/N"],
   [["--instance", "5/4"], "echo-server: --instance must be I/N"],
   [["--instance", "x"], "echo-server: --instance must be I/N"],
+  [["--instance", "1/1025"], "echo-server: --instance must be I/N"],
 ];
 for (const [args, message] of BAD_FLAGS) {
-  Deno.test(`echo-server ${args.map((arg) => arg || "''").join(" ")} prints one line and the usage, exits 2`, async () => {
-    assertUsageError(
-      await run([], args),
-      message,
-      "Usage: echo-server [options]",
-    );
+  Deno.test(`echo-server ${args.map((arg) => arg || "''").join(" ")} prints one line and a pointer to --help, exits 2`, async () => {
+    assertUsageError(await run([], args), message);
   });
 }
 
@@ -469,6 +523,7 @@ Deno.test(
       await waitForReceivedBytes(metricsPort, 7);
       server.child.kill("SIGTERM");
       await server.waitFor(/^SIGTERM: stopping; 1 connections/);
+      await outlastSameSignalWindow();
       server.child.kill("SIGTERM");
       const { code, stderr } = await server.exit();
       assert.equal(code, 143);
@@ -481,6 +536,34 @@ Deno.test(
       await Deno.readTextFile(`${dir}/access.log`),
       "[client 2]: received 1 bytes\n[client 1]: received 6 bytes\n",
     );
+  }),
+);
+
+Deno.test(
+  "echo-server takes a second SIGINT right after the first as the same request and drains, exits 0",
+  withTempDir(async (dir) => {
+    await using server = new ServerProcess(dir, ["--drain-timeout", "3600"]);
+    const port = await server.port();
+    const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+    try {
+      await conn.write(new TextEncoder().encode("in "));
+      assert.equal(await echoText(port, "x"), "x");
+      // What a terminal's Ctrl-C under `deno task` delivers: two at once.
+      server.child.kill("SIGINT");
+      server.child.kill("SIGINT");
+      await server.waitFor(/^SIGINT: stopping; 1 connections/);
+      await conn.write(new TextEncoder().encode("flight"));
+      await conn.closeWrite();
+      assert.equal(
+        new TextDecoder().decode(await readAll(conn)),
+        "in flight",
+      );
+    } finally {
+      conn.close();
+    }
+    const { code, stderr } = await server.exit();
+    assert.equal(code, 0, stderr);
+    assert.equal(stderr, "stopped after 2 clients\n");
   }),
 );
 
@@ -501,11 +584,10 @@ Deno.test("parseFlags() reads --metrics HOST:PORT, or :PORT on loopback, off by 
 });
 
 for (const bad of ["9400", "host:", "host:port", ":70000", "::1:9400"]) {
-  Deno.test(`echo-server --metrics ${bad} prints one line and the usage, exits 2`, async () => {
+  Deno.test(`echo-server --metrics ${bad} prints one line and a pointer to --help, exits 2`, async () => {
     assertUsageError(
       await run([], ["--metrics", bad]),
       `echo-server: --metrics must be HOST:PORT or :PORT with a port from 0 to 65535, not '${bad}'`,
-      "Usage: echo-server [options]",
     );
   });
 }
@@ -620,6 +702,120 @@ for (const signal of ["SIGTERM", "SIGINT"] as const) {
 }
 
 Deno.test(
+  "echo-server on SIGHUP after SIGTERM, while its last line waits for a stalled stderr, reopens the log and exits 0 with that line",
+  withTempDir(async (dir) => {
+    // stderr is a FIFO read here with plain reads (no read-ahead), so the
+    // test decides when the pipe is full and when it drains.
+    const fifo = `${dir}/stderr`;
+    assert.equal((await runCommand("mkfifo", [fifo])).code, 0);
+    const child = new Deno.Command("bash", {
+      args: [
+        "-c",
+        'exec "$0" "$@" 2>"$STDERR"',
+        Deno.execPath(),
+        "run",
+        "--allow-net",
+        `--allow-write=${dir}`,
+        MAIN,
+        "--port",
+        "0",
+        "--log",
+        `${dir}/access.log`,
+        "--drain-timeout",
+        "3600",
+      ],
+      env: { NO_COLOR: "1", STDERR: fifo },
+      stdin: "null",
+      stdout: "null",
+    }).spawn();
+    using _timeout = killAfter(child, 60_000);
+    using stderr = await Deno.open(fifo, { read: true });
+    let text = "";
+    const buffer = new Uint8Array(4096);
+    /** Reads stderr until `pattern` matches what was read, or to its end. */
+    const readUntil = async (pattern?: RegExp) => {
+      while (pattern === undefined || !pattern.test(text)) {
+        const n = await stderr.read(buffer);
+        if (n === null) {
+          if (pattern === undefined) return;
+          throw new Error(`stderr ended: ${text}`);
+        }
+        text += new TextDecoder().decode(buffer.subarray(0, n));
+      }
+    };
+    const readToEnd = () => readUntil();
+    try {
+      await readUntil(/^listening on .*\n/m);
+      const port = Number(/^listening on .*:(\d+), /m.exec(text)![1]);
+      const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+      try {
+        await conn.write(new TextEncoder().encode("in "));
+        assert.equal(await echoText(port, "x"), "x");
+        child.kill("SIGTERM");
+        await readUntil(/^SIGTERM: stopping; 1 connections.*\n/m);
+        // Fill the pipe (16 pages: 64 KiB on x86-64) as a stalled log
+        // shipper would, in writes of one page, each of whole lines and so
+        // never split by a line of the server's.
+        {
+          using filler = await Deno.open(fifo, { write: true });
+          const page = new TextEncoder().encode(
+            `${"#".repeat(63)}\n`.repeat(64),
+          );
+          for (let i = 0; i < 16; i++) {
+            assert.equal(await filler.write(page), page.length);
+          }
+        }
+        await conn.write(new TextEncoder().encode("flight"));
+        await conn.closeWrite();
+        assert.equal(
+          new TextDecoder().decode(await readAll(conn)),
+          "in flight",
+        );
+      } finally {
+        conn.close();
+      }
+      // Drained once the client has its line; the server then waits for
+      // stderr to take its last line (up to 5 s). Rotate the log now, as
+      // logrotate's postrotate during a restart would.
+      const log = `${dir}/access.log`;
+      const complete =
+        "[client 2]: received 1 bytes\n[client 1]: received 9 bytes\n";
+      const giveUp = Date.now() + 10_000;
+      while ((await Deno.readTextFile(log)) !== complete) {
+        assert.ok(Date.now() < giveUp, await Deno.readTextFile(log));
+        await new Promise((resolve) => setTimeout(resolve, 0)); // a timer turn
+      }
+      await Deno.rename(log, `${log}.1`);
+      child.kill("SIGHUP");
+      // Either the server reopens the log (a new file at the path) or the
+      // signal kills it; only then is stderr read again.
+      let exited = false;
+      child.status.then(() => exited = true);
+      while (!exited && !(await exists(log))) {
+        await new Promise((resolve) => setTimeout(resolve, 0)); // a timer turn
+      }
+      await readToEnd();
+      const lines = text.split("\n").filter((line) => !/^#+$/.test(line));
+      assert.equal((await child.status).code, 0, lines.join("\n"));
+      assert.deepEqual(lines.slice(2), [
+        "stopped after 2 clients",
+        `reopened access log ${log}`,
+        "",
+      ]);
+      assert.equal(await Deno.readTextFile(`${log}.1`), complete);
+      assert.equal(await Deno.readTextFile(log), "");
+    } finally {
+      try {
+        child.kill("SIGKILL");
+      } catch {
+        // It exited.
+      }
+      await child.status;
+    }
+  }),
+);
+
+Deno.test(
   "echo-server under ulimit -n 64 serves and logs every client once, reports at most once a second",
   withTempDir(async (dir) => {
     await using server = new ServerProcess(dir, [], { maxOpenFiles: 64 });
@@ -629,12 +825,7 @@ Deno.test(
     // the server accepts until accept fails with EMFILE, the rest wait in
     // the kernel's queue.
     const clients = 100;
-    const conns = await Promise.all(
-      Array.from(
-        { length: clients },
-        () => Deno.connect({ hostname: "127.0.0.1", port }),
-      ),
-    );
+    const conns = await connectMany(port, clients);
     try {
       const payloads = conns.map((_, i) =>
         new TextEncoder().encode("x".repeat(i + 1))
@@ -727,12 +918,7 @@ Deno.test(
     // More clients than the server has descriptors, all held open: the
     // server accepts until accept fails with EMFILE.
     const clients = 100;
-    const conns = await Promise.all(
-      Array.from(
-        { length: clients },
-        () => Deno.connect({ hostname: "127.0.0.1", port }),
-      ),
-    );
+    const conns = await connectMany(port, clients);
     try {
       await server.waitFor(/^accept failed.*\(os error 24\)/);
       // Now the metrics server's accept fails too, and Deno.serve stops
@@ -890,6 +1076,7 @@ Deno.test(
       await server.waitFor(
         /^SIGINT: stopping in 3600 s; accepting until then, \/healthz answers 503$/,
       );
+      await outlastSameSignalWindow();
       server.child.kill("SIGINT");
       const { code, stderr } = await server.exit();
       assert.equal(code, 130, stderr);
@@ -915,46 +1102,13 @@ async function readUntilEnd(conn: Deno.Conn): Promise<void> {
   }
 }
 
-/**
- * Connects with node:net (Deno's own sockets cannot send a reset), sends a
- * byte, then resets the connection.
- */
-async function sendByteAndReset(port: number): Promise<void> {
-  const socket = net.connect(port, "127.0.0.1");
-  await new Promise((resolve, reject) => {
-    socket.once("connect", resolve);
-    socket.once("error", reject);
-  });
-  await new Promise((resolve) => socket.write("x", resolve));
-  const closed = new Promise((resolve) => socket.once("close", resolve));
-  socket.resetAndDestroy();
-  await closed;
-}
-
 Deno.test(
   "echo-server with a stderr nobody reads serves on through 2,000 client resets, then counts the lines it held back",
   withTempDir(async (dir) => {
     // A stderr pipe the test stops reading after the start-up lines, like a
     // stalled log shipper: a pipe holds 64 KiB, about 1,100 lines of one
     // per reset, and a blocking write to a full one stops the event loop.
-    const child = new Deno.Command(Deno.execPath(), {
-      args: [
-        "run",
-        "--allow-net",
-        `--allow-write=${dir}`,
-        MAIN,
-        "--port",
-        "0",
-        "--log",
-        `${dir}/access.log`,
-        "--metrics",
-        ":0",
-      ],
-      env: { NO_COLOR: "1" },
-      stdin: "null",
-      stdout: "null",
-      stderr: "piped",
-    }).spawn();
+    const child = spawnServer(dir, ["--metrics", ":0"]);
     // If the server hangs, killing it makes the clients below fail.
     using _timeout = killAfter(child, 60_000);
     const reader = child.stderr.getReader();
@@ -974,7 +1128,7 @@ Deno.test(
       const resets = 2000;
       for (let sent = 0; sent < resets; sent += 50) {
         await Promise.all(
-          Array.from({ length: 50 }, () => sendByteAndReset(port)),
+          Array.from({ length: 50 }, () => sendAndReset(port, "x")),
         );
       }
       assert.equal(await echoText(port, "still here"), "still here");
@@ -1106,7 +1260,7 @@ Deno.test({
       full.then(() => isFull = true, () => {});
       while (!isFull) {
         await Promise.all(
-          Array.from({ length: 20 }, () => sendByteAndReset(port)),
+          Array.from({ length: 20 }, () => sendAndReset(port, "x")),
         );
         resets += 20;
       }

@@ -19,6 +19,9 @@
  */
 
 import process from "node:process";
+import { errorMessage } from "./_errors.ts";
+import type { AccessLogStats } from "./access_log.ts";
+import { RateLimitedReporter } from "./reporter.ts";
 import { DURATION_BUCKETS_SECONDS, type EchoServer } from "./server.ts";
 
 /** Options for {@linkcode serveMetrics}. */
@@ -39,6 +42,12 @@ export interface MetricsOptions {
    * @default {console.error}
    */
   onDiagnostic?: (message: string) => void;
+  /**
+   * The access log whose backlog, drops and write errors are reported
+   * (`AccessLog` from access_log.ts).
+   * @default {none: those metrics read 0}
+   */
+  accessLog?: { readonly stats: AccessLogStats };
 }
 
 /** A running metrics endpoint. */
@@ -71,6 +80,9 @@ export const EXPOSITION_CONTENT_TYPE =
 // restarts keep failing, and is reset by a request served.
 const RESTART_MIN_MS = 100;
 const RESTART_MAX_MS = 5000;
+
+/** What a line about the HTTP server was about, as a summary counts it. */
+type RestartLineKind = "stopped" | "restart_failed" | "restarted";
 
 /**
  * Starts serving `/metrics` and `/healthz` for `server`. Throws the
@@ -107,7 +119,10 @@ interface Serving {
 class Metrics implements MetricsServer {
   readonly addr: Deno.NetAddr;
   #server: EchoServer;
-  #diagnostic: (message: string) => void;
+  // The back-off keeps these few, but like every repeated line they go
+  // through the one rate limit (reporter.ts).
+  #restartLines: RateLimitedReporter<RestartLineKind>;
+  #accessLog: { readonly stats: AccessLogStats } | undefined;
   #serving: Serving | undefined;
   #draining = false;
   #stopped = false;
@@ -117,7 +132,14 @@ class Metrics implements MetricsServer {
 
   constructor(server: EchoServer, options: MetricsOptions) {
     this.#server = server;
-    this.#diagnostic = options.onDiagnostic ?? console.error;
+    this.#restartLines = new RateLimitedReporter(
+      options.onDiagnostic ?? console.error,
+      {
+        kinds: ["stopped", "restart_failed", "restarted"],
+        label: "metrics server line",
+      },
+    );
+    this.#accessLog = options.accessLog;
     this.#serving = this.#listen(
       options.hostname ?? "127.0.0.1",
       options.port ?? DEFAULT_METRICS_PORT,
@@ -140,6 +162,7 @@ class Metrics implements MetricsServer {
   async #close(): Promise<void> {
     this.#stopped = true;
     clearTimeout(this.#restartTimer);
+    this.#restartLines.close();
     const serving = this.#serving;
     this.#serving = undefined;
     if (serving === undefined) return;
@@ -173,7 +196,8 @@ class Metrics implements MetricsServer {
       if (this.#stopped) return;
       this.#serving = undefined;
       this.#restartLater(
-        `metrics server stopped: ${describe(error)}`,
+        "stopped",
+        `metrics server stopped: ${errorMessage(error)}`,
         hostname,
         http.addr.port,
       );
@@ -181,10 +205,15 @@ class Metrics implements MetricsServer {
     return serving;
   }
 
-  #restartLater(why: string, hostname: string, port: number): void {
+  #restartLater(
+    kind: RestartLineKind,
+    why: string,
+    hostname: string,
+    port: number,
+  ): void {
     const delay = this.#restartMs;
     this.#restartMs = Math.min(this.#restartMs * 2, RESTART_MAX_MS);
-    this.#diagnostic(`${why}; restarting in ${delay} ms`);
+    this.#restartLines.report(kind, `${why}; restarting in ${delay} ms`);
     this.#restartTimer = setTimeout(() => {
       this.#restartTimer = undefined;
       if (this.#stopped) return;
@@ -194,13 +223,15 @@ class Metrics implements MetricsServer {
         // Binding again can fail the same way (EMFILE), or the port was
         // taken meanwhile: keep trying, more and more slowly.
         this.#restartLater(
-          `metrics server could not restart: ${describe(error)}`,
+          "restart_failed",
+          `metrics server could not restart: ${errorMessage(error)}`,
           hostname,
           port,
         );
         return;
       }
-      this.#diagnostic(
+      this.#restartLines.report(
+        "restarted",
         `metrics server restarted on ${formatAddress(hostname, port)}`,
       );
     }, delay);
@@ -220,7 +251,10 @@ class Metrics implements MetricsServer {
     }
     return text(
       200,
-      renderMetrics(this.#server, { draining: this.#draining }),
+      renderMetrics(this.#server, {
+        draining: this.#draining,
+        accessLog: this.#accessLog?.stats,
+      }),
       {
         "content-type": EXPOSITION_CONTENT_TYPE,
       },
@@ -246,6 +280,11 @@ export interface RenderOptions {
    * @default {false}
    */
   draining?: boolean;
+  /**
+   * The access log's totals, reported as `echo_log_*`.
+   * @default {none: those metrics read 0}
+   */
+  accessLog?: AccessLogStats;
 }
 
 /**
@@ -271,48 +310,66 @@ export function renderMetrics(
 ): string {
   const { stats } = server;
   const out: string[] = [];
+  // A family's HELP and TYPE lines, and its one sample, or one sample per
+  // entry of `counts` labelled by its key.
   const family = (
     name: string,
     type: "counter" | "gauge" | "histogram",
     help: string,
-  ) => out.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);
+    value?: number | { label: string; counts: Record<string, number> },
+  ) => {
+    out.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);
+    if (typeof value === "number") {
+      out.push(`${name} ${value}`);
+    } else if (value !== undefined) {
+      for (const [key, count] of Object.entries(value.counts)) {
+        out.push(`${name}{${value.label}="${key}"} ${count}`);
+      }
+    }
+  };
 
   family(
     "echo_connections_active",
     "gauge",
     "Clients being served now.",
+    server.connections,
   );
-  out.push(`echo_connections_active ${server.connections}`);
+  family(
+    "echo_connections_max",
+    "gauge",
+    "--max-connections: at it, a newcomer evicts the slowest client past its grace.",
+    server.limits.maxConnections,
+  );
   family(
     "echo_connections_accepted_total",
     "counter",
-    "Clients accepted; equals access log lines written plus clients being served plus log write errors.",
+    "Clients accepted; equals access log lines written plus lines in echo_log_backlog_lines plus echo_log_dropped_lines_total plus clients being served.",
+    server.clientsAccepted,
   );
-  out.push(`echo_connections_accepted_total ${server.clientsAccepted}`);
   family(
     "echo_received_bytes_total",
     "counter",
     "Bytes read from clients.",
+    stats.receivedBytes,
   );
-  out.push(`echo_received_bytes_total ${stats.receivedBytes}`);
-  family("echo_sent_bytes_total", "counter", "Bytes echoed back to clients.");
-  out.push(`echo_sent_bytes_total ${stats.sentBytes}`);
+  family(
+    "echo_sent_bytes_total",
+    "counter",
+    "Bytes echoed back to clients.",
+    stats.sentBytes,
+  );
   family(
     "echo_cutoffs_total",
     "counter",
-    "Clients cut off, by reason: client_limit (over --max-client-bytes), buffer_limit (over --max-buffered), idle, shutdown (drain ran out), reset (connection failed, e.g. reset by the client).",
+    "Clients cut off, by reason: client_limit (over --max-client-bytes), buffer_limit (over --max-buffered, nobody to evict), idle, min_rate (sent below --min-rate), slow_reader (read its echo below --min-read-rate), slot_eviction (evicted for a newcomer at --max-connections), memory_eviction (evicted for memory at --max-buffered), shutdown (drain ran out), reset (connection failed, e.g. reset by the client).",
+    { label: "reason", counts: stats.cutoffs },
   );
-  for (const [reason, count] of Object.entries(stats.cutoffs)) {
-    out.push(`echo_cutoffs_total{reason="${reason}"} ${count}`);
-  }
   family(
     "echo_accept_errors_total",
     "counter",
     "Failed accepts, by kind: exhaustion (out of file descriptors or memory), client (the connection failed while queued), unknown; both of the latter are logged as clients.",
+    { label: "kind", counts: stats.acceptErrors },
   );
-  for (const [kind, count] of Object.entries(stats.acceptErrors)) {
-    out.push(`echo_accept_errors_total{kind="${kind}"} ${count}`);
-  }
   family(
     "echo_connection_duration_seconds",
     "histogram",
@@ -337,26 +394,57 @@ export function renderMetrics(
     "echo_buffered_bytes",
     "gauge",
     "Buffer memory held for clients, counted against --max-buffered.",
+    server.bufferedBytes,
   );
-  out.push(`echo_buffered_bytes ${server.bufferedBytes}`);
+  family(
+    "echo_buffered_bytes_max",
+    "gauge",
+    "--max-buffered: past it, the clients holding the most for the least progress are evicted.",
+    server.limits.maxBufferedBytes,
+  );
   family(
     "echo_spare_buffer_bytes",
     "gauge",
     "Freed read buffers kept for reuse; dropped first when clients need the room.",
+    server.spareBufferBytes,
   );
-  out.push(`echo_spare_buffer_bytes ${server.spareBufferBytes}`);
+  const log = options.accessLog;
   family(
     "echo_log_write_errors_total",
     "counter",
-    "Access log lines that could not be written.",
+    "Access log writes that failed (ENOSPC, EDQUOT, EFBIG, EIO; each retry counts); their lines wait in the backlog.",
+    stats.reportErrors + (log?.writeErrors ?? 0),
   );
-  out.push(`echo_log_write_errors_total ${stats.reportErrors}`);
+  family(
+    "echo_log_backlog_lines",
+    "gauge",
+    "Access log lines waiting in memory for the file to take writes.",
+    log?.backlogLines ?? 0,
+  );
+  family(
+    "echo_log_backlog_bytes",
+    "gauge",
+    "Bytes of those lines, counted against --log-backlog.",
+    log?.backlogBytes ?? 0,
+  );
+  family(
+    "echo_log_dropped_lines_total",
+    "counter",
+    "Access log lines dropped, never written: the backlog was full.",
+    log?.droppedLines ?? 0,
+  );
+  family(
+    "echo_log_reopen_pending",
+    "gauge",
+    "1 while a SIGHUP reopen of the access log failed and is being retried (lines go to the old file), else 0.",
+    log?.reopenPending ? 1 : 0,
+  );
   family(
     "echo_draining",
     "gauge",
     "1 once SIGINT or SIGTERM started the drain (/healthz answers 503), else 0.",
+    options.draining ? 1 : 0,
   );
-  out.push(`echo_draining ${options.draining ? 1 : 0}`);
 
   const memory = Deno.memoryUsage();
   const cpu = process.cpuUsage();
@@ -364,24 +452,28 @@ export function renderMetrics(
     "process_cpu_seconds_total",
     "counter",
     "Total user and system CPU time spent in seconds.",
+    (cpu.user + cpu.system) / 1e6,
   );
-  out.push(`process_cpu_seconds_total ${(cpu.user + cpu.system) / 1e6}`);
   family(
     "process_start_time_seconds",
     "gauge",
     "Start time of the process since unix epoch in seconds.",
+    performance.timeOrigin / 1000,
   );
-  out.push(`process_start_time_seconds ${performance.timeOrigin / 1000}`);
   family(
     "process_resident_memory_bytes",
     "gauge",
     "Resident memory size in bytes.",
+    memory.rss,
   );
-  out.push(`process_resident_memory_bytes ${memory.rss}`);
   const fds = openFds();
   if (fds !== undefined) {
-    family("process_open_fds", "gauge", "Number of open file descriptors.");
-    out.push(`process_open_fds ${fds}`);
+    family(
+      "process_open_fds",
+      "gauge",
+      "Number of open file descriptors.",
+      fds,
+    );
   }
   // Readable where /proc/self/fd was (Deno asks for the same permission).
   const maxFds = fds === undefined ? undefined : maxOpenFds();
@@ -390,27 +482,27 @@ export function renderMetrics(
       "process_max_fds",
       "gauge",
       "Maximum number of open file descriptors.",
+      maxFds,
     );
-    out.push(`process_max_fds ${maxFds}`);
   }
   family(
     "deno_heap_used_bytes",
     "gauge",
     "V8 heap in use, from Deno.memoryUsage().",
+    memory.heapUsed,
   );
-  out.push(`deno_heap_used_bytes ${memory.heapUsed}`);
   family(
     "deno_heap_total_bytes",
     "gauge",
     "V8 heap allocated, from Deno.memoryUsage().",
+    memory.heapTotal,
   );
-  out.push(`deno_heap_total_bytes ${memory.heapTotal}`);
   family(
     "deno_external_memory_bytes",
     "gauge",
     "Memory outside the V8 heap held by JavaScript objects (e.g. buffers), from Deno.memoryUsage().",
+    memory.external,
   );
-  out.push(`deno_external_memory_bytes ${memory.external}`);
   return out.join("\n") + "\n";
 }
 
@@ -468,8 +560,4 @@ function formatAddress(hostname: string, port: number): string {
   return hostname.includes(":")
     ? `[${hostname}]:${port}`
     : `${hostname}:${port}`;
-}
-
-function describe(error: unknown): string {
-  return error instanceof Error ? error.message : String(error);
 }

@@ -1,6 +1,5 @@
 import assert from "node:assert/strict";
 import { readRssKiB } from "./bench/_proc.ts";
-import net from "node:net";
 import { AccessLog } from "./access_log.ts";
 import {
   EXPOSITION_CONTENT_TYPE,
@@ -15,6 +14,8 @@ import {
   Lines,
   readAll,
   runCommand,
+  sendAndReset,
+  spawnServer,
   startServer,
   withTempDir,
   writeAll,
@@ -126,13 +127,7 @@ Deno.test("renderMetrics() counts good clients, resets and an over-limit client 
     assert.equal((await echo(s.port, new Uint8Array(i * 10))).length, i * 10);
   }
   for (let i = 0; i < RESETS; i++) {
-    // Deno's own sockets cannot send a reset; node:net's resetAndDestroy can.
-    const socket = net.connect(s.port, HOST);
-    await new Promise((resolve) => socket.once("connect", resolve));
-    await new Promise((resolve) => socket.write("abc", resolve));
-    const closed = new Promise((resolve) => socket.once("close", resolve));
-    socket.resetAndDestroy();
-    await closed;
+    await sendAndReset(s.port, "abc");
   }
   const over = await Deno.connect({ hostname: HOST, port: s.port });
   try {
@@ -180,7 +175,17 @@ Deno.test("renderMetrics() counts good clients, resets and an over-limit client 
       sample(m, 'echo_accept_errors_total{kind="client"}'),
     RESETS,
   );
-  for (const reason of ["buffer_limit", "idle", "shutdown"]) {
+  for (
+    const reason of [
+      "buffer_limit",
+      "idle",
+      "min_rate",
+      "slow_reader",
+      "slot_eviction",
+      "memory_eviction",
+      "shutdown",
+    ]
+  ) {
     assert.equal(sample(m, `echo_cutoffs_total{reason="${reason}"}`), 0);
   }
   assert.equal(sample(m, 'echo_accept_errors_total{kind="exhaustion"}'), 0);
@@ -203,6 +208,9 @@ Deno.test("renderMetrics() counts good clients, resets and an over-limit client 
     previous = count;
   }
   assert.equal(sample(m, "echo_buffered_bytes"), 0);
+  // How close to each limit: the limits beside the gauges.
+  assert.equal(sample(m, "echo_connections_max"), 16384);
+  assert.equal(sample(m, "echo_buffered_bytes_max"), 512 * 1024 * 1024);
   // This process's RSS as the kernel reports it: in bytes, not pages or KiB,
   // and this process's. RSS moves between the two readings, by far less
   // than the factor of 1024 or 4096 a wrong unit would make.
@@ -240,6 +248,47 @@ Deno.test(
   }),
 );
 
+Deno.test("renderMetrics() reports the access log's backlog, dropped lines and failed writes", async () => {
+  // A file that takes nothing (ENOSPC), then everything.
+  let full = true;
+  const log = AccessLog.open("access.log", {
+    openFile: () => ({
+      writeSync(bytes) {
+        if (full) throw new Error("No space left on device (os error 28)");
+        return bytes.length;
+      },
+      close() {},
+    }),
+    maxBacklogBytes: 4096,
+    onDiagnostic() {},
+  });
+  const server = serveEcho((id, bytes) => log.record(id, bytes), {
+    port: 0,
+    onDiagnostic: () => {},
+  });
+  await echo(server.addr.port, encoder.encode("a"));
+  await echo(server.addr.port, encoder.encode("b"));
+  // Resolves once both clients are logged (a client can see EOF first).
+  await server.shutdown();
+  for (let id = 3; id <= 200; id++) log.record(id, 0);
+  let m = samples(renderMetrics(server, { accessLog: log.stats }));
+  const { backlogLines, backlogBytes, droppedLines } = log.stats;
+  assert.ok(droppedLines > 0 && backlogBytes <= 4096);
+  assert.equal(backlogLines + droppedLines, 200);
+  assert.equal(sample(m, "echo_log_backlog_lines"), backlogLines);
+  assert.equal(sample(m, "echo_log_backlog_bytes"), backlogBytes);
+  assert.equal(sample(m, "echo_log_dropped_lines_total"), droppedLines);
+  assert.equal(sample(m, "echo_log_write_errors_total"), 200);
+  assert.equal(sample(m, "echo_log_reopen_pending"), 0);
+  full = false;
+  assert.equal(await log.flush(), 0);
+  m = samples(renderMetrics(server, { accessLog: log.stats }));
+  assert.equal(sample(m, "echo_log_backlog_lines"), 0);
+  assert.equal(sample(m, "echo_log_backlog_bytes"), 0);
+  assert.equal(sample(m, "echo_log_dropped_lines_total"), droppedLines);
+  assert.equal(log.close(), droppedLines);
+});
+
 const promtool = findExecutable("promtool");
 
 Deno.test({
@@ -253,9 +302,12 @@ Deno.test({
     await using s = startServer({ maxClientBytes: 10 });
     await echo(s.port, encoder.encode("hello"));
     await echo(s.port, new Uint8Array(11)).catch(() => {});
-    await using metrics = serveMetrics(s.server, { port: 0 });
+    const log = AccessLog.open(`${dir}/access.log`);
+    await using metrics = serveMetrics(s.server, { port: 0, accessLog: log });
     const response = await get(metrics.addr.port, "/metrics");
+    log.close();
     assert.equal(response.status, 200);
+    assert.match(response.body, /^echo_log_backlog_lines 0$/m);
     await Deno.writeTextFile(`${dir}/metrics.txt`, response.body);
     const result = await runCommand("bash", [
       "-c",
@@ -383,8 +435,6 @@ Deno.test("serveMetrics() shutdown() does not wait for requests whose body never
   }
 });
 
-const MAIN = new URL("./main.ts", import.meta.url).pathname;
-
 Deno.test("serveMetrics() restarts Deno.serve after it stops, also when restarting fails", async () => {
   await using s = startServer();
   // The first server's `finished` is ours to reject, as Deno's is on
@@ -460,27 +510,12 @@ Deno.test(
         return new Response(null, { status: 200 });
       },
     );
-    const child = new Deno.Command(Deno.execPath(), {
-      args: [
-        "run",
-        "--allow-net",
-        `--allow-write=${dir}`,
-        MAIN,
-        "--port",
-        "0",
-        "--log",
-        `${dir}/access.log`,
-        "--metrics",
-        ":0",
-      ],
+    const child = spawnServer(dir, ["--metrics", ":0"], {
       env: {
         OTEL_DENO: "true",
         OTEL_EXPORTER_OTLP_ENDPOINT: `http://${HOST}:${collector.addr.port}`,
       },
-      stdin: "null",
-      stdout: "null",
-      stderr: "piped",
-    }).spawn();
+    });
     using _timeout = killAfter(child, 60_000);
     const stderr = child.stderr.pipeThrough(new TextDecoderStream());
     let text = "";
@@ -518,27 +553,10 @@ for (
     }`,
     withTempDir(async (dir) => {
       const limit = 500;
-      const child = new Deno.Command("bash", {
-        args: [
-          "-c",
-          `ulimit -Sn ${limit} -Hn ${limit} && exec "$@"`,
-          "bash",
-          Deno.execPath(),
-          "run",
-          ...permissions,
-          MAIN,
-          "--port",
-          "0",
-          "--log",
-          `${dir}/access.log`,
-          "--metrics",
-          ":0",
-        ],
-        env: { NO_COLOR: "1" },
-        stdin: "null",
-        stdout: "null",
-        stderr: "piped",
-      }).spawn();
+      const child = spawnServer(dir, ["--metrics", ":0"], {
+        permissions: [...permissions],
+        maxOpenFiles: limit,
+      });
       using _timeout = killAfter(child, 60_000);
       const stderr = new Lines(child.stderr);
       try {
@@ -586,6 +604,10 @@ const NO_CUTOFFS = {
   client_limit: 0,
   buffer_limit: 0,
   idle: 0,
+  min_rate: 0,
+  slow_reader: 0,
+  slot_eviction: 0,
+  memory_eviction: 0,
   shutdown: 0,
   reset: 0,
 };

@@ -21,8 +21,9 @@
  * @module
  */
 
-import { parseArgs } from "node:util";
-import { parseInteger, UsageError } from "./flags.ts";
+import { readAll, writeAll } from "./_bytes.ts";
+import { errorMessage } from "./_errors.ts";
+import { parseCommandLine, parseInteger, UsageError } from "./flags.ts";
 
 /** The `--help` text, also printed after a command line mistake. */
 export const USAGE = `Usage: send [options] [MESSAGE]
@@ -50,27 +51,10 @@ export async function exchange(
   conn: Deno.Conn,
   message: Uint8Array,
 ): Promise<Uint8Array> {
-  for (let sent = 0; sent < message.length;) {
-    sent += await conn.write(message.subarray(sent));
-  }
+  await writeAll(conn, message);
   // The server reads to EOF before it replies: without this it would wait.
   await conn.closeWrite();
-  const chunks: Uint8Array[] = [];
-  const buffer = new Uint8Array(64 * 1024);
-  for (let n; (n = await conn.read(buffer)) !== null;) {
-    chunks.push(buffer.slice(0, n));
-  }
-  return concat(chunks);
-}
-
-function concat(chunks: Uint8Array[]): Uint8Array {
-  const all = new Uint8Array(chunks.reduce((sum, c) => sum + c.length, 0));
-  let offset = 0;
-  for (const chunk of chunks) {
-    all.set(chunk, offset);
-    offset += chunk.length;
-  }
-  return all;
+  return await readAll(conn);
 }
 
 /** Where two byte strings first differ, or -1 if they are equal. */
@@ -101,10 +85,6 @@ function describeConnectError(
   return `cannot connect to ${address}: ${errorMessage(error)}`;
 }
 
-function errorMessage(error: unknown): string {
-  return error instanceof Error ? error.message : String(error);
-}
-
 /** Reads all of standard input. */
 async function readStdin(): Promise<Uint8Array> {
   return await new Response(Deno.stdin.readable).bytes();
@@ -123,22 +103,11 @@ async function readStdin(): Promise<Uint8Array> {
 export async function main(args: string[]): Promise<number> {
   let hostname, port, message;
   try {
-    let values, positionals;
-    try {
-      ({ values, positionals } = parseArgs({
-        args,
-        strict: true,
-        allowPositionals: true,
-        options: {
-          host: { type: "string" },
-          port: { type: "string" },
-          help: { type: "boolean", short: "h" },
-        },
-      }));
-    } catch (error) {
-      // node:util's messages can span lines; ours are one line.
-      throw new UsageError(errorMessage(error).replaceAll(/\s*\n\s*/g, " "));
-    }
+    const { values, positionals } = parseCommandLine(args, {
+      host: { type: "string" },
+      port: { type: "string" },
+      help: { type: "boolean", short: "h" },
+    }, { allowPositionals: true });
     if (values.help) {
       console.log(USAGE);
       return 0;

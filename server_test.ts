@@ -1,36 +1,17 @@
 import assert from "node:assert/strict";
-import net from "node:net";
-import { acceptErrorKind, serveEcho, type ServeOptions } from "./server.ts";
+import { MAX_INSTANCES, serveEcho, type ServeOptions } from "./server.ts";
 import {
   echo,
+  pattern,
   readAll,
+  sameBytes,
+  sendAndReset,
   startServer,
   type TestServer,
   writeAll,
 } from "./test_util.ts";
 
 const HOST = "127.0.0.1";
-
-/** Deterministic pseudo-random bytes, different for each seed. */
-function pattern(size: number, seed = 1): Uint8Array {
-  const bytes = new Uint8Array(size);
-  let x = (seed * 2654435761) >>> 0 || 1;
-  for (let i = 0; i < size; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    bytes[i] = x;
-  }
-  return bytes;
-}
-
-function sameBytes(actual: Uint8Array, expected: Uint8Array): boolean {
-  if (actual.length !== expected.length) return false;
-  for (let i = 0; i < actual.length; i++) {
-    if (actual[i] !== expected[i]) return false;
-  }
-  return true;
-}
 
 /**
  * Like echo, but being cut off is an outcome, not a failure: a reset, a
@@ -66,18 +47,6 @@ async function waitUntil(
     if (Date.now() > giveUp) throw new Error(`gave up waiting: ${what}`);
     await new Promise((resolve) => setTimeout(resolve, 5));
   }
-}
-
-/**
- * Connects with node:net (Deno's own sockets cannot send a reset), waits
- * for the handshake to complete, then resets the connection.
- */
-async function connectAndReset(port: number): Promise<void> {
-  const socket = net.connect(port, HOST);
-  await new Promise((resolve) => socket.once("connect", resolve));
-  const closed = new Promise((resolve) => socket.once("close", resolve));
-  socket.resetAndDestroy();
-  await closed;
 }
 
 Deno.test("serveEcho() echoes hello and logs it", async () => {
@@ -172,9 +141,26 @@ Deno.test("serveEcho() as instance 2 of 3 numbers its clients 2, 5, 8, 11, 14", 
   assert.equal(s.server.clientsAccepted, 5);
 });
 
-Deno.test("serveEcho() rejects an instance outside 1..instances before listening", () => {
+Deno.test("serveEcho() as instance 1024 of MAX_INSTANCES numbers its clients 1024, 2048", async () => {
+  await using s = startServer({ instance: 1024, instances: MAX_INSTANCES });
+  for (let i = 1; i <= 2; i++) {
+    assert.equal((await echo(s.port, pattern(i, i))).length, i);
+  }
+  await s.server.shutdown();
+  assert.deepEqual(s.records, [[1024, 1], [2048, 2]]);
+});
+
+Deno.test("serveEcho() rejects an instance outside 1..instances, or instances over MAX_INSTANCES, before listening", () => {
   for (
-    const [instance, instances] of [[0, 4], [5, 4], [1, 0], [1.5, 2], [1, NaN]]
+    const [instance, instances] of [
+      [0, 4],
+      [5, 4],
+      [1, 0],
+      [1.5, 2],
+      [1, NaN],
+      [1, MAX_INSTANCES + 1],
+      [2 ** 52, 2 ** 52],
+    ]
   ) {
     assert.throws(
       () => startServer({ instance, instances }),
@@ -243,13 +229,7 @@ Deno.test("serveEcho() logs a client that leaves without reading and serves the 
 
 Deno.test("serveEcho() logs a client that resets mid-send and serves the next", async () => {
   await using s = startServer();
-  // Deno's own sockets cannot send a reset; node:net's resetAndDestroy can.
-  const socket = net.connect(s.port, HOST);
-  await new Promise((resolve) => socket.once("connect", resolve));
-  await new Promise((resolve) => socket.write("abc", resolve));
-  const closed = new Promise((resolve) => socket.once("close", resolve));
-  socket.resetAndDestroy();
-  await closed;
+  await sendAndReset(s.port, "abc");
   const payload = pattern(10, 10);
   assert.ok(sameBytes(await echo(s.port, payload), payload));
   await s.server.shutdown();
@@ -266,7 +246,8 @@ Deno.test("serveEcho() logs clients that reset while queued and accepts on at on
   // One connection at a time: while the held client is served, the others
   // wait in the kernel's accept queue, where they reset. accept() then fails
   // for each (NotConnected: denoland/deno#8499), but each was a client.
-  await using s = startServer({ maxConnections: 1 });
+  // Eviction off: the held client must keep its slot, silent as it is.
+  await using s = startServer({ maxConnections: 1, evictionGraceMs: 0 });
   const held = await Deno.connect({ hostname: HOST, port: s.port });
   try {
     await writeAll(held, new Uint8Array([1]));
@@ -275,7 +256,7 @@ Deno.test("serveEcho() logs clients that reset while queued and accepts on at on
       "the held client accepted",
     );
     const resets = 5;
-    for (let i = 0; i < resets; i++) await connectAndReset(s.port);
+    for (let i = 0; i < resets; i++) await sendAndReset(s.port);
     await held.closeWrite();
     assert.deepEqual([...await readAll(held)], [1]);
     // The queue is first in, first out: this client is accepted after the
@@ -372,47 +353,6 @@ function emfile(): Error {
     code: "EMFILE",
   });
 }
-
-Deno.test("acceptErrorKind() sorts by code or os error number, not class", () => {
-  const withCode = (code: string, message = code) =>
-    Object.assign(new Error(message), { code });
-  for (const code of ["EMFILE", "ENFILE", "ENOBUFS", "ENOMEM"]) {
-    assert.equal(acceptErrorKind(withCode(code)), "exhaustion", code);
-  }
-  for (const errno of [12, 23, 24, 105]) {
-    const error = new Error(`no room (os error ${errno})`);
-    assert.equal(acceptErrorKind(error), "exhaustion", String(errno));
-  }
-  // The code wins over the class.
-  const reset = Object.assign(new Deno.errors.ConnectionReset("x"), {
-    code: "EMFILE",
-  });
-  assert.equal(acceptErrorKind(reset), "exhaustion");
-  for (
-    const code of [
-      "ENOTCONN",
-      "ECONNRESET",
-      "ECONNABORTED",
-      "EPERM",
-      "ETIMEDOUT",
-      "EPROTO",
-      "ENETUNREACH",
-      "EHOSTUNREACH",
-    ]
-  ) {
-    assert.equal(acceptErrorKind(withCode(code)), "client", code);
-  }
-  assert.equal(acceptErrorKind(new Deno.errors.NotConnected("x")), "client");
-  assert.equal(acceptErrorKind(new Deno.errors.ConnectionReset("x")), "client");
-  assert.equal(
-    acceptErrorKind(new Deno.errors.ConnectionAborted("x")),
-    "client",
-  );
-  assert.equal(acceptErrorKind(withCode("EBADF")), "unknown");
-  assert.equal(acceptErrorKind(new Error("(os error 9)")), "unknown");
-  assert.equal(acceptErrorKind(new Deno.errors.BadResource("x")), "unknown");
-  assert.equal(acceptErrorKind("not an error"), "unknown");
-});
 
 Deno.test("serveEcho() counts an accept error a client causes, or an unknown one, as a client, accepts on", async () => {
   const errors: Error[] = [
@@ -687,7 +627,10 @@ Deno.test("serveEcho() cuts off one of two clients that together pass maxBuffere
     let firstReply: Uint8Array | "cut off";
     try {
       await conn.closeWrite();
-      firstReply = await readAll(conn);
+      // Evicted after its bytes were all read, it gets a short reply (a
+      // close, not a reset).
+      const reply = await readAll(conn);
+      firstReply = reply.length < first.length ? "cut off" : reply;
     } catch (error) {
       if (!(error instanceof Deno.errors.ConnectionReset)) throw error;
       firstReply = "cut off";
@@ -705,11 +648,12 @@ Deno.test("serveEcho() cuts off one of two clients that together pass maxBuffere
   assert.match(s.diagnostics[0], /server buffer limit of 16777216 bytes/);
 });
 
-Deno.test("serveEcho() stops accepting at maxConnections until a client finishes", async () => {
+Deno.test("serveEcho() with eviction off stops accepting at maxConnections until a client finishes", async () => {
   // No timing: right after accept() hands over a client, the loop has either
   // called accept() again or parked at the limit, so the calls tell.
   await using s = startServerWithFailingListener(() => undefined, {
     maxConnections: 1,
+    evictionGraceMs: 0,
   });
   const first = await Deno.connect({ hostname: HOST, port: s.port });
   try {
@@ -781,6 +725,60 @@ Deno.test("EchoServer.shutdown() cuts off clients still there at drainTimeoutMs"
   await s.server.shutdown({ drainTimeoutMs: 10 });
   assert.deepEqual(s.records, [[2, 0], [1, 4]]);
   assert.match(s.diagnostics[0], /^client 1: cut off .*at shutdown/);
+});
+
+/** Resolves with `promise`, or rejects if it takes longer than `ms`. */
+async function within<T>(promise: Promise<T>, ms: number, what: string) {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`gave up waiting: ${what}`)), ms);
+  });
+  try {
+    return await Promise.race([promise, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** Starts a server with one client that sent 3 bytes and stays connected. */
+async function serverWithHeldClient(): Promise<[TestServer, Deno.TcpConn]> {
+  const s = startServer();
+  const conn = await Deno.connect({ hostname: HOST, port: s.port });
+  await writeAll(conn, new Uint8Array(3));
+  await waitUntil(() => s.server.stats.receivedBytes === 3, "3 bytes read");
+  return [s, conn];
+}
+
+Deno.test("EchoServer.shutdown() called again with a shorter drainTimeoutMs cuts off sooner", async () => {
+  const [s, conn] = await serverWithHeldClient();
+  try {
+    const first = s.server.shutdown({ drainTimeoutMs: 3_600_000 });
+    const second = s.server.shutdown({ drainTimeoutMs: 0 });
+    await within(Promise.all([first, second]), 20_000, "cut off at 0 ms");
+  } finally {
+    conn.close();
+  }
+  assert.deepEqual(s.records, [[1, 3]]);
+  assert.deepEqual(s.diagnostics, [
+    "client 1: cut off after 3 bytes: still connected at shutdown",
+  ]);
+});
+
+Deno.test("EchoServer.shutdown() called again with a longer drainTimeoutMs keeps the first deadline", async () => {
+  const [s, conn] = await serverWithHeldClient();
+  try {
+    const first = s.server.shutdown({ drainTimeoutMs: 200 });
+    // Restarting the timer with this would leave the client for an hour,
+    // far past the bound below.
+    const second = s.server.shutdown({ drainTimeoutMs: 3_600_000 });
+    await within(Promise.all([first, second]), 20_000, "cut off at 200 ms");
+  } finally {
+    conn.close();
+  }
+  assert.deepEqual(s.records, [[1, 3]]);
+  assert.deepEqual(s.diagnostics, [
+    "client 1: cut off after 3 bytes: still connected at shutdown",
+  ]);
 });
 
 Deno.test("serveEcho() logs every client it accepts from a flood of misbehaving ones", async () => {
@@ -999,11 +997,14 @@ Deno.test("serveEcho() keeps a client that sends a byte every idleTimeoutMs/3 fo
   assert.deepEqual(s.diagnostics, []);
 });
 
-Deno.test("serveEcho() cuts off as idle a client that half-closes and never reads a large reply", async () => {
+Deno.test("serveEcho() cuts off a client that half-closes and never reads a large reply, once idle", async () => {
   // 32 MiB is far more than loopback socket buffers hold, so the reply
-  // stalls once they fill and the client makes no more progress.
+  // stalls once they fill and the client makes no more progress. While its
+  // echo is written, an idle client is cut off only if it also reads below
+  // minWriteRate: set far above what loopback buffers take at once, so that
+  // the stall, not the rate, decides.
   const size = 32 * 1024 * 1024;
-  await using s = startServer({ idleTimeoutMs: 200 });
+  await using s = startServer({ idleTimeoutMs: 200, minWriteRate: 2 ** 30 });
   const conn = await Deno.connect({ hostname: HOST, port: s.port });
   try {
     await writeAll(conn, pattern(size, 7));
@@ -1015,7 +1016,13 @@ Deno.test("serveEcho() cuts off as idle a client that half-closes and never read
   await s.server.shutdown();
   assert.deepEqual(s.records, [[1, size]]);
   assert.ok(s.server.stats.sentBytes < size, `${s.server.stats.sentBytes}`);
-  assert.deepEqual(s.diagnostics, [
-    `client 1: cut off after ${size} bytes: idle for more than 0.2 s`,
-  ]);
+  assert.equal(s.diagnostics.length, 1, s.diagnostics.join("\n"));
+  assert.match(
+    s.diagnostics[0],
+    new RegExp(
+      `^client 1: cut off after ${size} bytes: read its echo below the minimum rate of ${
+        2 ** 30
+      } B/s \\(\\d+ bytes taken in [\\d.]+ s\\)$`,
+    ),
+  );
 });

@@ -7,59 +7,14 @@
  */
 
 import assert from "node:assert/strict";
+import net from "node:net";
+import { readAll, writeAll } from "./_bytes.ts";
 import { type EchoServer, serveEcho, type ServeOptions } from "./server.ts";
 
-/**
- * Writes all of `bytes` to `conn`, however many writes that takes.
- *
- * @example
- * ```ts
- * import assert from "node:assert/strict";
- * await using s = startServer();
- * using conn = await Deno.connect({ port: s.port });
- * await writeAll(conn, new Uint8Array(1024 * 1024));
- * await conn.closeWrite();
- * assert.equal((await readAll(conn)).length, 1024 * 1024);
- * ```
- */
-export async function writeAll(
-  conn: Deno.Conn,
-  bytes: Uint8Array,
-): Promise<void> {
-  for (let written = 0; written < bytes.length;) {
-    written += await conn.write(bytes.subarray(written));
-  }
-}
+const MAIN = new URL("./main.ts", import.meta.url).pathname;
 
-/**
- * Reads `conn` to EOF and returns every byte read.
- *
- * @example
- * ```ts
- * import assert from "node:assert/strict";
- * await using s = startServer();
- * using conn = await Deno.connect({ port: s.port });
- * await writeAll(conn, new TextEncoder().encode("hello"));
- * await conn.closeWrite();
- * assert.equal(new TextDecoder().decode(await readAll(conn)), "hello");
- * ```
- */
-export async function readAll(conn: Deno.Conn): Promise<Uint8Array> {
-  const chunks: Uint8Array[] = [];
-  const buffer = new Uint8Array(64 * 1024);
-  let total = 0;
-  for (let n; (n = await conn.read(buffer)) !== null;) {
-    chunks.push(buffer.slice(0, n));
-    total += n;
-  }
-  const all = new Uint8Array(total);
-  let offset = 0;
-  for (const chunk of chunks) {
-    all.set(chunk, offset);
-    offset += chunk.length;
-  }
-  return all;
-}
+// Tests import these from here with the rest of their helpers.
+export { readAll, writeAll } from "./_bytes.ts";
 
 /**
  * Connects to 127.0.0.1:`port`, sends `payload`, half-closes, then reads
@@ -236,8 +191,8 @@ export function killAfter(
  *
  * @example
  * ```ts
- * const result = await runCommand(Deno.execPath(), ["run", "main.ts", "-x"]);
- * assertUsageError(result, "echo-server: Unknown option '-x'", "Usage: echo-server [options]");
+ * const result = await runCommand(Deno.execPath(), ["run", "send.ts", "-x"]);
+ * assertUsageError(result, "send: Unknown option '-x'", "Usage: send [options] [MESSAGE]");
  * ```
  */
 export function assertUsageError(
@@ -381,6 +336,179 @@ export class Lines {
       await this.#changed.promise;
     }
   }
+}
+
+/** Options for {@linkcode spawnServer}. */
+export interface SpawnServerOptions {
+  /**
+   * Deno permission flags for the server.
+   *
+   * @default {["--allow-net", `--allow-write=${logDir}`]}
+   */
+  permissions?: string[];
+  /**
+   * Runs the server under `ulimit -n` of this many descriptors (soft and
+   * hard: Deno raises its soft limit to the hard one).
+   *
+   * @default {undefined}
+   */
+  maxOpenFiles?: number;
+  /**
+   * A bash command run first, in the process that then becomes the server
+   * (e.g. `prlimit --pid $$ --fsize=4096`).
+   *
+   * @default {undefined}
+   */
+  shell?: string;
+  /**
+   * Environment added to the test's (`NO_COLOR=1` is always set).
+   *
+   * @default {{}}
+   */
+  env?: Record<string, string>;
+}
+
+/**
+ * Runs main.ts as a subprocess on port 0, logging to `logDir/access.log`,
+ * with `args` after those flags: stdin and stdout closed, stderr piped for
+ * the test to read (its first line names the port). The caller kills it
+ * (e.g. with {@linkcode killAfter}) and awaits its status.
+ *
+ * @example
+ * ```ts ignore
+ * Deno.test("echo-server starts", withTempDir(async (dir) => {
+ *   const child = spawnServer(dir, ["--max-connections", "10"]);
+ *   const stderr = new Lines(child.stderr);
+ *   await stderr.next(/^listening on /);
+ *   child.kill("SIGTERM");
+ *   await child.status;
+ *   await stderr.done;
+ * }));
+ * ```
+ */
+export function spawnServer(
+  logDir: string,
+  args: string[] = [],
+  options: SpawnServerOptions = {},
+): Deno.ChildProcess {
+  const {
+    permissions = ["--allow-net", `--allow-write=${logDir}`],
+    maxOpenFiles,
+  } = options;
+  const command = [
+    Deno.execPath(),
+    "run",
+    ...permissions,
+    MAIN,
+    "--port",
+    "0",
+    "--log",
+    `${logDir}/access.log`,
+    ...args,
+  ];
+  const shell = [
+    maxOpenFiles === undefined
+      ? undefined
+      : `ulimit -Sn ${maxOpenFiles} -Hn ${maxOpenFiles}`,
+    options.shell,
+  ].filter((part) => part !== undefined);
+  if (shell.length > 0) {
+    command.unshift("bash", "-c", `${shell.join(" && ")} && exec "$@"`, "bash");
+  }
+  return new Deno.Command(command[0], {
+    args: command.slice(1),
+    env: { NO_COLOR: "1", ...options.env },
+    stdin: "null",
+    stdout: "null",
+    stderr: "piped",
+  }).spawn();
+}
+
+/**
+ * Deterministic pseudo-random bytes (xorshift32), different for each seed.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * assert.deepEqual(pattern(8, 3), pattern(8, 3));
+ * assert.ok(!sameBytes(pattern(8, 3), pattern(8, 4)));
+ * ```
+ */
+export function pattern(size: number, seed = 1): Uint8Array {
+  const bytes = new Uint8Array(size);
+  let x = (seed * 2654435761) >>> 0 || 1;
+  for (let i = 0; i < size; i++) {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    bytes[i] = x;
+  }
+  return bytes;
+}
+
+/**
+ * Whether two byte arrays hold the same bytes.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * assert.ok(sameBytes(new Uint8Array([1, 2]), new Uint8Array([1, 2])));
+ * ```
+ */
+export function sameBytes(actual: Uint8Array, expected: Uint8Array): boolean {
+  if (actual.length !== expected.length) return false;
+  for (let i = 0; i < actual.length; i++) {
+    if (actual[i] !== expected[i]) return false;
+  }
+  return true;
+}
+
+/**
+ * Connects to 127.0.0.1:`port` with node:net (Deno's own sockets cannot
+ * send a reset), waits for the handshake, sends `text` if any, then resets
+ * the connection and waits until it is closed.
+ *
+ * @example
+ * ```ts
+ * await using s = startServer();
+ * await sendAndReset(s.port, "abc");
+ * ```
+ */
+export async function sendAndReset(port: number, text = ""): Promise<void> {
+  const socket = net.connect(port, "127.0.0.1");
+  await new Promise((resolve, reject) => {
+    socket.once("connect", resolve);
+    socket.once("error", reject);
+  });
+  if (text !== "") await new Promise((resolve) => socket.write(text, resolve));
+  const closed = new Promise((resolve) => socket.once("close", resolve));
+  socket.resetAndDestroy();
+  await closed;
+}
+
+/**
+ * Opens `count` connections to 127.0.0.1:`port` at once and returns them
+ * all, open; the caller closes them.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * await using s = startServer();
+ * const conns = await connectMany(s.port, 3);
+ * assert.equal(conns.length, 3);
+ * for (const conn of conns) conn.close();
+ * ```
+ */
+export function connectMany(
+  port: number,
+  count: number,
+): Promise<Deno.TcpConn[]> {
+  return Promise.all(
+    Array.from(
+      { length: count },
+      () => Deno.connect({ hostname: "127.0.0.1", port }),
+    ),
+  );
 }
 
 /**

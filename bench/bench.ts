@@ -24,8 +24,16 @@
  * @module
  */
 
-import { parseArgs } from "node:util";
-import { parseInteger, parseSeconds, parseSize, UsageError } from "../flags.ts";
+import { controlRun } from "./_run.ts";
+import { parseCommand } from "./_cli.ts";
+import { checkInteger, describe } from "../_errors.ts";
+import {
+  parseCommandLine,
+  parseInteger,
+  parseSeconds,
+  parseSize,
+  UsageError,
+} from "../flags.ts";
 import {
   CHUNK_BYTES,
   PatternBuffer,
@@ -34,6 +42,7 @@ import {
 } from "./pattern.ts";
 import { formatLogReport } from "./log_check.ts";
 import {
+  ATTACK_KINDS,
   CLIENT_KINDS,
   type ClientKind,
   formatMixResult,
@@ -143,8 +152,6 @@ export interface BenchResult {
   errorSamples: string[];
 }
 
-/** Time connections in flight at the end of the duration get to finish. */
-const FINISH_GRACE_MS = 5000;
 const MAX_ERROR_SAMPLES = 5;
 
 type Failure = "reset" | "mismatch" | "short" | "unfinished";
@@ -425,15 +432,8 @@ export async function runBench(
   }
 
   const run = new Run(hostname, port, size, limit);
-  const stop = () => run.stop();
-  options.signal?.addEventListener("abort", stop);
-  if (options.signal?.aborted) stop();
   const start = performance.now();
-  let grace: ReturnType<typeof setTimeout> | undefined;
-  const deadline = duration === undefined ? undefined : setTimeout(() => {
-    run.finish();
-    grace = setTimeout(stop, FINISH_GRACE_MS);
-  }, duration * 1000);
+  using _control = controlRun(run, { signal: options.signal, duration });
   let lastTime = start;
   let lastOk = 0;
   const onProgress = options.onProgress;
@@ -455,10 +455,7 @@ export async function runBench(
     }
     await Promise.all(workers);
   } finally {
-    clearTimeout(deadline);
-    clearTimeout(grace);
     clearInterval(ticker);
-    options.signal?.removeEventListener("abort", stop);
   }
   const end = run.stopTime ?? performance.now();
   const elapsedSeconds = Math.max(end - start, 1e-6) / 1000;
@@ -479,19 +476,6 @@ export async function runBench(
     latencyMs: percentiles(run.latencies.subarray(0, run.ok)),
     errorSamples: run.errorSamples,
   };
-}
-
-function checkInteger(
-  name: string,
-  value: number,
-  min: number,
-  max: number,
-): void {
-  if (!(Number.isInteger(value) && value >= min && value <= max)) {
-    throw new RangeError(
-      `${name} must be a whole number from ${min} to ${max}, not ${value}`,
-    );
-  }
 }
 
 function percentiles(latencies: Float64Array): LatencyMs {
@@ -526,11 +510,6 @@ export function formatResult(result: BenchResult): string {
   ].join("\n");
 }
 
-function describe(error: unknown): string {
-  if (error instanceof Error) return `${error.name}: ${error.message}`;
-  return String(error);
-}
-
 function hex(byte: number): string {
   return `0x${byte.toString(16).padStart(2, "0")}`;
 }
@@ -562,6 +541,16 @@ Fault injection:
   --mix                run misbehaving clients beside the good ones:
                        ${CLIENT_KINDS.join(", ")}
   --kinds LIST         with --mix, only these kinds (comma-separated)
+  --attacks            with --mix, add the attacks: ${ATTACK_KINDS.join(", ")},
+                       scaled to the limits below; a good client not served
+                       within --good-within fails the run
+  --max-connections N  the server's --max-connections (default 16384)
+  --max-buffered SIZE  the server's --max-buffered (default 512MiB)
+  --max-client-bytes SIZE
+                       the server's --max-client-bytes (default 64MiB)
+  --good-within SECONDS
+                       bound on a good client's connect-to-echo time (default
+                       5 with --attacks, else none)
   --large-size SIZE    payload of an echo-large client (default 1MiB)
   --oversize SIZE      bytes an oversize client sends, to be more than the
                        server's --max-client-bytes (default 65MiB)
@@ -601,30 +590,25 @@ export interface MixCommandOptions extends MixOptions {
 export function parseBenchArgs(
   args: string[],
 ): BenchOptions | MixCommandOptions | "help" {
-  let values;
-  try {
-    ({ values } = parseArgs({
-      args,
-      strict: true,
-      allowPositionals: false,
-      options: {
-        host: { type: "string" },
-        port: { type: "string" },
-        concurrency: { type: "string" },
-        size: { type: "string" },
-        duration: { type: "string" },
-        connections: { type: "string" },
-        mix: { type: "boolean" },
-        kinds: { type: "string" },
-        "large-size": { type: "string" },
-        oversize: { type: "string" },
-        log: { type: "string" },
-        help: { type: "boolean", short: "h" },
-      },
-    }));
-  } catch (error) {
-    throw new UsageError(error instanceof Error ? error.message : `${error}`);
-  }
+  const { values } = parseCommandLine(args, {
+    host: { type: "string" },
+    port: { type: "string" },
+    concurrency: { type: "string" },
+    size: { type: "string" },
+    duration: { type: "string" },
+    connections: { type: "string" },
+    mix: { type: "boolean" },
+    kinds: { type: "string" },
+    attacks: { type: "boolean" },
+    "max-connections": { type: "string" },
+    "max-buffered": { type: "string" },
+    "max-client-bytes": { type: "string" },
+    "good-within": { type: "string" },
+    "large-size": { type: "string" },
+    oversize: { type: "string" },
+    log: { type: "string" },
+    help: { type: "boolean", short: "h" },
+  });
   if (values.help) return "help";
   if (values.host === "") throw new UsageError("--host must not be empty");
   const options: BenchOptions = {
@@ -653,7 +637,19 @@ export function parseBenchArgs(
     });
   }
   if (!values.mix) {
-    for (const flag of ["kinds", "large-size", "oversize", "log"] as const) {
+    for (
+      const flag of [
+        "kinds",
+        "attacks",
+        "max-connections",
+        "max-buffered",
+        "max-client-bytes",
+        "good-within",
+        "large-size",
+        "oversize",
+        "log",
+      ] as const
+    ) {
       if (values[flag] !== undefined) {
         throw new UsageError(`--${flag} needs --mix`);
       }
@@ -679,6 +675,40 @@ export function parseBenchArgs(
     mix.connections = options.connections;
   }
   if (values.kinds !== undefined) mix.kinds = parseKinds(values.kinds);
+  if (values.attacks) {
+    mix.kinds = [
+      ...(mix.kinds ??
+        CLIENT_KINDS.filter((kind) => !ATTACK_KINDS.includes(kind))),
+      ...ATTACK_KINDS,
+    ];
+  }
+  const limitFlags = [
+    values["max-connections"],
+    values["max-buffered"],
+    values["max-client-bytes"],
+  ];
+  if (limitFlags.some((value) => value !== undefined)) {
+    mix.limits = {
+      maxConnections: parseInteger(
+        "--max-connections",
+        values["max-connections"],
+        { default: 16384, min: 1, max: 1_000_000 },
+      ),
+      maxBufferedBytes: parseSize("--max-buffered", values["max-buffered"], {
+        default: 512 * 1024 * 1024,
+        min: 1,
+      }),
+      maxClientBytes: parseSize(
+        "--max-client-bytes",
+        values["max-client-bytes"],
+        { default: 64 * 1024 * 1024, min: 1 },
+      ),
+    };
+  }
+  if (values["good-within"] !== undefined) {
+    mix.goodWithinMs = parseSeconds("--good-within", values["good-within"]) *
+      1000;
+  }
   if (values.log !== undefined) {
     if (values.log === "") throw new UsageError("--log must not be empty");
     mix.logPath = values.log;
@@ -720,18 +750,8 @@ function writeStderr(text: string): void {
 }
 
 async function main(args: string[]): Promise<number> {
-  let options;
-  try {
-    options = parseBenchArgs(args);
-  } catch (error) {
-    if (!(error instanceof UsageError)) throw error;
-    console.error(`bench: ${error.message}\n\n${USAGE}`);
-    return 2;
-  }
-  if (options === "help") {
-    console.log(USAGE);
-    return 0;
-  }
+  const options = parseCommand("bench", USAGE, () => parseBenchArgs(args));
+  if (typeof options === "number") return options;
   const tty = Deno.stderr.isTerminal();
   const limits = [
     options.duration === undefined ? undefined : `${options.duration} s`,
@@ -742,9 +762,16 @@ async function main(args: string[]): Promise<number> {
       }`,
   ].filter((limit) => limit !== undefined).join(" or ");
   let progressShown = false;
-  const progress = (text: string) => {
+  // One line a second: seconds, counts and rates, failures.
+  const progress = (seconds: number, counts: string, failures: string) => {
     progressShown = true;
+    const text = `${seconds.toFixed(0).padStart(3)} s  ${counts}  ${failures}`;
     writeStderr(`${tty ? "\r" : ""}${text}${tty ? "\x1b[K" : "\n"}`);
+  };
+  // Ends the progress line, then shows the run's sample errors.
+  const finished = (errorSamples: readonly string[]) => {
+    if (tty && progressShown) writeStderr("\n");
+    for (const sample of errorSamples) writeStderr(`bench: ${sample}\n`);
   };
   const abort = new AbortController();
   // Ctrl-C stops the run and still prints the summary; a second one quits.
@@ -771,11 +798,11 @@ async function main(args: string[]): Promise<number> {
           signal: abort.signal,
           onProgress: (p) =>
             progress(
-              `${p.elapsedSeconds.toFixed(0).padStart(3)} s  ${
-                String(p.connected).padStart(8)
-              } connected  ${
+              p.elapsedSeconds,
+              `${String(p.connected).padStart(8)} connected  ${
                 p.echoesPerSecond.toFixed(0).padStart(6)
-              } echo/s  ${p.failures} failures`,
+              } echo/s`,
+              `${p.failures} failures`,
             ),
         });
       } catch (error) {
@@ -786,10 +813,7 @@ async function main(args: string[]): Promise<number> {
         );
         return 1;
       }
-      if (tty && progressShown) writeStderr("\n");
-      for (const sample of result.errorSamples) {
-        writeStderr(`bench: ${sample}\n`);
-      }
+      finished(result.errorSamples);
       console.log(formatMixResult(result));
       if (result.log !== undefined) console.log(formatLogReport(result.log));
       return result.ok ? 0 : 1;
@@ -804,17 +828,14 @@ async function main(args: string[]): Promise<number> {
       signal: abort.signal,
       onProgress: (p) =>
         progress(
-          `${p.elapsedSeconds.toFixed(0).padStart(3)} s  ${
-            String(p.connections).padStart(8)
-          } conns  ${
+          p.elapsedSeconds,
+          `${String(p.connections).padStart(8)} conns  ${
             p.connectionsPerSecond.toFixed(0).padStart(6)
-          } conn/s  ${p.errors} errors`,
+          } conn/s`,
+          `${p.errors} errors`,
         ),
     });
-    if (tty && progressShown) writeStderr("\n");
-    for (const sample of result.errorSamples) {
-      writeStderr(`bench: ${sample}\n`);
-    }
+    finished(result.errorSamples);
     console.log(formatResult(result));
     return result.errors > 0 || result.connections === 0 ? 1 : 0;
   } finally {

@@ -451,6 +451,12 @@ Deno.test("deno task bench --help lists every flag and default", async () => {
       "--large-size SIZE",
       "--oversize SIZE",
       "--log PATH",
+      "--attacks",
+      "slot-hog, memory-hog, slow-reader",
+      "--max-connections N",
+      "--max-buffered SIZE",
+      "--max-client-bytes SIZE",
+      "--good-within SECONDS",
     ]
   ) {
     assert.ok(stdout.includes(text), `${text} missing from:\n${stdout}`);
@@ -554,8 +560,32 @@ Deno.test("parseBenchArgs() reads --mix and its flags", () => {
       logPath: "/tmp/access.log",
     },
   );
+  const attack = parseBenchArgs([
+    "--mix",
+    "--attacks",
+    "--max-connections",
+    "64",
+    "--max-buffered",
+    "8MiB",
+    "--good-within",
+    "2.5",
+  ]);
+  assert.ok(attack !== "help" && "mix" in attack);
+  assert.deepEqual(attack.kinds?.slice(-3), [
+    "slot-hog",
+    "memory-hog",
+    "slow-reader",
+  ]);
+  assert.ok(attack.kinds?.includes("echo"));
+  assert.deepEqual(attack.limits, {
+    maxConnections: 64,
+    maxBufferedBytes: 8 * MIB,
+    maxClientBytes: 64 * MIB,
+  });
+  assert.equal(attack.goodWithinMs, 2500);
   for (
     const [args, message] of [
+      [["--attacks"], "--attacks needs --mix"],
       [["--log", "/tmp/a.log"], "--log needs --mix"],
       [["--kinds", "echo"], "--kinds needs --mix"],
       [["--oversize", "1MiB"], "--oversize needs --mix"],

@@ -29,8 +29,8 @@
  * @module
  */
 
-import { parseArgs } from "node:util";
-import { parseInteger, UsageError } from "../flags.ts";
+import { parseCommand } from "./_cli.ts";
+import { parseCommandLine, parseInteger, UsageError } from "../flags.ts";
 import { countFds, openFileLimit, readRssKiB, readSlabKiB } from "./_proc.ts";
 
 /** A server to measure: its command line, with `{port}` replaced by a free
@@ -470,24 +470,13 @@ Options:
 export function parseIdleMemoryArgs(
   args: string[],
 ): IdleMemoryOptions | "help" {
-  let values;
-  try {
-    ({ values } = parseArgs({
-      args,
-      strict: true,
-      allowPositionals: false,
-      options: {
-        connections: { type: "string" },
-        rounds: { type: "string" },
-        "read-bytes": { type: "string" },
-        server: { type: "string", multiple: true },
-        help: { type: "boolean", short: "h" },
-      },
-    }));
-  } catch (error) {
-    const message = error instanceof Error ? error.message : String(error);
-    throw new UsageError(message.replaceAll(/\s*\n\s*/g, " "));
-  }
+  const { values } = parseCommandLine(args, {
+    connections: { type: "string" },
+    rounds: { type: "string" },
+    "read-bytes": { type: "string" },
+    server: { type: "string", multiple: true },
+    help: { type: "boolean", short: "h" },
+  });
   if (values.help) return "help";
   const readBytes = parseInteger("--read-bytes", values["read-bytes"], {
     default: 64,
@@ -532,18 +521,12 @@ export function parseIdleMemoryArgs(
  * ```
  */
 export async function main(args: string[]): Promise<number> {
-  let options;
-  try {
-    options = parseIdleMemoryArgs(args);
-  } catch (error) {
-    if (!(error instanceof UsageError)) throw error;
-    console.error(`idle_memory: ${error.message}\n\n${USAGE}`);
-    return 2;
-  }
-  if (options === "help") {
-    console.log(USAGE);
-    return 0;
-  }
+  const options = parseCommand(
+    "idle_memory",
+    USAGE,
+    () => parseIdleMemoryArgs(args),
+  );
+  if (typeof options === "number") return options;
   let results;
   try {
     results = await measureIdleMemory({

@@ -16,6 +16,19 @@
  * | `slowloris`        | sends a byte every `slowlorisIntervalMs`, 10 in all, then half-closes and verifies the echo | 10 bytes |
  * | `idle`             | sends nothing for `idleMs`, then half-closes; verifies the empty reply | 0 bytes        |
  * | `oversize`         | sends `oversize` bytes (more than the server's limit)      | a line (any size)           |
+ * | `slot-hog`         | attack: a byte every `attackIntervalMs`, never half-closes  | a line (any size)           |
+ * | `memory-hog`       | attack: sends `hogBytes` fast, then a byte every `attackIntervalMs`, never half-closes | a line (any size) |
+ * | `slow-reader`      | attack: sends `readerBytes`, half-closes, reads 1 KiB every 10 s | a line (any size)     |
+ *
+ * The three attacks run only when named in {@linkcode MixOptions.kinds}
+ * (`--attacks` on the command line names them all). Each is scaled from the
+ * limits of the server under test ({@linkcode MixOptions.limits}): as many
+ * `slot-hog`s as `maxConnections`, enough `memory-hog`s and `slow-reader`s
+ * to hold all of `maxBufferedBytes`. An attacker that the server cuts off
+ * connects again, so the pressure lasts the whole run; how long each
+ * lasted is reported. With {@linkcode MixOptions.goodWithinMs} (5 s when an
+ * attack runs), a good client (`echo`, `echo-large`) that takes longer from
+ * connect to the end of its echo is a failure.
  *
  * A connection "succeeded" when the kernel completed it: the connect call
  * returned. That includes the `reset-on-connect` clients: the server's
@@ -28,6 +41,9 @@
  * @module
  */
 
+import { controlRun } from "./_run.ts";
+import { writeAll } from "../_bytes.ts";
+import { checkInteger, describe } from "../_errors.ts";
 import * as net from "node:net";
 import { type LogReport, LogTail, type WaitOptions } from "./log_check.ts";
 import {
@@ -48,7 +64,17 @@ export const CLIENT_KINDS = [
   "slowloris",
   "idle",
   "oversize",
+  "slot-hog",
+  "memory-hog",
+  "slow-reader",
 ] as const;
+
+/** The attacks among {@linkcode CLIENT_KINDS}, run only when named. */
+export const ATTACK_KINDS: readonly ClientKind[] = [
+  "slot-hog",
+  "memory-hog",
+  "slow-reader",
+];
 
 /** One of {@linkcode CLIENT_KINDS}. */
 export type ClientKind = typeof CLIENT_KINDS[number];
@@ -59,8 +85,21 @@ export interface MixOptions {
   hostname?: string;
   /** Server port. @default {4000} */
   port?: number;
-  /** The kinds of client to run. @default {CLIENT_KINDS} */
+  /** The kinds of client to run. @default {CLIENT_KINDS but ATTACK_KINDS} */
   kinds?: readonly ClientKind[];
+  /**
+   * The limits of the server under test, which the attacks scale to.
+   * @default {echo-server's defaults}
+   */
+  limits?: MixLimits;
+  /** Time between the bytes of a `slot-hog` or `memory-hog`. @default {2000} */
+  attackIntervalMs?: number;
+  /**
+   * A good client (`echo`, `echo-large`) not served within this, from
+   * connect to the end of its echo, is a failure.
+   * @default {5000 when an attack runs, else no bound}
+   */
+  goodWithinMs?: number;
   /** `echo` clients in flight at once. @default {16} */
   concurrency?: number;
   /**
@@ -102,6 +141,16 @@ export interface MixOptions {
   onProgress?: (progress: MixProgress) => void;
 }
 
+/** The limits of the server under test, for {@linkcode MixOptions.limits}. */
+export interface MixLimits {
+  /** Its `--max-connections`. @default {16384} */
+  maxConnections?: number;
+  /** Its `--max-buffered`. @default {536870912} */
+  maxBufferedBytes?: number;
+  /** Its `--max-client-bytes`. @default {67108864} */
+  maxClientBytes?: number;
+}
+
 /** A snapshot passed to {@linkcode MixOptions.onProgress}. */
 export interface MixProgress {
   /** Seconds since the run started. */
@@ -139,6 +188,16 @@ export interface KindResult {
   uncertain: number;
   /** `oversize` clients whose whole payload was echoed instead of cut off. */
   echoedInFull: number;
+  /**
+   * Good kinds: milliseconds from connect to the end of the echo, of each
+   * client served; attacks: how long each attacker lasted until the server
+   * cut it off (or the run ended).
+   */
+  durationsMs: number[];
+  /** Good clients served later than `goodWithinMs` (failures). */
+  late: number;
+  /** Attackers still connected when the run ended. */
+  outlasted: number;
 }
 
 /** What {@linkcode runMix} found. */
@@ -159,14 +218,14 @@ export interface MixResult {
   elapsedSeconds: number;
   /** The check of the access log, if {@linkcode MixOptions.logPath} was given. */
   log?: LogReport;
+  /** The bound on good clients' latency, if any. */
+  goodWithinMs?: number;
   /** Descriptions of the first few failures. */
   errorSamples: string[];
   /** True when something connected and there was no failure or loss. */
   ok: boolean;
 }
 
-/** Time clients in flight at the end of the duration get to finish. */
-const FINISH_GRACE_MS = 5000;
 const RESET_MID_SEND_BYTES = 32 * 1024;
 const NO_READ_BYTES = 4096;
 const SLOWLORIS_BYTES = 10;
@@ -181,15 +240,33 @@ const DEFAULT_KIND_CONCURRENCY: Record<ClientKind, number> = {
   "slowloris": 4,
   "idle": 4,
   "oversize": 1,
+  // Scaled from the limits in runMix.
+  "slot-hog": 1,
+  "memory-hog": 1,
+  "slow-reader": 1,
+};
+const GOOD_KINDS: readonly ClientKind[] = ["echo", "echo-large"];
+const DEFAULT_GOOD_WITHIN_MS = 5000;
+const SLOW_READ_BYTES = 1024;
+const SLOW_READ_INTERVAL_MS = 10_000;
+const DEFAULT_LIMITS: Required<MixLimits> = {
+  maxConnections: 16384,
+  maxBufferedBytes: 512 * 1024 * 1024,
+  maxClientBytes: 64 * 1024 * 1024,
 };
 
 /** How one client ended. */
 type Outcome =
   | { status: "connect failed"; message: string }
   | { status: "uncertain" }
-  | { status: "ok"; loggedBytes?: number; echoedInFull?: boolean }
+  | {
+    status: "ok";
+    loggedBytes?: number;
+    echoedInFull?: boolean;
+    durationMs?: number;
+  }
   | { status: "wrong" | "broken"; message: string }
-  | { status: "unfinished" };
+  | { status: "unfinished"; durationMs?: number };
 
 /** What a client needs: where to go, its payload, and the run's stop signal. */
 interface Attempt {
@@ -208,6 +285,9 @@ interface KindSettings {
   oversize: number;
   slowlorisIntervalMs: number;
   idleMs: number;
+  attackIntervalMs: number;
+  hogBytes: number;
+  readerBytes: number;
 }
 
 /**
@@ -232,14 +312,24 @@ export async function runMix(options: MixOptions = {}): Promise<MixResult> {
   const hostname = options.hostname ?? "127.0.0.1";
   const port = options.port ?? 4000;
   const kinds = CLIENT_KINDS.filter((kind) =>
-    (options.kinds ?? CLIENT_KINDS).includes(kind)
+    options.kinds === undefined
+      ? !ATTACK_KINDS.includes(kind)
+      : options.kinds.includes(kind)
   );
+  const attacking = kinds.some((kind) => ATTACK_KINDS.includes(kind));
+  const goodWithinMs = options.goodWithinMs ??
+    (attacking ? DEFAULT_GOOD_WITHIN_MS : undefined);
+  const limits = { ...DEFAULT_LIMITS, ...options.limits };
+  const attacks = scaleAttacks(limits);
   const settings: KindSettings = {
     size: options.size ?? 5,
     largeSize: options.largeSize ?? 1024 * 1024,
     oversize: options.oversize ?? 65 * 1024 * 1024,
     slowlorisIntervalMs: options.slowlorisIntervalMs ?? 100,
     idleMs: options.idleMs ?? 1000,
+    attackIntervalMs: options.attackIntervalMs ?? 2000,
+    hogBytes: attacks.hogBytes,
+    readerBytes: attacks.readerBytes,
   };
   const limit = options.connections ?? Infinity;
   const duration = options.duration ??
@@ -257,7 +347,7 @@ export async function runMix(options: MixOptions = {}): Promise<MixResult> {
   }
   const concurrencyOf = (kind: ClientKind) =>
     (kind === "echo" ? options.concurrency : options.kindConcurrency?.[kind]) ??
-      DEFAULT_KIND_CONCURRENCY[kind];
+      attacks.concurrency[kind] ?? DEFAULT_KIND_CONCURRENCY[kind];
   for (const kind of kinds) {
     checkInteger(`${kind} concurrency`, concurrencyOf(kind), 1, 100_000);
   }
@@ -267,16 +357,9 @@ export async function runMix(options: MixOptions = {}): Promise<MixResult> {
     ? undefined
     : await LogTail.open(options.logPath);
   try {
-    const run = new MixRun(hostname, port, settings, limit);
-    const stop = () => run.stop();
-    options.signal?.addEventListener("abort", stop);
-    if (options.signal?.aborted) stop();
+    const run = new MixRun(hostname, port, settings, limit, goodWithinMs);
     const start = performance.now();
-    let grace: ReturnType<typeof setTimeout> | undefined;
-    const deadline = duration === undefined ? undefined : setTimeout(() => {
-      run.finish();
-      grace = setTimeout(stop, FINISH_GRACE_MS);
-    }, duration * 1000);
+    const control = controlRun(run, { signal: options.signal, duration });
     const onProgress = options.onProgress;
     let lastTime = start;
     let lastOk = 0;
@@ -305,10 +388,8 @@ export async function runMix(options: MixOptions = {}): Promise<MixResult> {
       await Promise.all(workers);
       end = performance.now();
     } finally {
-      clearTimeout(deadline);
-      clearTimeout(grace);
       clearInterval(ticker);
-      options.signal?.removeEventListener("abort", stop);
+      control[Symbol.dispose]();
     }
 
     const kindResults = kinds.map((kind) => run.results.get(kind)!);
@@ -325,6 +406,7 @@ export async function runMix(options: MixOptions = {}): Promise<MixResult> {
       errorSamples: run.errorSamples,
       ok: false,
     };
+    if (goodWithinMs !== undefined) result.goodWithinMs = goodWithinMs;
     if (tail !== undefined) {
       await tail.waitFor(result.connected, options.logWait);
       result.log = tail.check({
@@ -335,7 +417,7 @@ export async function runMix(options: MixOptions = {}): Promise<MixResult> {
     }
     result.ok = result.connected > 0 && result.wrong === 0 &&
       result.broken === 0 && result.connectErrors === 0 &&
-      (result.log?.ok ?? true);
+      sum("late") === 0 && (result.log?.ok ?? true);
     return result;
   } finally {
     tail?.close();
@@ -354,6 +436,49 @@ function emptyResult(kind: ClientKind, concurrency: number): KindResult {
     unfinished: 0,
     uncertain: 0,
     echoedInFull: 0,
+    durationsMs: [],
+    late: 0,
+    outlasted: 0,
+  };
+}
+
+/**
+ * The attacks' sizes and clients in flight for a server's limits: every
+ * connection slot for the slot hogs; memory hogs of up to 63 MiB (under the
+ * per-client limit), and slow readers of up to 16 MiB, each enough to hold
+ * all of `maxBufferedBytes` and one more (for the readers, counting the
+ * ~4 MiB of each echo the kernels buffer).
+ */
+function scaleAttacks(limits: Required<MixLimits>): {
+  hogBytes: number;
+  readerBytes: number;
+  concurrency: Partial<Record<ClientKind, number>>;
+} {
+  const MIB = 1024 * 1024;
+  const hogBytes = Math.max(
+    1,
+    Math.min(
+      63 * MIB,
+      limits.maxClientBytes - MIB,
+      limits.maxBufferedBytes / 4,
+    ),
+  );
+  const readerBytes = Math.max(
+    1,
+    Math.min(16 * MIB, limits.maxClientBytes, limits.maxBufferedBytes / 4),
+  );
+  return {
+    hogBytes: Math.floor(hogBytes),
+    readerBytes: Math.floor(readerBytes),
+    concurrency: {
+      "slot-hog": limits.maxConnections,
+      "memory-hog": Math.ceil(limits.maxBufferedBytes / hogBytes) + 1,
+      // The kernels take ~4 MiB of each echo off the server's hands.
+      "slow-reader": Math.ceil(
+        limits.maxBufferedBytes /
+          Math.max(readerBytes / 4, readerBytes - 4 * MIB),
+      ) + 1,
+    },
   };
 }
 
@@ -368,6 +493,7 @@ class MixRun {
   readonly #port: number;
   readonly #settings: KindSettings;
   readonly #limit: number;
+  readonly #goodWithinMs: number | undefined;
   readonly #started = new Map<ClientKind, number>();
   readonly #stop = new AbortController();
   #seq = 0;
@@ -379,11 +505,13 @@ class MixRun {
     port: number,
     settings: KindSettings,
     limit: number,
+    goodWithinMs: number | undefined,
   ) {
     this.#hostname = hostname;
     this.#port = port;
     this.#settings = settings;
     this.#limit = limit;
+    this.#goodWithinMs = goodWithinMs;
   }
 
   /** Starts no more clients; those in flight may finish. */
@@ -441,6 +569,21 @@ class MixRun {
       case "ok":
         result.ok++;
         if (outcome.echoedInFull) result.echoedInFull++;
+        if (outcome.durationMs !== undefined) {
+          result.durationsMs.push(outcome.durationMs);
+          if (
+            GOOD_KINDS.includes(kind) && this.#goodWithinMs !== undefined &&
+            outcome.durationMs > this.#goodWithinMs
+          ) {
+            result.late++;
+            this.failures++;
+            this.#sample(
+              `${kind} client ${seq + 1}: served after ${
+                Math.round(outcome.durationMs)
+              } ms, over the bound of ${this.#goodWithinMs} ms`,
+            );
+          }
+        }
         if (outcome.loggedBytes !== undefined) {
           const bytes = outcome.loggedBytes;
           this.loggedSizes.set(bytes, (this.loggedSizes.get(bytes) ?? 0) + 1);
@@ -448,6 +591,23 @@ class MixRun {
         return;
       case "unfinished":
         result.unfinished++;
+        if (outcome.durationMs === undefined) return;
+        if (!GOOD_KINDS.includes(kind)) {
+          result.durationsMs.push(outcome.durationMs);
+          result.outlasted++;
+        } else if (
+          this.#goodWithinMs !== undefined &&
+          outcome.durationMs > this.#goodWithinMs
+        ) {
+          // Never served by the end of the run, and already over the bound.
+          result.late++;
+          this.failures++;
+          this.#sample(
+            `${kind} client ${seq + 1}: not served after ${
+              Math.round(outcome.durationMs)
+            } ms, over the bound of ${this.#goodWithinMs} ms`,
+          );
+        }
         return;
       case "wrong":
       case "broken":
@@ -489,6 +649,22 @@ const CLIENTS: Record<ClientKind, Client> = {
   "idle": (attempt, { idleMs }) =>
     echoClient(attempt, 0, () => sleep(idleMs, attempt.stop)),
   "oversize": oversizeClient,
+  "slot-hog": (attempt, { attackIntervalMs }) =>
+    attacker(attempt, async (conn, ended) => {
+      for (let sent = 0; !ended.aborted; sent++) {
+        await writeAll(conn, patternSlice(attempt.phase, sent, 1));
+        await sleep(attackIntervalMs, ended);
+      }
+    }),
+  "memory-hog": (attempt, { attackIntervalMs, hogBytes }) =>
+    attacker(attempt, async (conn, ended) => {
+      await sendAll(conn, attempt.phase, hogBytes);
+      for (let sent = hogBytes; !ended.aborted; sent++) {
+        await sleep(attackIntervalMs, ended);
+        await writeAll(conn, patternSlice(attempt.phase, sent, 1));
+      }
+    }),
+  "slow-reader": slowReader,
   "vanish": async (attempt) => {
     const conn = await connect(attempt);
     if (!("localAddr" in conn)) return conn;
@@ -596,6 +772,78 @@ async function reset(socket: net.Socket): Promise<void> {
 }
 
 /**
+ * An attacker: runs `send` until the server ends the connection (EOF, a
+ * reset, a failed write) or the run stops; ok with how long it lasted.
+ */
+async function attacker(
+  attempt: Attempt,
+  send: (conn: Deno.TcpConn, ended: AbortSignal) => Promise<void>,
+): Promise<Outcome> {
+  const start = performance.now();
+  const conn = await connect(attempt);
+  if (!("localAddr" in conn)) return conn;
+  using guard = new CloseOnStop(conn, attempt.stop);
+  const ended = new AbortController();
+  const onStop = () => ended.abort();
+  attempt.stop.addEventListener("abort", onStop);
+  const reading = (async () => {
+    try {
+      while (await conn.read(attempt.buffer.bytes) !== null);
+    } catch {
+      // A reset or the close at the run's end: ended either way.
+    }
+    ended.abort();
+  })();
+  try {
+    await send(conn, ended.signal);
+  } catch {
+    // The server closed the connection under a write.
+  } finally {
+    attempt.stop.removeEventListener("abort", onStop);
+  }
+  ended.abort();
+  const durationMs = performance.now() - start;
+  if (attempt.stop.aborted) {
+    guard.close();
+    await reading;
+    return { status: "unfinished", durationMs };
+  }
+  // Cut off: the read has ended, or ends now that the connection closes.
+  guard.close();
+  await reading;
+  return { status: "ok", durationMs };
+}
+
+/**
+ * The slow reader: sends `readerBytes`, half-closes, then reads 1 KiB every
+ * 10 s until the server ends the connection or the run stops.
+ */
+async function slowReader(
+  attempt: Attempt,
+  { readerBytes }: KindSettings,
+): Promise<Outcome> {
+  const start = performance.now();
+  const conn = await connect(attempt);
+  if (!("localAddr" in conn)) return conn;
+  using _guard = new CloseOnStop(conn, attempt.stop);
+  const slice = attempt.buffer.bytes.subarray(0, SLOW_READ_BYTES);
+  try {
+    await sendAll(conn, attempt.phase, readerBytes);
+    await conn.closeWrite();
+    while (!attempt.stop.aborted) {
+      await sleep(SLOW_READ_INTERVAL_MS, attempt.stop);
+      if (attempt.stop.aborted) break;
+      if (await conn.read(slice) === null) break;
+    }
+  } catch {
+    // Cut off: a reset, or the close at the run's end.
+  }
+  const durationMs = performance.now() - start;
+  if (attempt.stop.aborted) return { status: "unfinished", durationMs };
+  return { status: "ok", durationMs };
+}
+
+/**
  * Sends with `send` while reading and verifying the reply, then judges it
  * as an echo of `size` bytes.
  */
@@ -604,13 +852,16 @@ async function echoClient(
   size: number,
   send: (conn: Deno.TcpConn) => Promise<void>,
 ): Promise<Outcome> {
+  const start = performance.now();
   const conn = await connect(attempt);
   if (!("localAddr" in conn)) return conn;
   const exchanged = await exchange(conn, attempt, size, send);
   if (exchanged.mismatch !== undefined) {
     return { status: "wrong", message: exchanged.mismatch };
   }
-  if (attempt.stop.aborted) return { status: "unfinished" };
+  if (attempt.stop.aborted) {
+    return { status: "unfinished", durationMs: performance.now() - start };
+  }
   const { sendError, readError, requestSent, received } = exchanged;
   if (sendError !== undefined) {
     return { status: "broken", message: `write: ${sendError}` };
@@ -636,7 +887,11 @@ async function echoClient(
       message: `reply ended after ${received} of ${size} bytes`,
     };
   }
-  return { status: "ok", loggedBytes: size };
+  return {
+    status: "ok",
+    loggedBytes: size,
+    durationMs: performance.now() - start,
+  };
 }
 
 /**
@@ -761,12 +1016,6 @@ async function sendAll(
   }
 }
 
-async function writeAll(conn: Deno.TcpConn, bytes: Uint8Array): Promise<void> {
-  for (let written = 0; written < bytes.length;) {
-    written += await conn.write(bytes.subarray(written));
-  }
-}
-
 /** Waits `ms`, or less if `signal` aborts first. */
 function sleep(ms: number, signal: AbortSignal): Promise<void> {
   return new Promise((resolve) => {
@@ -779,24 +1028,6 @@ function sleep(ms: number, signal: AbortSignal): Promise<void> {
     signal.addEventListener("abort", done);
     if (signal.aborted) done();
   });
-}
-
-function checkInteger(
-  name: string,
-  value: number,
-  min: number,
-  max: number,
-): void {
-  if (!(Number.isInteger(value) && value >= min && value <= max)) {
-    throw new RangeError(
-      `${name} must be a whole number from ${min} to ${max}, not ${value}`,
-    );
-  }
-}
-
-function describe(error: unknown): string {
-  if (error instanceof Error) return `${error.name}: ${error.message}`;
-  return String(error);
 }
 
 function hex(byte: number): string {
@@ -866,6 +1097,29 @@ export function formatMixResult(result: MixResult): string {
       `uncertain    ${result.uncertain} connects cut off at the end may have completed`,
     );
   }
+  for (const kind of result.kinds) {
+    if (kind.durationsMs.length === 0) continue;
+    const sorted = kind.durationsMs.toSorted((a, b) => a - b);
+    if (GOOD_KINDS.includes(kind.kind)) {
+      lines.push(
+        `latency      ${kind.kind}: p50 ${ms(percentile(sorted, 0.5))}, p99 ${
+          ms(percentile(sorted, 0.99))
+        }, max ${ms(sorted.at(-1)!)}${
+          result.goodWithinMs === undefined
+            ? ""
+            : `; ${kind.late} over the bound of ${ms(result.goodWithinMs)}`
+        }`,
+      );
+    } else if (ATTACK_KINDS.includes(kind.kind)) {
+      lines.push(
+        `attack       ${kind.kind}: ${kind.concurrency} in flight, ${kind.ok} cut off, lasted p50 ${
+          ms(percentile(sorted, 0.5))
+        }, max ${
+          ms(sorted.at(-1)!)
+        }; ${kind.outlasted} still connected at the end`,
+      );
+    }
+  }
   const echoedInFull = result.kinds.find((kind) => kind.kind === "oversize")
     ?.echoedInFull;
   if (echoedInFull) {
@@ -874,4 +1128,15 @@ export function formatMixResult(result: MixResult): string {
     );
   }
   return lines.join("\n");
+}
+
+/** The `q` quantile of ascending `sorted` (nearest rank). */
+function percentile(sorted: readonly number[], q: number): number {
+  return sorted[Math.min(sorted.length - 1, Math.ceil(q * sorted.length) - 1)];
+}
+
+function ms(value: number): string {
+  return value >= 10_000
+    ? `${(value / 1000).toFixed(1)} s`
+    : `${Math.round(value)} ms`;
 }

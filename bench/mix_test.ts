@@ -4,6 +4,7 @@ import { serveEcho, type ServeOptions } from "../server.ts";
 import { readAll, runCommand, withTempDir, writeAll } from "../test_util.ts";
 import { formatLogReport } from "./log_check.ts";
 import {
+  ATTACK_KINDS,
   CLIENT_KINDS,
   formatMixResult,
   type MixOptions,
@@ -77,12 +78,13 @@ Deno.test(
     );
     const r = result!;
     assert.ok(r.ok, explain(r));
-    assert.deepEqual(r.kinds.map(({ kind }) => kind), [...CLIENT_KINDS]);
+    const kinds = CLIENT_KINDS.filter((kind) => !ATTACK_KINDS.includes(kind));
+    assert.deepEqual(r.kinds.map(({ kind }) => kind), kinds);
     for (const kind of r.kinds) {
       assert.equal(kind.connected, 6, explain(r));
       assert.equal(kind.ok, 6, explain(r));
     }
-    assert.equal(r.connected, 6 * CLIENT_KINDS.length);
+    assert.equal(r.connected, 6 * kinds.length);
     assert.equal(r.kinds.find((k) => k.kind === "oversize")!.echoedInFull, 0);
     assert.equal(r.log!.lines, r.connected);
     assert.equal(r.log!.missing + r.log!.extra + r.log!.malformed, 0);
@@ -429,7 +431,7 @@ Deno.test(
     );
     const { code, stdout, stderr } = output!;
     assert.equal(code, 0, `${stdout}\n${stderr}`);
-    for (const kind of CLIENT_KINDS) {
+    for (const kind of CLIENT_KINDS.filter((k) => !ATTACK_KINDS.includes(k))) {
       assert.match(
         stdout,
         new RegExp(`^${kind} +\\d+ +3 +3 +0 +0 +0 +0$`, "m"),
@@ -457,3 +459,57 @@ Deno.test("deno task bench --mix --log prints one line for a missing log, exits 
     /^bench: cannot read --log \/nonexistent\/echo-server\/access\.log: /m,
   );
 });
+
+Deno.test(
+  "runMix() runs the attacks at the server's limits while every good client is served within the bound",
+  withTempDir(async (dir) => {
+    const MIB = 1024 * KIB;
+    const limits = {
+      maxConnections: 16,
+      maxBufferedBytes: 8 * MIB,
+      maxClientBytes: 4 * MIB,
+    };
+    let result: MixResult | undefined;
+    await withLoggedServer(
+      dir,
+      {
+        ...limits,
+        // An eighth of it (125 ms) is how long a client may be silent
+        // mid-send: long enough for a loaded 2-core machine to get to its
+        // reads, short enough to take hogs sending every 200 ms.
+        evictionGraceMs: 1000,
+        idleTimeoutMs: 1000,
+        minWriteRate: MIB,
+      },
+      async (port, logPath) => {
+        result = await runMix({
+          port,
+          duration: 3,
+          kinds: ["echo", "echo-large", ...ATTACK_KINDS],
+          limits,
+          concurrency: 2,
+          largeSize: 256 * KIB,
+          attackIntervalMs: 200,
+          logPath,
+        });
+      },
+    );
+    const r = result!;
+    assert.ok(r.ok, explain(r));
+    assert.equal(r.goodWithinMs, 5000);
+    const kind = (name: string) => r.kinds.find((k) => k.kind === name)!;
+    // Scaled from the limits: every slot, and the buffer limit and more.
+    assert.equal(kind("slot-hog").concurrency, 16);
+    assert.equal(kind("memory-hog").concurrency, 5);
+    assert.equal(kind("slow-reader").concurrency, 17);
+    // The kernels take a slow reader's whole echo at these sizes: the
+    // server is done with it long before the reader notices.
+    for (const attack of ["slot-hog", "memory-hog"]) {
+      assert.ok(kind(attack).ok > 0, `no ${attack} was cut off\n${explain(r)}`);
+    }
+    assert.equal(kind("slow-reader").connected, 17);
+    assert.ok(kind("echo").ok > 0 && kind("echo-large").ok > 0, explain(r));
+    assert.match(formatMixResult(r), /^latency {6}echo: p50 /m);
+    assert.match(formatMixResult(r), /^attack {7}slot-hog: 16 in flight, /m);
+  }),
+);

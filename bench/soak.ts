@@ -4,7 +4,9 @@
  * subprocess (port 0, an access log in a temporary directory) and runs
  * `bench --mix` against it for a bounded time, then checks that:
  *
- * - no reply was wrong and no good client was broken off;
+ * - no reply was wrong and no good client was broken off or served later
+ *   than the mix's bound (5 s), while `slot-hog` attackers hold every
+ *   connection slot (`--max-connections`) beside them;
  * - the log has one well-formed line per connection that succeeded
  *   (accepted == logged), and every verified client's byte count; at the
  *   end, lines == the server's own count of clients accepted (`/metrics`)
@@ -27,11 +29,17 @@
  * @module
  */
 
-import { parseArgs } from "node:util";
-import { parseSeconds, UsageError } from "../flags.ts";
+import { parseCommand } from "./_cli.ts";
+import { parseCommandLine, parseSeconds } from "../flags.ts";
 import { formatLogReport } from "./log_check.ts";
 import { countFds, readRssKiB } from "./_proc.ts";
-import { formatMixResult, type MixResult, runMix } from "./mix.ts";
+import {
+  ATTACK_KINDS,
+  CLIENT_KINDS,
+  formatMixResult,
+  type MixResult,
+  runMix,
+} from "./mix.ts";
 
 /** Options for {@linkcode runSoak}. */
 export interface SoakOptions {
@@ -421,6 +429,15 @@ export async function runSoak(options: SoakOptions = {}): Promise<SoakResult> {
         duration,
         largeSize: 256 * 1024,
         oversize: 2 * MAX_CLIENT_BYTES,
+        // One attack beside the good clients: slowloris at the slot limit.
+        kinds: [
+          ...CLIENT_KINDS.filter((kind) => !ATTACK_KINDS.includes(kind)),
+          "slot-hog",
+        ],
+        limits: {
+          maxConnections: MAX_CONNECTIONS,
+          maxClientBytes: MAX_CLIENT_BYTES,
+        },
         kindConcurrency: {
           "reset-on-connect": FAST_KIND_CONCURRENCY,
           "reset-mid-send": FAST_KIND_CONCURRENCY,
@@ -446,10 +463,12 @@ export async function runSoak(options: SoakOptions = {}): Promise<SoakResult> {
       await sampler;
     }
 
+    const late = mix.kinds.reduce((sum, kind) => sum + kind.late, 0);
     check(
       "echoes",
-      mix.wrong === 0 && mix.broken === 0 && mix.connectErrors === 0,
-      `${mix.wrong} wrong, ${mix.broken} broken, ${mix.connectErrors} connect errors`,
+      mix.wrong === 0 && mix.broken === 0 && mix.connectErrors === 0 &&
+        late === 0,
+      `${mix.wrong} wrong, ${mix.broken} broken, ${mix.connectErrors} connect errors, ${late} good clients later than ${mix.goodWithinMs} ms`,
     );
     const log = mix.log!;
     check(
@@ -587,20 +606,10 @@ Exit status: 0 if every check passed, 1 if one failed, 2 for bad flags.`;
  * ```
  */
 export function parseSoakArgs(args: string[]): SoakOptions | "help" {
-  let values;
-  try {
-    ({ values } = parseArgs({
-      args,
-      strict: true,
-      allowPositionals: false,
-      options: {
-        duration: { type: "string" },
-        help: { type: "boolean", short: "h" },
-      },
-    }));
-  } catch (error) {
-    throw new UsageError(error instanceof Error ? error.message : `${error}`);
-  }
+  const { values } = parseCommandLine(args, {
+    duration: { type: "string" },
+    help: { type: "boolean", short: "h" },
+  });
   if (values.help) return "help";
   return {
     duration: parseSeconds("--duration", values.duration, { default: 20 }),
@@ -608,18 +617,8 @@ export function parseSoakArgs(args: string[]): SoakOptions | "help" {
 }
 
 async function main(args: string[]): Promise<number> {
-  let options;
-  try {
-    options = parseSoakArgs(args);
-  } catch (error) {
-    if (!(error instanceof UsageError)) throw error;
-    console.error(`soak: ${error.message}\n\n${USAGE}`);
-    return 2;
-  }
-  if (options === "help") {
-    console.log(USAGE);
-    return 0;
-  }
+  const options = parseCommand("soak", USAGE, () => parseSoakArgs(args));
+  if (typeof options === "number") return options;
   console.error(`soak: echo server and bench --mix for ${options.duration} s`);
   const result = await runSoak({
     ...options,

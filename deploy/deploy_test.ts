@@ -18,10 +18,10 @@ import {
   killAfter,
   Lines,
   readAll,
+  spawnServer,
   withTempDir,
 } from "../test_util.ts";
 
-const REPO = fromFileUrl(new URL("..", import.meta.url));
 const UNIT_PATH = fromFileUrl(new URL("echo-server.service", import.meta.url));
 const TEMPLATE_PATH = fromFileUrl(
   new URL("echo-server@.service", import.meta.url),
@@ -454,22 +454,7 @@ Deno.test({
   ignore: LOGROTATE === undefined,
   fn: withTempDir(async (dir) => {
     const logPath = `${dir}/access.log`;
-    const server = new Deno.Command(Deno.execPath(), {
-      args: [
-        "run",
-        "--allow-net",
-        `--allow-write=${dir}`,
-        "main.ts",
-        "--port",
-        "0",
-        "--log",
-        logPath,
-      ],
-      cwd: REPO,
-      stdin: "null",
-      stdout: "null",
-      stderr: "piped",
-    }).spawn();
+    const server = spawnServer(dir);
     using _timeout = killAfter(server, 120_000);
     const stderr = new Lines(server.stderr);
     let exited = false;
@@ -603,31 +588,11 @@ Deno.test(
     const limit = clients + FD_HEADROOM;
     // Both limits, as LimitNOFILE=N sets them (deno run would raise a lower
     // soft limit to the hard one; a compiled binary may not).
-    const server = new Deno.Command("bash", {
-      args: [
-        "-c",
-        `ulimit -Sn ${limit} -Hn ${limit} && exec "$@"`,
-        "bash",
-        Deno.execPath(),
-        "run",
-        "--allow-net",
-        `--allow-write=${dir}`,
-        "main.ts",
-        "--port",
-        "0",
-        "--log",
-        `${dir}/access.log`,
-        "--max-connections",
-        `${clients}`,
-        "--metrics",
-        "127.0.0.1:0",
-      ],
-      cwd: REPO,
-      env: { NO_COLOR: "1" },
-      stdin: "null",
-      stdout: "null",
-      stderr: "piped",
-    }).spawn();
+    const server = spawnServer(
+      dir,
+      ["--max-connections", `${clients}`, "--metrics", "127.0.0.1:0"],
+      { maxOpenFiles: limit },
+    );
     using _timeout = killAfter(server, 60_000);
     const stderr = new Lines(server.stderr);
     let exited = false;

@@ -63,7 +63,7 @@ function series(name: string, labels: string, values: string) {
 
 Deno.test({
   name:
-    `deploy/prometheus/echo-server.rules.yml alerts on cut-offs and exhaustion, not on shutdown${needsPromtool}`,
+    `deploy/prometheus/echo-server.rules.yml alerts on cut-offs, exhaustion and the access log (backlog, drops, reopen), not on shutdown${needsPromtool}`,
   ignore: promtool === undefined,
   fn: withTempDir(async (dir) => {
     const firing = (
@@ -119,6 +119,55 @@ Deno.test({
             ),
           },
           { eval_time: "25m", alertname: "EchoServerDown" },
+        ],
+      }, {
+        // A full disk from minute 5 to 15: the backlog grows, and from
+        // minute 7 to 10 lines drop; a backlog for one 30 s scrape at 25.5
+        // is no alert; a reopen fails from minute 20 to 28.
+        interval: "30s",
+        input_series: [
+          series(
+            "echo_log_backlog_lines",
+            "",
+            "0x9 100+100x19 0x20 50 0x19",
+          ),
+          series("echo_log_dropped_lines_total", "", "0x13 0+40x6 280x50"),
+          series("echo_log_reopen_pending", "", "0x39 1x16 0x15"),
+          series("up", "", "1x70"),
+        ],
+        alert_rule_test: [
+          { eval_time: "6m", alertname: "EchoServerLogBacklogNotDraining" },
+          {
+            eval_time: "8m",
+            ...firing(
+              "EchoServerLogBacklogNotDraining",
+              { severity: "warning" },
+              {
+                summary:
+                  "echo-server a has 700 access log lines waiting for the disk",
+                description:
+                  "Free space on the log's file system (or raise its quota or file-size limit); see the server's stderr for the write error.",
+              },
+            ),
+          },
+          { eval_time: "26m", alertname: "EchoServerLogBacklogNotDraining" },
+          { eval_time: "6m", alertname: "EchoServerLogLinesDropped" },
+          {
+            eval_time: "9m",
+            ...firing("EchoServerLogLinesDropped", { severity: "critical" }, {
+              summary: "echo-server a dropped access log lines (backlog full)",
+            }),
+          },
+          { eval_time: "30m", alertname: "EchoServerLogLinesDropped" },
+          { eval_time: "24m", alertname: "EchoServerLogReopenFailing" },
+          {
+            eval_time: "26m",
+            ...firing("EchoServerLogReopenFailing", { severity: "warning" }, {
+              summary:
+                "echo-server a cannot reopen its access log after rotation",
+            }),
+          },
+          { eval_time: "30m", alertname: "EchoServerLogReopenFailing" },
         ],
       }, {
         // 2% cut off, and a shutdown cutting off everyone: no alert.

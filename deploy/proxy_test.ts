@@ -23,6 +23,7 @@ import {
   echo,
   findExecutable,
   Lines,
+  pattern,
   readAll,
   withTempDir,
   writeAll,
@@ -406,19 +407,6 @@ async function metric(instance: Instance, name: string): Promise<number> {
 
 // --- clients -------------------------------------------------------------------
 
-/** Pseudo-random bytes, different for each size (sizes are unique). */
-function payloadOf(size: number): Uint8Array {
-  const bytes = new Uint8Array(size);
-  let x = (size * 2654435761 + 1) >>> 0 || 1;
-  for (let i = 0; i < size; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    bytes[i] = x;
-  }
-  return bytes;
-}
-
 function assertSameBytes(actual: Uint8Array, expected: Uint8Array): void {
   assert.equal(actual.length, expected.length, "reply length");
   for (let i = 0; i < actual.length; i++) {
@@ -442,7 +430,7 @@ async function runClients(
   const worker = async () => {
     while (next < sizes.length) {
       const size = sizes[next++];
-      const payload = payloadOf(size);
+      const payload = pattern(size, size);
       try {
         assertSameBytes(await echo(port, payload), payload);
       } catch (error) {
@@ -568,7 +556,7 @@ Deno.test({
       // Clients in flight: connected and half sent, spread over the three
       // instances (leastconn), and accepted by instance 2.
       for (const size of sizes(6, 1000)) {
-        const payload = payloadOf(size);
+        const payload = pattern(size, size);
         const conn = await Deno.connect({ hostname: "127.0.0.1", port });
         inFlight.push({ conn, payload });
         await writeAll(conn, payload.subarray(0, payload.length >> 1));
@@ -711,7 +699,7 @@ Deno.test({
       );
       nginx = await startNginx(`${dir}/off`, withoutConf);
       for (const size of [5, 1000, 100_000]) {
-        const payload = payloadOf(size + 7);
+        const payload = pattern(size + 7, size + 7);
         let reply: Uint8Array | "reset";
         try {
           reply = await echo(withoutPort, payload);

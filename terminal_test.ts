@@ -1,0 +1,240 @@
+/**
+ * Ctrl-C as a person sends it: the README's start command typed into a shell
+ * in a real pseudo-terminal (tmux), and the key sent to that terminal, which
+ * signals the whole foreground process group (`npx`, `deno task` and the
+ * server), not just the server as `kill` does.
+ *
+ * @module
+ */
+
+import assert from "node:assert/strict";
+import denoJson from "./deno.json" with { type: "json" };
+import { SAME_SIGNAL_WINDOW_MS } from "./main.ts";
+import { echo, findExecutable, readAll, withTempDir } from "./test_util.ts";
+
+const TMUX = findExecutable("tmux");
+const MAIN = new URL("./main.ts", import.meta.url).pathname;
+
+/** A shell in a tmux pane of its own tmux server, removed on dispose. */
+class Terminal implements AsyncDisposable {
+  readonly #socket: string;
+
+  private constructor(socket: string) {
+    this.#socket = socket;
+  }
+
+  /** Starts an interactive bash in `cwd` on a fresh tmux server. */
+  static async open(dir: string, cwd: string): Promise<Terminal> {
+    const terminal = new Terminal(`${dir}/tmux.sock`);
+    await terminal.#tmux(
+      "new-session",
+      "-d",
+      "-x",
+      "250",
+      "-y",
+      "50",
+      "-c",
+      cwd,
+      "env NO_COLOR=1 PS1='$ ' bash --norc --noprofile -i",
+    );
+    return terminal;
+  }
+
+  async #tmux(...args: string[]): Promise<string> {
+    const { code, stdout, stderr } = await new Deno.Command(TMUX!, {
+      args: ["-S", this.#socket, "-f", "/dev/null", ...args],
+      stdin: "null",
+    }).output();
+    const text = new TextDecoder().decode(stdout);
+    assert.equal(code, 0, new TextDecoder().decode(stderr));
+    return text;
+  }
+
+  /** Types `line` and Enter. */
+  async type(line: string): Promise<void> {
+    await this.#tmux("send-keys", "-t", "0", "-l", line);
+    await this.#tmux("send-keys", "-t", "0", "Enter");
+  }
+
+  /** Presses Ctrl-C in the terminal. */
+  async ctrlC(): Promise<void> {
+    await this.#tmux("send-keys", "-t", "0", "C-c");
+  }
+
+  /** Everything the pane shows, wrapped lines joined. */
+  screen(): Promise<string> {
+    return this.#tmux("capture-pane", "-p", "-J", "-S", "-", "-t", "0");
+  }
+
+  /** Polls the pane until `pattern` matches; fails after `timeoutMs`. */
+  async waitFor(
+    pattern: RegExp,
+    timeoutMs = 60_000,
+  ): Promise<RegExpMatchArray> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const screen = await this.screen();
+      const match = screen.match(pattern);
+      if (match) return match;
+      if (Date.now() > deadline) {
+        throw new Error(`the terminal never showed ${pattern}:\n${screen}`);
+      }
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+  }
+
+  async [Symbol.asyncDispose]() {
+    await this.#tmux("kill-server");
+  }
+}
+
+/**
+ * A project beside the test's files whose start task is the real one with
+ * its log directory moved to `dir/project/log`, so a test writes only there.
+ */
+async function startTaskIn(dir: string): Promise<string> {
+  const start = denoJson.tasks.start
+    .replace("/var/log/echo-server", `${dir}/project/log`)
+    .replace(" main.ts", ` ${MAIN}`);
+  assert.notEqual(start, denoJson.tasks.start);
+  await Deno.mkdir(`${dir}/project`);
+  await Deno.writeTextFile(
+    `${dir}/project/deno.json`,
+    JSON.stringify({ tasks: { start } }),
+  );
+  return `${dir}/project`;
+}
+
+/** Polls `path` until it holds a line; fails after `timeoutMs`. */
+async function waitForFile(path: string, timeoutMs = 60_000): Promise<string> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    try {
+      const text = await Deno.readTextFile(path);
+      if (text.endsWith("\n")) return text.trim();
+    } catch (error) {
+      if (!(error instanceof Deno.errors.NotFound)) throw error;
+    }
+    if (Date.now() > deadline) throw new Error(`${path} never written`);
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+}
+
+const encoder = new TextEncoder();
+
+/**
+ * Types `deno` and then `args` (the start task or the README's normal-user
+ * command, with `--port 0` and `--log ./log/access.log`) in `dir/project`,
+ * holds a client open, presses Ctrl-C `presses` times a second apart, then
+ * finishes the client (after one press) or reads it to the end. Returns the client's reply, the screen and, unless
+ * the command is under npx (which always ends killed by SIGINT, 130, so
+ * the shell skips the rest of the line), the exit status.
+ */
+async function ctrlCWhileServing(
+  dir: string,
+  deno: string,
+  args: string,
+  presses: number,
+): Promise<{ reply: string; screen: string; status?: string; log: string }> {
+  const cwd = await startTaskIn(dir);
+  await using terminal = await Terminal.open(dir, cwd);
+  await terminal.type(
+    `${deno} ${args} --port 0 --log ./log/access.log; ` +
+      `echo $? > ${dir}/status`,
+  );
+  const [, port] = await terminal.waitFor(/listening on 127\.0\.0\.1:(\d+)/);
+  const conn = await Deno.connect({ hostname: "127.0.0.1", port: +port });
+  let reply;
+  try {
+    await conn.write(encoder.encode("in "));
+    // A later client's full round trip proves the first was accepted.
+    const x = await echo(+port, encoder.encode("x"));
+    assert.equal(new TextDecoder().decode(x), "x");
+    await terminal.ctrlC();
+    await terminal.waitFor(/SIGINT: stopping; 1 connections/);
+    for (let press = 1; press < presses; press++) {
+      // A deliberate second press, well after the first's echoes.
+      await new Promise((resolve) =>
+        setTimeout(resolve, Math.max(1000, 2 * SAME_SIGNAL_WINDOW_MS))
+      );
+      // The first press alone cut nobody off.
+      const screen = await terminal.screen();
+      assert.doesNotMatch(screen, /again: cutting off/, screen);
+      await terminal.ctrlC();
+      await terminal.waitFor(/SIGINT again: cutting off/);
+    }
+    try {
+      // A client cut off has nothing more to send: it only reads.
+      if (presses === 1) {
+        await conn.write(encoder.encode("flight"));
+        await conn.closeWrite();
+      }
+      reply = new TextDecoder().decode(await readAll(conn));
+    } catch (error) {
+      if (!(error instanceof Deno.errors.ConnectionReset)) throw error;
+      reply = "";
+    }
+  } finally {
+    conn.close();
+  }
+  await terminal.waitFor(/stopped after 2 clients/);
+  const status = deno.startsWith("npx")
+    ? undefined
+    : await waitForFile(`${dir}/status`);
+  const log = await Deno.readTextFile(`${cwd}/log/access.log`);
+  return { reply, screen: await terminal.screen(), status, log };
+}
+
+const ignore = TMUX === undefined;
+if (ignore) console.warn("terminal_test.ts: skipped, tmux is not installed");
+
+/** The README's normal-user command, its log in the test's directory. */
+const RUN = `run --no-prompt --v8-flags=--max-semi-space-size=1 --allow-net ` +
+  `--allow-write=./log ${MAIN}`;
+
+for (const deno of ["npx -y deno@2.9.6", Deno.execPath()]) {
+  for (const args of ["task start", RUN]) {
+    const name = `${deno.startsWith("npx") ? deno : "deno"} ${
+      args === RUN ? "run main.ts" : args
+    }`;
+    Deno.test({
+      name: `${name} on one Ctrl-C in a terminal drains, exits 0`,
+      ignore,
+      fn: withTempDir(async (dir) => {
+        const { reply, screen, status, log } = await ctrlCWhileServing(
+          dir,
+          deno,
+          args,
+          1,
+        );
+        assert.equal(reply, "in flight", screen);
+        assert.doesNotMatch(screen, /again: cutting off/);
+        if (status !== undefined) assert.equal(status, "0", screen);
+        assert.equal(
+          log,
+          "[client 2]: received 1 bytes\n[client 1]: received 9 bytes\n",
+        );
+      }),
+    });
+  }
+}
+
+Deno.test({
+  name: "deno task start on two Ctrl-C a second apart cuts off, exits 130",
+  ignore,
+  fn: withTempDir(async (dir) => {
+    const { reply, screen, status, log } = await ctrlCWhileServing(
+      dir,
+      Deno.execPath(),
+      "task start",
+      2,
+    );
+    assert.match(screen, /SIGINT again: cutting off 1 connections now/);
+    assert.equal(reply, "", screen);
+    assert.equal(status, "130", screen);
+    assert.equal(
+      log,
+      "[client 2]: received 1 bytes\n[client 1]: received 3 bytes\n",
+    );
+  }),
+});
