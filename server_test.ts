@@ -414,6 +414,9 @@ Deno.test("serveEcho() counts no client for EMFILE, reports it at most once a se
     held.close();
   }
   const failures = s.listener.failures;
+  // This one wall-clock check stands: it is one-sided (a slow machine only
+  // makes the bound looser, so it cannot fail through load), and "at most
+  // once a second" is a rate, which only elapsed time can bound.
   const atMostOneASecond = () => {
     const seconds = (performance.now() - started) / 1000;
     assert.ok(
@@ -620,9 +623,13 @@ Deno.test("serveEcho() cuts off one of two clients that together pass maxBuffere
   const second = pattern(15 * MIB, 2);
   const conn = await Deno.connect({ hostname: HOST, port: s.port });
   try {
-    // Once this write completes the server holds most of it (the kernel
-    // buffers only a few MiB), so the second client cannot also fit.
+    // Once the server has read all of it, the second client cannot also
+    // fit (waited for, not assumed from how little the kernel buffers).
     await writeAll(conn, first);
+    await waitUntil(
+      () => s.server.stats.receivedBytes === first.length,
+      "the first client read",
+    );
     const secondReply = await tryEcho(s.port, second);
     let firstReply: Uint8Array | "cut off";
     try {
@@ -781,6 +788,13 @@ Deno.test("EchoServer.shutdown() called again with a longer drainTimeoutMs keeps
   ]);
 });
 
+// No test here for the accept loop's timer turn every 64 accepts
+// (ACCEPTS_PER_YIELD): tried with a Deno child flooding clients that send
+// 4 KiB and close (idleTimeoutMs 2 s): at 200 in flight for 5 s, 0 stalled
+// clients with or without the turn; at 1,000 in flight, 1,368 stalled
+// without it and 507 with it, so no scale in a few seconds tells the two
+// apart here. The soak (bench/soak.ts, "accepted == logged" and every client
+// logged with its bytes) is where it shows (bench/README.md).
 Deno.test("serveEcho() logs every client it accepts from a flood of misbehaving ones", async () => {
   await using s = startServer({ maxClientBytes: 64 * 1024 });
   const garbage = pattern(100_000, 5);
