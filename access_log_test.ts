@@ -96,23 +96,72 @@ Deno.test("AccessLog.reopen() that fails keeps writing to the old file, retries 
   }
 });
 
-Deno.test("AccessLog.record() never splits a line with two writers on one file", () => {
+// A writer process: opens the log, waits for the test to close its stdin
+// (so that all writers start at once), then records its lines.
+const WRITER = `
+import { AccessLog } from ${
+  JSON.stringify(new URL("./access_log.ts", import.meta.url).href)
+};
+const [path, writer, count] = Deno.args.map((a, i) => i === 0 ? a : Number(a));
+const log = AccessLog.open(path);
+await Deno.stdin.readable.pipeTo(new WritableStream());
+for (let i = 1; i <= count; i++) log.record(writer * 1_000_000 + i, i);
+log.close();
+`;
+
+Deno.test("AccessLog.record() never splits a line with four writer processes on one file", async () => {
+  // Separate processes, on separate cores when there are, appending at the
+  // same time: a line written in two write calls would be split by another
+  // writer's line between them.
   const dir = Deno.makeTempDirSync();
   try {
     const path = `${dir}/access.log`;
-    const a = AccessLog.open(path);
-    const b = AccessLog.open(path);
-    for (let i = 1; i <= 1000; i++) {
-      a.record(i, i * 1000);
-      b.record(i, i);
+    const writers = 4;
+    const count = 20_000;
+    const children = Array.from(
+      { length: writers },
+      (_, w) =>
+        new Deno.Command(Deno.execPath(), {
+          args: [
+            "eval",
+            "--ext=ts",
+            WRITER,
+            path,
+            String(w + 1),
+            String(count),
+          ],
+          stdin: "piped",
+          stdout: "null",
+          stderr: "inherit",
+        }).spawn(),
+    );
+    try {
+      for (const child of children) await child.stdin.close();
+      for (const child of children) {
+        assert.equal((await child.status).code, 0);
+      }
+    } finally {
+      for (const child of children) {
+        try {
+          child.kill("SIGKILL");
+        } catch {
+          // It exited.
+        }
+        await child.status;
+      }
     }
-    a.close();
-    b.close();
     const lines = Deno.readTextFileSync(path).split("\n");
     assert.equal(lines.pop(), "");
-    assert.equal(lines.length, 2000);
+    assert.equal(lines.length, writers * count);
+    // Every line whole, and each writer's lines all there, in order.
+    const next = Array.from({ length: writers }, () => 1);
     for (const line of lines) {
-      assert.match(line, /^\[client \d+\]: received \d+ bytes$/);
+      const match = /^\[client (\d+)\]: received (\d+) bytes$/.exec(line);
+      assert.ok(match, `split line: ${JSON.stringify(line)}`);
+      const writer = Math.floor(Number(match[1]) / 1_000_000);
+      const i = Number(match[1]) % 1_000_000;
+      assert.equal(i, next[writer - 1]++, line);
+      assert.equal(Number(match[2]), i, line);
     }
   } finally {
     Deno.removeSync(dir, { recursive: true });

@@ -3,6 +3,7 @@ import denoJson from "./deno.json" with { type: "json" };
 import { exchange, USAGE } from "./send.ts";
 import {
   assertUsageError,
+  closedPort,
   killAfter,
   readAll,
   runCommand,
@@ -53,8 +54,10 @@ async function runSend(args: string[], input?: Uint8Array): Promise<SendRun> {
  */
 function startPeer(reply: (received: Uint8Array) => Uint8Array) {
   const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  let accepted = false;
   const served = (async () => {
     using conn = await listener.accept();
+    accepted = true;
     const answer = reply(await readAll(conn));
     for (let n = 0; n < answer.length;) {
       n += await conn.write(answer.subarray(n));
@@ -63,16 +66,16 @@ function startPeer(reply: (received: Uint8Array) => Uint8Array) {
   return {
     port: listener.addr.port,
     async [Symbol.asyncDispose]() {
-      await served;
+      // Closed first, so that an accept() still waiting (the client never
+      // came: the test failed before) ends instead of hanging the test.
       listener.close();
+      try {
+        await served;
+      } catch (error) {
+        if (accepted) throw error;
+      }
     },
   };
-}
-
-/** A port on 127.0.0.1 that nothing listens on (it was free a moment ago). */
-function closedPort(): number {
-  using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  return listener.addr.port;
 }
 
 Deno.test("exchange() sends a message, half-closes and returns the reply", async () => {

@@ -510,3 +510,28 @@ export function connectMany(
     ),
   );
 }
+
+/**
+ * A port on 127.0.0.1 that nothing listens on, for a test that wants its
+ * connect refused: one the kernel picked for a listener just closed.
+ *
+ * It stands as "free a moment ago" on purpose: a refused connect needs a
+ * port with no listener, and Deno cannot hold a TCP port bound without
+ * listening on it. The kernel picks listen(0) ports at random among some
+ * 28,000, so another process taking this one in the microseconds before the
+ * connect is unlikely, and would show as a test failing, never passing.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * const port = closedPort();
+ * await assert.rejects(
+ *   Deno.connect({ hostname: "127.0.0.1", port }),
+ *   Deno.errors.ConnectionRefused,
+ * );
+ * ```
+ */
+export function closedPort(): number {
+  using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  return listener.addr.port;
+}

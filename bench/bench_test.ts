@@ -7,6 +7,7 @@ import {
 } from "./bench.ts";
 import {
   assertUsageError,
+  closedPort,
   type CommandResult,
   readAll,
   runCommand,
@@ -282,9 +283,7 @@ Deno.test("runBench() sends a large payload to a streaming server without deadlo
 });
 
 Deno.test("runBench() stops at one connect error when nothing listens, no retry storm", async () => {
-  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const { port } = listener.addr;
-  listener.close();
+  const port = closedPort();
   const result = await runBench({ port, duration: 60, concurrency: 8 });
   assert.equal(result.connections, 0);
   assert.equal(result.connectErrors, 1);
@@ -514,9 +513,7 @@ Deno.test("deno task bench prints the summary of a run, exits 0", async () => {
 });
 
 Deno.test("deno task bench says what went wrong on errors, exits 1", async () => {
-  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const { port } = listener.addr;
-  listener.close();
+  const port = closedPort();
   const { code, stdout, stderr } = await cli(["--port", `${port}`]);
   assert.equal(code, 1);
   assert.match(stdout, /^errors {7}1 \(connect 1,/m);

@@ -196,6 +196,9 @@ Deno.test(
         kinds: ["echo", "reset-on-connect"],
         connections: 6,
         logPath: server.logPath,
+        // A quiet period stands here: the lossy server never writes the
+        // missing lines, so no event could say "no more are coming"; a
+        // late line could only make the result less lossy, not pass it.
         logWait: { quietMs: 500 },
       });
     } finally {

@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import { assertUsageError, runCommand } from "../test_util.ts";
+import { readRssKiB } from "./_proc.ts";
 import { checkRss, parseSoakArgs, type RssSample, runSoak } from "./soak.ts";
 
 const MIB = 1024 * 1024;
@@ -104,4 +105,54 @@ Deno.test("runSoak() runs the server and the mix for 2 s and the checks pass", a
   assert.ok(
     result.diagnostics.some(([shape]) => shape.startsWith("listening on ")),
   );
+});
+
+// A process that holds 16 MiB more each time it reads a 1 from stdin (a 0
+// holds nothing), and answers each byte once done.
+const GROWER = `
+const held = [];
+const byte = new Uint8Array(1);
+while ((await Deno.stdin.read(byte)) !== null) {
+  if (byte[0] === 1) held.push(new Uint8Array(16 * 1024 * 1024).fill(1));
+  await Deno.stdout.write(byte);
+}
+`;
+
+/**
+ * The VmRSS of a real process, sampled at 8 steps (as seconds 0..7), where
+ * it grows by 16 MiB before each of the steps `growAt` says.
+ */
+async function sampleGrower(growAt: (step: number) => boolean) {
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["eval", GROWER],
+    stdin: "piped",
+    stdout: "piped",
+    stderr: "inherit",
+  }).spawn();
+  const writer = child.stdin.getWriter();
+  const reader = child.stdout.getReader({ mode: "byob" });
+  try {
+    const rss: RssSample[] = [];
+    for (let step = 0; step < 8; step++) {
+      await writer.write(new Uint8Array([growAt(step) ? 1 : 0]));
+      const { done } = await reader.read(new Uint8Array(1));
+      assert.ok(!done, "the process ended");
+      rss.push({ seconds: step, bytes: await readRssKiB(child.pid) * 1024 });
+    }
+    return checkRss(rss);
+  } finally {
+    await writer.close();
+    await reader.cancel();
+    assert.equal((await child.status).code, 0);
+  }
+}
+
+Deno.test("checkRss() on a real process's VmRSS: flat passes, growing 16 MiB a step in the second half fails", async () => {
+  // What the soak's RSS check does, on a process whose growth the test
+  // controls (the soak's own 2 s run in this suite is still warming up).
+  const flat = await sampleGrower(() => false);
+  assert.ok(flat.ok, JSON.stringify(flat));
+  const growing = await sampleGrower((step) => step >= 4);
+  assert.equal(growing.ok, false, JSON.stringify(growing));
+  assert.ok(growing.lastQuarterMax - growing.secondQuarterMax >= 48 * MIB);
 });

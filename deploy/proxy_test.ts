@@ -235,7 +235,11 @@ class Cluster implements AsyncDisposable {
   }
 }
 
-/** A port that was free a moment ago (proxies cannot bind port 0). */
+/**
+ * A port that was free a moment ago (proxies cannot bind port 0). It stands:
+ * the proxy binds it itself, so there is nothing to hand over; a port taken
+ * meanwhile fails the proxy's start loudly, never passes a test.
+ */
 function freePort(): number {
   using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   return listener.addr.port;
