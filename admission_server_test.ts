@@ -4,7 +4,9 @@
 // are scaled down through the options so each test takes a few seconds.
 import assert from "node:assert/strict";
 import {
+  pattern,
   readAll,
+  sameBytes,
   startServer,
   type TestServer,
   writeAll,
@@ -12,27 +14,6 @@ import {
 
 const HOST = "127.0.0.1";
 const MIB = 1024 * 1024;
-
-/** Deterministic pseudo-random bytes, different for each seed. */
-function pattern(size: number, seed = 1): Uint8Array {
-  const bytes = new Uint8Array(size);
-  let x = (seed * 2654435761) >>> 0 || 1;
-  for (let i = 0; i < size; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    bytes[i] = x;
-  }
-  return bytes;
-}
-
-function sameBytes(actual: Uint8Array, expected: Uint8Array): boolean {
-  if (actual.length !== expected.length) return false;
-  for (let i = 0; i < actual.length; i++) {
-    if (actual[i] !== expected[i]) return false;
-  }
-  return true;
-}
 
 /** `promise`, or a rejection naming `what` if it takes over `ms`. */
 async function within<T>(
