@@ -7,6 +7,7 @@
 
 import assert from "node:assert/strict";
 import {
+  type CommandResult,
   connectMany,
   echo,
   findExecutable,
@@ -136,19 +137,17 @@ function fill(path: string): void {
   }
 }
 
+/** Mounts a 64 KiB tmpfs at `dir`. */
+function mountTinyTmpfs(dir: string): Promise<CommandResult> {
+  return runCommand("mount", ["-t", "tmpfs", "-o", "size=64k", "tmpfs", dir]);
+}
+
 // Why a tmpfs cannot be mounted here (needs root, and a container that
 // allows it), or undefined if it can.
 async function canMountTmpfs(): Promise<string | undefined> {
   const dir = await Deno.makeTempDir();
   try {
-    const mounted = await runCommand("mount", [
-      "-t",
-      "tmpfs",
-      "-o",
-      "size=64k",
-      "tmpfs",
-      dir,
-    ]);
+    const mounted = await mountTinyTmpfs(dir);
     if (mounted.code !== 0) return `mount failed: ${mounted.stderr.trim()}`;
     await runCommand("umount", [dir]);
     return undefined;
@@ -171,14 +170,7 @@ function withTinyTmpfs(
   return withTempDir(async (dir) => {
     const mnt = `${dir}/mnt`;
     await Deno.mkdir(mnt);
-    const mounted = await runCommand("mount", [
-      "-t",
-      "tmpfs",
-      "-o",
-      "size=64k",
-      "tmpfs",
-      mnt,
-    ]);
+    const mounted = await mountTinyTmpfs(mnt);
     assert.equal(mounted.code, 0, mounted.stderr);
     try {
       await fn(mnt);
