@@ -443,6 +443,20 @@ async function readLog(path: string): Promise<string> {
   return await new Response(stream).text();
 }
 
+/**
+ * Asserts that a server that has exited with `status` exited 0 and wrote
+ * nothing to `stderr` but lines matching `expected`.
+ */
+async function assertExitedCleanly(
+  status: Deno.CommandStatus,
+  stderr: Lines,
+  expected: RegExp,
+): Promise<void> {
+  await stderr.done;
+  assert.equal(status.code, 0, stderr.lines.join("\n"));
+  for (const line of stderr.lines) assert.match(line, expected);
+}
+
 const ROTATIONS = 3;
 const WORKERS = 4;
 const CLIENTS_BETWEEN_ROTATIONS = 25;
@@ -519,17 +533,13 @@ Deno.test({
       server.kill("SIGTERM");
       const status = await server.status;
       exited = true;
-      await stderr.done;
-      assert.equal(status.code, 0, stderr.lines.join("\n"));
-
       // Nothing but the expected lifecycle lines: no "still writing to the
       // old file", no client that could not be logged.
-      for (const line of stderr.lines) {
-        assert.match(
-          line,
-          /^(listening on |reopened access log |SIGTERM: stopping; |stopped after \d+ clients$)/,
-        );
-      }
+      await assertExitedCleanly(
+        status,
+        stderr,
+        /^(listening on |reopened access log |SIGTERM: stopping; |stopped after \d+ clients$)/,
+      );
       assert.ok(stderr.lines.includes(`stopped after ${sent.length} clients`));
 
       // rename + delaycompress: the newest rotated file stays plain.
@@ -627,14 +637,11 @@ Deno.test(
       server.kill("SIGTERM");
       const status = await server.status;
       exited = true;
-      await stderr.done;
-      assert.equal(status.code, 0, stderr.lines.join("\n"));
-      for (const line of stderr.lines) {
-        assert.match(
-          line,
-          /^(listening on |metrics on |SIGTERM: stopping; |stopped after \d+ clients$)/,
-        );
-      }
+      await assertExitedCleanly(
+        status,
+        stderr,
+        /^(listening on |metrics on |SIGTERM: stopping; |stopped after \d+ clients$)/,
+      );
       const log = await Deno.readTextFile(`${dir}/access.log`);
       assert.equal(log.split("\n").length - 1, clients);
     } finally {
