@@ -4,6 +4,7 @@
 // are scaled down through the options so each test takes a few seconds.
 import assert from "node:assert/strict";
 import {
+  echo,
   pattern,
   readAll,
   sameBytes,
@@ -48,21 +49,6 @@ async function waitUntil(
   }
 }
 
-/** Echo of `payload` over a fresh connection; the connection is closed. */
-async function echoOnce(
-  port: number,
-  payload: Uint8Array,
-): Promise<Uint8Array> {
-  const conn = await Deno.connect({ hostname: HOST, port });
-  try {
-    await writeAll(conn, payload);
-    await conn.closeWrite();
-    return await readAll(conn);
-  } finally {
-    conn.close();
-  }
-}
-
 /** Reads until the server ends the connection, by EOF or a reset. */
 async function readUntilClosed(conn: Deno.TcpConn): Promise<void> {
   const buffer = new Uint8Array(64 * 1024);
@@ -99,7 +85,7 @@ Deno.test("serveEcho() at maxConnections evicts a client that sent a byte and se
     const reply = await within(
       10_000,
       "the good client echoed",
-      echoOnce(s.port, payload),
+      echo(s.port, payload),
     );
     assert.ok(sameBytes(reply, payload));
     await waitUntil(() => s.records.length === 2, "both ends reported");
@@ -124,7 +110,7 @@ Deno.test("serveEcho() at maxConnections waits while every slot is in its grace"
   const [held] = await holders(s, 1, 1);
   try {
     await waitUntil(() => s.server.connections === 1, "1 client held");
-    const second = echoOnce(s.port, pattern(3, 2));
+    const second = echo(s.port, pattern(3, 2));
     await held.closeWrite();
     assert.equal((await readAll(held)).length, 1);
     assert.ok(sameBytes(await second, pattern(3, 2)));
@@ -155,7 +141,7 @@ Deno.test("serveEcho() at maxBufferedBytes evicts the clients holding the most f
     const reply = await within(
       10_000,
       "the 1 MiB client echoed",
-      echoOnce(s.port, payload),
+      echo(s.port, payload),
     );
     assert.ok(sameBytes(reply, payload), `got ${reply.length} bytes`);
     await waitUntil(

@@ -444,14 +444,17 @@ async function readLog(path: string): Promise<string> {
 }
 
 /**
- * Asserts that a server that has exited with `status` exited 0 and wrote
- * nothing to `stderr` but lines matching `expected`.
+ * Stops `server` with SIGTERM and asserts that it exits 0 having written
+ * nothing to `stderr` but lines matching `expected`. Waits for the exit
+ * whether or not the assertions pass.
  */
-async function assertExitedCleanly(
-  status: Deno.CommandStatus,
+async function stopCleanly(
+  server: Deno.ChildProcess,
   stderr: Lines,
   expected: RegExp,
 ): Promise<void> {
+  server.kill("SIGTERM");
+  const status = await server.status;
   await stderr.done;
   assert.equal(status.code, 0, stderr.lines.join("\n"));
   for (const line of stderr.lines) assert.match(line, expected);
@@ -530,13 +533,11 @@ Deno.test({
       stop = true;
       await Promise.all(workers);
       progress.check();
-      server.kill("SIGTERM");
-      const status = await server.status;
-      exited = true;
+      exited = true; // stopCleanly() waits for the exit
       // Nothing but the expected lifecycle lines: no "still writing to the
       // old file", no client that could not be logged.
-      await assertExitedCleanly(
-        status,
+      await stopCleanly(
+        server,
         stderr,
         /^(listening on |reopened access log |SIGTERM: stopping; |stopped after \d+ clients$)/,
       );
@@ -634,11 +635,9 @@ Deno.test(
       } finally {
         for (const conn of conns) conn.close();
       }
-      server.kill("SIGTERM");
-      const status = await server.status;
-      exited = true;
-      await assertExitedCleanly(
-        status,
+      exited = true; // stopCleanly() waits for the exit
+      await stopCleanly(
+        server,
         stderr,
         /^(listening on |metrics on |SIGTERM: stopping; |stopped after \d+ clients$)/,
       );
