@@ -224,6 +224,21 @@ Deno.test({
   }),
 });
 
+/**
+ * Serves clients 1 to 5, fills the tmpfs at `mnt`, serves clients 6 to 400
+ * on the full disk, and returns the metrics then.
+ */
+async function serveOntoFullDisk(
+  server: Server,
+  mnt: string,
+): Promise<Record<string, number>> {
+  const { port, metricsPort } = await server.ports();
+  await serveClients(port, 1, 5);
+  fill(`${mnt}/filler`);
+  await serveClients(port, 6, 400);
+  return await metrics(metricsPort);
+}
+
 Deno.test({
   name:
     `echo-server on a tmpfs that stays full drops past --log-backlog, keeps serving, and exits 1 counting what it never wrote${needsTmpfs}`,
@@ -235,11 +250,7 @@ Deno.test({
       "--drain-timeout",
       "0.5",
     ]);
-    const { port, metricsPort } = await server.ports();
-    await serveClients(port, 1, 5);
-    fill(`${mnt}/filler`);
-    await serveClients(port, 6, 400);
-    const full = await metrics(metricsPort);
+    const full = await serveOntoFullDisk(server, mnt);
     assert.ok(full.echo_log_dropped_lines_total > 0, JSON.stringify(full));
     assert.ok(full.echo_log_backlog_bytes <= 4096);
     await server.stderr.next(
@@ -273,11 +284,7 @@ Deno.test({
     // A drain time far past the test's bound: only the second signal can
     // end the flush of a disk that stays full in time.
     await using server = new Server(mnt, ["--drain-timeout", "600"]);
-    const { port, metricsPort } = await server.ports();
-    await serveClients(port, 1, 5);
-    fill(`${mnt}/filler`);
-    await serveClients(port, 6, 400);
-    const full = await metrics(metricsPort);
+    const full = await serveOntoFullDisk(server, mnt);
     assert.ok(full.echo_log_backlog_lines > 100, JSON.stringify(full));
     const firstAt = performance.now();
     server.child.kill("SIGTERM");
