@@ -8,6 +8,7 @@ import {
 import { EchoCounters } from "./echo_stats.ts";
 import {
   DURATION_BUCKETS_SECONDS,
+  type EchoServer,
   serveEcho,
   type ServeOptions,
 } from "./server.ts";
@@ -212,6 +213,22 @@ Deno.test("renderMetrics() counts good clients, resets and an over-limit client 
   assert.ok(sample(m, "process_start_time_seconds") <= Date.now() / 1000);
 });
 
+/**
+ * Serves clients "a" and "b" with a server that logs them to `log`, and
+ * shuts it down, which resolves once both are logged (a client can see its
+ * EOF first).
+ */
+async function serveTwoLoggedClients(log: AccessLog): Promise<EchoServer> {
+  const server = serveEcho((id, bytes) => log.record(id, bytes), {
+    port: 0,
+    onDiagnostic: () => {},
+  });
+  await echo(server.addr.port, encoder.encode("a"));
+  await echo(server.addr.port, encoder.encode("b"));
+  await server.shutdown();
+  return server;
+}
+
 Deno.test(
   "renderMetrics() counts access log lines that could not be written",
   withTempDir(async (dir) => {
@@ -219,13 +236,7 @@ Deno.test(
     // would be the real fault, but Deno lets only --allow-all open it.)
     const log = AccessLog.open(`${dir}/access.log`);
     log.close();
-    const server = serveEcho((id, bytes) => log.record(id, bytes), {
-      port: 0,
-      onDiagnostic: () => {},
-    });
-    await echo(server.addr.port, encoder.encode("a"));
-    await echo(server.addr.port, encoder.encode("b"));
-    await server.shutdown();
+    const server = await serveTwoLoggedClients(log);
     const m = samples(renderMetrics(server));
     assert.equal(sample(m, "echo_log_write_errors_total"), 2);
     assert.equal(sample(m, "echo_connections_accepted_total"), 2);
@@ -247,14 +258,7 @@ Deno.test("renderMetrics() reports the access log's backlog, dropped lines and f
     maxBacklogBytes: 4096,
     onDiagnostic() {},
   });
-  const server = serveEcho((id, bytes) => log.record(id, bytes), {
-    port: 0,
-    onDiagnostic: () => {},
-  });
-  await echo(server.addr.port, encoder.encode("a"));
-  await echo(server.addr.port, encoder.encode("b"));
-  // Resolves once both clients are logged (a client can see EOF first).
-  await server.shutdown();
+  const server = await serveTwoLoggedClients(log);
   for (let id = 3; id <= 200; id++) log.record(id, 0);
   let m = samples(renderMetrics(server, { accessLog: log.stats }));
   const { backlogLines, backlogBytes, droppedLines } = log.stats;
