@@ -8,6 +8,7 @@ import {
 import {
   assertUsageError,
   type CommandResult,
+  HandlerServer,
   readAll,
   runCommand,
   startServer,
@@ -105,63 +106,11 @@ Deno.test("runBench() lets the connections in flight finish at the end of a dura
   assert.deepEqual(diagnostics, []);
 });
 
-/** A deliberately wrong server: `serve` handles each connection, which is
- * closed afterwards; `close` waits for every handler. */
-class WrongServer {
-  readonly port: number;
-  readonly #listener: Deno.TcpListener;
-  readonly #handlers = new Set<Promise<void>>();
-  readonly #acceptLoop: Promise<void>;
-
-  constructor(
-    readonly serve: (conn: Deno.TcpConn) => Promise<void>,
-  ) {
-    this.#listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-    this.port = this.#listener.addr.port;
-    this.#acceptLoop = this.#accept();
-  }
-
-  async #accept(): Promise<void> {
-    for (;;) {
-      let conn: Deno.TcpConn;
-      try {
-        conn = await this.#listener.accept();
-      } catch {
-        return; // closed
-      }
-      const handler = this.#serve(conn).finally(() =>
-        this.#handlers.delete(handler)
-      );
-      this.#handlers.add(handler);
-    }
-  }
-
-  async #serve(conn: Deno.TcpConn): Promise<void> {
-    try {
-      await this.serve(conn);
-    } catch {
-      // The client may have given up on a wrong reply; that is fine here.
-    } finally {
-      try {
-        conn.close();
-      } catch {
-        // Already closed by `serve`.
-      }
-    }
-  }
-
-  async close(): Promise<void> {
-    this.#listener.close();
-    await this.#acceptLoop;
-    while (this.#handlers.size > 0) await Promise.all(this.#handlers);
-  }
-}
-
 /** A server that reads to EOF and replies with `transform(request)`. */
 function bufferingServer(
   transform: (request: Uint8Array) => Uint8Array,
-): WrongServer {
-  return new WrongServer(async (conn) => {
+): HandlerServer {
+  return new HandlerServer(async (conn) => {
     const request = await readAll(conn);
     await writeAll(conn, transform(request));
     await conn.closeWrite();
@@ -169,7 +118,7 @@ function bufferingServer(
 }
 
 async function benchAgainst(
-  server: WrongServer,
+  server: HandlerServer,
   options: { connections: number; concurrency: number; size: number },
 ): Promise<BenchResult> {
   try {
@@ -252,7 +201,7 @@ Deno.test("runBench() catches a server that resets", async () => {
   // payload is more than the socket buffers hold, so the client is still
   // sending then.
   const result = await benchAgainst(
-    new WrongServer(async (conn) => {
+    new HandlerServer(async (conn) => {
       await conn.read(new Uint8Array(1024));
       conn.close();
     }),
@@ -267,7 +216,7 @@ Deno.test("runBench() sends a large payload to a streaming server without deadlo
   // Echoes as it reads: the reply comes back while the request is still
   // being sent, so a client that only read after sending would stall.
   const result = await benchAgainst(
-    new WrongServer(async (conn) => {
+    new HandlerServer(async (conn) => {
       const buffer = new Uint8Array(16 * 1024);
       for (;;) {
         const n = await conn.read(buffer);
@@ -298,7 +247,7 @@ Deno.test("runBench() cuts off connections in flight on the signal", async () =>
   const release = Promise.withResolvers<void>();
   // Reads each request to EOF and then holds the reply back until released;
   // once all four connections are held, the run is aborted.
-  const server = new WrongServer(async (conn) => {
+  const server = new HandlerServer(async (conn) => {
     await readAll(conn);
     if (++waiting === 4) abort.abort();
     await release.promise;

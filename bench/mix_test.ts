@@ -1,7 +1,13 @@
 import assert from "node:assert/strict";
 import { AccessLog } from "../access_log.ts";
 import { serveEcho, type ServeOptions } from "../server.ts";
-import { readAll, runCommand, withTempDir, writeAll } from "../test_util.ts";
+import {
+  HandlerServer,
+  readAll,
+  runCommand,
+  withTempDir,
+  writeAll,
+} from "../test_util.ts";
 import { formatLogReport } from "./log_check.ts";
 import {
   ATTACK_KINDS,
@@ -108,13 +114,9 @@ Deno.test(
  * each connection and returns the line to log, or undefined to log none.
  */
 class TestEchoServer {
-  readonly port: number;
   readonly logPath: string;
   readonly #log: AccessLog;
-  readonly #listener: Deno.TcpListener;
-  readonly #handlers = new Set<Promise<void>>();
-  readonly #acceptLoop: Promise<void>;
-  #clients = 0;
+  readonly #server: HandlerServer;
 
   constructor(
     dir: string,
@@ -122,53 +124,29 @@ class TestEchoServer {
   ) {
     this.logPath = `${dir}/access.log`;
     this.#log = AccessLog.open(this.logPath);
-    this.#listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-    this.port = this.#listener.addr.port;
-    this.#acceptLoop = this.#accept();
-  }
-
-  async #accept(): Promise<void> {
-    for (;;) {
-      let conn: Deno.TcpConn;
+    this.#server = new HandlerServer(async (conn, client) => {
+      let bytes: number | undefined;
       try {
-        conn = await this.#listener.accept();
-      } catch (error) {
-        if (error instanceof Deno.errors.BadResource) return; // closed
-        continue; // a client lost: this server is wrong on purpose
+        bytes = await this.handle(conn);
+      } finally {
+        conn.close(); // before the log line, as the echo server does
       }
-      const clientId = ++this.#clients;
-      const handler = this.#serve(conn, clientId).finally(() =>
-        this.#handlers.delete(handler)
-      );
-      this.#handlers.add(handler);
-    }
+      if (bytes !== undefined) this.#log.record(client, bytes);
+    });
   }
 
-  async #serve(conn: Deno.TcpConn, clientId: number): Promise<void> {
-    let bytes: number | undefined;
-    try {
-      bytes = await this.handle(conn);
-    } catch {
-      bytes = undefined;
-    } finally {
-      conn.close();
-    }
-    if (bytes !== undefined) this.#log.record(clientId, bytes);
+  /** The port it listens on. */
+  get port(): number {
+    return this.#server.port;
   }
 
   /** Closes the listener: later connects are refused. */
   stopListening(): void {
-    try {
-      this.#listener.close();
-    } catch (error) {
-      if (!(error instanceof Deno.errors.BadResource)) throw error;
-    }
+    this.#server.stopListening();
   }
 
   async close(): Promise<void> {
-    this.stopListening();
-    await this.#acceptLoop;
-    while (this.#handlers.size > 0) await Promise.all(this.#handlers);
+    await this.#server.close();
     this.#log.close();
   }
 }
