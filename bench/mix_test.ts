@@ -151,6 +151,18 @@ class TestEchoServer {
   }
 }
 
+/** runMix() with QUICK and `options` against `server`, closed after. */
+async function mixAgainst(
+  server: TestEchoServer,
+  options: MixOptions,
+): Promise<MixResult> {
+  try {
+    return await runMix({ ...QUICK, port: server.port, ...options });
+  } finally {
+    await server.close();
+  }
+}
+
 /** Echoes correctly, but logs no line for a client that sent nothing: the
  * loss a server has when it drops clients that reset before sending. */
 function lossyServer(dir: string): TestEchoServer {
@@ -166,19 +178,12 @@ Deno.test(
   "runMix() reports the lines a server loses for clients that reset",
   withTempDir(async (dir) => {
     const server = lossyServer(dir);
-    let result: MixResult;
-    try {
-      result = await runMix({
-        ...QUICK,
-        port: server.port,
-        kinds: ["echo", "reset-on-connect"],
-        connections: 6,
-        logPath: server.logPath,
-        logWait: { quietMs: 500 },
-      });
-    } finally {
-      await server.close();
-    }
+    const result = await mixAgainst(server, {
+      kinds: ["echo", "reset-on-connect"],
+      connections: 6,
+      logPath: server.logPath,
+      logWait: { quietMs: 500 },
+    });
     assert.equal(result.ok, false);
     assert.equal(result.connected, 12);
     assert.equal(result.wrong + result.broken + result.connectErrors, 0);
@@ -202,17 +207,10 @@ Deno.test(
       await conn.closeWrite();
       return request.length;
     });
-    let result: MixResult;
-    try {
-      result = await runMix({
-        ...QUICK,
-        port: server.port,
-        kinds: ["echo", "echo-large", "slowloris", "idle"],
-        connections: 3,
-      });
-    } finally {
-      await server.close();
-    }
+    const result = await mixAgainst(server, {
+      kinds: ["echo", "echo-large", "slowloris", "idle"],
+      connections: 3,
+    });
     assert.equal(result.ok, false);
     assert.equal(result.wrong, 12, explain(result));
     for (const kind of result.kinds) assert.equal(kind.wrong, 3);
@@ -240,17 +238,10 @@ Deno.test(
       const n = await conn.read(new Uint8Array(64 * KIB));
       return n ?? 0;
     });
-    let result: MixResult;
-    try {
-      result = await runMix({
-        ...QUICK,
-        port: server.port,
-        kinds: ["echo-large", "vanish"],
-        connections: 3,
-      });
-    } finally {
-      await server.close();
-    }
+    const result = await mixAgainst(server, {
+      kinds: ["echo-large", "vanish"],
+      connections: 3,
+    });
     assert.equal(result.ok, false);
     const [large, vanish] = result.kinds;
     assert.equal(large.broken + large.wrong, 3, explain(result));
@@ -270,17 +261,10 @@ Deno.test(
       await conn.closeWrite();
       return request.length;
     });
-    let result: MixResult;
-    try {
-      result = await runMix({
-        ...QUICK,
-        port: server.port,
-        kinds: ["echo", "reset-on-connect", "reset-mid-send", "vanish"],
-        connections: 40,
-      });
-    } finally {
-      await server.close();
-    }
+    const result = await mixAgainst(server, {
+      kinds: ["echo", "reset-on-connect", "reset-mid-send", "vanish"],
+      connections: 40,
+    });
     assert.equal(result.ok, false);
     assert.ok(result.connected >= 10, explain(result));
     assert.equal(result.connected + result.connectErrors, 160, explain(result));
@@ -312,20 +296,13 @@ Deno.test(
       const request = await readAll(conn);
       return request.length;
     });
-    let result: MixResult;
-    try {
-      result = await runMix({
-        ...QUICK,
-        port: server.port,
-        kinds: ["idle"],
-        idleMs: 3_600_000,
-        connections: 3,
-        signal: abort.signal,
-        logPath: server.logPath,
-      });
-    } finally {
-      await server.close();
-    }
+    const result = await mixAgainst(server, {
+      kinds: ["idle"],
+      idleMs: 3_600_000,
+      connections: 3,
+      signal: abort.signal,
+      logPath: server.logPath,
+    });
     assert.ok(result.ok, explain(result));
     const [idle] = result.kinds;
     assert.equal(idle.connected, 3);
