@@ -391,21 +391,8 @@ export function spawnServer(
   args: string[] = [],
   options: SpawnServerOptions = {},
 ): Deno.ChildProcess {
-  const {
-    permissions = ["--allow-net", `--allow-write=${logDir}`],
-    maxOpenFiles,
-  } = options;
-  const command = [
-    Deno.execPath(),
-    "run",
-    ...permissions,
-    MAIN,
-    "--port",
-    "0",
-    "--log",
-    `${logDir}/access.log`,
-    ...args,
-  ];
+  const { maxOpenFiles } = options;
+  const command = serverCommand(logDir, args, options);
   const shell = [
     maxOpenFiles === undefined
       ? undefined
@@ -590,4 +577,37 @@ export class HandlerServer {
     await this.#acceptLoop;
     while (this.#handlers.size > 0) await Promise.all(this.#handlers);
   }
+}
+
+/**
+ * The command line that runs main.ts on port 0 logging to
+ * `logDir/access.log`, with `args` after those flags, as
+ * {@linkcode spawnServer} runs it: for tests that spawn the server their
+ * own way. `permissions` as in {@linkcode SpawnServerOptions}.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * const [deno, run] = serverCommand("/tmp/logs", ["--instance", "1/2"]);
+ * assert.equal(deno, Deno.execPath());
+ * assert.equal(run, "run");
+ * ```
+ */
+export function serverCommand(
+  logDir: string,
+  args: string[] = [],
+  options: Pick<SpawnServerOptions, "permissions"> = {},
+): string[] {
+  const { permissions = ["--allow-net", `--allow-write=${logDir}`] } = options;
+  return [
+    Deno.execPath(),
+    "run",
+    ...permissions,
+    MAIN,
+    "--port",
+    "0",
+    "--log",
+    `${logDir}/access.log`,
+    ...args,
+  ];
 }

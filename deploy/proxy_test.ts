@@ -25,11 +25,11 @@ import {
   Lines,
   pattern,
   readAll,
+  serverCommand,
   withTempDir,
   writeAll,
 } from "../test_util.ts";
 
-const MAIN = fromFileUrl(new URL("../main.ts", import.meta.url));
 const HAPROXY_CFG = fromFileUrl(new URL("haproxy.cfg", import.meta.url));
 const NGINX_CONF = fromFileUrl(new URL("nginx-stream.conf", import.meta.url));
 const INSTANCES = 3;
@@ -152,22 +152,15 @@ interface Instance {
 }
 
 async function startInstance(dir: string, index: number): Promise<Instance> {
-  const child = new Child(`instance ${index}`, Deno.execPath(), [
-    "run",
-    "--allow-net",
-    `--allow-write=${dir}`,
-    MAIN,
-    "--port",
-    "0",
+  const [deno, ...args] = serverCommand(dir, [
     "--metrics",
     "127.0.0.1:0",
-    "--log",
-    `${dir}/access.log`,
     "--instance",
     `${index}/${INSTANCES}`,
     "--drain-timeout",
     "120",
   ]);
+  const child = new Child(`instance ${index}`, deno, args);
   try {
     const [, port] = await child.stderr.next(/^listening on .+:(\d+), /);
     const [, metricsPort] = await child.stderr.next(METRICS_LINE);
