@@ -53,36 +53,23 @@ function assertServerSaw(
   assert.ok(clients.every(([, bytes]) => bytes === size));
 }
 
-Deno.test("runBench() runs 200 connections of 5 B at concurrency 8 against the echo server", async () => {
-  let result: BenchResult | undefined;
-  const { clients, diagnostics } = await withEchoServer(async (port) => {
-    result = await runBench({
-      port,
-      connections: 200,
-      concurrency: 8,
-      size: 5,
+for (
+  const { connections, concurrency, size, what } of [
+    { connections: 200, concurrency: 8, size: 5, what: "5 B at concurrency 8" },
+    { connections: 20, concurrency: 4, size: MIB, what: "1 MiB" },
+  ]
+) {
+  Deno.test(`runBench() runs ${connections} connections of ${what} against the echo server`, async () => {
+    let result: BenchResult | undefined;
+    const { clients, diagnostics } = await withEchoServer(async (port) => {
+      result = await runBench({ port, connections, concurrency, size });
     });
+    assertClean(result!, connections, size);
+    assert.ok(result!.megabytesPerSecond > 0);
+    assertServerSaw(clients, connections, size);
+    assert.deepEqual(diagnostics, []);
   });
-  assertClean(result!, 200, 5);
-  assertServerSaw(clients, 200, 5);
-  assert.deepEqual(diagnostics, []);
-});
-
-Deno.test("runBench() runs 20 connections of 1 MiB against the echo server", async () => {
-  let result: BenchResult | undefined;
-  const { clients, diagnostics } = await withEchoServer(async (port) => {
-    result = await runBench({
-      port,
-      connections: 20,
-      concurrency: 4,
-      size: MIB,
-    });
-  });
-  assertClean(result!, 20, MIB);
-  assert.ok(result!.megabytesPerSecond > 0);
-  assertServerSaw(clients, 20, MIB);
-  assert.deepEqual(diagnostics, []);
-});
+}
 
 Deno.test("runBench() sends empty payloads and gets empty replies", async () => {
   let result: BenchResult | undefined;

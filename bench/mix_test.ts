@@ -163,14 +163,20 @@ async function mixAgainst(
   }
 }
 
+/** Reads `conn` to EOF, writes it all back and half-closes; the byte count. */
+async function echoBack(conn: Deno.TcpConn): Promise<number> {
+  const request = await readAll(conn);
+  await writeAll(conn, request);
+  await conn.closeWrite();
+  return request.length;
+}
+
 /** Echoes correctly, but logs no line for a client that sent nothing: the
  * loss a server has when it drops clients that reset before sending. */
 function lossyServer(dir: string): TestEchoServer {
   return new TestEchoServer(dir, async (conn) => {
-    const request = await readAll(conn);
-    await writeAll(conn, request);
-    await conn.closeWrite();
-    return request.length === 0 ? undefined : request.length;
+    const bytes = await echoBack(conn);
+    return bytes === 0 ? undefined : bytes;
   });
 }
 
@@ -256,10 +262,7 @@ Deno.test(
     // Serves the first 10 clients, then stops listening.
     const server: TestEchoServer = new TestEchoServer(dir, async (conn) => {
       if (++accepted === 10) server.stopListening();
-      const request = await readAll(conn);
-      await writeAll(conn, request);
-      await conn.closeWrite();
-      return request.length;
+      return await echoBack(conn);
     });
     const result = await mixAgainst(server, {
       kinds: ["echo", "reset-on-connect", "reset-mid-send", "vanish"],
