@@ -611,3 +611,27 @@ export function serverCommand(
     ...args,
   ];
 }
+
+/**
+ * The name and `ignore` of a test that needs a tool the machine may lack:
+ * `name` as is when `available`, else ignored and named with
+ * ` (skipped: ${missing})` after it, so the run says what to install.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * assert.deepEqual(needing("nc works", false, "nc not installed"), {
+ *   name: "nc works (skipped: nc not installed)",
+ *   ignore: true,
+ * });
+ * ```
+ */
+export function needing(
+  name: string,
+  available: boolean,
+  missing: string,
+): { name: string; ignore: boolean } {
+  return available
+    ? { name, ignore: false }
+    : { name: `${name} (skipped: ${missing})`, ignore: true };
+}

@@ -17,6 +17,7 @@ import {
   findExecutable,
   killAfter,
   Lines,
+  needing,
   readAll,
   spawnServer,
   withTempDir,
@@ -465,10 +466,11 @@ const WORKERS = 4;
 const CLIENTS_BETWEEN_ROTATIONS = 25;
 
 Deno.test({
-  name: LOGROTATE
-    ? "deploy/logrotate.conf on a live server under load loses, splits and duplicates no line"
-    : "deploy/logrotate.conf on a live server under load loses, splits and duplicates no line (skipped: logrotate not installed: apt-get install logrotate)",
-  ignore: LOGROTATE === undefined,
+  ...needing(
+    "deploy/logrotate.conf on a live server under load loses, splits and duplicates no line",
+    LOGROTATE !== undefined,
+    "logrotate not installed: apt-get install logrotate",
+  ),
   fn: withTempDir(async (dir) => {
     const logPath = `${dir}/access.log`;
     const server = spawnServer(dir);

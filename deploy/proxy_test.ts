@@ -23,6 +23,7 @@ import {
   echo,
   findExecutable,
   Lines,
+  needing,
   pattern,
   readAll,
   serverCommand,
@@ -499,10 +500,11 @@ function assertOneLinePerClient(
 // --- tests ---------------------------------------------------------------------
 
 Deno.test({
-  name: HAPROXY
-    ? "deploy/haproxy.cfg serves through 3 instances, logs each client once, routes around a stopping one"
-    : "deploy/haproxy.cfg serves through 3 instances, logs each client once, routes around a stopping one (skipped: haproxy not installed: apt-get install haproxy)",
-  ignore: HAPROXY === undefined,
+  ...needing(
+    "deploy/haproxy.cfg serves through 3 instances, logs each client once, routes around a stopping one",
+    HAPROXY !== undefined,
+    "haproxy not installed: apt-get install haproxy",
+  ),
   fn: withTempDir(async (dir) => {
     await using cluster = await Cluster.start(dir);
     const [, second, third] = cluster.instances;
@@ -640,10 +642,11 @@ async function startNginx(dir: string, conf: string): Promise<Child> {
 }
 
 Deno.test({
-  name: NGINX_HAS_STREAM
-    ? "deploy/nginx-stream.conf serves through 3 instances, logs each client once, needs proxy_half_close"
-    : "deploy/nginx-stream.conf serves through 3 instances, logs each client once, needs proxy_half_close (skipped: nginx with its stream module not installed: apt-get install nginx libnginx-mod-stream)",
-  ignore: !NGINX_HAS_STREAM,
+  ...needing(
+    "deploy/nginx-stream.conf serves through 3 instances, logs each client once, needs proxy_half_close",
+    NGINX_HAS_STREAM,
+    "nginx with its stream module not installed: apt-get install nginx libnginx-mod-stream",
+  ),
   fn: withTempDir(async (dir) => {
     await using cluster = await Cluster.start(dir);
     const text = await Deno.readTextFile(NGINX_CONF);
