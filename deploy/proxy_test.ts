@@ -616,8 +616,24 @@ Deno.test({
   }, { prefix: "echo-server-haproxy-" }),
 });
 
-/** Runs nginx on `conf` in `dir`, waits until it listens (its pid file). */
-async function startNginx(dir: string, conf: string): Promise<Child> {
+/**
+ * Writes `dir`/nginx.conf from deploy/nginx-stream.conf's `text` (see
+ * {@linkcode nginxConfig}), runs nginx on it in `dir`, and waits until it
+ * listens (its pid file).
+ */
+async function startNginx(
+  dir: string,
+  text: string,
+  port: number,
+  instances: Instance[],
+  options: { halfClose: boolean },
+): Promise<Child> {
+  await Deno.mkdir(dir);
+  const conf = `${dir}/nginx.conf`;
+  await Deno.writeTextFile(
+    conf,
+    nginxConfig(text, dir, port, instances, options),
+  );
   const nginx = new Child("nginx", NGINX!, [
     "-p",
     `${dir}/`,
@@ -654,15 +670,9 @@ Deno.test({
     let nginx: Child | undefined;
     try {
       const port = freePort();
-      await Deno.mkdir(`${dir}/on`);
-      const conf = `${dir}/on/nginx.conf`;
-      await Deno.writeTextFile(
-        conf,
-        nginxConfig(text, `${dir}/on`, port, cluster.instances, {
-          halfClose: true,
-        }),
-      );
-      nginx = await startNginx(`${dir}/on`, conf);
+      nginx = await startNginx(`${dir}/on`, text, port, cluster.instances, {
+        halfClose: true,
+      });
       const first = sizes(64, 0);
       await runClients(port, first, 32);
       sent.push(...first);
@@ -681,15 +691,13 @@ Deno.test({
       // The same file without `proxy_half_close on;`: nginx ends the session
       // at the client's FIN, and the reply never reaches the client.
       const withoutPort = freePort();
-      await Deno.mkdir(`${dir}/off`);
-      const withoutConf = `${dir}/off/nginx.conf`;
-      await Deno.writeTextFile(
-        withoutConf,
-        nginxConfig(text, `${dir}/off`, withoutPort, cluster.instances, {
-          halfClose: false,
-        }),
+      nginx = await startNginx(
+        `${dir}/off`,
+        text,
+        withoutPort,
+        cluster.instances,
+        { halfClose: false },
       );
-      nginx = await startNginx(`${dir}/off`, withoutConf);
       for (const size of [5, 1000, 100_000]) {
         const payload = pattern(size + 7, size + 7);
         let reply: Uint8Array | "reset";
