@@ -39,8 +39,10 @@
  *   among those past their grace; if none is, the newcomer waits in the
  *   kernel's queue until the first grace ends. The newcomer itself is never
  *   the one evicted. A client is in its grace for 2 s after it is accepted
- *   while it keeps moving bytes; one that is still sending and has been
- *   silent for an eighth of the grace (250 ms) is past it. Without that,
+ *   while it keeps moving bytes; one that is still sending, has sent
+ *   something and has been silent since for an eighth of the grace (250 ms)
+ *   is past it. One that has sent nothing yet keeps the whole grace: its
+ *   bytes may only be waiting for the server to read them. Without that,
  *   attackers that reconnect as soon as they are evicted hold every slot in
  *   its grace: in `bench --mix` at 256 slots, good clients were still served,
  *   but all clients together got 116 connections a second (slots / grace)
@@ -303,7 +305,10 @@ export class Admission {
   /** When `client` leaves its grace (see the module doc). */
   #graceEnds(client: ClientProgress): number {
     const end = client.acceptedAt + this.evictionGraceMs;
-    if (client.eofAt !== undefined) return end;
+    // Nothing read yet may be the server's own delay, not the client's:
+    // under load a newcomer's bytes can wait in the kernel longer than an
+    // eighth of the grace, and bench --mix saw good clients evicted so.
+    if (client.eofAt !== undefined || client.bytesReceived === 0) return end;
     return Math.min(end, client.lastActivity + this.evictionGraceMs / 8);
   }
 
@@ -318,7 +323,7 @@ export class Admission {
    * {@linkcode Admission.rate} among those past their grace (ties: the one
    * idle longest), or undefined if none is. A client is in its grace for
    * `evictionGraceMs` after it is accepted, or until it has been silent for
-   * an eighth of that while still sending.
+   * an eighth of that while still sending, after its first byte.
    *
    * @example
    * ```ts

@@ -167,16 +167,38 @@ Deno.test("Admission.slotVictim() takes a newcomer silent for an eighth of the g
   assert.equal(admission.slotVictim([sending, echoing], 10_000), undefined);
 });
 
+Deno.test("Admission.slotVictim() never takes a newcomer whose bytes the server has not read yet", () => {
+  const admission = new Admission({ evictionGraceMs: 2000 });
+  // Accepted 1 s ago; its bytes may still sit unread in the kernel.
+  const unread = client(9000);
+  // Connected as long, sent a byte at once, silent since.
+  const trickler = client(9000, { bytesReceived: 1, lastActivity: 9000 });
+  assert.equal(admission.slotVictim([unread, trickler], 10_000), trickler);
+  assert.equal(admission.slotVictim([unread], 10_000), undefined);
+  // Past the whole grace it is as evictable as any.
+  assert.equal(admission.slotVictim([unread], 11_000), unread);
+});
+
 Deno.test("Admission.msUntilEvictable() waits for the first grace to end", () => {
   const admission = new Admission({ evictionGraceMs: 2000 });
-  // Silent since accept: past the grace after 250 ms.
+  // Silent since a first byte: past the grace 250 ms after it.
+  assert.equal(
+    admission.msUntilEvictable([
+      client(900, { bytesReceived: 1, lastActivity: 900 }),
+      client(800, { bytesReceived: 1, lastActivity: 800 }),
+    ], 1000),
+    50,
+  );
+  // Nothing read yet: the whole grace.
   assert.equal(
     admission.msUntilEvictable([client(900), client(800)], 1000),
-    50,
+    1800,
   );
   // Moving bytes: an eighth of the grace after its last byte at most.
   assert.equal(
-    admission.msUntilEvictable([client(500, { lastActivity: 1000 })], 1000),
+    admission.msUntilEvictable([
+      client(500, { bytesReceived: 1, lastActivity: 1000 }),
+    ], 1000),
     250,
   );
   assert.equal(

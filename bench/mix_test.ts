@@ -432,7 +432,10 @@ Deno.test(
       dir,
       {
         ...limits,
-        evictionGraceMs: 200,
+        // An eighth of it (125 ms) is how long a client may be silent
+        // mid-send: long enough for a loaded 2-core machine to get to its
+        // reads, short enough to take hogs sending every 200 ms.
+        evictionGraceMs: 1000,
         idleTimeoutMs: 1000,
         minWriteRate: MIB,
       },
