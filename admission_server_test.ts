@@ -4,7 +4,10 @@
 // are scaled down through the options so each test takes a few seconds.
 import assert from "node:assert/strict";
 import {
+  echo,
+  pattern,
   readAll,
+  sameBytes,
   startServer,
   type TestServer,
   writeAll,
@@ -12,27 +15,6 @@ import {
 
 const HOST = "127.0.0.1";
 const MIB = 1024 * 1024;
-
-/** Deterministic pseudo-random bytes, different for each seed. */
-function pattern(size: number, seed = 1): Uint8Array {
-  const bytes = new Uint8Array(size);
-  let x = (seed * 2654435761) >>> 0 || 1;
-  for (let i = 0; i < size; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    bytes[i] = x;
-  }
-  return bytes;
-}
-
-function sameBytes(actual: Uint8Array, expected: Uint8Array): boolean {
-  if (actual.length !== expected.length) return false;
-  for (let i = 0; i < actual.length; i++) {
-    if (actual[i] !== expected[i]) return false;
-  }
-  return true;
-}
 
 /** `promise`, or a rejection naming `what` if it takes over `ms`. */
 async function within<T>(
@@ -64,21 +46,6 @@ async function waitUntil(
   while (!condition()) {
     if (Date.now() > giveUp) throw new Error(`gave up waiting: ${what}`);
     await new Promise((resolve) => setTimeout(resolve, 5));
-  }
-}
-
-/** Echo of `payload` over a fresh connection; the connection is closed. */
-async function echoOnce(
-  port: number,
-  payload: Uint8Array,
-): Promise<Uint8Array> {
-  const conn = await Deno.connect({ hostname: HOST, port });
-  try {
-    await writeAll(conn, payload);
-    await conn.closeWrite();
-    return await readAll(conn);
-  } finally {
-    conn.close();
   }
 }
 
@@ -118,7 +85,7 @@ Deno.test("serveEcho() at maxConnections evicts a client that sent a byte and se
     const reply = await within(
       10_000,
       "the good client echoed",
-      echoOnce(s.port, payload),
+      echo(s.port, payload),
     );
     assert.ok(sameBytes(reply, payload));
     await waitUntil(() => s.records.length === 2, "both ends reported");
@@ -143,7 +110,7 @@ Deno.test("serveEcho() at maxConnections waits while every slot is in its grace"
   const [held] = await holders(s, 1, 1);
   try {
     await waitUntil(() => s.server.connections === 1, "1 client held");
-    const second = echoOnce(s.port, pattern(3, 2));
+    const second = echo(s.port, pattern(3, 2));
     await held.closeWrite();
     assert.equal((await readAll(held)).length, 1);
     assert.ok(sameBytes(await second, pattern(3, 2)));
@@ -180,7 +147,7 @@ Deno.test("serveEcho() at maxConnections never serves a newcomer past the limit 
     const reply = await within(
       10_000,
       "the newcomer echoed",
-      echoOnce(s.port, payload),
+      echo(s.port, payload),
     );
     assert.ok(sameBytes(reply, payload));
     assert.equal(s.server.stats.cutoffs.slot_eviction, 1);
@@ -216,7 +183,7 @@ Deno.test("serveEcho() at maxBufferedBytes evicts the clients holding the most f
     const reply = await within(
       10_000,
       "the 1 MiB client echoed",
-      echoOnce(s.port, payload),
+      echo(s.port, payload),
     );
     assert.ok(sameBytes(reply, payload), `got ${reply.length} bytes`);
     await waitUntil(

@@ -28,6 +28,14 @@ function simulate(
   return undefined;
 }
 
+/** A {@linkcode simulate} step: one byte every 2 s, a trickle. */
+function aByteEvery2s(progress: ClientProgress, now: number): void {
+  if (now % 2000 === 0) {
+    progress.bytesReceived++;
+    progress.lastActivity = now;
+  }
+}
+
 Deno.test("Admission.check() serves 64 MiB sent over a 1 Mbit/s link", () => {
   const admission = new Admission();
   const sender = client(0);
@@ -56,24 +64,14 @@ Deno.test("Admission.check() serves a line typed into nc -N within 20 s", () => 
 Deno.test("Admission.check() cuts off a byte every 2 s after the 20 s grace", () => {
   const admission = new Admission();
   const trickler = client(0);
-  const verdict = simulate(admission, trickler, 60_000, (c, now) => {
-    if (now % 2000 === 0) {
-      c.bytesReceived++;
-      c.lastActivity = now;
-    }
-  });
+  const verdict = simulate(admission, trickler, 60_000, aByteEvery2s);
   assert.deepEqual(verdict, { at: 21_000, reason: "min_rate" });
 });
 
 Deno.test("Admission.check() with minRate 0 leaves a trickler to the idle rule", () => {
   const admission = new Admission({ minRate: 0 });
   const trickler = client(0);
-  const verdict = simulate(admission, trickler, 120_000, (c, now) => {
-    if (now % 2000 === 0) {
-      c.bytesReceived++;
-      c.lastActivity = now;
-    }
-  });
+  const verdict = simulate(admission, trickler, 120_000, aByteEvery2s);
   assert.equal(verdict, undefined);
 });
 

@@ -7,6 +7,7 @@
 
 import assert from "node:assert/strict";
 import {
+  type CommandResult,
   connectMany,
   echo,
   findExecutable,
@@ -136,19 +137,17 @@ function fill(path: string): void {
   }
 }
 
+/** Mounts a 64 KiB tmpfs at `dir`. */
+function mountTinyTmpfs(dir: string): Promise<CommandResult> {
+  return runCommand("mount", ["-t", "tmpfs", "-o", "size=64k", "tmpfs", dir]);
+}
+
 // Why a tmpfs cannot be mounted here (needs root, and a container that
 // allows it), or undefined if it can.
 async function canMountTmpfs(): Promise<string | undefined> {
   const dir = await Deno.makeTempDir();
   try {
-    const mounted = await runCommand("mount", [
-      "-t",
-      "tmpfs",
-      "-o",
-      "size=64k",
-      "tmpfs",
-      dir,
-    ]);
+    const mounted = await mountTinyTmpfs(dir);
     if (mounted.code !== 0) return `mount failed: ${mounted.stderr.trim()}`;
     await runCommand("umount", [dir]);
     return undefined;
@@ -171,14 +170,7 @@ function withTinyTmpfs(
   return withTempDir(async (dir) => {
     const mnt = `${dir}/mnt`;
     await Deno.mkdir(mnt);
-    const mounted = await runCommand("mount", [
-      "-t",
-      "tmpfs",
-      "-o",
-      "size=64k",
-      "tmpfs",
-      mnt,
-    ]);
+    const mounted = await mountTinyTmpfs(mnt);
     assert.equal(mounted.code, 0, mounted.stderr);
     try {
       await fn(mnt);
@@ -232,6 +224,21 @@ Deno.test({
   }),
 });
 
+/**
+ * Serves clients 1 to 5, fills the tmpfs at `mnt`, serves clients 6 to 400
+ * on the full disk, and returns the metrics then.
+ */
+async function serveOntoFullDisk(
+  server: Server,
+  mnt: string,
+): Promise<Record<string, number>> {
+  const { port, metricsPort } = await server.ports();
+  await serveClients(port, 1, 5);
+  fill(`${mnt}/filler`);
+  await serveClients(port, 6, 400);
+  return await metrics(metricsPort);
+}
+
 Deno.test({
   name:
     `echo-server on a tmpfs that stays full drops past --log-backlog, keeps serving, and exits 1 counting what it never wrote${needsTmpfs}`,
@@ -243,11 +250,7 @@ Deno.test({
       "--drain-timeout",
       "0.5",
     ]);
-    const { port, metricsPort } = await server.ports();
-    await serveClients(port, 1, 5);
-    fill(`${mnt}/filler`);
-    await serveClients(port, 6, 400);
-    const full = await metrics(metricsPort);
+    const full = await serveOntoFullDisk(server, mnt);
     assert.ok(full.echo_log_dropped_lines_total > 0, JSON.stringify(full));
     assert.ok(full.echo_log_backlog_bytes <= 4096);
     await server.stderr.next(
@@ -281,11 +284,7 @@ Deno.test({
     // A drain time far past the test's bound: only the second signal can
     // end the flush of a disk that stays full in time.
     await using server = new Server(mnt, ["--drain-timeout", "600"]);
-    const { port, metricsPort } = await server.ports();
-    await serveClients(port, 1, 5);
-    fill(`${mnt}/filler`);
-    await serveClients(port, 6, 400);
-    const full = await metrics(metricsPort);
+    const full = await serveOntoFullDisk(server, mnt);
     assert.ok(full.echo_log_backlog_lines > 100, JSON.stringify(full));
     const firstAt = performance.now();
     server.child.kill("SIGTERM");

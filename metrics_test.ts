@@ -6,7 +6,13 @@ import {
   renderMetrics,
   serveMetrics,
 } from "./metrics.ts";
-import { DURATION_BUCKETS_SECONDS, serveEcho } from "./server.ts";
+import { EchoCounters } from "./echo_stats.ts";
+import {
+  DURATION_BUCKETS_SECONDS,
+  type EchoServer,
+  serveEcho,
+  type ServeOptions,
+} from "./server.ts";
 import {
   echo,
   findExecutable,
@@ -175,19 +181,12 @@ Deno.test("renderMetrics() counts good clients, resets and an over-limit client 
       sample(m, 'echo_accept_errors_total{kind="client"}'),
     RESETS,
   );
-  for (
-    const reason of [
-      "buffer_limit",
-      "idle",
-      "min_rate",
-      "slow_reader",
-      "slot_eviction",
-      "memory_eviction",
-      "shutdown",
-    ]
-  ) {
-    assert.equal(sample(m, `echo_cutoffs_total{reason="${reason}"}`), 0);
-  }
+  const counted = cutoffs(renderMetrics(s.server));
+  assert.deepEqual(counted, {
+    ...NO_CUTOFFS,
+    client_limit: 1,
+    reset: counted.reset, // checked with the accept errors above
+  });
   assert.equal(sample(m, 'echo_accept_errors_total{kind="exhaustion"}'), 0);
   assert.equal(sample(m, "echo_log_write_errors_total"), 0);
   assert.equal(
@@ -224,6 +223,22 @@ Deno.test("renderMetrics() counts good clients, resets and an over-limit client 
   assert.ok(sample(m, "process_start_time_seconds") <= Date.now() / 1000);
 });
 
+/**
+ * Serves clients "a" and "b" with a server that logs them to `log`, and
+ * shuts it down, which resolves once both are logged (a client can see its
+ * EOF first).
+ */
+async function serveTwoLoggedClients(log: AccessLog): Promise<EchoServer> {
+  const server = serveEcho((id, bytes) => log.record(id, bytes), {
+    port: 0,
+    onDiagnostic: () => {},
+  });
+  await echo(server.addr.port, encoder.encode("a"));
+  await echo(server.addr.port, encoder.encode("b"));
+  await server.shutdown();
+  return server;
+}
+
 Deno.test(
   "renderMetrics() counts access log lines that could not be written",
   withTempDir(async (dir) => {
@@ -231,16 +246,7 @@ Deno.test(
     // would be the real fault, but Deno lets only --allow-all open it.)
     const log = AccessLog.open(`${dir}/access.log`);
     log.close();
-    const server = serveEcho((id, bytes) => log.record(id, bytes), {
-      port: 0,
-      onDiagnostic: () => {},
-    });
-    try {
-      await echo(server.addr.port, encoder.encode("a"));
-      await echo(server.addr.port, encoder.encode("b"));
-    } finally {
-      await server.shutdown({ drainTimeoutMs: 0 });
-    }
+    const server = await serveTwoLoggedClients(log);
     const m = samples(renderMetrics(server));
     assert.equal(sample(m, "echo_log_write_errors_total"), 2);
     assert.equal(sample(m, "echo_connections_accepted_total"), 2);
@@ -262,14 +268,7 @@ Deno.test("renderMetrics() reports the access log's backlog, dropped lines and f
     maxBacklogBytes: 4096,
     onDiagnostic() {},
   });
-  const server = serveEcho((id, bytes) => log.record(id, bytes), {
-    port: 0,
-    onDiagnostic: () => {},
-  });
-  await echo(server.addr.port, encoder.encode("a"));
-  await echo(server.addr.port, encoder.encode("b"));
-  // Resolves once both clients are logged (a client can see EOF first).
-  await server.shutdown();
+  const server = await serveTwoLoggedClients(log);
   for (let id = 3; id <= 200; id++) log.record(id, 0);
   let m = samples(renderMetrics(server, { accessLog: log.stats }));
   const { backlogLines, backlogBytes, droppedLines } = log.stats;
@@ -609,51 +608,51 @@ function cutoffs(exposition: string): Record<string, number> {
   return counts;
 }
 
-const NO_CUTOFFS = {
-  client_limit: 0,
-  buffer_limit: 0,
-  idle: 0,
-  min_rate: 0,
-  slow_reader: 0,
-  slot_eviction: 0,
-  memory_eviction: 0,
-  shutdown: 0,
-  reset: 0,
-};
+// Every reason at zero: a fresh server's counters, whose type names each.
+const NO_CUTOFFS = { ...new EchoCounters().cutoffs };
 
-Deno.test("renderMetrics() counts an idle client's cut-off as idle", async () => {
-  await using s = startServer({ idleTimeoutMs: 50 });
+/**
+ * The cut-offs counted once one client, driven by `drive`, has met a
+ * server started with `options` and the server has shut down.
+ */
+async function cutoffsAfterOneClient(
+  options: ServeOptions,
+  drive: (conn: Deno.TcpConn) => Promise<void>,
+): Promise<Record<string, number>> {
+  await using s = startServer(options);
   const conn = await Deno.connect({ hostname: HOST, port: s.port });
   try {
-    await readUntilClosed(conn); // sends nothing until the server gives up
+    await drive(conn);
   } finally {
     conn.close();
   }
   await s.server.shutdown();
-  assert.deepEqual(cutoffs(renderMetrics(s.server)), {
-    ...NO_CUTOFFS,
-    idle: 1,
-  });
+  return cutoffs(renderMetrics(s.server));
+}
+
+Deno.test("renderMetrics() counts an idle client's cut-off as idle", async () => {
+  const counted = await cutoffsAfterOneClient(
+    { idleTimeoutMs: 50 },
+    readUntilClosed, // sends nothing until the server gives up
+  );
+  assert.deepEqual(counted, { ...NO_CUTOFFS, idle: 1 });
 });
 
 Deno.test("renderMetrics() counts a cut-off over maxBufferedBytes as buffer_limit", async () => {
-  await using s = startServer({ maxBufferedBytes: 64 * 1024 });
-  const conn = await Deno.connect({ hostname: HOST, port: s.port });
-  try {
-    await writeAll(conn, new Uint8Array(1024 * 1024));
-  } catch (error) {
-    if (
-      !(error instanceof Deno.errors.ConnectionReset ||
-        error instanceof Deno.errors.BrokenPipe)
-    ) throw error;
-  } finally {
-    conn.close();
-  }
-  await s.server.shutdown();
-  assert.deepEqual(cutoffs(renderMetrics(s.server)), {
-    ...NO_CUTOFFS,
-    buffer_limit: 1,
-  });
+  const counted = await cutoffsAfterOneClient(
+    { maxBufferedBytes: 64 * 1024 },
+    async (conn) => {
+      try {
+        await writeAll(conn, new Uint8Array(1024 * 1024));
+      } catch (error) {
+        if (
+          !(error instanceof Deno.errors.ConnectionReset ||
+            error instanceof Deno.errors.BrokenPipe)
+        ) throw error;
+      }
+    },
+  );
+  assert.deepEqual(counted, { ...NO_CUTOFFS, buffer_limit: 1 });
 });
 
 Deno.test("renderMetrics() counts a client still there when the drain ends as shutdown", async () => {

@@ -48,6 +48,12 @@ async function runSend(args: string[], input?: Uint8Array): Promise<SendRun> {
   };
 }
 
+/** Asserts that a send run exited 1 with exactly `stderr`. */
+function assertFailed(result: SendRun, stderr: string): void {
+  assert.equal(result.stderr, stderr);
+  assert.equal(result.code, 1);
+}
+
 /**
  * A peer on an ephemeral port that reads one client to EOF and answers
  * with `reply(received)` instead of an echo.
@@ -127,12 +133,11 @@ Deno.test("deno task send exits 1 when the reply differs, and says from which by
   await using peer = startPeer(() => encoder.encode("hellO"));
   const result = await runSend(["--port", String(peer.port), "hello"]);
   assert.equal(decoder.decode(result.stdout), "hellO");
-  assert.equal(
-    result.stderr,
+  assertFailed(
+    result,
     "sent 5 bytes, received 5 bytes\n" +
       "send: the reply differs from what was sent, from byte 4 on\n",
   );
-  assert.equal(result.code, 1);
 });
 
 Deno.test("deno task send exits 1 when the server cuts it off", async () => {
@@ -152,24 +157,22 @@ Deno.test("deno task send exits 1 when the server cuts it off", async () => {
 Deno.test("deno task send prints one line for a refused connection, exits 1", async () => {
   const port = closedPort();
   const result = await runSend(["--port", String(port), "hello"]);
-  assert.equal(
-    result.stderr,
+  assertFailed(
+    result,
     `send: cannot connect to 127.0.0.1:${port}: connection refused (is the server running? check --host and --port)\n`,
   );
   assert.equal(result.stdout.length, 0);
-  assert.equal(result.code, 1);
 });
 
 Deno.test("deno task send reaches only this machine, names the command for another host", async () => {
   // 192.0.2.1 is TEST-NET-1: the permission check refuses it before any
   // packet is sent.
   const result = await runSend(["--host", "192.0.2.1", "hello"]);
-  assert.equal(
-    result.stderr,
+  assertFailed(
+    result,
     "send: cannot connect to 192.0.2.1:4000: not allowed (the send task reaches only this machine; " +
       "run deno run --allow-net=192.0.2.1:4000 send.ts --host 192.0.2.1 --port 4000)\n",
   );
-  assert.equal(result.code, 1);
 });
 
 Deno.test("deno task send rejects bad flags with the usage, exits 2", async () => {

@@ -391,21 +391,8 @@ export function spawnServer(
   args: string[] = [],
   options: SpawnServerOptions = {},
 ): Deno.ChildProcess {
-  const {
-    permissions = ["--allow-net", `--allow-write=${logDir}`],
-    maxOpenFiles,
-  } = options;
-  const command = [
-    Deno.execPath(),
-    "run",
-    ...permissions,
-    MAIN,
-    "--port",
-    "0",
-    "--log",
-    `${logDir}/access.log`,
-    ...args,
-  ];
+  const { maxOpenFiles } = options;
+  const command = serverCommand(logDir, args, options);
   const shell = [
     maxOpenFiles === undefined
       ? undefined
@@ -534,4 +521,142 @@ export function connectMany(
 export function closedPort(): number {
   using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   return listener.addr.port;
+}
+
+/**
+ * A TCP server on 127.0.0.1 and an ephemeral port that hands each
+ * connection, with its 1-based number, to `handle` and closes it afterwards
+ * if `handle` has not. What `handle` throws is ignored, and so are failed
+ * accepts: it stands for the deliberately wrong servers that the bench
+ * tools must cope with.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * const server = new HandlerServer(async (conn) => {
+ *   await writeAll(conn, new TextEncoder().encode("no"));
+ * });
+ * assert.deepEqual(await echo(server.port, new Uint8Array(1)), new TextEncoder().encode("no"));
+ * await server.close();
+ * ```
+ */
+export class HandlerServer {
+  /** The port it listens on. */
+  readonly port: number;
+  readonly #listener: Deno.TcpListener;
+  readonly #handlers = new Set<Promise<void>>();
+  readonly #acceptLoop: Promise<void>;
+  #clients = 0;
+
+  /** Listens at once; `handle` serves each connection. */
+  constructor(
+    readonly handle: (conn: Deno.TcpConn, client: number) => Promise<void>,
+  ) {
+    this.#listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    this.port = this.#listener.addr.port;
+    this.#acceptLoop = this.#accept();
+  }
+
+  async #accept(): Promise<void> {
+    for (;;) {
+      let conn: Deno.TcpConn;
+      try {
+        conn = await this.#listener.accept();
+      } catch (error) {
+        if (error instanceof Deno.errors.BadResource) return; // closed
+        continue; // a client lost: this server is wrong on purpose
+      }
+      const handler = this.#serve(conn, ++this.#clients).finally(() =>
+        this.#handlers.delete(handler)
+      );
+      this.#handlers.add(handler);
+    }
+  }
+
+  async #serve(conn: Deno.TcpConn, client: number): Promise<void> {
+    try {
+      await this.handle(conn, client);
+    } catch {
+      // The client may have given up on a wrong reply; that is fine here.
+    } finally {
+      try {
+        conn.close();
+      } catch {
+        // Already closed by `handle`.
+      }
+    }
+  }
+
+  /** Closes the listener: later connects are refused. */
+  stopListening(): void {
+    try {
+      this.#listener.close();
+    } catch (error) {
+      if (!(error instanceof Deno.errors.BadResource)) throw error;
+    }
+  }
+
+  /** Stops listening and waits for every connection's `handle`. */
+  async close(): Promise<void> {
+    this.stopListening();
+    await this.#acceptLoop;
+    while (this.#handlers.size > 0) await Promise.all(this.#handlers);
+  }
+}
+
+/**
+ * The command line that runs main.ts on port 0 logging to
+ * `logDir/access.log`, with `args` after those flags, as
+ * {@linkcode spawnServer} runs it: for tests that spawn the server their
+ * own way. `permissions` as in {@linkcode SpawnServerOptions}.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * const [deno, run] = serverCommand("/tmp/logs", ["--instance", "1/2"]);
+ * assert.equal(deno, Deno.execPath());
+ * assert.equal(run, "run");
+ * ```
+ */
+export function serverCommand(
+  logDir: string,
+  args: string[] = [],
+  options: Pick<SpawnServerOptions, "permissions"> = {},
+): string[] {
+  const { permissions = ["--allow-net", `--allow-write=${logDir}`] } = options;
+  return [
+    Deno.execPath(),
+    "run",
+    ...permissions,
+    MAIN,
+    "--port",
+    "0",
+    "--log",
+    `${logDir}/access.log`,
+    ...args,
+  ];
+}
+
+/**
+ * The name and `ignore` of a test that needs a tool the machine may lack:
+ * `name` as is when `available`, else ignored and named with
+ * ` (skipped: ${missing})` after it, so the run says what to install.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * assert.deepEqual(needing("nc works", false, "nc not installed"), {
+ *   name: "nc works (skipped: nc not installed)",
+ *   ignore: true,
+ * });
+ * ```
+ */
+export function needing(
+  name: string,
+  available: boolean,
+  missing: string,
+): { name: string; ignore: boolean } {
+  return available
+    ? { name, ignore: false }
+    : { name: `${name} (skipped: ${missing})`, ignore: true };
 }

@@ -9,6 +9,7 @@ import {
   assertUsageError,
   closedPort,
   type CommandResult,
+  HandlerServer,
   readAll,
   runCommand,
   startServer,
@@ -53,36 +54,23 @@ function assertServerSaw(
   assert.ok(clients.every(([, bytes]) => bytes === size));
 }
 
-Deno.test("runBench() runs 200 connections of 5 B at concurrency 8 against the echo server", async () => {
-  let result: BenchResult | undefined;
-  const { clients, diagnostics } = await withEchoServer(async (port) => {
-    result = await runBench({
-      port,
-      connections: 200,
-      concurrency: 8,
-      size: 5,
+for (
+  const { connections, concurrency, size, what } of [
+    { connections: 200, concurrency: 8, size: 5, what: "5 B at concurrency 8" },
+    { connections: 20, concurrency: 4, size: MIB, what: "1 MiB" },
+  ]
+) {
+  Deno.test(`runBench() runs ${connections} connections of ${what} against the echo server`, async () => {
+    let result: BenchResult | undefined;
+    const { clients, diagnostics } = await withEchoServer(async (port) => {
+      result = await runBench({ port, connections, concurrency, size });
     });
+    assertClean(result!, connections, size);
+    assert.ok(result!.megabytesPerSecond > 0);
+    assertServerSaw(clients, connections, size);
+    assert.deepEqual(diagnostics, []);
   });
-  assertClean(result!, 200, 5);
-  assertServerSaw(clients, 200, 5);
-  assert.deepEqual(diagnostics, []);
-});
-
-Deno.test("runBench() runs 20 connections of 1 MiB against the echo server", async () => {
-  let result: BenchResult | undefined;
-  const { clients, diagnostics } = await withEchoServer(async (port) => {
-    result = await runBench({
-      port,
-      connections: 20,
-      concurrency: 4,
-      size: MIB,
-    });
-  });
-  assertClean(result!, 20, MIB);
-  assert.ok(result!.megabytesPerSecond > 0);
-  assertServerSaw(clients, 20, MIB);
-  assert.deepEqual(diagnostics, []);
-});
+}
 
 Deno.test("runBench() sends empty payloads and gets empty replies", async () => {
   let result: BenchResult | undefined;
@@ -106,63 +94,11 @@ Deno.test("runBench() lets the connections in flight finish at the end of a dura
   assert.deepEqual(diagnostics, []);
 });
 
-/** A deliberately wrong server: `serve` handles each connection, which is
- * closed afterwards; `close` waits for every handler. */
-class WrongServer {
-  readonly port: number;
-  readonly #listener: Deno.TcpListener;
-  readonly #handlers = new Set<Promise<void>>();
-  readonly #acceptLoop: Promise<void>;
-
-  constructor(
-    readonly serve: (conn: Deno.TcpConn) => Promise<void>,
-  ) {
-    this.#listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-    this.port = this.#listener.addr.port;
-    this.#acceptLoop = this.#accept();
-  }
-
-  async #accept(): Promise<void> {
-    for (;;) {
-      let conn: Deno.TcpConn;
-      try {
-        conn = await this.#listener.accept();
-      } catch {
-        return; // closed
-      }
-      const handler = this.#serve(conn).finally(() =>
-        this.#handlers.delete(handler)
-      );
-      this.#handlers.add(handler);
-    }
-  }
-
-  async #serve(conn: Deno.TcpConn): Promise<void> {
-    try {
-      await this.serve(conn);
-    } catch {
-      // The client may have given up on a wrong reply; that is fine here.
-    } finally {
-      try {
-        conn.close();
-      } catch {
-        // Already closed by `serve`.
-      }
-    }
-  }
-
-  async close(): Promise<void> {
-    this.#listener.close();
-    await this.#acceptLoop;
-    while (this.#handlers.size > 0) await Promise.all(this.#handlers);
-  }
-}
-
 /** A server that reads to EOF and replies with `transform(request)`. */
 function bufferingServer(
   transform: (request: Uint8Array) => Uint8Array,
-): WrongServer {
-  return new WrongServer(async (conn) => {
+): HandlerServer {
+  return new HandlerServer(async (conn) => {
     const request = await readAll(conn);
     await writeAll(conn, transform(request));
     await conn.closeWrite();
@@ -170,7 +106,7 @@ function bufferingServer(
 }
 
 async function benchAgainst(
-  server: WrongServer,
+  server: HandlerServer,
   options: { connections: number; concurrency: number; size: number },
 ): Promise<BenchResult> {
   try {
@@ -253,7 +189,7 @@ Deno.test("runBench() catches a server that resets", async () => {
   // payload is more than the socket buffers hold, so the client is still
   // sending then.
   const result = await benchAgainst(
-    new WrongServer(async (conn) => {
+    new HandlerServer(async (conn) => {
       await conn.read(new Uint8Array(1024));
       conn.close();
     }),
@@ -268,7 +204,7 @@ Deno.test("runBench() sends a large payload to a streaming server without deadlo
   // Echoes as it reads: the reply comes back while the request is still
   // being sent, so a client that only read after sending would stall.
   const result = await benchAgainst(
-    new WrongServer(async (conn) => {
+    new HandlerServer(async (conn) => {
       const buffer = new Uint8Array(16 * 1024);
       for (;;) {
         const n = await conn.read(buffer);
@@ -297,7 +233,7 @@ Deno.test("runBench() cuts off connections in flight on the signal", async () =>
   const release = Promise.withResolvers<void>();
   // Reads each request to EOF and then holds the reply back until released;
   // once all four connections are held, the run is aborted.
-  const server = new WrongServer(async (conn) => {
+  const server = new HandlerServer(async (conn) => {
     await readAll(conn);
     if (++waiting === 4) abort.abort();
     await release.promise;

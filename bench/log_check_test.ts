@@ -2,6 +2,22 @@ import assert from "node:assert/strict";
 import { formatLogReport, LogTail, parseLogLine } from "./log_check.ts";
 import { withTempDir } from "../test_util.ts";
 
+/**
+ * A test body that runs `fn` with a LogTail opened on a fresh
+ * `dir`/access.log holding `initial`.
+ */
+function withLogTail(
+  initial: string,
+  fn: (path: string, tail: LogTail) => Promise<void>,
+): (t: Deno.TestContext) => Promise<void> {
+  return withTempDir(async (dir) => {
+    const path = `${dir}/access.log`;
+    await Deno.writeTextFile(path, initial);
+    using tail = await LogTail.open(path);
+    await fn(path, tail);
+  });
+}
+
 Deno.test("parseLogLine() reads exactly the access log's line shape", () => {
   assert.deepEqual(parseLogLine("[client 1]: received 0 bytes"), [1, 0]);
   assert.deepEqual(
@@ -29,10 +45,7 @@ Deno.test("parseLogLine() reads exactly the access log's line shape", () => {
 
 Deno.test(
   "LogTail.poll() reads only the lines appended after open()",
-  withTempDir(async (dir) => {
-    const path = `${dir}/access.log`;
-    await Deno.writeTextFile(path, "[client 1]: received 5 bytes\n");
-    using tail = await LogTail.open(path);
+  withLogTail("[client 1]: received 5 bytes\n", async (path, tail) => {
     assert.equal(await tail.poll(), 0);
     await Deno.writeTextFile(path, "[client 2]: received 5 bytes\n[cli", {
       append: true,
@@ -63,10 +76,7 @@ Deno.test(
 
 Deno.test(
   "LogTail.check() finds missing, extra, malformed, duplicate and unterminated lines",
-  withTempDir(async (dir) => {
-    const path = `${dir}/access.log`;
-    await Deno.writeTextFile(path, "");
-    using tail = await LogTail.open(path);
+  withLogTail("", async (path, tail) => {
     await Deno.writeTextFile(
       path,
       [
@@ -119,10 +129,7 @@ Deno.test(
 
 Deno.test(
   "LogTail.check() accepts a line per uncertain connect or none",
-  withTempDir(async (dir) => {
-    const path = `${dir}/access.log`;
-    await Deno.writeTextFile(path, "");
-    using tail = await LogTail.open(path);
+  withLogTail("", async (path, tail) => {
     await Deno.writeTextFile(path, "[client 1]: received 0 bytes\n");
     await tail.poll();
     assert.ok(tail.check({ connections: 1, uncertain: 1 }).ok);
@@ -133,10 +140,7 @@ Deno.test(
 
 Deno.test(
   "LogTail.waitFor() returns once the lines are there, or when they stop coming",
-  withTempDir(async (dir) => {
-    const path = `${dir}/access.log`;
-    await Deno.writeTextFile(path, "");
-    using tail = await LogTail.open(path);
+  withLogTail("", async (path, tail) => {
     const lines = Array.from(
       { length: 1000 },
       (_, i) => `[client ${i + 1}]: received 5 bytes\n`,

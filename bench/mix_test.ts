@@ -1,7 +1,13 @@
 import assert from "node:assert/strict";
 import { AccessLog } from "../access_log.ts";
 import { serveEcho, type ServeOptions } from "../server.ts";
-import { readAll, runCommand, withTempDir, writeAll } from "../test_util.ts";
+import {
+  HandlerServer,
+  readAll,
+  runCommand,
+  withTempDir,
+  writeAll,
+} from "../test_util.ts";
 import { formatLogReport } from "./log_check.ts";
 import {
   ATTACK_KINDS,
@@ -108,13 +114,9 @@ Deno.test(
  * each connection and returns the line to log, or undefined to log none.
  */
 class TestEchoServer {
-  readonly port: number;
   readonly logPath: string;
   readonly #log: AccessLog;
-  readonly #listener: Deno.TcpListener;
-  readonly #handlers = new Set<Promise<void>>();
-  readonly #acceptLoop: Promise<void>;
-  #clients = 0;
+  readonly #server: HandlerServer;
 
   constructor(
     dir: string,
@@ -122,65 +124,59 @@ class TestEchoServer {
   ) {
     this.logPath = `${dir}/access.log`;
     this.#log = AccessLog.open(this.logPath);
-    this.#listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-    this.port = this.#listener.addr.port;
-    this.#acceptLoop = this.#accept();
-  }
-
-  async #accept(): Promise<void> {
-    for (;;) {
-      let conn: Deno.TcpConn;
+    this.#server = new HandlerServer(async (conn, client) => {
+      let bytes: number | undefined;
       try {
-        conn = await this.#listener.accept();
-      } catch (error) {
-        if (error instanceof Deno.errors.BadResource) return; // closed
-        continue; // a client lost: this server is wrong on purpose
+        bytes = await this.handle(conn);
+      } finally {
+        conn.close(); // before the log line, as the echo server does
       }
-      const clientId = ++this.#clients;
-      const handler = this.#serve(conn, clientId).finally(() =>
-        this.#handlers.delete(handler)
-      );
-      this.#handlers.add(handler);
-    }
+      if (bytes !== undefined) this.#log.record(client, bytes);
+    });
   }
 
-  async #serve(conn: Deno.TcpConn, clientId: number): Promise<void> {
-    let bytes: number | undefined;
-    try {
-      bytes = await this.handle(conn);
-    } catch {
-      bytes = undefined;
-    } finally {
-      conn.close();
-    }
-    if (bytes !== undefined) this.#log.record(clientId, bytes);
+  /** The port it listens on. */
+  get port(): number {
+    return this.#server.port;
   }
 
   /** Closes the listener: later connects are refused. */
   stopListening(): void {
-    try {
-      this.#listener.close();
-    } catch (error) {
-      if (!(error instanceof Deno.errors.BadResource)) throw error;
-    }
+    this.#server.stopListening();
   }
 
   async close(): Promise<void> {
-    this.stopListening();
-    await this.#acceptLoop;
-    while (this.#handlers.size > 0) await Promise.all(this.#handlers);
+    await this.#server.close();
     this.#log.close();
   }
+}
+
+/** runMix() with QUICK and `options` against `server`, closed after. */
+async function mixAgainst(
+  server: TestEchoServer,
+  options: MixOptions,
+): Promise<MixResult> {
+  try {
+    return await runMix({ ...QUICK, port: server.port, ...options });
+  } finally {
+    await server.close();
+  }
+}
+
+/** Reads `conn` to EOF, writes it all back and half-closes; the byte count. */
+async function echoBack(conn: Deno.TcpConn): Promise<number> {
+  const request = await readAll(conn);
+  await writeAll(conn, request);
+  await conn.closeWrite();
+  return request.length;
 }
 
 /** Echoes correctly, but logs no line for a client that sent nothing: the
  * loss a server has when it drops clients that reset before sending. */
 function lossyServer(dir: string): TestEchoServer {
   return new TestEchoServer(dir, async (conn) => {
-    const request = await readAll(conn);
-    await writeAll(conn, request);
-    await conn.closeWrite();
-    return request.length === 0 ? undefined : request.length;
+    const bytes = await echoBack(conn);
+    return bytes === 0 ? undefined : bytes;
   });
 }
 
@@ -188,22 +184,15 @@ Deno.test(
   "runMix() reports the lines a server loses for clients that reset",
   withTempDir(async (dir) => {
     const server = lossyServer(dir);
-    let result: MixResult;
-    try {
-      result = await runMix({
-        ...QUICK,
-        port: server.port,
-        kinds: ["echo", "reset-on-connect"],
-        connections: 6,
-        logPath: server.logPath,
-        // A quiet period stands here: the lossy server never writes the
-        // missing lines, so no event could say "no more are coming"; a
-        // late line could only make the result less lossy, not pass it.
-        logWait: { quietMs: 500 },
-      });
-    } finally {
-      await server.close();
-    }
+    const result = await mixAgainst(server, {
+      kinds: ["echo", "reset-on-connect"],
+      connections: 6,
+      logPath: server.logPath,
+      // A quiet period stands here: the lossy server never writes the
+      // missing lines, so no event could say "no more are coming"; a
+      // late line could only make the result less lossy, not pass it.
+      logWait: { quietMs: 500 },
+    });
     assert.equal(result.ok, false);
     assert.equal(result.connected, 12);
     assert.equal(result.wrong + result.broken + result.connectErrors, 0);
@@ -227,17 +216,10 @@ Deno.test(
       await conn.closeWrite();
       return request.length;
     });
-    let result: MixResult;
-    try {
-      result = await runMix({
-        ...QUICK,
-        port: server.port,
-        kinds: ["echo", "echo-large", "slowloris", "idle"],
-        connections: 3,
-      });
-    } finally {
-      await server.close();
-    }
+    const result = await mixAgainst(server, {
+      kinds: ["echo", "echo-large", "slowloris", "idle"],
+      connections: 3,
+    });
     assert.equal(result.ok, false);
     assert.equal(result.wrong, 12, explain(result));
     for (const kind of result.kinds) assert.equal(kind.wrong, 3);
@@ -265,17 +247,10 @@ Deno.test(
       const n = await conn.read(new Uint8Array(64 * KIB));
       return n ?? 0;
     });
-    let result: MixResult;
-    try {
-      result = await runMix({
-        ...QUICK,
-        port: server.port,
-        kinds: ["echo-large", "vanish"],
-        connections: 3,
-      });
-    } finally {
-      await server.close();
-    }
+    const result = await mixAgainst(server, {
+      kinds: ["echo-large", "vanish"],
+      connections: 3,
+    });
     assert.equal(result.ok, false);
     const [large, vanish] = result.kinds;
     assert.equal(large.broken + large.wrong, 3, explain(result));
@@ -290,22 +265,12 @@ Deno.test(
     // Serves the first 10 clients, then stops listening.
     const server: TestEchoServer = new TestEchoServer(dir, async (conn) => {
       if (++accepted === 10) server.stopListening();
-      const request = await readAll(conn);
-      await writeAll(conn, request);
-      await conn.closeWrite();
-      return request.length;
+      return await echoBack(conn);
     });
-    let result: MixResult;
-    try {
-      result = await runMix({
-        ...QUICK,
-        port: server.port,
-        kinds: ["echo", "reset-on-connect", "reset-mid-send", "vanish"],
-        connections: 40,
-      });
-    } finally {
-      await server.close();
-    }
+    const result = await mixAgainst(server, {
+      kinds: ["echo", "reset-on-connect", "reset-mid-send", "vanish"],
+      connections: 40,
+    });
     assert.equal(result.ok, false);
     assert.ok(result.connected >= 10, explain(result));
     assert.equal(result.connected + result.connectErrors, 160, explain(result));
@@ -337,20 +302,13 @@ Deno.test(
       const request = await readAll(conn);
       return request.length;
     });
-    let result: MixResult;
-    try {
-      result = await runMix({
-        ...QUICK,
-        port: server.port,
-        kinds: ["idle"],
-        idleMs: 3_600_000,
-        connections: 3,
-        signal: abort.signal,
-        logPath: server.logPath,
-      });
-    } finally {
-      await server.close();
-    }
+    const result = await mixAgainst(server, {
+      kinds: ["idle"],
+      idleMs: 3_600_000,
+      connections: 3,
+      signal: abort.signal,
+      logPath: server.logPath,
+    });
     assert.ok(result.ok, explain(result));
     const [idle] = result.kinds;
     assert.equal(idle.connected, 3);

@@ -17,6 +17,7 @@ import {
   findExecutable,
   killAfter,
   Lines,
+  needing,
   readAll,
   spawnServer,
   withTempDir,
@@ -443,15 +444,33 @@ async function readLog(path: string): Promise<string> {
   return await new Response(stream).text();
 }
 
+/**
+ * Stops `server` with SIGTERM and asserts that it exits 0 having written
+ * nothing to `stderr` but lines matching `expected`. Waits for the exit
+ * whether or not the assertions pass.
+ */
+async function stopCleanly(
+  server: Deno.ChildProcess,
+  stderr: Lines,
+  expected: RegExp,
+): Promise<void> {
+  server.kill("SIGTERM");
+  const status = await server.status;
+  await stderr.done;
+  assert.equal(status.code, 0, stderr.lines.join("\n"));
+  for (const line of stderr.lines) assert.match(line, expected);
+}
+
 const ROTATIONS = 3;
 const WORKERS = 4;
 const CLIENTS_BETWEEN_ROTATIONS = 25;
 
 Deno.test({
-  name: LOGROTATE
-    ? "deploy/logrotate.conf on a live server under load loses, splits and duplicates no line"
-    : "deploy/logrotate.conf on a live server under load loses, splits and duplicates no line (skipped: logrotate not installed: apt-get install logrotate)",
-  ignore: LOGROTATE === undefined,
+  ...needing(
+    "deploy/logrotate.conf on a live server under load loses, splits and duplicates no line",
+    LOGROTATE !== undefined,
+    "logrotate not installed: apt-get install logrotate",
+  ),
   fn: withTempDir(async (dir) => {
     const logPath = `${dir}/access.log`;
     const server = spawnServer(dir);
@@ -516,20 +535,14 @@ Deno.test({
       stop = true;
       await Promise.all(workers);
       progress.check();
-      server.kill("SIGTERM");
-      const status = await server.status;
-      exited = true;
-      await stderr.done;
-      assert.equal(status.code, 0, stderr.lines.join("\n"));
-
+      exited = true; // stopCleanly() waits for the exit
       // Nothing but the expected lifecycle lines: no "still writing to the
       // old file", no client that could not be logged.
-      for (const line of stderr.lines) {
-        assert.match(
-          line,
-          /^(listening on |reopened access log |SIGTERM: stopping; |stopped after \d+ clients$)/,
-        );
-      }
+      await stopCleanly(
+        server,
+        stderr,
+        /^(listening on |reopened access log |SIGTERM: stopping; |stopped after \d+ clients$)/,
+      );
       assert.ok(stderr.lines.includes(`stopped after ${sent.length} clients`));
 
       // rename + delaycompress: the newest rotated file stays plain.
@@ -624,17 +637,12 @@ Deno.test(
       } finally {
         for (const conn of conns) conn.close();
       }
-      server.kill("SIGTERM");
-      const status = await server.status;
-      exited = true;
-      await stderr.done;
-      assert.equal(status.code, 0, stderr.lines.join("\n"));
-      for (const line of stderr.lines) {
-        assert.match(
-          line,
-          /^(listening on |metrics on |SIGTERM: stopping; |stopped after \d+ clients$)/,
-        );
-      }
+      exited = true; // stopCleanly() waits for the exit
+      await stopCleanly(
+        server,
+        stderr,
+        /^(listening on |metrics on |SIGTERM: stopping; |stopped after \d+ clients$)/,
+      );
       const log = await Deno.readTextFile(`${dir}/access.log`);
       assert.equal(log.split("\n").length - 1, clients);
     } finally {

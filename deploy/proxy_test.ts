@@ -23,13 +23,14 @@ import {
   echo,
   findExecutable,
   Lines,
+  needing,
   pattern,
   readAll,
+  serverCommand,
   withTempDir,
   writeAll,
 } from "../test_util.ts";
 
-const MAIN = fromFileUrl(new URL("../main.ts", import.meta.url));
 const HAPROXY_CFG = fromFileUrl(new URL("haproxy.cfg", import.meta.url));
 const NGINX_CONF = fromFileUrl(new URL("nginx-stream.conf", import.meta.url));
 const INSTANCES = 3;
@@ -152,22 +153,15 @@ interface Instance {
 }
 
 async function startInstance(dir: string, index: number): Promise<Instance> {
-  const child = new Child(`instance ${index}`, Deno.execPath(), [
-    "run",
-    "--allow-net",
-    `--allow-write=${dir}`,
-    MAIN,
-    "--port",
-    "0",
+  const [deno, ...args] = serverCommand(dir, [
     "--metrics",
     "127.0.0.1:0",
-    "--log",
-    `${dir}/access.log`,
     "--instance",
     `${index}/${INSTANCES}`,
     "--drain-timeout",
     "120",
   ]);
+  const child = new Child(`instance ${index}`, deno, args);
   try {
     const [, port] = await child.stderr.next(/^listening on .+:(\d+), /);
     const [, metricsPort] = await child.stderr.next(METRICS_LINE);
@@ -510,10 +504,11 @@ function assertOneLinePerClient(
 // --- tests ---------------------------------------------------------------------
 
 Deno.test({
-  name: HAPROXY
-    ? "deploy/haproxy.cfg serves through 3 instances, logs each client once, routes around a stopping one"
-    : "deploy/haproxy.cfg serves through 3 instances, logs each client once, routes around a stopping one (skipped: haproxy not installed: apt-get install haproxy)",
-  ignore: HAPROXY === undefined,
+  ...needing(
+    "deploy/haproxy.cfg serves through 3 instances, logs each client once, routes around a stopping one",
+    HAPROXY !== undefined,
+    "haproxy not installed: apt-get install haproxy",
+  ),
   fn: withTempDir(async (dir) => {
     await using cluster = await Cluster.start(dir);
     const [, second, third] = cluster.instances;
@@ -625,8 +620,24 @@ Deno.test({
   }, { prefix: "echo-server-haproxy-" }),
 });
 
-/** Runs nginx on `conf` in `dir`, waits until it listens (its pid file). */
-async function startNginx(dir: string, conf: string): Promise<Child> {
+/**
+ * Writes `dir`/nginx.conf from deploy/nginx-stream.conf's `text` (see
+ * {@linkcode nginxConfig}), runs nginx on it in `dir`, and waits until it
+ * listens (its pid file).
+ */
+async function startNginx(
+  dir: string,
+  text: string,
+  port: number,
+  instances: Instance[],
+  options: { halfClose: boolean },
+): Promise<Child> {
+  await Deno.mkdir(dir);
+  const conf = `${dir}/nginx.conf`;
+  await Deno.writeTextFile(
+    conf,
+    nginxConfig(text, dir, port, instances, options),
+  );
   const nginx = new Child("nginx", NGINX!, [
     "-p",
     `${dir}/`,
@@ -651,10 +662,11 @@ async function startNginx(dir: string, conf: string): Promise<Child> {
 }
 
 Deno.test({
-  name: NGINX_HAS_STREAM
-    ? "deploy/nginx-stream.conf serves through 3 instances, logs each client once, needs proxy_half_close"
-    : "deploy/nginx-stream.conf serves through 3 instances, logs each client once, needs proxy_half_close (skipped: nginx with its stream module not installed: apt-get install nginx libnginx-mod-stream)",
-  ignore: !NGINX_HAS_STREAM,
+  ...needing(
+    "deploy/nginx-stream.conf serves through 3 instances, logs each client once, needs proxy_half_close",
+    NGINX_HAS_STREAM,
+    "nginx with its stream module not installed: apt-get install nginx libnginx-mod-stream",
+  ),
   fn: withTempDir(async (dir) => {
     await using cluster = await Cluster.start(dir);
     const text = await Deno.readTextFile(NGINX_CONF);
@@ -662,15 +674,9 @@ Deno.test({
     let nginx: Child | undefined;
     try {
       const port = freePort();
-      await Deno.mkdir(`${dir}/on`);
-      const conf = `${dir}/on/nginx.conf`;
-      await Deno.writeTextFile(
-        conf,
-        nginxConfig(text, `${dir}/on`, port, cluster.instances, {
-          halfClose: true,
-        }),
-      );
-      nginx = await startNginx(`${dir}/on`, conf);
+      nginx = await startNginx(`${dir}/on`, text, port, cluster.instances, {
+        halfClose: true,
+      });
       const first = sizes(64, 0);
       await runClients(port, first, 32);
       sent.push(...first);
@@ -689,15 +695,13 @@ Deno.test({
       // The same file without `proxy_half_close on;`: nginx ends the session
       // at the client's FIN, and the reply never reaches the client.
       const withoutPort = freePort();
-      await Deno.mkdir(`${dir}/off`);
-      const withoutConf = `${dir}/off/nginx.conf`;
-      await Deno.writeTextFile(
-        withoutConf,
-        nginxConfig(text, `${dir}/off`, withoutPort, cluster.instances, {
-          halfClose: false,
-        }),
+      nginx = await startNginx(
+        `${dir}/off`,
+        text,
+        withoutPort,
+        cluster.instances,
+        { halfClose: false },
       );
-      nginx = await startNginx(`${dir}/off`, withoutConf);
       for (const size of [5, 1000, 100_000]) {
         const payload = pattern(size + 7, size + 7);
         let reply: Uint8Array | "reset";
