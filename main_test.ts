@@ -174,6 +174,22 @@ async function assertNotServed(port: number): Promise<void> {
   assert.equal(reply, "", "a client was served after shutdown began");
 }
 
+/**
+ * Starts a client's message ("in ") and proves the server has accepted it:
+ * a later client's full round trip.
+ */
+async function startInFlight(conn: Deno.Conn, port: number): Promise<void> {
+  await conn.write(new TextEncoder().encode("in "));
+  assert.equal(await echoText(port, "x"), "x");
+}
+
+/** Ends the message ("flight") and checks all of it comes back. */
+async function finishInFlight(conn: Deno.Conn): Promise<void> {
+  await conn.write(new TextEncoder().encode("flight"));
+  await conn.closeWrite();
+  assert.equal(new TextDecoder().decode(await readAll(conn)), "in flight");
+}
+
 Deno.test("parseFlags() gives the defaults and reads sizes and seconds", () => {
   assert.deepEqual(parseFlags([]), {
     hostname: "127.0.0.1",
@@ -478,18 +494,11 @@ for (const signal of ["SIGTERM", "SIGINT"] as const) {
       const port = await server.port();
       const conn = await Deno.connect({ hostname: "127.0.0.1", port });
       try {
-        await conn.write(new TextEncoder().encode("in "));
-        // A later client's full round trip proves the first was accepted.
-        assert.equal(await echoText(port, "x"), "x");
+        await startInFlight(conn, port);
         server.child.kill(signal);
         await server.waitFor(new RegExp(`^${signal}: stopping; 1 connections`));
         await assertNotServed(port);
-        await conn.write(new TextEncoder().encode("flight"));
-        await conn.closeWrite();
-        assert.equal(
-          new TextDecoder().decode(await readAll(conn)),
-          "in flight",
-        );
+        await finishInFlight(conn);
       } finally {
         conn.close();
       }
@@ -546,18 +555,12 @@ Deno.test(
     const port = await server.port();
     const conn = await Deno.connect({ hostname: "127.0.0.1", port });
     try {
-      await conn.write(new TextEncoder().encode("in "));
-      assert.equal(await echoText(port, "x"), "x");
+      await startInFlight(conn, port);
       // What a terminal's Ctrl-C under `deno task` delivers: two at once.
       server.child.kill("SIGINT");
       server.child.kill("SIGINT");
       await server.waitFor(/^SIGINT: stopping; 1 connections/);
-      await conn.write(new TextEncoder().encode("flight"));
-      await conn.closeWrite();
-      assert.equal(
-        new TextDecoder().decode(await readAll(conn)),
-        "in flight",
-      );
+      await finishInFlight(conn);
     } finally {
       conn.close();
     }
@@ -651,17 +654,14 @@ for (const signal of ["SIGTERM", "SIGINT"] as const) {
         ":0",
       ]);
       const port = await server.port();
-      const metricsPort = Number(
-        /:(\d+)\/metrics/.exec(await server.waitFor(/^metrics on /))![1],
-      );
+      const metricsPort = await server.metricsPort();
       assert.deepEqual(await httpGet(metricsPort, "/healthz"), {
         status: 200,
         body: "ok\n",
       });
       const conn = await Deno.connect({ hostname: "127.0.0.1", port });
       try {
-        await conn.write(new TextEncoder().encode("in "));
-        assert.equal(await echoText(port, "x"), "x");
+        await startInFlight(conn, port);
         // Accepted = lines written + clients being served: a client's line
         // is written in the same step that stops counting it as active.
         const exposition = (await httpGet(metricsPort, "/metrics")).body;
@@ -681,12 +681,7 @@ for (const signal of ["SIGTERM", "SIGINT"] as const) {
           body: "draining\n",
         });
         await assertNotServed(port);
-        await conn.write(new TextEncoder().encode("flight"));
-        await conn.closeWrite();
-        assert.equal(
-          new TextDecoder().decode(await readAll(conn)),
-          "in flight",
-        );
+        await finishInFlight(conn);
       } finally {
         conn.close();
       }
@@ -749,8 +744,7 @@ Deno.test(
       const port = Number(/^listening on .*:(\d+), /m.exec(text)![1]);
       const conn = await Deno.connect({ hostname: "127.0.0.1", port });
       try {
-        await conn.write(new TextEncoder().encode("in "));
-        assert.equal(await echoText(port, "x"), "x");
+        await startInFlight(conn, port);
         child.kill("SIGTERM");
         await readUntil(/^SIGTERM: stopping; 1 connections.*\n/m);
         // Fill the pipe (16 pages: 64 KiB on x86-64) as a stalled log
@@ -765,12 +759,7 @@ Deno.test(
             assert.equal(await filler.write(page), page.length);
           }
         }
-        await conn.write(new TextEncoder().encode("flight"));
-        await conn.closeWrite();
-        assert.equal(
-          new TextDecoder().decode(await readAll(conn)),
-          "in flight",
-        );
+        await finishInFlight(conn);
       } finally {
         conn.close();
       }
@@ -913,9 +902,7 @@ Deno.test(
       maxOpenFiles: 64,
     });
     const port = await server.port();
-    const metricsPort = Number(
-      /:(\d+)\/metrics/.exec(await server.waitFor(/^metrics on /))![1],
-    );
+    const metricsPort = await server.metricsPort();
     assert.equal((await httpGet(metricsPort, "/metrics")).status, 200);
     // More clients than the server has descriptors, all held open: the
     // server accepts until accept fails with EMFILE.
@@ -965,9 +952,7 @@ Deno.test(
       timeoutMs: 30_000,
     });
     const port = await server.port();
-    const metricsPort = Number(
-      /:(\d+)\/metrics/.exec(await server.waitFor(/^metrics on /))![1],
-    );
+    const metricsPort = await server.metricsPort();
     // Promises 100000 bytes of body, sends 3, and stays connected.
     const held = await Deno.connect({
       hostname: "127.0.0.1",
@@ -1020,14 +1005,10 @@ Deno.test(
       ":0",
     ]);
     const port = await server.port();
-    const metricsPort = Number(
-      /:(\d+)\/metrics/.exec(await server.waitFor(/^metrics on /))![1],
-    );
+    const metricsPort = await server.metricsPort();
     const conn = await Deno.connect({ hostname: "127.0.0.1", port });
     try {
-      await conn.write(new TextEncoder().encode("in "));
-      // A later client's full round trip proves the first was accepted.
-      assert.equal(await echoText(port, "x"), "x");
+      await startInFlight(conn, port);
       server.child.kill("SIGTERM");
       // No sleep: ask until the signal has been handled.
       while ((await httpGet(metricsPort, "/healthz")).status === 200);
@@ -1042,9 +1023,7 @@ Deno.test(
       );
       await server.waitFor(/^SIGTERM: stopping; \d+ connections/);
       await assertNotServed(port);
-      await conn.write(new TextEncoder().encode("flight"));
-      await conn.closeWrite();
-      assert.equal(new TextDecoder().decode(await readAll(conn)), "in flight");
+      await finishInFlight(conn);
     } finally {
       conn.close();
     }
