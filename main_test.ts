@@ -183,6 +183,11 @@ async function startInFlight(conn: Deno.Conn, port: number): Promise<void> {
   assert.equal(await echoText(port, "x"), "x");
 }
 
+/** The access log in `dir` holds exactly `expected`. */
+async function assertAccessLog(dir: string, expected: string): Promise<void> {
+  assert.equal(await Deno.readTextFile(`${dir}/access.log`), expected);
+}
+
 /** Ends the message ("flight") and checks all of it comes back. */
 async function finishInFlight(conn: Deno.Conn): Promise<void> {
   await conn.write(new TextEncoder().encode("flight"));
@@ -454,8 +459,8 @@ Deno.test(
     }
     server.child.kill("SIGTERM");
     assert.equal((await server.exit()).code, 0);
-    assert.equal(
-      await Deno.readTextFile(`${dir}/access.log`),
+    await assertAccessLog(
+      dir,
       "[client 2]: received 1 bytes\n[client 5]: received 2 bytes\n" +
         "[client 8]: received 3 bytes\n",
     );
@@ -479,10 +484,7 @@ Deno.test(
       await Deno.readTextFile(`${dir}/access.log.1`),
       "[client 1]: received 3 bytes\n[client 2]: received 3 bytes\n",
     );
-    assert.equal(
-      await Deno.readTextFile(`${dir}/access.log`),
-      "[client 3]: received 5 bytes\n",
-    );
+    await assertAccessLog(dir, "[client 3]: received 5 bytes\n");
   }),
 );
 
@@ -505,8 +507,8 @@ for (const signal of ["SIGTERM", "SIGINT"] as const) {
       const { code, stderr } = await server.exit();
       assert.equal(code, 0);
       assert.equal(stderr, "stopped after 2 clients\n");
-      assert.equal(
-        await Deno.readTextFile(`${dir}/access.log`),
+      await assertAccessLog(
+        dir,
         "[client 2]: received 1 bytes\n[client 1]: received 9 bytes\n",
       );
     }),
@@ -541,8 +543,8 @@ Deno.test(
     } finally {
       conn.close();
     }
-    assert.equal(
-      await Deno.readTextFile(`${dir}/access.log`),
+    await assertAccessLog(
+      dir,
       "[client 2]: received 1 bytes\n[client 1]: received 6 bytes\n",
     );
   }),
@@ -688,8 +690,8 @@ for (const signal of ["SIGTERM", "SIGINT"] as const) {
       const { code } = await server.exit();
       assert.equal(code, 0);
       // The health checks and scrapes were never clients.
-      assert.equal(
-        await Deno.readTextFile(`${dir}/access.log`),
+      await assertAccessLog(
+        dir,
         "[client 2]: received 1 bytes\n[client 1]: received 9 bytes\n",
       );
     }),
@@ -980,10 +982,7 @@ Deno.test(
     } finally {
       held.close();
     }
-    assert.equal(
-      await Deno.readTextFile(`${dir}/access.log`),
-      "[client 1]: received 1 bytes\n",
-    );
+    await assertAccessLog(dir, "[client 1]: received 1 bytes\n");
   }),
 );
 
@@ -1035,8 +1034,8 @@ Deno.test(
       /\nSIGTERM: stopping in 3 s; accepting until then, \/healthz answers 503\n/,
     );
     // Every client, the one in the delay included, has its line.
-    assert.equal(
-      await Deno.readTextFile(`${dir}/access.log`),
+    await assertAccessLog(
+      dir,
       "[client 2]: received 1 bytes\n[client 3]: received 16 bytes\n" +
         "[client 1]: received 9 bytes\n",
     );
@@ -1073,8 +1072,8 @@ Deno.test(
     } finally {
       conn.close();
     }
-    assert.equal(
-      await Deno.readTextFile(`${dir}/access.log`),
+    await assertAccessLog(
+      dir,
       "[client 2]: received 1 bytes\n[client 1]: received 6 bytes\n",
     );
   }),
