@@ -660,3 +660,32 @@ export function needing(
     ? { name, ignore: false }
     : { name: `${name} (skipped: ${missing})`, ignore: true };
 }
+
+/**
+ * Wraps a synchronous test function so that it gets a fresh temporary
+ * directory, removed afterwards whether the test passes or fails: the
+ * synchronous twin of {@linkcode withTempDir}.
+ *
+ * @example Usage
+ * ```ts
+ * import { withTempDirSync } from "./test_util.ts";
+ *
+ * const test = withTempDirSync((dir) => {
+ *   Deno.writeTextFileSync(`${dir}/file`, "");
+ * });
+ * test({} as Deno.TestContext);
+ * ```
+ */
+export function withTempDirSync(
+  fn: (dir: string, t: Deno.TestContext) => void,
+  options?: Deno.MakeTempOptions,
+): (t: Deno.TestContext) => void {
+  return (t) => {
+    const dir = Deno.makeTempDirSync(options);
+    try {
+      fn(dir, t);
+    } finally {
+      Deno.removeSync(dir, { recursive: true });
+    }
+  };
+}
