@@ -8,6 +8,8 @@ import {
   sendAndReset,
   startServer,
   type TestServer,
+  waitUntil,
+  within,
   writeAll,
 } from "./test_util.ts";
 
@@ -30,22 +32,6 @@ async function tryEcho(
       error instanceof Deno.errors.BrokenPipe
     ) return "cut off";
     throw error;
-  }
-}
-
-/**
- * Resolves once `condition()` holds, checking it every few milliseconds.
- * Gives up after a minute, so a test fails instead of hanging.
- */
-async function waitUntil(
-  condition: () => boolean,
-  what: string,
-  timeoutMs = 60_000,
-): Promise<void> {
-  const giveUp = Date.now() + timeoutMs;
-  while (!condition()) {
-    if (Date.now() > giveUp) throw new Error(`gave up waiting: ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 5));
   }
 }
 
@@ -733,19 +719,6 @@ Deno.test("EchoServer.shutdown() cuts off clients still there at drainTimeoutMs"
   assert.deepEqual(s.records, [[2, 0], [1, 4]]);
   assert.match(s.diagnostics[0], /^client 1: cut off .*at shutdown/);
 });
-
-/** Resolves with `promise`, or rejects if it takes longer than `ms`. */
-async function within<T>(promise: Promise<T>, ms: number, what: string) {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`gave up waiting: ${what}`)), ms);
-  });
-  try {
-    return await Promise.race([promise, timeout]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
 
 /** Starts a server with one client that sent 3 bytes and stays connected. */
 async function serverWithHeldClient(): Promise<[TestServer, Deno.TcpConn]> {
