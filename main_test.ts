@@ -183,6 +183,20 @@ async function startInFlight(conn: Deno.Conn, port: number): Promise<void> {
   assert.equal(await echoText(port, "x"), "x");
 }
 
+/**
+ * Sends 6 bytes on `conn` and waits until the server has read them (7 bytes
+ * with a later client's round trip), so that the client's line must say 6.
+ */
+async function holdSixBytes(
+  conn: Deno.Conn,
+  port: number,
+  metricsPort: number,
+): Promise<void> {
+  await conn.write(new Uint8Array(6));
+  assert.equal(await echoText(port, "x"), "x");
+  await waitForReceivedBytes(metricsPort, 7);
+}
+
 /** The access log in `dir` holds exactly `expected`. */
 async function assertAccessLog(dir: string, expected: string): Promise<void> {
   assert.equal(await Deno.readTextFile(`${dir}/access.log`), expected);
@@ -528,10 +542,7 @@ Deno.test(
     const metricsPort = await server.metricsPort();
     const conn = await Deno.connect({ hostname: "127.0.0.1", port });
     try {
-      await conn.write(new Uint8Array(6));
-      assert.equal(await echoText(port, "x"), "x");
-      // The line must say 6 bytes: the server must have read them first.
-      await waitForReceivedBytes(metricsPort, 7);
+      await holdSixBytes(conn, port, metricsPort);
       server.child.kill("SIGTERM");
       await server.waitFor(/^SIGTERM: stopping; 1 connections/);
       await outlastSameSignalWindow();
@@ -1054,10 +1065,7 @@ Deno.test(
     const metricsPort = await server.metricsPort();
     const conn = await Deno.connect({ hostname: "127.0.0.1", port });
     try {
-      await conn.write(new Uint8Array(6));
-      assert.equal(await echoText(port, "x"), "x");
-      // The line must say 6 bytes: the server must have read them first.
-      await waitForReceivedBytes(metricsPort, 7);
+      await holdSixBytes(conn, port, metricsPort);
       server.child.kill("SIGINT");
       await server.waitFor(
         /^SIGINT: stopping in 3600 s; accepting until then, \/healthz answers 503$/,
