@@ -1,9 +1,10 @@
 import assert from "node:assert/strict";
 import { AccessLog, type LogFile } from "./access_log.ts";
+import { withTempDir, withTempDirSync } from "./test_util.ts";
 
-Deno.test("AccessLog.open() creates the directory, record() writes exact lines", () => {
-  const dir = Deno.makeTempDirSync();
-  try {
+Deno.test(
+  "AccessLog.open() creates the directory, record() writes exact lines",
+  withTempDirSync((dir) => {
     const path = `${dir}/nested/dir/access.log`;
     const log = AccessLog.open(path);
     log.record(1, 5);
@@ -16,14 +17,12 @@ Deno.test("AccessLog.open() creates the directory, record() writes exact lines",
         "[client 2]: received 1 bytes\n" +
         "[client 3]: received 0 bytes\n",
     );
-  } finally {
-    Deno.removeSync(dir, { recursive: true });
-  }
-});
+  }),
+);
 
-Deno.test("AccessLog.open() appends to an existing file, never truncates", () => {
-  const dir = Deno.makeTempDirSync();
-  try {
+Deno.test(
+  "AccessLog.open() appends to an existing file, never truncates",
+  withTempDirSync((dir) => {
     const path = `${dir}/access.log`;
     Deno.writeTextFileSync(path, "[client 1]: received 9 bytes\n");
     const log = AccessLog.open(path);
@@ -33,14 +32,12 @@ Deno.test("AccessLog.open() appends to an existing file, never truncates", () =>
       Deno.readTextFileSync(path),
       "[client 1]: received 9 bytes\n[client 1]: received 7 bytes\n",
     );
-  } finally {
-    Deno.removeSync(dir, { recursive: true });
-  }
-});
+  }),
+);
 
-Deno.test("AccessLog.reopen() after a rename writes new lines to a new file", () => {
-  const dir = Deno.makeTempDirSync();
-  try {
+Deno.test(
+  "AccessLog.reopen() after a rename writes new lines to a new file",
+  withTempDirSync((dir) => {
     const path = `${dir}/access.log`;
     const log = AccessLog.open(path, { onDiagnostic() {} });
     log.record(1, 10);
@@ -57,14 +54,12 @@ Deno.test("AccessLog.reopen() after a rename writes new lines to a new file", ()
       Deno.readTextFileSync(path),
       "[client 3]: received 30 bytes\n",
     );
-  } finally {
-    Deno.removeSync(dir, { recursive: true });
-  }
-});
+  }),
+);
 
-Deno.test("AccessLog.reopen() that fails keeps writing to the old file, retries on the next line", () => {
-  const dir = Deno.makeTempDirSync();
-  try {
+Deno.test(
+  "AccessLog.reopen() that fails keeps writing to the old file, retries on the next line",
+  withTempDirSync((dir) => {
     const path = `${dir}/logs/access.log`;
     const diagnostics: string[] = [];
     const log = AccessLog.open(path, {
@@ -91,10 +86,8 @@ Deno.test("AccessLog.reopen() that fails keeps writing to the old file, retries 
     assert.equal(Deno.readTextFileSync(path), "[client 2]: received 2 bytes\n");
     assert.equal(diagnostics.length, 3, diagnostics.join("\n"));
     assert.match(diagnostics[2], /^reopened access log .* \(after failing\)$/);
-  } finally {
-    Deno.removeSync(dir, { recursive: true });
-  }
-});
+  }),
+);
 
 // A writer process: opens the log, waits for the test to close its stdin
 // (so that all writers start at once), then records its lines.
@@ -109,12 +102,12 @@ for (let i = 1; i <= count; i++) log.record(writer * 1_000_000 + i, i);
 log.close();
 `;
 
-Deno.test("AccessLog.record() never splits a line with four writer processes on one file", async () => {
-  // Separate processes, on separate cores when there are, appending at the
-  // same time: a line written in two write calls would be split by another
-  // writer's line between them.
-  const dir = Deno.makeTempDirSync();
-  try {
+Deno.test(
+  "AccessLog.record() never splits a line with four writer processes on one file",
+  withTempDir(async (dir) => {
+    // Separate processes, on separate cores when there are, appending at the
+    // same time: a line written in two write calls would be split by another
+    // writer's line between them.
     const path = `${dir}/access.log`;
     const writers = 4;
     const count = 20_000;
@@ -163,23 +156,19 @@ Deno.test("AccessLog.record() never splits a line with four writer processes on 
       assert.equal(i, next[writer - 1]++, line);
       assert.equal(Number(match[2]), i, line);
     }
-  } finally {
-    Deno.removeSync(dir, { recursive: true });
-  }
-});
+  }),
+);
 
-Deno.test("AccessLog.open() fails on an unwritable path, naming it", () => {
-  const dir = Deno.makeTempDirSync();
-  try {
+Deno.test(
+  "AccessLog.open() fails on an unwritable path, naming it",
+  withTempDirSync((dir) => {
     Deno.writeTextFileSync(`${dir}/file`, "");
     assert.throws(
       () => AccessLog.open(`${dir}/file/access.log`),
       new RegExp(`^Error: cannot open access log ${dir}/file/access.log: `),
     );
-  } finally {
-    Deno.removeSync(dir, { recursive: true });
-  }
-});
+  }),
+);
 
 /**
  * A stub disk: files on it share `free` bytes; a write takes what fits (a

@@ -10,43 +10,22 @@ import {
   sameBytes,
   startServer,
   type TestServer,
+  waitUntil,
+  within,
   writeAll,
 } from "./test_util.ts";
 
 const HOST = "127.0.0.1";
 const MIB = 1024 * 1024;
 
-/** `promise`, or a rejection naming `what` if it takes over `ms`. */
-async function within<T>(
-  ms: number,
+/** A new client's `payload` comes back whole within 10 s. */
+async function assertEchoedWithin10s(
+  port: number,
+  payload: Uint8Array,
   what: string,
-  promise: Promise<T>,
-): Promise<T> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(
-      () => reject(new Error(`not within ${ms} ms: ${what}`)),
-      ms,
-    );
-  });
-  try {
-    return await Promise.race([promise, timeout]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
-
-/** Resolves once `condition()` holds; gives up after `ms`. */
-async function waitUntil(
-  condition: () => boolean,
-  what: string,
-  ms = 30_000,
 ): Promise<void> {
-  const giveUp = Date.now() + ms;
-  while (!condition()) {
-    if (Date.now() > giveUp) throw new Error(`gave up waiting: ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 5));
-  }
+  const reply = await within(echo(port, payload), 10_000, what);
+  assert.ok(sameBytes(reply, payload), `got ${reply.length} bytes`);
 }
 
 /** Reads until the server ends the connection, by EOF or a reset. */
@@ -82,12 +61,7 @@ Deno.test("serveEcho() at maxConnections evicts a client that sent a byte and se
     // Today's server leaves this client in the kernel's queue until a slot
     // frees, which the held clients never do (they sent a byte each).
     const payload = pattern(5, 1);
-    const reply = await within(
-      10_000,
-      "the good client echoed",
-      echo(s.port, payload),
-    );
-    assert.ok(sameBytes(reply, payload));
+    await assertEchoedWithin10s(s.port, payload, "the good client echoed");
     await waitUntil(() => s.records.length === 2, "both ends reported");
     // One held client lost its slot; the other three keep theirs.
     assert.equal(s.server.connections, 3);
@@ -144,12 +118,7 @@ Deno.test("serveEcho() at maxConnections never serves a newcomer past the limit 
     // Both are in their grace now: the newcomer waits until the first is
     // not, then takes its slot; it is not served beside them.
     const payload = pattern(5, 8);
-    const reply = await within(
-      10_000,
-      "the newcomer echoed",
-      echo(s.port, payload),
-    );
-    assert.ok(sameBytes(reply, payload));
+    await assertEchoedWithin10s(s.port, payload, "the newcomer echoed");
     assert.equal(s.server.stats.cutoffs.slot_eviction, 1);
     assert.match(s.diagnostics[0], /^client 1: cut off after 2 bytes: evicted/);
   } finally {
@@ -180,12 +149,7 @@ Deno.test("serveEcho() at maxBufferedBytes evicts the clients holding the most f
     );
     // Today the newcomer is the one cut off ("server buffer limit reached").
     const payload = pattern(MIB, 7);
-    const reply = await within(
-      10_000,
-      "the 1 MiB client echoed",
-      echo(s.port, payload),
-    );
-    assert.ok(sameBytes(reply, payload), `got ${reply.length} bytes`);
+    await assertEchoedWithin10s(s.port, payload, "the 1 MiB client echoed");
     await waitUntil(
       () => s.records.length >= 2,
       "a hog and the newcomer reported",
@@ -210,7 +174,7 @@ Deno.test("serveEcho() cuts off a client sending below minRate once minRateGrace
   const conn = await Deno.connect({ hostname: HOST, port: s.port });
   try {
     await writeAll(conn, new Uint8Array([1]));
-    await within(10_000, "the trickler cut off", readUntilClosed(conn));
+    await within(readUntilClosed(conn), 10_000, "the trickler cut off");
   } finally {
     conn.close();
   }

@@ -174,6 +174,41 @@ async function assertNotServed(port: number): Promise<void> {
   assert.equal(reply, "", "a client was served after shutdown began");
 }
 
+/**
+ * Starts a client's message ("in ") and proves the server has accepted it:
+ * a later client's full round trip.
+ */
+async function startInFlight(conn: Deno.Conn, port: number): Promise<void> {
+  await conn.write(new TextEncoder().encode("in "));
+  assert.equal(await echoText(port, "x"), "x");
+}
+
+/**
+ * Sends 6 bytes on `conn` and waits until the server has read them (7 bytes
+ * with a later client's round trip), so that the client's line must say 6.
+ */
+async function holdSixBytes(
+  conn: Deno.Conn,
+  port: number,
+  metricsPort: number,
+): Promise<void> {
+  await conn.write(new Uint8Array(6));
+  assert.equal(await echoText(port, "x"), "x");
+  await waitForReceivedBytes(metricsPort, 7);
+}
+
+/** The access log in `dir` holds exactly `expected`. */
+async function assertAccessLog(dir: string, expected: string): Promise<void> {
+  assert.equal(await Deno.readTextFile(`${dir}/access.log`), expected);
+}
+
+/** Ends the message ("flight") and checks all of it comes back. */
+async function finishInFlight(conn: Deno.Conn): Promise<void> {
+  await conn.write(new TextEncoder().encode("flight"));
+  await conn.closeWrite();
+  assert.equal(new TextDecoder().decode(await readAll(conn)), "in flight");
+}
+
 Deno.test("parseFlags() gives the defaults and reads sizes and seconds", () => {
   assert.deepEqual(parseFlags([]), {
     hostname: "127.0.0.1",
@@ -438,8 +473,8 @@ Deno.test(
     }
     server.child.kill("SIGTERM");
     assert.equal((await server.exit()).code, 0);
-    assert.equal(
-      await Deno.readTextFile(`${dir}/access.log`),
+    await assertAccessLog(
+      dir,
       "[client 2]: received 1 bytes\n[client 5]: received 2 bytes\n" +
         "[client 8]: received 3 bytes\n",
     );
@@ -463,10 +498,7 @@ Deno.test(
       await Deno.readTextFile(`${dir}/access.log.1`),
       "[client 1]: received 3 bytes\n[client 2]: received 3 bytes\n",
     );
-    assert.equal(
-      await Deno.readTextFile(`${dir}/access.log`),
-      "[client 3]: received 5 bytes\n",
-    );
+    await assertAccessLog(dir, "[client 3]: received 5 bytes\n");
   }),
 );
 
@@ -478,26 +510,19 @@ for (const signal of ["SIGTERM", "SIGINT"] as const) {
       const port = await server.port();
       const conn = await Deno.connect({ hostname: "127.0.0.1", port });
       try {
-        await conn.write(new TextEncoder().encode("in "));
-        // A later client's full round trip proves the first was accepted.
-        assert.equal(await echoText(port, "x"), "x");
+        await startInFlight(conn, port);
         server.child.kill(signal);
         await server.waitFor(new RegExp(`^${signal}: stopping; 1 connections`));
         await assertNotServed(port);
-        await conn.write(new TextEncoder().encode("flight"));
-        await conn.closeWrite();
-        assert.equal(
-          new TextDecoder().decode(await readAll(conn)),
-          "in flight",
-        );
+        await finishInFlight(conn);
       } finally {
         conn.close();
       }
       const { code, stderr } = await server.exit();
       assert.equal(code, 0);
       assert.equal(stderr, "stopped after 2 clients\n");
-      assert.equal(
-        await Deno.readTextFile(`${dir}/access.log`),
+      await assertAccessLog(
+        dir,
         "[client 2]: received 1 bytes\n[client 1]: received 9 bytes\n",
       );
     }),
@@ -517,10 +542,7 @@ Deno.test(
     const metricsPort = await server.metricsPort();
     const conn = await Deno.connect({ hostname: "127.0.0.1", port });
     try {
-      await conn.write(new Uint8Array(6));
-      assert.equal(await echoText(port, "x"), "x");
-      // The line must say 6 bytes: the server must have read them first.
-      await waitForReceivedBytes(metricsPort, 7);
+      await holdSixBytes(conn, port, metricsPort);
       server.child.kill("SIGTERM");
       await server.waitFor(/^SIGTERM: stopping; 1 connections/);
       await outlastSameSignalWindow();
@@ -532,8 +554,8 @@ Deno.test(
     } finally {
       conn.close();
     }
-    assert.equal(
-      await Deno.readTextFile(`${dir}/access.log`),
+    await assertAccessLog(
+      dir,
       "[client 2]: received 1 bytes\n[client 1]: received 6 bytes\n",
     );
   }),
@@ -546,18 +568,12 @@ Deno.test(
     const port = await server.port();
     const conn = await Deno.connect({ hostname: "127.0.0.1", port });
     try {
-      await conn.write(new TextEncoder().encode("in "));
-      assert.equal(await echoText(port, "x"), "x");
+      await startInFlight(conn, port);
       // What a terminal's Ctrl-C under `deno task` delivers: two at once.
       server.child.kill("SIGINT");
       server.child.kill("SIGINT");
       await server.waitFor(/^SIGINT: stopping; 1 connections/);
-      await conn.write(new TextEncoder().encode("flight"));
-      await conn.closeWrite();
-      assert.equal(
-        new TextDecoder().decode(await readAll(conn)),
-        "in flight",
-      );
+      await finishInFlight(conn);
     } finally {
       conn.close();
     }
@@ -651,17 +667,14 @@ for (const signal of ["SIGTERM", "SIGINT"] as const) {
         ":0",
       ]);
       const port = await server.port();
-      const metricsPort = Number(
-        /:(\d+)\/metrics/.exec(await server.waitFor(/^metrics on /))![1],
-      );
+      const metricsPort = await server.metricsPort();
       assert.deepEqual(await httpGet(metricsPort, "/healthz"), {
         status: 200,
         body: "ok\n",
       });
       const conn = await Deno.connect({ hostname: "127.0.0.1", port });
       try {
-        await conn.write(new TextEncoder().encode("in "));
-        assert.equal(await echoText(port, "x"), "x");
+        await startInFlight(conn, port);
         // Accepted = lines written + clients being served: a client's line
         // is written in the same step that stops counting it as active.
         const exposition = (await httpGet(metricsPort, "/metrics")).body;
@@ -681,20 +694,15 @@ for (const signal of ["SIGTERM", "SIGINT"] as const) {
           body: "draining\n",
         });
         await assertNotServed(port);
-        await conn.write(new TextEncoder().encode("flight"));
-        await conn.closeWrite();
-        assert.equal(
-          new TextDecoder().decode(await readAll(conn)),
-          "in flight",
-        );
+        await finishInFlight(conn);
       } finally {
         conn.close();
       }
       const { code } = await server.exit();
       assert.equal(code, 0);
       // The health checks and scrapes were never clients.
-      assert.equal(
-        await Deno.readTextFile(`${dir}/access.log`),
+      await assertAccessLog(
+        dir,
         "[client 2]: received 1 bytes\n[client 1]: received 9 bytes\n",
       );
     }),
@@ -749,8 +757,7 @@ Deno.test(
       const port = Number(/^listening on .*:(\d+), /m.exec(text)![1]);
       const conn = await Deno.connect({ hostname: "127.0.0.1", port });
       try {
-        await conn.write(new TextEncoder().encode("in "));
-        assert.equal(await echoText(port, "x"), "x");
+        await startInFlight(conn, port);
         child.kill("SIGTERM");
         await readUntil(/^SIGTERM: stopping; 1 connections.*\n/m);
         // Fill the pipe (16 pages: 64 KiB on x86-64) as a stalled log
@@ -765,12 +772,7 @@ Deno.test(
             assert.equal(await filler.write(page), page.length);
           }
         }
-        await conn.write(new TextEncoder().encode("flight"));
-        await conn.closeWrite();
-        assert.equal(
-          new TextDecoder().decode(await readAll(conn)),
-          "in flight",
-        );
+        await finishInFlight(conn);
       } finally {
         conn.close();
       }
@@ -913,9 +915,7 @@ Deno.test(
       maxOpenFiles: 64,
     });
     const port = await server.port();
-    const metricsPort = Number(
-      /:(\d+)\/metrics/.exec(await server.waitFor(/^metrics on /))![1],
-    );
+    const metricsPort = await server.metricsPort();
     assert.equal((await httpGet(metricsPort, "/metrics")).status, 200);
     // More clients than the server has descriptors, all held open: the
     // server accepts until accept fails with EMFILE.
@@ -965,9 +965,7 @@ Deno.test(
       timeoutMs: 30_000,
     });
     const port = await server.port();
-    const metricsPort = Number(
-      /:(\d+)\/metrics/.exec(await server.waitFor(/^metrics on /))![1],
-    );
+    const metricsPort = await server.metricsPort();
     // Promises 100000 bytes of body, sends 3, and stays connected.
     const held = await Deno.connect({
       hostname: "127.0.0.1",
@@ -995,10 +993,7 @@ Deno.test(
     } finally {
       held.close();
     }
-    assert.equal(
-      await Deno.readTextFile(`${dir}/access.log`),
-      "[client 1]: received 1 bytes\n",
-    );
+    await assertAccessLog(dir, "[client 1]: received 1 bytes\n");
   }),
 );
 
@@ -1020,14 +1015,10 @@ Deno.test(
       ":0",
     ]);
     const port = await server.port();
-    const metricsPort = Number(
-      /:(\d+)\/metrics/.exec(await server.waitFor(/^metrics on /))![1],
-    );
+    const metricsPort = await server.metricsPort();
     const conn = await Deno.connect({ hostname: "127.0.0.1", port });
     try {
-      await conn.write(new TextEncoder().encode("in "));
-      // A later client's full round trip proves the first was accepted.
-      assert.equal(await echoText(port, "x"), "x");
+      await startInFlight(conn, port);
       server.child.kill("SIGTERM");
       // No sleep: ask until the signal has been handled.
       while ((await httpGet(metricsPort, "/healthz")).status === 200);
@@ -1042,9 +1033,7 @@ Deno.test(
       );
       await server.waitFor(/^SIGTERM: stopping; \d+ connections/);
       await assertNotServed(port);
-      await conn.write(new TextEncoder().encode("flight"));
-      await conn.closeWrite();
-      assert.equal(new TextDecoder().decode(await readAll(conn)), "in flight");
+      await finishInFlight(conn);
     } finally {
       conn.close();
     }
@@ -1056,8 +1045,8 @@ Deno.test(
       /\nSIGTERM: stopping in 3 s; accepting until then, \/healthz answers 503\n/,
     );
     // Every client, the one in the delay included, has its line.
-    assert.equal(
-      await Deno.readTextFile(`${dir}/access.log`),
+    await assertAccessLog(
+      dir,
       "[client 2]: received 1 bytes\n[client 3]: received 16 bytes\n" +
         "[client 1]: received 9 bytes\n",
     );
@@ -1076,10 +1065,7 @@ Deno.test(
     const metricsPort = await server.metricsPort();
     const conn = await Deno.connect({ hostname: "127.0.0.1", port });
     try {
-      await conn.write(new Uint8Array(6));
-      assert.equal(await echoText(port, "x"), "x");
-      // The line must say 6 bytes: the server must have read them first.
-      await waitForReceivedBytes(metricsPort, 7);
+      await holdSixBytes(conn, port, metricsPort);
       server.child.kill("SIGINT");
       await server.waitFor(
         /^SIGINT: stopping in 3600 s; accepting until then, \/healthz answers 503$/,
@@ -1094,8 +1080,8 @@ Deno.test(
     } finally {
       conn.close();
     }
-    assert.equal(
-      await Deno.readTextFile(`${dir}/access.log`),
+    await assertAccessLog(
+      dir,
       "[client 2]: received 1 bytes\n[client 1]: received 6 bytes\n",
     );
   }),

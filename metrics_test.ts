@@ -23,6 +23,7 @@ import {
   sendAndReset,
   spawnServer,
   startServer,
+  within,
   withTempDir,
   writeAll,
 } from "./test_util.ts";
@@ -368,27 +369,6 @@ Deno.test("serveMetrics() never lets bad requests disturb the echo port", async 
   await s.server.shutdown();
   assert.deepEqual(s.records, [[1, 10]]);
 });
-
-/** `promise`, or a rejection naming `what` if it takes over `ms`: a test
- * of something that must end fails instead of hanging. */
-async function within<T>(
-  promise: Promise<T>,
-  ms: number,
-  what: string,
-): Promise<T> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(
-      () => reject(new Error(`${what} still pending after ${ms} ms`)),
-      ms,
-    );
-  });
-  try {
-    return await Promise.race([promise, timeout]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
 
 /** Reads `conn` until a whole response head has arrived; returns it. */
 async function readHead(conn: Deno.Conn): Promise<string> {

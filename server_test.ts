@@ -8,6 +8,8 @@ import {
   sendAndReset,
   startServer,
   type TestServer,
+  waitUntil,
+  within,
   writeAll,
 } from "./test_util.ts";
 
@@ -30,22 +32,6 @@ async function tryEcho(
       error instanceof Deno.errors.BrokenPipe
     ) return "cut off";
     throw error;
-  }
-}
-
-/**
- * Resolves once `condition()` holds, checking it every few milliseconds.
- * Gives up after a minute, so a test fails instead of hanging.
- */
-async function waitUntil(
-  condition: () => boolean,
-  what: string,
-  timeoutMs = 60_000,
-): Promise<void> {
-  const giveUp = Date.now() + timeoutMs;
-  while (!condition()) {
-    if (Date.now() > giveUp) throw new Error(`gave up waiting: ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 5));
   }
 }
 
@@ -734,19 +720,6 @@ Deno.test("EchoServer.shutdown() cuts off clients still there at drainTimeoutMs"
   assert.match(s.diagnostics[0], /^client 1: cut off .*at shutdown/);
 });
 
-/** Resolves with `promise`, or rejects if it takes longer than `ms`. */
-async function within<T>(promise: Promise<T>, ms: number, what: string) {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`gave up waiting: ${what}`)), ms);
-  });
-  try {
-    return await Promise.race([promise, timeout]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
-
 /** Starts a server with one client that sent 3 bytes and stays connected. */
 async function serverWithHeldClient(): Promise<[TestServer, Deno.TcpConn]> {
   const s = startServer();
@@ -756,12 +729,21 @@ async function serverWithHeldClient(): Promise<[TestServer, Deno.TcpConn]> {
   return [s, conn];
 }
 
-Deno.test("EchoServer.shutdown() called again with a shorter drainTimeoutMs cuts off sooner", async () => {
+/**
+ * Shuts a server with a held client down twice, with `firstMs` then
+ * `secondMs` as drainTimeoutMs: the client must be cut off (the one record
+ * and diagnostic) within 20 s, `what` naming the deadline that should apply.
+ */
+async function assertShutdownTwiceCutsOff(
+  firstMs: number,
+  secondMs: number,
+  what: string,
+): Promise<void> {
   const [s, conn] = await serverWithHeldClient();
   try {
-    const first = s.server.shutdown({ drainTimeoutMs: 3_600_000 });
-    const second = s.server.shutdown({ drainTimeoutMs: 0 });
-    await within(Promise.all([first, second]), 20_000, "cut off at 0 ms");
+    const first = s.server.shutdown({ drainTimeoutMs: firstMs });
+    const second = s.server.shutdown({ drainTimeoutMs: secondMs });
+    await within(Promise.all([first, second]), 20_000, what);
   } finally {
     conn.close();
   }
@@ -769,23 +751,16 @@ Deno.test("EchoServer.shutdown() called again with a shorter drainTimeoutMs cuts
   assert.deepEqual(s.diagnostics, [
     "client 1: cut off after 3 bytes: still connected at shutdown",
   ]);
+}
+
+Deno.test("EchoServer.shutdown() called again with a shorter drainTimeoutMs cuts off sooner", async () => {
+  await assertShutdownTwiceCutsOff(3_600_000, 0, "cut off at 0 ms");
 });
 
 Deno.test("EchoServer.shutdown() called again with a longer drainTimeoutMs keeps the first deadline", async () => {
-  const [s, conn] = await serverWithHeldClient();
-  try {
-    const first = s.server.shutdown({ drainTimeoutMs: 200 });
-    // Restarting the timer with this would leave the client for an hour,
-    // far past the bound below.
-    const second = s.server.shutdown({ drainTimeoutMs: 3_600_000 });
-    await within(Promise.all([first, second]), 20_000, "cut off at 200 ms");
-  } finally {
-    conn.close();
-  }
-  assert.deepEqual(s.records, [[1, 3]]);
-  assert.deepEqual(s.diagnostics, [
-    "client 1: cut off after 3 bytes: still connected at shutdown",
-  ]);
+  // Restarting the timer with the second would leave the client for an
+  // hour, far past the bound.
+  await assertShutdownTwiceCutsOff(200, 3_600_000, "cut off at 200 ms");
 });
 
 // No test here for the accept loop's timer turn every 64 accepts

@@ -660,3 +660,88 @@ export function needing(
     ? { name, ignore: false }
     : { name: `${name} (skipped: ${missing})`, ignore: true };
 }
+
+/**
+ * Wraps a synchronous test function so that it gets a fresh temporary
+ * directory, removed afterwards whether the test passes or fails: the
+ * synchronous twin of {@linkcode withTempDir}.
+ *
+ * @example Usage
+ * ```ts
+ * import { withTempDirSync } from "./test_util.ts";
+ *
+ * const test = withTempDirSync((dir) => {
+ *   Deno.writeTextFileSync(`${dir}/file`, "");
+ * });
+ * test({} as Deno.TestContext);
+ * ```
+ */
+export function withTempDirSync(
+  fn: (dir: string, t: Deno.TestContext) => void,
+  options?: Deno.MakeTempOptions,
+): (t: Deno.TestContext) => void {
+  return (t) => {
+    const dir = Deno.makeTempDirSync(options);
+    try {
+      fn(dir, t);
+    } finally {
+      Deno.removeSync(dir, { recursive: true });
+    }
+  };
+}
+
+/**
+ * Resolves once `condition()` holds, checking it every few milliseconds.
+ * Gives up after `timeoutMs`, so a test fails instead of hanging.
+ *
+ * @example Usage
+ * ```ts
+ * import { waitUntil } from "./test_util.ts";
+ *
+ * let done = false;
+ * setTimeout(() => done = true, 0);
+ * await waitUntil(() => done, "the timer");
+ * ```
+ */
+export async function waitUntil(
+  condition: () => boolean,
+  what: string,
+  timeoutMs = 60_000,
+): Promise<void> {
+  const giveUp = Date.now() + timeoutMs;
+  while (!condition()) {
+    if (Date.now() > giveUp) throw new Error(`gave up waiting: ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+}
+
+/**
+ * Resolves with `promise`, or rejects naming `what` if it takes longer than
+ * `ms`: a test of something that must end fails instead of hanging.
+ *
+ * @example Usage
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { within } from "./test_util.ts";
+ *
+ * assert.equal(await within(Promise.resolve(1), 1_000, "one"), 1);
+ * ```
+ */
+export async function within<T>(
+  promise: Promise<T>,
+  ms: number,
+  what: string,
+): Promise<T> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(
+      () => reject(new Error(`not within ${ms} ms: ${what}`)),
+      ms,
+    );
+  });
+  try {
+    return await Promise.race([promise, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
