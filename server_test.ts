@@ -747,10 +747,18 @@ Deno.test("EchoServer.shutdown() cuts off clients still there at drainTimeoutMs"
 /** Starts a server with one client that sent 3 bytes and stays connected. */
 async function serverWithHeldClient(): Promise<[TestServer, Deno.TcpConn]> {
   const s = startServer();
-  const conn = await Deno.connect({ hostname: HOST, port: s.port });
-  await writeAll(conn, new Uint8Array(3));
-  await waitUntil(() => s.server.stats.receivedBytes === 3, "3 bytes read");
-  return [s, conn];
+  let conn: Deno.TcpConn | undefined;
+  try {
+    conn = await Deno.connect({ hostname: HOST, port: s.port });
+    await writeAll(conn, new Uint8Array(3));
+    await waitUntil(() => s.server.stats.receivedBytes === 3, "3 bytes read");
+    return [s, conn];
+  } catch (error) {
+    // Closed here, so the sanitizers do not report them instead of this.
+    conn?.close();
+    await s.server.shutdown({ drainTimeoutMs: 0 });
+    throw error;
+  }
 }
 
 /**

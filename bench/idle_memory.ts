@@ -291,7 +291,12 @@ async function measureOnce(
   }
 }
 
-/** A port that was free a moment ago. */
+/**
+ * A port that was free a moment ago. It stands: the servers measured are any
+ * command line, which bind `{port}` themselves and print nothing to read a
+ * port from; a port taken meanwhile makes the server exit or never hold the
+ * connections, an error, never a wrong figure.
+ */
 function freePort(): number {
   const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   const { port } = listener.addr;
