@@ -6,6 +6,7 @@ import {
   readAll,
   sameBytes,
   sendAndReset,
+  stallingBytes,
   startServer,
   type TestServer,
   waitUntil,
@@ -16,26 +17,8 @@ import {
 const HOST = "127.0.0.1";
 const MIB = 1024 * 1024;
 
-/** The largest socket buffer TCP autotunes to, from `/proc/sys/net/ipv4/`. */
-async function tcpBufferMax(name: "tcp_rmem" | "tcp_wmem"): Promise<number> {
-  const text = await Deno.readTextFile(`/proc/sys/net/ipv4/${name}`);
-  const max = Number(text.trim().split(/\s+/)[2]);
-  if (!Number.isSafeInteger(max) || max <= 0) {
-    throw new Error(`cannot read the maximum from ${name}: ${text}`);
-  }
-  return max;
-}
-
-/**
- * A reply this long stalls for a client that does not read, on any machine:
- * more than the server's send buffer and the client's receive buffer hold
- * at their largest (read from the kernel, not assumed), plus 8 MiB, in
- * whole MiB.
- */
-const STALLING_BYTES = Math.ceil(
-  ((await tcpBufferMax("tcp_wmem")) + (await tcpBufferMax("tcp_rmem"))) /
-      MIB + 8,
-) * MIB;
+/** A reply this long stalls for a client that does not read. */
+const STALLING_BYTES = await stallingBytes();
 
 /**
  * Like echo, but being cut off is an outcome, not a failure: a reset, a
