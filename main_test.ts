@@ -989,17 +989,64 @@ Deno.test(
 );
 
 Deno.test(
-  "echo-server --shutdown-delay answers /healthz 503 on SIGTERM while still serving and logging new clients, then drains and exits 0",
+  "echo-server --shutdown-delay answers /healthz 503 on SIGTERM while still serving and logging new clients and those in flight",
   withTempDir(async (dir) => {
-    // Stands, for now: the probe and the echo must land inside the 3 s delay.
-    // The delay ends only by its timer (a second signal cuts off instead),
-    // so a drain after it cannot be reached otherwise without waiting out a
-    // longer delay; 3 s is ~100x what they take here. The fix is to split
-    // it: "serves during the delay" with --shutdown-delay 3600, and this one
-    // for the drain after the delay with nothing inside the window.
+    // A delay that outlasts the test, so everything below lands inside it
+    // however slow the machine; a second SIGTERM ends it (its log complete).
+    await using server = new ServerProcess(
+      dir,
+      ["--shutdown-delay", "3600", "--metrics", ":0"],
+      { timeoutMs: 30_000 },
+    );
+    const port = await server.port();
+    const metricsPort = await server.metricsPort();
+    const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+    try {
+      await startInFlight(conn, port);
+      server.child.kill("SIGTERM");
+      await server.waitFor(
+        /^SIGTERM: stopping in 3600 s; accepting until then, \/healthz answers 503$/,
+      );
+      assert.deepEqual(await httpGet(metricsPort, "/healthz"), {
+        status: 503,
+        body: "draining\n",
+      });
+      // A load balancer that has not yet seen the 503 still gets served.
+      assert.equal(
+        await echoText(port, "during the delay"),
+        "during the delay",
+      );
+      await finishInFlight(conn);
+    } finally {
+      conn.close();
+    }
+    await outlastSameSignalWindow();
+    server.child.kill("SIGTERM");
+    const { code, stderr } = await server.exit();
+    assert.equal(code, 143, stderr);
+    assert.match(stderr, /^SIGTERM again: cutting off \d+ connections now\n/);
+    assert.match(stderr, /\nstopped after 3 clients\n$/);
+    // Every client, the one in the delay included, has its line.
+    assert.deepEqual(
+      (await Deno.readTextFile(`${dir}/access.log`)).split("\n").toSorted(),
+      [
+        "",
+        "[client 1]: received 9 bytes",
+        "[client 2]: received 1 bytes",
+        "[client 3]: received 16 bytes",
+      ],
+    );
+  }),
+);
+
+Deno.test(
+  "echo-server --shutdown-delay stops accepting when the delay ends, drains the client in flight and exits 0",
+  withTempDir(async (dir) => {
+    // Nothing has to happen inside the 0.2 s delay: the client in flight
+    // stays through it and finishes only once the drain has begun.
     await using server = new ServerProcess(dir, [
       "--shutdown-delay",
-      "3",
+      "0.2",
       "--drain-timeout",
       "3600",
       "--metrics",
@@ -1011,35 +1058,27 @@ Deno.test(
     try {
       await startInFlight(conn, port);
       server.child.kill("SIGTERM");
-      // No sleep: ask until the signal has been handled.
-      while ((await httpGet(metricsPort, "/healthz")).status === 200);
+      await server.waitFor(
+        /^SIGTERM: stopping in 0.2 s; accepting until then, \/healthz answers 503$/,
+      );
+      await server.waitFor(
+        /^SIGTERM: stopping; \d+ connections get up to 3600 s to finish$/,
+      );
+      await assertNotServed(port);
       assert.deepEqual(await httpGet(metricsPort, "/healthz"), {
         status: 503,
         body: "draining\n",
       });
-      // A load balancer that has not yet seen the 503 still gets served.
-      assert.equal(
-        await echoText(port, "during the delay"),
-        "during the delay",
-      );
-      await server.waitFor(/^SIGTERM: stopping; \d+ connections/);
-      await assertNotServed(port);
       await finishInFlight(conn);
     } finally {
       conn.close();
     }
     const { code, stderr } = await server.exit();
     assert.equal(code, 0, stderr);
-    assert.equal(stderr, "stopped after 3 clients\n");
-    assert.match(
-      server.stderrLines.join("\n"),
-      /\nSIGTERM: stopping in 3 s; accepting until then, \/healthz answers 503\n/,
-    );
-    // Every client, the one in the delay included, has its line.
+    assert.equal(stderr, "stopped after 2 clients\n");
     await assertAccessLog(
       dir,
-      "[client 2]: received 1 bytes\n[client 3]: received 16 bytes\n" +
-        "[client 1]: received 9 bytes\n",
+      "[client 2]: received 1 bytes\n[client 1]: received 9 bytes\n",
     );
   }),
 );

@@ -6,6 +6,7 @@ import {
   readAll,
   sameBytes,
   sendAndReset,
+  stallingBytes,
   startServer,
   type TestServer,
   waitUntil,
@@ -14,6 +15,10 @@ import {
 } from "./test_util.ts";
 
 const HOST = "127.0.0.1";
+const MIB = 1024 * 1024;
+
+/** A reply this long stalls for a client that does not read. */
+const STALLING_BYTES = await stallingBytes();
 
 /**
  * Like echo, but being cut off is an outcome, not a failure: a reset, a
@@ -192,14 +197,13 @@ Deno.test("serveEcho() serves a client while another is idle", async () => {
 });
 
 Deno.test("serveEcho() logs a client that leaves without reading and serves the next", async () => {
-  await using s = startServer();
+  await using s = startServer({ maxClientBytes: STALLING_BYTES });
   const conn = await Deno.connect({ hostname: HOST, port: s.port });
-  await writeAll(conn, pattern(32 * 1024 * 1024, 9));
+  await writeAll(conn, pattern(STALLING_BYTES, 9));
   await conn.closeWrite();
   // Take a little of the reply, then close with the rest unread, which makes
-  // the kernel reset the connection under the server's write (32 MiB is
-  // more than the kernel's socket buffers can take, so the server is still
-  // writing).
+  // the kernel reset the connection under the server's write (the kernel's
+  // socket buffers cannot take it all, so the server is still writing).
   await conn.read(new Uint8Array(1024));
   conn.close();
   const payload = pattern(10, 10);
@@ -207,7 +211,7 @@ Deno.test("serveEcho() logs a client that leaves without reading and serves the 
   await s.server.shutdown();
   assert.deepEqual(
     s.records.toSorted(([a], [b]) => a - b),
-    [[1, 32 * 1024 * 1024], [2, 10]],
+    [[1, STALLING_BYTES], [2, 10]],
   );
   assert.equal(s.diagnostics.length, 1);
   assert.match(s.diagnostics[0], /^client 1: /);
@@ -538,19 +542,20 @@ Deno.test("serveEcho() keeps a client's buffers within 1.125x its bytes while it
 });
 
 Deno.test("serveEcho() counts spare chunks against maxBufferedBytes while writing a trimmed reply", async () => {
-  const MIB = 1024 * 1024;
-  // Where a read chunk ends near 8 MiB, and the capacity once the next is
-  // allocated (read from the server, whatever its chunk sizes are).
+  // Where a read chunk ends past STALLING_BYTES (so that the reply below
+  // stalls), and the capacity once the next is allocated (read from the
+  // server, whatever its chunk sizes are).
+  const size = STALLING_BYTES;
   let boundary: number;
   let capacity: number;
   {
-    await using s = startServer();
+    await using s = startServer({ maxClientBytes: Infinity });
     const conn = await Deno.connect({ hostname: HOST, port: s.port });
     try {
-      await writeAll(conn, pattern(8 * MIB, 1));
-      await waitUntil(() => s.server.stats.receivedBytes === 8 * MIB, "read");
+      await writeAll(conn, pattern(size, 1));
+      await waitUntil(() => s.server.stats.receivedBytes === size, "read");
       boundary = s.server.bufferedBytes;
-      await writeAll(conn, pattern(boundary - 8 * MIB, 2));
+      await writeAll(conn, pattern(boundary - size, 2));
       await waitUntil(
         () => s.server.stats.receivedBytes === boundary,
         "read to the boundary",
@@ -564,7 +569,10 @@ Deno.test("serveEcho() counts spare chunks against maxBufferedBytes while writin
   // is copied out and the chunk is freed for reuse. The limit is exactly
   // what the reads took, so that freed chunk must not be kept as a spare
   // while the copy is still held.
-  await using s = startServer({ maxBufferedBytes: capacity });
+  await using s = startServer({
+    maxBufferedBytes: capacity,
+    maxClientBytes: Infinity,
+  });
   const conn = await Deno.connect({ hostname: HOST, port: s.port });
   try {
     await writeAll(conn, pattern(boundary + 1, 3));
@@ -612,7 +620,6 @@ Deno.test("serveEcho() holds a 64-byte first chunk for an idle client, no more",
 });
 
 Deno.test("serveEcho() cuts off one of two clients that together pass maxBufferedBytes", async () => {
-  const MIB = 1024 * 1024;
   await using s = startServer({ maxBufferedBytes: 16 * MIB });
   const first = pattern(15 * MIB, 1);
   const second = pattern(15 * MIB, 2);
@@ -732,10 +739,18 @@ Deno.test("EchoServer.shutdown() cuts off clients still there at drainTimeoutMs"
 /** Starts a server with one client that sent 3 bytes and stays connected. */
 async function serverWithHeldClient(): Promise<[TestServer, Deno.TcpConn]> {
   const s = startServer();
-  const conn = await Deno.connect({ hostname: HOST, port: s.port });
-  await writeAll(conn, new Uint8Array(3));
-  await waitUntil(() => s.server.stats.receivedBytes === 3, "3 bytes read");
-  return [s, conn];
+  let conn: Deno.TcpConn | undefined;
+  try {
+    conn = await Deno.connect({ hostname: HOST, port: s.port });
+    await writeAll(conn, new Uint8Array(3));
+    await waitUntil(() => s.server.stats.receivedBytes === 3, "3 bytes read");
+    return [s, conn];
+  } catch (error) {
+    // Closed here, so the sanitizers do not report them instead of this.
+    conn?.close();
+    await s.server.shutdown({ drainTimeoutMs: 0 });
+    throw error;
+  }
 }
 
 /**
@@ -1090,16 +1105,23 @@ Deno.test("serveEcho() keeps a client that sends a byte every idleTimeoutMs/3 fo
 });
 
 Deno.test("serveEcho() cuts off a client that half-closes and never reads a large reply, once idle", async () => {
-  // 32 MiB is far more than loopback socket buffers hold, so the reply
-  // stalls once they fill and the client makes no more progress. While its
-  // echo is written, an idle client is cut off only if it also reads below
-  // minWriteRate: set far above what loopback buffers take at once, so that
-  // the stall, not the rate, decides.
-  const size = 32 * 1024 * 1024;
-  await using s = startServer({ idleTimeoutMs: 200, minWriteRate: 2 ** 30 });
+  // More than loopback socket buffers hold, so the reply stalls once they
+  // fill and the client makes no more progress. While its echo is written,
+  // an idle client is cut off only if it also reads below minWriteRate: set
+  // far above what loopback buffers take at once, so that the stall, not
+  // the rate, decides.
+  const size = STALLING_BYTES;
+  await using s = startServer({
+    idleTimeoutMs: 200,
+    minWriteRate: 2 ** 30,
+    maxClientBytes: size,
+  });
+  // Made before connecting: making it takes this thread, the server's, long
+  // enough to pass the idle timeout.
+  const request = pattern(size, 7);
   const conn = await Deno.connect({ hostname: HOST, port: s.port });
   try {
-    await writeAll(conn, pattern(size, 7));
+    await writeAll(conn, request);
     await conn.closeWrite();
     await waitUntil(() => s.records.length === 1, "the cut-off", 20_000);
   } finally {

@@ -745,3 +745,37 @@ export async function within<T>(
     clearTimeout(timer);
   }
 }
+
+/** The largest socket buffer TCP autotunes to, from `/proc/sys/net/ipv4/`. */
+async function tcpBufferMax(name: "tcp_rmem" | "tcp_wmem"): Promise<number> {
+  const text = await Deno.readTextFile(`/proc/sys/net/ipv4/${name}`);
+  const max = Number(text.trim().split(/\s+/)[2]);
+  if (!Number.isSafeInteger(max) || max <= 0) {
+    throw new Error(`Cannot read the maximum from ${name}: ${text}`);
+  }
+  return max;
+}
+
+/**
+ * A byte count that loopback cannot hold between a writer and a reader that
+ * does not read, on this machine: more than the sender's send buffer and the
+ * receiver's receive buffer at their largest (the maxima of `tcp_wmem` and
+ * `tcp_rmem`, read from the kernel, not assumed), plus 8 MiB, in whole MiB.
+ * A test whose write must stall, or still be under way when the peer
+ * closes, sends this many.
+ *
+ * @example Usage
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { stallingBytes } from "./test_util.ts";
+ *
+ * const bytes = await stallingBytes();
+ * assert.ok(bytes > 8 * 1024 * 1024 && bytes % (1024 * 1024) === 0);
+ * ```
+ */
+export async function stallingBytes(): Promise<number> {
+  const MIB = 1024 * 1024;
+  const held = (await tcpBufferMax("tcp_wmem")) +
+    (await tcpBufferMax("tcp_rmem"));
+  return Math.ceil(held / MIB + 8) * MIB;
+}
