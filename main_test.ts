@@ -17,6 +17,8 @@ import {
   runCommand,
   sendAndReset,
   serverCommand,
+  ServerProcess,
+  spawnChild,
   spawnServer,
   withTempDir,
 } from "./test_util.ts";
@@ -26,97 +28,6 @@ const MAIN = new URL("./main.ts", import.meta.url).pathname;
 /** Runs main.ts to completion with the given permissions and flags. */
 function run(permissions: string[], args: string[]): Promise<CommandResult> {
   return runCommand(Deno.execPath(), ["run", ...permissions, MAIN, ...args]);
-}
-
-/** Options for a {@linkcode ServerProcess}. */
-interface ServerProcessOptions {
-  /** Run under `ulimit -n` of this (soft and hard). */
-  maxOpenFiles?: number;
-  /** Kill the server (SIGKILL) if it still runs after this long. */
-  timeoutMs?: number;
-}
-
-/**
- * A server process whose stderr is read line by line. It is killed if it
- * still runs after its timeout, so a test fails instead of hanging.
- */
-class ServerProcess implements AsyncDisposable {
-  readonly child: Deno.ChildProcess;
-  readonly stderrLines: string[] = [];
-  #reader: ReadableStreamDefaultReader<string>;
-  #pending = "";
-  #timer: ReturnType<typeof setTimeout>;
-
-  constructor(
-    logDir: string,
-    args: string[],
-    options: ServerProcessOptions = {},
-  ) {
-    const { maxOpenFiles, timeoutMs = 60_000 } = options;
-    this.child = spawnServer(logDir, args, { maxOpenFiles });
-    this.#timer = setTimeout(() => {
-      this.stderrLines.push(`(killed after ${timeoutMs} ms)`);
-      this.child.kill("SIGKILL");
-    }, timeoutMs);
-    this.#reader = this.child.stderr.pipeThrough(new TextDecoderStream())
-      .getReader();
-  }
-
-  /** Reads stderr up to the first line matching `pattern`, and returns it. */
-  async waitFor(pattern: RegExp): Promise<string> {
-    for (;;) {
-      const newline = this.#pending.indexOf("\n");
-      if (newline >= 0) {
-        const line = this.#pending.slice(0, newline);
-        this.#pending = this.#pending.slice(newline + 1);
-        this.stderrLines.push(line);
-        if (pattern.test(line)) return line;
-        continue;
-      }
-      const { value, done } = await this.#reader.read();
-      if (done) {
-        throw new Error(
-          `stderr ended before ${pattern}: ${this.stderrLines.join("\n")}`,
-        );
-      }
-      this.#pending += value;
-    }
-  }
-
-  /** The port from the start-up line. */
-  async port(): Promise<number> {
-    const line = await this.waitFor(/^listening on /);
-    return Number(/:(\d+), access log /.exec(line)![1]);
-  }
-
-  /** The --metrics port from its start-up line. */
-  async metricsPort(): Promise<number> {
-    const line = await this.waitFor(/^metrics on /);
-    return Number(/:(\d+)\/metrics/.exec(line)![1]);
-  }
-
-  /** Waits for exit; returns the status code and the rest of stderr. */
-  async exit(): Promise<{ code: number; stderr: string }> {
-    let rest = this.#pending;
-    for (;;) {
-      const { value, done } = await this.#reader.read();
-      if (done) break;
-      rest += value;
-    }
-    this.#pending = "";
-    const { code } = await this.child.status;
-    clearTimeout(this.#timer);
-    return { code, stderr: rest };
-  }
-
-  async [Symbol.asyncDispose]() {
-    try {
-      this.child.kill("SIGKILL");
-    } catch {
-      // already exited
-    }
-    await this.exit();
-  }
 }
 
 /**
@@ -717,16 +628,11 @@ Deno.test(
     // test decides when the pipe is full and when it drains.
     const fifo = `${dir}/stderr`;
     assert.equal((await runCommand("mkfifo", [fifo])).code, 0);
-    const child = new Deno.Command("bash", {
-      args: [
-        "-c",
-        'exec "$0" "$@" 2>"$STDERR"',
-        ...serverCommand(dir, ["--drain-timeout", "3600"]),
-      ],
-      env: { NO_COLOR: "1", STDERR: fifo },
-      stdin: "null",
-      stdout: "null",
-    }).spawn();
+    const child = spawnChild("bash", [
+      "-c",
+      'exec "$0" "$@" 2>"$STDERR"',
+      ...serverCommand(dir, ["--drain-timeout", "3600"]),
+    ], { env: { STDERR: fifo }, stdout: "null", stderr: "inherit" });
     using _timeout = killAfter(child, 60_000);
     using stderr = await Deno.open(fifo, { read: true });
     let text = "";
@@ -867,7 +773,7 @@ Deno.test(
 
     // Before the signal: one back-off line per second at most, each saying
     // how many failures it covers; at shutdown, one more for the rest.
-    const stopping = server.stderrLines.findIndex((line) =>
+    const stopping = server.stderr.lines.findIndex((line) =>
       line.startsWith("SIGTERM: stopping")
     );
     const isBackOff = (line: string) =>
@@ -880,11 +786,9 @@ Deno.test(
         line !== "" && !line.startsWith("Warning: ") &&
         !line.startsWith("stopped after ")
       );
-    const before = serverLines(server.stderrLines.slice(1, stopping));
-    const after = serverLines([
-      ...server.stderrLines.slice(stopping + 1),
-      ...stderr.split("\n"),
-    ]);
+    // All of stderr: the lines waited for and the rest (`stderr`) alike.
+    const before = serverLines(server.stderr.lines.slice(1, stopping));
+    const after = serverLines(server.stderr.lines.slice(stopping + 1));
     assert.ok(before.length >= 1);
     // Stands: one-sided (a slow machine only loosens it, so load cannot
     // fail it), and a rate can only be bounded by elapsed time.
@@ -1032,7 +936,7 @@ Deno.test(
     assert.equal(code, 0, stderr);
     assert.equal(stderr, "stopped after 3 clients\n");
     assert.match(
-      server.stderrLines.join("\n"),
+      server.stderr.lines.join("\n"),
       /\nSIGTERM: stopping in 3 s; accepting until then, \/healthz answers 503\n/,
     );
     // Every client, the one in the delay included, has its line.
@@ -1220,17 +1124,11 @@ Deno.test({
     "echo-server serves on while its stderr pipe is full and nobody reads it",
   ignore: findExecutable("python3") === undefined,
   fn: withTempDir(async (dir) => {
-    const child = new Deno.Command(findExecutable("python3")!, {
-      args: [
-        "-c",
-        STALLED_STDERR,
-        ...serverCommand(dir, ["--metrics", ":0"]),
-      ],
-      env: { NO_COLOR: "1" },
-      stdin: "null",
-      stdout: "piped",
-      stderr: "inherit",
-    }).spawn();
+    const child = spawnChild(findExecutable("python3")!, [
+      "-c",
+      STALLED_STDERR,
+      ...serverCommand(dir, ["--metrics", ":0"]),
+    ], { stderr: "inherit" });
     using _timeout = killAfter(child, 60_000);
     const lines = new Lines(child.stdout);
     let pid: number | undefined;
