@@ -1,10 +1,12 @@
 import assert from "node:assert/strict";
 import {
+  parseCommandLine,
   parseHostPort,
   parseInstance,
   parseInteger,
   parseSeconds,
   parseSize,
+  stringFlags,
   UsageError,
 } from "./flags.ts";
 
@@ -209,4 +211,15 @@ Deno.test("parseHostPort() rejects no port, a port over 65535, or a bare IPv6 ad
       `--metrics must be HOST:PORT or :PORT with a port from 0 to 65535, not '${text}'`,
     );
   }
+});
+
+Deno.test("stringFlags() makes each name a flag that takes a value", () => {
+  assert.deepEqual(stringFlags(["host", "max-buffered"]), {
+    host: { type: "string" },
+    "max-buffered": { type: "string" },
+  });
+  assertThrowsUsage(
+    () => parseCommandLine(["--host"], stringFlags(["host"])),
+    "Option '--host <value>' argument missing",
+  );
 });

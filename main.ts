@@ -30,6 +30,7 @@ import {
   parseInteger,
   parseSeconds,
   parseSize,
+  stringFlags,
   UsageError,
 } from "./flags.ts";
 import { type MetricsServer, serveMetrics } from "./metrics.ts";
@@ -155,22 +156,24 @@ deno task arrives twice.`;
  */
 export function parseFlags(args: string[]): Config | "help" | "version" {
   const { values } = parseCommandLine(args, {
-    host: { type: "string" },
-    port: { type: "string" },
-    log: { type: "string" },
-    "log-backlog": { type: "string" },
-    "max-client-bytes": { type: "string" },
-    "max-buffered": { type: "string" },
-    "max-connections": { type: "string" },
-    "idle-timeout": { type: "string" },
-    "min-rate": { type: "string" },
-    "min-rate-grace": { type: "string" },
-    "min-read-rate": { type: "string" },
-    "eviction-grace": { type: "string" },
-    "drain-timeout": { type: "string" },
-    "shutdown-delay": { type: "string" },
-    instance: { type: "string" },
-    metrics: { type: "string" },
+    ...stringFlags([
+      "host",
+      "port",
+      "log",
+      "log-backlog",
+      "max-client-bytes",
+      "max-buffered",
+      "max-connections",
+      "idle-timeout",
+      "min-rate",
+      "min-rate-grace",
+      "min-read-rate",
+      "eviction-grace",
+      "drain-timeout",
+      "shutdown-delay",
+      "instance",
+      "metrics",
+    ]),
     help: { type: "boolean", short: "h" },
     version: { type: "boolean", short: "V" },
   });
