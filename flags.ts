@@ -152,6 +152,37 @@ export function parseSeconds(
   });
 }
 
+/** Options for {@linkcode parseMilliseconds}. */
+export interface MillisecondsOptions extends Omit<SecondsOptions, "default"> {
+  /**
+   * Returned, in milliseconds, when the flag was not given; without one, it
+   * is required.
+   */
+  default?: number;
+}
+
+/**
+ * Parses seconds as {@linkcode parseSeconds} does, and returns them as whole
+ * milliseconds: flags are in seconds, the servers' timers take milliseconds.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * assert.equal(parseMilliseconds("--idle-timeout", "0.25"), 250);
+ * assert.equal(parseMilliseconds("--idle-timeout", undefined, { default: 5000 }), 5000);
+ * assert.throws(() => parseMilliseconds("--idle-timeout", "0"), UsageError);
+ * ```
+ */
+export function parseMilliseconds(
+  flag: string,
+  text: string | undefined,
+  options: MillisecondsOptions = {},
+): number {
+  const { default: fallback, ...secondsOptions } = options;
+  if (text === undefined && fallback !== undefined) return fallback;
+  return Math.round(parseSeconds(flag, text, secondsOptions) * 1000);
+}
+
 /** What {@linkcode parseInstance} returns: instance `instance` of `instances`. */
 export interface Instance {
   /** This instance's number, from 1 to `instances`. */

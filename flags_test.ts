@@ -4,6 +4,7 @@ import {
   parseHostPort,
   parseInstance,
   parseInteger,
+  parseMilliseconds,
   parseSeconds,
   parseSize,
   stringFlags,
@@ -221,5 +222,24 @@ Deno.test("stringFlags() makes each name a flag that takes a value", () => {
   assertThrowsUsage(
     () => parseCommandLine(["--host"], stringFlags(["host"])),
     "Option '--host <value>' argument missing",
+  );
+});
+
+Deno.test("parseMilliseconds() reads seconds as whole milliseconds, or gives the default", () => {
+  assert.equal(parseMilliseconds("--t", "0.001"), 1);
+  assert.equal(parseMilliseconds("--t", "1.5"), 1500);
+  assert.equal(parseMilliseconds("--t", "86400"), 86_400_000);
+  assert.equal(parseMilliseconds("--t", "0", { allowZero: true }), 0);
+  assert.equal(
+    parseMilliseconds("--t", undefined, { default: 30_000 }),
+    30_000,
+  );
+  assertThrowsUsage(
+    () => parseMilliseconds("--t", "0"),
+    "--t must be a number of seconds from 0.001 to 86400, not '0'",
+  );
+  assertThrowsUsage(
+    () => parseMilliseconds("--t", undefined),
+    "--t is required",
   );
 });
