@@ -18,7 +18,9 @@ export { readAll, writeAll } from "./_bytes.ts";
 
 /**
  * Connects to 127.0.0.1:`port`, sends `payload`, half-closes, then reads
- * the reply to EOF and returns it.
+ * the reply to EOF and returns it. A payload given as pieces is written a
+ * piece at a time, each once the one before is written: a generator paces
+ * a slow sender by awaiting between its pieces.
  *
  * @example
  * ```ts
@@ -26,15 +28,26 @@ export { readAll, writeAll } from "./_bytes.ts";
  * await using s = startServer();
  * const hello = new TextEncoder().encode("hello");
  * assert.deepEqual(await echo(s.port, hello), hello);
+ * async function* slowly() {
+ *   for (const byte of hello) {
+ *     yield new Uint8Array([byte]);
+ *     await new Promise((resolve) => setTimeout(resolve, 1));
+ *   }
+ * }
+ * assert.deepEqual(await echo(s.port, slowly()), hello);
  * ```
  */
 export async function echo(
   port: number,
-  payload: Uint8Array,
+  payload: Uint8Array | AsyncIterable<Uint8Array>,
 ): Promise<Uint8Array> {
   const conn = await Deno.connect({ hostname: "127.0.0.1", port });
   try {
-    await writeAll(conn, payload);
+    if (payload instanceof Uint8Array) {
+      await writeAll(conn, payload);
+    } else {
+      for await (const piece of payload) await writeAll(conn, piece);
+    }
     await conn.closeWrite();
     return await readAll(conn);
   } finally {
