@@ -87,26 +87,47 @@ async function assertNotServed(port: number): Promise<void> {
 }
 
 /**
- * Starts a client's message ("in ") and proves the server has accepted it:
- * a later client's full round trip.
+ * Connects a client to `port` and runs `start` on it; returns it open, or
+ * closes it if `start` throws. The caller's `using` closes it.
  */
-async function startInFlight(conn: Deno.Conn, port: number): Promise<void> {
-  await conn.write(new TextEncoder().encode("in "));
-  assert.equal(await echoText(port, "x"), "x");
+async function connectAnd(
+  port: number,
+  start: (conn: Deno.TcpConn) => Promise<void>,
+): Promise<Deno.TcpConn> {
+  const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+  try {
+    await start(conn);
+  } catch (error) {
+    conn.close();
+    throw error;
+  }
+  return conn;
 }
 
 /**
- * Sends 6 bytes on `conn` and waits until the server has read them (7 bytes
- * with a later client's round trip), so that the client's line must say 6.
+ * A client whose message is begun ("in ") and which the server has
+ * accepted, as a later client's full round trip proves.
  */
-async function holdSixBytes(
-  conn: Deno.Conn,
+function startInFlight(port: number): Promise<Deno.TcpConn> {
+  return connectAnd(port, async (conn) => {
+    await conn.write(new TextEncoder().encode("in "));
+    assert.equal(await echoText(port, "x"), "x");
+  });
+}
+
+/**
+ * A client that has sent 6 bytes, which the server has read (7 bytes with a
+ * later client's round trip), so that the client's line must say 6.
+ */
+function holdSixBytes(
   port: number,
   metricsPort: number,
-): Promise<void> {
-  await conn.write(new Uint8Array(6));
-  assert.equal(await echoText(port, "x"), "x");
-  await waitForReceivedBytes(metricsPort, 7);
+): Promise<Deno.TcpConn> {
+  return connectAnd(port, async (conn) => {
+    await conn.write(new Uint8Array(6));
+    assert.equal(await echoText(port, "x"), "x");
+    await waitForReceivedBytes(metricsPort, 7);
+  });
 }
 
 /** The access log in `dir` holds exactly `expected`. */
@@ -420,16 +441,11 @@ for (const signal of ["SIGTERM", "SIGINT"] as const) {
     withTempDir(async (dir) => {
       await using server = new ServerProcess(dir, ["--drain-timeout", "3600"]);
       const port = await server.port();
-      const conn = await Deno.connect({ hostname: "127.0.0.1", port });
-      try {
-        await startInFlight(conn, port);
-        server.child.kill(signal);
-        await server.waitFor(new RegExp(`^${signal}: stopping; 1 connections`));
-        await assertNotServed(port);
-        await finishInFlight(conn);
-      } finally {
-        conn.close();
-      }
+      using conn = await startInFlight(port);
+      server.child.kill(signal);
+      await server.waitFor(new RegExp(`^${signal}: stopping; 1 connections`));
+      await assertNotServed(port);
+      await finishInFlight(conn);
       const { code, stderr } = await server.exit();
       assert.equal(code, 0);
       assert.equal(stderr, "stopped after 2 clients\n");
@@ -452,20 +468,15 @@ Deno.test(
     ]);
     const port = await server.port();
     const metricsPort = await server.metricsPort();
-    const conn = await Deno.connect({ hostname: "127.0.0.1", port });
-    try {
-      await holdSixBytes(conn, port, metricsPort);
-      server.child.kill("SIGTERM");
-      await server.waitFor(/^SIGTERM: stopping; 1 connections/);
-      await outlastSameSignalWindow();
-      server.child.kill("SIGTERM");
-      const { code, stderr } = await server.exit();
-      assert.equal(code, 143);
-      assert.match(stderr, /^SIGTERM again: cutting off 1 connections now\n/);
-      assert.match(stderr, /client 1: cut off after 6 bytes/);
-    } finally {
-      conn.close();
-    }
+    using _client = await holdSixBytes(port, metricsPort);
+    server.child.kill("SIGTERM");
+    await server.waitFor(/^SIGTERM: stopping; 1 connections/);
+    await outlastSameSignalWindow();
+    server.child.kill("SIGTERM");
+    const { code, stderr } = await server.exit();
+    assert.equal(code, 143);
+    assert.match(stderr, /^SIGTERM again: cutting off 1 connections now\n/);
+    assert.match(stderr, /client 1: cut off after 6 bytes/);
     await assertAccessLog(
       dir,
       "[client 2]: received 1 bytes\n[client 1]: received 6 bytes\n",
@@ -478,17 +489,12 @@ Deno.test(
   withTempDir(async (dir) => {
     await using server = new ServerProcess(dir, ["--drain-timeout", "3600"]);
     const port = await server.port();
-    const conn = await Deno.connect({ hostname: "127.0.0.1", port });
-    try {
-      await startInFlight(conn, port);
-      // What a terminal's Ctrl-C under `deno task` delivers: two at once.
-      server.child.kill("SIGINT");
-      server.child.kill("SIGINT");
-      await server.waitFor(/^SIGINT: stopping; 1 connections/);
-      await finishInFlight(conn);
-    } finally {
-      conn.close();
-    }
+    using conn = await startInFlight(port);
+    // What a terminal's Ctrl-C under `deno task` delivers: two at once.
+    server.child.kill("SIGINT");
+    server.child.kill("SIGINT");
+    await server.waitFor(/^SIGINT: stopping; 1 connections/);
+    await finishInFlight(conn);
     const { code, stderr } = await server.exit();
     assert.equal(code, 0, stderr);
     assert.equal(stderr, "stopped after 2 clients\n");
@@ -584,32 +590,27 @@ for (const signal of ["SIGTERM", "SIGINT"] as const) {
         status: 200,
         body: "ok\n",
       });
-      const conn = await Deno.connect({ hostname: "127.0.0.1", port });
-      try {
-        await startInFlight(conn, port);
-        // Accepted = lines written + clients being served: a client's line
-        // is written in the same step that stops counting it as active.
-        const exposition = (await httpGet(metricsPort, "/metrics")).body;
-        const lines = (await Deno.readTextFile(`${dir}/access.log`))
-          .split("\n").length - 1;
-        assert.equal(sampleValue(exposition, "echo_connections_active"), 1);
-        assert.equal(lines, 1);
-        assert.equal(
-          sampleValue(exposition, "echo_connections_accepted_total"),
-          lines + 1,
-        );
-        server.child.kill(signal);
-        // /healthz flips before this line is printed.
-        await server.waitFor(new RegExp(`^${signal}: stopping; 1 connections`));
-        assert.deepEqual(await httpGet(metricsPort, "/healthz"), {
-          status: 503,
-          body: "draining\n",
-        });
-        await assertNotServed(port);
-        await finishInFlight(conn);
-      } finally {
-        conn.close();
-      }
+      using conn = await startInFlight(port);
+      // Accepted = lines written + clients being served: a client's line
+      // is written in the same step that stops counting it as active.
+      const exposition = (await httpGet(metricsPort, "/metrics")).body;
+      const lines = (await Deno.readTextFile(`${dir}/access.log`))
+        .split("\n").length - 1;
+      assert.equal(sampleValue(exposition, "echo_connections_active"), 1);
+      assert.equal(lines, 1);
+      assert.equal(
+        sampleValue(exposition, "echo_connections_accepted_total"),
+        lines + 1,
+      );
+      server.child.kill(signal);
+      // /healthz flips before this line is printed.
+      await server.waitFor(new RegExp(`^${signal}: stopping; 1 connections`));
+      assert.deepEqual(await httpGet(metricsPort, "/healthz"), {
+        status: 503,
+        body: "draining\n",
+      });
+      await assertNotServed(port);
+      await finishInFlight(conn);
       const { code } = await server.exit();
       assert.equal(code, 0);
       // The health checks and scrapes were never clients.
@@ -652,27 +653,22 @@ Deno.test(
     try {
       await readUntil(/^listening on .*\n/m);
       const port = Number(/^listening on .*:(\d+), /m.exec(text)![1]);
-      const conn = await Deno.connect({ hostname: "127.0.0.1", port });
-      try {
-        await startInFlight(conn, port);
-        child.kill("SIGTERM");
-        await readUntil(/^SIGTERM: stopping; 1 connections.*\n/m);
-        // Fill the pipe (16 pages: 64 KiB on x86-64) as a stalled log
-        // shipper would, in writes of one page, each of whole lines and so
-        // never split by a line of the server's.
-        {
-          using filler = await Deno.open(fifo, { write: true });
-          const page = new TextEncoder().encode(
-            `${"#".repeat(63)}\n`.repeat(64),
-          );
-          for (let i = 0; i < 16; i++) {
-            assert.equal(await filler.write(page), page.length);
-          }
+      using conn = await startInFlight(port);
+      child.kill("SIGTERM");
+      await readUntil(/^SIGTERM: stopping; 1 connections.*\n/m);
+      // Fill the pipe (16 pages: 64 KiB on x86-64) as a stalled log
+      // shipper would, in writes of one page, each of whole lines and so
+      // never split by a line of the server's.
+      {
+        using filler = await Deno.open(fifo, { write: true });
+        const page = new TextEncoder().encode(
+          `${"#".repeat(63)}\n`.repeat(64),
+        );
+        for (let i = 0; i < 16; i++) {
+          assert.equal(await filler.write(page), page.length);
         }
-        await finishInFlight(conn);
-      } finally {
-        conn.close();
       }
+      await finishInFlight(conn);
       // Drained once the client has its line; the server then waits for
       // stderr to take its last line (up to 5 s). Rotate the log now, as
       // logrotate's postrotate during a restart would.
@@ -911,27 +907,22 @@ Deno.test(
     ]);
     const port = await server.port();
     const metricsPort = await server.metricsPort();
-    const conn = await Deno.connect({ hostname: "127.0.0.1", port });
-    try {
-      await startInFlight(conn, port);
-      server.child.kill("SIGTERM");
-      // No sleep: ask until the signal has been handled.
-      while ((await httpGet(metricsPort, "/healthz")).status === 200);
-      assert.deepEqual(await httpGet(metricsPort, "/healthz"), {
-        status: 503,
-        body: "draining\n",
-      });
-      // A load balancer that has not yet seen the 503 still gets served.
-      assert.equal(
-        await echoText(port, "during the delay"),
-        "during the delay",
-      );
-      await server.waitFor(/^SIGTERM: stopping; \d+ connections/);
-      await assertNotServed(port);
-      await finishInFlight(conn);
-    } finally {
-      conn.close();
-    }
+    using conn = await startInFlight(port);
+    server.child.kill("SIGTERM");
+    // No sleep: ask until the signal has been handled.
+    while ((await httpGet(metricsPort, "/healthz")).status === 200);
+    assert.deepEqual(await httpGet(metricsPort, "/healthz"), {
+      status: 503,
+      body: "draining\n",
+    });
+    // A load balancer that has not yet seen the 503 still gets served.
+    assert.equal(
+      await echoText(port, "during the delay"),
+      "during the delay",
+    );
+    await server.waitFor(/^SIGTERM: stopping; \d+ connections/);
+    await assertNotServed(port);
+    await finishInFlight(conn);
     const { code, stderr } = await server.exit();
     assert.equal(code, 0, stderr);
     assert.equal(stderr, "stopped after 3 clients\n");
@@ -958,23 +949,18 @@ Deno.test(
     );
     const port = await server.port();
     const metricsPort = await server.metricsPort();
-    const conn = await Deno.connect({ hostname: "127.0.0.1", port });
-    try {
-      await holdSixBytes(conn, port, metricsPort);
-      server.child.kill("SIGINT");
-      await server.waitFor(
-        /^SIGINT: stopping in 3600 s; accepting until then, \/healthz answers 503$/,
-      );
-      await outlastSameSignalWindow();
-      server.child.kill("SIGINT");
-      const { code, stderr } = await server.exit();
-      assert.equal(code, 130, stderr);
-      assert.match(stderr, /^SIGINT again: cutting off 1 connections now\n/);
-      assert.match(stderr, /\nstopped after 2 clients\n$/);
-      await readUntilEnd(conn);
-    } finally {
-      conn.close();
-    }
+    using conn = await holdSixBytes(port, metricsPort);
+    server.child.kill("SIGINT");
+    await server.waitFor(
+      /^SIGINT: stopping in 3600 s; accepting until then, \/healthz answers 503$/,
+    );
+    await outlastSameSignalWindow();
+    server.child.kill("SIGINT");
+    const { code, stderr } = await server.exit();
+    assert.equal(code, 130, stderr);
+    assert.match(stderr, /^SIGINT again: cutting off 1 connections now\n/);
+    assert.match(stderr, /\nstopped after 2 clients\n$/);
+    await readUntilEnd(conn);
     await assertAccessLog(
       dir,
       "[client 2]: received 1 bytes\n[client 1]: received 6 bytes\n",
