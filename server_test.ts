@@ -264,6 +264,14 @@ Deno.test("serveEcho() logs clients that reset while queued and accepts on at on
 });
 
 /**
+ * What a FailingListener's accept() does next: fail with an error, return
+ * a connection the test accepted itself, or (nothing) accept for real.
+ */
+type NextAccept = (
+  real: Deno.TcpListener,
+) => Error | Promise<Deno.TcpConn> | undefined;
+
+/**
  * A real listener whose accept() fails with whatever `nextFailure` returns
  * (nothing: accept for real), like std's `stub(Deno, "listen", ...)`.
  */
@@ -274,7 +282,7 @@ class FailingListener implements Deno.TcpListener {
 
   constructor(
     readonly real: Deno.TcpListener,
-    readonly nextFailure: () => Error | undefined,
+    readonly nextFailure: NextAccept,
   ) {}
 
   get addr(): Deno.NetAddr {
@@ -283,10 +291,11 @@ class FailingListener implements Deno.TcpListener {
 
   accept(): Promise<Deno.TcpConn> {
     this.calls++;
-    const error = this.nextFailure();
-    if (error === undefined) return this.real.accept();
+    const next = this.nextFailure(this.real);
+    if (next === undefined) return this.real.accept();
+    if (next instanceof Promise) return next;
     this.failures++;
-    return Promise.reject(error);
+    return Promise.reject(next);
   }
 
   close(): void {
@@ -312,7 +321,7 @@ class FailingListener implements Deno.TcpListener {
 
 /** startServer, with Deno.listen replaced while the server starts. */
 function startServerWithFailingListener(
-  nextFailure: () => Error | undefined,
+  nextFailure: NextAccept,
   options: ServeOptions = {},
 ): TestServer & { listener: FailingListener } {
   const listen = Deno.listen;
@@ -759,13 +768,107 @@ Deno.test("EchoServer.shutdown() called again with a longer drainTimeoutMs keeps
   await assertShutdownTwiceCutsOff(200, 3_600_000, "cut off at 200 ms");
 });
 
-// No test here for the accept loop's timer turn every 64 accepts
-// (ACCEPTS_PER_YIELD): tried with a Deno child flooding clients that send
-// 4 KiB and close (idleTimeoutMs 2 s): at 200 in flight for 5 s, 0 stalled
-// clients with or without the turn; at 1,000 in flight, 1,368 stalled
-// without it and 507 with it, so no scale in a few seconds tells the two
-// apart here. The soak (bench/soak.ts, "accepted == logged" and every client
-// logged with its bytes) is where it shows (bench/README.md).
+// The accept loop's timer turn (ACCEPTS_PER_YIELD in server.ts, 64): while
+// every accept() completes at once, the loop runs on microtasks alone and no
+// timer (idle sweep, drain, log retry) or socket poll gets a turn. A flood
+// of real clients could not tell with and without the turn apart in a few
+// seconds (1,000 in flight: 1,368 stalled clients without it, 507 with), so
+// these count accept() calls until a timer set before the flood fires: an
+// order of events, not a time. The soak (bench/soak.ts) shows the stall
+// itself (bench/README.md).
+const ACCEPTS_PER_TURN = 64;
+
+Deno.test("serveEcho() lets a timer run within 64 accepts while clients reset while queued, and logs each", async () => {
+  // Each reset fails accept() at once, as in a full queue of them.
+  const resets = 10_000;
+  let calls = 0;
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  let callsWhenFired: number | undefined;
+  try {
+    await using s = startServerWithFailingListener(() => {
+      if (++calls === 1) {
+        timer = setTimeout(() => callsWhenFired = calls, 0);
+      }
+      return calls <= resets
+        ? new Deno.errors.NotConnected(
+          "Transport endpoint is not connected (os error 107)",
+        )
+        : undefined;
+    });
+    // Accepted for real once the resets are through.
+    const payload = pattern(10, 10);
+    assert.ok(sameBytes(await echo(s.port, payload), payload));
+    await s.server.shutdown();
+    assert.ok(
+      callsWhenFired !== undefined && callsWhenFired <= ACCEPTS_PER_TURN,
+      `a timer set before the flood fired after ${callsWhenFired} accept() calls`,
+    );
+    assert.equal(s.server.stats.acceptErrors.client, resets);
+    assert.deepEqual(s.records, [
+      ...Array.from({ length: resets }, (_, i) => [i + 1, 0]),
+      [resets + 1, 10],
+    ]);
+  } finally {
+    clearTimeout(timer);
+  }
+});
+
+Deno.test("serveEcho() lets a timer run within 64 accepts that complete at once, and echoes and logs each client", async () => {
+  // The first accept() takes every client from the real listener, then they
+  // are handed out one per call, each at once: a full accept queue.
+  const count = 1000;
+  const size = 4096;
+  const queued: Deno.TcpConn[] = [];
+  let handedOut = 0;
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  let callsWhenFired: number | undefined;
+  const clients: Deno.TcpConn[] = [];
+  try {
+    await using s = startServerWithFailingListener((real) => {
+      if (handedOut === 0) {
+        handedOut++;
+        return (async () => {
+          while (queued.length < count) queued.push(await real.accept());
+          timer = setTimeout(() => callsWhenFired = s.listener.calls, 0);
+          return queued.shift()!;
+        })();
+      }
+      if (queued.length === 0) return undefined;
+      handedOut++;
+      return Promise.resolve(queued.shift()!);
+    });
+    // Each sends 4 KiB and half-closes, as the clients that stalled did.
+    for (let i = 0; i < count; i++) {
+      const conn = await Deno.connect({ hostname: HOST, port: s.port });
+      clients.push(conn);
+      await writeAll(conn, pattern(size, i));
+      await conn.closeWrite();
+    }
+    const replies = await within(
+      Promise.all(clients.map((conn) => readAll(conn))),
+      60_000,
+      "every echo",
+    );
+    await s.server.shutdown();
+    assert.equal(handedOut, count);
+    assert.ok(
+      callsWhenFired !== undefined && callsWhenFired <= ACCEPTS_PER_TURN,
+      `a timer set before the flood fired after ${callsWhenFired} accept() calls`,
+    );
+    replies.forEach((reply, i) =>
+      assert.ok(sameBytes(reply, pattern(size, i)), `client ${i}'s echo`)
+    );
+    assert.deepEqual(
+      s.records.toSorted(([a], [b]) => a - b),
+      Array.from({ length: count }, (_, i) => [i + 1, size]),
+    );
+    assert.deepEqual(s.diagnostics, []);
+  } finally {
+    clearTimeout(timer);
+    for (const conn of [...clients, ...queued]) conn.close();
+  }
+});
+
 Deno.test("serveEcho() logs every client it accepts from a flood of misbehaving ones", async () => {
   await using s = startServer({ maxClientBytes: 64 * 1024 });
   const garbage = pattern(100_000, 5);
