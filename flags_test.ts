@@ -1,10 +1,13 @@
 import assert from "node:assert/strict";
 import {
+  parseCommandLine,
   parseHostPort,
   parseInstance,
   parseInteger,
+  parseMilliseconds,
   parseSeconds,
   parseSize,
+  stringFlags,
   UsageError,
 } from "./flags.ts";
 
@@ -209,4 +212,34 @@ Deno.test("parseHostPort() rejects no port, a port over 65535, or a bare IPv6 ad
       `--metrics must be HOST:PORT or :PORT with a port from 0 to 65535, not '${text}'`,
     );
   }
+});
+
+Deno.test("stringFlags() makes each name a flag that takes a value", () => {
+  assert.deepEqual(stringFlags(["host", "max-buffered"]), {
+    host: { type: "string" },
+    "max-buffered": { type: "string" },
+  });
+  assertThrowsUsage(
+    () => parseCommandLine(["--host"], stringFlags(["host"])),
+    "Option '--host <value>' argument missing",
+  );
+});
+
+Deno.test("parseMilliseconds() reads seconds as whole milliseconds, or gives the default", () => {
+  assert.equal(parseMilliseconds("--t", "0.001"), 1);
+  assert.equal(parseMilliseconds("--t", "1.5"), 1500);
+  assert.equal(parseMilliseconds("--t", "86400"), 86_400_000);
+  assert.equal(parseMilliseconds("--t", "0", { allowZero: true }), 0);
+  assert.equal(
+    parseMilliseconds("--t", undefined, { default: 30_000 }),
+    30_000,
+  );
+  assertThrowsUsage(
+    () => parseMilliseconds("--t", "0"),
+    "--t must be a number of seconds from 0.001 to 86400, not '0'",
+  );
+  assertThrowsUsage(
+    () => parseMilliseconds("--t", undefined),
+    "--t is required",
+  );
 });
