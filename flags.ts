@@ -194,12 +194,11 @@ export interface Instance {
 /** Options for {@linkcode parseInstance}. */
 export interface InstanceOptions {
   /**
-   * Largest N accepted (server.ts's `MAX_INSTANCES`: ids grow by N per
-   * client and must stay exact).
-   *
-   * @default {1024}
+   * Largest N accepted: the server's bound (server.ts's `MAX_INSTANCES`, ids
+   * grow by N per client and must stay exact), so the caller names it rather
+   * than this module keeping a copy.
    */
-  max?: number;
+  max: number;
 }
 
 /**
@@ -209,25 +208,24 @@ export interface InstanceOptions {
  * @example
  * ```ts
  * import assert from "node:assert/strict";
- * assert.deepEqual(parseInstance("--instance", "2/4"), { instance: 2, instances: 4 });
- * assert.deepEqual(parseInstance("--instance", undefined), { instance: 1, instances: 1 });
- * assert.throws(() => parseInstance("--instance", "1/1025"), UsageError);
+ * assert.deepEqual(parseInstance("--instance", "2/4", { max: 1024 }), { instance: 2, instances: 4 });
+ * assert.deepEqual(parseInstance("--instance", undefined, { max: 1024 }), { instance: 1, instances: 1 });
+ * assert.throws(() => parseInstance("--instance", "1/1025", { max: 1024 }), UsageError);
  * ```
  */
 export function parseInstance(
   flag: string,
   text: string | undefined,
-  options: InstanceOptions = {},
+  options: InstanceOptions,
 ): Instance {
-  const { max = 1024 } = options;
   const expected =
-    `I/N, instance I of N with 1 <= I <= N <= ${max}, such as 2/4`;
+    `I/N, instance I of N with 1 <= I <= N <= ${options.max}, such as 2/4`;
   const alone = { instance: 1, instances: 1 }; // without the flag
   return parseFlag(flag, text, alone, expected, (text) => {
     const match = /^(\d+)\/(\d+)$/.exec(text);
     const instance = Number(match?.[1]);
     const instances = Number(match?.[2]);
-    return instance >= 1 && instance <= instances && instances <= max
+    return instance >= 1 && instance <= instances && instances <= options.max
       ? { instance, instances }
       : undefined;
   });

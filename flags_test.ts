@@ -12,6 +12,8 @@ import {
 } from "./flags.ts";
 
 const MIB = 1024 * 1024;
+// server.ts's MAX_INSTANCES, the bound main.ts passes.
+const MAX_1024 = { max: 1024 };
 
 /** Asserts that `fn` throws a UsageError with exactly `message`. */
 function assertThrowsUsage(fn: () => unknown, message: string): void {
@@ -128,23 +130,23 @@ Deno.test("parseSeconds() rejects zero unless allowed, under 1 ms, over a day, o
 });
 
 Deno.test("parseInstance() reads I/N with 1 <= I <= N, or gives 1/1 without the flag", () => {
-  assert.deepEqual(parseInstance("--instance", "2/4"), {
+  assert.deepEqual(parseInstance("--instance", "2/4", MAX_1024), {
     instance: 2,
     instances: 4,
   });
-  assert.deepEqual(parseInstance("--instance", "1/1"), {
+  assert.deepEqual(parseInstance("--instance", "1/1", MAX_1024), {
     instance: 1,
     instances: 1,
   });
-  assert.deepEqual(parseInstance("--instance", "4/4"), {
+  assert.deepEqual(parseInstance("--instance", "4/4", MAX_1024), {
     instance: 4,
     instances: 4,
   });
-  assert.deepEqual(parseInstance("--instance", undefined), {
+  assert.deepEqual(parseInstance("--instance", undefined, MAX_1024), {
     instance: 1,
     instances: 1,
   });
-  assert.deepEqual(parseInstance("--instance", "1024/1024"), {
+  assert.deepEqual(parseInstance("--instance", "1024/1024", MAX_1024), {
     instance: 1024,
     instances: 1024,
   });
@@ -174,7 +176,7 @@ Deno.test("parseInstance() rejects 0, over N, N over max, or not I/N", () => {
     ]
   ) {
     assertThrowsUsage(
-      () => parseInstance("--instance", bad),
+      () => parseInstance("--instance", bad, MAX_1024),
       `--instance must be I/N, instance I of N with 1 <= I <= N <= 1024, such as 2/4, not '${bad}'`,
     );
   }
