@@ -907,7 +907,13 @@ export async function within<T>(
 
 /** The largest socket buffer TCP autotunes to, from `/proc/sys/net/ipv4/`. */
 async function tcpBufferMax(name: "tcp_rmem" | "tcp_wmem"): Promise<number> {
-  const text = await Deno.readTextFile(`/proc/sys/net/ipv4/${name}`);
+  // Read by cat: Deno asks --allow-all for /proc/sys, which the test task
+  // does not grant (--allow-run it does).
+  const { stdout } = await new Deno.Command("cat", {
+    args: [`/proc/sys/net/ipv4/${name}`],
+    stderr: "inherit",
+  }).output();
+  const text = new TextDecoder().decode(stdout);
   const max = Number(text.trim().split(/\s+/)[2]);
   if (!Number.isSafeInteger(max) || max <= 0) {
     throw new Error(`Cannot read the maximum from ${name}: ${text}`);
