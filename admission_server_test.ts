@@ -191,10 +191,9 @@ Deno.test("serveEcho() serves a client sending at exactly minRate", async () => 
   const rate = 4000; // bytes per second
   await using s = startServer({ minRate: rate, minRateGraceMs: 300 });
   const payload = pattern(6000, 3);
-  const conn = await Deno.connect({ hostname: HOST, port: s.port });
-  try {
-    // Paced by the clock, not by counting timer turns: whatever the
-    // machine's delays, it has sent rate * elapsed bytes at each step.
+  // Paced by the clock, not by counting timer turns: whatever the
+  // machine's delays, it has sent rate * elapsed bytes at each step.
+  async function* atRate() {
     const start = performance.now();
     for (let sent = 0; sent < payload.length;) {
       const due = Math.min(
@@ -202,16 +201,13 @@ Deno.test("serveEcho() serves a client sending at exactly minRate", async () => 
         Math.floor(rate * (performance.now() - start) / 1000),
       );
       if (due > sent) {
-        await writeAll(conn, payload.subarray(sent, due));
+        yield payload.subarray(sent, due);
         sent = due;
       }
       await new Promise((resolve) => setTimeout(resolve, 50));
     }
-    await conn.closeWrite();
-    assert.ok(sameBytes(await readAll(conn), payload));
-  } finally {
-    conn.close();
   }
+  assert.ok(sameBytes(await echo(s.port, atRate()), payload));
   await s.server.shutdown();
   assert.deepEqual(s.records, [[1, 6000]]);
   assert.deepEqual(s.diagnostics, []);

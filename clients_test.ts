@@ -1,7 +1,8 @@
 /**
  * The command line clients the README names, run against a real server:
  * those that half-close at end of input get the exact echo and exit by
- * themselves; plain OpenBSD `nc` (no `-N`) waits for the idle timeout.
+ * themselves; plain OpenBSD `nc` (no `-N`) waits to be cut off: at the end
+ * of `--min-rate-grace` (20 s), or at the idle timeout with `--min-rate 0`.
  *
  * @module
  */
@@ -59,19 +60,38 @@ for (const [name, program, args] of HALF_CLOSING) {
 }
 
 const NC = findExecutable("nc.openbsd");
-Deno.test({
-  name:
-    "nc without -N (OpenBSD) never half-closes: empty reply at the idle timeout",
-  ignore: NC === undefined,
-  fn: async () => {
-    await using s = startServer({ idleTimeoutMs: 200 });
-    const result = await pipeThrough(
-      NC!,
-      ["127.0.0.1", `${s.port}`],
-      "hello\n",
-    );
-    assert.equal(result.stdout, "");
-    await s.server.shutdown();
-    assert.deepEqual(s.records, [[1, 6]]);
-  },
-});
+// The defaults' order, scaled down: --min-rate-grace (20 s) ends before
+// --idle-timeout (30 s), so the min-rate rule is what cuts plain nc off.
+const NC_CUT_OFF: Array<[string, Parameters<typeof startServer>[0], RegExp]> = [
+  [
+    "at the end of --min-rate-grace",
+    { minRateGraceMs: 200, idleTimeoutMs: 3000 },
+    /^client 1: cut off after 6 bytes: sent below the minimum rate of 500 B\/s/,
+  ],
+  [
+    "at the idle timeout with --min-rate 0",
+    { minRate: 0, idleTimeoutMs: 200 },
+    /^client 1: cut off after 6 bytes: idle for more than 0\.2 s$/,
+  ],
+];
+for (const [when, options, diagnostic] of NC_CUT_OFF) {
+  Deno.test({
+    name: `nc without -N (OpenBSD) never half-closes: empty reply ${when}`,
+    ignore: NC === undefined,
+    fn: async () => {
+      await using s = startServer(options);
+      const result = await pipeThrough(
+        NC!,
+        ["127.0.0.1", `${s.port}`],
+        "hello\n",
+      );
+      assert.equal(result.stdout, "");
+      await s.server.shutdown();
+      assert.deepEqual(s.records, [[1, 6]]);
+      assert.ok(
+        s.diagnostics.some((line) => diagnostic.test(line)),
+        s.diagnostics.join("\n"),
+      );
+    },
+  });
+}

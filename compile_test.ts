@@ -33,7 +33,13 @@ import { fileURLToPath } from "node:url";
 import denoJson from "./deno.json" with { type: "json" };
 import { DEFAULT_LOG_PATH } from "./main.ts";
 import { readCompiledPayload } from "./_compiled_payload.ts";
-import { echo, killAfter, runCommand, withTempDir } from "./test_util.ts";
+import {
+  echo,
+  killAfter,
+  runCommand,
+  spawnChild,
+  withTempDir,
+} from "./test_util.ts";
 
 const REPO = fileURLToPath(new URL(".", import.meta.url));
 const LOG_DIR = DEFAULT_LOG_PATH.slice(0, DEFAULT_LOG_PATH.lastIndexOf("/"));
@@ -299,14 +305,11 @@ async function runInTerminal(
   cwd: string,
 ): Promise<TerminalResult> {
   const quoted = args.map((arg) => `'${arg.replaceAll("'", `'\\''`)}'`);
-  const child = new Deno.Command("script", {
-    args: ["--quiet", "--return", "--command", quoted.join(" "), "/dev/null"],
-    cwd,
-    env: { NO_COLOR: "1" },
-    stdin: "null",
-    stdout: "piped",
-    stderr: "null",
-  }).spawn();
+  const child = spawnChild(
+    "script",
+    ["--quiet", "--return", "--command", quoted.join(" "), "/dev/null"],
+    { cwd, stderr: "null" },
+  );
   using _timeout = killAfter(child, 60_000);
   let output = "";
   let stopped = false;

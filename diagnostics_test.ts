@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { Diagnostics, type DiagnosticsOutput } from "./diagnostics.ts";
-import { killAfter, Lines } from "./test_util.ts";
+import { killAfter, Lines, spawnChild } from "./test_util.ts";
 
 /** An output whose writes complete only when the test says so. */
 class StalledOutput implements DiagnosticsOutput {
@@ -102,13 +102,7 @@ Deno.test("Diagnostics keeps a process running while nobody reads its stderr pip
     console.log("dropped " + diagnostics.dropped);
     await diagnostics.flush({ timeoutMs: 60_000 });
   `;
-  const child = new Deno.Command(Deno.execPath(), {
-    args: ["eval", "--ext=ts", script],
-    env: { NO_COLOR: "1" },
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
+  const child = spawnChild(Deno.execPath(), ["eval", "--ext=ts", script]);
   using _timeout = killAfter(child, 30_000);
   const stdout = new Lines(child.stdout);
   // stderr is not read until the child has written every line.

@@ -51,14 +51,11 @@ export function parseInteger(
   options: IntegerOptions = {},
 ): number {
   const { min = 0, max = Number.MAX_SAFE_INTEGER } = options;
-  if (text === undefined) return defaultOf(flag, options.default);
-  const value = /^\d+$/.test(text) ? Number(text) : NaN;
-  if (!(value >= min && value <= max)) {
-    throw new UsageError(
-      `${flag} must be a whole number from ${min} to ${max}, not '${text}'`,
-    );
-  }
-  return value;
+  const expected = `a whole number from ${min} to ${max}`;
+  return parseFlag(flag, text, options.default, expected, (text) => {
+    const value = /^\d+$/.test(text) ? Number(text) : NaN;
+    return value >= min && value <= max ? value : undefined;
+  });
 }
 
 /** Options for {@linkcode parseSize}. */
@@ -96,20 +93,16 @@ export function parseSize(
   options: SizeOptions = {},
 ): number {
   const { min = 0 } = options;
-  if (text === undefined) return defaultOf(flag, options.default);
-  const match = /^(\d+)\s*(kib|mib|gib)?$/i.exec(text);
-  const value = match
-    ? Number(match[1]) * SIZE_UNITS[(match[2] ?? "").toLowerCase()]
-    : NaN;
-  if (!(value >= min && Number.isSafeInteger(value))) {
-    const what = min > 0
-      ? `a size of at least ${min} bytes`
-      : "a number of bytes";
-    throw new UsageError(
-      `${flag} must be ${what} such as 65536 or 64MiB, not '${text}'`,
-    );
-  }
-  return value;
+  const expected = `${
+    min > 0 ? `a size of at least ${min} bytes` : "a number of bytes"
+  } such as 65536 or 64MiB`;
+  return parseFlag(flag, text, options.default, expected, (text) => {
+    const match = /^(\d+)\s*(kib|mib|gib)?$/i.exec(text);
+    const value = match
+      ? Number(match[1]) * SIZE_UNITS[(match[2] ?? "").toLowerCase()]
+      : NaN;
+    return value >= min && Number.isSafeInteger(value) ? value : undefined;
+  });
 }
 
 // One millisecond: what the servers' timers take.
@@ -147,19 +140,47 @@ export function parseSeconds(
   options: SecondsOptions = {},
 ): number {
   const { allowZero = false } = options;
-  if (text === undefined) return defaultOf(flag, options.default);
-  const seconds = /^\d+(\.\d+)?$/.test(text) ? Number(text) : NaN;
-  if (
-    !((allowZero && seconds === 0) ||
-      (seconds >= MIN_SECONDS && seconds <= 86_400))
-  ) {
-    throw new UsageError(
-      `${flag} must be ${
-        allowZero ? "0 or " : ""
-      }a number of seconds from ${MIN_SECONDS} to 86400, not '${text}'`,
-    );
-  }
-  return seconds;
+  const expected = `${
+    allowZero ? "0 or " : ""
+  }a number of seconds from ${MIN_SECONDS} to 86400`;
+  return parseFlag(flag, text, options.default, expected, (text) => {
+    const seconds = /^\d+(\.\d+)?$/.test(text) ? Number(text) : NaN;
+    return (allowZero && seconds === 0) ||
+        (seconds >= MIN_SECONDS && seconds <= 86_400)
+      ? seconds
+      : undefined;
+  });
+}
+
+/** Options for {@linkcode parseMilliseconds}. */
+export interface MillisecondsOptions extends Omit<SecondsOptions, "default"> {
+  /**
+   * Returned, in milliseconds, when the flag was not given; without one, it
+   * is required.
+   */
+  default?: number;
+}
+
+/**
+ * Parses seconds as {@linkcode parseSeconds} does, and returns them as whole
+ * milliseconds: flags are in seconds, the servers' timers take milliseconds.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * assert.equal(parseMilliseconds("--idle-timeout", "0.25"), 250);
+ * assert.equal(parseMilliseconds("--idle-timeout", undefined, { default: 5000 }), 5000);
+ * assert.throws(() => parseMilliseconds("--idle-timeout", "0"), UsageError);
+ * ```
+ */
+export function parseMilliseconds(
+  flag: string,
+  text: string | undefined,
+  options: MillisecondsOptions = {},
+): number {
+  const { default: fallback, ...secondsOptions } = options;
+  if (text === undefined && fallback !== undefined) return fallback;
+  return Math.round(parseSeconds(flag, text, secondsOptions) * 1000);
 }
 
 /** What {@linkcode parseInstance} returns: instance `instance` of `instances`. */
@@ -173,12 +194,11 @@ export interface Instance {
 /** Options for {@linkcode parseInstance}. */
 export interface InstanceOptions {
   /**
-   * Largest N accepted (server.ts's `MAX_INSTANCES`: ids grow by N per
-   * client and must stay exact).
-   *
-   * @default {1024}
+   * Largest N accepted: the server's bound (server.ts's `MAX_INSTANCES`, ids
+   * grow by N per client and must stay exact), so the caller names it rather
+   * than this module keeping a copy.
    */
-  max?: number;
+  max: number;
 }
 
 /**
@@ -188,31 +208,50 @@ export interface InstanceOptions {
  * @example
  * ```ts
  * import assert from "node:assert/strict";
- * assert.deepEqual(parseInstance("--instance", "2/4"), { instance: 2, instances: 4 });
- * assert.deepEqual(parseInstance("--instance", undefined), { instance: 1, instances: 1 });
- * assert.throws(() => parseInstance("--instance", "1/1025"), UsageError);
+ * assert.deepEqual(parseInstance("--instance", "2/4", { max: 1024 }), { instance: 2, instances: 4 });
+ * assert.deepEqual(parseInstance("--instance", undefined, { max: 1024 }), { instance: 1, instances: 1 });
+ * assert.throws(() => parseInstance("--instance", "1/1025", { max: 1024 }), UsageError);
  * ```
  */
 export function parseInstance(
   flag: string,
   text: string | undefined,
-  options: InstanceOptions = {},
+  options: InstanceOptions,
 ): Instance {
-  const { max = 1024 } = options;
-  if (text === undefined) return { instance: 1, instances: 1 };
-  const match = /^(\d+)\/(\d+)$/.exec(text);
-  const instance = Number(match?.[1]);
-  const instances = Number(match?.[2]);
-  if (!(instance >= 1 && instance <= instances && instances <= max)) {
-    throw new UsageError(
-      `${flag} must be I/N, instance I of N with 1 <= I <= N <= ${max}, such as 2/4, not '${text}'`,
-    );
-  }
-  return { instance, instances };
+  const expected =
+    `I/N, instance I of N with 1 <= I <= N <= ${options.max}, such as 2/4`;
+  const alone = { instance: 1, instances: 1 }; // without the flag
+  return parseFlag(flag, text, alone, expected, (text) => {
+    const match = /^(\d+)\/(\d+)$/.exec(text);
+    const instance = Number(match?.[1]);
+    const instances = Number(match?.[2]);
+    return instance >= 1 && instance <= instances && instances <= options.max
+      ? { instance, instances }
+      : undefined;
+  });
 }
 
-function defaultOf(flag: string, value: number | undefined): number {
-  if (value === undefined) throw new UsageError(`${flag} is required`);
+/**
+ * What every parser here does around its own reading of the text: the
+ * fallback when the flag was not given (required if there is none), else
+ * `read(text)`, and where that is undefined, the one-line complaint that
+ * `flag` must be `expected`.
+ */
+function parseFlag<T>(
+  flag: string,
+  text: string | undefined,
+  fallback: T | undefined,
+  expected: string,
+  read: (text: string) => T | undefined,
+): T {
+  if (text === undefined) {
+    if (fallback === undefined) throw new UsageError(`${flag} is required`);
+    return fallback;
+  }
+  const value = read(text);
+  if (value === undefined) {
+    throw new UsageError(`${flag} must be ${expected}, not '${text}'`);
+  }
   return value;
 }
 
@@ -246,18 +285,44 @@ export function parseHostPort(
   text: string,
   defaultHostname: string,
 ): HostPort {
-  const match = /^(?:\[([^\]]+)\]|([^:[\]]*)):(\d+)$/.exec(text);
-  const port = match ? Number(match[3]) : NaN;
-  if (!match || !(port <= 65535)) {
-    throw new UsageError(
-      `${flag} must be HOST:PORT or :PORT with a port from 0 to 65535, not '${text}'`,
-    );
-  }
-  return { hostname: match[1] ?? (match[2] || defaultHostname), port };
+  const expected = "HOST:PORT or :PORT with a port from 0 to 65535";
+  return parseFlag(flag, text, undefined, expected, (text) => {
+    const match = /^(?:\[([^\]]+)\]|([^:[\]]*)):(\d+)$/.exec(text);
+    const port = match ? Number(match[3]) : NaN;
+    return match && port <= 65535
+      ? { hostname: match[1] ?? (match[2] || defaultHostname), port }
+      : undefined;
+  });
 }
 
 /** What {@linkcode parseCommandLine} accepts: node:util's option table. */
 export type CommandLineOptions = NonNullable<ParseArgsConfig["options"]>;
+
+/** The option table {@linkcode stringFlags} returns. */
+export type StringFlags<N extends string> = { [K in N]: { type: "string" } };
+
+/**
+ * The part of a {@linkcode parseCommandLine} table for flags that each take
+ * a value (`--name VALUE` or `--name=VALUE`), one for each of `names`: most
+ * flags do, and their values go to the parsers here.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * const { values } = parseCommandLine(["--host", "::1", "--port=80"], {
+ *   ...stringFlags(["host", "port"]),
+ *   help: { type: "boolean" },
+ * });
+ * assert.deepEqual({ ...values }, { host: "::1", port: "80" });
+ * ```
+ */
+export function stringFlags<const N extends string>(
+  names: readonly N[],
+): StringFlags<N> {
+  return Object.fromEntries(
+    names.map((name) => [name, { type: "string" }]),
+  ) as StringFlags<N>;
+}
 
 /**
  * Parses `args` strictly against `options` with `node:util`'s `parseArgs`,

@@ -1,14 +1,19 @@
 import assert from "node:assert/strict";
 import {
+  parseCommandLine,
   parseHostPort,
   parseInstance,
   parseInteger,
+  parseMilliseconds,
   parseSeconds,
   parseSize,
+  stringFlags,
   UsageError,
 } from "./flags.ts";
 
 const MIB = 1024 * 1024;
+// server.ts's MAX_INSTANCES, the bound main.ts passes.
+const MAX_1024 = { max: 1024 };
 
 /** Asserts that `fn` throws a UsageError with exactly `message`. */
 function assertThrowsUsage(fn: () => unknown, message: string): void {
@@ -125,23 +130,23 @@ Deno.test("parseSeconds() rejects zero unless allowed, under 1 ms, over a day, o
 });
 
 Deno.test("parseInstance() reads I/N with 1 <= I <= N, or gives 1/1 without the flag", () => {
-  assert.deepEqual(parseInstance("--instance", "2/4"), {
+  assert.deepEqual(parseInstance("--instance", "2/4", MAX_1024), {
     instance: 2,
     instances: 4,
   });
-  assert.deepEqual(parseInstance("--instance", "1/1"), {
+  assert.deepEqual(parseInstance("--instance", "1/1", MAX_1024), {
     instance: 1,
     instances: 1,
   });
-  assert.deepEqual(parseInstance("--instance", "4/4"), {
+  assert.deepEqual(parseInstance("--instance", "4/4", MAX_1024), {
     instance: 4,
     instances: 4,
   });
-  assert.deepEqual(parseInstance("--instance", undefined), {
+  assert.deepEqual(parseInstance("--instance", undefined, MAX_1024), {
     instance: 1,
     instances: 1,
   });
-  assert.deepEqual(parseInstance("--instance", "1024/1024"), {
+  assert.deepEqual(parseInstance("--instance", "1024/1024", MAX_1024), {
     instance: 1024,
     instances: 1024,
   });
@@ -171,7 +176,7 @@ Deno.test("parseInstance() rejects 0, over N, N over max, or not I/N", () => {
     ]
   ) {
     assertThrowsUsage(
-      () => parseInstance("--instance", bad),
+      () => parseInstance("--instance", bad, MAX_1024),
       `--instance must be I/N, instance I of N with 1 <= I <= N <= 1024, such as 2/4, not '${bad}'`,
     );
   }
@@ -209,4 +214,34 @@ Deno.test("parseHostPort() rejects no port, a port over 65535, or a bare IPv6 ad
       `--metrics must be HOST:PORT or :PORT with a port from 0 to 65535, not '${text}'`,
     );
   }
+});
+
+Deno.test("stringFlags() makes each name a flag that takes a value", () => {
+  assert.deepEqual(stringFlags(["host", "max-buffered"]), {
+    host: { type: "string" },
+    "max-buffered": { type: "string" },
+  });
+  assertThrowsUsage(
+    () => parseCommandLine(["--host"], stringFlags(["host"])),
+    "Option '--host <value>' argument missing",
+  );
+});
+
+Deno.test("parseMilliseconds() reads seconds as whole milliseconds, or gives the default", () => {
+  assert.equal(parseMilliseconds("--t", "0.001"), 1);
+  assert.equal(parseMilliseconds("--t", "1.5"), 1500);
+  assert.equal(parseMilliseconds("--t", "86400"), 86_400_000);
+  assert.equal(parseMilliseconds("--t", "0", { allowZero: true }), 0);
+  assert.equal(
+    parseMilliseconds("--t", undefined, { default: 30_000 }),
+    30_000,
+  );
+  assertThrowsUsage(
+    () => parseMilliseconds("--t", "0"),
+    "--t must be a number of seconds from 0.001 to 86400, not '0'",
+  );
+  assertThrowsUsage(
+    () => parseMilliseconds("--t", undefined),
+    "--t is required",
+  );
 });

@@ -11,55 +11,33 @@ import {
   connectMany,
   echo,
   findExecutable,
-  killAfter,
-  Lines,
   readAll,
   runCommand,
-  spawnServer,
+  ServerProcess,
+  type ServerProcessOptions,
   withTempDir,
 } from "./test_util.ts";
 
-/** A server process on port 0 logging to `${logDir}/access.log`. */
-class Server implements AsyncDisposable {
-  readonly child: Deno.ChildProcess;
-  readonly stderr: Lines;
-  #timeout: Disposable;
+/**
+ * main.ts on port 0 logging to `${logDir}/access.log`, with `--metrics` on
+ * an ephemeral port, and `args`.
+ */
+function spawnLogServer(
+  logDir: string,
+  args: string[],
+  options: ServerProcessOptions = {},
+): ServerProcess {
+  return new ServerProcess(logDir, ["--metrics", "127.0.0.1:0", ...args], {
+    timeoutMs: 120_000,
+    ...options,
+  });
+}
 
-  constructor(logDir: string, args: string[], shell?: string) {
-    this.child = spawnServer(logDir, ["--metrics", "127.0.0.1:0", ...args], {
-      shell,
-    });
-    this.#timeout = killAfter(this.child, 120_000);
-    this.stderr = new Lines(this.child.stderr);
-  }
-
-  /** The echo port and the metrics port, from the start-up lines. */
-  async ports(): Promise<{ port: number; metricsPort: number }> {
-    const [, port] = await this.stderr.next(/^listening on .+:(\d+), /);
-    const [, metricsPort] = await this.stderr.next(
-      /^metrics on http:\/\/.+:(\d+)\/metrics/,
-    );
-    return { port: Number(port), metricsPort: Number(metricsPort) };
-  }
-
-  /** Sends SIGTERM; resolves with the exit code once stderr has ended. */
-  async stop(): Promise<number> {
-    this.child.kill("SIGTERM");
-    const { code } = await this.child.status;
-    await this.stderr.done;
-    return code;
-  }
-
-  async [Symbol.asyncDispose](): Promise<void> {
-    try {
-      this.child.kill("SIGKILL");
-    } catch {
-      // already exited
-    }
-    await this.child.status;
-    await this.stderr.done;
-    this.#timeout[Symbol.dispose]();
-  }
+/** The echo port and the metrics port, from the start-up lines. */
+async function ports(
+  server: ServerProcess,
+): Promise<{ port: number; metricsPort: number }> {
+  return { port: await server.port(), metricsPort: await server.metricsPort() };
 }
 
 /** The line the server writes for client `id` (who sent `size(id)` bytes). */
@@ -186,8 +164,8 @@ Deno.test({
     `echo-server on a full tmpfs serves everyone, keeps every line, and writes them whole and in order once space returns${needsTmpfs}`,
   ignore: noTmpfs !== undefined,
   fn: withTinyTmpfs(async (mnt) => {
-    await using server = new Server(mnt, []);
-    const { port, metricsPort } = await server.ports();
+    await using server = spawnLogServer(mnt, []);
+    const { port, metricsPort } = await ports(server);
     await serveClients(port, 1, 20);
     fill(`${mnt}/filler`);
     // The log's last page has room for a few more lines, then a short
@@ -229,10 +207,10 @@ Deno.test({
  * on the full disk, and returns the metrics then.
  */
 async function serveOntoFullDisk(
-  server: Server,
+  server: ServerProcess,
   mnt: string,
 ): Promise<Record<string, number>> {
-  const { port, metricsPort } = await server.ports();
+  const { port, metricsPort } = await ports(server);
   await serveClients(port, 1, 5);
   fill(`${mnt}/filler`);
   await serveClients(port, 6, 400);
@@ -244,7 +222,7 @@ Deno.test({
     `echo-server on a tmpfs that stays full drops past --log-backlog, keeps serving, and exits 1 counting what it never wrote${needsTmpfs}`,
   ignore: noTmpfs !== undefined,
   fn: withTinyTmpfs(async (mnt) => {
-    await using server = new Server(mnt, [
+    await using server = spawnLogServer(mnt, [
       "--log-backlog",
       "4KiB",
       "--drain-timeout",
@@ -283,7 +261,7 @@ Deno.test({
   fn: withTinyTmpfs(async (mnt) => {
     // A drain time far past the test's bound: only the second signal can
     // end the flush of a disk that stays full in time.
-    await using server = new Server(mnt, ["--drain-timeout", "600"]);
+    await using server = spawnLogServer(mnt, ["--drain-timeout", "600"]);
     const full = await serveOntoFullDisk(server, mnt);
     assert.ok(full.echo_log_backlog_lines > 100, JSON.stringify(full));
     const firstAt = performance.now();
@@ -333,8 +311,8 @@ Deno.test({
     }`,
   ignore: prlimit === undefined,
   fn: withTempDir(async (dir) => {
-    await using server = new Server(dir, []);
-    const { port, metricsPort } = await server.ports();
+    await using server = spawnLogServer(dir, []);
+    const { port, metricsPort } = await ports(server);
     await serveClients(port, 1, 3);
     // Room for one more line and 11 bytes of the next: the write past the
     // limit raises SIGXFSZ, which would end the process unless handled.
@@ -376,8 +354,8 @@ function linesText(from: number, to: number): string {
 Deno.test(
   "echo-server under ulimit -n 64 retries a failed SIGHUP reopen until descriptors free up, losing no line",
   withTempDir(async (dir) => {
-    await using server = new Server(dir, [], "ulimit -Sn 64 -Hn 64");
-    const { port, metricsPort } = await server.ports();
+    await using server = spawnLogServer(dir, [], { maxOpenFiles: 64 });
+    const { port, metricsPort } = await ports(server);
     await serveClients(port, 1, 2);
     // More clients than descriptors, held open: accept fails with EMFILE.
     const clients = 100;

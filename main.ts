@@ -28,8 +28,9 @@ import {
   parseHostPort,
   parseInstance,
   parseInteger,
-  parseSeconds,
+  parseMilliseconds,
   parseSize,
+  stringFlags,
   UsageError,
 } from "./flags.ts";
 import { type MetricsServer, serveMetrics } from "./metrics.ts";
@@ -155,22 +156,24 @@ deno task arrives twice.`;
  */
 export function parseFlags(args: string[]): Config | "help" | "version" {
   const { values } = parseCommandLine(args, {
-    host: { type: "string" },
-    port: { type: "string" },
-    log: { type: "string" },
-    "log-backlog": { type: "string" },
-    "max-client-bytes": { type: "string" },
-    "max-buffered": { type: "string" },
-    "max-connections": { type: "string" },
-    "idle-timeout": { type: "string" },
-    "min-rate": { type: "string" },
-    "min-rate-grace": { type: "string" },
-    "min-read-rate": { type: "string" },
-    "eviction-grace": { type: "string" },
-    "drain-timeout": { type: "string" },
-    "shutdown-delay": { type: "string" },
-    instance: { type: "string" },
-    metrics: { type: "string" },
+    ...stringFlags([
+      "host",
+      "port",
+      "log",
+      "log-backlog",
+      "max-client-bytes",
+      "max-buffered",
+      "max-connections",
+      "idle-timeout",
+      "min-rate",
+      "min-rate-grace",
+      "min-read-rate",
+      "eviction-grace",
+      "drain-timeout",
+      "shutdown-delay",
+      "instance",
+      "metrics",
+    ]),
     help: { type: "boolean", short: "h" },
     version: { type: "boolean", short: "V" },
   });
@@ -202,50 +205,51 @@ export function parseFlags(args: string[]): Config | "help" | "version" {
       values["max-connections"],
       { default: DEFAULT_MAX_CONNECTIONS, min: 1, max: 1_000_000 },
     ),
-    idleTimeoutMs: milliseconds(
-      parseSeconds("--idle-timeout", values["idle-timeout"], {
-        default: DEFAULT_IDLE_TIMEOUT_MS / 1000,
-      }),
-    ),
+    idleTimeoutMs: parseMilliseconds("--idle-timeout", values["idle-timeout"], {
+      default: DEFAULT_IDLE_TIMEOUT_MS,
+    }),
     minRate: parseSize("--min-rate", values["min-rate"], {
       default: DEFAULT_MIN_RATE,
     }),
-    minRateGraceMs: milliseconds(
-      parseSeconds("--min-rate-grace", values["min-rate-grace"], {
-        default: DEFAULT_MIN_RATE_GRACE_MS / 1000,
-      }),
+    minRateGraceMs: parseMilliseconds(
+      "--min-rate-grace",
+      values["min-rate-grace"],
+      {
+        default: DEFAULT_MIN_RATE_GRACE_MS,
+      },
     ),
     minWriteRate: parseSize("--min-read-rate", values["min-read-rate"], {
       default: DEFAULT_MIN_WRITE_RATE,
     }),
-    evictionGraceMs: milliseconds(
-      parseSeconds("--eviction-grace", values["eviction-grace"], {
-        default: DEFAULT_EVICTION_GRACE_MS / 1000,
+    evictionGraceMs: parseMilliseconds(
+      "--eviction-grace",
+      values["eviction-grace"],
+      {
+        default: DEFAULT_EVICTION_GRACE_MS,
         allowZero: true,
-      }),
+      },
     ),
-    drainTimeoutMs: milliseconds(
-      parseSeconds("--drain-timeout", values["drain-timeout"], {
-        default: DEFAULT_DRAIN_TIMEOUT_MS / 1000,
+    drainTimeoutMs: parseMilliseconds(
+      "--drain-timeout",
+      values["drain-timeout"],
+      {
+        default: DEFAULT_DRAIN_TIMEOUT_MS,
         allowZero: true,
-      }),
+      },
     ),
-    shutdownDelayMs: milliseconds(
-      parseSeconds("--shutdown-delay", values["shutdown-delay"], {
+    shutdownDelayMs: parseMilliseconds(
+      "--shutdown-delay",
+      values["shutdown-delay"],
+      {
         default: 0,
         allowZero: true,
-      }),
+      },
     ),
     ...parseInstance("--instance", values.instance, { max: MAX_INSTANCES }),
     ...(values.metrics === undefined ? {} : {
       metrics: parseHostPort("--metrics", values.metrics, "127.0.0.1"),
     }),
   };
-}
-
-/** Seconds from {@linkcode parseSeconds} as whole milliseconds. */
-function milliseconds(seconds: number): number {
-  return Math.round(seconds * 1000);
 }
 
 /** The message of a thrown `Error`, or any other thrown value as text. */

@@ -16,12 +16,10 @@ import {
 import {
   echo,
   findExecutable,
-  killAfter,
-  Lines,
   readAll,
   runCommand,
   sendAndReset,
-  spawnServer,
+  ServerProcess,
   startServer,
   within,
   withTempDir,
@@ -498,27 +496,18 @@ Deno.test(
         return new Response(null, { status: 200 });
       },
     );
-    const child = spawnServer(dir, ["--metrics", ":0"], {
+    await using server = new ServerProcess(dir, ["--metrics", ":0"], {
       env: {
         OTEL_DENO: "true",
         OTEL_EXPORTER_OTLP_ENDPOINT: `http://${HOST}:${collector.addr.port}`,
       },
     });
-    using _timeout = killAfter(child, 60_000);
-    const stderr = child.stderr.pipeThrough(new TextDecoderStream());
-    let text = "";
-    let asked = false;
-    for await (const chunk of stderr) {
-      text += chunk;
-      const ports = /:(\d+), access log[^]*\nmetrics on http:\/\/.+:(\d+)\//
-        .exec(text);
-      if (ports === null || asked) continue;
-      asked = true;
-      await echo(Number(ports[1]), encoder.encode("hello"));
-      assert.equal((await get(Number(ports[2]), "/metrics")).status, 200);
-      child.kill("SIGTERM");
-    }
-    assert.equal((await child.status).code, 0);
+    await echo(await server.port(), encoder.encode("hello"));
+    assert.equal(
+      (await get(await server.metricsPort(), "/metrics")).status,
+      200,
+    );
+    assert.equal(await server.stop(), 0);
     // Deno flushes at exit: the /metrics request's HTTP server metrics...
     const metrics = posted.get("/v1/metrics") ?? "";
     assert.match(metrics, /http\.server\.request\.duration/);
@@ -541,15 +530,13 @@ for (
     }`,
     withTempDir(async (dir) => {
       const limit = 500;
-      const child = spawnServer(dir, ["--metrics", ":0"], {
+      await using server = new ServerProcess(dir, ["--metrics", ":0"], {
         permissions: [...permissions],
         maxOpenFiles: limit,
       });
-      using _timeout = killAfter(child, 60_000);
-      const stderr = new Lines(child.stderr);
       try {
-        const [, port] = await stderr.next(/^metrics on .+:(\d+)\/metrics/);
-        const exposition = (await get(Number(port), "/metrics")).body;
+        const port = await server.metricsPort();
+        const exposition = (await get(port, "/metrics")).body;
         const m = samples(exposition);
         if (shown) {
           assert.equal(sample(m, "process_max_fds"), limit);
@@ -561,9 +548,7 @@ for (
           assert.ok(!m.has("process_open_fds"), exposition);
         }
       } finally {
-        child.kill("SIGTERM");
-        assert.equal((await child.status).code, 0);
-        await stderr.done;
+        assert.equal(await server.stop(), 0);
       }
     }),
   );

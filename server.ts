@@ -242,7 +242,9 @@ const ACCEPT_RETRY_MS = 100;
 // may not poll the sockets for readiness (no epoll_wait for 22 s under
 // strace): reads of new clients stayed pending with their bytes in the
 // kernel until the idle timeout. A timer turn every this many accepts
-// prevented it in every run; every 256 did not (bench/README.md).
+// prevented it in every run; every 256 did not (bench/README.md). Accepts
+// that fail because a client reset while queued count too: they also
+// complete at once, and would hold off timers (idle sweep, drain) as long.
 const ACCEPTS_PER_YIELD = 64;
 // Lines about single clients (resets, cut-offs, unknown accept errors, log
 // write failures), at most 10 a second; the rest are counted by kind into
@@ -538,6 +540,11 @@ class Server implements EchoServer {
         // a pause the loop would spin, numbering and logging a client each
         // pass.
         if (kind === "unknown") await this.#pauseAccepting();
+        // A flood of clients that reset while queued fails accept() at once
+        // as often as a full queue succeeds: it counts toward the turn too.
+        else if (++this.#acceptsSinceYield >= ACCEPTS_PER_YIELD) {
+          await this.#timerTurn();
+        }
         continue;
       }
       const clientId = this.#nextClientId();
@@ -561,10 +568,15 @@ class Server implements EchoServer {
         this.#cutOff(client, "shutdown", "still connected at shutdown");
       }
       if (++this.#acceptsSinceYield >= ACCEPTS_PER_YIELD) {
-        this.#acceptsSinceYield = 0;
-        await new Promise((resolve) => setTimeout(resolve, 0));
+        await this.#timerTurn();
       }
     }
+  }
+
+  /** Lets timers and socket polling run; see ACCEPTS_PER_YIELD. */
+  async #timerTurn(): Promise<void> {
+    this.#acceptsSinceYield = 0;
+    await new Promise((resolve) => setTimeout(resolve, 0));
   }
 
   /** Waits until a client finishes, shutdown starts, or `ms` passed. */

@@ -6,6 +6,7 @@ import {
   readAll,
   sameBytes,
   sendAndReset,
+  stallingBytes,
   startServer,
   type TestServer,
   waitUntil,
@@ -14,6 +15,10 @@ import {
 } from "./test_util.ts";
 
 const HOST = "127.0.0.1";
+const MIB = 1024 * 1024;
+
+/** A reply this long stalls for a client that does not read. */
+const STALLING_BYTES = await stallingBytes();
 
 /**
  * Like echo, but being cut off is an outcome, not a failure: a reset, a
@@ -88,20 +93,16 @@ for (
 Deno.test("serveEcho() echoes a slow sender's many small writes in order", async () => {
   await using s = startServer();
   const payload = pattern(3000, 7);
-  const conn = await Deno.connect({ hostname: HOST, port: s.port });
-  try {
+  async function* pieces() {
     for (let offset = 0, step = 1; offset < payload.length; step++) {
       const end = Math.min(payload.length, offset + (step % 17) + 1);
-      await writeAll(conn, payload.subarray(offset, end));
+      yield payload.subarray(offset, end);
       offset = end;
       // Yield to the event loop so the server sees many separate segments.
       await new Promise((resolve) => setTimeout(resolve, 0));
     }
-    await conn.closeWrite();
-    assert.ok(sameBytes(await readAll(conn), payload));
-  } finally {
-    conn.close();
   }
+  assert.ok(sameBytes(await echo(s.port, pieces()), payload));
 });
 
 Deno.test("serveEcho() logs 200 sequential clients as 1..200 in order", async () => {
@@ -192,14 +193,13 @@ Deno.test("serveEcho() serves a client while another is idle", async () => {
 });
 
 Deno.test("serveEcho() logs a client that leaves without reading and serves the next", async () => {
-  await using s = startServer();
+  await using s = startServer({ maxClientBytes: STALLING_BYTES });
   const conn = await Deno.connect({ hostname: HOST, port: s.port });
-  await writeAll(conn, pattern(32 * 1024 * 1024, 9));
+  await writeAll(conn, pattern(STALLING_BYTES, 9));
   await conn.closeWrite();
   // Take a little of the reply, then close with the rest unread, which makes
-  // the kernel reset the connection under the server's write (32 MiB is
-  // more than the kernel's socket buffers can take, so the server is still
-  // writing).
+  // the kernel reset the connection under the server's write (the kernel's
+  // socket buffers cannot take it all, so the server is still writing).
   await conn.read(new Uint8Array(1024));
   conn.close();
   const payload = pattern(10, 10);
@@ -207,7 +207,7 @@ Deno.test("serveEcho() logs a client that leaves without reading and serves the 
   await s.server.shutdown();
   assert.deepEqual(
     s.records.toSorted(([a], [b]) => a - b),
-    [[1, 32 * 1024 * 1024], [2, 10]],
+    [[1, STALLING_BYTES], [2, 10]],
   );
   assert.equal(s.diagnostics.length, 1);
   assert.match(s.diagnostics[0], /^client 1: /);
@@ -268,6 +268,14 @@ Deno.test("serveEcho() logs clients that reset while queued and accepts on at on
 });
 
 /**
+ * What a FailingListener's accept() does next: fail with an error, return
+ * a connection the test accepted itself, or (nothing) accept for real.
+ */
+type NextAccept = (
+  real: Deno.TcpListener,
+) => Error | Promise<Deno.TcpConn> | undefined;
+
+/**
  * A real listener whose accept() fails with whatever `nextFailure` returns
  * (nothing: accept for real), like std's `stub(Deno, "listen", ...)`.
  */
@@ -278,7 +286,7 @@ class FailingListener implements Deno.TcpListener {
 
   constructor(
     readonly real: Deno.TcpListener,
-    readonly nextFailure: () => Error | undefined,
+    readonly nextFailure: NextAccept,
   ) {}
 
   get addr(): Deno.NetAddr {
@@ -287,10 +295,11 @@ class FailingListener implements Deno.TcpListener {
 
   accept(): Promise<Deno.TcpConn> {
     this.calls++;
-    const error = this.nextFailure();
-    if (error === undefined) return this.real.accept();
+    const next = this.nextFailure(this.real);
+    if (next === undefined) return this.real.accept();
+    if (next instanceof Promise) return next;
     this.failures++;
-    return Promise.reject(error);
+    return Promise.reject(next);
   }
 
   close(): void {
@@ -316,7 +325,7 @@ class FailingListener implements Deno.TcpListener {
 
 /** startServer, with Deno.listen replaced while the server starts. */
 function startServerWithFailingListener(
-  nextFailure: () => Error | undefined,
+  nextFailure: NextAccept,
   options: ServeOptions = {},
 ): TestServer & { listener: FailingListener } {
   const listen = Deno.listen;
@@ -529,19 +538,20 @@ Deno.test("serveEcho() keeps a client's buffers within 1.125x its bytes while it
 });
 
 Deno.test("serveEcho() counts spare chunks against maxBufferedBytes while writing a trimmed reply", async () => {
-  const MIB = 1024 * 1024;
-  // Where a read chunk ends near 8 MiB, and the capacity once the next is
-  // allocated (read from the server, whatever its chunk sizes are).
+  // Where a read chunk ends past STALLING_BYTES (so that the reply below
+  // stalls), and the capacity once the next is allocated (read from the
+  // server, whatever its chunk sizes are).
+  const size = STALLING_BYTES;
   let boundary: number;
   let capacity: number;
   {
-    await using s = startServer();
+    await using s = startServer({ maxClientBytes: Infinity });
     const conn = await Deno.connect({ hostname: HOST, port: s.port });
     try {
-      await writeAll(conn, pattern(8 * MIB, 1));
-      await waitUntil(() => s.server.stats.receivedBytes === 8 * MIB, "read");
+      await writeAll(conn, pattern(size, 1));
+      await waitUntil(() => s.server.stats.receivedBytes === size, "read");
       boundary = s.server.bufferedBytes;
-      await writeAll(conn, pattern(boundary - 8 * MIB, 2));
+      await writeAll(conn, pattern(boundary - size, 2));
       await waitUntil(
         () => s.server.stats.receivedBytes === boundary,
         "read to the boundary",
@@ -555,7 +565,10 @@ Deno.test("serveEcho() counts spare chunks against maxBufferedBytes while writin
   // is copied out and the chunk is freed for reuse. The limit is exactly
   // what the reads took, so that freed chunk must not be kept as a spare
   // while the copy is still held.
-  await using s = startServer({ maxBufferedBytes: capacity });
+  await using s = startServer({
+    maxBufferedBytes: capacity,
+    maxClientBytes: Infinity,
+  });
   const conn = await Deno.connect({ hostname: HOST, port: s.port });
   try {
     await writeAll(conn, pattern(boundary + 1, 3));
@@ -603,7 +616,6 @@ Deno.test("serveEcho() holds a 64-byte first chunk for an idle client, no more",
 });
 
 Deno.test("serveEcho() cuts off one of two clients that together pass maxBufferedBytes", async () => {
-  const MIB = 1024 * 1024;
   await using s = startServer({ maxBufferedBytes: 16 * MIB });
   const first = pattern(15 * MIB, 1);
   const second = pattern(15 * MIB, 2);
@@ -723,10 +735,18 @@ Deno.test("EchoServer.shutdown() cuts off clients still there at drainTimeoutMs"
 /** Starts a server with one client that sent 3 bytes and stays connected. */
 async function serverWithHeldClient(): Promise<[TestServer, Deno.TcpConn]> {
   const s = startServer();
-  const conn = await Deno.connect({ hostname: HOST, port: s.port });
-  await writeAll(conn, new Uint8Array(3));
-  await waitUntil(() => s.server.stats.receivedBytes === 3, "3 bytes read");
-  return [s, conn];
+  let conn: Deno.TcpConn | undefined;
+  try {
+    conn = await Deno.connect({ hostname: HOST, port: s.port });
+    await writeAll(conn, new Uint8Array(3));
+    await waitUntil(() => s.server.stats.receivedBytes === 3, "3 bytes read");
+    return [s, conn];
+  } catch (error) {
+    // Closed here, so the sanitizers do not report them instead of this.
+    conn?.close();
+    await s.server.shutdown({ drainTimeoutMs: 0 });
+    throw error;
+  }
 }
 
 /**
@@ -763,13 +783,107 @@ Deno.test("EchoServer.shutdown() called again with a longer drainTimeoutMs keeps
   await assertShutdownTwiceCutsOff(200, 3_600_000, "cut off at 200 ms");
 });
 
-// No test here for the accept loop's timer turn every 64 accepts
-// (ACCEPTS_PER_YIELD): tried with a Deno child flooding clients that send
-// 4 KiB and close (idleTimeoutMs 2 s): at 200 in flight for 5 s, 0 stalled
-// clients with or without the turn; at 1,000 in flight, 1,368 stalled
-// without it and 507 with it, so no scale in a few seconds tells the two
-// apart here. The soak (bench/soak.ts, "accepted == logged" and every client
-// logged with its bytes) is where it shows (bench/README.md).
+// The accept loop's timer turn (ACCEPTS_PER_YIELD in server.ts, 64): while
+// every accept() completes at once, the loop runs on microtasks alone and no
+// timer (idle sweep, drain, log retry) or socket poll gets a turn. A flood
+// of real clients could not tell with and without the turn apart in a few
+// seconds (1,000 in flight: 1,368 stalled clients without it, 507 with), so
+// these count accept() calls until a timer set before the flood fires: an
+// order of events, not a time. The soak (bench/soak.ts) shows the stall
+// itself (bench/README.md).
+const ACCEPTS_PER_TURN = 64;
+
+Deno.test("serveEcho() lets a timer run within 64 accepts while clients reset while queued, and logs each", async () => {
+  // Each reset fails accept() at once, as in a full queue of them.
+  const resets = 10_000;
+  let calls = 0;
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  let callsWhenFired: number | undefined;
+  try {
+    await using s = startServerWithFailingListener(() => {
+      if (++calls === 1) {
+        timer = setTimeout(() => callsWhenFired = calls, 0);
+      }
+      return calls <= resets
+        ? new Deno.errors.NotConnected(
+          "Transport endpoint is not connected (os error 107)",
+        )
+        : undefined;
+    });
+    // Accepted for real once the resets are through.
+    const payload = pattern(10, 10);
+    assert.ok(sameBytes(await echo(s.port, payload), payload));
+    await s.server.shutdown();
+    assert.ok(
+      callsWhenFired !== undefined && callsWhenFired <= ACCEPTS_PER_TURN,
+      `a timer set before the flood fired after ${callsWhenFired} accept() calls`,
+    );
+    assert.equal(s.server.stats.acceptErrors.client, resets);
+    assert.deepEqual(s.records, [
+      ...Array.from({ length: resets }, (_, i) => [i + 1, 0]),
+      [resets + 1, 10],
+    ]);
+  } finally {
+    clearTimeout(timer);
+  }
+});
+
+Deno.test("serveEcho() lets a timer run within 64 accepts that complete at once, and echoes and logs each client", async () => {
+  // The first accept() takes every client from the real listener, then they
+  // are handed out one per call, each at once: a full accept queue.
+  const count = 1000;
+  const size = 4096;
+  const queued: Deno.TcpConn[] = [];
+  let handedOut = 0;
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  let callsWhenFired: number | undefined;
+  const clients: Deno.TcpConn[] = [];
+  try {
+    await using s = startServerWithFailingListener((real) => {
+      if (handedOut === 0) {
+        handedOut++;
+        return (async () => {
+          while (queued.length < count) queued.push(await real.accept());
+          timer = setTimeout(() => callsWhenFired = s.listener.calls, 0);
+          return queued.shift()!;
+        })();
+      }
+      if (queued.length === 0) return undefined;
+      handedOut++;
+      return Promise.resolve(queued.shift()!);
+    });
+    // Each sends 4 KiB and half-closes, as the clients that stalled did.
+    for (let i = 0; i < count; i++) {
+      const conn = await Deno.connect({ hostname: HOST, port: s.port });
+      clients.push(conn);
+      await writeAll(conn, pattern(size, i));
+      await conn.closeWrite();
+    }
+    const replies = await within(
+      Promise.all(clients.map((conn) => readAll(conn))),
+      60_000,
+      "every echo",
+    );
+    await s.server.shutdown();
+    assert.equal(handedOut, count);
+    assert.ok(
+      callsWhenFired !== undefined && callsWhenFired <= ACCEPTS_PER_TURN,
+      `a timer set before the flood fired after ${callsWhenFired} accept() calls`,
+    );
+    replies.forEach((reply, i) =>
+      assert.ok(sameBytes(reply, pattern(size, i)), `client ${i}'s echo`)
+    );
+    assert.deepEqual(
+      s.records.toSorted(([a], [b]) => a - b),
+      Array.from({ length: count }, (_, i) => [i + 1, size]),
+    );
+    assert.deepEqual(s.diagnostics, []);
+  } finally {
+    clearTimeout(timer);
+    for (const conn of [...clients, ...queued]) conn.close();
+  }
+});
+
 Deno.test("serveEcho() logs every client it accepts from a flood of misbehaving ones", async () => {
   await using s = startServer({ maxClientBytes: 64 * 1024 });
   const garbage = pattern(100_000, 5);
@@ -987,16 +1101,23 @@ Deno.test("serveEcho() keeps a client that sends a byte every idleTimeoutMs/3 fo
 });
 
 Deno.test("serveEcho() cuts off a client that half-closes and never reads a large reply, once idle", async () => {
-  // 32 MiB is far more than loopback socket buffers hold, so the reply
-  // stalls once they fill and the client makes no more progress. While its
-  // echo is written, an idle client is cut off only if it also reads below
-  // minWriteRate: set far above what loopback buffers take at once, so that
-  // the stall, not the rate, decides.
-  const size = 32 * 1024 * 1024;
-  await using s = startServer({ idleTimeoutMs: 200, minWriteRate: 2 ** 30 });
+  // More than loopback socket buffers hold, so the reply stalls once they
+  // fill and the client makes no more progress. While its echo is written,
+  // an idle client is cut off only if it also reads below minWriteRate: set
+  // far above what loopback buffers take at once, so that the stall, not
+  // the rate, decides.
+  const size = STALLING_BYTES;
+  await using s = startServer({
+    idleTimeoutMs: 200,
+    minWriteRate: 2 ** 30,
+    maxClientBytes: size,
+  });
+  // Made before connecting: making it takes this thread, the server's, long
+  // enough to pass the idle timeout.
+  const request = pattern(size, 7);
   const conn = await Deno.connect({ hostname: HOST, port: s.port });
   try {
-    await writeAll(conn, pattern(size, 7));
+    await writeAll(conn, request);
     await conn.closeWrite();
     await waitUntil(() => s.records.length === 1, "the cut-off", 20_000);
   } finally {

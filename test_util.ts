@@ -18,7 +18,9 @@ export { readAll, writeAll } from "./_bytes.ts";
 
 /**
  * Connects to 127.0.0.1:`port`, sends `payload`, half-closes, then reads
- * the reply to EOF and returns it.
+ * the reply to EOF and returns it. A payload given as pieces is written a
+ * piece at a time, each once the one before is written: a generator paces
+ * a slow sender by awaiting between its pieces.
  *
  * @example
  * ```ts
@@ -26,15 +28,26 @@ export { readAll, writeAll } from "./_bytes.ts";
  * await using s = startServer();
  * const hello = new TextEncoder().encode("hello");
  * assert.deepEqual(await echo(s.port, hello), hello);
+ * async function* slowly() {
+ *   for (const byte of hello) {
+ *     yield new Uint8Array([byte]);
+ *     await new Promise((resolve) => setTimeout(resolve, 1));
+ *   }
+ * }
+ * assert.deepEqual(await echo(s.port, slowly()), hello);
  * ```
  */
 export async function echo(
   port: number,
-  payload: Uint8Array,
+  payload: Uint8Array | AsyncIterable<Uint8Array>,
 ): Promise<Uint8Array> {
   const conn = await Deno.connect({ hostname: "127.0.0.1", port });
   try {
-    await writeAll(conn, payload);
+    if (payload instanceof Uint8Array) {
+      await writeAll(conn, payload);
+    } else {
+      for await (const piece of payload) await writeAll(conn, piece);
+    }
     await conn.closeWrite();
     return await readAll(conn);
   } finally {
@@ -288,6 +301,8 @@ export class Lines {
   readonly done: Promise<void>;
   #cursor = 0;
   #closed = false;
+  // Whether the last line had no newline: `rest()` gives back the text as is.
+  #unterminated = false;
   #changed = Promise.withResolvers<void>();
 
   /** Starts reading `stream`. */
@@ -306,6 +321,7 @@ export class Lines {
       }
     } finally {
       if (partial) this.lines.push(partial);
+      this.#unterminated = partial !== "";
       this.#closed = true;
       this.#notify();
     }
@@ -335,6 +351,18 @@ export class Lines {
       }
       await this.#changed.promise;
     }
+  }
+
+  /**
+   * The text after the last line {@linkcode Lines.next} matched, newlines
+   * included, once the stream has ended.
+   */
+  async rest(): Promise<string> {
+    await this.done;
+    const rest = this.lines.slice(this.#cursor);
+    return rest.map((line, i) =>
+      this.#unterminated && i === rest.length - 1 ? line : `${line}\n`
+    ).join("");
   }
 }
 
@@ -402,13 +430,144 @@ export function spawnServer(
   if (shell.length > 0) {
     command.unshift("bash", "-c", `${shell.join(" && ")} && exec "$@"`, "bash");
   }
-  return new Deno.Command(command[0], {
-    args: command.slice(1),
-    env: { NO_COLOR: "1", ...options.env },
-    stdin: "null",
+  return spawnChild(command[0], command.slice(1), {
+    env: options.env,
     stdout: "null",
+  });
+}
+
+/** Options for {@linkcode spawnChild}. */
+export interface SpawnChildOptions
+  extends Pick<Deno.CommandOptions, "cwd" | "stdout" | "stderr"> {
+  /**
+   * Environment added to the test's (`NO_COLOR=1` is always set).
+   *
+   * @default {{}}
+   */
+  env?: Record<string, string>;
+}
+
+/**
+ * Spawns `command` with `args` as tests run their child processes: stdin
+ * closed, `NO_COLOR=1` so that its output is plain text, stdout and stderr
+ * piped unless `options` say otherwise. The caller kills it (e.g. with
+ * {@linkcode killAfter}) and awaits its status.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * const child = spawnChild("sh", ["-c", 'echo "$NO_COLOR" >&2'], {
+ *   stdout: "null",
+ * });
+ * const stderr = new Lines(child.stderr);
+ * assert.equal((await child.status).code, 0);
+ * assert.deepEqual(await stderr.rest(), "1\n");
+ * ```
+ */
+export function spawnChild(
+  command: string,
+  args: string[],
+  options: SpawnChildOptions = {},
+): Deno.ChildProcess {
+  const { env, ...stdio } = options;
+  return new Deno.Command(command, {
+    stdin: "null",
+    stdout: "piped",
     stderr: "piped",
+    ...stdio,
+    args,
+    env: { NO_COLOR: "1", ...env },
   }).spawn();
+}
+
+/** Options for a {@linkcode ServerProcess}. */
+export interface ServerProcessOptions extends SpawnServerOptions {
+  /**
+   * Kill the server (SIGKILL) if it still runs after this long, so that a
+   * test fails instead of hanging.
+   *
+   * @default {60_000}
+   */
+  timeoutMs?: number;
+}
+
+/**
+ * main.ts running as a subprocess, started by {@linkcode spawnServer}, with
+ * its stderr read line by line; killed if it still runs after its timeout.
+ * Disposing it kills it and waits for it.
+ *
+ * @example
+ * ```ts ignore
+ * Deno.test("echo-server echoes", withTempDir(async (dir) => {
+ *   await using server = new ServerProcess(dir, ["--metrics", ":0"]);
+ *   const port = await server.port();
+ *   const metricsPort = await server.metricsPort();
+ *   await echo(port, new Uint8Array(1));
+ *   assert.equal(await server.stop(), 0);
+ * }));
+ * ```
+ */
+export class ServerProcess implements AsyncDisposable {
+  /** The server process. */
+  readonly child: Deno.ChildProcess;
+  /** Its stderr, every line so far in `stderr.lines`. */
+  readonly stderr: Lines;
+  readonly #timeout: Disposable;
+
+  /** Starts main.ts as {@linkcode spawnServer} does with these arguments. */
+  constructor(
+    logDir: string,
+    args: string[] = [],
+    options: ServerProcessOptions = {},
+  ) {
+    const { timeoutMs = 60_000, ...spawnOptions } = options;
+    this.child = spawnServer(logDir, args, spawnOptions);
+    this.#timeout = killAfter(this.child, timeoutMs);
+    this.stderr = new Lines(this.child.stderr);
+  }
+
+  /** Reads stderr up to the next line matching `pattern`, and returns it. */
+  async waitFor(pattern: RegExp): Promise<string> {
+    return (await this.stderr.next(pattern))[0];
+  }
+
+  /** The echo port, from the start-up line. */
+  async port(): Promise<number> {
+    return Number((await this.stderr.next(/^listening on .+:(\d+), /))[1]);
+  }
+
+  /** The `--metrics` port, from its start-up line. */
+  async metricsPort(): Promise<number> {
+    const [, port] = await this.stderr.next(/^metrics on .+:(\d+)\/metrics/);
+    return Number(port);
+  }
+
+  /**
+   * Waits for the server to exit; returns its exit code and its stderr
+   * after the last line {@linkcode ServerProcess.waitFor} matched.
+   */
+  async exit(): Promise<{ code: number; stderr: string }> {
+    const { code } = await this.child.status;
+    const stderr = await this.stderr.rest();
+    this.#timeout[Symbol.dispose]();
+    return { code, stderr };
+  }
+
+  /** Sends SIGTERM; resolves with the exit code once stderr has ended. */
+  async stop(): Promise<number> {
+    this.child.kill("SIGTERM");
+    return (await this.exit()).code;
+  }
+
+  /** Kills the server (SIGKILL) unless it has exited, and waits for it. */
+  async [Symbol.asyncDispose](): Promise<void> {
+    try {
+      this.child.kill("SIGKILL");
+    } catch {
+      // already exited
+    }
+    await this.exit();
+  }
 }
 
 /**
@@ -744,4 +903,44 @@ export async function within<T>(
   } finally {
     clearTimeout(timer);
   }
+}
+
+/** The largest socket buffer TCP autotunes to, from `/proc/sys/net/ipv4/`. */
+async function tcpBufferMax(name: "tcp_rmem" | "tcp_wmem"): Promise<number> {
+  // Read by cat: Deno asks --allow-all for /proc/sys, which the test task
+  // does not grant (--allow-run it does).
+  const { stdout } = await new Deno.Command("cat", {
+    args: [`/proc/sys/net/ipv4/${name}`],
+    stderr: "inherit",
+  }).output();
+  const text = new TextDecoder().decode(stdout);
+  const max = Number(text.trim().split(/\s+/)[2]);
+  if (!Number.isSafeInteger(max) || max <= 0) {
+    throw new Error(`Cannot read the maximum from ${name}: ${text}`);
+  }
+  return max;
+}
+
+/**
+ * A byte count that loopback cannot hold between a writer and a reader that
+ * does not read, on this machine: more than the sender's send buffer and the
+ * receiver's receive buffer at their largest (the maxima of `tcp_wmem` and
+ * `tcp_rmem`, read from the kernel, not assumed), plus 8 MiB, in whole MiB.
+ * A test whose write must stall, or still be under way when the peer
+ * closes, sends this many.
+ *
+ * @example Usage
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { stallingBytes } from "./test_util.ts";
+ *
+ * const bytes = await stallingBytes();
+ * assert.ok(bytes > 8 * 1024 * 1024 && bytes % (1024 * 1024) === 0);
+ * ```
+ */
+export async function stallingBytes(): Promise<number> {
+  const MIB = 1024 * 1024;
+  const held = (await tcpBufferMax("tcp_wmem")) +
+    (await tcpBufferMax("tcp_rmem"));
+  return Math.ceil(held / MIB + 8) * MIB;
 }

@@ -32,6 +32,7 @@ import {
   parseInteger,
   parseSeconds,
   parseSize,
+  stringFlags,
   UsageError,
 } from "../flags.ts";
 import {
@@ -571,6 +572,18 @@ export interface MixCommandOptions extends MixOptions {
   mix: true;
 }
 
+// The flags with a value that only `--mix` takes (and `--attacks`).
+const MIX_ONLY_FLAGS = [
+  "kinds",
+  "max-connections",
+  "max-buffered",
+  "max-client-bytes",
+  "good-within",
+  "large-size",
+  "oversize",
+  "log",
+] as const;
+
 /**
  * Parses `deno task bench` flags into {@linkcode BenchOptions}, or with
  * `--mix` into {@linkcode MixCommandOptions}, or returns `"help"`. Throws a
@@ -591,22 +604,17 @@ export function parseBenchArgs(
   args: string[],
 ): BenchOptions | MixCommandOptions | "help" {
   const { values } = parseCommandLine(args, {
-    host: { type: "string" },
-    port: { type: "string" },
-    concurrency: { type: "string" },
-    size: { type: "string" },
-    duration: { type: "string" },
-    connections: { type: "string" },
+    ...stringFlags([
+      "host",
+      "port",
+      "concurrency",
+      "size",
+      "duration",
+      "connections",
+      ...MIX_ONLY_FLAGS,
+    ]),
     mix: { type: "boolean" },
-    kinds: { type: "string" },
     attacks: { type: "boolean" },
-    "max-connections": { type: "string" },
-    "max-buffered": { type: "string" },
-    "max-client-bytes": { type: "string" },
-    "good-within": { type: "string" },
-    "large-size": { type: "string" },
-    oversize: { type: "string" },
-    log: { type: "string" },
     help: { type: "boolean", short: "h" },
   });
   if (values.help) return "help";
@@ -637,19 +645,7 @@ export function parseBenchArgs(
     });
   }
   if (!values.mix) {
-    for (
-      const flag of [
-        "kinds",
-        "attacks",
-        "max-connections",
-        "max-buffered",
-        "max-client-bytes",
-        "good-within",
-        "large-size",
-        "oversize",
-        "log",
-      ] as const
-    ) {
+    for (const flag of ["attacks", ...MIX_ONLY_FLAGS] as const) {
       if (values[flag] !== undefined) {
         throw new UsageError(`--${flag} needs --mix`);
       }

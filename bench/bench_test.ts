@@ -12,6 +12,7 @@ import {
   HandlerServer,
   readAll,
   runCommand,
+  stallingBytes,
   startServer,
   writeAll,
 } from "../test_util.ts";
@@ -186,14 +187,14 @@ Deno.test("runBench() catches a server that sends one client's bytes to another"
 
 Deno.test("runBench() catches a server that resets", async () => {
   // Closing with unread input makes the kernel reset the connection; the
-  // payload is more than the socket buffers hold, so the client is still
-  // sending then.
+  // payload is more than the socket buffers hold (read from the kernel), so
+  // the client is still sending then.
   const result = await benchAgainst(
     new HandlerServer(async (conn) => {
       await conn.read(new Uint8Array(1024));
       conn.close();
     }),
-    { connections: 10, concurrency: 2, size: 16 * MIB },
+    { connections: 10, concurrency: 2, size: await stallingBytes() },
   );
   assert.equal(result.connections, 0);
   assert.equal(result.resets, 10);

@@ -254,7 +254,10 @@ async function measureOnce(
         } of ${connections} connections within ${acceptMs} ms`,
       ));
     // Each accepted connection then gets its read issued: wait until the
-    // RSS stops growing (less than 0.01 KiB per connection in 200 ms).
+    // RSS stops growing (less than 0.01 KiB per connection in 200 ms). A
+    // quiet period stands here: RSS is the quantity measured, and the
+    // servers compared are any command line, with no event that says every
+    // read is issued (the descriptors above say only that all are accepted).
     let rssAfterKiB = await readRssKiB(pid);
     await waitFor(20_000, async () => {
       await delay(2 * POLL_MS);
@@ -288,7 +291,12 @@ async function measureOnce(
   }
 }
 
-/** A port that was free a moment ago. */
+/**
+ * A port that was free a moment ago. It stands: the servers measured are any
+ * command line, which bind `{port}` themselves and print nothing to read a
+ * port from; a port taken meanwhile makes the server exit or never hold the
+ * connections, an error, never a wrong figure.
+ */
 function freePort(): number {
   const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   const { port } = listener.addr;

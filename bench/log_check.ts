@@ -88,6 +88,15 @@ export interface WaitOptions {
    * @default {50}
    */
   pollMs?: number;
+  /**
+   * Settles once the server will write no more lines for these connections
+   * (it exited, or finished every one of them). When given, the wait is for
+   * it, not for a quiet period: the lines read after it are the final count,
+   * and it throws if this has not settled within
+   * {@linkcode WaitOptions.timeoutMs}. Without it, only a quiet period can
+   * tell a server that is slow from one that loses lines.
+   */
+  finished?: Promise<unknown>;
 }
 
 const LINE = /^\[client ([1-9]\d*)\]: received (0|[1-9]\d*) bytes$/;
@@ -185,7 +194,8 @@ export class LogTail implements Disposable {
    * Polls until there are at least `expected` lines and no more arrive for
    * {@linkcode WaitOptions.settleMs}, or the count stops changing for
    * {@linkcode WaitOptions.quietMs}, or {@linkcode WaitOptions.timeoutMs}
-   * passes. Returns the line count.
+   * passes; or, given {@linkcode WaitOptions.finished}, waits for that and
+   * reads the rest. Returns the line count.
    */
   async waitFor(expected: number, options: WaitOptions = {}): Promise<number> {
     const {
@@ -193,7 +203,28 @@ export class LogTail implements Disposable {
       timeoutMs = 30_000,
       settleMs = 300,
       pollMs = 50,
+      finished,
     } = options;
+    if (finished !== undefined) {
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const timeout = new Promise<never>((_, reject) => {
+        timer = setTimeout(
+          () =>
+            reject(
+              new Error(
+                `The server did not finish its log within ${timeoutMs} ms: wait longer, or check it is running`,
+              ),
+            ),
+          timeoutMs,
+        );
+      });
+      try {
+        await Promise.race([finished, timeout]);
+      } finally {
+        clearTimeout(timer);
+      }
+      return await this.poll();
+    }
     const start = performance.now();
     let count = await this.poll();
     let changedAt = start;

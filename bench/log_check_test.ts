@@ -162,6 +162,30 @@ Deno.test(
   }),
 );
 
+Deno.test(
+  "LogTail.waitFor() given finished waits for it, not for a quiet period, and fails if it never comes",
+  withLogTail("", async (path, tail) => {
+    const writer = (async () => {
+      using file = await Deno.open(path, { append: true });
+      for (let i = 1; i <= 1000; i++) {
+        await file.write(
+          new TextEncoder().encode(`[client ${i}]: received 5 bytes\n`),
+        );
+      }
+    })();
+    // More lines than come, and no quiet period to stop at: only the end
+    // of the writer ends the wait, and every line is read by then.
+    assert.equal(
+      await tail.waitFor(2000, { finished: writer, quietMs: 0, settleMs: 0 }),
+      1000,
+    );
+    await assert.rejects(
+      tail.waitFor(1, { finished: new Promise(() => {}), timeoutMs: 50 }),
+      /^Error: The server did not finish its log within 50 ms/,
+    );
+  }),
+);
+
 Deno.test("LogTail.open() rejects a log that does not exist", async () => {
   await assert.rejects(
     LogTail.open("/nonexistent/echo-server/access.log"),
