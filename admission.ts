@@ -30,8 +30,11 @@
  *   longer than `idleTimeoutMs + sent / minWriteRate`. Every byte the peer
  *   read was taken by the kernel first, so a reader at 16 KiB/s or faster
  *   is never cut off, for any size. A reader that stops is let go after
- *   `idleTimeoutMs` plus what the kernels buffered (at most ~4.2 MiB, so
- *   ~300 s) at 16 KiB/s.
+ *   `idleTimeoutMs` plus all the kernels took since its half-close at
+ *   16 KiB/s: ~4.6 min if it never read (~4 MiB buffered), but a reader
+ *   that read fast first, or has a large receive buffer, is credited with
+ *   all of it: up to 30 s + 64 MiB / 16 KiB/s = 68 min (deploy/README.md
+ *   has the measured cases).
  * - **Slot eviction** (`evictionGraceMs`, 2 s): at `maxConnections` the
  *   server accepts the newcomer and evicts the client with the lowest
  *   recent rate (bytes moved either way in the last `rateWindowMs`, or on

@@ -331,7 +331,7 @@ export function renderMetrics(
   family(
     "echo_connections_active",
     "gauge",
-    "Clients being served now.",
+    "Clients accepted and not yet reported, those just cut off included: while newcomers evict clients it can briefly read above echo_connections_max.",
     server.connections,
   );
   family(
@@ -343,7 +343,7 @@ export function renderMetrics(
   family(
     "echo_connections_accepted_total",
     "counter",
-    "Clients accepted; equals access log lines written plus lines in echo_log_backlog_lines plus echo_log_dropped_lines_total plus clients being served.",
+    "Clients accepted; equals access log lines written plus lines in echo_log_backlog_lines plus echo_log_dropped_lines_total plus echo_connections_active.",
     server.clientsAccepted,
   );
   family(

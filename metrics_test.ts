@@ -603,6 +603,18 @@ Deno.test("renderMetrics() counts an idle client's cut-off as idle", async () =>
   assert.deepEqual(counted, { ...NO_CUTOFFS, idle: 1 });
 });
 
+Deno.test("renderMetrics() counts a trickler cut off by minRate as min_rate", async () => {
+  // One of the reasons admission.ts added, under its own label in /metrics.
+  const counted = await cutoffsAfterOneClient(
+    { minRate: 1000, minRateGraceMs: 50 },
+    async (conn) => {
+      await writeAll(conn, new Uint8Array(1));
+      await readUntilClosed(conn);
+    },
+  );
+  assert.deepEqual(counted, { ...NO_CUTOFFS, min_rate: 1 });
+});
+
 Deno.test("renderMetrics() counts a cut-off over maxBufferedBytes as buffer_limit", async () => {
   const counted = await cutoffsAfterOneClient(
     { maxBufferedBytes: 64 * 1024 },

@@ -496,3 +496,40 @@ Deno.test(
     assert.match(formatMixResult(r), /^attack {7}slot-hog: 16 in flight, /m);
   }),
 );
+
+Deno.test(
+  "runMix() fails a run in which attackers keep good clients waiting past goodWithinMs",
+  withTempDir(async (dir) => {
+    const limits = {
+      maxConnections: 4,
+      maxBufferedBytes: 8 * 1024 * KIB,
+      maxClientBytes: 4 * 1024 * KIB,
+    };
+    let result: MixResult | undefined;
+    // Eviction and the minimum rate off: today's limits without the
+    // admission rules, where the slot-hogs keep every slot for the run.
+    await withLoggedServer(
+      dir,
+      { ...limits, evictionGraceMs: 0, minRate: 0 },
+      async (port) => {
+        result = await runMix({
+          port,
+          duration: 2,
+          kinds: ["echo", "slot-hog"],
+          limits,
+          concurrency: 2,
+          attackIntervalMs: 200,
+          goodWithinMs: 500,
+        });
+      },
+    );
+    const r = result!;
+    const echo = r.kinds.find((k) => k.kind === "echo")!;
+    assert.equal(r.ok, false, explain(r));
+    assert.ok(echo.late > 0, explain(r));
+    assert.ok(
+      r.errorSamples.some((line) => /over the bound of 500 ms/.test(line)),
+      explain(r),
+    );
+  }),
+);
