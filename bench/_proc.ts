@@ -63,6 +63,31 @@ export async function openFileLimit(pid: number): Promise<number> {
   return match[1] === "unlimited" ? Infinity : Number(match[1]);
 }
 
+/**
+ * A counter of the kernel's TCP extension statistics (the `TcpExt:` lines of
+ * `/proc/net/netstat`, this network namespace's), such as `EmbryonicRsts`:
+ * resets received for a connection still in `SYN_RECV`, one whose final
+ * handshake ACK a full accept queue dropped, which no `accept()` will see.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * assert.ok(await readTcpExt("EmbryonicRsts") >= 0);
+ * ```
+ */
+export async function readTcpExt(name: string): Promise<number> {
+  // Two lines: the counters' names, then their values.
+  const [names, values] = (await output("cat", ["/proc/net/netstat"]))
+    .split("\n")
+    .filter((line) => line.startsWith("TcpExt: "))
+    .map((line) => line.split(" "));
+  const index = names?.indexOf(name) ?? -1;
+  if (index < 1 || values === undefined) {
+    throw new Error(`no TcpExt ${name} in /proc/net/netstat`);
+  }
+  return Number(values[index]);
+}
+
 async function readKiB(path: string, key: string): Promise<number> {
   const text = await output("cat", [path]);
   const match = new RegExp(`^${key}:\\s+(\\d+) kB$`, "m").exec(text);

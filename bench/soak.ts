@@ -10,7 +10,8 @@
  * - the log has one well-formed line per connection that succeeded
  *   (accepted == logged), and every verified client's byte count; at the
  *   end, lines == the server's own count of clients accepted (`/metrics`)
- *   == connections the clients made;
+ *   == connections the clients made, less those the kernel saw reset
+ *   before any `accept()` ({@linkcode neverAcceptedLines});
  * - the RSS did not grow over the second half of the run (see
  *   {@linkcode checkRss});
  * - the server's open file descriptors are back to what they were before
@@ -31,8 +32,8 @@
 
 import { parseCommand } from "./_cli.ts";
 import { parseCommandLine, parseSeconds } from "../flags.ts";
-import { formatLogReport } from "./log_check.ts";
-import { countFds, readRssKiB } from "./_proc.ts";
+import { formatLogReport, type LogReport } from "./log_check.ts";
+import { countFds, readRssKiB, readTcpExt } from "./_proc.ts";
 import {
   ATTACK_KINDS,
   CLIENT_KINDS,
@@ -403,6 +404,7 @@ export async function runSoak(options: SoakOptions = {}): Promise<SoakResult> {
     const fdsBefore = await countFds(server.pid);
     const rssBefore = await readRssKiB(server.pid) * 1024;
 
+    const embryonicResetsBefore = await readTcpExt("EmbryonicRsts");
     const rss: RssSample[] = [];
     let peakConnections = 0;
     const start = performance.now();
@@ -471,9 +473,12 @@ export async function runSoak(options: SoakOptions = {}): Promise<SoakResult> {
       `${mix.wrong} wrong, ${mix.broken} broken, ${mix.connectErrors} connect errors, ${late} good clients later than ${mix.goodWithinMs} ms`,
     );
     const log = mix.log!;
+    const embryonicResets = await readTcpExt("EmbryonicRsts") -
+      embryonicResetsBefore;
+    const neverAccepted = neverAcceptedLines(log, embryonicResets);
     check(
       "accepted == logged",
-      mix.connected > 0 && log.ok,
+      mix.connected > 0 && (log.ok || neverAccepted > 0),
       `${mix.connected} connections succeeded (${
         (mix.connected / mix.elapsedSeconds).toFixed(0)
       }/s), ${log.lines} lines${
@@ -484,6 +489,10 @@ export async function runSoak(options: SoakOptions = {}): Promise<SoakResult> {
               "; ",
             )
           }`
+      }${
+        neverAccepted > 0
+          ? `, all reset before the server could accept them (the kernel counted ${embryonicResets} resets of connections still in SYN_RECV, TcpExt EmbryonicRsts)`
+          : ""
       }`,
     );
     const rssCheck = checkRss(rss);
@@ -539,9 +548,11 @@ export async function runSoak(options: SoakOptions = {}): Promise<SoakResult> {
     const expected = mix.connected + 2;
     check(
       "log total",
-      total === accepted && total >= expected &&
+      total === accepted && total >= expected - neverAccepted &&
         total <= expected + mix.uncertain,
-      `${total} lines after exit; the server counted ${accepted} accepted (/metrics); clients connected ${expected} (mix + warm-up + final)`,
+      `${total} lines after exit; the server counted ${accepted} accepted (/metrics); clients connected ${expected} (mix + warm-up + final)${
+        neverAccepted > 0 ? `, ${neverAccepted} of them never accepted` : ""
+      }`,
     );
     await using _ = server;
     return {
@@ -554,6 +565,38 @@ export async function runSoak(options: SoakOptions = {}): Promise<SoakResult> {
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
+}
+
+/**
+ * How many of the lines `report` lacks are clients the server never had:
+ * all of them if that is all that is wrong and the kernel counted at least
+ * as many `embryonicResets` during the run, else 0. While the server is at
+ * `--max-connections` its accept queue fills and the kernel drops a
+ * handshake's final ACK: the client's `connect()` has succeeded, the
+ * server's side is still `SYN_RECV`, and a client that resets then
+ * (`reset-on-connect`) is gone before any `accept()` could see it. The
+ * kernel counts each (`TcpExt EmbryonicRsts`: 2 in a 25-minute soak with 2
+ * lines missing, 0 in a 5-minute one with 2,311 queue overflows).
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * const report = {
+ *   lines: 8, expected: 10, uncertain: 0, missing: 2, extra: 0,
+ *   malformed: 0, duplicates: 0, missingSizes: [], samples: [], ok: false,
+ * };
+ * assert.equal(neverAcceptedLines(report, 2), 2);
+ * assert.equal(neverAcceptedLines(report, 1), 0);
+ * ```
+ */
+export function neverAcceptedLines(
+  report: LogReport,
+  embryonicResets: number,
+): number {
+  const onlyMissing = report.missing > 0 && report.extra === 0 &&
+    report.malformed === 0 && report.duplicates === 0 &&
+    report.missingSizes.length === 0;
+  return onlyMissing && report.missing <= embryonicResets ? report.missing : 0;
 }
 
 /**

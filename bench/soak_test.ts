@@ -1,7 +1,14 @@
 import assert from "node:assert/strict";
 import { assertUsageError, runCommand } from "../test_util.ts";
+import type { LogReport } from "./log_check.ts";
 import { readRssKiB } from "./_proc.ts";
-import { checkRss, parseSoakArgs, type RssSample, runSoak } from "./soak.ts";
+import {
+  checkRss,
+  neverAcceptedLines,
+  parseSoakArgs,
+  type RssSample,
+  runSoak,
+} from "./soak.ts";
 
 const MIB = 1024 * 1024;
 
@@ -155,4 +162,35 @@ Deno.test("checkRss() on a real process's VmRSS: flat passes, growing 16 MiB a s
   const growing = await sampleGrower((step) => step >= 4);
   assert.equal(growing.ok, false, JSON.stringify(growing));
   assert.ok(growing.lastQuarterMax - growing.secondQuarterMax >= 48 * MIB);
+});
+
+Deno.test("neverAcceptedLines() forgives missing lines only up to the kernel's embryonic resets, and nothing else wrong", () => {
+  const report = (fields: Partial<LogReport>): LogReport => ({
+    lines: 98,
+    expected: 100,
+    uncertain: 0,
+    missing: 2,
+    extra: 0,
+    malformed: 0,
+    duplicates: 0,
+    missingSizes: [],
+    samples: [],
+    ok: false,
+    ...fields,
+  });
+  assert.equal(neverAcceptedLines(report({}), 2), 2);
+  assert.equal(neverAcceptedLines(report({}), 5), 2);
+  // More missing than the kernel saw reset: the server lost some.
+  assert.equal(neverAcceptedLines(report({}), 1), 0);
+  assert.equal(neverAcceptedLines(report({}), 0), 0);
+  // A verified client's line missing, or any other fault, is never forgiven.
+  const missingSizes = [{ bytes: 4096, expected: 10, found: 9 }];
+  assert.equal(neverAcceptedLines(report({ missingSizes }), 9), 0);
+  assert.equal(neverAcceptedLines(report({ malformed: 1 }), 9), 0);
+  assert.equal(neverAcceptedLines(report({ duplicates: 1 }), 9), 0);
+  assert.equal(neverAcceptedLines(report({ extra: 1 }), 9), 0);
+  assert.equal(
+    neverAcceptedLines(report({ lines: 100, missing: 0, ok: true }), 9),
+    0,
+  );
 });
