@@ -142,6 +142,25 @@ async function finishInFlight(conn: Deno.Conn): Promise<void> {
   assert.equal(new TextDecoder().decode(await readAll(conn)), "in flight");
 }
 
+/**
+ * Finishes the client `startInFlight()` began and checks the drain's end:
+ * its echo, exit 0 after 2 clients (its probe and it), both lines logged.
+ */
+async function assertDrainsInFlight(
+  server: ServerProcess,
+  dir: string,
+  conn: Deno.Conn,
+): Promise<void> {
+  await finishInFlight(conn);
+  const { code, stderr } = await server.exit();
+  assert.equal(code, 0, stderr);
+  assert.equal(stderr, "stopped after 2 clients\n");
+  await assertAccessLog(
+    dir,
+    "[client 2]: received 1 bytes\n[client 1]: received 9 bytes\n",
+  );
+}
+
 Deno.test("parseFlags() gives the defaults and reads sizes and seconds", () => {
   assert.deepEqual(parseFlags([]), {
     hostname: "127.0.0.1",
@@ -445,14 +464,7 @@ for (const signal of ["SIGTERM", "SIGINT"] as const) {
       server.child.kill(signal);
       await server.waitFor(new RegExp(`^${signal}: stopping; 1 connections`));
       await assertNotServed(port);
-      await finishInFlight(conn);
-      const { code, stderr } = await server.exit();
-      assert.equal(code, 0);
-      assert.equal(stderr, "stopped after 2 clients\n");
-      await assertAccessLog(
-        dir,
-        "[client 2]: received 1 bytes\n[client 1]: received 9 bytes\n",
-      );
+      await assertDrainsInFlight(server, dir, conn);
     }),
   );
 }
@@ -964,14 +976,7 @@ Deno.test(
       status: 503,
       body: "draining\n",
     });
-    await finishInFlight(conn);
-    const { code, stderr } = await server.exit();
-    assert.equal(code, 0, stderr);
-    assert.equal(stderr, "stopped after 2 clients\n");
-    await assertAccessLog(
-      dir,
-      "[client 2]: received 1 bytes\n[client 1]: received 9 bytes\n",
-    );
+    await assertDrainsInFlight(server, dir, conn);
   }),
 );
 
