@@ -19,15 +19,15 @@
  *   takes 537 s and is allowed 134,237 s), and a person who types a line
  *   into `nc -N` and ends it within 20 s. A person slower than that is cut
  *   off at 20 s plus a second per 500 bytes they sent.
- * - **Minimum read rate** (`minWriteRate`, 16 KiB/s): once a client has
+ * - **Minimum read rate** (`minReadRate`, 16 KiB/s): once a client has
  *   half-closed, the server cannot see what the peer has read, only which
  *   writes the kernel took, and Linux wakes a writer only after about a
  *   third of a send buffer of up to 4 MiB has drained (80 s at 16 KiB/s),
  *   so the idle clock alone cut off readers below ~45 KB/s. The idle clock
  *   counts as progress while the bytes the kernel took since the half-close
- *   keep up the average `minWriteRate`, after `idleTimeoutMs`: a client is
+ *   keep up the average `minReadRate`, after `idleTimeoutMs`: a client is
  *   cut off (`slow_reader`) only when it is idle and has been writing for
- *   longer than `idleTimeoutMs + sent / minWriteRate`. Every byte the peer
+ *   longer than `idleTimeoutMs + sent / minReadRate`. Every byte the peer
  *   read was taken by the kernel first, so a reader at 16 KiB/s or faster
  *   is never cut off, for any size. A reader that stops is let go after
  *   `idleTimeoutMs` plus all the kernels took since its half-close at
@@ -140,7 +140,7 @@ export interface AdmissionOptions {
    *
    * @default {16_384}
    */
-  minWriteRate?: number;
+  minReadRate?: number;
   /**
    * Clients connected for less than this are never evicted for a slot, in
    * milliseconds; 0 turns eviction off, for memory too (at
@@ -163,8 +163,8 @@ export interface AdmissionOptions {
 export const DEFAULT_MIN_RATE = 500;
 /** Default for {@linkcode AdmissionOptions.minRateGraceMs}: 20 s. */
 export const DEFAULT_MIN_RATE_GRACE_MS = 20_000;
-/** Default for {@linkcode AdmissionOptions.minWriteRate}: 16 KiB/s. */
-export const DEFAULT_MIN_WRITE_RATE = 16 * 1024;
+/** Default for {@linkcode AdmissionOptions.minReadRate}: 16 KiB/s. */
+export const DEFAULT_MIN_READ_RATE = 16 * 1024;
 /** Default for {@linkcode AdmissionOptions.evictionGraceMs}: 2 s. */
 export const DEFAULT_EVICTION_GRACE_MS = 2000;
 const DEFAULT_RATE_WINDOW_MS = 5000;
@@ -217,7 +217,7 @@ export class Admission {
   /** Milliseconds before the send-rate rule applies. */
   readonly minRateGraceMs: number;
   /** Bytes per second a reader must average once idle; 0 is off. */
-  readonly minWriteRate: number;
+  readonly minReadRate: number;
   /** Milliseconds a newcomer cannot be evicted; 0 turns eviction off. */
   readonly evictionGraceMs: number;
   /** Milliseconds over which recent rates are measured. */
@@ -228,7 +228,7 @@ export class Admission {
     this.idleTimeoutMs = options.idleTimeoutMs ?? 30_000;
     this.minRate = options.minRate ?? DEFAULT_MIN_RATE;
     this.minRateGraceMs = options.minRateGraceMs ?? DEFAULT_MIN_RATE_GRACE_MS;
-    this.minWriteRate = options.minWriteRate ?? DEFAULT_MIN_WRITE_RATE;
+    this.minReadRate = options.minReadRate ?? DEFAULT_MIN_READ_RATE;
     this.evictionGraceMs = options.evictionGraceMs ??
       DEFAULT_EVICTION_GRACE_MS;
     this.rateWindowMs = options.rateWindowMs ?? DEFAULT_RATE_WINDOW_MS;
@@ -269,9 +269,9 @@ export class Admission {
       return undefined;
     }
     if (!idle) return undefined;
-    if (this.minWriteRate === 0) return "idle";
+    if (this.minReadRate === 0) return "idle";
     const allowed = this.idleTimeoutMs +
-      client.bytesSent * 1000 / this.minWriteRate;
+      client.bytesSent * 1000 / this.minReadRate;
     return now - client.eofAt > allowed ? "slow_reader" : undefined;
   }
 

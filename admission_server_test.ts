@@ -213,12 +213,12 @@ Deno.test("serveEcho() serves a client sending at exactly minRate", async () => 
   assert.deepEqual(s.diagnostics, []);
 });
 
-Deno.test("serveEcho() serves a reader at minWriteRate whose writes complete further apart than idleTimeoutMs", async () => {
+Deno.test("serveEcho() serves a reader at minReadRate whose writes complete further apart than idleTimeoutMs", async () => {
   // Scaled from 16 KiB/s and 30 s: the kernel takes ~4 MiB at once, then
   // wakes the writer only after ~1.3 MiB drained, 0.65 s at 2 MiB/s, so the
   // idle clock alone (300 ms) cuts this reader off.
   const rate = 2 * MIB;
-  await using s = startServer({ idleTimeoutMs: 300, minWriteRate: rate });
+  await using s = startServer({ idleTimeoutMs: 300, minReadRate: rate });
   const payload = pattern(6 * MIB, 4);
   const conn = await Deno.connect({ hostname: HOST, port: s.port });
   try {
@@ -253,7 +253,7 @@ Deno.test("serveEcho() serves a reader at minWriteRate whose writes complete fur
 });
 
 Deno.test("serveEcho() still lets go a client that stops reading its echo", async () => {
-  await using s = startServer({ idleTimeoutMs: 300, minWriteRate: 2 * MIB });
+  await using s = startServer({ idleTimeoutMs: 300, minReadRate: 2 * MIB });
   const conn = await Deno.connect({ hostname: HOST, port: s.port });
   try {
     await writeAll(conn, pattern(8 * MIB, 5));

@@ -109,7 +109,7 @@ Deno.test("Admission.check() lets go a reader of 1 KiB every 10 s", () => {
   assert.deepEqual(verdict, { at: 287_000, reason: "slow_reader" });
 });
 
-Deno.test("Admission.check() lets go a reader that read fast and then stalled only after idleTimeoutMs + all it was sent / minWriteRate", () => {
+Deno.test("Admission.check() lets go a reader that read fast and then stalled only after idleTimeoutMs + all it was sent / minReadRate", () => {
   const admission = new Admission();
   // Measured on loopback: a client that read 8 MiB of a 64 MiB echo at
   // once and then stopped; its receive buffer had grown as it read, and
@@ -121,8 +121,8 @@ Deno.test("Admission.check() lets go a reader that read fast and then stalled on
   assert.deepEqual(verdict, { at: 950_000, reason: "slow_reader" });
 });
 
-Deno.test("Admission.check() with minWriteRate 0 cuts off a stalled reader as idle", () => {
-  const admission = new Admission({ minWriteRate: 0 });
+Deno.test("Admission.check() with minReadRate 0 cuts off a stalled reader as idle", () => {
+  const admission = new Admission({ minReadRate: 0 });
   const reader = client(0, { eofAt: 0, bytesSent: 4 * MIB });
   assert.deepEqual(simulate(admission, reader, 100_000, () => {}), {
     at: 31_000,

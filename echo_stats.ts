@@ -15,7 +15,7 @@ import type { AdmissionReason } from "./admission.ts";
  * Why a client was cut off, as counted in {@linkcode EchoStats.cutoffs}:
  * over `maxClientBytes`, over `maxBufferedBytes` with nobody to evict, one
  * of admission.ts's rules (idle too long, sending below `minRate`, reading
- * its echo below `minWriteRate`, evicted for a newcomer at
+ * its echo below `minReadRate`, evicted for a newcomer at
  * `maxConnections` or for memory at `maxBufferedBytes`), still connected
  * when the drain ran out, or its connection failed under the server
  * (almost always a reset by the client).

@@ -295,6 +295,23 @@ export function parseHostPort(
   });
 }
 
+/**
+ * `HOST:PORT`, with an IPv6 address in brackets: the inverse of
+ * {@linkcode parseHostPort}, for messages naming an address.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * assert.equal(formatHostPort("127.0.0.1", 4000), "127.0.0.1:4000");
+ * assert.equal(formatHostPort("::1", 4000), "[::1]:4000");
+ * ```
+ */
+export function formatHostPort(hostname: string, port: number): string {
+  return hostname.includes(":")
+    ? `[${hostname}]:${port}`
+    : `${hostname}:${port}`;
+}
+
 /** What {@linkcode parseCommandLine} accepts: node:util's option table. */
 export type CommandLineOptions = NonNullable<ParseArgsConfig["options"]>;
 

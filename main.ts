@@ -18,11 +18,12 @@ import {
   DEFAULT_MAX_CONNECTIONS,
   DEFAULT_MIN_RATE,
   DEFAULT_MIN_RATE_GRACE_MS,
-  DEFAULT_MIN_WRITE_RATE,
+  DEFAULT_MIN_READ_RATE,
   MAX_INSTANCES,
   serveEcho,
 } from "./server.ts";
 import {
+  formatHostPort,
   type HostPort,
   parseCommandLine,
   parseHostPort,
@@ -59,7 +60,7 @@ export interface Config {
   /** How long a client may send below it (`--min-rate-grace`, in ms). */
   minRateGraceMs: number;
   /** Bytes per second a client must read its echo at (`--min-read-rate`); 0 is off. */
-  minWriteRate: number;
+  minReadRate: number;
   /** Clients younger than this are never evicted (`--eviction-grace`, in ms); 0 turns eviction off. */
   evictionGraceMs: number;
   /** Time clients get to finish on SIGINT/SIGTERM (`--drain-timeout`, in ms). */
@@ -113,7 +114,7 @@ Options:
 })
   --min-read-rate SIZE     bytes a second a client must read its echo at, on
                            average, once idle; 0 is off (default ${
-  DEFAULT_MIN_WRITE_RATE / 1024
+  DEFAULT_MIN_READ_RATE / 1024
 }KiB)
   --eviction-grace SECONDS clients connected this long may be evicted for a
                            newcomer at --max-connections; 0 turns eviction
@@ -218,8 +219,8 @@ export function parseFlags(args: string[]): Config | "help" | "version" {
         default: DEFAULT_MIN_RATE_GRACE_MS,
       },
     ),
-    minWriteRate: parseSize("--min-read-rate", values["min-read-rate"], {
-      default: DEFAULT_MIN_WRITE_RATE,
+    minReadRate: parseSize("--min-read-rate", values["min-read-rate"], {
+      default: DEFAULT_MIN_READ_RATE,
     }),
     evictionGraceMs: parseMilliseconds(
       "--eviction-grace",
@@ -250,13 +251,6 @@ export function parseFlags(args: string[]): Config | "help" | "version" {
       metrics: parseHostPort("--metrics", values.metrics, "127.0.0.1"),
     }),
   };
-}
-
-/** The message of a thrown `Error`, or any other thrown value as text. */
-function formatAddress(hostname: string, port: number): string {
-  return hostname.includes(":")
-    ? `[${hostname}]:${port}`
-    : `${hostname}:${port}`;
 }
 
 function describeListenError(error: unknown, address: string): string {
@@ -344,13 +338,13 @@ export async function main(args: string[]): Promise<number> {
     }, { ...config, onDiagnostic: diagnostic });
   } catch (error) {
     log.close();
-    const address = formatAddress(config.hostname, config.port);
+    const address = formatHostPort(config.hostname, config.port);
     console.error(`echo-server: ${describeListenError(error, address)}`);
     return 1;
   }
   diagnostic(
     `listening on ${
-      formatAddress(server.addr.hostname, server.addr.port)
+      formatHostPort(server.addr.hostname, server.addr.port)
     }, access log ${config.logPath}`,
   );
 
@@ -365,7 +359,7 @@ export async function main(args: string[]): Promise<number> {
     } catch (error) {
       await server.shutdown({ drainTimeoutMs: 0 });
       log.close();
-      const address = formatAddress(
+      const address = formatHostPort(
         config.metrics.hostname,
         config.metrics.port,
       );
@@ -377,7 +371,7 @@ export async function main(args: string[]): Promise<number> {
     }
     diagnostic(
       `metrics on http://${
-        formatAddress(metrics.addr.hostname, metrics.addr.port)
+        formatHostPort(metrics.addr.hostname, metrics.addr.port)
       }/metrics and /healthz`,
     );
   }

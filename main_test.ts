@@ -173,7 +173,7 @@ Deno.test("parseFlags() gives the defaults and reads sizes and seconds", () => {
     idleTimeoutMs: 30_000,
     minRate: 500,
     minRateGraceMs: 20_000,
-    minWriteRate: 16 * 1024,
+    minReadRate: 16 * 1024,
     evictionGraceMs: 2000,
     drainTimeoutMs: 10_000,
     shutdownDelayMs: 0,
@@ -206,7 +206,7 @@ Deno.test("parseFlags() gives the defaults and reads sizes and seconds", () => {
   assert.equal(config.shutdownDelayMs, 2500);
   assert.equal(config.minRate, 0);
   assert.equal(config.minRateGraceMs, 5000);
-  assert.equal(config.minWriteRate, 32 * 1024);
+  assert.equal(config.minReadRate, 32 * 1024);
   assert.equal(config.evictionGraceMs, 0);
   assert.equal(config.instance, 3);
   assert.equal(config.instances, 4);

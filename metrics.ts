@@ -21,6 +21,7 @@
 import process from "node:process";
 import { errorMessage } from "./_errors.ts";
 import type { AccessLogStats } from "./access_log.ts";
+import { formatHostPort } from "./flags.ts";
 import { RateLimitedReporter } from "./reporter.ts";
 import { DURATION_BUCKETS_SECONDS, type EchoServer } from "./server.ts";
 
@@ -232,7 +233,7 @@ class Metrics implements MetricsServer {
       }
       this.#restartLines.report(
         "restarted",
-        `metrics server restarted on ${formatAddress(hostname, port)}`,
+        `metrics server restarted on ${formatHostPort(hostname, port)}`,
       );
     }, delay);
   }
@@ -554,10 +555,4 @@ function maxOpenFds(): number | undefined {
   // "Max open files            1024                 4096                 files"
   const soft = /^Max open files\s+(\d+)\s/m.exec(limits)?.[1];
   return soft === undefined ? undefined : Number(soft);
-}
-
-function formatAddress(hostname: string, port: number): string {
-  return hostname.includes(":")
-    ? `[${hostname}]:${port}`
-    : `${hostname}:${port}`;
 }

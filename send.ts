@@ -23,7 +23,12 @@
 
 import { readAll, writeAll } from "./_bytes.ts";
 import { errorMessage } from "./_errors.ts";
-import { parseCommandLine, parseInteger, UsageError } from "./flags.ts";
+import {
+  formatHostPort,
+  parseCommandLine,
+  parseInteger,
+  UsageError,
+} from "./flags.ts";
 
 /** The `--help` text, also printed after a command line mistake. */
 export const USAGE = `Usage: send [options] [MESSAGE]
@@ -64,18 +69,12 @@ function firstDifference(a: Uint8Array, b: Uint8Array): number {
   return a.length === b.length ? -1 : length;
 }
 
-function formatAddress(hostname: string, port: number): string {
-  return hostname.includes(":")
-    ? `[${hostname}]:${port}`
-    : `${hostname}:${port}`;
-}
-
 function describeConnectError(
   error: unknown,
   hostname: string,
   port: number,
 ): string {
-  const address = formatAddress(hostname, port);
+  const address = formatHostPort(hostname, port);
   if (error instanceof Deno.errors.ConnectionRefused) {
     return `cannot connect to ${address}: connection refused (is the server running? check --host and --port)`;
   }
@@ -149,7 +148,7 @@ export async function main(args: string[]): Promise<number> {
   try {
     reply = await exchange(conn, sent);
   } catch (error) {
-    const address = formatAddress(hostname, port);
+    const address = formatHostPort(hostname, port);
     console.error(
       `send: lost the connection to ${address}: ${errorMessage(error)}`,
     );

@@ -32,7 +32,7 @@ import {
   DEFAULT_EVICTION_GRACE_MS,
   DEFAULT_MIN_RATE,
   DEFAULT_MIN_RATE_GRACE_MS,
-  DEFAULT_MIN_WRITE_RATE,
+  DEFAULT_MIN_READ_RATE,
 } from "./admission.ts";
 import {
   BufferBudget,
@@ -58,7 +58,7 @@ export {
   DEFAULT_EVICTION_GRACE_MS,
   DEFAULT_MIN_RATE,
   DEFAULT_MIN_RATE_GRACE_MS,
-  DEFAULT_MIN_WRITE_RATE,
+  DEFAULT_MIN_READ_RATE,
 };
 
 /** Called once for every accepted client, however its connection ended. */
@@ -105,7 +105,7 @@ export interface ServeOptions {
   /**
    * A client that makes no progress reading or writing for this long is
    * cut off, in milliseconds; while its echo is written, only if it also
-   * reads below {@linkcode ServeOptions.minWriteRate}.
+   * reads below {@linkcode ServeOptions.minReadRate}.
    *
    * @default {30_000}
    */
@@ -130,7 +130,7 @@ export interface ServeOptions {
    *
    * @default {16_384}
    */
-  minWriteRate?: number;
+  minReadRate?: number;
   /**
    * How long a newcomer that keeps moving bytes cannot be evicted for a
    * slot, in milliseconds; 0 turns eviction off, for memory too
@@ -365,7 +365,7 @@ class Server implements EchoServer {
       idleTimeoutMs: this.#idleTimeoutMs,
       minRate: options.minRate,
       minRateGraceMs: options.minRateGraceMs,
-      minWriteRate: options.minWriteRate,
+      minReadRate: options.minReadRate,
       evictionGraceMs: options.evictionGraceMs,
     });
     const { instance = 1, instances = 1 } = options;
@@ -725,7 +725,7 @@ class Server implements EchoServer {
   #sweep(): void {
     this.#budget.trimSpares();
     // ADMISSION: who is cut off for making too little progress: idle,
-    // sending below minRate, reading below minWriteRate (admission.ts).
+    // sending below minRate, reading below minReadRate (admission.ts).
     // Monotonic: a wall-clock jump must not cut everyone off.
     const now = performance.now();
     for (const client of this.#clients) {
@@ -737,14 +737,14 @@ class Server implements EchoServer {
   }
 
   #verdictText(verdict: AdmissionReason, client: Client, now: number): string {
-    const { minRate, minWriteRate } = this.#admission;
+    const { minRate, minReadRate } = this.#admission;
     switch (verdict) {
       case "min_rate":
         return `sent below the minimum rate of ${minRate} B/s for ${
           seconds(now - client.acceptedAt)
         } s without half-closing`;
       case "slow_reader":
-        return `read its echo below the minimum rate of ${minWriteRate} B/s (${client.bytesSent} bytes taken in ${
+        return `read its echo below the minimum rate of ${minReadRate} B/s (${client.bytesSent} bytes taken in ${
           seconds(now - client.eofAt!)
         } s)`;
       default:

@@ -1103,13 +1103,13 @@ Deno.test("serveEcho() keeps a client that sends a byte every idleTimeoutMs/3 fo
 Deno.test("serveEcho() cuts off a client that half-closes and never reads a large reply, once idle", async () => {
   // More than loopback socket buffers hold, so the reply stalls once they
   // fill and the client makes no more progress. While its echo is written,
-  // an idle client is cut off only if it also reads below minWriteRate: set
+  // an idle client is cut off only if it also reads below minReadRate: set
   // far above what loopback buffers take at once, so that the stall, not
   // the rate, decides.
   const size = STALLING_BYTES;
   await using s = startServer({
     idleTimeoutMs: 200,
-    minWriteRate: 2 ** 30,
+    minReadRate: 2 ** 30,
     maxClientBytes: size,
   });
   // Made before connecting: making it takes this thread, the server's, long

@@ -462,7 +462,7 @@ Deno.test(
         // reads, short enough to take hogs sending every 200 ms.
         evictionGraceMs: 1000,
         idleTimeoutMs: 1000,
-        minWriteRate: MIB,
+        minReadRate: MIB,
       },
       async (port, logPath) => {
         result = await runMix({
