@@ -1,6 +1,20 @@
 import assert from "node:assert/strict";
 import { AccessLog, type LogFile } from "./access_log.ts";
-import { withTempDir, withTempDirSync } from "./test_util.ts";
+import { withTempDir } from "./test_util.ts";
+
+/** `fn` run in a fresh temporary directory, removed afterwards. */
+function withTempDirSync(
+  fn: (dir: string) => void,
+): (t: Deno.TestContext) => void {
+  return () => {
+    const dir = Deno.makeTempDirSync();
+    try {
+      fn(dir);
+    } finally {
+      Deno.removeSync(dir, { recursive: true });
+    }
+  };
+}
 
 Deno.test(
   "AccessLog.open() creates the directory, record() writes exact lines",

@@ -7,19 +7,15 @@ import {
   USAGE,
 } from "./main.ts";
 import {
+  assertUsageError,
   type CommandResult,
   connectMany,
   echo,
   findExecutable,
-  killAfter,
-  Lines,
   readAll,
   runCommand,
   sendAndReset,
-  serverCommand,
   ServerProcess,
-  spawnChild,
-  spawnServer,
   withTempDir,
 } from "./test_util.ts";
 
@@ -28,20 +24,6 @@ const MAIN = new URL("./main.ts", import.meta.url).pathname;
 /** Runs main.ts to completion with the given permissions and flags. */
 function run(permissions: string[], args: string[]): Promise<CommandResult> {
   return runCommand(Deno.execPath(), ["run", ...permissions, MAIN, ...args]);
-}
-
-/**
- * A command line mistake: exit 2, nothing on stdout, and on stderr the one
- * line starting with `message` plus a pointer to `--help`.
- */
-function assertUsageError(result: CommandResult, message: string): void {
-  assert.equal(result.code, 2, result.stderr);
-  assert.equal(result.stdout, "");
-  const [first, hint, end] = result.stderr.split("\n");
-  assert.ok(first.startsWith(message), first);
-  assert.equal(hint, "Try 'echo-server --help' for more information.");
-  assert.equal(end, "");
-  assert.equal(result.stderr.split("\n").length, 3, result.stderr);
 }
 
 /** Waits until a second signal is a second request, not the same one. */
@@ -634,19 +616,33 @@ for (const signal of ["SIGTERM", "SIGINT"] as const) {
   );
 }
 
+/**
+ * main.ts with `args` and its stderr on a new FIFO at `fifo`, for a test
+ * that decides when stderr is read (open the FIFO to read it).
+ */
+async function startOnFifo(
+  dir: string,
+  fifo: string,
+  args: string[],
+): Promise<ServerProcess> {
+  assert.equal((await runCommand("mkfifo", [fifo])).code, 0);
+  return new ServerProcess(dir, args, {
+    env: { STDERR: fifo },
+    shell: 'exec 2>"$STDERR"',
+  });
+}
+
 Deno.test(
   "echo-server on SIGHUP after SIGTERM, while its last line waits for a stalled stderr, reopens the log and exits 0 with that line",
   withTempDir(async (dir) => {
     // stderr is a FIFO read here with plain reads (no read-ahead), so the
     // test decides when the pipe is full and when it drains.
     const fifo = `${dir}/stderr`;
-    assert.equal((await runCommand("mkfifo", [fifo])).code, 0);
-    const child = spawnChild("bash", [
-      "-c",
-      'exec "$0" "$@" 2>"$STDERR"',
-      ...serverCommand(dir, ["--drain-timeout", "3600"]),
-    ], { env: { STDERR: fifo }, stdout: "null", stderr: "inherit" });
-    using _timeout = killAfter(child, 60_000);
+    await using server = await startOnFifo(dir, fifo, [
+      "--drain-timeout",
+      "3600",
+    ]);
+    const { child } = server;
     using stderr = await Deno.open(fifo, { read: true });
     let text = "";
     const buffer = new Uint8Array(4096);
@@ -1024,10 +1020,11 @@ Deno.test(
     // A stderr pipe the test stops reading after the start-up lines, like a
     // stalled log shipper: a pipe holds 64 KiB, about 1,100 lines of one
     // per reset, and a blocking write to a full one stops the event loop.
-    const child = spawnServer(dir, ["--metrics", ":0"]);
+    const fifo = `${dir}/stderr`;
     // If the server hangs, killing it makes the clients below fail.
-    using _timeout = killAfter(child, 60_000);
-    const reader = child.stderr.getReader();
+    await using server = await startOnFifo(dir, fifo, ["--metrics", ":0"]);
+    const { child } = server;
+    const reader = (await Deno.open(fifo, { read: true })).readable.getReader();
     const decoder = new TextDecoder();
     let text = "";
     try {
@@ -1106,8 +1103,9 @@ Deno.test(
 );
 
 // Holds the server's stderr in a pipe of one page (4 KiB, F_SETPIPE_SZ) that
-// it reads only for the start-up lines, and says "full" once one of the
-// server's threads is blocked writing to it (wchan pipe_write). At 10 lines
+// it reads only for the start-up lines, passed on to its own stderr after
+// the server's pid, and says "full" there once one of the server's threads
+// is blocked writing to the pipe (wchan pipe_write). At 10 lines
 // a second about single clients, a 64 KiB pipe would take minutes to fill;
 // one page takes a few seconds. A count of queued bytes is no sign: a
 // batch of lines up to PIPE_BUF is written whole or not at all, so the
@@ -1125,8 +1123,8 @@ while not (b"metrics on" in seen and seen.endswith(b"\\n")):
     if not byte:
         break
     seen += byte
-sys.stdout.write("pid %d\\n" % child.pid + seen.decode())
-sys.stdout.flush()
+sys.stderr.write("pid %d\\n" % child.pid + seen.decode())
+sys.stderr.flush()
 def blocked_in_pipe_write(pid):
     for task in os.listdir("/proc/%d/task" % pid):
         try:
@@ -1140,7 +1138,7 @@ said = False
 while child.poll() is None:
     queued = struct.unpack("i", fcntl.ioctl(r, termios.FIONREAD, b"\\0" * 4))[0]
     if not said and queued > 0 and blocked_in_pipe_write(child.pid):
-        print("full", flush=True)
+        print("full", file=sys.stderr, flush=True)
         said = True
     time.sleep(0.05)
 sys.exit(child.returncode)
@@ -1151,13 +1149,12 @@ Deno.test({
     "echo-server serves on while its stderr pipe is full and nobody reads it",
   ignore: findExecutable("python3") === undefined,
   fn: withTempDir(async (dir) => {
-    const child = spawnChild(findExecutable("python3")!, [
-      "-c",
-      STALLED_STDERR,
-      ...serverCommand(dir, ["--metrics", ":0"]),
-    ], { stderr: "inherit" });
-    using _timeout = killAfter(child, 60_000);
-    const lines = new Lines(child.stdout);
+    // Python runs the server and passes its start-up lines on to stderr.
+    await using python = new ServerProcess(dir, ["--metrics", ":0"], {
+      env: { PYTHON: findExecutable("python3")!, SCRIPT: STALLED_STDERR },
+      shell: 'exec "$PYTHON" -c "$SCRIPT" "$@"',
+    });
+    const { child, stderr: lines } = python;
     let pid: number | undefined;
     let stalledKill: ReturnType<typeof setTimeout> | undefined;
     try {
@@ -1208,13 +1205,6 @@ Deno.test({
           // It exited.
         }
       }
-      try {
-        child.kill("SIGKILL");
-      } catch {
-        // It exited.
-      }
-      await child.status;
-      await lines.done;
     }
   }),
 });

@@ -199,26 +199,38 @@ export function killAfter(
 
 /**
  * Asserts that a command line program rejected its flags: exit status 2,
- * nothing on stdout, and on stderr a first line starting with `message`, a
- * blank line, then the usage, whose first line is `usage`.
+ * nothing on stdout, and on stderr a first line starting with `message`.
+ * Then, given `usage`, a blank line and the usage, whose first line is
+ * `usage` (send and the bench tools); without it, one line that points to
+ * `--help` and nothing more (echo-server: `Try 'NAME --help' for more
+ * information.`, NAME being what the first line names before its colon).
  *
  * @example
  * ```ts
- * const result = await runCommand(Deno.execPath(), ["run", "send.ts", "-x"]);
- * assertUsageError(result, "send: Unknown option '-x'", "Usage: send [options] [MESSAGE]");
+ * const send = await runCommand(Deno.execPath(), ["run", "send.ts", "-x"]);
+ * assertUsageError(send, "send: Unknown option '-x'", "Usage: send [options] [MESSAGE]");
+ * const main = await runCommand(Deno.execPath(), ["run", "main.ts", "-x"]);
+ * assertUsageError(main, "echo-server: Unknown option '-x'");
  * ```
  */
 export function assertUsageError(
   result: CommandResult,
   message: string,
-  usage: string,
+  usage?: string,
 ): void {
   assert.equal(result.code, 2, result.stderr);
   assert.equal(result.stdout, "");
-  const [first, blank, usageLine] = result.stderr.split("\n");
+  const [first, ...rest] = result.stderr.split("\n");
   assert.ok(first.startsWith(message), first);
-  assert.equal(blank, "");
-  assert.equal(usageLine, usage);
+  if (usage !== undefined) {
+    assert.deepEqual(rest.slice(0, 2), ["", usage], result.stderr);
+  } else {
+    const name = first.slice(0, first.indexOf(":"));
+    assert.deepEqual(rest, [
+      `Try '${name} --help' for more information.`,
+      "",
+    ], result.stderr);
+  }
 }
 
 /**
@@ -366,76 +378,6 @@ export class Lines {
   }
 }
 
-/** Options for {@linkcode spawnServer}. */
-export interface SpawnServerOptions {
-  /**
-   * Deno permission flags for the server.
-   *
-   * @default {["--allow-net", `--allow-write=${logDir}`]}
-   */
-  permissions?: string[];
-  /**
-   * Runs the server under `ulimit -n` of this many descriptors (soft and
-   * hard: Deno raises its soft limit to the hard one).
-   *
-   * @default {undefined}
-   */
-  maxOpenFiles?: number;
-  /**
-   * A bash command run first, in the process that then becomes the server
-   * (e.g. `prlimit --pid $$ --fsize=4096`).
-   *
-   * @default {undefined}
-   */
-  shell?: string;
-  /**
-   * Environment added to the test's (`NO_COLOR=1` is always set).
-   *
-   * @default {{}}
-   */
-  env?: Record<string, string>;
-}
-
-/**
- * Runs main.ts as a subprocess on port 0, logging to `logDir/access.log`,
- * with `args` after those flags: stdin and stdout closed, stderr piped for
- * the test to read (its first line names the port). The caller kills it
- * (e.g. with {@linkcode killAfter}) and awaits its status.
- *
- * @example
- * ```ts ignore
- * Deno.test("echo-server starts", withTempDir(async (dir) => {
- *   const child = spawnServer(dir, ["--max-connections", "10"]);
- *   const stderr = new Lines(child.stderr);
- *   await stderr.next(/^listening on /);
- *   child.kill("SIGTERM");
- *   await child.status;
- *   await stderr.done;
- * }));
- * ```
- */
-export function spawnServer(
-  logDir: string,
-  args: string[] = [],
-  options: SpawnServerOptions = {},
-): Deno.ChildProcess {
-  const { maxOpenFiles } = options;
-  const command = serverCommand(logDir, args, options);
-  const shell = [
-    maxOpenFiles === undefined
-      ? undefined
-      : `ulimit -Sn ${maxOpenFiles} -Hn ${maxOpenFiles}`,
-    options.shell,
-  ].filter((part) => part !== undefined);
-  if (shell.length > 0) {
-    command.unshift("bash", "-c", `${shell.join(" && ")} && exec "$@"`, "bash");
-  }
-  return spawnChild(command[0], command.slice(1), {
-    env: options.env,
-    stdout: "null",
-  });
-}
-
 /** Options for {@linkcode spawnChild}. */
 export interface SpawnChildOptions
   extends Pick<Deno.CommandOptions, "cwd" | "stdout" | "stderr"> {
@@ -481,7 +423,36 @@ export function spawnChild(
 }
 
 /** Options for a {@linkcode ServerProcess}. */
-export interface ServerProcessOptions extends SpawnServerOptions {
+export interface ServerProcessOptions {
+  /**
+   * Deno permission flags for the server.
+   *
+   * @default {["--allow-net", `--allow-write=${logDir}`]}
+   */
+  permissions?: string[];
+  /**
+   * Runs the server under `ulimit -n` of this many descriptors (soft and
+   * hard: Deno raises its soft limit to the hard one).
+   *
+   * @default {undefined}
+   */
+  maxOpenFiles?: number;
+  /**
+   * A bash command run first, in the process that then becomes the server
+   * (e.g. `prlimit --pid $$ --fsize=4096`). The server's command line is
+   * `"$@"` there: `exec 2>"$FIFO"` sends its stderr to a FIFO the test
+   * reads at its own pace, `exec python3 wrapper.py "$@"` runs it under a
+   * wrapper (which then is {@linkcode ServerProcess.child}).
+   *
+   * @default {undefined}
+   */
+  shell?: string;
+  /**
+   * Environment added to the test's (`NO_COLOR=1` is always set).
+   *
+   * @default {{}}
+   */
+  env?: Record<string, string>;
   /**
    * Kill the server (SIGKILL) if it still runs after this long, so that a
    * test fails instead of hanging.
@@ -492,38 +463,84 @@ export interface ServerProcessOptions extends SpawnServerOptions {
 }
 
 /**
- * main.ts running as a subprocess, started by {@linkcode spawnServer}, with
- * its stderr read line by line; killed if it still runs after its timeout.
- * Disposing it kills it and waits for it.
+ * main.ts running as a subprocess on port 0, logging to `logDir/access.log`,
+ * with `args` after those flags: stdin and stdout closed, stderr read line
+ * by line (its first line names the port). Killed if it still runs after
+ * its timeout; disposing it kills it and waits for it.
  *
  * @example
- * ```ts ignore
- * Deno.test("echo-server echoes", withTempDir(async (dir) => {
+ * ```ts
+ * import assert from "node:assert/strict";
+ * const dir = await Deno.makeTempDir();
+ * try {
  *   await using server = new ServerProcess(dir, ["--metrics", ":0"]);
  *   const port = await server.port();
- *   const metricsPort = await server.metricsPort();
- *   await echo(port, new Uint8Array(1));
+ *   assert.ok(await server.metricsPort() > 0);
+ *   assert.deepEqual(await echo(port, new Uint8Array(1)), new Uint8Array(1));
  *   assert.equal(await server.stop(), 0);
- * }));
+ * } finally {
+ *   await Deno.remove(dir, { recursive: true });
+ * }
  * ```
  */
 export class ServerProcess implements AsyncDisposable {
-  /** The server process. */
+  /** The server process (or the wrapper a `shell` option execs). */
   readonly child: Deno.ChildProcess;
   /** Its stderr, every line so far in `stderr.lines`. */
   readonly stderr: Lines;
   readonly #timeout: Disposable;
+  #exited = false;
 
-  /** Starts main.ts as {@linkcode spawnServer} does with these arguments. */
+  /** Starts main.ts with these arguments; see {@linkcode ServerProcess}. */
   constructor(
     logDir: string,
     args: string[] = [],
     options: ServerProcessOptions = {},
   ) {
-    const { timeoutMs = 60_000, ...spawnOptions } = options;
-    this.child = spawnServer(logDir, args, spawnOptions);
+    const {
+      permissions = ["--allow-net", `--allow-write=${logDir}`],
+      maxOpenFiles,
+      shell,
+      env,
+      timeoutMs = 60_000,
+    } = options;
+    const command = [
+      Deno.execPath(),
+      "run",
+      ...permissions,
+      MAIN,
+      "--port",
+      "0",
+      "--log",
+      `${logDir}/access.log`,
+      ...args,
+    ];
+    const setup = [
+      maxOpenFiles === undefined
+        ? undefined
+        : `ulimit -Sn ${maxOpenFiles} -Hn ${maxOpenFiles}`,
+      shell,
+    ].filter((part) => part !== undefined);
+    if (setup.length > 0) {
+      command.unshift(
+        "bash",
+        "-c",
+        `${setup.join(" && ")} && exec "$@"`,
+        "bash",
+      );
+    }
+    this.child = spawnChild(command[0], command.slice(1), {
+      env,
+      stdout: "null",
+    });
+    this.child.status.then(() => this.#exited = true);
     this.#timeout = killAfter(this.child, timeoutMs);
     this.stderr = new Lines(this.child.stderr);
+  }
+
+  /** Whether the process has exited (as its `status` has settled). */
+  get exited(): boolean {
+    return this.#exited;
   }
 
   /** Reads stderr up to the next line matching `pattern`, and returns it. */
@@ -553,20 +570,28 @@ export class ServerProcess implements AsyncDisposable {
     return { code, stderr };
   }
 
-  /** Sends SIGTERM; resolves with the exit code once stderr has ended. */
+  /**
+   * Sends SIGTERM unless the server has exited; resolves with the exit code
+   * once stderr has ended.
+   */
   async stop(): Promise<number> {
-    this.child.kill("SIGTERM");
+    this.#kill("SIGTERM");
     return (await this.exit()).code;
   }
 
   /** Kills the server (SIGKILL) unless it has exited, and waits for it. */
   async [Symbol.asyncDispose](): Promise<void> {
-    try {
-      this.child.kill("SIGKILL");
-    } catch {
-      // already exited
-    }
+    this.#kill("SIGKILL");
     await this.exit();
+  }
+
+  #kill(signal: Deno.Signal): void {
+    try {
+      this.child.kill(signal);
+    } catch (error) {
+      // It has exited, and `status` may not have settled yet.
+      if (!(error instanceof TypeError)) throw error;
+    }
   }
 }
 
@@ -764,39 +789,6 @@ export class HandlerServer {
 }
 
 /**
- * The command line that runs main.ts on port 0 logging to
- * `logDir/access.log`, with `args` after those flags, as
- * {@linkcode spawnServer} runs it: for tests that spawn the server their
- * own way. `permissions` as in {@linkcode SpawnServerOptions}.
- *
- * @example
- * ```ts
- * import assert from "node:assert/strict";
- * const [deno, run] = serverCommand("/tmp/logs", ["--instance", "1/2"]);
- * assert.equal(deno, Deno.execPath());
- * assert.equal(run, "run");
- * ```
- */
-export function serverCommand(
-  logDir: string,
-  args: string[] = [],
-  options: Pick<SpawnServerOptions, "permissions"> = {},
-): string[] {
-  const { permissions = ["--allow-net", `--allow-write=${logDir}`] } = options;
-  return [
-    Deno.execPath(),
-    "run",
-    ...permissions,
-    MAIN,
-    "--port",
-    "0",
-    "--log",
-    `${logDir}/access.log`,
-    ...args,
-  ];
-}
-
-/**
  * The name and `ignore` of a test that needs a tool the machine may lack:
  * `name` as is when `available`, else ignored and named with
  * ` (skipped: ${missing})` after it, so the run says what to install.
@@ -818,35 +810,6 @@ export function needing(
   return available
     ? { name, ignore: false }
     : { name: `${name} (skipped: ${missing})`, ignore: true };
-}
-
-/**
- * Wraps a synchronous test function so that it gets a fresh temporary
- * directory, removed afterwards whether the test passes or fails: the
- * synchronous twin of {@linkcode withTempDir}.
- *
- * @example Usage
- * ```ts
- * import { withTempDirSync } from "./test_util.ts";
- *
- * const test = withTempDirSync((dir) => {
- *   Deno.writeTextFileSync(`${dir}/file`, "");
- * });
- * test({} as Deno.TestContext);
- * ```
- */
-export function withTempDirSync(
-  fn: (dir: string, t: Deno.TestContext) => void,
-  options?: Deno.MakeTempOptions,
-): (t: Deno.TestContext) => void {
-  return (t) => {
-    const dir = Deno.makeTempDirSync(options);
-    try {
-      fn(dir, t);
-    } finally {
-      Deno.removeSync(dir, { recursive: true });
-    }
-  };
 }
 
 /**

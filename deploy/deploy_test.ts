@@ -13,13 +13,13 @@ import { type Config, DEFAULT_LOG_PATH, parseFlags } from "../main.ts";
 import { DEFAULT_DRAIN_TIMEOUT_MS } from "../server.ts";
 import denoJson from "../deno.json" with { type: "json" };
 import {
+  connectMany,
   echo,
   findExecutable,
   killAfter,
-  Lines,
   needing,
   readAll,
-  spawnServer,
+  ServerProcess,
   withTempDir,
 } from "../test_util.ts";
 
@@ -446,19 +446,16 @@ async function readLog(path: string): Promise<string> {
 
 /**
  * Stops `server` with SIGTERM and asserts that it exits 0 having written
- * nothing to `stderr` but lines matching `expected`. Waits for the exit
- * whether or not the assertions pass.
+ * nothing to stderr but lines matching `expected`.
  */
 async function stopCleanly(
-  server: Deno.ChildProcess,
-  stderr: Lines,
+  server: ServerProcess,
   expected: RegExp,
 ): Promise<void> {
-  server.kill("SIGTERM");
-  const status = await server.status;
-  await stderr.done;
-  assert.equal(status.code, 0, stderr.lines.join("\n"));
-  for (const line of stderr.lines) assert.match(line, expected);
+  const code = await server.stop();
+  const { lines } = server.stderr;
+  assert.equal(code, 0, lines.join("\n"));
+  for (const line of lines) assert.match(line, expected);
 }
 
 const ROTATIONS = 3;
@@ -473,17 +470,14 @@ Deno.test({
   ),
   fn: withTempDir(async (dir) => {
     const logPath = `${dir}/access.log`;
-    const server = spawnServer(dir);
-    using _timeout = killAfter(server, 120_000);
-    const stderr = new Lines(server.stderr);
-    let exited = false;
+    await using server = new ServerProcess(dir, [], { timeoutMs: 120_000 });
     let stop = false;
     const workers: Promise<void>[] = [];
     try {
-      const [, port] = await stderr.next(/^listening on .+:(\d+), access log /);
+      const port = await server.port();
 
       const conf = `${dir}/logrotate.conf`;
-      await Deno.writeTextFile(conf, testConfig(logPath, server.pid));
+      await Deno.writeTextFile(conf, testConfig(logPath, server.child.pid));
       await Deno.chmod(conf, 0o644); // logrotate refuses a writable config
 
       // Clients keep coming, WORKERS at a time, until told to stop. Each
@@ -498,7 +492,7 @@ Deno.test({
               sent.push(size);
               const payload = new Uint8Array(size).fill(65 + w);
               assert.deepEqual(
-                await echo(Number(port), payload),
+                await echo(port, payload),
                 payload,
                 "echoed back unchanged",
               );
@@ -528,22 +522,22 @@ Deno.test({
           new TextDecoder().decode(result.stdout);
         assert.ok(result.success, `logrotate failed:\n${output}`);
         // The sync point: the server has switched to the new access.log.
-        await stderr.next(/^reopened access log /);
+        await server.waitFor(/^reopened access log /);
       }
       await progress.until(progress.done + CLIENTS_BETWEEN_ROTATIONS);
 
       stop = true;
       await Promise.all(workers);
       progress.check();
-      exited = true; // stopCleanly() waits for the exit
       // Nothing but the expected lifecycle lines: no "still writing to the
       // old file", no client that could not be logged.
       await stopCleanly(
         server,
-        stderr,
         /^(listening on |reopened access log |SIGTERM: stopping; |stopped after \d+ clients$)/,
       );
-      assert.ok(stderr.lines.includes(`stopped after ${sent.length} clients`));
+      assert.ok(
+        server.stderr.lines.includes(`stopped after ${sent.length} clients`),
+      );
 
       // rename + delaycompress: the newest rotated file stays plain.
       const files = [];
@@ -585,11 +579,6 @@ Deno.test({
     } finally {
       stop = true;
       await Promise.allSettled(workers);
-      if (!exited) {
-        server.kill("SIGKILL");
-        await server.status;
-        await stderr.done.catch(() => {});
-      }
     }
   }, { prefix: "echo-server-logrotate-" }),
 });
@@ -601,57 +590,37 @@ Deno.test(
     const limit = clients + FD_HEADROOM;
     // Both limits, as LimitNOFILE=N sets them (deno run would raise a lower
     // soft limit to the hard one; a compiled binary may not).
-    const server = spawnServer(
+    await using server = new ServerProcess(
       dir,
       ["--max-connections", `${clients}`, "--metrics", "127.0.0.1:0"],
       { maxOpenFiles: limit },
     );
-    using _timeout = killAfter(server, 60_000);
-    const stderr = new Lines(server.stderr);
-    let exited = false;
+    const port = await server.port();
+    const metricsPort = await server.metricsPort();
+    const conns = await connectMany(port, clients);
     try {
-      const [, port] = await stderr.next(/^listening on .+:(\d+), access log /);
-      const [, metricsPort] = await stderr.next(
-        /^metrics on .+:(\d+)\/metrics/,
-      );
-      const conns = await Promise.all(
-        Array.from(
-          { length: clients },
-          () => Deno.connect({ hostname: "127.0.0.1", port: Number(port) }),
-        ),
-      );
-      try {
-        await Promise.all(conns.map((conn) => conn.write(new Uint8Array([1]))));
-        // Every client accepted and held at once, and a scrape served then.
-        while (
-          !(await scrape(Number(metricsPort))).includes(
-            `\necho_connections_active ${clients}\n`,
-          )
-        ) {
-          await new Promise((resolve) => setTimeout(resolve, 10));
-        }
-        for (const conn of conns) await conn.closeWrite();
-        for (const conn of conns) {
-          assert.deepEqual([...await readAll(conn)], [1]);
-        }
-      } finally {
-        for (const conn of conns) conn.close();
+      await Promise.all(conns.map((conn) => conn.write(new Uint8Array([1]))));
+      // Every client accepted and held at once, and a scrape served then.
+      while (
+        !(await scrape(metricsPort)).includes(
+          `\necho_connections_active ${clients}\n`,
+        )
+      ) {
+        await new Promise((resolve) => setTimeout(resolve, 10));
       }
-      exited = true; // stopCleanly() waits for the exit
-      await stopCleanly(
-        server,
-        stderr,
-        /^(listening on |metrics on |SIGTERM: stopping; |stopped after \d+ clients$)/,
-      );
-      const log = await Deno.readTextFile(`${dir}/access.log`);
-      assert.equal(log.split("\n").length - 1, clients);
+      for (const conn of conns) await conn.closeWrite();
+      for (const conn of conns) {
+        assert.deepEqual([...await readAll(conn)], [1]);
+      }
     } finally {
-      if (!exited) {
-        server.kill("SIGKILL");
-        await server.status;
-        await stderr.done.catch(() => {});
-      }
+      for (const conn of conns) conn.close();
     }
+    await stopCleanly(
+      server,
+      /^(listening on |metrics on |SIGTERM: stopping; |stopped after \d+ clients$)/,
+    );
+    const log = await Deno.readTextFile(`${dir}/access.log`);
+    assert.equal(log.split("\n").length - 1, clients);
   }),
 );
 

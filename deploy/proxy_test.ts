@@ -26,7 +26,7 @@ import {
   needing,
   pattern,
   readAll,
-  serverCommand,
+  ServerProcess,
   withTempDir,
   writeAll,
 } from "../test_util.ts";
@@ -147,37 +147,33 @@ class Child implements AsyncDisposable {
 /** One echo-server process, instance `index` of INSTANCES. */
 interface Instance {
   index: number;
-  child: Child;
+  server: ServerProcess;
   port: number;
   metricsPort: number;
 }
 
 async function startInstance(dir: string, index: number): Promise<Instance> {
-  const [deno, ...args] = serverCommand(dir, [
+  const server = new ServerProcess(dir, [
     "--metrics",
     "127.0.0.1:0",
     "--instance",
     `${index}/${INSTANCES}`,
     "--drain-timeout",
     "120",
-  ]);
-  const child = new Child(`instance ${index}`, deno, args);
+  ], { timeoutMs: PROCESS_TIMEOUT_MS });
   try {
-    const [, port] = await child.stderr.next(/^listening on .+:(\d+), /);
-    const [, metricsPort] = await child.stderr.next(METRICS_LINE);
-    return {
-      index,
-      child,
-      port: Number(port),
-      metricsPort: Number(metricsPort),
-    };
+    const port = await server.port();
+    return { index, server, port, metricsPort: await server.metricsPort() };
   } catch (error) {
-    await child[Symbol.asyncDispose]();
+    await server[Symbol.asyncDispose]();
     throw error;
   }
 }
 
-const METRICS_LINE = /^metrics on http:\/\/.+:(\d+)\/metrics /;
+/** An instance's stderr so far, for failure messages. */
+function describe({ index, server }: Instance): string {
+  return `--- instance ${index} stderr:\n${server.stderr.lines.join("\n")}`;
+}
 
 /** Three instances sharing `${dir}/access.log`; stops them all on dispose. */
 class Cluster implements AsyncDisposable {
@@ -191,7 +187,7 @@ class Cluster implements AsyncDisposable {
       }
     } catch (error) {
       await Promise.all(
-        instances.map((instance) => instance.child[Symbol.asyncDispose]()),
+        instances.map(({ server }) => server[Symbol.asyncDispose]()),
       );
       throw error;
     }
@@ -208,23 +204,26 @@ class Cluster implements AsyncDisposable {
    */
   async stop(): Promise<Map<number, number>> {
     const accepted = new Map<number, number>();
-    for (const { child } of this.instances) child.kill("SIGTERM");
-    for (const { index, child } of this.instances) {
-      assert.equal(await child.exit(), 0, child.describe());
-      const [, count] = await child.stderr.next(/^stopped after (\d+) clients$/)
-        .catch(() => assert.fail(child.describe()));
-      accepted.set(index, Number(count));
+    const codes = await Promise.all(
+      this.instances.map(({ server }) => server.stop()),
+    );
+    for (const [i, instance] of this.instances.entries()) {
+      assert.equal(codes[i], 0, describe(instance));
+      const [, count] = await instance.server.stderr.next(
+        /^stopped after (\d+) clients$/,
+      ).catch(() => assert.fail(describe(instance)));
+      accepted.set(instance.index, Number(count));
     }
     return accepted;
   }
 
   describe(): string {
-    return this.instances.map(({ child }) => child.describe()).join("\n");
+    return this.instances.map(describe).join("\n");
   }
 
   async [Symbol.asyncDispose](): Promise<void> {
     await Promise.all(
-      this.instances.map(({ child }) => child[Symbol.asyncDispose]()),
+      this.instances.map(({ server }) => server[Symbol.asyncDispose]()),
     );
   }
 }
@@ -574,8 +573,8 @@ Deno.test({
             : undefined,
       );
 
-      second.child.kill("SIGTERM");
-      await second.child.stderr.next(
+      second.server.child.kill("SIGTERM");
+      await second.server.waitFor(
         new RegExp(`^SIGTERM: stopping; ${onSecond} connections`),
       );
       // Right after SIGTERM, before HAProxy's checks notice: instance 2
@@ -598,8 +597,8 @@ Deno.test({
         await conn.closeWrite();
         assertSameBytes(await readAll(conn), payload);
       }
-      assert.equal(await second.child.exit(), 0, second.child.describe());
-      assert.equal(third.child.exited, false);
+      assert.equal((await second.server.exit()).code, 0, describe(second));
+      assert.equal(third.server.exited, false);
 
       const accepted = await cluster.stop();
       const records = await readLogs([cluster.logPath]);
@@ -683,9 +682,9 @@ Deno.test({
 
       // Rotation with three writers: rename, then SIGHUP every instance.
       await Deno.rename(cluster.logPath, `${cluster.logPath}.1`);
-      for (const { child } of cluster.instances) {
-        child.kill("SIGHUP");
-        await child.stderr.next(/^reopened access log /);
+      for (const { server } of cluster.instances) {
+        server.child.kill("SIGHUP");
+        await server.waitFor(/^reopened access log /);
       }
       const second = sizes(16, 5000);
       await runClients(port, second, 16);
