@@ -33,6 +33,45 @@ function outlastSameSignalWindow(): Promise<void> {
   );
 }
 
+/**
+ * Sends `signal` again once it is a second request, and checks that the
+ * server cuts off `cutOff` connections (any number if undefined) at once
+ * and exits with `signal`'s status after `clients` clients. Returns the
+ * stderr it wrote from then on.
+ */
+async function assertSecondSignalCutsOff(
+  server: ServerProcess,
+  signal: "SIGTERM" | "SIGINT",
+  clients: number,
+  cutOff?: number,
+): Promise<string> {
+  await outlastSameSignalWindow();
+  server.child.kill(signal);
+  const { code, stderr } = await server.exit();
+  assert.equal(code, signal === "SIGTERM" ? 143 : 130, stderr);
+  assert.match(
+    stderr,
+    new RegExp(
+      `^${signal} again: cutting off ${cutOff ?? "\\d+"} connections now\n`,
+    ),
+  );
+  assert.match(stderr, new RegExp(`\nstopped after ${clients} clients\n$`));
+  return stderr;
+}
+
+/**
+ * A server with `--metrics` and a `--shutdown-delay` that outlasts the
+ * test, so everything the test does after the signal lands inside it
+ * however slow the machine; a second signal ends it.
+ */
+function startWithLongDelay(dir: string): ServerProcess {
+  return new ServerProcess(
+    dir,
+    ["--shutdown-delay", "3600", "--metrics", ":0"],
+    { timeoutMs: 30_000 },
+  );
+}
+
 /** Whether `path` exists. */
 async function exists(path: string): Promise<boolean> {
   try {
@@ -465,11 +504,7 @@ Deno.test(
     using _client = await holdSixBytes(port, metricsPort);
     server.child.kill("SIGTERM");
     await server.waitFor(/^SIGTERM: stopping; 1 connections/);
-    await outlastSameSignalWindow();
-    server.child.kill("SIGTERM");
-    const { code, stderr } = await server.exit();
-    assert.equal(code, 143);
-    assert.match(stderr, /^SIGTERM again: cutting off 1 connections now\n/);
+    const stderr = await assertSecondSignalCutsOff(server, "SIGTERM", 2, 1);
     assert.match(stderr, /client 1: cut off after 6 bytes/);
     await assertAccessLog(
       dir,
@@ -899,13 +934,7 @@ Deno.test(
 Deno.test(
   "echo-server --shutdown-delay answers /healthz 503 on SIGTERM while still serving and logging new clients and those in flight",
   withTempDir(async (dir) => {
-    // A delay that outlasts the test, so everything below lands inside it
-    // however slow the machine; a second SIGTERM ends it (its log complete).
-    await using server = new ServerProcess(
-      dir,
-      ["--shutdown-delay", "3600", "--metrics", ":0"],
-      { timeoutMs: 30_000 },
-    );
+    await using server = startWithLongDelay(dir);
     const port = await server.port();
     const metricsPort = await server.metricsPort();
     {
@@ -925,12 +954,7 @@ Deno.test(
       );
       await finishInFlight(conn);
     }
-    await outlastSameSignalWindow();
-    server.child.kill("SIGTERM");
-    const { code, stderr } = await server.exit();
-    assert.equal(code, 143, stderr);
-    assert.match(stderr, /^SIGTERM again: cutting off \d+ connections now\n/);
-    assert.match(stderr, /\nstopped after 3 clients\n$/);
+    await assertSecondSignalCutsOff(server, "SIGTERM", 3);
     // Every client, the one in the delay included, has its line.
     assert.deepEqual(
       (await Deno.readTextFile(`${dir}/access.log`)).split("\n").toSorted(),
@@ -979,11 +1003,7 @@ Deno.test(
 Deno.test(
   "echo-server --shutdown-delay on a second SIGINT in the delay cuts off at once, exits 130, its log complete",
   withTempDir(async (dir) => {
-    await using server = new ServerProcess(
-      dir,
-      ["--shutdown-delay", "3600", "--metrics", ":0"],
-      { timeoutMs: 30_000 },
-    );
+    await using server = startWithLongDelay(dir);
     const port = await server.port();
     const metricsPort = await server.metricsPort();
     using conn = await holdSixBytes(port, metricsPort);
@@ -991,12 +1011,7 @@ Deno.test(
     await server.waitFor(
       /^SIGINT: stopping in 3600 s; accepting until then, \/healthz answers 503$/,
     );
-    await outlastSameSignalWindow();
-    server.child.kill("SIGINT");
-    const { code, stderr } = await server.exit();
-    assert.equal(code, 130, stderr);
-    assert.match(stderr, /^SIGINT again: cutting off 1 connections now\n/);
-    assert.match(stderr, /\nstopped after 2 clients\n$/);
+    await assertSecondSignalCutsOff(server, "SIGINT", 2, 1);
     await readUntilEnd(conn);
     await assertAccessLog(
       dir,
