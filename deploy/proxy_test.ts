@@ -171,7 +171,7 @@ async function startInstance(dir: string, index: number): Promise<Instance> {
 }
 
 /** An instance's stderr so far, for failure messages. */
-function describe({ index, server }: Instance): string {
+function describeInstance({ index, server }: Instance): string {
   return `--- instance ${index} stderr:\n${server.stderr.lines.join("\n")}`;
 }
 
@@ -208,17 +208,17 @@ class Cluster implements AsyncDisposable {
       this.instances.map(({ server }) => server.stop()),
     );
     for (const [i, instance] of this.instances.entries()) {
-      assert.equal(codes[i], 0, describe(instance));
+      assert.equal(codes[i], 0, describeInstance(instance));
       const [, count] = await instance.server.stderr.next(
         /^stopped after (\d+) clients$/,
-      ).catch(() => assert.fail(describe(instance)));
+      ).catch(() => assert.fail(describeInstance(instance)));
       accepted.set(instance.index, Number(count));
     }
     return accepted;
   }
 
   describe(): string {
-    return this.instances.map(describe).join("\n");
+    return this.instances.map(describeInstance).join("\n");
   }
 
   async [Symbol.asyncDispose](): Promise<void> {
@@ -597,7 +597,11 @@ Deno.test({
         await conn.closeWrite();
         assertSameBytes(await readAll(conn), payload);
       }
-      assert.equal((await second.server.exit()).code, 0, describe(second));
+      assert.equal(
+        (await second.server.exit()).code,
+        0,
+        describeInstance(second),
+      );
       assert.equal(third.server.exited, false);
 
       const accepted = await cluster.stop();
