@@ -127,8 +127,8 @@ export class GracefulShutdown {
   /**
    * Resolves once everything has stopped, with the status to exit with: 0;
    * 128 + the signal's number (130, 143) when a second signal cut the
-   * drain or the log's flush short; 1 when access log lines were lost,
-   * whatever stopped the server.
+   * shutdown short; 1 when access log lines were lost, whatever stopped
+   * the server.
    */
   readonly exitStatus: Promise<number>;
   #server: ShutdownParts["server"];

@@ -437,3 +437,18 @@ Deno.test("GracefulShutdown on a second SIGTERM while its last lines wait for st
     "SIGTERM again: cutting off 0 connections now",
   ]);
 });
+
+Deno.test("GracefulShutdown on its default clock clears the delay's timer on a cut, leaving no timer behind", async () => {
+  const fake = new FakeParts();
+  const shutdown = new GracefulShutdown(fake.parts, {
+    shutdownDelayMs: 3_600_000,
+  });
+  shutdown.onSignal("SIGTERM");
+  // Real time must pass for a second signal to count as a second request.
+  await new Promise((resolve) =>
+    setTimeout(resolve, SAME_SIGNAL_WINDOW_MS + 50)
+  );
+  shutdown.onSignal("SIGTERM");
+  assert.equal(await shutdown.exitStatus, 143);
+  // The ops sanitizer fails the test if the delay's timer is still set.
+});
