@@ -20,7 +20,7 @@
 import type { AccessLog, AccessLogStats } from "./access_log.ts";
 import type { Diagnostics } from "./diagnostics.ts";
 import type { MetricsServer } from "./metrics.ts";
-import type { ReporterClock } from "./reporter.ts";
+import { REAL_CLOCK, type ReporterClock } from "./reporter.ts";
 import { DEFAULT_DRAIN_TIMEOUT_MS, type EchoServer } from "./server.ts";
 
 /** The signals that stop the server. */
@@ -72,17 +72,10 @@ export interface GracefulShutdownOptions {
   /**
    * Clock and timer.
    *
-   * @default {globalThis's performance.now, setTimeout, clearTimeout}
+   * @default {REAL_CLOCK from reporter.ts}
    */
   clock?: ReporterClock;
 }
-
-const REAL_CLOCK: ReporterClock = {
-  now: () => performance.now(),
-  setTimeout: (callback, ms) => setTimeout(callback, ms),
-  clearTimeout: (handle) =>
-    clearTimeout(handle as ReturnType<typeof setTimeout>),
-};
 
 /**
  * Stops the echo server, then the metrics server, then the access log on

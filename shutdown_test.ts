@@ -2,6 +2,7 @@ import assert from "node:assert/strict";
 import type { ReporterClock } from "./reporter.ts";
 import {
   GracefulShutdown,
+  type GracefulShutdownOptions,
   SAME_SIGNAL_WINDOW_MS,
   type ShutdownParts,
 } from "./shutdown.ts";
@@ -156,16 +157,28 @@ class FakeParts {
   }
 }
 
+/**
+ * A {@linkcode GracefulShutdown} on a fake clock and fake parts; `parts`
+ * says which fakes.
+ */
+function start(
+  options: GracefulShutdownOptions = {},
+  parts: ConstructorParameters<typeof FakeParts>[0] = {},
+): { fake: FakeParts; clock: FakeClock; shutdown: GracefulShutdown } {
+  const fake = new FakeParts(parts);
+  const clock = new FakeClock();
+  const shutdown = new GracefulShutdown(fake.parts, { clock, ...options });
+  return { fake, clock, shutdown };
+}
+
 /** Lets every pending promise callback run, to see what did not happen. */
 function settle(): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, 0));
 }
 
 Deno.test("GracefulShutdown on one SIGINT drains, stops the metrics server, flushes the log and exits 0", async () => {
-  const fake = new FakeParts({ metrics: true });
-  const shutdown = new GracefulShutdown(fake.parts, {
-    drainTimeoutMs: 10_000,
-    clock: new FakeClock(),
+  const { fake, shutdown } = start({ drainTimeoutMs: 10_000 }, {
+    metrics: true,
   });
   shutdown.onSignal("SIGINT");
   assert.deepEqual(fake.calls, [
@@ -192,12 +205,7 @@ Deno.test("GracefulShutdown on one SIGINT drains, stops the metrics server, flus
 });
 
 Deno.test("GracefulShutdown takes a second signal within SAME_SIGNAL_WINDOW_MS of the first as the same request", async () => {
-  const fake = new FakeParts();
-  const clock = new FakeClock();
-  const shutdown = new GracefulShutdown(fake.parts, {
-    drainTimeoutMs: 3_600_000,
-    clock,
-  });
+  const { fake, clock, shutdown } = start({ drainTimeoutMs: 3_600_000 });
   shutdown.onSignal("SIGINT");
   shutdown.onSignal("SIGINT");
   clock.advance(SAME_SIGNAL_WINDOW_MS - 1);
@@ -213,11 +221,8 @@ Deno.test("GracefulShutdown takes a second signal within SAME_SIGNAL_WINDOW_MS o
 
 for (const [signal, status] of [["SIGINT", 130], ["SIGTERM", 143]] as const) {
   Deno.test(`GracefulShutdown on a second ${signal} after SAME_SIGNAL_WINDOW_MS cuts everyone off, aborts the log's flush and exits ${status}`, async () => {
-    const fake = new FakeParts({ metrics: true });
-    const clock = new FakeClock();
-    const shutdown = new GracefulShutdown(fake.parts, {
-      drainTimeoutMs: 10_000,
-      clock,
+    const { fake, clock, shutdown } = start({ drainTimeoutMs: 10_000 }, {
+      metrics: true,
     });
     shutdown.onSignal(signal);
     clock.advance(SAME_SIGNAL_WINDOW_MS);
@@ -245,12 +250,7 @@ for (const [signal, status] of [["SIGINT", 130], ["SIGTERM", 143]] as const) {
 }
 
 Deno.test("GracefulShutdown on a second SIGTERM during the log's flush aborts it, and exits 1 for the line still waiting", async () => {
-  const fake = new FakeParts();
-  const clock = new FakeClock();
-  const shutdown = new GracefulShutdown(fake.parts, {
-    drainTimeoutMs: 10_000,
-    clock,
-  });
+  const { fake, clock, shutdown } = start({ drainTimeoutMs: 10_000 });
   fake.log.stats.backlogLines = 1;
   shutdown.onSignal("SIGTERM");
   clock.advance(4000);
@@ -278,13 +278,10 @@ Deno.test("GracefulShutdown on a second SIGTERM during the log's flush aborts it
 });
 
 Deno.test("GracefulShutdown with shutdownDelayMs keeps accepting with /healthz draining, then drains and exits 0", async () => {
-  const fake = new FakeParts({ metrics: true });
-  const clock = new FakeClock();
-  const shutdown = new GracefulShutdown(fake.parts, {
+  const { fake, clock, shutdown } = start({
     drainTimeoutMs: 10_000,
     shutdownDelayMs: 2000,
-    clock,
-  });
+  }, { metrics: true });
   shutdown.onSignal("SIGTERM");
   clock.advance(1999);
   assert.deepEqual(fake.calls, ["metrics.setDraining"]);
@@ -306,11 +303,8 @@ Deno.test("GracefulShutdown with shutdownDelayMs keeps accepting with /healthz d
 });
 
 Deno.test("GracefulShutdown on a second SIGINT during shutdownDelayMs cuts off at once, without a drain, and exits 130", async () => {
-  const fake = new FakeParts({ metrics: true });
-  const clock = new FakeClock();
-  const shutdown = new GracefulShutdown(fake.parts, {
-    shutdownDelayMs: 3_600_000,
-    clock,
+  const { fake, clock, shutdown } = start({ shutdownDelayMs: 3_600_000 }, {
+    metrics: true,
   });
   shutdown.onSignal("SIGINT");
   clock.advance(SAME_SIGNAL_WINDOW_MS);
@@ -334,12 +328,9 @@ Deno.test("GracefulShutdown on a second SIGINT during shutdownDelayMs cuts off a
 });
 
 Deno.test("GracefulShutdown gives the log's flush only what is left of the drain time after shutdownDelayMs", async () => {
-  const fake = new FakeParts();
-  const clock = new FakeClock();
-  const shutdown = new GracefulShutdown(fake.parts, {
+  const { fake, clock, shutdown } = start({
     drainTimeoutMs: 10_000,
     shutdownDelayMs: 250,
-    clock,
   });
   fake.log.stats.backlogLines = 2;
   shutdown.onSignal("SIGINT");
@@ -359,12 +350,7 @@ Deno.test("GracefulShutdown gives the log's flush only what is left of the drain
 });
 
 Deno.test("GracefulShutdown gives the log's flush no time when the drain used all of it, and exits 1 for the lines still waiting", async () => {
-  const fake = new FakeParts();
-  const clock = new FakeClock();
-  const shutdown = new GracefulShutdown(fake.parts, {
-    drainTimeoutMs: 10_000,
-    clock,
-  });
+  const { fake, clock, shutdown } = start({ drainTimeoutMs: 10_000 });
   fake.log.stats.backlogLines = 2;
   shutdown.onSignal("SIGTERM");
   clock.advance(10_001);
@@ -388,9 +374,7 @@ for (
   const [signals, stoppedBy] of [[1, "a drain"], [2, "a cut-off"]] as const
 ) {
   Deno.test(`GracefulShutdown exits 1 when access log lines were dropped, after ${stoppedBy}`, async () => {
-    const fake = new FakeParts();
-    const clock = new FakeClock();
-    const shutdown = new GracefulShutdown(fake.parts, { clock });
+    const { fake, clock, shutdown } = start();
     fake.droppedLines = 5;
     shutdown.onSignal("SIGTERM");
     clock.advance(SAME_SIGNAL_WINDOW_MS);
@@ -414,9 +398,7 @@ for (
 }
 
 Deno.test("GracefulShutdown on a second SIGTERM while its last lines wait for stderr cuts off and exits 143", async () => {
-  const fake = new FakeParts({ stallStderr: true });
-  const clock = new FakeClock();
-  const shutdown = new GracefulShutdown(fake.parts, { clock });
+  const { fake, clock, shutdown } = start({}, { stallStderr: true });
   shutdown.onSignal("SIGTERM");
   fake.finishDrain();
   await fake.stderrFlushStarted.promise;
