@@ -1,18 +1,13 @@
 /**
- * Graceful shutdown: turns SIGINT and SIGTERM into stopping the echo
- * server, its metrics server and its access log in order, and into the
- * exit status.
+ * Graceful shutdown: SIGINT and SIGTERM in; the echo server, the metrics
+ * server and the access log stopped in order, and the exit status, out.
  *
- * The first signal sets `/healthz` to 503, waits `shutdownDelayMs` while
- * still accepting, then stops accepting and drains the clients in flight
- * for up to `drainTimeoutMs`. The access log's backlog (a full disk) gets
- * what is left of that drain time to be written. A second signal, once
- * {@linkcode SAME_SIGNAL_WINDOW_MS} has passed, cuts everyone off and the
- * log's flush short. The exit status is 0, 128 + the second signal's
- * number, or 1 whenever access log lines were lost.
- *
- * Signals, the clock and every part are passed in, so tests drive it with
- * {@linkcode GracefulShutdown.onSignal} and a fake clock.
+ * The first signal sets `/healthz` to 503, keeps accepting for
+ * `shutdownDelayMs`, then drains the clients in flight for up to
+ * `drainTimeoutMs`; the log's backlog gets what is left of that time. A
+ * second signal after {@linkcode SAME_SIGNAL_WINDOW_MS} cuts all of it
+ * short. Parts, clock and signals are passed in, so tests drive it with
+ * {@linkcode GracefulShutdown.onSignal} on a fake clock.
  *
  * @module
  */
