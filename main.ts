@@ -35,6 +35,9 @@ import {
   UsageError,
 } from "./flags.ts";
 import { type MetricsServer, serveMetrics } from "./metrics.ts";
+import { GracefulShutdown } from "./shutdown.ts";
+
+export { SAME_SIGNAL_WINDOW_MS } from "./shutdown.ts";
 
 /** Everything the command line can set. */
 export interface Config {
@@ -269,15 +272,6 @@ function describeListenError(error: unknown, address: string): string {
   return `cannot listen on ${address}: ${errorMessage(error)}`;
 }
 
-const SIGNAL_NUMBERS = { SIGINT: 2, SIGTERM: 15 } as const;
-
-/**
- * A SIGINT/SIGTERM this soon after the first is the same request, not a
- * second one: a terminal's Ctrl-C reaches the whole foreground process
- * group, and `deno task` forwards its copy to the server 1-2 ms later.
- */
-export const SAME_SIGNAL_WINDOW_MS = 500;
-
 /**
  * Runs the server with the given command line until it is stopped by a
  * signal, and returns the exit status. Its signal listeners stay installed,
@@ -376,112 +370,23 @@ export async function main(args: string[]): Promise<number> {
     );
   }
 
-  // access_log.ts reports the reopen, and retries it until it works.
-  const reopenLog = () => log.reopen();
   // Under a file-size limit (LimitFSIZE=, ulimit -f), a write past it raises
   // SIGXFSZ, whose default action ends the process; handled, the write
   // fails with EFBIG instead and the line waits in the log's backlog.
-  const ignore = () => {};
-  Deno.addSignalListener("SIGXFSZ", ignore);
-  let forcedBy: keyof typeof SIGNAL_NUMBERS | undefined;
-  const drained = Promise.withResolvers<Promise<void>>();
-  let stopping = false;
-  let delayTimer: ReturnType<typeof setTimeout> | undefined;
-  let firstSignalAt = 0;
-  let drainEnds = Infinity;
-  // A second signal during the exit's log flush (a full disk) ends it too.
-  const cutFlush = new AbortController();
-  const closeAndDrain = (signal: keyof typeof SIGNAL_NUMBERS) => {
-    drainEnds = performance.now() + config.drainTimeoutMs;
-    drained.resolve(
-      server.shutdown({ drainTimeoutMs: config.drainTimeoutMs }),
-    );
-    diagnostic(
-      `${signal}: stopping; ${server.connections} connections get up to ${
-        config.drainTimeoutMs / 1000
-      } s to finish`,
-    );
-  };
-  const stop = (signal: keyof typeof SIGNAL_NUMBERS) => {
-    if (!stopping) {
-      stopping = true;
-      firstSignalAt = performance.now();
-      // A load balancer's health check sees 503 and stops sending clients;
-      // those it sends meanwhile are still served during the delay.
-      metrics?.setDraining();
-      if (config.shutdownDelayMs === 0) return closeAndDrain(signal);
-      diagnostic(
-        `${signal}: stopping in ${
-          config.shutdownDelayMs / 1000
-        } s; accepting until then${
-          metrics === undefined ? "" : ", /healthz answers 503"
-        }`,
-      );
-      delayTimer = setTimeout(() => {
-        delayTimer = undefined;
-        closeAndDrain(signal);
-      }, config.shutdownDelayMs);
-    } else if (
-      forcedBy === undefined &&
-      performance.now() - firstSignalAt >= SAME_SIGNAL_WINDOW_MS
-    ) {
-      forcedBy = signal;
-      const { backlogLines } = log.stats;
-      diagnostic(
-        `${signal} again: cutting off ${server.connections} connections now${
-          backlogLines === 0
-            ? ""
-            : ` and the access log's ${backlogLines} waiting ${
-              backlogLines === 1 ? "line" : "lines"
-            }`
-        }`,
-      );
-      cutFlush.abort();
-      clearTimeout(delayTimer);
-      delayTimer = undefined;
-      drained.resolve(server.shutdown({ drainTimeoutMs: 0 }));
-    }
-  };
-  const onInt = () => stop("SIGINT");
-  const onTerm = () => stop("SIGTERM");
-  Deno.addSignalListener("SIGINT", onInt);
-  Deno.addSignalListener("SIGTERM", onTerm);
-  Deno.addSignalListener("SIGHUP", reopenLog);
-  await await drained.promise;
-
-  await metrics?.shutdown();
-  // The backlog (a full disk) gets what is left of the drain time: a
-  // second drain time would outlast systemd's TimeoutStopSec (delay +
-  // drain, deploy/), whose SIGKILL loses the backlog without a count.
-  const flushMs = forcedBy ? 0 : Math.max(0, drainEnds - performance.now());
-  const { backlogLines } = log.stats;
-  if (backlogLines > 0 && flushMs > 0) {
-    diagnostic(
-      `access log: writing ${backlogLines} waiting ${
-        backlogLines === 1 ? "line" : "lines"
-      } for up to ${
-        (flushMs / 1000).toFixed(1)
-      } s; a second SIGINT/SIGTERM cuts this off`,
-    );
-  }
-  await log.flush({ timeoutMs: flushMs, signal: cutFlush.signal });
-  diagnostic(`stopped after ${server.clientsAccepted} clients`);
-  // Every line out before the exit, unless stderr stays stalled for 5 s.
-  // Until then a second SIGINT/SIGTERM still ends with 130/143.
-  await diagnostics.flush();
-  // The log stays open and every listener installed to the exit: without a
-  // listener Deno restores a signal's default action, and a SIGHUP in the
-  // flush above (logrotate's postrotate during a restart) killed the
-  // process (129) before its last line was out. (SIGXFSZ too: a write past
-  // a file-size limit would end the process.)
-  const linesLost = log.close();
-  if (linesLost > 0) {
-    // Lines never written (dropped, or still waiting): close() said how
-    // many; that line out too, and status 1 whatever stopped the server.
-    await diagnostics.flush();
-    return 1;
-  }
-  return forcedBy === undefined ? 0 : 128 + SIGNAL_NUMBERS[forcedBy];
+  Deno.addSignalListener("SIGXFSZ", () => {});
+  const shutdown = new GracefulShutdown(
+    { server, metrics, log, diagnostics },
+    config,
+  );
+  // Every listener stays installed to the exit: without one Deno restores
+  // a signal's default action, and a SIGHUP in the exit's flushes
+  // (logrotate's postrotate during a restart) would end the process (129)
+  // before its last line is out.
+  Deno.addSignalListener("SIGINT", () => shutdown.onSignal("SIGINT"));
+  Deno.addSignalListener("SIGTERM", () => shutdown.onSignal("SIGTERM"));
+  // access_log.ts reports the reopen, and retries it until it works.
+  Deno.addSignalListener("SIGHUP", () => log.reopen());
+  return await shutdown.exitStatus;
 }
 
 if (import.meta.main) {

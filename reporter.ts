@@ -69,7 +69,8 @@ export interface RateLimitedReporterOptions<Kind extends string> {
   clock?: ReporterClock;
 }
 
-const REAL_CLOCK: ReporterClock = {
+/** The {@linkcode ReporterClock} of real time: `performance.now()` and the global timers. */
+export const REAL_CLOCK: ReporterClock = {
   now: () => performance.now(),
   setTimeout: (callback, ms) => setTimeout(callback, ms),
   clearTimeout: (handle) =>

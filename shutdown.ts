@@ -1,0 +1,257 @@
+/**
+ * Graceful shutdown: SIGINT and SIGTERM in; the echo server, the metrics
+ * server and the access log stopped in order, and the exit status, out.
+ *
+ * The first signal sets `/healthz` to 503, keeps accepting for
+ * `shutdownDelayMs`, then drains the clients in flight for up to
+ * `drainTimeoutMs`; the log's backlog gets what is left of that time. A
+ * second signal after {@linkcode SAME_SIGNAL_WINDOW_MS} cuts all of it
+ * short. Parts, clock and signals are passed in, so tests drive it with
+ * {@linkcode GracefulShutdown.onSignal} on a fake clock.
+ *
+ * @module
+ */
+
+import type { AccessLog, AccessLogStats } from "./access_log.ts";
+import type { Diagnostics } from "./diagnostics.ts";
+import type { MetricsServer } from "./metrics.ts";
+import { REAL_CLOCK, type ReporterClock } from "./reporter.ts";
+import { DEFAULT_DRAIN_TIMEOUT_MS, type EchoServer } from "./server.ts";
+
+/** The signals that stop the server. */
+export type StopSignal = "SIGINT" | "SIGTERM";
+
+const SIGNAL_NUMBERS: Record<StopSignal, number> = { SIGINT: 2, SIGTERM: 15 };
+
+/**
+ * A SIGINT/SIGTERM this soon after the first is the same request, not a
+ * second one: a terminal's Ctrl-C reaches the whole foreground process
+ * group, and `deno task` forwards its copy to the server 1-2 ms later.
+ */
+export const SAME_SIGNAL_WINDOW_MS = 500;
+
+/** The parts a {@linkcode GracefulShutdown} stops, in this order. */
+export interface ShutdownParts {
+  /** The echo server: drained, then cut off on a second signal. */
+  server: Pick<EchoServer, "shutdown" | "connections" | "clientsAccepted">;
+  /**
+   * The metrics server, whose `/healthz` answers 503 from the first signal
+   * on and which stops once the drain is over; absent when off.
+   */
+  metrics?: Pick<MetricsServer, "setDraining" | "shutdown">;
+  /** The access log: its backlog flushed, then closed. */
+  log: Pick<AccessLog, "flush" | "close"> & {
+    readonly stats: Pick<AccessLogStats, "backlogLines">;
+  };
+  /** Where every line about the shutdown goes, flushed before the exit. */
+  diagnostics: Pick<Diagnostics, "write" | "flush">;
+}
+
+/** Options for {@linkcode GracefulShutdown}. */
+export interface GracefulShutdownOptions {
+  /**
+   * Time clients get to finish after the listener closes, in milliseconds;
+   * the access log's backlog gets what is left of it.
+   *
+   * @default {10_000}
+   */
+  drainTimeoutMs?: number;
+  /**
+   * Time between the first signal and closing the listener, in
+   * milliseconds, while `/healthz` answers 503 and clients are still
+   * accepted.
+   *
+   * @default {0}
+   */
+  shutdownDelayMs?: number;
+  /**
+   * Clock and timer.
+   *
+   * @default {REAL_CLOCK from reporter.ts}
+   */
+  clock?: ReporterClock;
+}
+
+/**
+ * Stops the echo server, then the metrics server, then the access log on
+ * the signals given to {@linkcode GracefulShutdown.onSignal}, writing what
+ * it does to the diagnostics, and resolves
+ * {@linkcode GracefulShutdown.exitStatus}.
+ *
+ * The caller keeps its signal listeners installed until it exits: without
+ * a listener Deno restores a signal's default action, and a SIGHUP, SIGINT
+ * or SIGTERM during the last flushes would end the process before its last
+ * line is out.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * const lines: string[] = [];
+ * const shutdown = new GracefulShutdown({
+ *   server: {
+ *     connections: 0,
+ *     clientsAccepted: 2,
+ *     shutdown: () => Promise.resolve(),
+ *   },
+ *   log: {
+ *     stats: { backlogLines: 0 },
+ *     flush: () => Promise.resolve(0),
+ *     close: () => 0,
+ *   },
+ *   diagnostics: {
+ *     write: (line) => lines.push(line),
+ *     flush: () => Promise.resolve(true),
+ *   },
+ * }, { drainTimeoutMs: 1000 });
+ * shutdown.onSignal("SIGTERM");
+ * assert.equal(await shutdown.exitStatus, 0);
+ * assert.deepEqual(lines, [
+ *   "SIGTERM: stopping; 0 connections get up to 1 s to finish",
+ *   "stopped after 2 clients",
+ * ]);
+ * ```
+ */
+export class GracefulShutdown {
+  /**
+   * Resolves once everything has stopped, with the status to exit with: 0;
+   * 128 + the signal's number (130, 143) when a second signal cut the
+   * shutdown short; 1 when access log lines were lost, whatever stopped
+   * the server.
+   */
+  readonly exitStatus: Promise<number>;
+  #server: ShutdownParts["server"];
+  #metrics: ShutdownParts["metrics"];
+  #log: ShutdownParts["log"];
+  #diagnostics: ShutdownParts["diagnostics"];
+  #drainTimeoutMs: number;
+  #shutdownDelayMs: number;
+  #clock: ReporterClock;
+  #stopping = false;
+  #firstSignalAt = 0;
+  #delayTimer: unknown;
+  #drainEnds = Infinity;
+  #forcedBy: StopSignal | undefined;
+  #drained = Promise.withResolvers<void>();
+  // A second signal during the exit's log flush (a full disk) ends it too.
+  #cutFlush = new AbortController();
+
+  /** Waits for the first signal; nothing stops before it. */
+  constructor(
+    parts: ShutdownParts,
+    options: GracefulShutdownOptions = {},
+  ) {
+    this.#server = parts.server;
+    this.#metrics = parts.metrics;
+    this.#log = parts.log;
+    this.#diagnostics = parts.diagnostics;
+    this.#drainTimeoutMs = options.drainTimeoutMs ?? DEFAULT_DRAIN_TIMEOUT_MS;
+    this.#shutdownDelayMs = options.shutdownDelayMs ?? 0;
+    this.#clock = options.clock ?? REAL_CLOCK;
+    this.exitStatus = this.#run();
+  }
+
+  /**
+   * Takes a SIGINT or SIGTERM: the first starts the shutdown; one within
+   * {@linkcode SAME_SIGNAL_WINDOW_MS} of it is the same request; one after
+   * cuts everyone off at once; any later one changes nothing.
+   */
+  onSignal(signal: StopSignal): void {
+    if (!this.#stopping) {
+      this.#stopping = true;
+      this.#firstSignalAt = this.#clock.now();
+      // A load balancer's health check sees 503 and stops sending clients;
+      // those it sends meanwhile are still served during the delay.
+      this.#metrics?.setDraining();
+      if (this.#shutdownDelayMs === 0) return this.#closeAndDrain(signal);
+      this.#diagnostics.write(
+        `${signal}: stopping in ${
+          this.#shutdownDelayMs / 1000
+        } s; accepting until then${
+          this.#metrics === undefined ? "" : ", /healthz answers 503"
+        }`,
+      );
+      this.#delayTimer = this.#clock.setTimeout(() => {
+        this.#delayTimer = undefined;
+        this.#closeAndDrain(signal);
+      }, this.#shutdownDelayMs);
+    } else if (
+      this.#forcedBy === undefined &&
+      this.#clock.now() - this.#firstSignalAt >= SAME_SIGNAL_WINDOW_MS
+    ) {
+      this.#cutOff(signal);
+    }
+  }
+
+  #closeAndDrain(signal: StopSignal): void {
+    this.#drainEnds = this.#clock.now() + this.#drainTimeoutMs;
+    this.#drained.resolve(
+      this.#server.shutdown({ drainTimeoutMs: this.#drainTimeoutMs }),
+    );
+    this.#diagnostics.write(
+      `${signal}: stopping; ${this.#server.connections} connections get up to ${
+        this.#drainTimeoutMs / 1000
+      } s to finish`,
+    );
+  }
+
+  #cutOff(signal: StopSignal): void {
+    this.#forcedBy = signal;
+    const { backlogLines } = this.#log.stats;
+    this.#diagnostics.write(
+      `${signal} again: cutting off ${this.#server.connections} connections now${
+        backlogLines === 0
+          ? ""
+          : ` and the access log's ${backlogLines} waiting ${
+            backlogLines === 1 ? "line" : "lines"
+          }`
+      }`,
+    );
+    this.#cutFlush.abort();
+    if (this.#delayTimer !== undefined) {
+      this.#clock.clearTimeout(this.#delayTimer);
+      this.#delayTimer = undefined;
+    }
+    this.#drained.resolve(this.#server.shutdown({ drainTimeoutMs: 0 }));
+  }
+
+  async #run(): Promise<number> {
+    await this.#drained.promise;
+    await this.#metrics?.shutdown();
+    // The backlog (a full disk) gets what is left of the drain time: a
+    // second drain time would outlast systemd's TimeoutStopSec (delay +
+    // drain, deploy/), whose SIGKILL loses the backlog without a count.
+    const flushMs = this.#forcedBy
+      ? 0
+      : Math.max(0, this.#drainEnds - this.#clock.now());
+    const { backlogLines } = this.#log.stats;
+    if (backlogLines > 0 && flushMs > 0) {
+      this.#diagnostics.write(
+        `access log: writing ${backlogLines} waiting ${
+          backlogLines === 1 ? "line" : "lines"
+        } for up to ${
+          (flushMs / 1000).toFixed(1)
+        } s; a second SIGINT/SIGTERM cuts this off`,
+      );
+    }
+    await this.#log.flush({
+      timeoutMs: flushMs,
+      signal: this.#cutFlush.signal,
+    });
+    this.#diagnostics.write(
+      `stopped after ${this.#server.clientsAccepted} clients`,
+    );
+    // Every line out before the exit, unless stderr stays stalled for 5 s.
+    // Until then a second SIGINT/SIGTERM still ends with 130/143.
+    await this.#diagnostics.flush();
+    const linesLost = this.#log.close();
+    if (linesLost > 0) {
+      // Lines never written (dropped, or still waiting): close() said how
+      // many; that line out too, and status 1 whatever stopped the server.
+      await this.#diagnostics.flush();
+      return 1;
+    }
+    return this.#forcedBy === undefined
+      ? 0
+      : 128 + SIGNAL_NUMBERS[this.#forcedBy];
+  }
+}
