@@ -194,9 +194,9 @@ export interface Instance {
 /** Options for {@linkcode parseInstance}. */
 export interface InstanceOptions {
   /**
-   * Largest N accepted: the server's bound (server.ts's `MAX_INSTANCES`, ids
-   * grow by N per client and must stay exact), so the caller names it rather
-   * than this module keeping a copy.
+   * Largest N accepted: the server's bound (options.ts's `MAX_INSTANCES`,
+   * ids grow by N per client and must stay exact), so the caller names it
+   * rather than this module keeping a copy.
    */
   max: number;
 }

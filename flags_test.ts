@@ -12,7 +12,7 @@ import {
 } from "./flags.ts";
 
 const MIB = 1024 * 1024;
-// server.ts's MAX_INSTANCES, the bound main.ts passes.
+// options.ts's MAX_INSTANCES, the bound --instance passes.
 const MAX_1024 = { max: 1024 };
 
 /** Asserts that `fn` throws a UsageError with exactly `message`. */
