@@ -10,6 +10,7 @@
  */
 
 import {
+  formatSize,
   type HostPort,
   type Instance,
   parseCommandLine,
@@ -24,7 +25,6 @@ import {
 
 const KIB = 1024;
 const MIB = 1024 * KIB;
-const SIZE_UNITS = [["GiB", 1024 * MIB], ["MiB", MIB], ["KiB", KIB]] as const;
 const LOOPBACK = "127.0.0.1";
 
 /**
@@ -62,10 +62,12 @@ export interface Flag<Fields extends object = object> {
 }
 
 /**
- * Every flag that takes a value, in `--help`'s order. The builder names the
+ * Every flag that takes a value, in `--help`'s order: the flag, its value's
+ * name, the {@linkcode Config} field it sets (`key`), its default and its
+ * help text (Markdown, as the README shows it). The builder names the
  * parser: `size()` reads with `parseSize()`, `milliseconds()` with
  * `parseMilliseconds()` (seconds on the command line, milliseconds in
- * {@linkcode Config}), and so on.
+ * `Config`), `nonEmpty()` takes any text but the empty one, and so on.
  *
  * @example
  * ```ts
@@ -75,7 +77,7 @@ export interface Flag<Fields extends object = object> {
  * ```
  */
 export const FLAGS = [
-  text({
+  nonEmpty({
     flag: "--host",
     arg: "HOST",
     key: "hostname",
@@ -90,7 +92,7 @@ export const FLAGS = [
     max: 65535,
     help: "TCP port; `0` picks a free one",
   }),
-  text({
+  nonEmpty({
     flag: "--log",
     arg: "PATH",
     key: "logPath",
@@ -313,13 +315,16 @@ function readFlags(textOf: (flag: Flag) => string | undefined): Config {
 }
 
 /** What every row of {@linkcode FLAGS} says of its flag. */
-interface Row<K extends string, T> {
+interface Described {
   flag: `--${string}`;
   arg: string;
-  /** The {@linkcode Config} field it sets. */
+  help: string;
+}
+
+/** A row that sets one {@linkcode Config} field, `key`, to a `T`. */
+interface Row<K extends string, T> extends Described {
   key: K;
   default: T;
-  help: string;
 }
 
 /** `{ [key]: value }`, typed: a computed key alone types as any string. */
@@ -336,12 +341,13 @@ function row<K extends string, T>(
 }
 
 /** Any text but the empty one. */
-function text<const K extends string>(
+function nonEmpty<const K extends string>(
   options: Row<K, string>,
 ): Flag<Record<K, string>> {
-  return row(options, options.default, (text) => {
-    if (text === "") throw new UsageError(`${options.flag} must not be empty`);
-    return text ?? options.default;
+  const { flag, default: fallback } = options;
+  return row(options, fallback, (text) => {
+    if (text === "") throw new UsageError(`${flag} must not be empty`);
+    return text ?? fallback;
   });
 }
 
@@ -357,17 +363,14 @@ function integer<const K extends string>(
   );
 }
 
-/** {@linkcode parseSize}; the default shown in the largest unit it fills. */
+/** {@linkcode parseSize}. */
 function size<const K extends string>(
   options: Row<K, number> & { min?: number },
 ): Flag<Record<K, number>> {
   const { flag, default: fallback, min } = options;
-  const [unit, bytes] =
-    SIZE_UNITS.find(([, bytes]) => fallback > 0 && fallback % bytes === 0) ??
-      ["", 1];
   return row(
     options,
-    `${fallback / bytes}${unit}`,
+    formatSize(fallback),
     (text) => parseSize(flag, text, { default: fallback, min }),
   );
 }
@@ -385,9 +388,7 @@ function milliseconds<const K extends string>(
 }
 
 /** {@linkcode parseInstance}: one flag, two fields. */
-function instance(
-  options: Omit<Row<never, Instance>, "key" | "default"> & { max: number },
-): Flag<Instance> {
+function instance(options: Described & { max: number }): Flag<Instance> {
   const { flag, arg, help, max } = options;
   const alone = parseInstance(flag, undefined, { max });
   return {
@@ -401,7 +402,7 @@ function instance(
 
 /** {@linkcode parseHostPort}; without the flag, no field: off. */
 function hostPort<const K extends string>(
-  options: Omit<Row<K, HostPort>, "default"> & { defaultHostname: string },
+  options: Described & { key: K; defaultHostname: string },
 ): Flag<Partial<Record<K, HostPort>>> {
   const { flag, arg, key, help, defaultHostname } = options;
   return {
