@@ -61,6 +61,74 @@ export interface Flag<Fields extends object = object> {
   read(text: string | undefined): Fields;
 }
 
+/** What every row of {@linkcode FLAGS} says of its flag. */
+interface Described {
+  flag: `--${string}`;
+  arg: string;
+  help: string;
+}
+
+/**
+ * The row builder for one parser: a row sets one {@linkcode Config} field,
+ * `key`, to what `parse` reads with the row as its options (`default`, and
+ * bounds such as `min`), and shows its default with `show`.
+ */
+function kind<T, O>(
+  show: (value: T) => string,
+  parse: (flag: string, text: string | undefined, options: O) => T,
+) {
+  return <const K extends string>(
+    row: Described & O & { key: K; default: T },
+  ): Flag<Record<K, T>> => ({
+    flag: row.flag,
+    arg: row.arg,
+    help: row.help,
+    shown: show(row.default),
+    read: (text) => field(row.key, parse(row.flag, text, row)),
+  });
+}
+
+/** `{ [key]: value }`, typed: a computed key alone types as any string. */
+function field<K extends string, T>(key: K, value: T): Record<K, T> {
+  return { [key]: value } as Record<K, T>;
+}
+
+const integer = kind(String, parseInteger);
+const size = kind(formatSize, parseSize);
+// Seconds on the command line, milliseconds in Config.
+const milliseconds = kind((ms: number) => `${ms / 1000}`, parseMilliseconds);
+const nonEmpty = kind(
+  (text: string) => text,
+  (flag, text, options: { default: string }) => {
+    if (text === "") throw new UsageError(`${flag} must not be empty`);
+    return text ?? options.default;
+  },
+);
+
+/** {@linkcode parseInstance}: one flag, two fields. */
+function instance(row: Described & { max: number }): Flag<Instance> {
+  const alone = parseInstance(row.flag, undefined, row);
+  return {
+    ...row,
+    shown: `${alone.instance}/${alone.instances}`,
+    read: (text) => parseInstance(row.flag, text, row),
+  };
+}
+
+/** {@linkcode parseHostPort}; without the flag, no field: off. */
+function hostPort<const K extends string>(
+  row: Described & { key: K; defaultHostname: string },
+): Flag<Partial<Record<K, HostPort>>> {
+  return {
+    ...row,
+    shown: "off",
+    read: (text) =>
+      text === undefined
+        ? {}
+        : field(row.key, parseHostPort(row.flag, text, row.defaultHostname)),
+  };
+}
+
 /**
  * Every flag that takes a value, in `--help`'s order: the flag, its value's
  * name, the {@linkcode Config} field it sets (`key`), its default and its
@@ -208,21 +276,15 @@ export const FLAGS = [
   }),
 ] as const;
 
-/** A flag that asks for something instead of setting an option. */
-export interface Switch {
-  /** Its long name, without the dashes: `help` for `--help`. */
-  readonly name: string;
-  /** Its one-letter form, without the dash: `h` for `-h`. */
-  readonly short: string;
-  /** What it does, as {@linkcode Flag.help} says it. */
-  readonly help: string;
-}
-
-/** `--help` and `--version`: {@linkcode parseFlags} returns their name. */
+/**
+ * The flags that ask for something instead of setting an option: `--name`
+ * or `-short`, with help as in {@linkcode FLAGS}. {@linkcode parseFlags}
+ * returns the name of the one given.
+ */
 export const SWITCHES = [
   { name: "help", short: "h", help: "show this help" },
   { name: "version", short: "V", help: "show the version" },
-] as const satisfies readonly Switch[];
+] as const;
 
 /**
  * The fields of every member of `U` together, as one object type:
@@ -312,109 +374,6 @@ function readFlags(textOf: (flag: Flag) => string | undefined): Config {
   for (const flag of FLAGS) Object.assign(config, flag.read(textOf(flag)));
   // Each field of Config is some row's (options_test.ts), so all are set.
   return config as Config;
-}
-
-/** What every row of {@linkcode FLAGS} says of its flag. */
-interface Described {
-  flag: `--${string}`;
-  arg: string;
-  help: string;
-}
-
-/** A row that sets one {@linkcode Config} field, `key`, to a `T`. */
-interface Row<K extends string, T> extends Described {
-  key: K;
-  default: T;
-}
-
-/** `{ [key]: value }`, typed: a computed key alone types as any string. */
-function field<K extends string, T>(key: K, value: T): Record<K, T> {
-  return { [key]: value } as Record<K, T>;
-}
-
-function row<K extends string, T>(
-  { flag, arg, key, help }: Row<K, T>,
-  shown: string,
-  parse: (text: string | undefined) => T,
-): Flag<Record<K, T>> {
-  return { flag, arg, shown, help, read: (text) => field(key, parse(text)) };
-}
-
-/** Any text but the empty one. */
-function nonEmpty<const K extends string>(
-  options: Row<K, string>,
-): Flag<Record<K, string>> {
-  const { flag, default: fallback } = options;
-  return row(options, fallback, (text) => {
-    if (text === "") throw new UsageError(`${flag} must not be empty`);
-    return text ?? fallback;
-  });
-}
-
-/** {@linkcode parseInteger}. */
-function integer<const K extends string>(
-  options: Row<K, number> & { min?: number; max?: number },
-): Flag<Record<K, number>> {
-  const { flag, default: fallback, min, max } = options;
-  return row(
-    options,
-    `${fallback}`,
-    (text) => parseInteger(flag, text, { default: fallback, min, max }),
-  );
-}
-
-/** {@linkcode parseSize}. */
-function size<const K extends string>(
-  options: Row<K, number> & { min?: number },
-): Flag<Record<K, number>> {
-  const { flag, default: fallback, min } = options;
-  return row(
-    options,
-    formatSize(fallback),
-    (text) => parseSize(flag, text, { default: fallback, min }),
-  );
-}
-
-/** {@linkcode parseMilliseconds}: seconds on the command line. */
-function milliseconds<const K extends string>(
-  options: Row<K, number> & { allowZero?: boolean },
-): Flag<Record<K, number>> {
-  const { flag, default: fallback, allowZero } = options;
-  return row(
-    options,
-    `${fallback / 1000}`,
-    (text) => parseMilliseconds(flag, text, { default: fallback, allowZero }),
-  );
-}
-
-/** {@linkcode parseInstance}: one flag, two fields. */
-function instance(options: Described & { max: number }): Flag<Instance> {
-  const { flag, arg, help, max } = options;
-  const alone = parseInstance(flag, undefined, { max });
-  return {
-    flag,
-    arg,
-    help,
-    shown: `${alone.instance}/${alone.instances}`,
-    read: (text) => parseInstance(flag, text, { max }),
-  };
-}
-
-/** {@linkcode parseHostPort}; without the flag, no field: off. */
-function hostPort<const K extends string>(
-  options: Described & { key: K; defaultHostname: string },
-): Flag<Partial<Record<K, HostPort>>> {
-  const { flag, arg, key, help, defaultHostname } = options;
-  return {
-    flag,
-    arg,
-    help,
-    shown: "off",
-    read: (text) =>
-      text === undefined
-        ? {}
-        : field(key, parseHostPort(flag, text, defaultHostname)),
-  };
 }
 
 /** Help text as `--help` prints it: Markdown's backticks dropped. */
