@@ -100,6 +100,15 @@ Deno.test("parseFlags() returns help or version when asked, whatever else is giv
   assert.equal(parseFlags(["--version", "--help"]), "help");
 });
 
+Deno.test("parseFlags() refuses an empty --host or --log in one line naming it", () => {
+  for (const flag of ["--host", "--log"]) {
+    assert.throws(() => parseFlags([flag, ""]), {
+      name: "UsageError",
+      message: `${flag} must not be empty`,
+    });
+  }
+});
+
 Deno.test("FLAGS: each field of DEFAULTS is one row's, and each row's default as shown reads back as its default", () => {
   const rowOf = new Map<string, string>();
   for (const row of FLAGS) {
