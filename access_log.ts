@@ -55,6 +55,7 @@
 
 import { errorMessage } from "./_errors.ts";
 import { RateLimitedReporter } from "./reporter.ts";
+import { DEFAULTS } from "./options.ts";
 
 const encoder = new TextEncoder();
 
@@ -131,8 +132,6 @@ export interface AccessLogStats {
   readonly reopenPending: boolean;
 }
 
-/** Default for {@linkcode AccessLogOptions.maxBacklogBytes}: 16 MiB. */
-export const DEFAULT_MAX_BACKLOG_BYTES = 16 * 1024 * 1024;
 /** Default for {@linkcode AccessLogOptions.retryIntervalMs}: 1 s. */
 export const DEFAULT_RETRY_INTERVAL_MS = 1000;
 /** Default for {@linkcode AccessLogOptions.reportIntervalMs}: 10 s. */
@@ -191,7 +190,7 @@ export class AccessLog {
     this.#openFile = openFile;
     this.#file = openFile(path);
     this.#maxBacklogBytes = options.maxBacklogBytes ??
-      DEFAULT_MAX_BACKLOG_BYTES;
+      DEFAULTS.logBacklogBytes;
     this.#retryIntervalMs = options.retryIntervalMs ??
       DEFAULT_RETRY_INTERVAL_MS;
     this.#reportIntervalMs = options.reportIntervalMs ??

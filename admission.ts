@@ -70,6 +70,8 @@
  * @module
  */
 
+import { DEFAULTS } from "./options.ts";
+
 /** Why the policy cuts a client off; counted in `echo_cutoffs_total`. */
 export type AdmissionReason =
   | "idle"
@@ -112,8 +114,10 @@ export interface ClientProgress {
 /** Options for {@linkcode Admission}. */
 export interface AdmissionOptions {
   /**
-   * A client that makes no progress for this long is cut off, in
-   * milliseconds (see the module doc for the write side).
+   * A client that makes no progress reading or writing for this long is
+   * cut off, in milliseconds; while its echo is written, only if it also
+   * reads below {@linkcode AdmissionOptions.minReadRate} (see the module
+   * doc).
    *
    * @default {30_000}
    */
@@ -142,10 +146,10 @@ export interface AdmissionOptions {
    */
   minReadRate?: number;
   /**
-   * Clients connected for less than this are never evicted for a slot, in
-   * milliseconds; 0 turns eviction off, for memory too (at
-   * `maxConnections` newcomers wait in the kernel's queue, at
-   * `maxBufferedBytes` the asking client is cut off).
+   * How long a newcomer that keeps moving bytes cannot be evicted for a
+   * slot, in milliseconds (see the module doc); 0 turns eviction off, for
+   * memory too (at `maxConnections` newcomers wait in the kernel's queue,
+   * at `maxBufferedBytes` the asking client is cut off).
    *
    * @default {2000}
    */
@@ -159,14 +163,6 @@ export interface AdmissionOptions {
   rateWindowMs?: number;
 }
 
-/** Default for {@linkcode AdmissionOptions.minRate}: 500 B/s. */
-export const DEFAULT_MIN_RATE = 500;
-/** Default for {@linkcode AdmissionOptions.minRateGraceMs}: 20 s. */
-export const DEFAULT_MIN_RATE_GRACE_MS = 20_000;
-/** Default for {@linkcode AdmissionOptions.minReadRate}: 16 KiB/s. */
-export const DEFAULT_MIN_READ_RATE = 16 * 1024;
-/** Default for {@linkcode AdmissionOptions.evictionGraceMs}: 2 s. */
-export const DEFAULT_EVICTION_GRACE_MS = 2000;
 const DEFAULT_RATE_WINDOW_MS = 5000;
 
 /**
@@ -225,12 +221,11 @@ export class Admission {
 
   /** Takes the limits; see {@linkcode AdmissionOptions} for the defaults. */
   constructor(options: AdmissionOptions = {}) {
-    this.idleTimeoutMs = options.idleTimeoutMs ?? 30_000;
-    this.minRate = options.minRate ?? DEFAULT_MIN_RATE;
-    this.minRateGraceMs = options.minRateGraceMs ?? DEFAULT_MIN_RATE_GRACE_MS;
-    this.minReadRate = options.minReadRate ?? DEFAULT_MIN_READ_RATE;
-    this.evictionGraceMs = options.evictionGraceMs ??
-      DEFAULT_EVICTION_GRACE_MS;
+    this.idleTimeoutMs = options.idleTimeoutMs ?? DEFAULTS.idleTimeoutMs;
+    this.minRate = options.minRate ?? DEFAULTS.minRate;
+    this.minRateGraceMs = options.minRateGraceMs ?? DEFAULTS.minRateGraceMs;
+    this.minReadRate = options.minReadRate ?? DEFAULTS.minReadRate;
+    this.evictionGraceMs = options.evictionGraceMs ?? DEFAULTS.evictionGraceMs;
     this.rateWindowMs = options.rateWindowMs ?? DEFAULT_RATE_WINDOW_MS;
   }
 

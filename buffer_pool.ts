@@ -16,6 +16,8 @@
  * @module
  */
 
+import { DEFAULTS } from "./options.ts";
+
 /** Options for {@linkcode BufferPool}. */
 export interface BufferPoolOptions {
   /**
@@ -155,7 +157,10 @@ export interface BufferHolder {
 /** Options for {@linkcode BufferBudget}. */
 export interface BufferBudgetOptions {
   /**
-   * Buffer memory held for all holders together, spares included.
+   * Buffer memory held for all clients together, spare chunks included.
+   * The echo server evicts the clients holding the most for the least
+   * progress when a read would pass it; if they hold too little, the
+   * asking client is cut off.
    *
    * @default {512 * 1024 * 1024}
    */
@@ -187,7 +192,8 @@ export class BufferBudget {
 
   /** Creates an empty budget. */
   constructor(options: BufferBudgetOptions = {}) {
-    this.#maxBufferedBytes = options.maxBufferedBytes ?? 512 * 1024 * 1024;
+    this.#maxBufferedBytes = options.maxBufferedBytes ??
+      DEFAULTS.maxBufferedBytes;
   }
 
   /** The limit, in bytes. */

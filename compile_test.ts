@@ -31,7 +31,7 @@
 import assert from "node:assert/strict";
 import { fileURLToPath } from "node:url";
 import denoJson from "./deno.json" with { type: "json" };
-import { DEFAULT_LOG_PATH } from "./main.ts";
+import { DEFAULTS } from "./options.ts";
 import { readCompiledPayload } from "./_compiled_payload.ts";
 import {
   echo,
@@ -42,7 +42,7 @@ import {
 } from "./test_util.ts";
 
 const REPO = fileURLToPath(new URL(".", import.meta.url));
-const LOG_DIR = DEFAULT_LOG_PATH.slice(0, DEFAULT_LOG_PATH.lastIndexOf("/"));
+const LOG_DIR = DEFAULTS.logPath.slice(0, DEFAULTS.logPath.lastIndexOf("/"));
 const GRANTED = ["--allow-net", `--allow-write=${LOG_DIR}`];
 const decoder = new TextDecoder();
 

@@ -105,6 +105,30 @@ export function parseSize(
   });
 }
 
+/**
+ * `bytes` as {@linkcode parseSize} reads it back, in the largest unit that
+ * divides it: for defaults in help texts.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * assert.equal(formatSize(512 * 1024 * 1024), "512MiB");
+ * assert.equal(formatSize(16 * 1024), "16KiB");
+ * assert.equal(formatSize(500), "500");
+ * ```
+ */
+export function formatSize(bytes: number): string {
+  for (const [suffix, unit] of SIZE_SUFFIXES) {
+    if (bytes > 0 && bytes % unit === 0) return `${bytes / unit}${suffix}`;
+  }
+  return `${bytes}`;
+}
+
+const SIZE_SUFFIXES = [["GiB", 1024 ** 3], ["MiB", 1024 ** 2], [
+  "KiB",
+  1024,
+]] as const;
+
 // One millisecond: what the servers' timers take.
 const MIN_SECONDS = 0.001;
 
@@ -194,9 +218,9 @@ export interface Instance {
 /** Options for {@linkcode parseInstance}. */
 export interface InstanceOptions {
   /**
-   * Largest N accepted: the server's bound (server.ts's `MAX_INSTANCES`, ids
-   * grow by N per client and must stay exact), so the caller names it rather
-   * than this module keeping a copy.
+   * Largest N accepted: the server's bound (options.ts's `MAX_INSTANCES`,
+   * ids grow by N per client and must stay exact), so the caller names it
+   * rather than this module keeping a copy.
    */
   max: number;
 }

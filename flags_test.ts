@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import {
+  formatSize,
   parseCommandLine,
   parseHostPort,
   parseInstance,
@@ -12,7 +13,7 @@ import {
 } from "./flags.ts";
 
 const MIB = 1024 * 1024;
-// server.ts's MAX_INSTANCES, the bound main.ts passes.
+// options.ts's MAX_INSTANCES, the bound --instance passes.
 const MAX_1024 = { max: 1024 };
 
 /** Asserts that `fn` throws a UsageError with exactly `message`. */
@@ -244,4 +245,21 @@ Deno.test("parseMilliseconds() reads seconds as whole milliseconds, or gives the
     () => parseMilliseconds("--t", undefined),
     "--t is required",
   );
+});
+
+Deno.test("formatSize() writes what parseSize() reads back, in the largest unit that divides it", () => {
+  for (
+    const [bytes, text] of [
+      [0, "0"],
+      [500, "500"],
+      [1536, "1536"],
+      [16 * 1024, "16KiB"],
+      [64 * MIB, "64MiB"],
+      [1024 * MIB, "1GiB"],
+      [3 * 1024 * MIB + MIB, "3073MiB"],
+    ] as const
+  ) {
+    assert.equal(formatSize(bytes), text);
+    assert.equal(parseSize("--s", text), bytes);
+  }
 });

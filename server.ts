@@ -27,15 +27,13 @@ import { describe } from "./_errors.ts";
 import { acceptErrorKind } from "./accept_errors.ts";
 import {
   Admission,
+  type AdmissionOptions,
   type AdmissionReason,
   type ClientProgress,
-  DEFAULT_EVICTION_GRACE_MS,
-  DEFAULT_MIN_RATE,
-  DEFAULT_MIN_RATE_GRACE_MS,
-  DEFAULT_MIN_READ_RATE,
 } from "./admission.ts";
 import {
   BufferBudget,
+  type BufferBudgetOptions,
   type BufferHolder,
   FIRST_CHUNK_BYTES,
   nextChunkBytes,
@@ -45,6 +43,7 @@ import {
   EchoCounters,
   type EchoStats,
 } from "./echo_stats.ts";
+import { DEFAULTS, MAX_INSTANCES } from "./options.ts";
 import { RateLimitedReporter } from "./reporter.ts";
 
 export type { AcceptErrorKind } from "./accept_errors.ts";
@@ -54,18 +53,24 @@ export {
   DURATION_BUCKETS_SECONDS,
   type EchoStats,
 } from "./echo_stats.ts";
-export {
-  DEFAULT_EVICTION_GRACE_MS,
-  DEFAULT_MIN_RATE,
-  DEFAULT_MIN_RATE_GRACE_MS,
-  DEFAULT_MIN_READ_RATE,
-};
 
 /** Called once for every accepted client, however its connection ended. */
 export type ClientDone = (clientId: number, bytesReceived: number) => void;
 
-/** Options for {@linkcode serveEcho}. */
-export interface ServeOptions {
+/**
+ * Options for {@linkcode serveEcho}; the admission rules' and the buffer
+ * budget's are theirs (admission.ts, buffer_pool.ts).
+ */
+export interface ServeOptions extends
+  Pick<
+    AdmissionOptions,
+    | "idleTimeoutMs"
+    | "minRate"
+    | "minRateGraceMs"
+    | "minReadRate"
+    | "evictionGraceMs"
+  >,
+  Pick<BufferBudgetOptions, "maxBufferedBytes"> {
   /**
    * Address to listen on.
    *
@@ -85,14 +90,6 @@ export interface ServeOptions {
    */
   maxClientBytes?: number;
   /**
-   * Buffer memory held for all clients together. When a read would pass
-   * it, the other clients holding the most for the least progress are
-   * evicted; if they hold too little, the asking client is cut off.
-   *
-   * @default {512 * 1024 * 1024}
-   */
-  maxBufferedBytes?: number;
-  /**
    * Connections served at once. At the limit a newcomer is accepted and
    * the slowest client past its grace
    * ({@linkcode ServeOptions.evictionGraceMs}) is evicted for it; while
@@ -102,43 +99,6 @@ export interface ServeOptions {
    * @default {16384}
    */
   maxConnections?: number;
-  /**
-   * A client that makes no progress reading or writing for this long is
-   * cut off, in milliseconds; while its echo is written, only if it also
-   * reads below {@linkcode ServeOptions.minReadRate}.
-   *
-   * @default {30_000}
-   */
-  idleTimeoutMs?: number;
-  /**
-   * Bytes per second a client must average until it half-closes, once
-   * {@linkcode ServeOptions.minRateGraceMs} is over; 0 turns the rule off.
-   *
-   * @default {500}
-   */
-  minRate?: number;
-  /**
-   * How long a client may send below `minRate`, in milliseconds.
-   *
-   * @default {20_000}
-   */
-  minRateGraceMs?: number;
-  /**
-   * Bytes per second a client must read its echo at, on average since it
-   * half-closed, once idle for `idleTimeoutMs`; 0 leaves the idle rule
-   * alone on the write side.
-   *
-   * @default {16_384}
-   */
-  minReadRate?: number;
-  /**
-   * How long a newcomer that keeps moving bytes cannot be evicted for a
-   * slot, in milliseconds; 0 turns eviction off, for memory too
-   * (admission.ts).
-   *
-   * @default {2000}
-   */
-  evictionGraceMs?: number;
   /**
    * Which of several server instances sharing one access log this is, from
    * 1 to {@linkcode ServeOptions.instances}. Instance I of N numbers its
@@ -210,25 +170,6 @@ export interface ServerLimits {
   /** {@linkcode ServeOptions.maxClientBytes}. */
   readonly maxClientBytes: number;
 }
-
-/** Default for {@linkcode ServeOptions.maxClientBytes}: 64 MiB. */
-export const DEFAULT_MAX_CLIENT_BYTES = 64 * 1024 * 1024;
-/** Default for {@linkcode ServeOptions.maxBufferedBytes}: 512 MiB. */
-export const DEFAULT_MAX_BUFFERED_BYTES = 512 * 1024 * 1024;
-/** Default for {@linkcode ServeOptions.maxConnections}. */
-export const DEFAULT_MAX_CONNECTIONS = 16384;
-/** Default for {@linkcode ServeOptions.idleTimeoutMs}: 30 s. */
-export const DEFAULT_IDLE_TIMEOUT_MS = 30_000;
-/** Default for {@linkcode ShutdownOptions.drainTimeoutMs}: 10 s. */
-export const DEFAULT_DRAIN_TIMEOUT_MS = 10_000;
-/**
- * Most instances {@linkcode ServeOptions.instances} allows: client ids grow
- * by N per client, and must stay below 2^53 to stay exact and distinct.
- * With 1024, one instance numbers 2^53 / 1024 = 8.8e12 clients; at 100,000
- * a second (ten times the ~10,000 measured in bench/README.md) that is 2.8
- * years without a restart, at the measured rate 28 years.
- */
-export const MAX_INSTANCES = 1024;
 
 // Reads go straight into chunks: FIRST_CHUNK_BYTES first (every idle
 // client holds its first chunk), then growing with the payload up to 1 MiB
@@ -355,12 +296,12 @@ class Server implements EchoServer {
   constructor(onClientDone: ClientDone, options: ServeOptions) {
     this.#onClientDone = onClientDone;
     const diagnostic = options.onDiagnostic ?? console.error;
-    this.#maxClientBytes = options.maxClientBytes ?? DEFAULT_MAX_CLIENT_BYTES;
+    this.#maxClientBytes = options.maxClientBytes ?? DEFAULTS.maxClientBytes;
     this.#budget = new BufferBudget({
-      maxBufferedBytes: options.maxBufferedBytes ?? DEFAULT_MAX_BUFFERED_BYTES,
+      maxBufferedBytes: options.maxBufferedBytes,
     });
-    this.#maxConnections = options.maxConnections ?? DEFAULT_MAX_CONNECTIONS;
-    this.#idleTimeoutMs = options.idleTimeoutMs ?? DEFAULT_IDLE_TIMEOUT_MS;
+    this.#maxConnections = options.maxConnections ?? DEFAULTS.maxConnections;
+    this.#idleTimeoutMs = options.idleTimeoutMs ?? DEFAULTS.idleTimeoutMs;
     this.#admission = new Admission({
       idleTimeoutMs: this.#idleTimeoutMs,
       minRate: options.minRate,
@@ -368,7 +309,10 @@ class Server implements EchoServer {
       minReadRate: options.minReadRate,
       evictionGraceMs: options.evictionGraceMs,
     });
-    const { instance = 1, instances = 1 } = options;
+    const {
+      instance = DEFAULTS.instance,
+      instances = DEFAULTS.instances,
+    } = options;
     if (
       !Number.isSafeInteger(instances) || !Number.isSafeInteger(instance) ||
       instance < 1 || instance > instances || instances > MAX_INSTANCES
@@ -391,8 +335,8 @@ class Server implements EchoServer {
       label: "client diagnostic",
     });
     this.#listener = Deno.listen({
-      hostname: options.hostname ?? "127.0.0.1",
-      port: options.port ?? 4000,
+      hostname: options.hostname ?? DEFAULTS.hostname,
+      port: options.port ?? DEFAULTS.port,
     });
     this.addr = this.#listener.addr;
     // One sweep for all clients instead of a timer per read or write.
@@ -457,7 +401,7 @@ class Server implements EchoServer {
     }
     // A later call may only bring the deadline forward: a second SIGTERM's
     // 0 cuts off at once, but a retry with the default must not extend it.
-    const timeoutMs = options.drainTimeoutMs ?? DEFAULT_DRAIN_TIMEOUT_MS;
+    const timeoutMs = options.drainTimeoutMs ?? DEFAULTS.drainTimeoutMs;
     const deadline = performance.now() + timeoutMs;
     if (deadline < this.#drainDeadline) {
       this.#drainDeadline = deadline;

@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
-import { MAX_INSTANCES, serveEcho, type ServeOptions } from "./server.ts";
+import { MAX_INSTANCES } from "./options.ts";
+import { serveEcho, type ServeOptions } from "./server.ts";
 import {
   echo,
   pattern,

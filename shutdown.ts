@@ -16,7 +16,8 @@ import type { AccessLog, AccessLogStats } from "./access_log.ts";
 import type { Diagnostics } from "./diagnostics.ts";
 import type { MetricsServer } from "./metrics.ts";
 import { REAL_CLOCK, type ReporterClock } from "./reporter.ts";
-import { DEFAULT_DRAIN_TIMEOUT_MS, type EchoServer } from "./server.ts";
+import { DEFAULTS } from "./options.ts";
+import type { EchoServer } from "./server.ts";
 
 /** The signals that stop the server. */
 export type StopSignal = "SIGINT" | "SIGTERM";
@@ -144,8 +145,8 @@ export class GracefulShutdown {
     this.#metrics = parts.metrics;
     this.#log = parts.log;
     this.#diagnostics = parts.diagnostics;
-    this.#drainTimeoutMs = options.drainTimeoutMs ?? DEFAULT_DRAIN_TIMEOUT_MS;
-    this.#shutdownDelayMs = options.shutdownDelayMs ?? 0;
+    this.#drainTimeoutMs = options.drainTimeoutMs ?? DEFAULTS.drainTimeoutMs;
+    this.#shutdownDelayMs = options.shutdownDelayMs ?? DEFAULTS.shutdownDelayMs;
     this.#clock = options.clock ?? REAL_CLOCK;
     this.exitStatus = this.#run();
   }

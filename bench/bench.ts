@@ -28,6 +28,7 @@ import { controlRun } from "./_run.ts";
 import { parseCommand } from "./_cli.ts";
 import { checkInteger, describe } from "../_errors.ts";
 import {
+  formatSize,
   parseCommandLine,
   parseInteger,
   parseSeconds,
@@ -42,6 +43,7 @@ import {
   phaseOf,
 } from "./pattern.ts";
 import { formatLogReport } from "./log_check.ts";
+import { DEFAULTS } from "../options.ts";
 import {
   ATTACK_KINDS,
   CLIENT_KINDS,
@@ -545,10 +547,14 @@ Fault injection:
   --attacks            with --mix, add the attacks: ${ATTACK_KINDS.join(", ")},
                        scaled to the limits below; a good client not served
                        within --good-within fails the run
-  --max-connections N  the server's --max-connections (default 16384)
-  --max-buffered SIZE  the server's --max-buffered (default 512MiB)
+  --max-connections N  the server's --max-connections (default ${DEFAULTS.maxConnections})
+  --max-buffered SIZE  the server's --max-buffered (default ${
+  formatSize(DEFAULTS.maxBufferedBytes)
+})
   --max-client-bytes SIZE
-                       the server's --max-client-bytes (default 64MiB)
+                       the server's --max-client-bytes (default ${
+  formatSize(DEFAULTS.maxClientBytes)
+})
   --good-within SECONDS
                        bound on a good client's connect-to-echo time (default
                        5 with --attacks, else none)
@@ -688,16 +694,16 @@ export function parseBenchArgs(
       maxConnections: parseInteger(
         "--max-connections",
         values["max-connections"],
-        { default: 16384, min: 1, max: 1_000_000 },
+        { default: DEFAULTS.maxConnections, min: 1, max: 1_000_000 },
       ),
       maxBufferedBytes: parseSize("--max-buffered", values["max-buffered"], {
-        default: 512 * 1024 * 1024,
+        default: DEFAULTS.maxBufferedBytes,
         min: 1,
       }),
       maxClientBytes: parseSize(
         "--max-client-bytes",
         values["max-client-bytes"],
-        { default: 64 * 1024 * 1024, min: 1 },
+        { default: DEFAULTS.maxClientBytes, min: 1 },
       ),
     };
   }

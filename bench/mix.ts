@@ -44,6 +44,7 @@
 import { controlRun } from "./_run.ts";
 import { writeAll } from "../_bytes.ts";
 import { checkInteger, describe } from "../_errors.ts";
+import { DEFAULTS } from "../options.ts";
 import * as net from "node:net";
 import { type LogReport, LogTail, type WaitOptions } from "./log_check.ts";
 import {
@@ -249,10 +250,11 @@ const GOOD_KINDS: readonly ClientKind[] = ["echo", "echo-large"];
 const DEFAULT_GOOD_WITHIN_MS = 5000;
 const SLOW_READ_BYTES = 1024;
 const SLOW_READ_INTERVAL_MS = 10_000;
+// The server's own defaults.
 const DEFAULT_LIMITS: Required<MixLimits> = {
-  maxConnections: 16384,
-  maxBufferedBytes: 512 * 1024 * 1024,
-  maxClientBytes: 64 * 1024 * 1024,
+  maxConnections: DEFAULTS.maxConnections,
+  maxBufferedBytes: DEFAULTS.maxBufferedBytes,
+  maxClientBytes: DEFAULTS.maxClientBytes,
 };
 
 /** How one client ended. */

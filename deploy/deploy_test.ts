@@ -9,8 +9,7 @@
 
 import assert from "node:assert/strict";
 import { fileURLToPath as fromFileUrl } from "node:url";
-import { type Config, DEFAULT_LOG_PATH, parseFlags } from "../main.ts";
-import { DEFAULT_DRAIN_TIMEOUT_MS } from "../server.ts";
+import { type Config, DEFAULTS, parseFlags } from "../options.ts";
 import denoJson from "../deno.json" with { type: "json" };
 import {
   connectMany,
@@ -101,7 +100,7 @@ Deno.test("deploy/echo-server.service runs the installed binary with flags main.
   // which must be the unit's LogsDirectory.
   const logsDirectory = only(unit, "Service", "LogsDirectory");
   assert.equal(logsDirectory, "echo-server");
-  assert.equal(config.logPath, DEFAULT_LOG_PATH);
+  assert.equal(config.logPath, DEFAULTS.logPath);
   assert.equal(
     config.logPath.slice(0, config.logPath.lastIndexOf("/")),
     `/var/log/${logsDirectory}`,
@@ -120,7 +119,7 @@ Deno.test("deploy/echo-server.service drains on stop, reloads with SIGHUP, resta
   assert.equal(only(unit, "Service", "Restart"), "on-failure");
   const config = parseFlags(execStart.slice(1));
   assert.ok(typeof config === "object");
-  assert.equal(config.drainTimeoutMs, DEFAULT_DRAIN_TIMEOUT_MS);
+  assert.equal(config.drainTimeoutMs, DEFAULTS.drainTimeoutMs);
   assertStopsInTime(unit, config);
   const limitNoFile = Number(only(unit, "Service", "LimitNOFILE"));
   assert.ok(
@@ -348,7 +347,7 @@ function parseLogrotate(text: string) {
 
 Deno.test("deploy/logrotate.conf rotates the access log by rename, then SIGHUPs every running server", () => {
   const { path, directives, postrotate } = parseLogrotate(logrotateConf);
-  assert.equal(path, DEFAULT_LOG_PATH);
+  assert.equal(path, DEFAULTS.logPath);
   for (
     const directive of [
       "daily",

@@ -6,7 +6,7 @@
 
 import assert from "node:assert/strict";
 import { fileURLToPath as fromFileUrl } from "node:url";
-import { parseFlags } from "../main.ts";
+import { parseFlags } from "../options.ts";
 import { findExecutable, runCommand, withTempDir } from "../test_util.ts";
 
 const here = (path: string) => fromFileUrl(new URL(path, import.meta.url));
