@@ -112,8 +112,8 @@ Options:
   --min-rate-grace SECONDS time a client may send below --min-rate (default ${
   DEFAULT_MIN_RATE_GRACE_MS / 1000
 })
-  --min-read-rate SIZE     bytes a second a client must read its echo at, on
-                           average, once idle; 0 is off (default ${
+  --min-read-rate SIZE     bytes a second a client must read its echo at, after
+                           each write, once idle; 0 is off (default ${
   DEFAULT_MIN_READ_RATE / 1024
 }KiB)
   --eviction-grace SECONDS clients connected this long may be evicted for a

@@ -121,9 +121,9 @@ export interface ServeOptions {
    */
   minRateGraceMs?: number;
   /**
-   * Bytes per second a client must read its echo at, on average since it
-   * half-closed, once idle for `idleTimeoutMs`; 0 leaves the idle rule
-   * alone on the write side.
+   * Bytes per second a client must read its echo at: after each burst of
+   * writes it may be silent for `idleTimeoutMs` plus the burst (at most
+   * 4 MiB) at this rate; 0 leaves the idle rule alone on the write side.
    *
    * @default {16_384}
    */
@@ -742,6 +742,8 @@ class Client implements BufferHolder, ClientProgress {
   bufferedBytes = 0;
   lastActivity: number;
   eofAt: number | undefined = undefined;
+  burstStart = 0;
+  lastBurst = 0;
   windowStart: number;
   windowMoved = 0;
   windowRate = -1;
