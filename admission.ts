@@ -22,19 +22,21 @@
  * - **Minimum read rate** (`minReadRate`, 16 KiB/s): once a client has
  *   half-closed, the server cannot see what the peer has read, only which
  *   writes the kernel took, and Linux wakes a writer only after about a
- *   third of a send buffer of up to 4 MiB has drained (80 s at 16 KiB/s),
- *   so the idle clock alone cut off readers below ~45 KB/s. The idle clock
- *   counts as progress while the bytes the kernel took since the half-close
- *   keep up the average `minReadRate`, after `idleTimeoutMs`: a client is
- *   cut off (`slow_reader`) only when it is idle and has been writing for
- *   longer than `idleTimeoutMs + sent / minReadRate`. Every byte the peer
- *   read was taken by the kernel first, so a reader at 16 KiB/s or faster
- *   is never cut off, for any size. A reader that stops is let go after
- *   `idleTimeoutMs` plus all the kernels took since its half-close at
- *   16 KiB/s: ~4.6 min if it never read (~4 MiB buffered), but a reader
- *   that read fast first, or has a large receive buffer, is credited with
- *   all of it: up to 30 s + 64 MiB / 16 KiB/s = 68 min (deploy/README.md
- *   has the measured cases).
+ *   third of a send buffer of up to 4 MiB has drained (85 s at 16 KiB/s),
+ *   so the idle clock alone would cut off readers below ~45 KB/s. The
+ *   silence allowed after each burst of writes (those the kernel took at one
+ *   wakeup, with no second of silence between them) is `idleTimeoutMs +
+ *   burst / minReadRate`, the burst credited up to 4 MiB (Linux's largest
+ *   send buffer by default): a client silent longer is cut off
+ *   (`slow_reader`). What the kernel takes at a wakeup is what drained since
+ *   the last one, so a reader at 16 KiB/s or faster drains the next burst
+ *   within the time the last one buys: it is never cut off, for any size (at 16 KiB/s a third of a 4 MiB buffer is 85 s of the 115 s
+ *   allowed). A reader that stops is let go within 30 s + 4 MiB / 16 KiB/s
+ *   = 286 s of the last write the kernel took, however much it read
+ *   before; after small bursts (a small send buffer, a slow start) sooner.
+ *   Cost: a reader that pauses longer than that, even one whose average
+ *   stays above 16 KiB/s, loses its connection (deploy/README.md has the
+ *   measured cases).
  * - **Slot eviction** (`evictionGraceMs`, 2 s): at `maxConnections` the
  *   server accepts the newcomer and evicts the client with the lowest
  *   recent rate (bytes moved either way in the last `rateWindowMs`, or on
@@ -82,8 +84,9 @@ export type AdmissionReason =
 
 /**
  * What the policy knows of one client: plain numbers the server updates as
- * bytes move. Times are `performance.now()` milliseconds. The `window*`
- * fields belong to the policy ({@linkcode Admission.check} keeps them).
+ * bytes move. Times are `performance.now()` milliseconds. The `window*`,
+ * `burstStart` and `lastBurst` fields belong to the policy
+ * ({@linkcode Admission.check} keeps them).
  */
 export interface ClientProgress {
   /** When it was accepted. */
@@ -98,6 +101,14 @@ export interface ClientProgress {
   lastActivity: number;
   /** When it half-closed (the echo began), or undefined while it sends. */
   eofAt: number | undefined;
+  /**
+   * `bytesSent` when the current burst of writes began: the writes the
+   * kernel took at one wakeup, with no silence between them. Kept by
+   * {@linkcode Admission.check}.
+   */
+  burstStart: number;
+  /** Bytes the kernel took in the last burst that a silence ended. */
+  lastBurst: number;
   /** When the current rate window began. */
   windowStart: number;
   /** Bytes moved (received plus sent) when the window began. */
@@ -138,9 +149,10 @@ export interface AdmissionOptions {
    */
   minRateGraceMs?: number;
   /**
-   * Bytes per second of its echo a client must average, once idle for
-   * `idleTimeoutMs`, while the echo is written; 0 leaves only the idle
-   * rule on the write side.
+   * Bytes per second of its echo a client must read while the echo is
+   * written: after each burst of writes it may be silent for
+   * `idleTimeoutMs` plus the burst (at most 4 MiB) at this rate; 0 leaves
+   * only the idle rule on the write side.
    *
    * @default {16_384}
    */
@@ -164,6 +176,17 @@ export interface AdmissionOptions {
 }
 
 const DEFAULT_RATE_WINDOW_MS = 5000;
+// A silence this long between completed writes ends a burst: the writes of
+// one wakeup complete within an event loop turn or two.
+const BURST_GAP_MS = 1000;
+/**
+ * The most of a burst a reader is credited with: Linux's largest send
+ * buffer by default (`net.ipv4.tcp_wmem`). One wakeup takes at most the
+ * free room of the send buffer; a burst bigger than that is the peer
+ * reading while the kernel took it, and the next write completes once a
+ * third of the send buffer has drained (plus a receive window's step).
+ */
+export const MAX_CREDITED_BURST_BYTES = 4 * 1024 * 1024;
 
 /**
  * Fresh {@linkcode ClientProgress} for a client accepted at `now`.
@@ -184,6 +207,8 @@ export function newProgress(now: number): ClientProgress {
     bufferedBytes: 0,
     lastActivity: now,
     eofAt: undefined,
+    burstStart: 0,
+    lastBurst: 0,
     windowStart: now,
     windowMoved: 0,
     windowRate: -1,
@@ -230,8 +255,8 @@ export class Admission {
   }
 
   /**
-   * For the periodic sweep: updates `client`'s rate window and says why it
-   * must be cut off now, if it must.
+   * For the periodic sweep: updates `client`'s rate window and its last
+   * burst, and says why it must be cut off now, if it must.
    *
    * @example
    * ```ts
@@ -263,11 +288,39 @@ export class Admission {
       ) return "min_rate";
       return undefined;
     }
+    const silence = now - client.lastActivity;
+    if (
+      client.bytesSent > client.burstStart &&
+      (idle || silence >= BURST_GAP_MS)
+    ) {
+      client.lastBurst = client.bytesSent - client.burstStart;
+      client.burstStart = client.bytesSent;
+    }
     if (!idle) return undefined;
     if (this.minReadRate === 0) return "idle";
-    const allowed = this.idleTimeoutMs +
-      client.bytesSent * 1000 / this.minReadRate;
-    return now - client.eofAt > allowed ? "slow_reader" : undefined;
+    return silence > this.readerSilenceMs(client) ? "slow_reader" : undefined;
+  }
+
+  /**
+   * How long a client whose echo is being written may go without a
+   * completed write: `idleTimeoutMs` plus its last burst (at most
+   * {@linkcode MAX_CREDITED_BURST_BYTES}) at `minReadRate`. A reader at
+   * `minReadRate` drains a burst in that time, and its next write completes.
+   *
+   * @example
+   * ```ts
+   * import assert from "node:assert/strict";
+   * const admission = new Admission({ idleTimeoutMs: 30_000 });
+   * const reader = newProgress(0);
+   * reader.lastBurst = 1024 * 1024; // 1 MiB at 16 KiB/s takes 64 s
+   * assert.equal(admission.readerSilenceMs(reader), 94_000);
+   * reader.lastBurst = 64 * 1024 * 1024; // credited with 4 MiB
+   * assert.equal(admission.readerSilenceMs(reader), 286_000);
+   * ```
+   */
+  readerSilenceMs(client: ClientProgress): number {
+    const credited = Math.min(client.lastBurst, MAX_CREDITED_BURST_BYTES);
+    return this.idleTimeoutMs + credited * 1000 / this.minReadRate;
   }
 
   /**
@@ -440,4 +493,93 @@ export class Admission {
     }
     return victims;
   }
+}
+
+/** What {@linkcode verdictText} words a verdict with besides the policy. */
+export interface VerdictTextOptions {
+  /** The policy that gave the verdict, for its limits. */
+  admission: Admission;
+  /** The server's `maxConnections`, named by a slot eviction. */
+  maxConnections: number;
+  /** The server's `maxBufferedBytes`, named by a memory eviction. */
+  maxBufferedBytes: number;
+}
+
+/**
+ * Why `client` is cut off for `verdict`, in words for stderr: the rule, its
+ * limit, and the client's own figure. A memory eviction names what the
+ * client holds, so word it before its buffers are let go.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * const admission = new Admission({ idleTimeoutMs: 30_000 });
+ * const options = { admission, maxConnections: 64, maxBufferedBytes: 1024 };
+ * const client = newProgress(0);
+ * assert.equal(
+ *   verdictText("idle", client, 31_000, options),
+ *   "idle for more than 30 s",
+ * );
+ * client.bytesReceived = 1000;
+ * assert.equal(
+ *   verdictText("slot_eviction", client, 2000, options),
+ *   "evicted for a newcomer at the limit of 64 connections (500 B/s, the slowest)",
+ * );
+ * ```
+ */
+export function verdictText(
+  verdict: AdmissionReason,
+  client: ClientProgress,
+  now: number,
+  options: VerdictTextOptions,
+): string {
+  const { admission } = options;
+  switch (verdict) {
+    case "min_rate":
+      return `sent below the minimum rate of ${admission.minRate} B/s for ${
+        seconds(now - client.acceptedAt)
+      } s without half-closing`;
+    case "slow_reader":
+      return `read its echo below the minimum rate of ${admission.minReadRate} B/s (no write taken for ${
+        seconds(now - client.lastActivity)
+      } s after a burst of ${client.lastBurst} bytes)`;
+    case "slot_eviction":
+      return `evicted for a newcomer at the limit of ${options.maxConnections} connections (${
+        Math.round(admission.rate(client, now))
+      } B/s, the slowest)`;
+    case "memory_eviction":
+      return `evicted: server buffer limit of ${options.maxBufferedBytes} bytes reached, it held ${client.bufferedBytes} bytes at ${
+        Math.round(admission.rate(client, now))
+      } B/s`;
+    default:
+      return `idle for more than ${admission.idleTimeoutMs / 1000} s`;
+  }
+}
+
+/**
+ * How often the server's sweep runs {@linkcode Admission.check}: often
+ * enough that no rule cuts off much later than it allows (half its
+ * shortest timeout), at most once a second and at least every 10 ms.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * assert.equal(sweepIntervalMs(new Admission()), 1000);
+ * assert.equal(sweepIntervalMs(new Admission({ idleTimeoutMs: 300 })), 150);
+ * ```
+ */
+export function sweepIntervalMs(admission: Admission): number {
+  const { idleTimeoutMs, minRate, minRateGraceMs } = admission;
+  return Math.max(
+    10,
+    Math.min(
+      1000,
+      idleTimeoutMs / 2,
+      minRate > 0 ? minRateGraceMs / 2 : Infinity,
+    ),
+  );
+}
+
+function seconds(ms: number): string {
+  return (ms / 1000).toFixed(1);
 }

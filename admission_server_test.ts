@@ -8,6 +8,7 @@ import {
   pattern,
   readAll,
   sameBytes,
+  stallingBytes,
   startServer,
   type TestServer,
   waitUntil,
@@ -270,5 +271,45 @@ Deno.test("serveEcho() still lets go a client that stops reading its echo", asyn
   assert.match(
     s.diagnostics.join("\n"),
     /client 1: cut off after 8388608 bytes: read its echo below the minimum rate of 2097152 B\/s/,
+  );
+});
+
+Deno.test("serveEcho() lets go a reader that read fast and then stalled within idleTimeoutMs + 4 MiB / minReadRate of its last write", async () => {
+  // Scaled from 30 s and 16 KiB/s: 300 ms + 4 MiB / 2 MiB/s = 2.3 s after
+  // the last write the kernel took. Credited with all the kernels took
+  // since the half-close (32 MiB read at once, plus their buffers), it was
+  // held over 16 s, past the wait below.
+  const rate = 2 * MIB;
+  const readFast = 32 * MIB;
+  const size = readFast + await stallingBytes();
+  await using s = startServer({
+    idleTimeoutMs: 300,
+    minReadRate: rate,
+    maxClientBytes: size,
+    maxBufferedBytes: 2 * size,
+  });
+  const payload = pattern(size, 6);
+  const conn = await Deno.connect({ hostname: HOST, port: s.port });
+  try {
+    await writeAll(conn, payload);
+    await conn.closeWrite();
+    const buffer = new Uint8Array(MIB);
+    let received = 0;
+    while (received < readFast) {
+      const n = await conn.read(buffer);
+      assert.notEqual(n, null, "the echo ended early");
+      received += n!;
+    }
+    // Then it reads nothing more.
+    await waitUntil(() => s.records.length === 1, "the reader let go", 10_000);
+  } finally {
+    conn.close();
+  }
+  await s.server.shutdown();
+  assert.deepEqual(s.records, [[1, size]]);
+  assert.equal(s.server.stats.cutoffs.slow_reader, 1);
+  assert.match(
+    s.diagnostics.join("\n"),
+    /client 1: cut off after \d+ bytes: read its echo below the minimum rate of 2097152 B\/s \(no write taken for [\d.]+ s after a burst of \d+ bytes\)/,
   );
 });

@@ -13,15 +13,16 @@ function client(
 }
 
 /** Steps a client sending (or reading) at `rate` B/s from 0 to `until` ms,
- * checking it each second as the sweep would; returns the first verdict. */
+ * checking it each second as the sweep would; returns the first verdict.
+ * A step that returns true has ended the client: the server is done. */
 function simulate(
   admission: Admission,
   progress: ClientProgress,
   until: number,
-  step: (progress: ClientProgress, now: number) => void,
+  step: (progress: ClientProgress, now: number) => boolean | void,
 ): { at: number; reason: string } | undefined {
   for (let now = 1000; now <= until; now += 1000) {
-    step(progress, now);
+    if (step(progress, now) === true) return undefined;
     const reason = admission.check(progress, now);
     if (reason !== undefined) return { at: now, reason };
   }
@@ -90,13 +91,14 @@ Deno.test("Admission.check() serves a reader at 16 KiB/s whose writes complete 8
   const reader = client(0, { eofAt: 0, bytesSent: 4 * MIB });
   const total = 64 * MIB;
   // Until the last write completes: then the server closes.
-  const verdict = simulate(admission, reader, 4_000_000, (c, now) => {
+  const verdict = simulate(admission, reader, 5_000_000, (c, now) => {
     const read = 16 * KIB * now / 1000;
     const queued = c.bytesSent - read;
     if (queued <= (4 * MIB * 2) / 3 && c.bytesSent < total) {
       c.bytesSent = Math.min(total, read + 4 * MIB);
       c.lastActivity = now;
     }
+    return c.bytesSent === total;
   });
   assert.equal(verdict, undefined);
 });
@@ -109,16 +111,70 @@ Deno.test("Admission.check() lets go a reader of 1 KiB every 10 s", () => {
   assert.deepEqual(verdict, { at: 287_000, reason: "slow_reader" });
 });
 
-Deno.test("Admission.check() lets go a reader that read fast and then stalled only after idleTimeoutMs + all it was sent / minReadRate", () => {
+Deno.test("Admission.check() lets go a reader that read fast and then stalled within idleTimeoutMs + 4 MiB / minReadRate of its last write", () => {
   const admission = new Admission();
   // Measured on loopback: a client that read 8 MiB of a 64 MiB echo at
   // once and then stopped; its receive buffer had grown as it read, and
-  // the kernels took 15,069,634 bytes in all. The ~5 min of a reader that
-  // never reads (4 MiB) does not hold for it: deploy/README.md says 16 min.
+  // the kernels took 15,069,634 bytes in all, the last write at 1 s.
+  // Credited with all of it, it was held until 950 s.
   const taken = 15_069_634;
   const reader = client(0, { eofAt: 0, bytesSent: taken, lastActivity: 1000 });
   const verdict = simulate(admission, reader, 2_000_000, () => {});
-  assert.deepEqual(verdict, { at: 950_000, reason: "slow_reader" });
+  assert.deepEqual(verdict, { at: 288_000, reason: "slow_reader" });
+});
+
+Deno.test("Admission.check() allows idleTimeoutMs + the last burst / minReadRate of silence after it", () => {
+  const admission = new Admission();
+  // 4 MiB at the half-close, then a wakeup that took 256 KiB at 100 s:
+  // 30 s + 256 KiB / 16 KiB/s = 46 s of silence after it.
+  const reader = client(0, { eofAt: 0, bytesSent: 4 * MIB });
+  const verdict = simulate(admission, reader, 1_000_000, (c, now) => {
+    if (now === 100_000) {
+      c.bytesSent += 256 * KIB;
+      c.lastActivity = now;
+    }
+  });
+  assert.deepEqual(verdict, { at: 147_000, reason: "slow_reader" });
+});
+
+Deno.test("Admission.check() counts the writes of one wakeup as one burst", () => {
+  const admission = new Admission();
+  const reader = client(0, { eofAt: 0, bytesSent: 4 * MIB });
+  assert.equal(admission.check(reader, 99_000), undefined);
+  // Two writes 500 ms apart, the sweep between them: one burst of 1 MiB.
+  reader.bytesSent += 512 * KIB;
+  reader.lastActivity = 100_000;
+  assert.equal(admission.check(reader, 100_100), undefined);
+  reader.bytesSent += 512 * KIB;
+  reader.lastActivity = 100_500;
+  assert.equal(admission.check(reader, 101_600), undefined);
+  assert.equal(reader.lastBurst, MIB);
+  // 30 s + 1 MiB / 16 KiB/s = 94 s after the last write.
+  assert.equal(admission.check(reader, 194_500), undefined);
+  assert.equal(admission.check(reader, 194_600), "slow_reader");
+});
+
+Deno.test("Admission.check() serves a reader at 16 KiB/s whatever its send buffer, with the receive window opening in steps", () => {
+  const admission = new Admission();
+  const total = 64 * MIB;
+  // The send buffer drains as the receiver's window opens, in steps of a
+  // 16th of a 6 MiB receive buffer; the writer wakes once a third of the
+  // send buffer is free and fills it.
+  const windowStep = 6 * MIB / 16;
+  for (const sendBuffer of [64 * KIB, MIB, 4 * MIB]) {
+    const reader = client(0, { eofAt: 0, bytesSent: sendBuffer + 6 * MIB });
+    const verdict = simulate(admission, reader, 10_000_000, (c, now) => {
+      const read = 16 * KIB * now / 1000;
+      const drained = Math.floor(read / windowStep) * windowStep;
+      const queued = c.bytesSent - 6 * MIB - drained;
+      if (queued <= (sendBuffer * 2) / 3 && c.bytesSent < total) {
+        c.bytesSent = Math.min(total, drained + 6 * MIB + sendBuffer);
+        c.lastActivity = now;
+      }
+      return c.bytesSent === total;
+    });
+    assert.equal(verdict, undefined, `send buffer ${sendBuffer}`);
+  }
 });
 
 Deno.test("Admission.check() with minReadRate 0 cuts off a stalled reader as idle", () => {

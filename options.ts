@@ -231,7 +231,7 @@ export const FLAGS = [
     key: "minReadRate",
     default: 16 * KIB,
     help:
-      "bytes a second a client must read its echo at, on average, once idle; `0` is off",
+      "bytes a second a client must read its echo at, after each write, once idle; `0` is off",
   }),
   milliseconds({
     flag: "--eviction-grace",
