@@ -557,19 +557,19 @@ export function renderMetrics(
   family(
     "echo_connections_active",
     "gauge",
-    "Clients accepted and not yet reported, those just cut off included: while newcomers evict clients it can briefly read above echo_connections_max.",
+    "Clients accepted whose end is not yet reported, those just cut off included.",
     server.connections,
   );
   family(
     "echo_connections_max",
     "gauge",
-    "--max-connections: at it, a newcomer evicts the slowest client past its grace.",
+    "The --max-connections limit on clients served at once.",
     server.limits.maxConnections,
   );
   family(
     "echo_connections_accepted_total",
     "counter",
-    "Clients accepted; equals access log lines written plus lines in echo_log_backlog_lines plus echo_log_dropped_lines_total plus echo_connections_active.",
+    "Clients accepted.",
     server.clientsAccepted,
   );
   family(
@@ -587,13 +587,13 @@ export function renderMetrics(
   family(
     "echo_cutoffs_total",
     "counter",
-    "Clients cut off, by reason: client_limit (over --max-client-bytes), buffer_limit (over --max-buffered, nobody to evict), idle, min_rate (sent below --min-rate), slow_reader (read its echo below --min-read-rate), slot_eviction (evicted for a newcomer at --max-connections), memory_eviction (evicted for memory at --max-buffered), shutdown (drain ran out), reset (connection failed, e.g. reset by the client).",
+    "Clients cut off, by reason.",
     { label: "reason", counts: stats.cutoffs },
   );
   family(
     "echo_accept_errors_total",
     "counter",
-    "Failed accepts, by kind: exhaustion (out of file descriptors or memory), client (the connection failed while queued), unknown; both of the latter are logged as clients.",
+    "Accepts that failed, by kind: exhaustion (out of file descriptors or memory), client or unknown.",
     { label: "kind", counts: stats.acceptErrors },
   );
   family(
@@ -625,20 +625,20 @@ export function renderMetrics(
   family(
     "echo_buffered_bytes_max",
     "gauge",
-    "--max-buffered: past it, the clients holding the most for the least progress are evicted.",
+    "The --max-buffered limit on echo_buffered_bytes.",
     server.limits.maxBufferedBytes,
   );
   family(
     "echo_spare_buffer_bytes",
     "gauge",
-    "Freed read buffers kept for reuse; dropped first when clients need the room.",
+    "Freed read buffers kept for reuse.",
     server.spareBufferBytes,
   );
   const log = options.accessLog;
   family(
     "echo_log_write_errors_total",
     "counter",
-    "Access log writes that failed (ENOSPC, EDQUOT, EFBIG, EIO; each retry counts); their lines wait in the backlog.",
+    "Access log writes that failed, each retry counted.",
     stats.reportErrors + (log?.writeErrors ?? 0),
   );
   family(
@@ -650,25 +650,25 @@ export function renderMetrics(
   family(
     "echo_log_backlog_bytes",
     "gauge",
-    "Bytes of those lines, counted against --log-backlog.",
+    "Bytes of access log lines waiting in memory, counted against --log-backlog.",
     log?.backlogBytes ?? 0,
   );
   family(
     "echo_log_dropped_lines_total",
     "counter",
-    "Access log lines dropped, never written: the backlog was full.",
+    "Access log lines dropped because the backlog was full.",
     log?.droppedLines ?? 0,
   );
   family(
     "echo_log_reopen_pending",
     "gauge",
-    "1 while a SIGHUP reopen of the access log failed and is being retried (lines go to the old file), else 0.",
+    "1 while a failed SIGHUP reopen of the access log is being retried, else 0.",
     log?.reopenPending ? 1 : 0,
   );
   family(
     "echo_draining",
     "gauge",
-    "1 once SIGINT or SIGTERM started the drain (/healthz answers 503), else 0.",
+    "1 once SIGINT or SIGTERM started the drain, else 0.",
     options.draining ? 1 : 0,
   );
 
