@@ -125,6 +125,9 @@ const ACCEPTS_PER_YIELD = 64;
 // closing does not reset the connection under the response; past it, the
 // connection is closed as is.
 const LINGER_BYTES = 64 * 1024;
+// Where those bytes are read to: one buffer for every connection, since
+// nothing reads what is in it.
+const discarded = new Uint8Array(16 * 1024);
 
 /** What a line about the listener was about, as a summary counts it. */
 type AcceptLineKind = "accept_failed" | "accepting";
@@ -309,9 +312,8 @@ class Metrics implements MetricsServer {
         : this.#respond(head);
       await writeAll(conn, response);
       await conn.closeWrite();
-      const sink = new Uint8Array(16 * 1024);
       for (let drained = 0; drained < LINGER_BYTES;) {
-        const n = await conn.read(sink);
+        const n = await conn.read(discarded);
         if (n === null) break;
         drained += n;
       }
@@ -368,19 +370,27 @@ async function readHead(
   conn: Deno.Conn,
   maxBytes: number,
 ): Promise<RequestHead | 400 | 431 | undefined> {
-  const buffer = new Uint8Array(maxBytes);
+  // Grown as needed: most heads (a scrape's, a health check's) fit in the
+  // first, and a connection that sends nothing costs no more than that.
+  let buffer = new Uint8Array(Math.min(INITIAL_HEAD_BUFFER_BYTES, maxBytes));
   let length = 0;
   for (;;) {
     if (length === maxBytes) return 431;
+    if (length === buffer.length) {
+      const grown = new Uint8Array(Math.min(buffer.length * 2, maxBytes));
+      grown.set(buffer);
+      buffer = grown;
+    }
     const n = await conn.read(buffer.subarray(length));
     if (n === null) return undefined;
     const from = length;
     length += n;
     // The request line's end, or the bytes of it so far: only visible
-    // ASCII and spaces, so that garbage is refused at once.
+    // ASCII and spaces, so that garbage is refused at once. (From one byte
+    // back: a CR that ended the last read is only allowed before an LF.)
     let lineEnd = buffer.subarray(0, length).indexOf(LF);
     const checked = lineEnd === -1 ? length : lineEnd;
-    for (let i = Math.min(from, checked); i < checked; i++) {
+    for (let i = Math.min(Math.max(from - 1, 0), checked); i < checked; i++) {
       const byte = buffer[i];
       if ((byte < 0x20 || byte > 0x7e) && !(byte === CR && i === checked - 1)) {
         return 400;
@@ -396,6 +406,7 @@ async function readHead(
   }
 }
 
+const INITIAL_HEAD_BUFFER_BYTES = 1024;
 const CR = 0x0d;
 const LF = 0x0a;
 

@@ -2,13 +2,13 @@
 // request, then measures what they cost the server and its scrapes: the
 // server's RSS and open descriptors (from /proc, by `cat` and `ls`), how
 // many of the flood's connections the server has closed, and the latency of
-// 50 `GET /healthz` and 50 `GET /metrics`, each on a new connection, one at
-// a time, while the flood holds on.
+// SCRAPES `GET /healthz` and as many `GET /metrics`, each on a new
+// connection, one at a time, while the flood holds on.
 //
 // Modes: "idle" sends nothing; "header" sends a request line and HEADER_KIB
 // KiB of header at once, unfinished; "trickle" sends a request line, then a
 // header byte every second.
-// deno run --allow-net --allow-run bench/metrics_flood.ts METRICS_PORT PID [N=1000] [idle|header|trickle] [HEADER_KIB=58]
+// deno run --allow-net --allow-run bench/metrics_flood.ts METRICS_PORT PID [N=1000] [idle|header|trickle] [HEADER_KIB=58] [SCRAPES=50]
 import { countFds, readRssKiB } from "./_proc.ts";
 
 const port = Number(Deno.args[0]);
@@ -16,6 +16,7 @@ const pid = Number(Deno.args[1]);
 const count = Number(Deno.args[2] ?? 1000);
 const mode = Deno.args[3] ?? "header";
 const headerKiB = Number(Deno.args[4] ?? 58);
+const scrapes = Number(Deno.args[5] ?? 50);
 if (!["idle", "header", "trickle"].includes(mode)) {
   throw new Error(`mode must be idle, header or trickle, not ${mode}`);
 }
@@ -102,7 +103,7 @@ async function timed(path: string): Promise<number | string> {
 for (const path of ["/healthz", "/metrics"]) {
   const times: number[] = [];
   const failures: string[] = [];
-  for (let i = 0; i < 50; i++) {
+  for (let i = 0; i < scrapes; i++) {
     const result = await timed(path);
     if (typeof result === "number") times.push(result);
     else failures.push(result);
@@ -113,7 +114,7 @@ for (const path of ["/healthz", "/metrics"]) {
       ? NaN
       : times[Math.min(times.length - 1, Math.floor(q * times.length))];
   console.log(
-    `${path}: ${times.length} of 50 answered, p50 ${
+    `${path}: ${times.length} of ${scrapes} answered, p50 ${
       at(0.5).toFixed(2)
     } ms, p99 ${at(0.99).toFixed(2)} ms, max ${at(1).toFixed(2)} ms${
       failures.length ? `; failed: ${failures[0]}` : ""
