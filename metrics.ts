@@ -30,7 +30,7 @@
 
 import process from "node:process";
 import { acceptErrorKind } from "./accept_errors.ts";
-import { errorMessage } from "./_errors.ts";
+import { describe, errorMessage } from "./_errors.ts";
 import type { AccessLogStats } from "./access_log.ts";
 import { RateLimitedReporter } from "./reporter.ts";
 import { DURATION_BUCKETS_SECONDS, type EchoServer } from "./server.ts";
@@ -48,8 +48,8 @@ export interface MetricsOptions {
    */
   port?: number;
   /**
-   * Receives one-line diagnostics (accepting failed, e.g. out of file
-   * descriptors, and works again).
+   * Receives one-line diagnostics: accepting failed (out of file
+   * descriptors) and works again, a response could not be made (500).
    * @default {console.error}
    */
   onDiagnostic?: (message: string) => void;
@@ -129,8 +129,12 @@ const LINGER_BYTES = 64 * 1024;
 // nothing reads what is in it.
 const discarded = new Uint8Array(16 * 1024);
 
-/** What a line about the listener was about, as a summary counts it. */
-type AcceptLineKind = "accept_failed" | "accepting";
+/** What a line of the metrics server was about, as a summary counts it. */
+type LineKind =
+  | "accept_failed"
+  | "accepting"
+  | "request_failed"
+  | "connection_failed";
 
 /**
  * Starts serving `/metrics` and `/healthz` for `server`. Throws the
@@ -170,10 +174,13 @@ class Metrics implements MetricsServer {
   #maxConnections: number;
   #requestTimeoutMs: number;
   #maxHeaderBytes: number;
-  // Oldest first (a Map keeps insertion order): the one a newcomer closes.
-  #connections = new Map<Deno.TcpConn, Promise<void>>();
+  // Oldest first (a Set keeps insertion order): the one a newcomer closes.
+  #connections = new Set<Deno.TcpConn>();
+  // Every connection's handler until it has ended, those closed by a
+  // newcomer included: the shutdown waits for them all.
+  #handlers = new Set<Promise<void>>();
   // Like every repeated line, these go through the one rate limit.
-  #acceptLines: RateLimitedReporter<AcceptLineKind>;
+  #lines: RateLimitedReporter<LineKind>;
   #acceptLoop: Promise<void>;
   #retryMs = RETRY_MIN_MS;
   #retryWait:
@@ -197,9 +204,17 @@ class Metrics implements MetricsServer {
       port: options.port ?? DEFAULT_METRICS_PORT,
     });
     this.addr = this.#listener.addr;
-    this.#acceptLines = new RateLimitedReporter(
+    this.#lines = new RateLimitedReporter(
       options.onDiagnostic ?? console.error,
-      { kinds: ["accept_failed", "accepting"], label: "metrics server line" },
+      {
+        kinds: [
+          "accept_failed",
+          "accepting",
+          "request_failed",
+          "connection_failed",
+        ],
+        label: "metrics server line",
+      },
     );
     this.#acceptLoop = this.#accept();
   }
@@ -226,9 +241,9 @@ class Metrics implements MetricsServer {
     await this.#acceptLoop;
     // Not waiting for requests in flight: closing ends each at once, and a
     // scrape cut short costs nothing here.
-    for (const conn of this.#connections.keys()) closeQuietly(conn);
-    await Promise.all(this.#connections.values());
-    this.#acceptLines.close();
+    for (const conn of this.#connections) closeQuietly(conn);
+    await Promise.all(this.#handlers);
+    this.#lines.close();
   }
 
   [Symbol.asyncDispose](): Promise<void> {
@@ -251,7 +266,7 @@ class Metrics implements MetricsServer {
         failing = true;
         const delay = this.#retryMs;
         this.#retryMs = Math.min(this.#retryMs * 2, RETRY_MAX_MS);
-        this.#acceptLines.report(
+        this.#lines.report(
           "accept_failed",
           `metrics server: accept failed: ${
             errorMessage(error)
@@ -266,7 +281,7 @@ class Metrics implements MetricsServer {
       if (failing) {
         failing = false;
         this.#retryMs = RETRY_MIN_MS;
-        this.#acceptLines.report(
+        this.#lines.report(
           "accepting",
           "metrics server: accepting again",
         );
@@ -279,7 +294,7 @@ class Metrics implements MetricsServer {
         await new Promise((resolve) => setTimeout(resolve, 0));
         if (this.#connections.size >= this.#maxConnections) {
           // The oldest has had the longest to finish its request.
-          const [oldest] = this.#connections.keys();
+          const [oldest] = this.#connections;
           this.#connections.delete(oldest);
           closeQuietly(oldest);
         }
@@ -288,10 +303,12 @@ class Metrics implements MetricsServer {
         conn.close();
         return;
       }
-      this.#connections.set(
-        conn,
-        this.#serve(conn).finally(() => this.#connections.delete(conn)),
-      );
+      this.#connections.add(conn);
+      const handler = this.#serve(conn).finally(() => {
+        this.#connections.delete(conn);
+        this.#handlers.delete(handler);
+      });
+      this.#handlers.add(handler);
       if (++acceptsSinceYield >= ACCEPTS_PER_YIELD) {
         acceptsSinceYield = 0;
         await new Promise((resolve) => setTimeout(resolve, 0));
@@ -309,7 +326,7 @@ class Metrics implements MetricsServer {
       if (head === undefined) return; // left before a whole request
       const response = typeof head === "number"
         ? errorResponse(head)
-        : this.#respond(head);
+        : this.#respondOr500(head);
       await writeAll(conn, response);
       await conn.closeWrite();
       for (let drained = 0; drained < LINGER_BYTES;) {
@@ -319,11 +336,35 @@ class Metrics implements MetricsServer {
       }
     } catch (error) {
       // Closed under the read or write by the deadline, a newcomer or the
-      // shutdown, or by the client: either way this connection is over.
-      if (!isConnectionEnd(error)) throw error;
+      // shutdown, or by the client: either way this connection is over. An
+      // error of another kind ends it too (the process serves the echo port
+      // first), but is worth a line.
+      if (!isConnectionEnd(error)) {
+        this.#lines.report(
+          "connection_failed",
+          `metrics server: UNEXPECTED connection error (please report it): ${
+            describe(error)
+          }`,
+        );
+      }
     } finally {
       clearTimeout(deadline);
       closeQuietly(conn);
+    }
+  }
+
+  /** The response to `head`, or a 500 (and a line) if making it failed. */
+  #respondOr500(head: RequestHead): Uint8Array {
+    try {
+      return this.#respond(head);
+    } catch (error) {
+      this.#lines.report(
+        "request_failed",
+        `metrics server: ${head.method} ${head.pathname} failed: ${
+          describe(error)
+        }`,
+      );
+      return response(head.method, 500, "internal server error\n");
     }
   }
 
@@ -446,6 +487,7 @@ const REASONS: Record<number, string> = {
   400: "Bad Request",
   404: "Not Found",
   405: "Method Not Allowed",
+  500: "Internal Server Error",
   431: "Request Header Fields Too Large",
   503: "Service Unavailable",
 };

@@ -461,6 +461,27 @@ Deno.test("serveMetrics() accepts again with a back-off after accept fails for w
   ]);
 });
 
+Deno.test("serveMetrics() answers 500 and says why when /metrics cannot be rendered, and keeps serving", async () => {
+  await using s = startServer();
+  const diagnostics: string[] = [];
+  await using metrics = serveMetrics(s.server, {
+    port: 0,
+    accessLog: {
+      get stats(): never {
+        throw new Error("stats unavailable");
+      },
+    },
+    onDiagnostic: (line) => diagnostics.push(line),
+  });
+  const failed = await get(metrics.addr.port, "/metrics");
+  assert.equal(failed.status, 500);
+  assert.equal(failed.body, "internal server error\n");
+  assert.deepEqual(diagnostics, [
+    "metrics server: GET /metrics failed: Error: stats unavailable",
+  ]);
+  assert.equal((await get(metrics.addr.port, "/healthz")).status, 200);
+});
+
 /**
  * Resolves once the server has closed `conn` (EOF or a reset), with what it
  * sent first.
