@@ -86,6 +86,8 @@ export interface MetricsServer extends AsyncDisposable {
   readonly addr: Deno.NetAddr;
   /** Whether `/healthz` answers 503 (after {@linkcode setDraining}). */
   readonly draining: boolean;
+  /** Connections closed without a request served, by reason. */
+  readonly cutoffs: Readonly<Record<MetricsPortCutoffReason, number>>;
   /** From now on `/healthz` answers `503 draining`, so a load balancer
    * stops sending clients while those in flight finish. */
   setDraining(): void;
@@ -174,8 +176,15 @@ class Metrics implements MetricsServer {
   #maxConnections: number;
   #requestTimeoutMs: number;
   #maxHeaderBytes: number;
-  // Oldest first (a Set keeps insertion order): the one a newcomer closes.
-  #connections = new Set<Deno.TcpConn>();
+  // Oldest first (a Map keeps insertion order): the one a newcomer closes.
+  // The value: whether its response has been written.
+  #connections = new Map<Deno.TcpConn, { answered: boolean }>();
+  #cutoffs: Record<MetricsPortCutoffReason, number> = {
+    newcomer: 0,
+    deadline: 0,
+    header_too_large: 0,
+    bad_request: 0,
+  };
   // Every connection's handler until it has ended, those closed by a
   // newcomer included: the shutdown waits for them all.
   #handlers = new Set<Promise<void>>();
@@ -223,6 +232,10 @@ class Metrics implements MetricsServer {
     return this.#draining;
   }
 
+  get cutoffs(): Readonly<Record<MetricsPortCutoffReason, number>> {
+    return this.#cutoffs;
+  }
+
   setDraining(): void {
     this.#draining = true;
   }
@@ -241,7 +254,7 @@ class Metrics implements MetricsServer {
     await this.#acceptLoop;
     // Not waiting for requests in flight: closing ends each at once, and a
     // scrape cut short costs nothing here.
-    for (const conn of this.#connections) closeQuietly(conn);
+    for (const conn of this.#connections.keys()) closeQuietly(conn);
     await Promise.all(this.#handlers);
     this.#lines.close();
   }
@@ -294,8 +307,9 @@ class Metrics implements MetricsServer {
         await new Promise((resolve) => setTimeout(resolve, 0));
         if (this.#connections.size >= this.#maxConnections) {
           // The oldest has had the longest to finish its request.
-          const [oldest] = this.#connections;
+          const [[oldest, { answered }]] = this.#connections;
           this.#connections.delete(oldest);
+          if (!answered) this.#cutoffs.newcomer++;
           closeQuietly(oldest);
         }
       }
@@ -303,8 +317,9 @@ class Metrics implements MetricsServer {
         conn.close();
         return;
       }
-      this.#connections.add(conn);
-      const handler = this.#serve(conn).finally(() => {
+      const state = { answered: false };
+      this.#connections.set(conn, state);
+      const handler = this.#serve(conn, state).finally(() => {
         this.#connections.delete(conn);
         this.#handlers.delete(handler);
       });
@@ -316,18 +331,26 @@ class Metrics implements MetricsServer {
     }
   }
 
-  async #serve(conn: Deno.TcpConn): Promise<void> {
-    const deadline = setTimeout(
-      () => closeQuietly(conn),
-      this.#requestTimeoutMs,
-    );
+  async #serve(
+    conn: Deno.TcpConn,
+    state: { answered: boolean },
+  ): Promise<void> {
+    const deadline = setTimeout(() => {
+      if (!state.answered) this.#cutoffs.deadline++;
+      closeQuietly(conn);
+    }, this.#requestTimeoutMs);
     try {
       const head = await readHead(conn, this.#maxHeaderBytes);
       if (head === undefined) return; // left before a whole request
-      const response = typeof head === "number"
-        ? errorResponse(head)
-        : this.#respondOr500(head);
+      let response;
+      if (typeof head === "number") {
+        this.#cutoffs[head === 431 ? "header_too_large" : "bad_request"]++;
+        response = errorResponse(head);
+      } else {
+        response = this.#respondOr500(head);
+      }
       await writeAll(conn, response);
+      state.answered = true;
       await conn.closeWrite();
       for (let drained = 0; drained < LINGER_BYTES;) {
         const n = await conn.read(discarded);
@@ -389,6 +412,7 @@ class Metrics implements MetricsServer {
       renderMetrics(this.#server, {
         draining: this.#draining,
         accessLog: this.#accessLog?.stats,
+        metricsPortCutoffs: this.#cutoffs,
       }),
       EXPOSITION_CONTENT_TYPE,
     );
@@ -564,7 +588,26 @@ export interface RenderOptions {
    * @default {none: those metrics read 0}
    */
   accessLog?: AccessLogStats;
+  /**
+   * The metrics port's own cut-offs, reported as
+   * `echo_metrics_port_cutoffs_total`.
+   * @default {none: every reason reads 0}
+   */
+  metricsPortCutoffs?: Readonly<Record<MetricsPortCutoffReason, number>>;
 }
+
+/**
+ * Why the metrics port closed a connection without serving a request: for
+ * a `newcomer` beyond {@linkcode MetricsOptions.maxConnections}, its
+ * `deadline` ({@linkcode MetricsOptions.requestTimeoutMs}) passed, its head
+ * was over {@linkcode MetricsOptions.maxHeaderBytes}
+ * (`header_too_large`, 431), or not HTTP/1.x (`bad_request`, 400).
+ */
+export type MetricsPortCutoffReason =
+  | "newcomer"
+  | "deadline"
+  | "header_too_large"
+  | "bad_request";
 
 /**
  * The Prometheus text exposition (version 0.0.4) of `server`'s counters and
@@ -723,6 +766,16 @@ export function renderMetrics(
     "gauge",
     "1 once SIGINT or SIGTERM started the drain, else 0.",
     options.draining ? 1 : 0,
+  );
+  family(
+    "echo_metrics_port_cutoffs_total",
+    "counter",
+    "Connections to this metrics port closed without a request served, by reason.",
+    {
+      label: "reason",
+      counts: options.metricsPortCutoffs ??
+        { newcomer: 0, deadline: 0, header_too_large: 0, bad_request: 0 },
+    },
   );
 
   const memory = Deno.memoryUsage();

@@ -363,6 +363,11 @@ Deno.test("serveMetrics() never lets bad requests disturb the echo port", async 
       "still here",
     );
     assert.equal((await get(port, "/healthz")).status, 200);
+    assert.deepEqual(metrics.cutoffs, {
+      ...NO_METRICS_PORT_CUTOFFS,
+      header_too_large: 1,
+      bad_request: 1,
+    });
     // Shutting down is not held up by the unfinished request either.
     await within(metrics.shutdown(), 30_000, "shutdown()");
   } finally {
@@ -482,6 +487,13 @@ Deno.test("serveMetrics() answers 500 and says why when /metrics cannot be rende
   assert.equal((await get(metrics.addr.port, "/healthz")).status, 200);
 });
 
+const NO_METRICS_PORT_CUTOFFS = {
+  newcomer: 0,
+  deadline: 0,
+  header_too_large: 0,
+  bad_request: 0,
+};
+
 /**
  * Resolves once the server has closed `conn` (EOF or a reset), with what it
  * sent first.
@@ -519,6 +531,11 @@ Deno.test("serveMetrics() closes the oldest connection for a newcomer beyond max
     assert.ok(sent.every((text) => text === ""), "no response to nothing");
     const health = await within(get(port, "/healthz"), 2_000, "/healthz");
     assert.equal(health.status, 200);
+    // The 84, and the oldest left when /healthz came.
+    assert.deepEqual(metrics.cutoffs, {
+      ...NO_METRICS_PORT_CUTOFFS,
+      newcomer: 85,
+    });
     assert.equal(
       decoder.decode(await echo(s.port, encoder.encode("still here"))),
       "still here",
@@ -549,6 +566,10 @@ Deno.test("serveMetrics() closes a connection still trickling its request head a
     clearInterval(trickle);
     conn.close();
   }
+  assert.deepEqual(metrics.cutoffs, {
+    ...NO_METRICS_PORT_CUTOFFS,
+    deadline: 1,
+  });
   assert.equal((await get(metrics.addr.port, "/healthz")).status, 200);
 });
 
@@ -573,6 +594,11 @@ Deno.test("serveMetrics() answers 431 to a request head over maxHeaderBytes, and
   );
   assert.equal(over.status, 431);
   assert.equal(over.body, "request header fields too large\n");
+  const exposition = (await get(port, "/metrics")).body;
+  assert.match(
+    exposition,
+    /^echo_metrics_port_cutoffs_total\{reason="header_too_large"\} 1$/m,
+  );
 });
 
 Deno.test("serveMetrics() closes the connection after each response, a keep-alive request's too", async () => {
