@@ -2,6 +2,8 @@ import assert from "node:assert/strict";
 import { readRssKiB } from "./bench/_proc.ts";
 import { AccessLog } from "./access_log.ts";
 import {
+  DEFAULT_METRICS_MAX_CONNECTIONS,
+  DEFAULT_METRICS_MAX_HEADER_BYTES,
   EXPOSITION_CONTENT_TYPE,
   renderMetrics,
   serveMetrics,
@@ -14,6 +16,7 @@ import {
   type ServeOptions,
 } from "./server.ts";
 import {
+  connectMany,
   echo,
   findExecutable,
   readAll,
@@ -21,6 +24,7 @@ import {
   sendAndReset,
   ServerProcess,
   startServer,
+  waitUntil,
   within,
   withTempDir,
   writeAll,
@@ -359,6 +363,11 @@ Deno.test("serveMetrics() never lets bad requests disturb the echo port", async 
       "still here",
     );
     assert.equal((await get(port, "/healthz")).status, 200);
+    assert.deepEqual(metrics.cutoffs, {
+      ...NO_METRICS_PORT_CUTOFFS,
+      header_too_large: 1,
+      bad_request: 1,
+    });
     // Shutting down is not held up by the unfinished request either.
     await within(metrics.shutdown(), 30_000, "shutdown()");
   } finally {
@@ -412,75 +421,346 @@ Deno.test("serveMetrics() shutdown() does not wait for requests whose body never
   }
 });
 
-Deno.test("serveMetrics() restarts Deno.serve after it stops, also when restarting fails", async () => {
+Deno.test("serveMetrics() accepts again with a back-off after accept fails for want of descriptors", async () => {
   await using s = startServer();
-  // The first server's `finished` is ours to reject, as Deno's is on
-  // EMFILE; the real server stays bound, so the first restart fails with
-  // AddrInUse, and only once it is shut down can the next one succeed.
-  const realServe = Deno.serve;
-  const first = Promise.withResolvers<void>();
-  let firstServer: Deno.HttpServer<Deno.NetAddr> | undefined;
-  const stub = (...args: Parameters<typeof Deno.serve>) => {
-    const server = realServe(...args) as Deno.HttpServer<Deno.NetAddr>;
-    if (firstServer !== undefined) return server;
-    firstServer = server;
-    return Object.assign(Object.create(server), {
-      addr: server.addr,
-      finished: first.promise,
-      shutdown: () => server.shutdown(),
+  // A listener whose first two accepts fail as on EMFILE, then real ones.
+  const realListen = Deno.listen;
+  let failures = 2;
+  const stub = (options: Deno.TcpListenOptions) => {
+    const listener = realListen(options);
+    return Object.create(listener, {
+      addr: { value: listener.addr },
+      accept: {
+        value: () =>
+          failures-- > 0
+            ? Promise.reject(new Error("Too many open files (os error 24)"))
+            : listener.accept(),
+      },
+      close: { value: () => listener.close() },
     });
   };
   const diagnostics: string[] = [];
-  let changed = Promise.withResolvers<void>();
-  const nextDiagnostic = async (pattern: RegExp) => {
-    while (!diagnostics.some((line) => pattern.test(line))) {
-      await changed.promise;
-    }
-  };
-  Object.defineProperty(Deno, "serve", { value: stub, configurable: true });
+  Object.defineProperty(Deno, "listen", { value: stub, configurable: true });
   let metrics;
   try {
     metrics = serveMetrics(s.server, {
       port: 0,
-      onDiagnostic: (line) => {
-        diagnostics.push(line);
-        changed.resolve();
-        changed = Promise.withResolvers();
-      },
+      onDiagnostic: (line) => diagnostics.push(line),
     });
-    first.reject(new Error("Too many open files (os error 24)"));
-    await nextDiagnostic(/^metrics server could not restart: /);
-    await firstServer!.shutdown();
-    await nextDiagnostic(/^metrics server restarted on /);
   } finally {
-    Object.defineProperty(Deno, "serve", {
-      value: realServe,
+    Object.defineProperty(Deno, "listen", {
+      value: realListen,
       configurable: true,
     });
   }
   try {
+    // Queued meanwhile, and answered once accepting works again.
     assert.equal((await get(metrics.addr.port, "/healthz")).status, 200);
   } finally {
     await metrics.shutdown();
   }
-  // As many failed retries as ran before the port was freed (one, unless
-  // the machine let a 200 ms timer beat the shutdown), each waiting twice
-  // as long as the one before.
-  const retries = diagnostics.slice(1, -1);
-  assert.ok(retries.length >= 1, diagnostics.join("\n"));
   assert.deepEqual(diagnostics, [
-    "metrics server stopped: Too many open files (os error 24); restarting in 100 ms",
-    ...retries.map((_, i) =>
-      `metrics server could not restart: Address already in use (os error 98); restarting in ${
-        200 * 2 ** i
-      } ms`
-    ),
-    `metrics server restarted on 127.0.0.1:${metrics.addr.port}`,
+    "metrics server: accept failed: Too many open files (os error 24); accepting again in 100 ms",
+    "metrics server: accept failed: Too many open files (os error 24); accepting again in 200 ms",
+    "metrics server: accepting again",
   ]);
 });
 
+Deno.test("serveMetrics() answers 500 and says why when /metrics cannot be rendered, and keeps serving", async () => {
+  await using s = startServer();
+  const diagnostics: string[] = [];
+  await using metrics = serveMetrics(s.server, {
+    port: 0,
+    accessLog: {
+      get stats(): never {
+        throw new Error("stats unavailable");
+      },
+    },
+    onDiagnostic: (line) => diagnostics.push(line),
+  });
+  const failed = await get(metrics.addr.port, "/metrics");
+  assert.equal(failed.status, 500);
+  assert.equal(failed.body, "internal server error\n");
+  assert.deepEqual(diagnostics, [
+    "metrics server: GET /metrics failed: Error: stats unavailable",
+  ]);
+  assert.equal((await get(metrics.addr.port, "/healthz")).status, 200);
+});
+
+const NO_METRICS_PORT_CUTOFFS = {
+  newcomer: 0,
+  deadline: 0,
+  header_too_large: 0,
+  bad_request: 0,
+};
+
+/**
+ * Resolves once the server has closed `conn` (EOF or a reset), with what it
+ * sent first.
+ */
+async function closedByServer(conn: Deno.Conn): Promise<string> {
+  let text = "";
+  const buffer = new Uint8Array(4096);
+  try {
+    for (let n; (n = await conn.read(buffer)) !== null;) {
+      text += decoder.decode(buffer.subarray(0, n));
+    }
+  } catch (error) {
+    if (!(error instanceof Deno.errors.ConnectionReset)) throw error;
+  }
+  return text;
+}
+
+Deno.test("serveMetrics() closes the oldest connection for a newcomer beyond maxConnections, so idle ones never stop /healthz or the echo port", async () => {
+  await using s = startServer();
+  // No deadline within the test: only newcomers close connections here.
+  await using metrics = serveMetrics(s.server, {
+    port: 0,
+    requestTimeoutMs: 600_000,
+  });
+  const port = metrics.addr.port;
+  const idle = await connectMany(port, 100);
+  try {
+    // Accepted in the order they connected; all but the 16 newest closed.
+    const oldest = idle.slice(0, 100 - DEFAULT_METRICS_MAX_CONNECTIONS);
+    const sent = await within(
+      Promise.all(oldest.map(closedByServer)),
+      30_000,
+      "the oldest idle connections closed",
+    );
+    assert.ok(sent.every((text) => text === ""), "no response to nothing");
+    const health = await within(get(port, "/healthz"), 2_000, "/healthz");
+    assert.equal(health.status, 200);
+    // The 84, and the oldest left when /healthz came.
+    assert.deepEqual(metrics.cutoffs, {
+      ...NO_METRICS_PORT_CUTOFFS,
+      newcomer: 85,
+    });
+    assert.equal(
+      decoder.decode(await echo(s.port, encoder.encode("still here"))),
+      "still here",
+    );
+  } finally {
+    for (const conn of idle) conn.close();
+  }
+});
+
+Deno.test("serveMetrics() closes a connection still trickling its request head at requestTimeoutMs", async () => {
+  await using s = startServer();
+  await using metrics = serveMetrics(s.server, {
+    port: 0,
+    requestTimeoutMs: 300,
+  });
+  const conn = await Deno.connect({ hostname: HOST, port: metrics.addr.port });
+  // A header byte every 50 ms: always progress, never a whole head.
+  await writeAll(conn, encoder.encode("GET /metrics HTTP/1.1\r\nX-Slow: "));
+  const trickle = setInterval(() => {
+    conn.write(encoder.encode("a")).catch(() => {});
+  }, 50);
+  try {
+    assert.equal(
+      await within(closedByServer(conn), 30_000, "the trickler closed"),
+      "",
+    );
+  } finally {
+    clearInterval(trickle);
+    conn.close();
+  }
+  assert.deepEqual(metrics.cutoffs, {
+    ...NO_METRICS_PORT_CUTOFFS,
+    deadline: 1,
+  });
+  assert.equal((await get(metrics.addr.port, "/healthz")).status, 200);
+});
+
+Deno.test("serveMetrics() answers 431 to a request head over maxHeaderBytes, and serves one of exactly that size", async () => {
+  await using s = startServer();
+  await using metrics = serveMetrics(s.server, { port: 0 });
+  const port = metrics.addr.port;
+  /** A GET /healthz whose head is `size` bytes long. */
+  const request = (size: number) => {
+    const start = "GET /healthz HTTP/1.1\r\nX-Pad: ";
+    const end = "\r\nConnection: close\r\n\r\n";
+    return start + "a".repeat(size - start.length - end.length) + end;
+  };
+  const fits = await rawHttp(
+    port,
+    request(DEFAULT_METRICS_MAX_HEADER_BYTES),
+  );
+  assert.equal(fits.status, 200);
+  const over = await rawHttp(
+    port,
+    request(DEFAULT_METRICS_MAX_HEADER_BYTES + 1),
+  );
+  assert.equal(over.status, 431);
+  assert.equal(over.body, "request header fields too large\n");
+  const exposition = (await get(port, "/metrics")).body;
+  assert.match(
+    exposition,
+    /^echo_metrics_port_cutoffs_total\{reason="header_too_large"\} 1$/m,
+  );
+});
+
+Deno.test("serveMetrics() closes the connection after each response, a keep-alive request's too", async () => {
+  await using s = startServer();
+  await using metrics = serveMetrics(s.server, { port: 0 });
+  const conn = await Deno.connect({ hostname: HOST, port: metrics.addr.port });
+  try {
+    // HTTP/1.1 without `Connection: close`: keep-alive unless told.
+    await writeAll(
+      conn,
+      encoder.encode("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"),
+    );
+    const text = await within(closedByServer(conn), 30_000, "closed");
+    assert.match(text, /^HTTP\/1\.1 200 OK\r\n/);
+    assert.match(text, /\r\nconnection: close\r\n/);
+    assert.ok(text.endsWith("\r\n\r\nok\n"), text);
+  } finally {
+    conn.close();
+  }
+});
+
+/**
+ * `count` connections to 127.0.0.1:`port` held open, every other one
+ * trickling a request head (a header byte every 100 ms to each), the rest
+ * idle; one the server closes is opened again at once, as an attacker's.
+ */
+class MetricsFlood implements AsyncDisposable {
+  /** Connects made so far. */
+  connected = 0;
+  /** Connections the server has closed so far. */
+  closedByServer = 0;
+  readonly #open = new Set<Deno.TcpConn>();
+  readonly #trickling = new Set<Deno.TcpConn>();
+  readonly #holders: Promise<void>[] = [];
+  readonly #trickle: ReturnType<typeof setInterval>;
+  #stopped = false;
+  #failure: unknown;
+
+  constructor(readonly port: number, count: number) {
+    for (let i = 0; i < count; i++) {
+      // Kept until the dispose, which throws it: a holder's failure is
+      // the test's, not an unhandled rejection.
+      this.#holders.push(
+        this.#hold(i % 2 === 1).catch((error) => {
+          this.#failure ??= error;
+        }),
+      );
+    }
+    this.#trickle = setInterval(() => {
+      for (const conn of this.#trickling) {
+        conn.write(encoder.encode("a")).catch(() => {});
+      }
+    }, 100);
+  }
+
+  async #hold(trickling: boolean): Promise<void> {
+    while (!this.#stopped) {
+      let conn;
+      try {
+        conn = await Deno.connect({ hostname: HOST, port: this.port });
+      } catch (error) {
+        // Nobody listening for a moment (as when Deno.serve stopped on
+        // EMFILE), or reset while queued: try again, a little later.
+        if (
+          !(error instanceof Deno.errors.ConnectionRefused ||
+            error instanceof Deno.errors.ConnectionReset)
+        ) throw error;
+        await new Promise((resolve) => setTimeout(resolve, 10));
+        continue;
+      }
+      this.connected++;
+      if (this.#stopped) {
+        conn.close();
+        return;
+      }
+      this.#open.add(conn);
+      if (trickling) {
+        this.#trickling.add(conn);
+        conn.write(encoder.encode("GET /metrics HTTP/1.1\r\nX-Slow: "))
+          .catch(() => {});
+      }
+      try {
+        await closedByServer(conn);
+      } catch (error) {
+        // Closed by us, stopping: the read ends on a closed resource.
+        if (!this.#stopped) throw error;
+      }
+      this.#trickling.delete(conn);
+      // Still ours to close unless the dispose closed it.
+      if (this.#open.delete(conn)) {
+        conn.close();
+        if (!this.#stopped) this.closedByServer++;
+      }
+    }
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    this.#stopped = true;
+    clearInterval(this.#trickle);
+    for (const conn of this.#open) conn.close();
+    this.#open.clear();
+    this.#trickling.clear();
+    await Promise.all(this.#holders);
+    if (this.#failure !== undefined) throw this.#failure;
+  }
+}
+
 Deno.test(
-  "echo-server --metrics under OTEL_DENO=true exports Deno's HTTP metrics, not echo_*",
+  "echo-server --metrics under ulimit -n of --max-connections + 64 serves every echo client and /healthz while 290 connections flood the metrics port",
+  withTempDir(async (dir) => {
+    const clients = 200;
+    await using server = new ServerProcess(
+      dir,
+      ["--max-connections", `${clients}`, "--metrics", "127.0.0.1:0"],
+      { maxOpenFiles: clients + 64 },
+    );
+    const port = await server.port();
+    const metricsPort = await server.metricsPort();
+    {
+      // More connections than the process has descriptors to spare, idle
+      // or trickling, reopened as soon as the server closes one.
+      await using flood = new MetricsFlood(metricsPort, 290);
+      await waitUntil(() => flood.connected >= 290, "290 flood connections");
+      const conns = await connectMany(port, clients);
+      try {
+        await Promise.all(
+          conns.map((conn, i) => writeAll(conn, new Uint8Array([i]))),
+        );
+        const health = await within(
+          get(metricsPort, "/healthz"),
+          2_000,
+          "/healthz under the flood",
+        );
+        assert.equal(health.status, 200);
+        // Every client was accepted and held at once, and is echoed.
+        const replies = await within(
+          Promise.all(conns.map(async (conn) => {
+            await conn.closeWrite();
+            return [...await readAll(conn)];
+          })),
+          30_000,
+          "every echo client under the flood",
+        );
+        assert.deepEqual(replies, conns.map((_, i) => [i]));
+      } finally {
+        for (const conn of conns) conn.close();
+      }
+      assert.ok(flood.closedByServer > 0, "the metrics port closed none");
+    }
+    server.child.kill("SIGTERM");
+    // Every line after "metrics on ...".
+    const { code, stderr } = await server.exit();
+    assert.equal(code, 0, stderr);
+    // Nothing about running out of descriptors, on either port.
+    assert.doesNotMatch(stderr, /os error 24/);
+    const log = await Deno.readTextFile(`${dir}/access.log`);
+    assert.equal(log.split("\n").length - 1, clients);
+  }),
+);
+
+Deno.test(
+  "echo-server --metrics under OTEL_DENO=true exports Deno's runtime metrics, not echo_* nor HTTP metrics of the metrics port",
   withTempDir(async (dir) => {
     // A stand-in OTLP/HTTP collector: keeps what is posted, by path.
     const posted = new Map<string, string>();
@@ -508,10 +788,13 @@ Deno.test(
       200,
     );
     assert.equal(await server.stop(), 0);
-    // Deno flushes at exit: the /metrics request's HTTP server metrics...
+    // Deno flushes at exit: its own metrics, under its SDK's resource...
     const metrics = posted.get("/v1/metrics") ?? "";
-    assert.match(metrics, /http\.server\.request\.duration/);
-    // ...but nothing of ours: the echo_* counters are not bridged to OTel.
+    assert.match(metrics, /telemetry\.sdk\.name/);
+    // ...but none for the /metrics request (its responder is not
+    // Deno.serve, which Deno instruments), and nothing of ours: the echo_*
+    // counters are not bridged to OTel.
+    assert.doesNotMatch(metrics, /http\.server\./);
     assert.doesNotMatch(metrics, /echo_connections/);
   }),
 );

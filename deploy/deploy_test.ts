@@ -86,8 +86,8 @@ function parseTimeSpan(text: string): number {
 
 const unit = parseUnit(await Deno.readTextFile(UNIT_PATH));
 // Descriptors the server needs besides one per client: stdio, the
-// listener, the access log, the metrics listener and its scrapes, and
-// Deno's own (26 at start under `deno run`). The test "LimitNOFILE of
+// listener, the access log, the metrics listener and its at most 17
+// connections, and Deno's own (26 at start under `deno run`). The test "LimitNOFILE of
 // --max-connections + FD_HEADROOM ..." below shows it is enough.
 const FD_HEADROOM = 64;
 const execStart = only(unit, "Service", "ExecStart").split(/\s+/);
