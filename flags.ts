@@ -395,7 +395,7 @@ export function parseCommandLine<
 > {
   try {
     return parseArgs({
-      args,
+      args: joinNegativeValues(args, options),
       options,
       strict: true,
       allowPositionals: (config.allowPositionals ?? false) as P,
@@ -404,4 +404,30 @@ export function parseCommandLine<
     // node:util's messages can span lines; ours are one line.
     throw new UsageError(errorMessage(error).replaceAll(/\s*\n\s*/g, " "));
   }
+}
+
+/**
+ * `--port -1` as `--port=-1`: node:util reads a value that starts with a
+ * dash as a missing one ("argument is ambiguous"), while the flag's own
+ * parser says what range it takes.
+ */
+function joinNegativeValues(
+  args: string[],
+  options: CommandLineOptions,
+): string[] {
+  const joined: string[] = [];
+  for (let i = 0; i < args.length; i++) {
+    const arg = args[i];
+    const next = args[i + 1];
+    if (
+      arg.startsWith("--") && !arg.includes("=") && next !== undefined &&
+      /^-\d/.test(next) && options[arg.slice(2)]?.type === "string"
+    ) {
+      joined.push(`${arg}=${next}`);
+      i++;
+    } else {
+      joined.push(arg);
+    }
+  }
+  return joined;
 }

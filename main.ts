@@ -17,20 +17,38 @@ import { parseFlags, USAGE } from "./options.ts";
 
 export { SAME_SIGNAL_WINDOW_MS } from "./shutdown.ts";
 
-function describeListenError(error: unknown, address: string): string {
+/** The flags a listen error points the user at. */
+interface ListenFlags {
+  /** The flag that set the address: `--host`, or `--metrics`. */
+  host: string;
+  /** The flag that set the port: `--port`, or `--metrics`. */
+  port: string;
+}
+
+function describeListenError(
+  error: unknown,
+  address: string,
+  flags: ListenFlags,
+): string {
+  const prefix = `cannot listen on ${address}`;
   if (error instanceof Deno.errors.AddrInUse) {
-    return `cannot listen on ${address}: address already in use (is another server running? pick another --port)`;
+    return `${prefix}: address already in use (is another server running? pick another ${flags.port})`;
   }
   if (error instanceof Deno.errors.AddrNotAvailable) {
-    return `cannot listen on ${address}: address not available on this machine (check --host)`;
+    return `${prefix}: address not available on this machine (check ${flags.host})`;
   }
   if (error instanceof Deno.errors.NotCapable) {
-    return `cannot listen on ${address}: permission to use the network was not granted (run with --allow-net)`;
+    return `${prefix}: permission to use the network was not granted (run with --allow-net)`;
   }
   if (error instanceof Deno.errors.PermissionDenied) {
-    return `cannot listen on ${address}: permission denied (ports below 1024 need privileges; pick another --port)`;
+    return `${prefix}: permission denied (ports below 1024 need privileges; pick another ${flags.port})`;
   }
-  return `cannot listen on ${address}: ${errorMessage(error)}`;
+  // A name the resolver does not know (or an address such as 999.1.1.1 that
+  // is none): Deno throws a plain Error for it.
+  if (/^failed to lookup address/.test(errorMessage(error))) {
+    return `${prefix}: no such host (check ${flags.host}; an address such as 127.0.0.1 or ::1 needs no lookup)`;
+  }
+  return `${prefix}: ${errorMessage(error)}`;
 }
 
 /**
@@ -94,7 +112,11 @@ export async function main(args: string[]): Promise<number> {
   } catch (error) {
     log.close();
     const address = formatHostPort(config.hostname, config.port);
-    console.error(`echo-server: ${describeListenError(error, address)}`);
+    console.error(
+      `echo-server: ${
+        describeListenError(error, address, { host: "--host", port: "--port" })
+      }`,
+    );
     return 1;
   }
   diagnostic(
@@ -119,7 +141,12 @@ export async function main(args: string[]): Promise<number> {
         config.metrics.port,
       );
       diagnostic(
-        `echo-server: --metrics: ${describeListenError(error, address)}`,
+        `echo-server: --metrics: ${
+          describeListenError(error, address, {
+            host: "--metrics",
+            port: "--metrics",
+          })
+        }`,
       );
       await diagnostics.flush();
       return 1;

@@ -217,7 +217,14 @@ const BAD_FLAGS: Array<[string[], string]> = [
     ["--shutdown-delay", "0.0001"],
     "echo-server: --shutdown-delay must be 0 or a number of seconds from 0.001 to 86400, not '0.0001'",
   ],
-  [["--drain-timeout", "-1"], "echo-server: Option '--drain-timeout"],
+  [
+    ["--drain-timeout", "-1"],
+    "echo-server: --drain-timeout must be 0 or a number of seconds from 0.001 to 86400, not '-1'",
+  ],
+  [
+    ["--port", "-1"],
+    "echo-server: --port must be a whole number from 0 to 65535, not '-1'",
+  ],
   [["--shutdown-delay", "soon"], "echo-server: --shutdown-delay must"],
   [["--log", ""], "echo-server: --log must not be empty"],
   [
@@ -435,11 +442,50 @@ Deno.test(
     assert.match(
       stderr,
       new RegExp(
-        `\\necho-server: --metrics: cannot listen on 127\\.0\\.0\\.1:${port}: address already in use`,
+        `\\necho-server: --metrics: cannot listen on 127\\.0\\.0\\.1:${port}: address already in use \\(is another server running\\? pick another --metrics\\)\\n`,
       ),
     );
   }),
 );
+
+Deno.test(
+  "echo-server --metrics on an address not on this machine names --metrics, exits 1",
+  withTempDir(async (dir) => {
+    const { code, stderr } = await run(
+      ["--allow-net", `--allow-write=${dir}`],
+      [
+        "--port",
+        "0",
+        "--log",
+        `${dir}/access.log`,
+        "--metrics",
+        "192.0.2.1:0",
+      ],
+    );
+    assert.equal(code, 1);
+    assert.match(
+      stderr,
+      /\necho-server: --metrics: cannot listen on 192\.0\.2\.1:0: address not available on this machine \(check --metrics\)\n/,
+    );
+  }),
+);
+
+for (const host of ["nosuch.invalid", "999.1.1.1"]) {
+  Deno.test(
+    `echo-server --host ${host} says no such host in one line, exits 1`,
+    withTempDir(async (dir) => {
+      const { code, stderr } = await run(
+        ["--allow-net", `--allow-write=${dir}`],
+        ["--host", host, "--port", "0", "--log", `${dir}/access.log`],
+      );
+      assert.equal(code, 1);
+      assert.equal(
+        stderr,
+        `echo-server: cannot listen on ${host}:0: no such host (check --host; an address such as 127.0.0.1 or ::1 needs no lookup)\n`,
+      );
+    }),
+  );
+}
 
 /** `GET path` over HTTP/1.1 with `Connection: close`: status and body. */
 async function httpGet(
