@@ -3,9 +3,8 @@
  * reset, running out of file descriptors, a restart, a failed log write):
  * at most `linesPerPeriod` lines a period are written as they come; the
  * rest are counted by kind and summed up in one line at the period's end.
- * Each caller used to keep its own counters, timer and period fields; one
- * small class keeps them the same everywhere and testable on plain data,
- * with the clock injected.
+ * One small class keeps the counters, timer and period the same for every
+ * caller, and testable on plain data with the clock injected.
  *
  * @module
  */
