@@ -195,7 +195,7 @@ async function ctrlCWhileServing(
     const x = await echo(+port, encoder.encode("x"));
     assert.equal(new TextDecoder().decode(x), "x");
     await terminal.ctrlC();
-    await terminal.waitFor(/SIGINT: stopping; 1 connections/);
+    await terminal.waitFor(/SIGINT: stopping; 1 connection /);
     for (let press = 1; press < presses; press++) {
       // A deliberate second press a second later (the README's promise, so
       // not derived from the window): the window must end before it.
@@ -276,7 +276,7 @@ Deno.test({
       "task start",
       2,
     );
-    assert.match(screen, /SIGINT again: cutting off 1 connections now/);
+    assert.match(screen, /SIGINT again: cutting off 1 connection now/);
     assert.equal(reply, "", screen);
     assert.equal(status, "130", screen);
     assert.equal(
