@@ -75,9 +75,8 @@ export interface GracefulShutdownOptions {
   shutdownDelayMs?: number;
   /**
    * Whether the terminal the server started in has closed, asked on each
-   * SIGHUP before the server stops: if it has, the SIGHUP is the
-   * terminal's hangup and stops the server as SIGINT does; if not, it is a
-   * request to reopen the log (logrotate). Absent when the server did not
+   * SIGHUP: if it has, the SIGHUP is the terminal's hangup and stops the
+   * server as SIGINT does; if not, it asks to reopen the log (logrotate). Absent when the server did not
    * start in a terminal (a service, `nohup`): every SIGHUP reopens the log.
    *
    * @default {undefined}
@@ -176,20 +175,21 @@ export class GracefulShutdown {
    * Takes a signal. A SIGINT or SIGTERM: the first starts the shutdown; one
    * within {@linkcode SAME_SIGNAL_WINDOW_MS} of it is the same request; one
    * after cuts everyone off at once; any later one changes nothing. A
-   * SIGHUP reopens the access log, in a shutdown too; but a SIGHUP before
-   * the shutdown, once the terminal has closed
-   * ({@linkcode GracefulShutdownOptions.terminalGone}), starts the shutdown
-   * as a first SIGINT does instead. SIGHUP never cuts off.
+   * SIGHUP reopens the access log, in a shutdown too; but once the
+   * terminal has closed ({@linkcode GracefulShutdownOptions.terminalGone})
+   * a SIGHUP is its hangup: the first starts the shutdown as a first
+   * SIGINT does, later ones change nothing. SIGHUP never cuts off.
    */
   onSignal(signal: ShutdownSignal): void {
     if (signal === "SIGHUP") {
-      // The hangup reaches the server once to three times (the group's
-      // signal, the shell's and deno task's copies): one stop, then reopens.
-      if (!this.#stopping && this.#terminalGone?.() === true) {
-        return this.#start("SIGHUP, terminal closed");
+      if (this.#terminalGone?.() === true) {
+        // The hangup reaches the server up to three times (the shell's
+        // copy, deno task's, and npx's group's): one request.
+        if (!this.#stopping) this.#start("SIGHUP, terminal closed");
+      } else {
+        // access_log.ts reports the reopen, and retries it until it works.
+        this.#log.reopen();
       }
-      // access_log.ts reports the reopen, and retries it until it works.
-      this.#log.reopen();
     } else if (!this.#stopping) {
       this.#start(signal);
     } else if (
