@@ -184,7 +184,7 @@ export class GracefulShutdown {
     if (signal === "SIGHUP") {
       if (this.#terminalGone?.() === true) {
         // The hangup reaches the server up to three times (the shell's
-        // copy, deno task's, and npx's group's): one request.
+        // copy to its job, the kernel's, deno task's): one request.
         if (!this.#stopping) this.#start("SIGHUP, terminal closed");
       } else {
         // access_log.ts reports the reopen, and retries it until it works.
