@@ -76,8 +76,9 @@ export interface GracefulShutdownOptions {
   /**
    * Whether the terminal the server started in has closed, asked on each
    * SIGHUP: if it has, the SIGHUP is the terminal's hangup and stops the
-   * server as SIGINT does; if not, it asks to reopen the log (logrotate). Absent when the server did not
-   * start in a terminal (a service, `nohup`): every SIGHUP reopens the log.
+   * server as SIGINT does; if not, it asks to reopen the log (logrotate).
+   * Absent when the server did not start in a terminal (a service,
+   * `nohup`): every SIGHUP reopens the log.
    *
    * @default {undefined}
    */
