@@ -458,7 +458,7 @@ async function checkServesAndStops(server: Server, dir: string) {
     exited = true;
     for (let r; !(r = await lines.read()).done;) stderr += r.value;
     assert.equal(status.code, 0, stderr);
-    assert.match(stderr, /^stopped after 1 clients$/m);
+    assert.match(stderr, /^stopped after 1 client$/m);
     assert.equal(
       await Deno.readTextFile(logPath),
       `[client 1]: received ${payload.length} bytes\n`,

@@ -68,23 +68,35 @@ Deno.test("Diagnostics drops lines past maxQueuedBytes while its output is stall
   assert.equal(diagnostics.dropped, 15);
 });
 
-Deno.test("Diagnostics stops writing once its output fails, and counts what it drops", async () => {
-  let calls = 0;
-  const diagnostics = new Diagnostics({
-    output: {
-      write() {
-        calls++;
-        return Promise.reject(new Deno.errors.BrokenPipe("Broken pipe"));
+for (
+  const [cause, error] of [
+    ["EPIPE", new Deno.errors.BrokenPipe("Broken pipe")],
+    // What Deno.stderr.write() rejects with once the terminal has closed.
+    [
+      "EIO from a closed terminal",
+      new Error("Input/output error (os error 5)"),
+    ],
+  ] as const
+) {
+  Deno.test(`Diagnostics stops writing once its output fails (${cause}), and counts what it drops`, async () => {
+    let calls = 0;
+    const diagnostics = new Diagnostics({
+      output: {
+        write() {
+          calls++;
+          return Promise.reject(error);
+        },
       },
-    },
+    });
+    diagnostics.write("one");
+    diagnostics.write("two");
+    assert.equal(await diagnostics.flush(), true);
+    diagnostics.write("three");
+    assert.equal(await diagnostics.flush(), true);
+    assert.equal(calls, 1);
+    assert.equal(diagnostics.dropped, 3);
   });
-  diagnostics.write("one");
-  diagnostics.write("two");
-  assert.equal(await diagnostics.flush(), true);
-  diagnostics.write("three");
-  assert.equal(calls, 1);
-  assert.equal(diagnostics.dropped, 3);
-});
+}
 
 Deno.test("Diagnostics keeps a process running while nobody reads its stderr pipe, then reports what it dropped", async () => {
   // 2000 lines of 100 bytes: three times what a pipe holds (64 KiB). With

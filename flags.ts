@@ -94,7 +94,9 @@ export function parseSize(
 ): number {
   const { min = 0 } = options;
   const expected = `${
-    min > 0 ? `a size of at least ${min} bytes` : "a number of bytes"
+    min > 0
+      ? `a size of at least ${min} byte${min === 1 ? "" : "s"}`
+      : "a number of bytes"
   } such as 65536 or 64MiB`;
   return parseFlag(flag, text, options.default, expected, (text) => {
     const match = /^(\d+)\s*(kib|mib|gib)?$/i.exec(text);

@@ -75,7 +75,7 @@ Deno.test("parseSize() rejects a size below the minimum, too large, or not a siz
   );
   assertThrowsUsage(
     () => parseSize("--max-client-bytes", "0", { min: 1 }),
-    "--max-client-bytes must be a size of at least 1 bytes such as 65536 or 64MiB, not '0'",
+    "--max-client-bytes must be a size of at least 1 byte such as 65536 or 64MiB, not '0'",
   );
   for (
     const bad of ["", "12XB", "5MB", "-1", "1.5MiB", "KiB", "8388608GiB"]

@@ -162,18 +162,26 @@ export async function main(args: string[]): Promise<number> {
   // SIGXFSZ, whose default action ends the process; handled, the write
   // fails with EFBIG instead and the line waits in the log's backlog.
   Deno.addSignalListener("SIGXFSZ", () => {});
+  // Started in a terminal when stdin, stdout or stderr is one. Closing the
+  // terminal hangs them all up (isTerminal() false) before its SIGHUP.
+  const terminals = [Deno.stdin, Deno.stdout, Deno.stderr]
+    .filter((file) => file.isTerminal());
   const shutdown = new GracefulShutdown(
     { server, metrics, log, diagnostics },
-    config,
+    {
+      ...config,
+      terminalGone: terminals.length === 0
+        ? undefined
+        : () => !terminals.some((file) => file.isTerminal()),
+    },
   );
   // Every listener stays installed to the exit: without one Deno restores
   // a signal's default action, and a SIGHUP in the exit's flushes
   // (logrotate's postrotate during a restart) would end the process (129)
   // before its last line is out.
-  Deno.addSignalListener("SIGINT", () => shutdown.onSignal("SIGINT"));
-  Deno.addSignalListener("SIGTERM", () => shutdown.onSignal("SIGTERM"));
-  // access_log.ts reports the reopen, and retries it until it works.
-  Deno.addSignalListener("SIGHUP", () => log.reopen());
+  for (const signal of ["SIGINT", "SIGTERM", "SIGHUP"] as const) {
+    Deno.addSignalListener(signal, () => shutdown.onSignal(signal));
+  }
   return await shutdown.exitStatus;
 }
 

@@ -1,12 +1,15 @@
 /**
- * Graceful shutdown: SIGINT and SIGTERM in; the echo server, the metrics
- * server and the access log stopped in order, and the exit status, out.
+ * Graceful shutdown: SIGINT, SIGTERM and SIGHUP in; the echo server, the
+ * metrics server and the access log stopped in order, and the exit status,
+ * out.
  *
  * The first signal sets `/healthz` to 503, keeps accepting for
  * `shutdownDelayMs`, then drains the clients in flight for up to
  * `drainTimeoutMs`; the log's backlog gets what is left of that time. A
  * second signal after {@linkcode SAME_SIGNAL_WINDOW_MS} cuts all of it
- * short. Parts, clock and signals are passed in, so tests drive it with
+ * short. SIGHUP reopens the access log, unless the terminal the server
+ * started in has closed: then it stops the server as SIGINT does. Parts,
+ * clock, terminal and signals are passed in, so tests drive it with
  * {@linkcode GracefulShutdown.onSignal} on a fake clock.
  *
  * @module
@@ -19,8 +22,14 @@ import { REAL_CLOCK, type ReporterClock } from "./reporter.ts";
 import { DEFAULTS } from "./options.ts";
 import type { EchoServer } from "./server.ts";
 
-/** The signals that stop the server. */
+/** The signals that stop the server, and cut off on a second one. */
 export type StopSignal = "SIGINT" | "SIGTERM";
+
+/**
+ * The signals {@linkcode GracefulShutdown.onSignal} takes: SIGHUP reopens
+ * the access log, or stops the server when its terminal has closed.
+ */
+export type ShutdownSignal = StopSignal | "SIGHUP";
 
 const SIGNAL_NUMBERS: Record<StopSignal, number> = { SIGINT: 2, SIGTERM: 15 };
 
@@ -40,8 +49,8 @@ export interface ShutdownParts {
    * on and which stops once the drain is over; absent when off.
    */
   metrics?: Pick<MetricsServer, "setDraining" | "shutdown">;
-  /** The access log: its backlog flushed, then closed. */
-  log: Pick<AccessLog, "flush" | "close"> & {
+  /** The access log: reopened on SIGHUP; its backlog flushed, then closed. */
+  log: Pick<AccessLog, "flush" | "close" | "reopen"> & {
     readonly stats: Pick<AccessLogStats, "backlogLines">;
   };
   /** Where every line about the shutdown goes, flushed before the exit. */
@@ -65,6 +74,16 @@ export interface GracefulShutdownOptions {
    * @default {0}
    */
   shutdownDelayMs?: number;
+  /**
+   * Whether the terminal the server started in has closed, asked on each
+   * SIGHUP: if it has, the SIGHUP is the terminal's hangup and stops the
+   * server as SIGINT does; if not, it asks to reopen the log (logrotate).
+   * Absent when the server did not start in a terminal (a service,
+   * `nohup`): every SIGHUP reopens the log.
+   *
+   * @default {undefined}
+   */
+  terminalGone?: () => boolean;
   /**
    * Clock and timer.
    *
@@ -96,6 +115,7 @@ export interface GracefulShutdownOptions {
  *   },
  *   log: {
  *     stats: { backlogLines: 0 },
+ *     reopen: () => true,
  *     flush: () => Promise.resolve(0),
  *     close: () => 0,
  *   },
@@ -114,10 +134,10 @@ export interface GracefulShutdownOptions {
  */
 export class GracefulShutdown {
   /**
-   * Resolves once everything has stopped, with the status to exit with: 0;
-   * 128 + the signal's number (130, 143) when a second signal cut the
-   * shutdown short; 1 when access log lines were lost, whatever stopped
-   * the server.
+   * Resolves once everything has stopped, with the status to exit with: 0,
+   * after a terminal's hangup too; 128 + the signal's number (130, 143)
+   * when a second signal cut the shutdown short; 1 when access log lines
+   * were lost, whatever stopped the server.
    */
   readonly exitStatus: Promise<number>;
   #server: ShutdownParts["server"];
@@ -127,6 +147,7 @@ export class GracefulShutdown {
   #drainTimeoutMs: number;
   #shutdownDelayMs: number;
   #clock: ReporterClock;
+  #terminalGone: (() => boolean) | undefined;
   #stopping = false;
   #firstSignalAt = 0;
   #delayTimer: unknown;
@@ -148,33 +169,31 @@ export class GracefulShutdown {
     this.#drainTimeoutMs = options.drainTimeoutMs ?? DEFAULTS.drainTimeoutMs;
     this.#shutdownDelayMs = options.shutdownDelayMs ?? DEFAULTS.shutdownDelayMs;
     this.#clock = options.clock ?? REAL_CLOCK;
+    this.#terminalGone = options.terminalGone;
     this.exitStatus = this.#run();
   }
 
   /**
-   * Takes a SIGINT or SIGTERM: the first starts the shutdown; one within
-   * {@linkcode SAME_SIGNAL_WINDOW_MS} of it is the same request; one after
-   * cuts everyone off at once; any later one changes nothing.
+   * Takes a signal. A SIGINT or SIGTERM: the first starts the shutdown; one
+   * within {@linkcode SAME_SIGNAL_WINDOW_MS} of it is the same request; one
+   * after cuts everyone off at once; any later one changes nothing. A
+   * SIGHUP reopens the access log, in a shutdown too; but once the
+   * terminal has closed ({@linkcode GracefulShutdownOptions.terminalGone})
+   * a SIGHUP is its hangup: the first starts the shutdown as a first
+   * SIGINT does, later ones change nothing. SIGHUP never cuts off.
    */
-  onSignal(signal: StopSignal): void {
-    if (!this.#stopping) {
-      this.#stopping = true;
-      this.#firstSignalAt = this.#clock.now();
-      // A load balancer's health check sees 503 and stops sending clients;
-      // those it sends meanwhile are still served during the delay.
-      this.#metrics?.setDraining();
-      if (this.#shutdownDelayMs === 0) return this.#closeAndDrain(signal);
-      this.#diagnostics.write(
-        `${signal}: stopping in ${
-          this.#shutdownDelayMs / 1000
-        } s; accepting until then${
-          this.#metrics === undefined ? "" : ", /healthz answers 503"
-        }`,
-      );
-      this.#delayTimer = this.#clock.setTimeout(() => {
-        this.#delayTimer = undefined;
-        this.#closeAndDrain(signal);
-      }, this.#shutdownDelayMs);
+  onSignal(signal: ShutdownSignal): void {
+    if (signal === "SIGHUP") {
+      if (this.#terminalGone?.() === true) {
+        // The hangup reaches the server up to three times (the shell's
+        // copy to its job, the kernel's, deno task's): one request.
+        if (!this.#stopping) this.#start("SIGHUP, terminal closed");
+      } else {
+        // access_log.ts reports the reopen, and retries it until it works.
+        this.#log.reopen();
+      }
+    } else if (!this.#stopping) {
+      this.#start(signal);
     } else if (
       this.#forcedBy === undefined &&
       this.#clock.now() - this.#firstSignalAt >= SAME_SIGNAL_WINDOW_MS
@@ -183,15 +202,36 @@ export class GracefulShutdown {
     }
   }
 
-  #closeAndDrain(signal: StopSignal): void {
+  /** Starts the shutdown; `cause` begins its stderr lines. */
+  #start(cause: string): void {
+    this.#stopping = true;
+    this.#firstSignalAt = this.#clock.now();
+    // A load balancer's health check sees 503 and stops sending clients;
+    // those it sends meanwhile are still served during the delay.
+    this.#metrics?.setDraining();
+    if (this.#shutdownDelayMs === 0) return this.#closeAndDrain(cause);
+    this.#diagnostics.write(
+      `${cause}: stopping in ${
+        this.#shutdownDelayMs / 1000
+      } s; accepting until then${
+        this.#metrics === undefined ? "" : ", /healthz answers 503"
+      }`,
+    );
+    this.#delayTimer = this.#clock.setTimeout(() => {
+      this.#delayTimer = undefined;
+      this.#closeAndDrain(cause);
+    }, this.#shutdownDelayMs);
+  }
+
+  #closeAndDrain(cause: string): void {
     this.#drainEnds = this.#clock.now() + this.#drainTimeoutMs;
     this.#drained.resolve(
       this.#server.shutdown({ drainTimeoutMs: this.#drainTimeoutMs }),
     );
     this.#diagnostics.write(
-      `${signal}: stopping; ${this.#server.connections} connections get up to ${
-        this.#drainTimeoutMs / 1000
-      } s to finish`,
+      `${cause}: stopping; ${count(this.#server.connections, "connection")} ${
+        this.#server.connections === 1 ? "gets" : "get"
+      } up to ${this.#drainTimeoutMs / 1000} s to finish`,
     );
   }
 
@@ -199,12 +239,12 @@ export class GracefulShutdown {
     this.#forcedBy = signal;
     const { backlogLines } = this.#log.stats;
     this.#diagnostics.write(
-      `${signal} again: cutting off ${this.#server.connections} connections now${
+      `${signal} again: cutting off ${
+        count(this.#server.connections, "connection")
+      } now${
         backlogLines === 0
           ? ""
-          : ` and the access log's ${backlogLines} waiting ${
-            backlogLines === 1 ? "line" : "lines"
-          }`
+          : ` and the access log's ${count(backlogLines, "waiting line")}`
       }`,
     );
     this.#cutFlush.abort();
@@ -227,9 +267,7 @@ export class GracefulShutdown {
     const { backlogLines } = this.#log.stats;
     if (backlogLines > 0 && flushMs > 0) {
       this.#diagnostics.write(
-        `access log: writing ${backlogLines} waiting ${
-          backlogLines === 1 ? "line" : "lines"
-        } for up to ${
+        `access log: writing ${count(backlogLines, "waiting line")} for up to ${
           (flushMs / 1000).toFixed(1)
         } s; a second SIGINT/SIGTERM cuts this off`,
       );
@@ -239,7 +277,7 @@ export class GracefulShutdown {
       signal: this.#cutFlush.signal,
     });
     this.#diagnostics.write(
-      `stopped after ${this.#server.clientsAccepted} clients`,
+      `stopped after ${count(this.#server.clientsAccepted, "client")}`,
     );
     // Every line out before the exit, unless stderr stays stalled for 5 s.
     // Until then a second SIGINT/SIGTERM still ends with 130/143.
@@ -255,4 +293,9 @@ export class GracefulShutdown {
       ? 0
       : 128 + SIGNAL_NUMBERS[this.#forcedBy];
   }
+}
+
+/** `n` and `noun`, plural unless `n` is 1: "1 client", "2 clients". */
+function count(n: number, noun: string): string {
+  return `${n} ${noun}${n === 1 ? "" : "s"}`;
 }

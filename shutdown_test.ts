@@ -79,6 +79,10 @@ class FakeParts {
 
   log = {
     stats: { backlogLines: 0 },
+    reopen: () => {
+      this.calls.push("log.reopen");
+      return true;
+    },
     flush: (options: { timeoutMs?: number; signal?: AbortSignal } = {}) =>
       this.#flush(options),
     close: () => {
@@ -199,7 +203,7 @@ Deno.test("GracefulShutdown on one SIGINT drains, stops the metrics server, flus
   ]);
   assert.equal((await fake.flushStarted.promise).signal?.aborted, false);
   assert.deepEqual(fake.lines, [
-    "SIGINT: stopping; 1 connections get up to 10 s to finish",
+    "SIGINT: stopping; 1 connection gets up to 10 s to finish",
     "stopped after 2 clients",
   ]);
 });
@@ -214,7 +218,81 @@ Deno.test("GracefulShutdown takes a second signal within SAME_SIGNAL_WINDOW_MS o
   fake.finishDrain();
   assert.equal(await shutdown.exitStatus, 0);
   assert.deepEqual(fake.lines, [
-    "SIGINT: stopping; 1 connections get up to 3600 s to finish",
+    "SIGINT: stopping; 1 connection gets up to 3600 s to finish",
+    "stopped after 2 clients",
+  ]);
+});
+
+Deno.test("GracefulShutdown on SIGHUP reopens the log and keeps serving, with no terminal or while its terminal is open", async () => {
+  for (const terminalGone of [undefined, () => false]) {
+    const { fake, clock, shutdown } = start({ terminalGone });
+    shutdown.onSignal("SIGHUP");
+    // A second SIGHUP is a second reopen, never a cut or a stop.
+    clock.advance(SAME_SIGNAL_WINDOW_MS);
+    shutdown.onSignal("SIGHUP");
+    await settle();
+    assert.deepEqual(fake.calls, ["log.reopen", "log.reopen"]);
+    assert.deepEqual(fake.lines, []);
+    shutdown.onSignal("SIGTERM");
+    fake.finishDrain();
+    assert.equal(await shutdown.exitStatus, 0);
+    assert.deepEqual(fake.lines, [
+      "SIGTERM: stopping; 1 connection gets up to 10 s to finish",
+      "stopped after 2 clients",
+    ]);
+  }
+});
+
+Deno.test("GracefulShutdown on SIGHUP once its terminal has closed drains as on SIGINT and exits 0, taking later SIGHUPs as the same hangup", async () => {
+  let terminalGone = false;
+  const { fake, clock, shutdown } = start({
+    drainTimeoutMs: 10_000,
+    terminalGone: () => terminalGone,
+  }, { metrics: true });
+  // logrotate's SIGHUP while the terminal is open.
+  shutdown.onSignal("SIGHUP");
+  assert.deepEqual(fake.calls, ["log.reopen"]);
+  terminalGone = true;
+  shutdown.onSignal("SIGHUP");
+  // The copies of the hangup (deno task's, the shell's), early or late.
+  shutdown.onSignal("SIGHUP");
+  clock.advance(SAME_SIGNAL_WINDOW_MS);
+  shutdown.onSignal("SIGHUP");
+  await settle();
+  assert.deepEqual(fake.calls, [
+    "log.reopen",
+    "metrics.setDraining",
+    "server.shutdown 10000",
+  ]);
+  fake.finishDrain();
+  assert.equal(await shutdown.exitStatus, 0);
+  assert.deepEqual(fake.calls.slice(3), [
+    "metrics.shutdown",
+    "log.flush 9500",
+    "diagnostics.flush after 2 lines",
+    "log.close",
+  ]);
+  assert.deepEqual(fake.lines, [
+    "SIGHUP, terminal closed: stopping; 1 connection gets up to 10 s to finish",
+    "stopped after 2 clients",
+  ]);
+});
+
+Deno.test("GracefulShutdown after its terminal's hangup takes a SIGINT within SAME_SIGNAL_WINDOW_MS as the same request, and one after as a cut (exit 130)", async () => {
+  const { fake, clock, shutdown } = start({
+    shutdownDelayMs: 5000,
+    terminalGone: () => true,
+  });
+  shutdown.onSignal("SIGHUP");
+  shutdown.onSignal("SIGINT");
+  assert.deepEqual(fake.calls, []);
+  clock.advance(SAME_SIGNAL_WINDOW_MS);
+  shutdown.onSignal("SIGINT");
+  assert.equal(await shutdown.exitStatus, 130);
+  assert.equal(clock.pendingTimers, 0);
+  assert.deepEqual(fake.lines, [
+    "SIGHUP, terminal closed: stopping in 5 s; accepting until then",
+    "SIGINT again: cutting off 1 connection now",
     "stopped after 2 clients",
   ]);
 });
@@ -242,8 +320,8 @@ for (const [signal, status] of [["SIGINT", 130], ["SIGTERM", 143]] as const) {
     ]);
     assert.equal((await fake.flushStarted.promise).signal?.aborted, true);
     assert.deepEqual(fake.lines, [
-      `${signal}: stopping; 1 connections get up to 10 s to finish`,
-      `${signal} again: cutting off 1 connections now`,
+      `${signal}: stopping; 1 connection gets up to 10 s to finish`,
+      `${signal} again: cutting off 1 connection now`,
       "stopped after 2 clients",
     ]);
   });
@@ -269,7 +347,7 @@ Deno.test("GracefulShutdown on a second SIGTERM during the log's flush aborts it
     "diagnostics.flush after 5 lines",
   ]);
   assert.deepEqual(fake.lines, [
-    "SIGTERM: stopping; 1 connections get up to 10 s to finish",
+    "SIGTERM: stopping; 1 connection gets up to 10 s to finish",
     "access log: writing 1 waiting line for up to 6.0 s; a second SIGINT/SIGTERM cuts this off",
     "SIGTERM again: cutting off 0 connections now and the access log's 1 waiting line",
     "stopped after 2 clients",
@@ -297,7 +375,7 @@ Deno.test("GracefulShutdown with shutdownDelayMs keeps accepting with /healthz d
   assert.equal(await shutdown.exitStatus, 0);
   assert.deepEqual(fake.lines, [
     "SIGTERM: stopping in 2 s; accepting until then, /healthz answers 503",
-    "SIGTERM: stopping; 1 connections get up to 10 s to finish",
+    "SIGTERM: stopping; 1 connection gets up to 10 s to finish",
     "stopped after 2 clients",
   ]);
 });
@@ -322,7 +400,7 @@ Deno.test("GracefulShutdown on a second SIGINT during shutdownDelayMs cuts off a
   ]);
   assert.deepEqual(fake.lines, [
     "SIGINT: stopping in 3600 s; accepting until then, /healthz answers 503",
-    "SIGINT again: cutting off 1 connections now",
+    "SIGINT again: cutting off 1 connection now",
     "stopped after 2 clients",
   ]);
 });
@@ -343,7 +421,7 @@ Deno.test("GracefulShutdown gives the log's flush only what is left of the drain
   assert.equal(await shutdown.exitStatus, 0);
   assert.deepEqual(fake.lines, [
     "SIGINT: stopping in 0.25 s; accepting until then",
-    "SIGINT: stopping; 1 connections get up to 10 s to finish",
+    "SIGINT: stopping; 1 connection gets up to 10 s to finish",
     "access log: writing 2 waiting lines for up to 3.0 s; a second SIGINT/SIGTERM cuts this off",
     "stopped after 2 clients",
   ]);
@@ -364,7 +442,7 @@ Deno.test("GracefulShutdown gives the log's flush no time when the drain used al
     "diagnostics.flush after 3 lines",
   ]);
   assert.deepEqual(fake.lines, [
-    "SIGTERM: stopping; 1 connections get up to 10 s to finish",
+    "SIGTERM: stopping; 1 connection gets up to 10 s to finish",
     "stopped after 2 clients",
     "(the log's own line: 2 lost)",
   ]);
@@ -387,10 +465,8 @@ for (
       `diagnostics.flush after ${signals + 2} lines`,
     ]);
     assert.deepEqual(fake.lines, [
-      "SIGTERM: stopping; 1 connections get up to 10 s to finish",
-      ...(signals === 2
-        ? ["SIGTERM again: cutting off 1 connections now"]
-        : []),
+      "SIGTERM: stopping; 1 connection gets up to 10 s to finish",
+      ...(signals === 2 ? ["SIGTERM again: cutting off 1 connection now"] : []),
       "stopped after 2 clients",
       "(the log's own line: 5 lost)",
     ]);
@@ -414,7 +490,7 @@ Deno.test("GracefulShutdown on a second SIGTERM while its last lines wait for st
     "log.close",
   ]);
   assert.deepEqual(fake.lines, [
-    "SIGTERM: stopping; 1 connections get up to 10 s to finish",
+    "SIGTERM: stopping; 1 connection gets up to 10 s to finish",
     "stopped after 2 clients",
     "SIGTERM again: cutting off 0 connections now",
   ]);

@@ -1,8 +1,10 @@
 /**
- * Ctrl-C as a person sends it: the README's start command typed into a shell
- * in a real pseudo-terminal (tmux), and the key sent to that terminal, which
- * signals the whole foreground process group (`npx`, `deno task` and the
- * server), not just the server as `kill` does.
+ * Ctrl-C and a closed terminal as a person meets them: the README's start
+ * command typed into a shell in a real pseudo-terminal (tmux), and the key
+ * sent to that terminal, which signals the whole foreground process group
+ * (`npx`, `deno task` and the server), not just the server as `kill` does;
+ * or the terminal closed, which hangs up the pseudo-terminal and SIGHUPs
+ * the shell and its jobs.
  *
  * @module
  */
@@ -15,9 +17,18 @@ import { echo, findExecutable, readAll, withTempDir } from "./test_util.ts";
 const TMUX = findExecutable("tmux");
 const MAIN = new URL("./main.ts", import.meta.url).pathname;
 
+/** A process and its command line, NUL-separated as /proc shows it. */
+interface Process {
+  pid: number;
+  cmdline: string;
+}
+
 /** A shell in a tmux pane of its own tmux server, removed on dispose. */
 class Terminal implements AsyncDisposable {
   readonly #socket: string;
+  // What the shell ran when the terminal was closed: reparented to init by
+  // then, so no longer below the shell, but killed on dispose all the same.
+  #closedOver: Process[] = [];
 
   private constructor(socket: string) {
     this.#socket = socket;
@@ -48,6 +59,31 @@ class Terminal implements AsyncDisposable {
     const text = new TextDecoder().decode(stdout);
     assert.equal(code, 0, new TextDecoder().decode(stderr));
     return text;
+  }
+
+  /** The pid of the pane's shell. */
+  async #shell(): Promise<number> {
+    const [shell] = (await this.#tmux("list-panes", "-F", "#{pane_pid}"))
+      .trim().split("\n").map(Number);
+    return shell;
+  }
+
+  /** Everything the shell runs, with command lines. */
+  async processes(): Promise<Process[]> {
+    return await withCmdlines(await descendants(await this.#shell()));
+  }
+
+  /**
+   * Closes the terminal as its window's close button does: tmux closes the
+   * pane's pseudo-terminal (a hangup: the session's processes lose it and
+   * the shell gets SIGHUP, which it sends on to its jobs). `how` is the
+   * tmux command; with one pane, each ends the session and the tmux server.
+   */
+  async close(
+    how: "kill-pane" | "kill-window" | "kill-session",
+  ): Promise<void> {
+    this.#closedOver = await this.processes();
+    await this.#tmux(how, "-t", how === "kill-session" ? "=0" : "0");
   }
 
   /** Types `line` and Enter. */
@@ -84,19 +120,72 @@ class Terminal implements AsyncDisposable {
   }
 
   async [Symbol.asyncDispose]() {
-    // Killing the tmux server hangs up the pane, and the server takes SIGHUP
-    // as "reopen the log" and keeps running: after a failed test it would
-    // outlive the suite. So whatever the shell still runs is killed first.
-    const [shell] = (await this.#tmux("list-panes", "-F", "#{pane_pid}"))
-      .trim().split("\n").map(Number);
-    for (const pid of await descendants(shell)) {
+    // After a failed test the server may still be serving, and it would
+    // outlive the suite; so whatever the shell runs, or ran when the
+    // terminal was closed, is killed first (if still the same process).
+    const running = this.#closedOver.length > 0
+      ? this.#closedOver
+      : await this.processes();
+    const still = new Set(
+      (await withCmdlines(running.map(({ pid }) => pid)))
+        .map(({ pid, cmdline }) => `${pid} ${cmdline}`),
+    );
+    for (const { pid, cmdline } of running) {
+      if (!still.has(`${pid} ${cmdline}`)) continue;
       try {
         Deno.kill(pid, "SIGKILL");
       } catch (error) {
         if (!(error instanceof Deno.errors.NotFound)) throw error;
       }
     }
-    await this.#tmux("kill-server");
+    // Closing the last pane ended the tmux server already.
+    if (this.#closedOver.length === 0) await this.#tmux("kill-server");
+  }
+}
+
+/**
+ * `pids` with their command lines, leaving out those that have exited
+ * (zombies included, whose command line is empty).
+ */
+async function withCmdlines(pids: number[]): Promise<Process[]> {
+  const found: Process[] = [];
+  for (const pid of pids) {
+    const { stdout } = await new Deno.Command("sh", {
+      args: ["-c", `cat /proc/${pid}/cmdline 2>/dev/null`],
+      stdin: "null",
+    }).output();
+    const cmdline = new TextDecoder().decode(stdout);
+    if (cmdline !== "") found.push({ pid, cmdline });
+  }
+  return found;
+}
+
+/**
+ * The server among `processes`: the one that is `deno run` (npx and
+ * `sh -c` name main.ts too; `deno task` is `deno task`).
+ */
+function serverProcess(processes: Process[]): Process {
+  const servers = processes.filter(({ cmdline }) => {
+    const [command, subcommand] = cmdline.split("\0");
+    return command.endsWith("deno") && subcommand === "run";
+  });
+  assert.equal(servers.length, 1, JSON.stringify(processes));
+  return servers[0];
+}
+
+/** Polls until none of `processes` runs; fails after `timeoutMs`. */
+async function waitForExit(
+  processes: Process[],
+  timeoutMs = 60_000,
+): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const running = await withCmdlines(processes.map(({ pid }) => pid));
+    if (running.length === 0) return;
+    if (Date.now() > deadline) {
+      throw new Error(`still running: ${JSON.stringify(running)}`);
+    }
+    await new Promise((resolve) => setTimeout(resolve, 100));
   }
 }
 
@@ -163,6 +252,29 @@ async function waitForFile(path: string, timeoutMs = 60_000): Promise<string> {
   }
 }
 
+/** Polls `path` until `pattern` matches it; fails after `timeoutMs`. */
+async function waitForMatch(
+  path: string,
+  pattern: RegExp,
+  timeoutMs = 60_000,
+): Promise<RegExpMatchArray> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    let text = "";
+    try {
+      text = await Deno.readTextFile(path);
+    } catch (error) {
+      if (!(error instanceof Deno.errors.NotFound)) throw error;
+    }
+    const match = text.match(pattern);
+    if (match) return match;
+    if (Date.now() > deadline) {
+      throw new Error(`${path} never showed ${pattern}:\n${text}`);
+    }
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+}
+
 const encoder = new TextEncoder();
 
 /**
@@ -195,7 +307,7 @@ async function ctrlCWhileServing(
     const x = await echo(+port, encoder.encode("x"));
     assert.equal(new TextDecoder().decode(x), "x");
     await terminal.ctrlC();
-    await terminal.waitFor(/SIGINT: stopping; 1 connections/);
+    await terminal.waitFor(/SIGINT: stopping; 1 connection /);
     for (let press = 1; press < presses; press++) {
       // A deliberate second press a second later (the README's promise, so
       // not derived from the window): the window must end before it.
@@ -276,7 +388,7 @@ Deno.test({
       "task start",
       2,
     );
-    assert.match(screen, /SIGINT again: cutting off 1 connections now/);
+    assert.match(screen, /SIGINT again: cutting off 1 connection now/);
     assert.equal(reply, "", screen);
     assert.equal(status, "130", screen);
     assert.equal(
@@ -285,3 +397,142 @@ Deno.test({
     );
   }),
 });
+
+/**
+ * Closes the terminal (`how`) while `deno` `args` serves a client in
+ * flight, as in {@linkcode ctrlCWhileServing} (`redirect` is typed after
+ * the flags), then finishes that client. Returns its reply, what the
+ * terminal ran and the access log, once nothing of it runs any more.
+ */
+async function closeWhileServing(
+  dir: string,
+  deno: string,
+  args: string,
+  how: "kill-pane" | "kill-window" | "kill-session",
+  redirect = "",
+): Promise<{ reply: string; processes: Process[]; log: string }> {
+  const cwd = await startTaskIn(dir);
+  await using terminal = await Terminal.open(dir, cwd);
+  await terminal.type(
+    `${deno} ${args} --port 0 --log ./log/access.log ${redirect}`,
+  );
+  const listening = /listening on 127\.0\.0\.1:(\d+)/;
+  const [, port] = redirect === ""
+    ? await terminal.waitFor(listening)
+    : await waitForMatch(`${dir}/stderr.log`, listening);
+  const processes = await terminal.processes();
+  serverProcess(processes);
+  const conn = await Deno.connect({ hostname: "127.0.0.1", port: +port });
+  let reply;
+  try {
+    await conn.write(encoder.encode("in "));
+    // A later client's full round trip proves the first was accepted.
+    const x = await echo(+port, encoder.encode("x"));
+    assert.equal(new TextDecoder().decode(x), "x");
+    await terminal.close(how);
+    // Only stderr in a file shows when the drain starts; a probing client
+    // would be one more client in the log.
+    if (redirect !== "") {
+      await waitForMatch(`${dir}/stderr.log`, /terminal closed: stopping/);
+    }
+    await conn.write(encoder.encode("flight"));
+    await conn.closeWrite();
+    reply = new TextDecoder().decode(await readAll(conn));
+  } finally {
+    conn.close();
+  }
+  // The server, and npx and deno task above it, all exit: no orphan.
+  await waitForExit(processes);
+  await assert.rejects(
+    Deno.connect({ hostname: "127.0.0.1", port: +port }),
+    Deno.errors.ConnectionRefused,
+  );
+  const log = await Deno.readTextFile(`${cwd}/log/access.log`);
+  return { reply, processes, log };
+}
+
+for (
+  const [deno, args, how, redirect] of [
+    ["npx -y deno@2.9.6", "task start", "kill-pane", ""],
+    [Deno.execPath(), RUN, "kill-window", ""],
+    [Deno.execPath(), "task start", "kill-session", "2> ../stderr.log"],
+  ] as const
+) {
+  const name = `${deno.startsWith("npx") ? deno : "deno"} ${
+    args === RUN ? "run main.ts" : args
+  }${redirect === "" ? "" : " 2> FILE"}`;
+  Deno.test({
+    name:
+      `${name} in a terminal closed (tmux ${how}) drains its client, logs every line and exits`,
+    ignore,
+    fn: withTempDir(async (dir) => {
+      const { reply, log } = await closeWhileServing(
+        dir,
+        deno,
+        args,
+        how,
+        redirect,
+      );
+      assert.equal(reply, "in flight");
+      assert.equal(
+        log,
+        "[client 2]: received 1 bytes\n[client 1]: received 9 bytes\n",
+      );
+      if (redirect !== "") {
+        // stdin and stdout were the terminal: its hangup is seen on them.
+        const stderr = await Deno.readTextFile(`${dir}/stderr.log`);
+        assert.match(
+          stderr,
+          /\nSIGHUP, terminal closed: stopping; 1 connection gets up to 10 s to finish\nstopped after 2 clients\n$/,
+          stderr,
+        );
+      }
+    }),
+  });
+}
+
+Deno.test({
+  name:
+    "deno task start in a terminal on kill -HUP to the server reopens the log and keeps serving",
+  ignore,
+  fn: withTempDir(async (dir) => {
+    const cwd = await startTaskIn(dir);
+    await using terminal = await Terminal.open(dir, cwd);
+    await terminal.type(
+      `${Deno.execPath()} task start --port 0 --log ./log/access.log; ` +
+        `echo $? > ${dir}/status`,
+    );
+    const [, port] = await terminal.waitFor(
+      /listening on 127\.0\.0\.1:(\d+)/,
+    );
+    const { pid } = serverProcess(await terminal.processes());
+    assert.equal(await echoText(+port, "rotated"), "rotated");
+    await Deno.rename(`${cwd}/log/access.log`, `${cwd}/log/access.log.1`);
+    // logrotate's postrotate, as deploy/logrotate.conf sends it.
+    const kill = await new Deno.Command("kill", {
+      args: ["-HUP", String(pid)],
+      stdin: "null",
+    }).output();
+    assert.equal(kill.code, 0);
+    await terminal.waitFor(/reopened access log \.\/log\/access\.log/);
+    assert.equal(await echoText(+port, "new"), "new");
+    await terminal.ctrlC();
+    await terminal.waitFor(/stopped after 2 clients/);
+    assert.equal(await waitForFile(`${dir}/status`), "0");
+    assert.equal(
+      await Deno.readTextFile(`${cwd}/log/access.log.1`),
+      "[client 1]: received 7 bytes\n",
+    );
+    assert.equal(
+      await Deno.readTextFile(`${cwd}/log/access.log`),
+      "[client 2]: received 3 bytes\n",
+    );
+    const screen = await terminal.screen();
+    assert.doesNotMatch(screen, /SIGHUP, terminal closed/, screen);
+  }),
+});
+
+/** The echo of `text` from the server on `port`. */
+async function echoText(port: number, text: string): Promise<string> {
+  return new TextDecoder().decode(await echo(port, encoder.encode(text)));
+}

@@ -210,7 +210,7 @@ class Cluster implements AsyncDisposable {
     for (const [i, instance] of this.instances.entries()) {
       assert.equal(codes[i], 0, describeInstance(instance));
       const [, count] = await instance.server.stderr.next(
-        /^stopped after (\d+) clients$/,
+        /^stopped after (\d+) clients?$/,
       ).catch(() => assert.fail(describeInstance(instance)));
       accepted.set(instance.index, Number(count));
     }
