@@ -333,10 +333,11 @@ ${
 
 SIZE is a number of bytes, optionally with a suffix KiB, MiB or GiB.
 SECONDS may have a fraction, down to 0.001 (one millisecond).
-Signals: SIGHUP reopens the access log; SIGINT or SIGTERM stops accepting
-(after --shutdown-delay) and drains; a second SIGINT or SIGTERM cuts everyone
-off at once. Signals within 500 ms of the first count as one: one Ctrl-C under
-deno task arrives twice.`;
+Signals: SIGHUP reopens the access log, or, once the terminal the server
+started in has closed, stops it as SIGINT does; SIGINT or SIGTERM stops
+accepting (after --shutdown-delay) and drains; a second SIGINT or SIGTERM cuts
+everyone off at once. Signals within 500 ms of the first count as one: one
+Ctrl-C under deno task arrives twice.`;
 
 /**
  * Parses command line flags into a {@linkcode Config}, or returns `"help"`
