@@ -53,6 +53,15 @@
  * @module
  */
 
+import {
+  closeSync,
+  constants,
+  fstatSync,
+  lutimesSync,
+  openSync,
+  promises as fsPromises,
+  type Stats,
+} from "node:fs";
 import { errorMessage } from "./_errors.ts";
 import { RateLimitedReporter } from "./reporter.ts";
 
@@ -108,11 +117,48 @@ export interface AccessLogOptions {
    */
   onDiagnostic?: (message: string) => void;
   /**
-   * Opens the path for appending (for tests: a stub that fails on purpose).
+   * Opens the path for appending at {@linkcode AccessLog.open}, and for
+   * {@linkcode AccessLog.reopen} too unless `reopenFile` is given (for
+   * tests: a stub that fails on purpose). A stub that throws
+   * {@linkcode RefusedLogPathError} plays a path that is not a regular file.
    *
-   * @default {opens it with `O_APPEND`, creating it and its directory}
+   * @default {opens it with `O_APPEND`, creating it and its directory,
+   * refusing anything but a regular file of its own (see the module doc)}
    */
   openFile?: (path: string) => LogFile;
+  /**
+   * Opens the path again for {@linkcode AccessLog.reopen}; a promise keeps
+   * the open off the event loop.
+   *
+   * @default {`openFile` if given, else the same checks as at start-up,
+   * each an asynchronous call (run by Deno's blocking thread pool)}
+   */
+  reopenFile?: (path: string) => LogFile | Promise<LogFile>;
+}
+
+/**
+ * Thrown by the default opener when the log path is there but is not a
+ * regular file of its own: a symlink, a FIFO, a directory, a device or a
+ * socket. Nothing is written there; after a reopen the lines wait in memory.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * const dir = await Deno.makeTempDir();
+ * await Deno.symlink(`${dir}/elsewhere`, `${dir}/access.log`);
+ * assert.throws(
+ *   () => AccessLog.open(`${dir}/access.log`),
+ *   RefusedLogPathError,
+ * );
+ * await Deno.remove(dir, { recursive: true });
+ * ```
+ */
+export class RefusedLogPathError extends Error {
+  /** @param message what the path is, e.g. `refusing access log P: it is a FIFO` */
+  constructor(message: string) {
+    super(message);
+    this.name = "RefusedLogPathError";
+  }
 }
 
 /** Running totals of an {@linkcode AccessLog}, read through its `stats`. */
@@ -149,8 +195,9 @@ type ReportKind = "write" | "drop" | "reopen";
 /** An append-only access log file that can be reopened after rotation. */
 export class AccessLog {
   #path: string;
-  #file: LogFile;
-  #openFile: (path: string) => LogFile;
+  // Undefined while the path is refused (lines wait in the backlog).
+  #file: LogFile | undefined;
+  #reopenFile: (path: string) => LogFile | Promise<LogFile>;
   #maxBacklogBytes: number;
   #retryIntervalMs: number;
   #reportIntervalMs: number;
@@ -172,6 +219,13 @@ export class AccessLog {
   #droppedLines = 0;
   #writeErrors = 0;
   #reopenPending = false;
+  // An asynchronous open in flight, settled when it is done.
+  #reopening: Promise<void> | undefined;
+  #reopeningSince = 0;
+  // A SIGHUP came while an open was in flight: open again after it.
+  #reopenAgain = false;
+  // The last reopen refused the path: retried on the timer, not per line.
+  #refused = false;
   #retryTimer: ReturnType<typeof setTimeout> | undefined;
   #closed = false;
   // Per kind, one line per report interval; the rest counted into the
@@ -182,13 +236,11 @@ export class AccessLog {
   #failingSince: number | undefined;
   #line = new Uint8Array(MAX_LINE_BYTES);
 
-  private constructor(
-    path: string,
-    openFile: (path: string) => LogFile,
-    options: AccessLogOptions,
-  ) {
+  private constructor(path: string, options: AccessLogOptions) {
     this.#path = path;
-    this.#openFile = openFile;
+    const openFile = options.openFile ?? openForAppendSync;
+    this.#reopenFile = options.reopenFile ?? options.openFile ??
+      openForAppend;
     this.#file = openFile(path);
     this.#maxBacklogBytes = options.maxBacklogBytes ??
       DEFAULT_MAX_BACKLOG_BYTES;
@@ -229,7 +281,7 @@ export class AccessLog {
    * ```
    */
   static open(path: string, options: AccessLogOptions = {}): AccessLog {
-    return new AccessLog(path, options.openFile ?? openForAppend, options);
+    return new AccessLog(path, options);
   }
 
   /** The path the log was opened with. */
@@ -261,15 +313,17 @@ export class AccessLog {
       this.#line,
     );
     const line = this.#line.subarray(0, length);
-    if (this.#reopenPending) this.#tryReopen();
-    if (this.#backlogBytes > 0) {
-      // Lines wait: they go first. Still waiting, this one joins them.
-      this.#drain();
-      if (this.#backlogBytes > 0) return this.#enqueue(line);
+    if (this.#reopenPending && !this.#refused) this.#startReopen();
+    // Lines wait: they go first. Still waiting, or no file (a refused
+    // path), this one joins them.
+    if (this.#backlogBytes > 0) this.#drain();
+    const file = this.#file;
+    if (this.#backlogBytes > 0 || file === undefined) {
+      return this.#enqueue(line);
     }
     let written;
     try {
-      written = this.#file.writeSync(line);
+      written = file.writeSync(line);
     } catch (error) {
       // Queued first, so the diagnostic counts it among the lines waiting.
       this.#enqueue(line);
@@ -294,11 +348,19 @@ export class AccessLog {
 
   /**
    * Opens the path again and switches to the new file, for log rotation by
-   * rename: lines written before the call are in the old (renamed) file,
-   * backlogged and later lines in the new one. If the path cannot be opened
-   * (out of file descriptors), lines keep going to the old file and the
-   * open is tried again on every line and on a timer until it succeeds; a
-   * diagnostic says so. Returns whether the new file is open (false, and
+   * rename: lines written before the switch are in the old (renamed) file,
+   * backlogged and later lines in the new one. The open runs off the event
+   * loop; until it is done lines keep going to the old file.
+   *
+   * If the path cannot be opened (out of file descriptors), lines keep
+   * going to the old file and the open is tried again on every line and on
+   * a timer until it succeeds. If the path is refused (a symlink, a FIFO,
+   * anything but a regular file: {@linkcode RefusedLogPathError}), the old
+   * file is closed and lines wait in the backlog, as on a full disk, while
+   * the timer and each SIGHUP try again. A diagnostic says which.
+   *
+   * Resolves, once the open this call started (or one already in flight and
+   * then one more) is done, with whether the new file is open (false, and
    * nothing done, once the log is closed).
    *
    * @example
@@ -308,7 +370,7 @@ export class AccessLog {
    * const log = AccessLog.open(`${dir}/access.log`, { onDiagnostic() {} });
    * log.record(1, 5);
    * await Deno.rename(`${dir}/access.log`, `${dir}/access.log.1`);
-   * assert.equal(log.reopen(), true);
+   * assert.equal(await log.reopen(), true);
    * log.record(2, 7);
    * log.close();
    * assert.equal(
@@ -318,11 +380,15 @@ export class AccessLog {
    * await Deno.remove(dir, { recursive: true });
    * ```
    */
-  reopen(): boolean {
+  async reopen(): Promise<boolean> {
     // A SIGHUP can come after close(), in the exit's last stderr flush.
     if (this.#closed) return false;
     this.#reopenPending = true;
-    return this.#tryReopen();
+    // One in flight opened the path as it was before this call: once more.
+    if (this.#reopening !== undefined) this.#reopenAgain = true;
+    else this.#startReopen();
+    while (this.#reopening !== undefined) await this.#reopening;
+    return !this.#reopenPending && !this.#closed;
   }
 
   /**
@@ -346,7 +412,7 @@ export class AccessLog {
   ): Promise<number> {
     const { signal } = options;
     const deadline = performance.now() + (options.timeoutMs ?? 0);
-    if (this.#reopenPending) this.#tryReopen();
+    if (this.#reopenPending) this.#startReopen();
     this.#drain();
     while (this.#backlogBytes > 0 && !this.#closed && !signal?.aborted) {
       const wait = Math.min(
@@ -364,7 +430,7 @@ export class AccessLog {
         signal?.addEventListener("abort", done);
       });
       if (signal?.aborted) break;
-      if (this.#reopenPending) this.#tryReopen();
+      if (this.#reopenPending) this.#startReopen();
       this.#drain();
     }
     return this.#backlogLines;
@@ -373,17 +439,18 @@ export class AccessLog {
   /**
    * Tries the backlog once more, closes the file and stops the timers.
    * Returns how many lines were never written: dropped while the backlog
-   * was full, or still waiting now (a diagnostic gives both counts).
+   * was full, or still waiting now (a diagnostic gives both counts). A
+   * reopen still pending is not tried (an open in flight is closed when it
+   * is done): {@linkcode AccessLog.flush} tries it.
    */
   close(): number {
     if (this.#closed) return this.#droppedLines + this.#backlogLines;
-    if (this.#reopenPending) this.#tryReopen();
     this.#drain();
     this.#abandonFragment("counted below as not written");
     this.#closed = true;
     clearTimeout(this.#retryTimer);
     this.#retryTimer = undefined;
-    this.#file.close();
+    this.#file?.close();
     this.#flushReports();
     const lost = this.#droppedLines + this.#backlogLines;
     if (lost > 0) {
@@ -431,15 +498,20 @@ export class AccessLog {
     this.#armRetry();
   }
 
-  /** Writes backlogged bytes, a chunk per write, until done or a failure. */
+  /**
+   * Writes backlogged bytes, a chunk per write, until done or a failure;
+   * nothing while the path is refused (no file).
+   */
   #drain(): void {
+    const file = this.#file;
+    if (file === undefined) return;
     while (this.#backlogBytes > 0) {
       const chunk = this.#chunks[0];
       const end = this.#chunks.length === 1 ? this.#fillOffset : chunk.length;
       const pending = chunk.subarray(this.#readOffset, end);
       let written;
       try {
-        written = this.#file.writeSync(pending);
+        written = file.writeSync(pending);
       } catch (error) {
         this.#writeFailed(error);
         return;
@@ -494,39 +566,46 @@ export class AccessLog {
     this.#armRetry();
   }
 
-  /** Opens the path again if a reopen is pending; whether it is done. */
-  #tryReopen(): boolean {
-    if (!this.#reopenPending) return true;
-    let next;
+  /**
+   * Starts opening the path again if a reopen is pending and no open is in
+   * flight. A synchronous opener (a test's stub) is done when this returns.
+   */
+  #startReopen(): void {
+    if (!this.#reopenPending || this.#closed || this.#reopening) return;
+    let opened;
     try {
-      next = this.#openFile(this.#path);
+      opened = this.#reopenFile(this.#path);
     } catch (error) {
-      this.#report(
-        "reopen",
-        `${
-          describe(error)
-        }; still writing to the old file, trying again on every line and every ${
-          this.#retryIntervalMs / 1000
-        } s`,
-      );
-      this.#armRetry();
-      return false;
+      this.#reopenFailed(error);
+      return;
     }
+    if (!(opened instanceof Promise)) return this.#reopened(opened);
+    this.#reopeningSince = performance.now();
+    this.#armRetry(); // says so if the open does not return
+    this.#reopening = opened.then(
+      (file) => {
+        this.#reopening = undefined;
+        if (this.#closed) file.close();
+        else this.#reopened(file);
+      },
+      (error) => {
+        this.#reopening = undefined;
+        if (!this.#closed) this.#reopenFailed(error);
+      },
+    ).then(() => {
+      if (!this.#reopenAgain || this.#closed) return;
+      this.#reopenAgain = false;
+      this.#reopenPending = true;
+      this.#startReopen();
+    });
+  }
+
+  /** Switches to the newly opened file. */
+  #reopened(next: LogFile): void {
     this.#reopenPending = false;
-    if (this.#fragment) {
-      // Finish the line the fragment began where it began, if the old file
-      // takes it; if not, the whole line goes to the new file.
-      this.#drainLine();
-      this.#abandonFragment("the whole line goes to the new file");
-    }
-    try {
-      this.#file.close();
-    } catch {
-      // Closing the old file cannot lose a line: each write went straight
-      // to the kernel (no user-space buffer).
-    }
+    this.#refused = false;
+    this.#leaveFile("the whole line goes to the new file");
     this.#file = next;
-    this.#fragment = false;
     const hadReopenReport = this.#reopenReported;
     this.#reports.reopen.reset();
     this.#reopenReported = false;
@@ -536,15 +615,58 @@ export class AccessLog {
       }`,
     );
     this.#drain();
-    return true;
+  }
+
+  /**
+   * After a failed open: lines keep going to the old file. After a refused
+   * path: the old file is left too and lines wait in memory.
+   */
+  #reopenFailed(error: unknown): void {
+    const every = `${this.#retryIntervalMs / 1000} s`;
+    this.#refused = error instanceof RefusedLogPathError;
+    if (this.#refused) this.#leaveFile("the whole line waits in memory");
+    this.#report(
+      "reopen",
+      this.#refused
+        ? `${errorMessage(error)}; ${this.#backlogLines} ${
+          this.#backlogLines === 1 ? "line waits" : "lines wait"
+        } in memory, trying again every ${every} and on SIGHUP`
+        : `${describe(error)}; ${
+          this.#file === undefined
+            ? "lines wait in memory"
+            : "still writing to the old file"
+        }, trying again on every line and every ${every}`,
+    );
+    this.#armRetry();
+  }
+
+  /**
+   * Closes the current file, if any, after finishing the line a fragment
+   * began there if it takes it (else the line is written whole later).
+   */
+  #leaveFile(then: string): void {
+    const file = this.#file;
+    if (file === undefined) return;
+    if (this.#fragment) {
+      this.#drainLine(file);
+      this.#abandonFragment(then);
+    }
+    try {
+      file.close();
+    } catch {
+      // Closing the old file cannot lose a line: each write went straight
+      // to the kernel (no user-space buffer).
+    }
+    this.#file = undefined;
+    this.#fragment = false;
   }
 
   /** Writes the backlog's first line's remainder, if the file takes it. */
-  #drainLine(): void {
+  #drainLine(file: LogFile): void {
     const chunk = this.#chunks[0];
     const end = chunk.indexOf(NEWLINE, this.#readOffset) + 1;
     try {
-      const written = this.#file.writeSync(
+      const written = file.writeSync(
         chunk.subarray(this.#readOffset, end),
       );
       this.#readOffset += written;
@@ -570,7 +692,7 @@ export class AccessLog {
   #noteFragment(): void {
     if (!this.#fragment) return;
     try {
-      this.#fragmentEnd = this.#file.seekSync?.(0, Deno.SeekMode.Current);
+      this.#fragmentEnd = this.#file?.seekSync?.(0, Deno.SeekMode.Current);
     } catch {
       this.#fragmentEnd = undefined; // a file that cannot seek: left as is
     }
@@ -583,19 +705,20 @@ export class AccessLog {
    * back to be written whole.
    */
   #abandonFragment(then: string): void {
-    if (!this.#fragment) return;
+    const file = this.#file;
+    if (!this.#fragment || file === undefined) return;
     const chunk = this.#chunks[0];
     let start = this.#readOffset;
     while (start > 0 && chunk[start - 1] !== NEWLINE) start--;
     const length = this.#readOffset - start;
     let cut = false;
     try {
-      const size = this.#file.seekSync?.(0, Deno.SeekMode.End);
+      const size = file.seekSync?.(0, Deno.SeekMode.End);
       if (
         size !== undefined && size === this.#fragmentEnd &&
-        this.#file.truncateSync !== undefined
+        file.truncateSync !== undefined
       ) {
-        this.#file.truncateSync(size - length);
+        file.truncateSync(size - length);
         cut = true;
       }
     } catch {
@@ -618,10 +741,28 @@ export class AccessLog {
     if (this.#retryTimer !== undefined || this.#closed) return;
     this.#retryTimer = setTimeout(() => {
       this.#retryTimer = undefined;
-      if (this.#reopenPending) this.#tryReopen();
+      if (this.#reopenPending) this.#startReopen();
       this.#drain();
+      this.#reportStalledOpen();
       if (this.#backlogBytes > 0 || this.#reopenPending) this.#armRetry();
     }, this.#retryIntervalMs);
+  }
+
+  /** Says so when an open in flight has not returned for a while. */
+  #reportStalledOpen(): void {
+    if (this.#reopening === undefined) return;
+    const seconds = (performance.now() - this.#reopeningSince) / 1000;
+    if (seconds * 1000 < this.#reportIntervalMs) return;
+    this.#report(
+      "reopen",
+      `cannot open access log ${this.#path}: the open has not returned after ${
+        seconds.toFixed(0)
+      } s (a stalled file system?); ${
+        this.#file === undefined
+          ? "lines wait in memory"
+          : "still writing to the old file"
+      }`,
+    );
   }
 
   /** Writes the lines held back of every kind, in this order. */
@@ -656,16 +797,224 @@ function plural(count: number, word: string): string {
   return count === 1 ? word : `${word}s`;
 }
 
-function openForAppend(path: string): Deno.FsFile {
+// The probe's flags: never blocks on a FIFO (ENXIO without a reader), never
+// creates, and fails (ELOOP) on a symlink that appears at the path after
+// Deno resolved it (Deno resolves the last component's symlinks itself
+// before opening when --allow-write names a directory).
+const PROBE_FLAGS = constants.O_WRONLY | constants.O_APPEND |
+  constants.O_NONBLOCK | constants.O_NOFOLLOW;
+// Checking an existing file marks its access time a day ahead: a reader
+// (a log shipper) cannot move it there under relatime, only an explicit set.
+const MARK_AHEAD_MS = 86_400_000;
+// Instances sharing the log check it at once after a rotation, each mark
+// overwriting the others': a mismatch is checked again this many times.
+const MARK_TRIES = 3;
+
+/**
+ * Opens `path` for appending, synchronously (start-up), with the checks of
+ * the module doc: a new file with O_EXCL, else an existing regular file
+ * that is the path's own entry.
+ */
+function openForAppendSync(path: string): Deno.FsFile {
   try {
     const slash = path.lastIndexOf("/");
     if (slash > 0) Deno.mkdirSync(path.slice(0, slash), { recursive: true });
-    return Deno.openSync(path, { append: true, create: true });
+    try {
+      return Deno.openSync(path, { append: true, createNew: true });
+    } catch (error) {
+      if (!(error instanceof Deno.errors.AlreadyExists)) throw error;
+    }
+    for (let tries = 1;; tries++) {
+      const probe = probeFailure(() => openSync(path, PROBE_FLAGS));
+      try {
+        const stat = fstatSync(probe);
+        const mark = markTime(stat);
+        markFailure(() => lutimesSync(path, new Date(mark), stat.mtime));
+        checkEntry(fstatSync(probe), mark, tries);
+        const file = Deno.openSync(path, { append: true });
+        try {
+          file.utimeSync(new Date(mark + 1), stat.mtime);
+          checkSameFile(fstatSync(probe), mark + 1, tries);
+          file.utimeSync(unmarked(stat), stat.mtime);
+          return file;
+        } catch (error) {
+          file.close();
+          throw error;
+        }
+      } catch (error) {
+        if (!(error instanceof MarkMismatch) || tries === MARK_TRIES) {
+          throw error;
+        }
+      } finally {
+        closeSync(probe);
+      }
+    }
   } catch (error) {
-    throw new Error(`cannot open access log ${path}: ${describe(error)}`, {
-      cause: error,
-    });
+    throw openError(path, error);
   }
+}
+
+/**
+ * {@linkcode openForAppendSync} with every call asynchronous, so that an
+ * open that blocks (a stalled network file system) holds a thread of Deno's
+ * blocking pool, never the event loop.
+ */
+async function openForAppend(path: string): Promise<Deno.FsFile> {
+  try {
+    const slash = path.lastIndexOf("/");
+    if (slash > 0) {
+      await Deno.mkdir(path.slice(0, slash), { recursive: true });
+    }
+    try {
+      return await Deno.open(path, { append: true, createNew: true });
+    } catch (error) {
+      if (!(error instanceof Deno.errors.AlreadyExists)) throw error;
+    }
+    for (let tries = 1;; tries++) {
+      let probe;
+      try {
+        probe = await fsPromises.open(path, PROBE_FLAGS);
+      } catch (error) {
+        throw probeFailure(() => {
+          throw error;
+        });
+      }
+      try {
+        const stat = await probe.stat();
+        const mark = markTime(stat);
+        try {
+          await fsPromises.lutimes(path, new Date(mark), stat.mtime);
+        } catch (error) {
+          markFailure(() => {
+            throw error;
+          });
+        }
+        checkEntry(await probe.stat(), mark, tries);
+        const file = await Deno.open(path, { append: true });
+        try {
+          await file.utime(new Date(mark + 1), stat.mtime);
+          checkSameFile(await probe.stat(), mark + 1, tries);
+          await file.utime(unmarked(stat), stat.mtime);
+          return file;
+        } catch (error) {
+          file.close();
+          throw error;
+        }
+      } catch (error) {
+        if (!(error instanceof MarkMismatch) || tries === MARK_TRIES) {
+          throw error;
+        }
+      } finally {
+        await probe.close();
+      }
+    }
+  } catch (error) {
+    throw openError(path, error);
+  }
+}
+
+/** A check's mark did not show on the file opened: checked again. */
+class MarkMismatch extends RefusedLogPathError {}
+
+/** The access time that marks the file: ahead of anything a read sets. */
+function markTime(stat: Stats): number {
+  return Math.floor(Math.max(Date.now(), stat.atimeMs)) + MARK_AHEAD_MS;
+}
+
+/** The access time to leave: the file's, unless a mark left it ahead. */
+function unmarked(stat: Stats): Date {
+  return new Date(Math.min(stat.atimeMs, Date.now()));
+}
+
+function hasMark(stat: Stats, mark: number): boolean {
+  return Math.abs(stat.atimeMs - mark) < 0.5;
+}
+
+/**
+ * The probe opened what the path's entry is (the mark set on the entry,
+ * not following a symlink, shows on it) and it is a regular file.
+ */
+function checkEntry(stat: Stats, mark: number, tries: number): void {
+  if (!hasMark(stat, mark)) {
+    throw new MarkMismatch(
+      `it is a symlink (or it was replaced while being checked, ${tries} ${
+        plural(tries, "time")
+      })`,
+    );
+  }
+  if (!stat.isFile()) throw new RefusedLogPathError(`it is ${kindOf(stat)}`);
+}
+
+/** The file opened to write is the one the probe checked. */
+function checkSameFile(stat: Stats, mark: number, tries: number): void {
+  if (!hasMark(stat, mark)) {
+    throw new MarkMismatch(
+      `it was replaced while being opened (${tries} ${plural(tries, "time")})`,
+    );
+  }
+}
+
+function kindOf(stat: Stats): string {
+  if (stat.isFIFO()) return "a FIFO (named pipe)";
+  if (stat.isDirectory()) return "a directory";
+  if (stat.isCharacterDevice()) return "a character device";
+  if (stat.isBlockDevice()) return "a block device";
+  if (stat.isSocket()) return "a socket";
+  return "not a regular file";
+}
+
+/** Runs the probe's open; an error that shows what the path is refuses it. */
+function probeFailure(open: () => number): number {
+  try {
+    return open();
+  } catch (error) {
+    switch (nodeCode(error)) {
+      case "ENXIO":
+        throw new RefusedLogPathError(
+          "it is a FIFO (named pipe) or a socket",
+        );
+      case "EISDIR":
+        throw new RefusedLogPathError("it is a directory");
+      case "ELOOP":
+        throw new RefusedLogPathError("it is a symlink");
+      case "ENOENT":
+        // It existed a moment ago (O_EXCL failed): a symlink to nothing.
+        throw new RefusedLogPathError(
+          "it is a symlink to a missing file (or it was removed meanwhile)",
+        );
+    }
+    throw error;
+  }
+}
+
+/** Runs the mark; a mark not allowed refuses the path. */
+function markFailure(mark: () => void): void {
+  try {
+    mark();
+  } catch (error) {
+    if (nodeCode(error) !== "EPERM") throw error;
+    throw new RefusedLogPathError(
+      "cannot check that it is not a symlink: it belongs to another user " +
+        "(an existing log must belong to the user the server runs as)",
+    );
+  }
+}
+
+function nodeCode(error: unknown): string | undefined {
+  if (!(error instanceof Error) || !("code" in error)) return undefined;
+  return typeof error.code === "string" ? error.code : undefined;
+}
+
+function openError(path: string, error: unknown): Error {
+  if (error instanceof RefusedLogPathError) {
+    return new RefusedLogPathError(
+      `refusing access log ${path}: ${error.message}; the log must be a ` +
+        "regular file (not a symlink, FIFO, directory or device)",
+    );
+  }
+  return new Error(`cannot open access log ${path}: ${describe(error)}`, {
+    cause: error,
+  });
 }
 
 function describe(error: unknown): string {
