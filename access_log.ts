@@ -830,11 +830,11 @@ function openForAppendSync(path: string): Deno.FsFile {
         const stat = fstatSync(probe);
         const mark = markTime(stat);
         markFailure(() => lutimesSync(path, new Date(mark), stat.mtime));
-        checkEntry(fstatSync(probe), mark, tries);
+        checkEntry(fstatSync(probe), mark);
         const file = Deno.openSync(path, { append: true });
         try {
           file.utimeSync(new Date(mark + 1), stat.mtime);
-          checkSameFile(fstatSync(probe), mark + 1, tries);
+          checkSameFile(fstatSync(probe), mark + 1);
           file.utimeSync(unmarked(stat), stat.mtime);
           return file;
         } catch (error) {
@@ -889,11 +889,11 @@ async function openForAppend(path: string): Promise<Deno.FsFile> {
             throw error;
           });
         }
-        checkEntry(await probe.stat(), mark, tries);
+        checkEntry(await probe.stat(), mark);
         const file = await Deno.open(path, { append: true });
         try {
           await file.utime(new Date(mark + 1), stat.mtime);
-          checkSameFile(await probe.stat(), mark + 1, tries);
+          checkSameFile(await probe.stat(), mark + 1);
           await file.utime(unmarked(stat), stat.mtime);
           return file;
         } catch (error) {
@@ -934,23 +934,19 @@ function hasMark(stat: Stats, mark: number): boolean {
  * The probe opened what the path's entry is (the mark set on the entry,
  * not following a symlink, shows on it) and it is a regular file.
  */
-function checkEntry(stat: Stats, mark: number, tries: number): void {
+function checkEntry(stat: Stats, mark: number): void {
   if (!hasMark(stat, mark)) {
     throw new MarkMismatch(
-      `it is a symlink (or it was replaced while being checked, ${tries} ${
-        plural(tries, "time")
-      })`,
+      "it is a symlink (or it was replaced while being checked)",
     );
   }
   if (!stat.isFile()) throw new RefusedLogPathError(`it is ${kindOf(stat)}`);
 }
 
 /** The file opened to write is the one the probe checked. */
-function checkSameFile(stat: Stats, mark: number, tries: number): void {
+function checkSameFile(stat: Stats, mark: number): void {
   if (!hasMark(stat, mark)) {
-    throw new MarkMismatch(
-      `it was replaced while being opened (${tries} ${plural(tries, "time")})`,
-    );
+    throw new MarkMismatch("it was replaced while being opened");
   }
 }
 
