@@ -756,7 +756,7 @@ export class AccessLog {
     this.#report(
       "reopen",
       `cannot open access log ${this.#path}: the open has not returned after ${
-        seconds.toFixed(0)
+        seconds.toFixed(1)
       } s (a stalled file system?); ${
         this.#file === undefined
           ? "lines wait in memory"

@@ -1,6 +1,12 @@
 import assert from "node:assert/strict";
-import { AccessLog, type LogFile } from "./access_log.ts";
-import { waitUntil, withTempDir, withTempDirSync } from "./test_util.ts";
+import { closeSync, constants, openSync, readSync } from "node:fs";
+import { AccessLog, type LogFile, RefusedLogPathError } from "./access_log.ts";
+import {
+  runCommand,
+  waitUntil,
+  withTempDir,
+  withTempDirSync,
+} from "./test_util.ts";
 
 Deno.test(
   "AccessLog.open() creates the directory, record() writes exact lines",
@@ -169,6 +175,109 @@ Deno.test(
       () => AccessLog.open(`${dir}/file/access.log`),
       new RegExp(`^Error: cannot open access log ${dir}/file/access.log: `),
     );
+  }),
+);
+
+/** Runs a command that must succeed (mkfifo, mknod). */
+async function run(command: string, ...args: string[]): Promise<void> {
+  const { code, stderr } = await runCommand(command, args);
+  assert.equal(code, 0, stderr);
+}
+
+/**
+ * A FIFO's read end opened without blocking, as a log shipper would hold
+ * it: with a reader, a writer's open(2) of the FIFO succeeds.
+ */
+function fifoReader(path: string): Disposable & { read(): number } {
+  const fd = openSync(path, constants.O_RDONLY | constants.O_NONBLOCK);
+  return {
+    read: () => readSync(fd, new Uint8Array(4096)),
+    [Symbol.dispose]: () => closeSync(fd),
+  };
+}
+
+Deno.test(
+  "AccessLog.open() refuses a symlink, a FIFO with or without a reader, a directory and a device at the path, writing nothing",
+  withTempDir(async (dir) => {
+    const target = `${dir}/target`;
+    await Deno.writeTextFile(target, "");
+    const cases: [string, (path: string) => Promise<void>, RegExp][] = [
+      ["symlink", (path) => Deno.symlink(target, path), /it is a symlink /],
+      [
+        "dangling symlink",
+        (path) => Deno.symlink(`${dir}/missing`, path),
+        /it is a symlink to a missing file /,
+      ],
+      [
+        "symlink to a device",
+        (path) => Deno.symlink("/dev/null", path),
+        /it is a symlink /,
+      ],
+      ["FIFO", (path) => run("mkfifo", path), /it is a FIFO /],
+      ["directory", (path) => Deno.mkdir(path), /it is a directory;/],
+      ["device", (path) => run("mknod", path, "c", "1", "3"), /character/],
+    ];
+    for (const [kind, make, reason] of cases) {
+      const path = `${dir}/${kind.replaceAll(" ", "-")}.log`;
+      await make(path);
+      assert.throws(
+        () => AccessLog.open(path),
+        (error) => {
+          assert.ok(error instanceof RefusedLogPathError, kind);
+          assert.match(
+            error.message,
+            new RegExp(`^refusing access log ${path}: `),
+          );
+          assert.match(error.message, reason, kind);
+          return true;
+        },
+      );
+    }
+    // A FIFO with a reader opens (no ENXIO) and is refused by its type.
+    await run("mkfifo", `${dir}/read.log`);
+    using reader = fifoReader(`${dir}/read.log`);
+    assert.throws(
+      () => AccessLog.open(`${dir}/read.log`),
+      /: it is a FIFO \(named pipe\);/,
+    );
+    assert.equal(reader.read(), 0); // EOF: no writer, nothing written
+    assert.equal(await Deno.readTextFile(target), "");
+    // Nothing was created through the dangling symlink either.
+    await assert.rejects(Deno.stat(`${dir}/missing`), Deno.errors.NotFound);
+  }),
+);
+
+Deno.test(
+  "AccessLog.reopen() refuses a FIFO with a reader: writes nothing into it, keeps the lines in memory, writes them once a file is back",
+  withTempDir(async (dir) => {
+    const path = `${dir}/access.log`;
+    const diagnostics: string[] = [];
+    const log = AccessLog.open(path, {
+      onDiagnostic: (message) => diagnostics.push(message),
+      retryIntervalMs: 3_600_000, // no timer: the second reopen retries
+    });
+    log.record(1, 1);
+    await Deno.rename(path, `${path}.1`);
+    await run("mkfifo", path);
+    using reader = fifoReader(path);
+    assert.equal(await log.reopen(), false);
+    assert.match(
+      diagnostics[0],
+      /^refusing access log .*: it is a FIFO \(named pipe\);.*; 0 lines wait in memory, trying again every 3600 s and on SIGHUP$/,
+    );
+    log.record(2, 2);
+    log.record(3, 3);
+    assert.equal(reader.read(), 0);
+    assert.deepEqual(
+      [log.stats.backlogLines, log.stats.reopenPending],
+      [2, true],
+    );
+    await Deno.remove(path);
+    assert.equal(await log.reopen(), true);
+    log.record(4, 4);
+    assert.equal(log.close(), 0);
+    assert.equal(await Deno.readTextFile(`${path}.1`), lines(1, 1));
+    assert.equal(await Deno.readTextFile(path), lines(2, 4));
   }),
 );
 
@@ -459,4 +568,46 @@ Deno.test("AccessLog.flush() ends at once when its signal is aborted, resolving 
   );
   assert.equal(disk.text("access.log"), "");
   assert.equal(log.close(), 2);
+});
+
+Deno.test("AccessLog.reopen() whose open does not return keeps writing to the old file, says so, and opens once more for a SIGHUP meanwhile", async () => {
+  const disk = new StubDisk(1_000_000);
+  const diagnostics: string[] = [];
+  const opens: PromiseWithResolvers<LogFile>[] = [];
+  const log = AccessLog.open("access.log", {
+    openFile: (path) => disk.open(path),
+    // An open that returns only when the test says (a stalled NFS server).
+    reopenFile: () => {
+      const open = Promise.withResolvers<LogFile>();
+      opens.push(open);
+      return open.promise;
+    },
+    onDiagnostic: (message) => diagnostics.push(message),
+    retryIntervalMs: 10,
+    reportIntervalMs: 50,
+  });
+  disk.rename("access.log", "access.log.1");
+  const first = log.reopen();
+  log.record(1, 1); // the open is in flight: the old file
+  await waitUntil(
+    () => diagnostics.some((message) => /has not returned after/.test(message)),
+    "the stalled open's diagnostic",
+  );
+  assert.match(
+    diagnostics[0],
+    /^cannot open access log access\.log: the open has not returned after \d+\.\d s \(a stalled file system\?\); still writing to the old file$/,
+  );
+  const second = log.reopen(); // a rotation meanwhile: once more, after
+  assert.equal(opens.length, 1, "one open in flight at a time");
+  opens[0].resolve(disk.open("access.log"));
+  await waitUntil(() => opens.length === 2, "the second open");
+  log.record(2, 2); // the first open's file
+  disk.rename("access.log", "access.log.2");
+  opens[1].resolve(disk.open("access.log"));
+  assert.deepEqual([await first, await second], [true, true]);
+  log.record(3, 3);
+  assert.equal(log.close(), 0);
+  assert.equal(disk.text("access.log.1"), line(1, 1));
+  assert.equal(disk.text("access.log.2"), line(2, 2));
+  assert.equal(disk.text("access.log"), line(3, 3));
 });
