@@ -41,6 +41,59 @@
  * on the timer until it succeeds. A fragment left in the old file is finished
  * there if it can be; otherwise its whole line goes to the new file.
  *
+ * The log is only ever a regular file that is the path's own entry. A
+ * symlink, a FIFO, a directory, a device or a socket at the path is refused
+ * ({@linkcode RefusedLogPathError}) and nothing is written there: at
+ * start-up the open throws (the server exits 1); at a reopen the old file
+ * (rotated away, soon compressed and deleted) is left too and lines wait in
+ * the backlog as on a full disk, while the timer and each SIGHUP try again.
+ * The checks need `--allow-write` only (the compiled binary has no
+ * `--allow-read`):
+ *
+ * 1. Create with `O_CREAT|O_EXCL` (Deno's `createNew`): a new file, the
+ *    usual case after a rotation (`nocreate`). The kernel fails it with
+ *    EEXIST on anything at the path, a symlink (dangling or not) included:
+ *    nothing is followed, nothing blocks.
+ * 2. Else probe it: `node:fs` open with `O_WRONLY|O_APPEND|O_NONBLOCK|
+ *    O_NOFOLLOW` (never creating). A FIFO without a reader, or a socket,
+ *    fails with ENXIO at once; a directory with EISDIR. `fstat` of the
+ *    probe (`node:fs`; it needs no permission) must show a regular file.
+ * 3. Check that the probe opened the path's own entry, not a symlink's
+ *    target. `O_NOFOLLOW` cannot tell: with `--allow-write=DIR`, Deno 2.9
+ *    resolves a symlink in the path itself before opening and opens the
+ *    target (strace: `readlink` of the path, then `openat` of the target
+ *    with `O_NOFOLLOW`), and `lstat` needs `--allow-read`. What needs write
+ *    permission only and does not follow a symlink is `utimensat` with
+ *    `AT_SYMLINK_NOFOLLOW` (`node:fs` `lutimes`): the path's entry gets an
+ *    access time a day ahead (a mark no read sets under relatime) and the
+ *    probe's `fstat` must show it. A symlink takes the mark; its target
+ *    does not.
+ * 4. Open the file again with `Deno.open`, so that each line is the same
+ *    `write(2)` of a `Deno.FsFile` as for a created file, and check that it
+ *    is the probe's file: a second mark set through it (`futimens`) must
+ *    show in the probe's `fstat`. The access time is then put back, and the
+ *    modification time is what it was at the check (a line appended by
+ *    another instance meanwhile moves it on again).
+ *
+ * A mark that does not show is checked again, up to 3 times: instances
+ * sharing the log check it at the same moment after a rotation. Setting a
+ * time needs the file's owner, so an existing log must belong to the user
+ * the server runs as; if not, it is refused.
+ *
+ * A reopen makes every call asynchronous: Deno runs them on its blocking
+ * thread pool, so an open that blocks (a stalled network file system)
+ * holds a pool thread, never the event loop. Until it returns, lines go to
+ * the old file, no other open starts, and a diagnostic says so once per
+ * {@linkcode AccessLogOptions.reportIntervalMs}. A SIGHUP meanwhile opens
+ * once more after it. Start-up opens synchronously: nothing is served yet.
+ *
+ * Not covered: symlinks in the directories above the file (the operator's:
+ * systemd's `LogsDirectory=` is itself one), and hard links (with
+ * `fs.protected_hardlinks`, Linux's default, nobody links a file they could
+ * not write themselves). A FIFO put at the path in the moment between
+ * steps 2 and 4 blocks step 4's open until a reader comes: at a reopen that
+ * is a pool thread, at start-up the start.
+ *
  * A fragment this process gives up on (the old file after a reopen, or the
  * file at {@linkcode AccessLog.close} with the disk still full) is cut off
  * with `ftruncate`, which needs no free space, if the file's size shows that
@@ -154,7 +207,10 @@ export interface AccessLogOptions {
  * ```
  */
 export class RefusedLogPathError extends Error {
-  /** @param message what the path is, e.g. `refusing access log P: it is a FIFO` */
+  /**
+   * Makes the error; `message` says what the path is, e.g.
+   * `refusing access log P: it is a FIFO (named pipe)`.
+   */
   constructor(message: string) {
     super(message);
     this.name = "RefusedLogPathError";
