@@ -72,8 +72,9 @@
  *    `write(2)` of a `Deno.FsFile` as for a created file, and check that it
  *    is the probe's file: a second mark set through it (`futimens`) must
  *    show in the probe's `fstat`. The access time is then put back, and the
- *    modification time is what it was at the check (a line appended by
- *    another instance meanwhile moves it on again).
+ *    modification time is what it was at the check, to the millisecond
+ *    (`fstat` through Deno gives no finer; a line appended by another
+ *    instance meanwhile moves it on again).
  *
  * A mark that does not show is checked again, up to 3 times: instances
  * sharing the log check it at the same moment after a rotation. Setting a
