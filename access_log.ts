@@ -882,11 +882,20 @@ function openForAppendSync(path: string): Deno.FsFile {
       if (!(error instanceof Deno.errors.AlreadyExists)) throw error;
     }
     for (let tries = 1;; tries++) {
-      const probe = probeFailure(() => openSync(path, PROBE_FLAGS));
+      let probe;
+      try {
+        probe = openSync(path, PROBE_FLAGS);
+      } catch (error) {
+        throw probeError(error);
+      }
       try {
         const stat = fstatSync(probe);
         const mark = markTime(stat);
-        markFailure(() => lutimesSync(path, new Date(mark), stat.mtime));
+        try {
+          lutimesSync(path, new Date(mark), stat.mtime);
+        } catch (error) {
+          throw markError(error);
+        }
         checkEntry(fstatSync(probe), mark);
         const file = Deno.openSync(path, { append: true });
         try {
@@ -932,9 +941,7 @@ async function openForAppend(path: string): Promise<Deno.FsFile> {
       try {
         probe = await fsPromises.open(path, PROBE_FLAGS);
       } catch (error) {
-        throw probeFailure(() => {
-          throw error;
-        });
+        throw probeError(error);
       }
       try {
         const stat = await probe.stat();
@@ -942,9 +949,7 @@ async function openForAppend(path: string): Promise<Deno.FsFile> {
         try {
           await fsPromises.lutimes(path, new Date(mark), stat.mtime);
         } catch (error) {
-          markFailure(() => {
-            throw error;
-          });
+          throw markError(error);
         }
         checkEntry(await probe.stat(), mark);
         const file = await Deno.open(path, { append: true });
@@ -1016,41 +1021,30 @@ function kindOf(stat: Stats): string {
   return "not a regular file";
 }
 
-/** Runs the probe's open; an error that shows what the path is refuses it. */
-function probeFailure(open: () => number): number {
-  try {
-    return open();
-  } catch (error) {
-    switch (nodeCode(error)) {
-      case "ENXIO":
-        throw new RefusedLogPathError(
-          "it is a FIFO (named pipe) or a socket",
-        );
-      case "EISDIR":
-        throw new RefusedLogPathError("it is a directory");
-      case "ELOOP":
-        throw new RefusedLogPathError("it is a symlink");
-      case "ENOENT":
-        // It existed a moment ago (O_EXCL failed): a symlink to nothing.
-        throw new RefusedLogPathError(
-          "it is a symlink to a missing file (or it was removed meanwhile)",
-        );
-    }
-    throw error;
+/** The probe's open failed: a refusal if the error shows what the path is. */
+function probeError(error: unknown): unknown {
+  switch (nodeCode(error)) {
+    case "ENXIO":
+      return new RefusedLogPathError("it is a FIFO (named pipe) or a socket");
+    case "EISDIR":
+      return new RefusedLogPathError("it is a directory");
+    case "ELOOP":
+      return new RefusedLogPathError("it is a symlink");
+    case "ENOENT":
+      // It existed a moment ago (O_EXCL failed): a symlink to nothing.
+      return new RefusedLogPathError(
+        "it is a symlink to a missing file (or it was removed meanwhile)",
+      );
   }
+  return error;
 }
 
-/** Runs the mark; a mark not allowed refuses the path. */
-function markFailure(mark: () => void): void {
-  try {
-    mark();
-  } catch (error) {
-    if (nodeCode(error) !== "EPERM") throw error;
-    throw new RefusedLogPathError(
-      "cannot check that it is not a symlink: it belongs to another user " +
-        "(an existing log must belong to the user the server runs as)",
-    );
-  }
+/** Setting the mark failed: a refusal if it is not allowed. */
+function markError(error: unknown): unknown {
+  if (nodeCode(error) !== "EPERM") return error;
+  return new RefusedLogPathError(
+    "cannot check that it is not a symlink: it belongs to another user",
+  );
 }
 
 function nodeCode(error: unknown): string | undefined {
@@ -1062,7 +1056,8 @@ function openError(path: string, error: unknown): Error {
   if (error instanceof RefusedLogPathError) {
     return new RefusedLogPathError(
       `refusing access log ${path}: ${error.message}; the log must be a ` +
-        "regular file (not a symlink, FIFO, directory or device)",
+        "regular file of the server's user (not a symlink, FIFO, directory " +
+        "or device)",
     );
   }
   return new Error(`cannot open access log ${path}: ${describe(error)}`, {
