@@ -2,6 +2,7 @@ import assert from "node:assert/strict";
 import { closeSync, constants, openSync, readSync } from "node:fs";
 import { AccessLog, type LogFile, RefusedLogPathError } from "./access_log.ts";
 import {
+  findExecutable,
   runCommand,
   waitUntil,
   withTempDir,
@@ -280,6 +281,72 @@ Deno.test(
     assert.equal(await Deno.readTextFile(path), lines(2, 4));
   }),
 );
+
+const setpriv = findExecutable("setpriv");
+const asRoot = (await runCommand("id", ["-u"])).stdout.trim() === "0";
+
+Deno.test({
+  name:
+    `AccessLog.open() as an unprivileged user refuses another user's symlink and log, and opens its own${
+      setpriv === undefined || !asRoot
+        ? " (ignored: needs root and setpriv)"
+        : ""
+    }`,
+  ignore: setpriv === undefined || !asRoot,
+  fn: withTempDir(async (dir) => {
+    // As nobody, with the task's permission alone: the mark (utimensat)
+    // needs the entry's owner, so another user's symlink or log cannot be
+    // checked and is refused.
+    const logs = `${dir}/logs`;
+    await Deno.mkdir(logs);
+    await Deno.chmod(dir, 0o755);
+    await Deno.chmod(logs, 0o777);
+    await Deno.writeTextFile(`${logs}/root.log`, line(1, 1), { mode: 0o666 });
+    await Deno.chmod(`${logs}/root.log`, 0o666);
+    await Deno.symlink(`${logs}/root.log`, `${logs}/link.log`);
+    const script = `${dir}/open.ts`;
+    await Deno.writeTextFile(
+      script,
+      `import { AccessLog } from ${
+        JSON.stringify(new URL("./access_log.ts", import.meta.url).href)
+      };
+for (const name of Deno.args) {
+  try {
+    AccessLog.open(${JSON.stringify(logs)} + "/" + name).close();
+    console.log(name + ": opened");
+  } catch (error) {
+    console.log(name + ": " + error.message);
+  }
+}`,
+    );
+    await Deno.chmod(script, 0o644);
+    const denoDir = `${dir}/deno`;
+    await Deno.mkdir(denoDir, { mode: 0o777 });
+    await Deno.chmod(denoDir, 0o777);
+    const { code, stdout, stderr } = await runCommand(setpriv!, [
+      "--reuid=65534",
+      "--regid=65534",
+      "--clear-groups",
+      Deno.execPath(),
+      "run",
+      "--no-prompt",
+      `--allow-write=${logs}`,
+      script,
+      "link.log",
+      "root.log",
+      "own.log", // created
+      "own.log", // its own, existing: checked and opened
+    ], { env: { DENO_DIR: denoDir, HOME: dir } });
+    assert.equal(code, 0, stderr);
+    const refused = (name: string) =>
+      `${name}: refusing access log ${logs}/${name}: cannot check that it is not a symlink: it belongs to another user; `;
+    const results = stdout.trimEnd().split("\n");
+    assert.ok(results[0].startsWith(refused("link.log")), results[0]);
+    assert.ok(results[1].startsWith(refused("root.log")), results[1]);
+    assert.deepEqual(results.slice(2), ["own.log: opened", "own.log: opened"]);
+    assert.equal(await Deno.readTextFile(`${logs}/root.log`), line(1, 1));
+  }),
+});
 
 /**
  * A stub disk: files on it share `free` bytes; a write takes what fits (a
