@@ -41,6 +41,60 @@
  * on the timer until it succeeds. A fragment left in the old file is finished
  * there if it can be; otherwise its whole line goes to the new file.
  *
+ * The log is only ever a regular file that is the path's own entry. A
+ * symlink, a FIFO, a directory, a device or a socket at the path is refused
+ * ({@linkcode RefusedLogPathError}) and nothing is written there: at
+ * start-up the open throws (the server exits 1); at a reopen the old file
+ * (rotated away, soon compressed and deleted) is left too and lines wait in
+ * the backlog as on a full disk, while the timer and each SIGHUP try again.
+ * The checks need `--allow-write` only (the compiled binary has no
+ * `--allow-read`):
+ *
+ * 1. Create with `O_CREAT|O_EXCL` (Deno's `createNew`): a new file, the
+ *    usual case after a rotation (`nocreate`). The kernel fails it with
+ *    EEXIST on anything at the path, a symlink (dangling or not) included:
+ *    nothing is followed, nothing blocks.
+ * 2. Else probe it: `node:fs` open with `O_WRONLY|O_APPEND|O_NONBLOCK|
+ *    O_NOFOLLOW` (never creating). A FIFO without a reader, or a socket,
+ *    fails with ENXIO at once; a directory with EISDIR. `fstat` of the
+ *    probe (`node:fs`; it needs no permission) must show a regular file.
+ * 3. Check that the probe opened the path's own entry, not a symlink's
+ *    target. `O_NOFOLLOW` cannot tell: with `--allow-write=DIR`, Deno 2.9
+ *    resolves a symlink in the path itself before opening and opens the
+ *    target (strace: `readlink` of the path, then `openat` of the target
+ *    with `O_NOFOLLOW`), and `lstat` needs `--allow-read`. What needs write
+ *    permission only and does not follow a symlink is `utimensat` with
+ *    `AT_SYMLINK_NOFOLLOW` (`node:fs` `lutimes`): the path's entry gets an
+ *    access time a day ahead (a mark no read sets under relatime) and the
+ *    probe's `fstat` must show it. A symlink takes the mark; its target
+ *    does not.
+ * 4. Open the file again with `Deno.open`, so that each line is the same
+ *    `write(2)` of a `Deno.FsFile` as for a created file, and check that it
+ *    is the probe's file: a second mark set through it (`futimens`) must
+ *    show in the probe's `fstat`. The access time is then put back, and the
+ *    modification time is what it was at the check, to the millisecond
+ *    (`fstat` through Deno gives no finer; a line appended by another
+ *    instance meanwhile moves it on again).
+ *
+ * A mark that does not show is checked again, up to 3 times: instances
+ * sharing the log check it at the same moment after a rotation. Setting a
+ * time needs the file's owner, so an existing log must belong to the user
+ * the server runs as; if not, it is refused.
+ *
+ * A reopen makes every call asynchronous: Deno runs them on its blocking
+ * thread pool, so an open that blocks (a stalled network file system)
+ * holds a pool thread, never the event loop. Until it returns, lines go to
+ * the old file, no other open starts, and a diagnostic says so once per
+ * {@linkcode AccessLogOptions.reportIntervalMs}. A SIGHUP meanwhile opens
+ * once more after it. Start-up opens synchronously: nothing is served yet.
+ *
+ * Not covered: symlinks in the directories above the file (the operator's:
+ * systemd's `LogsDirectory=` is itself one), and hard links (with
+ * `fs.protected_hardlinks`, Linux's default, nobody links a file they could
+ * not write themselves). A FIFO put at the path in the moment between
+ * steps 2 and 4 blocks step 4's open until a reader comes: at a reopen that
+ * is a pool thread, at start-up the start.
+ *
  * A fragment this process gives up on (the old file after a reopen, or the
  * file at {@linkcode AccessLog.close} with the disk still full) is cut off
  * with `ftruncate`, which needs no free space, if the file's size shows that
@@ -53,6 +107,15 @@
  * @module
  */
 
+import {
+  closeSync,
+  constants,
+  fstatSync,
+  lutimesSync,
+  openSync,
+  promises as fsPromises,
+  type Stats,
+} from "node:fs";
 import { errorMessage } from "./_errors.ts";
 import { RateLimitedReporter } from "./reporter.ts";
 import { DEFAULTS } from "./options.ts";
@@ -109,11 +172,51 @@ export interface AccessLogOptions {
    */
   onDiagnostic?: (message: string) => void;
   /**
-   * Opens the path for appending (for tests: a stub that fails on purpose).
+   * Opens the path for appending at {@linkcode AccessLog.open}, and for
+   * {@linkcode AccessLog.reopen} too unless `reopenFile` is given (for
+   * tests: a stub that fails on purpose). A stub that throws
+   * {@linkcode RefusedLogPathError} plays a path that is not a regular file.
    *
-   * @default {opens it with `O_APPEND`, creating it and its directory}
+   * @default {opens it with `O_APPEND`, creating it and its directory,
+   * refusing anything but a regular file of its own (see the module doc)}
    */
   openFile?: (path: string) => LogFile;
+  /**
+   * Opens the path again for {@linkcode AccessLog.reopen}; a promise keeps
+   * the open off the event loop.
+   *
+   * @default {`openFile` if given, else the same checks as at start-up,
+   * each an asynchronous call (run by Deno's blocking thread pool)}
+   */
+  reopenFile?: (path: string) => LogFile | Promise<LogFile>;
+}
+
+/**
+ * Thrown by the default opener when the log path is there but is not a
+ * regular file of its own: a symlink, a FIFO, a directory, a device or a
+ * socket. Nothing is written there; after a reopen the lines wait in memory.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * const dir = await Deno.makeTempDir();
+ * await Deno.symlink(`${dir}/elsewhere`, `${dir}/access.log`);
+ * assert.throws(
+ *   () => AccessLog.open(`${dir}/access.log`),
+ *   RefusedLogPathError,
+ * );
+ * await Deno.remove(dir, { recursive: true });
+ * ```
+ */
+export class RefusedLogPathError extends Error {
+  /**
+   * Makes the error; `message` says what the path is, e.g.
+   * `refusing access log P: it is a FIFO (named pipe)`.
+   */
+  constructor(message: string) {
+    super(message);
+    this.name = "RefusedLogPathError";
+  }
 }
 
 /** Running totals of an {@linkcode AccessLog}, read through its `stats`. */
@@ -148,8 +251,9 @@ type ReportKind = "write" | "drop" | "reopen";
 /** An append-only access log file that can be reopened after rotation. */
 export class AccessLog {
   #path: string;
-  #file: LogFile;
-  #openFile: (path: string) => LogFile;
+  // Undefined while the path is refused (lines wait in the backlog).
+  #file: LogFile | undefined;
+  #reopenFile: (path: string) => LogFile | Promise<LogFile>;
   #maxBacklogBytes: number;
   #retryIntervalMs: number;
   #reportIntervalMs: number;
@@ -171,6 +275,13 @@ export class AccessLog {
   #droppedLines = 0;
   #writeErrors = 0;
   #reopenPending = false;
+  // An asynchronous open in flight, settled when it is done.
+  #reopening: Promise<void> | undefined;
+  #reopeningSince = 0;
+  // A SIGHUP came while an open was in flight: open again after it.
+  #reopenAgain = false;
+  // The last reopen refused the path: retried on the timer, not per line.
+  #refused = false;
   #retryTimer: ReturnType<typeof setTimeout> | undefined;
   #closed = false;
   // Per kind, one line per report interval; the rest counted into the
@@ -181,13 +292,11 @@ export class AccessLog {
   #failingSince: number | undefined;
   #line = new Uint8Array(MAX_LINE_BYTES);
 
-  private constructor(
-    path: string,
-    openFile: (path: string) => LogFile,
-    options: AccessLogOptions,
-  ) {
+  private constructor(path: string, options: AccessLogOptions) {
     this.#path = path;
-    this.#openFile = openFile;
+    const openFile = options.openFile ?? openForAppendSync;
+    this.#reopenFile = options.reopenFile ?? options.openFile ??
+      openForAppend;
     this.#file = openFile(path);
     this.#maxBacklogBytes = options.maxBacklogBytes ??
       DEFAULTS.logBacklogBytes;
@@ -228,7 +337,7 @@ export class AccessLog {
    * ```
    */
   static open(path: string, options: AccessLogOptions = {}): AccessLog {
-    return new AccessLog(path, options.openFile ?? openForAppend, options);
+    return new AccessLog(path, options);
   }
 
   /** The path the log was opened with. */
@@ -260,15 +369,17 @@ export class AccessLog {
       this.#line,
     );
     const line = this.#line.subarray(0, length);
-    if (this.#reopenPending) this.#tryReopen();
-    if (this.#backlogBytes > 0) {
-      // Lines wait: they go first. Still waiting, this one joins them.
-      this.#drain();
-      if (this.#backlogBytes > 0) return this.#enqueue(line);
+    if (this.#reopenPending && !this.#refused) this.#startReopen();
+    // Lines wait: they go first. Still waiting, or no file (a refused
+    // path), this one joins them.
+    if (this.#backlogBytes > 0) this.#drain();
+    const file = this.#file;
+    if (this.#backlogBytes > 0 || file === undefined) {
+      return this.#enqueue(line);
     }
     let written;
     try {
-      written = this.#file.writeSync(line);
+      written = file.writeSync(line);
     } catch (error) {
       // Queued first, so the diagnostic counts it among the lines waiting.
       this.#enqueue(line);
@@ -293,11 +404,19 @@ export class AccessLog {
 
   /**
    * Opens the path again and switches to the new file, for log rotation by
-   * rename: lines written before the call are in the old (renamed) file,
-   * backlogged and later lines in the new one. If the path cannot be opened
-   * (out of file descriptors), lines keep going to the old file and the
-   * open is tried again on every line and on a timer until it succeeds; a
-   * diagnostic says so. Returns whether the new file is open (false, and
+   * rename: lines written before the switch are in the old (renamed) file,
+   * backlogged and later lines in the new one. The open runs off the event
+   * loop; until it is done lines keep going to the old file.
+   *
+   * If the path cannot be opened (out of file descriptors), lines keep
+   * going to the old file and the open is tried again on every line and on
+   * a timer until it succeeds. If the path is refused (a symlink, a FIFO,
+   * anything but a regular file: {@linkcode RefusedLogPathError}), the old
+   * file is closed and lines wait in the backlog, as on a full disk, while
+   * the timer and each SIGHUP try again. A diagnostic says which.
+   *
+   * Resolves, once the open this call started (or one already in flight and
+   * then one more) is done, with whether the new file is open (false, and
    * nothing done, once the log is closed).
    *
    * @example
@@ -307,7 +426,7 @@ export class AccessLog {
    * const log = AccessLog.open(`${dir}/access.log`, { onDiagnostic() {} });
    * log.record(1, 5);
    * await Deno.rename(`${dir}/access.log`, `${dir}/access.log.1`);
-   * assert.equal(log.reopen(), true);
+   * assert.equal(await log.reopen(), true);
    * log.record(2, 7);
    * log.close();
    * assert.equal(
@@ -317,11 +436,15 @@ export class AccessLog {
    * await Deno.remove(dir, { recursive: true });
    * ```
    */
-  reopen(): boolean {
+  async reopen(): Promise<boolean> {
     // A SIGHUP can come after close(), in the exit's last stderr flush.
     if (this.#closed) return false;
     this.#reopenPending = true;
-    return this.#tryReopen();
+    // One in flight opened the path as it was before this call: once more.
+    if (this.#reopening !== undefined) this.#reopenAgain = true;
+    else this.#startReopen();
+    while (this.#reopening !== undefined) await this.#reopening;
+    return !this.#reopenPending && !this.#closed;
   }
 
   /**
@@ -345,7 +468,7 @@ export class AccessLog {
   ): Promise<number> {
     const { signal } = options;
     const deadline = performance.now() + (options.timeoutMs ?? 0);
-    if (this.#reopenPending) this.#tryReopen();
+    if (this.#reopenPending) this.#startReopen();
     this.#drain();
     while (this.#backlogBytes > 0 && !this.#closed && !signal?.aborted) {
       const wait = Math.min(
@@ -363,7 +486,7 @@ export class AccessLog {
         signal?.addEventListener("abort", done);
       });
       if (signal?.aborted) break;
-      if (this.#reopenPending) this.#tryReopen();
+      if (this.#reopenPending) this.#startReopen();
       this.#drain();
     }
     return this.#backlogLines;
@@ -372,17 +495,18 @@ export class AccessLog {
   /**
    * Tries the backlog once more, closes the file and stops the timers.
    * Returns how many lines were never written: dropped while the backlog
-   * was full, or still waiting now (a diagnostic gives both counts).
+   * was full, or still waiting now (a diagnostic gives both counts). A
+   * reopen still pending is not tried (an open in flight is closed when it
+   * is done): {@linkcode AccessLog.flush} tries it.
    */
   close(): number {
     if (this.#closed) return this.#droppedLines + this.#backlogLines;
-    if (this.#reopenPending) this.#tryReopen();
     this.#drain();
     this.#abandonFragment("counted below as not written");
     this.#closed = true;
     clearTimeout(this.#retryTimer);
     this.#retryTimer = undefined;
-    this.#file.close();
+    this.#file?.close();
     this.#flushReports();
     const lost = this.#droppedLines + this.#backlogLines;
     if (lost > 0) {
@@ -430,15 +554,20 @@ export class AccessLog {
     this.#armRetry();
   }
 
-  /** Writes backlogged bytes, a chunk per write, until done or a failure. */
+  /**
+   * Writes backlogged bytes, a chunk per write, until done or a failure;
+   * nothing while the path is refused (no file).
+   */
   #drain(): void {
+    const file = this.#file;
+    if (file === undefined) return;
     while (this.#backlogBytes > 0) {
       const chunk = this.#chunks[0];
       const end = this.#chunks.length === 1 ? this.#fillOffset : chunk.length;
       const pending = chunk.subarray(this.#readOffset, end);
       let written;
       try {
-        written = this.#file.writeSync(pending);
+        written = file.writeSync(pending);
       } catch (error) {
         this.#writeFailed(error);
         return;
@@ -486,46 +615,53 @@ export class AccessLog {
     this.#failingSince ??= performance.now();
     this.#report(
       "write",
-      `write failed: ${describe(error)}; ${this.#backlogLines} ${
+      `write failed: ${errorMessage(error)}; ${this.#backlogLines} ${
         this.#backlogLines === 1 ? "line waits" : "lines wait"
       } in memory, retried every ${this.#retryIntervalMs / 1000} s`,
     );
     this.#armRetry();
   }
 
-  /** Opens the path again if a reopen is pending; whether it is done. */
-  #tryReopen(): boolean {
-    if (!this.#reopenPending) return true;
-    let next;
+  /**
+   * Starts opening the path again if a reopen is pending and no open is in
+   * flight. A synchronous opener (a test's stub) is done when this returns.
+   */
+  #startReopen(): void {
+    if (!this.#reopenPending || this.#closed || this.#reopening) return;
+    let opened;
     try {
-      next = this.#openFile(this.#path);
+      opened = this.#reopenFile(this.#path);
     } catch (error) {
-      this.#report(
-        "reopen",
-        `${
-          describe(error)
-        }; still writing to the old file, trying again on every line and every ${
-          this.#retryIntervalMs / 1000
-        } s`,
-      );
-      this.#armRetry();
-      return false;
+      this.#reopenFailed(error);
+      return;
     }
+    if (!(opened instanceof Promise)) return this.#reopened(opened);
+    this.#reopeningSince = performance.now();
+    this.#armRetry(); // says so if the open does not return
+    this.#reopening = opened.then(
+      (file) => {
+        this.#reopening = undefined;
+        if (this.#closed) file.close();
+        else this.#reopened(file);
+      },
+      (error) => {
+        this.#reopening = undefined;
+        if (!this.#closed) this.#reopenFailed(error);
+      },
+    ).then(() => {
+      if (!this.#reopenAgain || this.#closed) return;
+      this.#reopenAgain = false;
+      this.#reopenPending = true;
+      this.#startReopen();
+    });
+  }
+
+  /** Switches to the newly opened file. */
+  #reopened(next: LogFile): void {
     this.#reopenPending = false;
-    if (this.#fragment) {
-      // Finish the line the fragment began where it began, if the old file
-      // takes it; if not, the whole line goes to the new file.
-      this.#drainLine();
-      this.#abandonFragment("the whole line goes to the new file");
-    }
-    try {
-      this.#file.close();
-    } catch {
-      // Closing the old file cannot lose a line: each write went straight
-      // to the kernel (no user-space buffer).
-    }
+    this.#refused = false;
+    this.#leaveFile("the whole line goes to the new file");
     this.#file = next;
-    this.#fragment = false;
     const hadReopenReport = this.#reopenReported;
     this.#reports.reopen.reset();
     this.#reopenReported = false;
@@ -535,15 +671,58 @@ export class AccessLog {
       }`,
     );
     this.#drain();
-    return true;
+  }
+
+  /**
+   * After a failed open: lines keep going to the old file. After a refused
+   * path: the old file is left too and lines wait in memory.
+   */
+  #reopenFailed(error: unknown): void {
+    const every = `${this.#retryIntervalMs / 1000} s`;
+    this.#refused = error instanceof RefusedLogPathError;
+    if (this.#refused) this.#leaveFile("the whole line waits in memory");
+    this.#report(
+      "reopen",
+      this.#refused
+        ? `${errorMessage(error)}; ${this.#backlogLines} ${
+          this.#backlogLines === 1 ? "line waits" : "lines wait"
+        } in memory, trying again every ${every} and on SIGHUP`
+        : `${describeOpenError(error)}; ${
+          this.#file === undefined
+            ? "lines wait in memory"
+            : "still writing to the old file"
+        }, trying again on every line and every ${every}`,
+    );
+    this.#armRetry();
+  }
+
+  /**
+   * Closes the current file, if any, after finishing the line a fragment
+   * began there if it takes it (else the line is written whole later).
+   */
+  #leaveFile(then: string): void {
+    const file = this.#file;
+    if (file === undefined) return;
+    if (this.#fragment) {
+      this.#drainLine(file);
+      this.#abandonFragment(then);
+    }
+    try {
+      file.close();
+    } catch {
+      // Closing the old file cannot lose a line: each write went straight
+      // to the kernel (no user-space buffer).
+    }
+    this.#file = undefined;
+    this.#fragment = false;
   }
 
   /** Writes the backlog's first line's remainder, if the file takes it. */
-  #drainLine(): void {
+  #drainLine(file: LogFile): void {
     const chunk = this.#chunks[0];
     const end = chunk.indexOf(NEWLINE, this.#readOffset) + 1;
     try {
-      const written = this.#file.writeSync(
+      const written = file.writeSync(
         chunk.subarray(this.#readOffset, end),
       );
       this.#readOffset += written;
@@ -569,7 +748,7 @@ export class AccessLog {
   #noteFragment(): void {
     if (!this.#fragment) return;
     try {
-      this.#fragmentEnd = this.#file.seekSync?.(0, Deno.SeekMode.Current);
+      this.#fragmentEnd = this.#file?.seekSync?.(0, Deno.SeekMode.Current);
     } catch {
       this.#fragmentEnd = undefined; // a file that cannot seek: left as is
     }
@@ -582,19 +761,20 @@ export class AccessLog {
    * back to be written whole.
    */
   #abandonFragment(then: string): void {
-    if (!this.#fragment) return;
+    const file = this.#file;
+    if (!this.#fragment || file === undefined) return;
     const chunk = this.#chunks[0];
     let start = this.#readOffset;
     while (start > 0 && chunk[start - 1] !== NEWLINE) start--;
     const length = this.#readOffset - start;
     let cut = false;
     try {
-      const size = this.#file.seekSync?.(0, Deno.SeekMode.End);
+      const size = file.seekSync?.(0, Deno.SeekMode.End);
       if (
         size !== undefined && size === this.#fragmentEnd &&
-        this.#file.truncateSync !== undefined
+        file.truncateSync !== undefined
       ) {
-        this.#file.truncateSync(size - length);
+        file.truncateSync(size - length);
         cut = true;
       }
     } catch {
@@ -617,10 +797,28 @@ export class AccessLog {
     if (this.#retryTimer !== undefined || this.#closed) return;
     this.#retryTimer = setTimeout(() => {
       this.#retryTimer = undefined;
-      if (this.#reopenPending) this.#tryReopen();
+      if (this.#reopenPending) this.#startReopen();
       this.#drain();
+      this.#reportStalledOpen();
       if (this.#backlogBytes > 0 || this.#reopenPending) this.#armRetry();
     }, this.#retryIntervalMs);
+  }
+
+  /** Says so when an open in flight has not returned for a while. */
+  #reportStalledOpen(): void {
+    if (this.#reopening === undefined) return;
+    const seconds = (performance.now() - this.#reopeningSince) / 1000;
+    if (seconds * 1000 < this.#reportIntervalMs) return;
+    this.#report(
+      "reopen",
+      `cannot open access log ${this.#path}: the open has not returned after ${
+        seconds.toFixed(1)
+      } s (a stalled file system?); ${
+        this.#file === undefined
+          ? "lines wait in memory"
+          : "still writing to the old file"
+      }`,
+    );
   }
 
   /** Writes the lines held back of every kind, in this order. */
@@ -655,25 +853,231 @@ function plural(count: number, word: string): string {
   return count === 1 ? word : `${word}s`;
 }
 
-function openForAppend(path: string): Deno.FsFile {
+// The probe's flags: never blocks on a FIFO (ENXIO without a reader), never
+// creates, and fails (ELOOP) on a symlink that appears at the path after
+// Deno resolved it (Deno resolves the last component's symlinks itself
+// before opening when --allow-write names a directory).
+const PROBE_FLAGS = constants.O_WRONLY | constants.O_APPEND |
+  constants.O_NONBLOCK | constants.O_NOFOLLOW;
+// Checking an existing file marks its access time a day ahead: a reader
+// (a log shipper) cannot move it there under relatime, only an explicit set.
+const MARK_AHEAD_MS = 86_400_000;
+// Instances sharing the log check it at once after a rotation, each mark
+// overwriting the others': a mismatch is checked again this many times.
+const MARK_TRIES = 3;
+
+/**
+ * Opens `path` for appending, synchronously (start-up), with the checks of
+ * the module doc: a new file with O_EXCL, else an existing regular file
+ * that is the path's own entry.
+ */
+function openForAppendSync(path: string): Deno.FsFile {
   try {
     const slash = path.lastIndexOf("/");
     if (slash > 0) Deno.mkdirSync(path.slice(0, slash), { recursive: true });
-    return Deno.openSync(path, { append: true, create: true });
+    try {
+      return Deno.openSync(path, { append: true, createNew: true });
+    } catch (error) {
+      if (!(error instanceof Deno.errors.AlreadyExists)) throw error;
+    }
+    for (let tries = 1;; tries++) {
+      let probe;
+      try {
+        probe = openSync(path, PROBE_FLAGS);
+      } catch (error) {
+        throw probeError(error);
+      }
+      try {
+        const stat = fstatSync(probe);
+        const mark = markTime(stat);
+        try {
+          lutimesSync(path, new Date(mark), stat.mtime);
+        } catch (error) {
+          throw markError(error);
+        }
+        checkEntry(fstatSync(probe), mark);
+        const file = Deno.openSync(path, { append: true });
+        try {
+          file.utimeSync(new Date(mark + 1), stat.mtime);
+          checkSameFile(fstatSync(probe), mark + 1);
+          file.utimeSync(unmarked(stat), stat.mtime);
+          return file;
+        } catch (error) {
+          file.close();
+          throw error;
+        }
+      } catch (error) {
+        if (!(error instanceof MarkMismatch) || tries === MARK_TRIES) {
+          throw error;
+        }
+      } finally {
+        closeSync(probe);
+      }
+    }
   } catch (error) {
-    throw new Error(`cannot open access log ${path}: ${describe(error)}`, {
-      cause: error,
-    });
+    throw openError(path, error);
   }
 }
 
-function describe(error: unknown): string {
-  if (
-    error instanceof Deno.errors.PermissionDenied ||
-    error instanceof Deno.errors.NotCapable
-  ) {
+/**
+ * {@linkcode openForAppendSync} with every call asynchronous, so that an
+ * open that blocks (a stalled network file system) holds a thread of Deno's
+ * blocking pool, never the event loop.
+ */
+async function openForAppend(path: string): Promise<Deno.FsFile> {
+  try {
+    const slash = path.lastIndexOf("/");
+    if (slash > 0) {
+      await Deno.mkdir(path.slice(0, slash), { recursive: true });
+    }
+    try {
+      return await Deno.open(path, { append: true, createNew: true });
+    } catch (error) {
+      if (!(error instanceof Deno.errors.AlreadyExists)) throw error;
+    }
+    for (let tries = 1;; tries++) {
+      let probe;
+      try {
+        probe = await fsPromises.open(path, PROBE_FLAGS);
+      } catch (error) {
+        throw probeError(error);
+      }
+      try {
+        const stat = await probe.stat();
+        const mark = markTime(stat);
+        try {
+          await fsPromises.lutimes(path, new Date(mark), stat.mtime);
+        } catch (error) {
+          throw markError(error);
+        }
+        checkEntry(await probe.stat(), mark);
+        const file = await Deno.open(path, { append: true });
+        try {
+          await file.utime(new Date(mark + 1), stat.mtime);
+          checkSameFile(await probe.stat(), mark + 1);
+          await file.utime(unmarked(stat), stat.mtime);
+          return file;
+        } catch (error) {
+          file.close();
+          throw error;
+        }
+      } catch (error) {
+        if (!(error instanceof MarkMismatch) || tries === MARK_TRIES) {
+          throw error;
+        }
+      } finally {
+        await probe.close();
+      }
+    }
+  } catch (error) {
+    throw openError(path, error);
+  }
+}
+
+/** A check's mark did not show on the file opened: checked again. */
+class MarkMismatch extends RefusedLogPathError {}
+
+/** The access time that marks the file: ahead of anything a read sets. */
+function markTime(stat: Stats): number {
+  return Math.floor(Math.max(Date.now(), stat.atimeMs)) + MARK_AHEAD_MS;
+}
+
+/** The access time to leave: the file's, unless a mark left it ahead. */
+function unmarked(stat: Stats): Date {
+  return new Date(Math.min(stat.atimeMs, Date.now()));
+}
+
+function hasMark(stat: Stats, mark: number): boolean {
+  return Math.abs(stat.atimeMs - mark) < 0.5;
+}
+
+/**
+ * The probe opened what the path's entry is (the mark set on the entry,
+ * not following a symlink, shows on it) and it is a regular file.
+ */
+function checkEntry(stat: Stats, mark: number): void {
+  if (!hasMark(stat, mark)) {
+    throw new MarkMismatch(
+      "it is a symlink (or it was replaced while being checked)",
+    );
+  }
+  if (!stat.isFile()) throw new RefusedLogPathError(`it is ${kindOf(stat)}`);
+}
+
+/** The file opened to write is the one the probe checked. */
+function checkSameFile(stat: Stats, mark: number): void {
+  if (!hasMark(stat, mark)) {
+    throw new MarkMismatch("it was replaced while being opened");
+  }
+}
+
+function kindOf(stat: Stats): string {
+  if (stat.isFIFO()) return "a FIFO (named pipe)";
+  if (stat.isDirectory()) return "a directory";
+  if (stat.isCharacterDevice()) return "a character device";
+  if (stat.isBlockDevice()) return "a block device";
+  if (stat.isSocket()) return "a socket";
+  return "not a regular file";
+}
+
+/** The probe's open failed: a refusal if the error shows what the path is. */
+function probeError(error: unknown): unknown {
+  switch (nodeCode(error)) {
+    case "ENXIO":
+      return new RefusedLogPathError("it is a FIFO (named pipe) or a socket");
+    case "EISDIR":
+      return new RefusedLogPathError("it is a directory");
+    case "ELOOP":
+      return new RefusedLogPathError("it is a symlink");
+    case "ENOENT":
+      // It existed a moment ago (O_EXCL failed): a symlink to nothing.
+      return new RefusedLogPathError(
+        "it is a symlink to a missing file (or it was removed meanwhile)",
+      );
+  }
+  return error;
+}
+
+/** Setting the mark failed: a refusal if it is not allowed. */
+function markError(error: unknown): unknown {
+  if (nodeCode(error) !== "EPERM") return error;
+  return new RefusedLogPathError(
+    "cannot check that it is not a symlink: it belongs to another user",
+  );
+}
+
+function nodeCode(error: unknown): string | undefined {
+  if (!(error instanceof Error) || !("code" in error)) return undefined;
+  return typeof error.code === "string" ? error.code : undefined;
+}
+
+function openError(path: string, error: unknown): Error {
+  if (error instanceof RefusedLogPathError) {
+    return new RefusedLogPathError(
+      `refusing access log ${path}: ${error.message}; the log must be a ` +
+        "regular file of the server's user (not a symlink, FIFO, directory " +
+        "or device)",
+    );
+  }
+  return new Error(
+    `cannot open access log ${path}: ${describeOpenError(error)}`,
+    {
+      cause: error,
+    },
+  );
+}
+
+function describeOpenError(error: unknown): string {
+  // Deno's own permission, not the file system's: root is refused too.
+  if (error instanceof Deno.errors.NotCapable) {
+    const dir = DEFAULTS.logPath.slice(0, DEFAULTS.logPath.lastIndexOf("/"));
+    return "Deno's --allow-write does not grant it (the tasks and the " +
+      `compiled binary may write only in ${dir}: log there, or run main.ts ` +
+      "with --allow-write naming the log's directory)";
+  }
+  if (error instanceof Deno.errors.PermissionDenied) {
     return "permission denied (run as a user who may write there, or pass " +
-      "--log PATH and grant --allow-write for that path)";
+      "--log PATH somewhere you may write)";
   }
   return errorMessage(error);
 }

@@ -1,6 +1,12 @@
 import assert from "node:assert/strict";
-import { AccessLog, type LogFile } from "./access_log.ts";
-import { withTempDir } from "./test_util.ts";
+import { closeSync, constants, openSync, readSync } from "node:fs";
+import { AccessLog, type LogFile, RefusedLogPathError } from "./access_log.ts";
+import {
+  findExecutable,
+  runCommand,
+  waitUntil,
+  withTempDir,
+} from "./test_util.ts";
 
 /** `fn` run in a fresh temporary directory, removed afterwards. */
 function withTempDirSync(
@@ -51,13 +57,13 @@ Deno.test(
 
 Deno.test(
   "AccessLog.reopen() after a rename writes new lines to a new file",
-  withTempDirSync((dir) => {
+  withTempDir(async (dir) => {
     const path = `${dir}/access.log`;
     const log = AccessLog.open(path, { onDiagnostic() {} });
     log.record(1, 10);
     Deno.renameSync(path, `${path}.1`);
     log.record(2, 20); // still the old, renamed file
-    log.reopen();
+    await log.reopen();
     log.record(3, 30);
     log.close();
     assert.equal(
@@ -73,33 +79,35 @@ Deno.test(
 
 Deno.test(
   "AccessLog.reopen() that fails keeps writing to the old file, retries on the next line",
-  withTempDirSync((dir) => {
+  withTempDir(async (dir) => {
     const path = `${dir}/logs/access.log`;
     const diagnostics: string[] = [];
     const log = AccessLog.open(path, {
       onDiagnostic: (message) => diagnostics.push(message),
+      retryIntervalMs: 3_600_000, // no timer: only lines retry
     });
     Deno.renameSync(`${dir}/logs`, `${dir}/old`);
     Deno.writeTextFileSync(`${dir}/logs`, "a file where the directory was");
-    assert.equal(log.reopen(), false);
+    assert.equal(await log.reopen(), false);
     assert.equal(log.stats.reopenPending, true);
     assert.match(
       diagnostics[0],
       /^cannot open access log .*logs\/access.log: .*; still writing to the old file, trying again/,
     );
-    log.record(1, 1);
-    // The path can be opened again: the next line's retry switches.
+    // The path can be opened again: the next line starts a retry, off the
+    // event loop (the line itself still goes to the old file).
     Deno.removeSync(`${dir}/logs`);
+    log.record(1, 1);
+    await waitUntil(() => !log.stats.reopenPending, "the line's retry");
     log.record(2, 2);
-    assert.equal(log.stats.reopenPending, false);
     assert.equal(log.close(), 0);
     assert.equal(
       Deno.readTextFileSync(`${dir}/old/access.log`),
       "[client 1]: received 1 bytes\n",
     );
     assert.equal(Deno.readTextFileSync(path), "[client 2]: received 2 bytes\n");
-    assert.equal(diagnostics.length, 3, diagnostics.join("\n"));
-    assert.match(diagnostics[2], /^reopened access log .* \(after failing\)$/);
+    assert.equal(diagnostics.length, 2, diagnostics.join("\n"));
+    assert.match(diagnostics[1], /^reopened access log .* \(after failing\)$/);
   }),
 );
 
@@ -183,6 +191,175 @@ Deno.test(
     );
   }),
 );
+
+/** Runs a command that must succeed (mkfifo, mknod). */
+async function run(command: string, ...args: string[]): Promise<void> {
+  const { code, stderr } = await runCommand(command, args);
+  assert.equal(code, 0, stderr);
+}
+
+/**
+ * A FIFO's read end opened without blocking, as a log shipper would hold
+ * it: with a reader, a writer's open(2) of the FIFO succeeds.
+ */
+function fifoReader(path: string): Disposable & { read(): number } {
+  const fd = openSync(path, constants.O_RDONLY | constants.O_NONBLOCK);
+  return {
+    read: () => readSync(fd, new Uint8Array(4096)),
+    [Symbol.dispose]: () => closeSync(fd),
+  };
+}
+
+Deno.test(
+  "AccessLog.open() refuses a symlink, a FIFO with or without a reader, a directory and a device at the path, writing nothing",
+  withTempDir(async (dir) => {
+    const target = `${dir}/target`;
+    await Deno.writeTextFile(target, "");
+    const cases: [string, (path: string) => Promise<void>, RegExp][] = [
+      ["symlink", (path) => Deno.symlink(target, path), /it is a symlink\b/],
+      [
+        "dangling symlink",
+        (path) => Deno.symlink(`${dir}/missing`, path),
+        /it is a symlink\b/,
+      ],
+      [
+        "symlink to a device",
+        (path) => Deno.symlink("/dev/null", path),
+        /it is a symlink\b/,
+      ],
+      ["FIFO", (path) => run("mkfifo", path), /it is a FIFO /],
+      ["directory", (path) => Deno.mkdir(path), /it is a directory;/],
+      ["device", (path) => run("mknod", path, "c", "1", "3"), /character/],
+    ];
+    for (const [kind, make, reason] of cases) {
+      const path = `${dir}/${kind.replaceAll(" ", "-")}.log`;
+      await make(path);
+      assert.throws(
+        () => AccessLog.open(path),
+        (error) => {
+          assert.ok(error instanceof RefusedLogPathError, kind);
+          assert.match(
+            error.message,
+            new RegExp(`^refusing access log ${path}: `),
+          );
+          assert.match(error.message, reason, kind);
+          return true;
+        },
+      );
+    }
+    // A FIFO with a reader opens (no ENXIO) and is refused by its type.
+    await run("mkfifo", `${dir}/read.log`);
+    using reader = fifoReader(`${dir}/read.log`);
+    assert.throws(
+      () => AccessLog.open(`${dir}/read.log`),
+      /: it is a FIFO \(named pipe\);/,
+    );
+    assert.equal(reader.read(), 0); // EOF: no writer, nothing written
+    assert.equal(await Deno.readTextFile(target), "");
+    // Nothing was created through the dangling symlink either.
+    await assert.rejects(Deno.stat(`${dir}/missing`), Deno.errors.NotFound);
+  }),
+);
+
+Deno.test(
+  "AccessLog.reopen() refuses a FIFO with a reader: writes nothing into it, keeps the lines in memory, writes them once a file is back",
+  withTempDir(async (dir) => {
+    const path = `${dir}/access.log`;
+    const diagnostics: string[] = [];
+    const log = AccessLog.open(path, {
+      onDiagnostic: (message) => diagnostics.push(message),
+      retryIntervalMs: 3_600_000, // no timer: the second reopen retries
+    });
+    log.record(1, 1);
+    await Deno.rename(path, `${path}.1`);
+    await run("mkfifo", path);
+    using reader = fifoReader(path);
+    assert.equal(await log.reopen(), false);
+    assert.match(
+      diagnostics[0],
+      /^refusing access log .*: it is a FIFO \(named pipe\);.*; 0 lines wait in memory, trying again every 3600 s and on SIGHUP$/,
+    );
+    log.record(2, 2);
+    log.record(3, 3);
+    assert.equal(reader.read(), 0);
+    assert.deepEqual(
+      [log.stats.backlogLines, log.stats.reopenPending],
+      [2, true],
+    );
+    await Deno.remove(path);
+    assert.equal(await log.reopen(), true);
+    log.record(4, 4);
+    assert.equal(log.close(), 0);
+    assert.equal(await Deno.readTextFile(`${path}.1`), lines(1, 1));
+    assert.equal(await Deno.readTextFile(path), lines(2, 4));
+  }),
+);
+
+const setpriv = findExecutable("setpriv");
+const asRoot = (await runCommand("id", ["-u"])).stdout.trim() === "0";
+
+Deno.test({
+  name:
+    `AccessLog.open() as an unprivileged user refuses another user's symlink and log, and opens its own${
+      setpriv === undefined || !asRoot
+        ? " (ignored: needs root and setpriv)"
+        : ""
+    }`,
+  ignore: setpriv === undefined || !asRoot,
+  fn: withTempDir(async (dir) => {
+    // As nobody, with the task's permission alone: the mark (utimensat)
+    // needs the entry's owner, so another user's symlink or log cannot be
+    // checked and is refused.
+    const logs = `${dir}/logs`;
+    await Deno.mkdir(logs);
+    await Deno.chmod(dir, 0o755);
+    await Deno.chmod(logs, 0o777);
+    await Deno.writeTextFile(`${logs}/root.log`, line(1, 1), { mode: 0o666 });
+    await Deno.chmod(`${logs}/root.log`, 0o666);
+    await Deno.symlink(`${logs}/root.log`, `${logs}/link.log`);
+    const script = `${dir}/open.ts`;
+    await Deno.writeTextFile(
+      script,
+      `import { AccessLog } from ${
+        JSON.stringify(new URL("./access_log.ts", import.meta.url).href)
+      };
+for (const name of Deno.args) {
+  try {
+    AccessLog.open(${JSON.stringify(logs)} + "/" + name).close();
+    console.log(name + ": opened");
+  } catch (error) {
+    console.log(name + ": " + error.message);
+  }
+}`,
+    );
+    await Deno.chmod(script, 0o644);
+    const denoDir = `${dir}/deno`;
+    await Deno.mkdir(denoDir, { mode: 0o777 });
+    await Deno.chmod(denoDir, 0o777);
+    const { code, stdout, stderr } = await runCommand(setpriv!, [
+      "--reuid=65534",
+      "--regid=65534",
+      "--clear-groups",
+      Deno.execPath(),
+      "run",
+      "--no-prompt",
+      `--allow-write=${logs}`,
+      script,
+      "link.log",
+      "root.log",
+      "own.log", // created
+      "own.log", // its own, existing: checked and opened
+    ], { env: { DENO_DIR: denoDir, HOME: dir } });
+    assert.equal(code, 0, stderr);
+    const refused = (name: string) =>
+      `${name}: refusing access log ${logs}/${name}: cannot check that it is not a symlink: it belongs to another user; `;
+    const results = stdout.trimEnd().split("\n");
+    assert.ok(results[0].startsWith(refused("link.log")), results[0]);
+    assert.ok(results[1].startsWith(refused("root.log")), results[1]);
+    assert.deepEqual(results.slice(2), ["own.log: opened", "own.log: opened"]);
+    assert.equal(await Deno.readTextFile(`${logs}/root.log`), line(1, 1));
+  }),
+});
 
 /**
  * A stub disk: files on it share `free` bytes; a write takes what fits (a
@@ -335,7 +512,7 @@ Deno.test("AccessLog drops and counts lines past maxBacklogBytes, never the one 
   );
 });
 
-Deno.test("AccessLog.reopen() writes the backlog to the new file; a fragment the old one refuses is written whole", () => {
+Deno.test("AccessLog.reopen() writes the backlog to the new file; a fragment the old one refuses is written whole", async () => {
   const disk = new StubDisk(line(1, 1).length + 3);
   const diagnostics: string[] = [];
   const log = AccessLog.open("access.log", {
@@ -348,7 +525,7 @@ Deno.test("AccessLog.reopen() writes the backlog to the new file; a fragment the
   disk.rename("access.log", "access.log.1");
   disk.free = 1_000_000;
   // The old file would take the remainder now; finish it there instead.
-  assert.equal(log.reopen(), true);
+  assert.equal(await log.reopen(), true);
   assert.equal(disk.text("access.log.1"), lines(1, 2));
   assert.equal(disk.text("access.log"), line(3, 3));
   assert.equal(log.close(), 0);
@@ -372,7 +549,7 @@ Deno.test("AccessLog.reopen() writes the backlog to the new file; a fragment the
     throw new Error("No space left on device (os error 28)");
   };
   full.free = 1_000_000;
-  assert.equal(log3.reopen(), true);
+  assert.equal(await log3.reopen(), true);
   assert.equal(full.text("access.log.1"), line(1, 1) + "[cl");
   assert.equal(full.text("access.log"), line(2, 2));
   assert.ok(
@@ -401,7 +578,7 @@ Deno.test("AccessLog.reopen() that finishes a fragment at a backlog chunk's end 
   assert.equal(await log.flush(), 2);
   disk.rename("access.log", "access.log.1");
   disk.free = 1_000_000;
-  assert.equal(log.reopen(), true);
+  assert.equal(await log.reopen(), true);
   assert.equal(disk.text("access.log.1"), lines(1, n));
   assert.equal(disk.text("access.log"), line(n + 1, n + 1));
   assert.equal(log.stats.backlogLines, 0);
@@ -425,7 +602,7 @@ Deno.test("AccessLog retries a failed reopen on its timer after the backlog drai
   log.record(1, 1); // "[cl", the rest waits
   disk.rename("access.log", "access.log.1");
   failOpen = true;
-  assert.equal(log.reopen(), false);
+  assert.equal(await log.reopen(), false);
   disk.free = 1_000_000;
   log.record(2, 2); // the backlog drains to the old file
   assert.equal(log.stats.backlogLines, 0);
@@ -471,4 +648,46 @@ Deno.test("AccessLog.flush() ends at once when its signal is aborted, resolving 
   );
   assert.equal(disk.text("access.log"), "");
   assert.equal(log.close(), 2);
+});
+
+Deno.test("AccessLog.reopen() whose open does not return keeps writing to the old file, says so, and opens once more for a SIGHUP meanwhile", async () => {
+  const disk = new StubDisk(1_000_000);
+  const diagnostics: string[] = [];
+  const opens: PromiseWithResolvers<LogFile>[] = [];
+  const log = AccessLog.open("access.log", {
+    openFile: (path) => disk.open(path),
+    // An open that returns only when the test says (a stalled NFS server).
+    reopenFile: () => {
+      const open = Promise.withResolvers<LogFile>();
+      opens.push(open);
+      return open.promise;
+    },
+    onDiagnostic: (message) => diagnostics.push(message),
+    retryIntervalMs: 10,
+    reportIntervalMs: 50,
+  });
+  disk.rename("access.log", "access.log.1");
+  const first = log.reopen();
+  log.record(1, 1); // the open is in flight: the old file
+  await waitUntil(
+    () => diagnostics.some((message) => /has not returned after/.test(message)),
+    "the stalled open's diagnostic",
+  );
+  assert.match(
+    diagnostics[0],
+    /^cannot open access log access\.log: the open has not returned after \d+\.\d s \(a stalled file system\?\); still writing to the old file$/,
+  );
+  const second = log.reopen(); // a rotation meanwhile: once more, after
+  assert.equal(opens.length, 1, "one open in flight at a time");
+  opens[0].resolve(disk.open("access.log"));
+  await waitUntil(() => opens.length === 2, "the second open");
+  log.record(2, 2); // the first open's file
+  disk.rename("access.log", "access.log.2");
+  opens[1].resolve(disk.open("access.log"));
+  assert.deepEqual([await first, await second], [true, true]);
+  log.record(3, 3);
+  assert.equal(log.close(), 0);
+  assert.equal(disk.text("access.log.1"), line(1, 1));
+  assert.equal(disk.text("access.log.2"), line(2, 2));
+  assert.equal(disk.text("access.log"), line(3, 3));
 });

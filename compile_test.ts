@@ -342,9 +342,10 @@ Deno.test({
     assert.ok(!result.prompted, result.lines.join("\n"));
     assert.equal(result.code, 1);
     assert.deepEqual(result.lines.filter((l) => !l.startsWith("Task start ")), [
-      `echo-server: cannot open access log ${logPath}: permission denied ` +
-      "(run as a user who may write there, or pass --log PATH and grant " +
-      "--allow-write for that path)",
+      `echo-server: cannot open access log ${logPath}: Deno's --allow-write ` +
+      "does not grant it (the tasks and the compiled binary may write only " +
+      "in /var/log/echo-server: log there, or run main.ts with " +
+      "--allow-write naming the log's directory)",
     ]);
   }, { prefix: "echo-server-compile-" }),
 });

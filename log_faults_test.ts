@@ -1,8 +1,10 @@
 /**
  * The access log under real faults, through the server process: a full
  * file system (a tiny tmpfs, which needs root), a file-size limit
- * (RLIMIT_FSIZE set with prlimit), and a SIGHUP reopen that fails for lack
- * of file descriptors (`ulimit -n`) and then recovers.
+ * (RLIMIT_FSIZE set with prlimit), a SIGHUP reopen that fails for lack
+ * of file descriptors (`ulimit -n`) and then recovers, and a log path
+ * turned into a symlink, a FIFO or a directory (at a SIGHUP and at
+ * start-up), under the task's exact permissions.
  */
 
 import assert from "node:assert/strict";
@@ -15,6 +17,7 @@ import {
   runCommand,
   ServerProcess,
   type ServerProcessOptions,
+  within,
   withTempDir,
 } from "./test_util.ts";
 
@@ -399,5 +402,147 @@ Deno.test(
       ids.toSorted((a, b) => a - b),
       Array.from({ length: clients + 3 }, (_, i) => i + 1),
     );
+  }),
+);
+
+/** Runs `mkfifo path`. */
+async function mkfifo(path: string): Promise<void> {
+  const made = await runCommand("mkfifo", [path]);
+  assert.equal(made.code, 0, made.stderr);
+}
+
+/** Lines 1 and 2 logged, then the log renamed as logrotate does. */
+async function rotateAfterTwo(
+  server: ServerProcess,
+  dir: string,
+): Promise<{ port: number; metricsPort: number }> {
+  const ports_ = await ports(server);
+  await serveClients(ports_.port, 1, 2);
+  await Deno.rename(`${dir}/access.log`, `${dir}/access.log.1`);
+  return ports_;
+}
+
+/**
+ * After a refused reopen: `access.log.1` holds clients 1 and 2 only, the
+ * lines of clients 3 to `waiting + 2` wait in memory, and once `restore`
+ * puts a regular file back (or frees the path) the retry timer writes
+ * them, in order, to `access.log`, then client `waiting + 3` too.
+ */
+async function assertLinesWaitThenLand(
+  server: ServerProcess,
+  dir: string,
+  { port, metricsPort }: { port: number; metricsPort: number },
+  waiting: number,
+  restore: () => Promise<void>,
+): Promise<void> {
+  const held = await metrics(metricsPort);
+  assert.equal(held.echo_log_backlog_lines, waiting, JSON.stringify(held));
+  assert.equal(held.echo_log_reopen_pending, 1);
+  assert.equal(held.echo_log_dropped_lines_total, 0);
+  assert.equal(await Deno.readTextFile(`${dir}/access.log.1`), linesText(1, 2));
+  await restore();
+  await server.stderr.next(/^reopened access log .* \(after failing\)$/);
+  await serveClients(port, waiting + 3, waiting + 3);
+  assert.equal(await server.stop(), 0, server.stderr.lines.join("\n"));
+  assert.equal(
+    await Deno.readTextFile(`${dir}/access.log`),
+    linesText(3, waiting + 3),
+  );
+}
+
+Deno.test(
+  "echo-server on SIGHUP with a symlink at the log path writes nothing through it, says why, keeps the lines in memory and writes them once a file is back",
+  withTempDir(async (dir) => {
+    // The symlink's target lies outside the directory --allow-write names.
+    const outside = await Deno.makeTempFile();
+    try {
+      await using server = spawnLogServer(dir, []);
+      const served = await rotateAfterTwo(server, dir);
+      await Deno.symlink(outside, `${dir}/access.log`);
+      server.child.kill("SIGHUP");
+      await server.stderr.next(
+        /^refusing access log .*\/access\.log: it is a symlink .*; \d+ lines? waits? in memory, trying again every 1 s and on SIGHUP$/,
+      );
+      await serveClients(served.port, 3, 7);
+      await assertLinesWaitThenLand(server, dir, served, 5, async () => {
+        assert.equal(await Deno.readTextFile(outside), "");
+        await Deno.remove(`${dir}/access.log`);
+      });
+      assert.equal(await Deno.readTextFile(outside), "");
+    } finally {
+      await Deno.remove(outside);
+    }
+  }),
+);
+
+Deno.test(
+  "echo-server on SIGHUP with a FIFO at the log path keeps serving and keeps the lines in memory until a file is back",
+  withTempDir(async (dir) => {
+    await using server = spawnLogServer(dir, []);
+    const served = await rotateAfterTwo(server, dir);
+    const { port } = served;
+    await mkfifo(`${dir}/access.log`);
+    server.child.kill("SIGHUP");
+    // A reopen that blocked in open(2) on the FIFO would stall the event
+    // loop: no line on stderr, no client served until something read it.
+    await within(
+      server.stderr.next(
+        /^refusing access log .*\/access\.log: it is a FIFO \(named pipe\) or a socket; /,
+      ),
+      30_000,
+      "the refusal on stderr",
+    );
+    await within(serveClients(port, 3, 12), 30_000, "10 clients served");
+    await assertLinesWaitThenLand(
+      server,
+      dir,
+      served,
+      10,
+      () => Deno.remove(`${dir}/access.log`),
+    );
+  }),
+);
+
+Deno.test(
+  "echo-server refuses to start on a symlink, a FIFO or a directory at the log path: one line, exit 1, nothing written",
+  withTempDir(async (dir) => {
+    const outside = await Deno.makeTempFile();
+    try {
+      const cases: [string, () => Promise<void>, RegExp][] = [
+        [
+          "symlink",
+          () => Deno.symlink(outside, `${dir}/symlink/access.log`),
+          /it is a symlink /,
+        ],
+        ["FIFO", () => mkfifo(`${dir}/FIFO/access.log`), /it is a FIFO /],
+        [
+          "directory",
+          () => Deno.mkdir(`${dir}/directory/access.log`),
+          /it is a directory;/,
+        ],
+      ];
+      for (const [kind, make, reason] of cases) {
+        await Deno.mkdir(`${dir}/${kind}`);
+        await make();
+        // A start-up that blocked on the FIFO, or served, is killed at 30 s.
+        await using server = new ServerProcess(`${dir}/${kind}`, [], {
+          timeoutMs: 30_000,
+        });
+        const { code, stderr } = await server.exit();
+        assert.equal(code, 1, `${kind}: ${stderr}`);
+        assert.match(
+          stderr,
+          new RegExp(
+            `^echo-server: refusing access log ${dir}/${kind}/access\\.log: `,
+          ),
+          kind,
+        );
+        assert.match(stderr, reason, kind);
+        assert.equal(stderr.split("\n").length, 2, `${kind}: one line`);
+      }
+      assert.equal(await Deno.readTextFile(outside), "");
+    } finally {
+      await Deno.remove(outside);
+    }
   }),
 );

@@ -115,7 +115,7 @@ export interface GracefulShutdownOptions {
  *   },
  *   log: {
  *     stats: { backlogLines: 0 },
- *     reopen: () => true,
+ *     reopen: () => Promise.resolve(true),
  *     flush: () => Promise.resolve(0),
  *     close: () => 0,
  *   },
@@ -189,8 +189,9 @@ export class GracefulShutdown {
         // copy to its job, the kernel's, deno task's): one request.
         if (!this.#stopping) this.#start("SIGHUP, terminal closed");
       } else {
-        // access_log.ts reports the reopen, and retries it until it works.
-        this.#log.reopen();
+        // access_log.ts reports the reopen, and retries it until it works;
+        // it never rejects.
+        void this.#log.reopen();
       }
     } else if (!this.#stopping) {
       this.#start(signal);

@@ -81,7 +81,7 @@ class FakeParts {
     stats: { backlogLines: 0 },
     reopen: () => {
       this.calls.push("log.reopen");
-      return true;
+      return Promise.resolve(true);
     },
     flush: (options: { timeoutMs?: number; signal?: AbortSignal } = {}) =>
       this.#flush(options),
