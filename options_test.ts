@@ -145,7 +145,10 @@ Deno.test("USAGE gives each row its help without backticks and its own default, 
     ]),
     ...SWITCHES.map((row) => [`-${row.short}, --${row.name}`, row.help]),
   ]);
-  assert.match(USAGE, /^Signals: SIGHUP reopens the access log, or, once the terminal/m);
+  assert.match(
+    USAGE,
+    /^Signals: SIGHUP reopens the access log, or, once the terminal/m,
+  );
 });
 
 /**
