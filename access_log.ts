@@ -131,8 +131,8 @@ export interface LogFile {
   /**
    * Moves the file offset; with `O_APPEND` the offset after a write is the
    * file's end then, and `SeekMode.End` gives its end now (unlike `fstat`,
-   * this needs no read permission). Used to cut off a fragment only if
-   * nothing was appended after it.
+   * this needs no read permission). A fragment is cut off only if nothing
+   * was appended after it, which this tells.
    */
   seekSync?(offset: number, whence: Deno.SeekMode): number;
   /** Cuts the file to `len` bytes. */

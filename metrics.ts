@@ -54,7 +54,7 @@ export interface MetricsOptions {
    */
   onDiagnostic?: (message: string) => void;
   /**
-   * The access log whose backlog, drops and write errors are reported
+   * The access log whose backlog, drops and write errors are exposed
    * (`AccessLog` from access_log.ts).
    * @default {none: those metrics read 0}
    */
@@ -579,17 +579,17 @@ function closeQuietly(conn: Deno.Conn): void {
 /** Options for {@linkcode renderMetrics}. */
 export interface RenderOptions {
   /**
-   * Reported as `echo_draining`: whether the server is draining.
+   * Exposed as `echo_draining`: whether the server is draining.
    * @default {false}
    */
   draining?: boolean;
   /**
-   * The access log's totals, reported as `echo_log_*`.
+   * The access log's totals, exposed as `echo_log_*`.
    * @default {none: those metrics read 0}
    */
   accessLog?: AccessLogStats;
   /**
-   * The metrics port's own cut-offs, reported as
+   * The metrics port's own cut-offs, exposed as
    * `echo_metrics_port_cutoffs_total`.
    * @default {none: every reason reads 0}
    */
@@ -653,7 +653,7 @@ export function renderMetrics(
   family(
     "echo_connections_active",
     "gauge",
-    "Clients accepted whose end is not yet reported, those just cut off included.",
+    "Clients accepted whose end is not yet logged, those just cut off included.",
     server.connections,
   );
   family(
