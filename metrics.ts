@@ -764,7 +764,7 @@ export function renderMetrics(
   family(
     "echo_draining",
     "gauge",
-    "1 once SIGINT or SIGTERM started the drain, else 0.",
+    "1 once a signal started the shutdown, else 0.",
     options.draining ? 1 : 0,
   );
   family(
