@@ -240,7 +240,7 @@ export const DEFAULT_RETRY_INTERVAL_MS = 1000;
 /** Default for {@linkcode AccessLogOptions.reportIntervalMs}: 10 s. */
 export const DEFAULT_REPORT_INTERVAL_MS = 10_000;
 
-// Backlog chunks hold whole lines; one chunk is one write when draining.
+// Backlog chunks hold whole lines; a write of the backlog takes one chunk.
 const CHUNK_BYTES = 64 * 1024;
 // The longest line: two 16-digit numbers and the text around them.
 const MAX_LINE_BYTES = 80;
@@ -372,7 +372,7 @@ export class AccessLog {
     if (this.#reopenPending && !this.#refused) this.#startReopen();
     // Lines wait: they go first. Still waiting, or no file (a refused
     // path), this one joins them.
-    if (this.#backlogBytes > 0) this.#drain();
+    if (this.#backlogBytes > 0) this.#writeBacklog();
     const file = this.#file;
     if (this.#backlogBytes > 0 || file === undefined) {
       return this.#enqueue(line);
@@ -399,7 +399,7 @@ export class AccessLog {
     this.#backlogBytes -= written;
     this.#fragment = written > 0;
     this.#noteFragment();
-    this.#drain();
+    this.#writeBacklog();
   }
 
   /**
@@ -469,7 +469,7 @@ export class AccessLog {
     const { signal } = options;
     const deadline = performance.now() + (options.timeoutMs ?? 0);
     if (this.#reopenPending) this.#startReopen();
-    this.#drain();
+    this.#writeBacklog();
     while (this.#backlogBytes > 0 && !this.#closed && !signal?.aborted) {
       const wait = Math.min(
         this.#retryIntervalMs,
@@ -487,7 +487,7 @@ export class AccessLog {
       });
       if (signal?.aborted) break;
       if (this.#reopenPending) this.#startReopen();
-      this.#drain();
+      this.#writeBacklog();
     }
     return this.#backlogLines;
   }
@@ -501,7 +501,7 @@ export class AccessLog {
    */
   close(): number {
     if (this.#closed) return this.#droppedLines + this.#backlogLines;
-    this.#drain();
+    this.#writeBacklog();
     this.#abandonFragment("counted below as not written");
     this.#closed = true;
     clearTimeout(this.#retryTimer);
@@ -558,7 +558,7 @@ export class AccessLog {
    * Writes backlogged bytes, a chunk per write, until done or a failure;
    * nothing while the path is refused (no file).
    */
-  #drain(): void {
+  #writeBacklog(): void {
     const file = this.#file;
     if (file === undefined) return;
     while (this.#backlogBytes > 0) {
@@ -670,7 +670,7 @@ export class AccessLog {
         hadReopenReport ? " (after failing)" : ""
       }`,
     );
-    this.#drain();
+    this.#writeBacklog();
   }
 
   /**
@@ -704,7 +704,7 @@ export class AccessLog {
     const file = this.#file;
     if (file === undefined) return;
     if (this.#fragment) {
-      this.#drainLine(file);
+      this.#finishFragment(file);
       this.#abandonFragment(then);
     }
     try {
@@ -718,7 +718,7 @@ export class AccessLog {
   }
 
   /** Writes the backlog's first line's remainder, if the file takes it. */
-  #drainLine(file: LogFile): void {
+  #finishFragment(file: LogFile): void {
     const chunk = this.#chunks[0];
     const end = chunk.indexOf(NEWLINE, this.#readOffset) + 1;
     try {
@@ -731,7 +731,7 @@ export class AccessLog {
         this.#fragment = false;
         this.#linesWritten++;
         this.#backlogLines--;
-        // The chunk's last line: on to the next, as #drain() does (it
+        // The chunk's last line: on to the next, as #writeBacklog() does (it
         // would write the empty rest of this one forever).
         if (end === chunk.length && this.#chunks.length > 1) {
           this.#chunks.shift();
@@ -798,7 +798,7 @@ export class AccessLog {
     this.#retryTimer = setTimeout(() => {
       this.#retryTimer = undefined;
       if (this.#reopenPending) this.#startReopen();
-      this.#drain();
+      this.#writeBacklog();
       this.#reportStalledOpen();
       if (this.#backlogBytes > 0 || this.#reopenPending) this.#armRetry();
     }, this.#retryIntervalMs);

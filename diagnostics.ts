@@ -7,7 +7,7 @@
  * and writes them with `Deno.stderr.write`, which Deno runs on a blocking
  * thread (`StdFileResourceInner::write` in deno's `ext/io/lib.rs`), one
  * write at a time. If stderr stalls the queue fills, further lines are
- * dropped and counted, and the count is reported once stderr drains.
+ * dropped and counted, and the count is reported once stderr is read again.
  *
  * A synchronous write to stderr (`console.error`) while such a write is
  * stuck waits for it, since both hold Rust's stderr lock: once a program
@@ -134,11 +134,11 @@ export class Diagnostics {
   #enqueue(bytes: Uint8Array): void {
     this.#queue.push(bytes);
     this.#queuedBytes += bytes.length;
-    this.#writing ??= this.#drain();
+    this.#writing ??= this.#writeQueue();
   }
 
   /** Writes what is queued, all of it per write call, until none is left. */
-  async #drain(): Promise<void> {
+  async #writeQueue(): Promise<void> {
     let lines = 0;
     try {
       while (this.#queue.length > 0) {
@@ -150,7 +150,7 @@ export class Diagnostics {
         }
         this.#queuedBytes -= batch.length;
         lines = 0;
-        // Drained: stderr is being read again, so say what was lost.
+        // All written: stderr is being read again, so say what was lost.
         if (this.#queue.length === 0 && this.#droppedUnreported > 0) {
           const count = this.#droppedUnreported;
           this.#droppedUnreported = 0;
