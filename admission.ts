@@ -35,23 +35,41 @@
  *   that read fast first, or has a large receive buffer, is credited with
  *   all of it: up to 30 s + 64 MiB / 16 KiB/s = 68 min (deploy/README.md
  *   has the measured cases).
- * - **Slot eviction** (`evictionGraceMs`, 2 s): at `maxConnections` the
- *   server accepts the newcomer and evicts the client with the lowest
- *   recent rate (bytes moved either way in the last `rateWindowMs`, or on
- *   average since it was accepted or half-closed, whichever is higher)
- *   among those past their grace; if none is, the newcomer waits in the
- *   kernel's queue until the first grace ends. The newcomer itself is never
- *   the one evicted. A client is in its grace for 2 s after it is accepted
- *   while it keeps moving bytes; one that is still sending, has sent
- *   something and has been silent since for an eighth of the grace (250 ms)
- *   is past it. One that has sent nothing yet keeps the whole grace: its
- *   bytes may only be waiting for the server to read them. Without that,
- *   attackers that reconnect as soon as they are evicted hold every slot in
- *   its grace: in `bench --mix` at 256 slots, good clients were still served,
- *   but all clients together got 116 connections a second (slots / grace)
- *   instead of thousands. Cost: with every slot taken, the slowest client
- *   past its grace loses its connection to each newcomer, whoever it is; a
- *   person typing into `nc` may lose it 250 ms after their last line.
+ * - **Fair slots between sources** (`evictionGraceMs`, 2 s): a client's
+ *   source is its IPv4 address, or the /64 prefix of its IPv6 address (one
+ *   host is handed a whole /64, RFC 6177, so counting IPv6 addresses one
+ *   by one would limit nothing; IPv4-mapped IPv6 addresses count as IPv4).
+ *   At `maxConnections` the server keeps accepting and decides per
+ *   newcomer (nginx `limit_conn` and HAProxy's `src_conn_cur` count per
+ *   address and refuse; this server evicts instead). A newcomer from a
+ *   source holding fewer connections than the biggest source is served at
+ *   once, at the biggest source's expense, grace or not: its oldest client
+ *   that has sent nothing, else the lowest recent rate (bytes moved either
+ *   way in the last `rateWindowMs`, or on average since it was accepted or
+ *   half-closed, whichever is higher) among its 32 oldest. A newcomer from
+ *   the biggest source (or one as big) may only take the slot of one of
+ *   its own past its grace, chosen the same way; if none is, it is turned
+ *   away at once (`turned_away`: closed, logged with 0 bytes). So the
+ *   kernel's queue never holds good clients behind an attacker's: an
+ *   attacker holding every slot from a few addresses holds them only until
+ *   clients from anywhere else arrive. The grace protects progress, not
+ *   newness: a client is past it `evictionGraceMs / 8` (250 ms) after its
+ *   last byte while it still sends, and a client that has sent nothing yet
+ *   is past it 250 ms after it was accepted; a client sending or reading
+ *   its echo keeps the whole 2 s. Grace cycling (silent clients that leave
+ *   within the grace and reconnect) therefore holds no slot against a
+ *   newcomer of its own source for more than 250 ms, and the silent ones
+ *   go first: an honest client moving bytes is chosen only when none of
+ *   its source has been silent for 250 ms. Cost: a source that is the
+ *   biggest at the limit loses a connection to each newcomer from a
+ *   smaller one; many honest clients behind one address (a NAT, a proxy
+ *   without the PROXY protocol) are one source and share its slots; a
+ *   person typing into `nc` at the limit may lose the connection 250 ms
+ *   after connecting or after their last line. Attackers on the same
+ *   address as good clients are told from them only by progress: a good
+ *   client is served if its bytes arrive before 250 ms and a newcomer of
+ *   its source comes by while a silent one of them is past its grace
+ *   (bench/README.md has the measured share).
  * - **Memory eviction** (on unless the grace is 0): when a read buffer
  *   would pass `maxBufferedBytes`, the server evicts the other clients
  *   holding the most buffer for the least progress, largest
@@ -86,6 +104,8 @@ export type AdmissionReason =
 export interface ClientProgress {
   /** When it was accepted. */
   readonly acceptedAt: number;
+  /** Its source, from {@linkcode sourceKey}: whose slots it counts against. */
+  readonly source: string;
   /** Bytes read from it. */
   bytesReceived: number;
   /** Bytes of its echo the kernel took (completed writes). */
@@ -168,6 +188,55 @@ export const DEFAULT_MIN_READ_RATE = 16 * 1024;
 /** Default for {@linkcode AdmissionOptions.evictionGraceMs}: 2 s. */
 export const DEFAULT_EVICTION_GRACE_MS = 2000;
 const DEFAULT_RATE_WINDOW_MS = 5000;
+// A victim of a source with no silent client is the lowest rate among this
+// many of its oldest: a bounded cost per newcomer (bench/victim_cost.ts).
+const VICTIM_SCAN = 32;
+
+/**
+ * The source a client's slots count against: an IPv4 address as it is, an
+ * IPv6 address as its /64 prefix (`2001:db8:0:1::/64`), an IPv4-mapped
+ * IPv6 address (`::ffff:192.0.2.1`) as the IPv4 address.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * assert.equal(sourceKey("192.0.2.7"), "192.0.2.7");
+ * assert.equal(sourceKey("2001:db8:0:1:aa::5"), "2001:db8:0:1::/64");
+ * assert.equal(sourceKey("2001:db8:0:1::6"), "2001:db8:0:1::/64");
+ * assert.equal(sourceKey("::1"), "0:0:0:0::/64");
+ * assert.equal(sourceKey("::ffff:192.0.2.7"), "192.0.2.7");
+ * ```
+ */
+export function sourceKey(hostname: string): string {
+  if (!hostname.includes(":")) return hostname;
+  const address = hostname.replace(/^\[|\]$/g, "").replace(/%.*$/, "");
+  const mapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(address);
+  if (mapped !== null) return mapped[1];
+  const [head, tail] = address.split("::");
+  const front = head === "" ? [] : head.split(":");
+  const back = tail === undefined || tail === "" ? [] : tail.split(":");
+  // An embedded IPv4 tail ("64:ff9b::192.0.2.1") is counted as one group
+  // of two: it is past the prefix either way.
+  const groups = tail === undefined ? front : [
+    ...front,
+    ...new Array(Math.max(0, 8 - front.length - back.length)).fill("0"),
+    ...back,
+  ];
+  return `${
+    groups.slice(0, 4).map((group) => (parseInt(group, 16) || 0).toString(16))
+      .join(":")
+  }::/64`;
+}
+
+/** Options for {@linkcode newProgress}. */
+export interface NewProgressOptions {
+  /**
+   * Its source, from {@linkcode sourceKey}.
+   *
+   * @default {""}
+   */
+  source?: string;
+}
 
 /**
  * Fresh {@linkcode ClientProgress} for a client accepted at `now`.
@@ -180,9 +249,13 @@ const DEFAULT_RATE_WINDOW_MS = 5000;
  * assert.equal(client.eofAt, undefined);
  * ```
  */
-export function newProgress(now: number): ClientProgress {
+export function newProgress(
+  now: number,
+  options: NewProgressOptions = {},
+): ClientProgress {
   return {
     acceptedAt: now,
+    source: options.source ?? "",
     bytesReceived: 0,
     bytesSent: 0,
     bufferedBytes: 0,
@@ -195,8 +268,22 @@ export function newProgress(now: number): ClientProgress {
   };
 }
 
+/** One source's clients, oldest first. */
+interface SourceClients<C> {
+  readonly key: string;
+  /** Its clients not cut off, in the order they were admitted. */
+  readonly clients: Set<C>;
+  /**
+   * Those that had sent nothing when admitted; ones that have sent since
+   * are dropped lazily when met at the front.
+   */
+  readonly silent: Set<C>;
+}
+
 /**
- * The admission policy with its limits: see the module doc for the rules.
+ * The admission policy with its limits, and the clients holding a slot by
+ * source: see the module doc for the rules. `C` is the server's own client
+ * type, handed back as it was given.
  *
  * @example
  * ```ts
@@ -209,7 +296,7 @@ export function newProgress(now: number): ClientProgress {
  * assert.equal(admission.check(trickler, 20_100), "min_rate");
  * ```
  */
-export class Admission {
+export class Admission<C extends ClientProgress = ClientProgress> {
   /** Milliseconds without progress before a client is idle. */
   readonly idleTimeoutMs: number;
   /** Bytes per second a sender must average after the grace; 0 is off. */
@@ -222,6 +309,12 @@ export class Admission {
   readonly evictionGraceMs: number;
   /** Milliseconds over which recent rates are measured. */
   readonly rateWindowMs: number;
+
+  #sources = new Map<string, SourceClients<C>>();
+  // Sources by how many clients they hold, to find the biggest at once.
+  #sourcesBySize = new Map<number, Set<SourceClients<C>>>();
+  #biggest = 0;
+  #admitted = 0;
 
   /** Takes the limits; see {@linkcode AdmissionOptions} for the defaults. */
   constructor(options: AdmissionOptions = {}) {
@@ -308,88 +401,177 @@ export class Admission {
   /** When `client` leaves its grace (see the module doc). */
   #graceEnds(client: ClientProgress): number {
     const end = client.acceptedAt + this.evictionGraceMs;
-    // Nothing read yet may be the server's own delay, not the client's:
-    // under load a newcomer's bytes can wait in the kernel longer than an
-    // eighth of the grace, and bench --mix saw good clients evicted so.
-    if (client.eofAt !== undefined || client.bytesReceived === 0) return end;
+    if (client.eofAt !== undefined) return end;
+    // Still sending, or nothing sent yet (`lastActivity` is then when it
+    // was accepted): silence protects nobody for long.
     return Math.min(end, client.lastActivity + this.evictionGraceMs / 8);
   }
 
   /** Whether `client` is past its grace and may be evicted for a slot. */
   #evictable(client: ClientProgress, now: number): boolean {
-    return this.evictionGraceMs > 0 && client.cutOffReason === undefined &&
-      now >= this.#graceEnds(client);
+    return now >= this.#graceEnds(client);
+  }
+
+  /** Clients holding a slot now: admitted and neither cut off nor gone. */
+  get connections(): number {
+    return this.#admitted;
+  }
+
+  /** How many slots the biggest source holds (0 with no clients). */
+  get biggestSourceConnections(): number {
+    return this.#biggest;
   }
 
   /**
-   * The client to evict so a newcomer gets a connection slot: the lowest
-   * {@linkcode Admission.rate} among those past their grace (ties: the one
-   * idle longest), or undefined if none is. A client is in its grace for
-   * `evictionGraceMs` after it is accepted, or until it has been silent for
-   * an eighth of that while still sending, after its first byte.
+   * How many slots `source` holds.
+   *
+   * @example
+   * ```ts
+   * import assert from "node:assert/strict";
+   * const admission = new Admission();
+   * admission.admit(newProgress(0, { source: "192.0.2.7" }));
+   * assert.equal(admission.sourceConnections("192.0.2.7"), 1);
+   * assert.equal(admission.sourceConnections("192.0.2.8"), 0);
+   * ```
+   */
+  sourceConnections(source: string): number {
+    return this.#sources.get(source)?.clients.size ?? 0;
+  }
+
+  /** Moves `entry` from the bucket of `from` clients to that of `to`. */
+  #resize(entry: SourceClients<C>, from: number, to: number): void {
+    const old = this.#sourcesBySize.get(from);
+    old?.delete(entry);
+    if (old?.size === 0) this.#sourcesBySize.delete(from);
+    if (to > 0) {
+      let bucket = this.#sourcesBySize.get(to);
+      if (bucket === undefined) this.#sourcesBySize.set(to, bucket = new Set());
+      bucket.add(entry);
+    }
+    if (to > this.#biggest) this.#biggest = to;
+    else if (from === this.#biggest && !this.#sourcesBySize.has(from)) {
+      this.#biggest = to;
+    }
+  }
+
+  /**
+   * Counts `client` as holding a slot of its source, from its acceptance
+   * until {@linkcode Admission.leave}. Constant time.
+   *
+   * @example
+   * ```ts
+   * import assert from "node:assert/strict";
+   * const admission = new Admission();
+   * const client = newProgress(0, { source: "192.0.2.7" });
+   * admission.admit(client);
+   * assert.equal(admission.connections, 1);
+   * admission.leave(client);
+   * admission.leave(client);
+   * assert.equal(admission.connections, 0);
+   * ```
+   */
+  admit(client: C): void {
+    let entry = this.#sources.get(client.source);
+    if (entry === undefined) {
+      entry = { key: client.source, clients: new Set(), silent: new Set() };
+      this.#sources.set(client.source, entry);
+    }
+    if (entry.clients.has(client)) return;
+    entry.clients.add(client);
+    if (client.bytesReceived === 0) entry.silent.add(client);
+    this.#admitted++;
+    this.#resize(entry, entry.clients.size - 1, entry.clients.size);
+  }
+
+  /**
+   * Frees the slot `client` held: call it when it is cut off or gone;
+   * more calls do nothing. Constant time.
+   */
+  leave(client: C): void {
+    const entry = this.#sources.get(client.source);
+    if (entry === undefined || !entry.clients.delete(client)) return;
+    entry.silent.delete(client);
+    this.#admitted--;
+    this.#resize(entry, entry.clients.size + 1, entry.clients.size);
+    if (entry.clients.size === 0) this.#sources.delete(entry.key);
+  }
+
+  /**
+   * At `maxConnections`, the client to evict so a newcomer from `source`
+   * is served (see the module doc): one of the biggest source's, grace or
+   * not, if `source` holds fewer; else one of `source`'s own past its
+   * grace; undefined if there is none (turn the newcomer away) or eviction
+   * is off. Its oldest client that has sent nothing comes first, else the
+   * lowest {@linkcode Admission.rate} among its 32 oldest (ties: the one
+   * idle longest), so the cost per newcomer does not grow with the number
+   * of clients.
    *
    * @example
    * ```ts
    * import assert from "node:assert/strict";
    * const admission = new Admission({ evictionGraceMs: 2000 });
-   * const fast = newProgress(0);
+   * const fast = newProgress(0, { source: "192.0.2.7" });
    * fast.bytesReceived = 1_000_000;
-   * const trickler = newProgress(0);
+   * fast.lastActivity = 9990;
+   * const trickler = newProgress(0, { source: "192.0.2.7" });
    * trickler.bytesReceived = 3;
-   * const newcomer = newProgress(9900);
-   * assert.equal(admission.slotVictim([fast, trickler, newcomer], 10_000), trickler);
-   * assert.equal(admission.slotVictim([newcomer], 10_000), undefined);
+   * const flooder = newProgress(9900, { source: "198.51.100.1" });
+   * const flooder2 = newProgress(9950, { source: "198.51.100.1" });
+   * const flooder3 = newProgress(9960, { source: "198.51.100.1" });
+   * for (const c of [fast, trickler, flooder, flooder2, flooder3]) admission.admit(c);
+   * // A newcomer from a smaller source: the biggest source's oldest silent
+   * // client, in its grace or not.
+   * assert.equal(admission.slotVictim("192.0.2.7", 10_000), flooder);
+   * assert.equal(admission.slotVictim("203.0.113.5", 10_000), flooder);
+   * // A newcomer from the biggest source: one of its own past its grace.
+   * assert.equal(admission.slotVictim("198.51.100.1", 10_000), undefined);
+   * assert.equal(admission.slotVictim("198.51.100.1", 10_200), flooder);
    * ```
    */
-  slotVictim(
-    clients: Iterable<ClientProgress>,
+  slotVictim(source: string, now: number): C | undefined {
+    if (this.evictionGraceMs === 0 || this.#biggest === 0) return undefined;
+    if (this.sourceConnections(source) < this.#biggest) {
+      const [biggest] = this.#sourcesBySize.get(this.#biggest)!;
+      return this.#victimOf(biggest, now, false);
+    }
+    const own = this.#sources.get(source);
+    return own === undefined ? undefined : this.#victimOf(own, now, true);
+  }
+
+  /** The client of `entry` to evict; with `graceHolds`, only past its grace. */
+  #victimOf(
+    entry: SourceClients<C>,
     now: number,
-  ): ClientProgress | undefined {
-    let victim: ClientProgress | undefined;
+    graceHolds: boolean,
+  ): C | undefined {
+    for (const client of entry.silent) {
+      if (client.bytesReceived > 0 || client.cutOffReason !== undefined) {
+        entry.silent.delete(client);
+        continue;
+      }
+      if (!graceHolds || this.#evictable(client, now)) return client;
+      // The rest were admitted later: none is past its grace either.
+      break;
+    }
+    let victim: C | undefined;
     let victimRate = Infinity;
-    for (const client of clients) {
-      if (!this.#evictable(client, now)) continue;
+    let scanned = 0;
+    for (const client of entry.clients) {
+      if (++scanned > VICTIM_SCAN) break;
+      if (
+        client.cutOffReason !== undefined ||
+        (graceHolds && !this.#evictable(client, now))
+      ) continue;
       const rate = this.rate(client, now);
       if (
-        rate < victimRate ||
-        (rate === victimRate && victim !== undefined &&
-          client.lastActivity < victim.lastActivity)
+        victim === undefined || rate < victimRate ||
+        (rate === victimRate && client.lastActivity < victim.lastActivity)
       ) {
         victim = client;
         victimRate = rate;
       }
     }
     return victim;
-  }
-
-  /**
-   * Milliseconds until some client leaves its grace and can be evicted for
-   * a slot: 0 if one already can, `Infinity` if eviction is off or there
-   * are no clients. A client that moves bytes meanwhile may stay in its
-   * grace longer: ask again then.
-   *
-   * @example
-   * ```ts
-   * import assert from "node:assert/strict";
-   * const admission = new Admission({ evictionGraceMs: 2000 });
-   * // Nothing read yet: the whole grace.
-   * assert.equal(admission.msUntilEvictable([newProgress(900)], 1000), 1900);
-   * // A first byte, then silence: an eighth of the grace after it.
-   * const trickler = newProgress(900);
-   * trickler.bytesReceived = 1;
-   * assert.equal(admission.msUntilEvictable([trickler], 1000), 150);
-   * assert.equal(new Admission({ evictionGraceMs: 0 }).msUntilEvictable([newProgress(0)], 9000), Infinity);
-   * ```
-   */
-  msUntilEvictable(clients: Iterable<ClientProgress>, now: number): number {
-    if (this.evictionGraceMs === 0) return Infinity;
-    let wait = Infinity;
-    for (const client of clients) {
-      if (client.cutOffReason !== undefined) continue;
-      wait = Math.min(wait, Math.max(0, this.#graceEnds(client) - now));
-      if (wait === 0) break;
-    }
-    return wait;
   }
 
   /**
@@ -415,13 +597,13 @@ export class Admission {
    * ```
    */
   memoryVictims(
-    clients: Iterable<ClientProgress>,
-    asking: ClientProgress,
+    clients: Iterable<C>,
+    asking: C,
     neededBytes: number,
     now: number,
-  ): ClientProgress[] | undefined {
+  ): C[] | undefined {
     if (this.evictionGraceMs === 0) return undefined;
-    const candidates: Array<{ client: ClientProgress; score: number }> = [];
+    const candidates: Array<{ client: C; score: number }> = [];
     let available = 0;
     for (const client of clients) {
       if (
@@ -436,7 +618,7 @@ export class Admission {
     }
     if (available < neededBytes) return undefined;
     candidates.sort((a, b) => b.score - a.score);
-    const victims: ClientProgress[] = [];
+    const victims: C[] = [];
     let freed = 0;
     for (const { client } of candidates) {
       if (freed >= neededBytes) break;
