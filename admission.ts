@@ -59,8 +59,9 @@
  *   its echo keeps the whole 2 s. Grace cycling (silent clients that leave
  *   within the grace and reconnect) therefore holds no slot against a
  *   newcomer of its own source for more than 250 ms, and the silent ones
- *   go first: an honest client moving bytes is chosen only when none of
- *   its source has been silent for 250 ms. Cost: a source that is the
+ *   go first: while any client of the source is silent, one that moved
+ *   bytes in the last 250 ms is never chosen for a newcomer of its own
+ *   source (that newcomer is turned away instead). Cost: a source that is the
  *   biggest at the limit loses a connection to each newcomer from a
  *   smaller one; many honest clients behind one address (a NAT, a proxy
  *   without the PROXY protocol) are one source and share its slots; a
@@ -544,15 +545,20 @@ export class Admission<C extends ClientProgress = ClientProgress> {
     now: number,
     graceHolds: boolean,
   ): C | undefined {
+    let waiting = false;
     for (const client of entry.silent) {
       if (client.bytesReceived > 0 || client.cutOffReason !== undefined) {
         entry.silent.delete(client);
         continue;
       }
       if (!graceHolds || this.#evictable(client, now)) return client;
-      // The rest were admitted later: none is past its grace either.
+      // The rest were admitted later: none is past its grace either. While
+      // they wait, a client moving bytes is not traded for a newcomer that
+      // has shown no more than they have.
+      waiting = true;
       break;
     }
+    const movingSince = now - this.evictionGraceMs / 8;
     let victim: C | undefined;
     let victimRate = Infinity;
     let scanned = 0;
@@ -560,7 +566,8 @@ export class Admission<C extends ClientProgress = ClientProgress> {
       if (++scanned > VICTIM_SCAN) break;
       if (
         client.cutOffReason !== undefined ||
-        (graceHolds && !this.#evictable(client, now))
+        (graceHolds && !this.#evictable(client, now)) ||
+        (waiting && client.lastActivity > movingSince)
       ) continue;
       const rate = this.rate(client, now);
       if (

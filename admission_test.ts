@@ -205,9 +205,9 @@ Deno.test("Admission.slotVictim() takes a silent client before an honest upload 
   assert.equal(admission.slotVictim(A, 10_000), cycling[1]);
   admission.leave(cycling[1]);
   // Only one in its grace is left beside the upload: the upload, moving
-  // bytes but past its 2 s, is the one left to take.
-  assert.equal(admission.slotVictim(A, 10_000), upload);
-  // A client that sent since it was admitted is no longer silent.
+  // bytes, is not traded for a newcomer while a silent client waits.
+  assert.equal(admission.slotVictim(A, 10_000), undefined);
+  // Once none is silent, the upload past its 2 s is the one left to take.
   cycling[2].bytesReceived = 10;
   cycling[2].lastActivity = 9990;
   assert.equal(admission.slotVictim(A, 10_100), upload);

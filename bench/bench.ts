@@ -555,6 +555,10 @@ Fault injection:
   --large-size SIZE    payload of an echo-large client (default 1MiB)
   --oversize SIZE      bytes an oversize client sends, to be more than the
                        server's --max-client-bytes (default 65MiB)
+  --attacker-address ADDRESS
+                       with --mix, the local address the zero-byte and
+                       grace-cycle attackers connect from (e.g. 127.0.0.2,
+                       another source than the good clients on 127.0.0.1)
   --log PATH           with --mix, the access log of the server under test:
                        at the end, check one well-formed line per connection
                        that succeeded, no client number twice, and the byte
@@ -582,6 +586,7 @@ const MIX_ONLY_FLAGS = [
   "large-size",
   "oversize",
   "log",
+  "attacker-address",
 ] as const;
 
 /**
@@ -708,6 +713,12 @@ export function parseBenchArgs(
   if (values.log !== undefined) {
     if (values.log === "") throw new UsageError("--log must not be empty");
     mix.logPath = values.log;
+  }
+  if (values["attacker-address"] !== undefined) {
+    if (values["attacker-address"] === "") {
+      throw new UsageError("--attacker-address must not be empty");
+    }
+    mix.attackerAddress = values["attacker-address"];
   }
   return mix;
 }

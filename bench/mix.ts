@@ -19,12 +19,17 @@
  * | `slot-hog`         | attack: a byte every `attackIntervalMs`, never half-closes  | a line (any size)           |
  * | `memory-hog`       | attack: sends `hogBytes` fast, then a byte every `attackIntervalMs`, never half-closes | a line (any size) |
  * | `slow-reader`      | attack: sends `readerBytes`, half-closes, reads 1 KiB every 10 s | a line (any size)     |
+ * | `zero-byte`        | attack: connects, sends nothing, waits to be ended, reconnects at once | 0 bytes           |
+ * | `grace-cycle`      | attack: connects, sends nothing, leaves after 1.8 s (inside the server's 2 s grace) unless ended first, reconnects | 0 bytes |
  *
- * The three attacks run only when named in {@linkcode MixOptions.kinds}
+ * The attacks run only when named in {@linkcode MixOptions.kinds}
  * (`--attacks` on the command line names them all). Each is scaled from the
  * limits of the server under test ({@linkcode MixOptions.limits}): as many
  * `slot-hog`s as `maxConnections`, enough `memory-hog`s and `slow-reader`s
- * to hold all of `maxBufferedBytes`. An attacker that the server cuts off
+ * to hold all of `maxBufferedBytes`, `maxConnections + 700` `zero-byte`s
+ * and `grace-cycle`s (they connect from
+ * {@linkcode MixOptions.attackerAddress}, so they can play another source
+ * than the good clients). An attacker that the server cuts off
  * connects again, so the pressure lasts the whole run; how long each
  * lasted is reported. With {@linkcode MixOptions.goodWithinMs} (5 s when an
  * attack runs), a good client (`echo`, `echo-large`) that takes longer from
@@ -67,6 +72,8 @@ export const CLIENT_KINDS = [
   "slot-hog",
   "memory-hog",
   "slow-reader",
+  "zero-byte",
+  "grace-cycle",
 ] as const;
 
 /** The attacks among {@linkcode CLIENT_KINDS}, run only when named. */
@@ -74,6 +81,8 @@ export const ATTACK_KINDS: readonly ClientKind[] = [
   "slot-hog",
   "memory-hog",
   "slow-reader",
+  "zero-byte",
+  "grace-cycle",
 ];
 
 /** One of {@linkcode CLIENT_KINDS}. */
@@ -139,6 +148,12 @@ export interface MixOptions {
   signal?: AbortSignal;
   /** Called about once a second while clients run. */
   onProgress?: (progress: MixProgress) => void;
+  /**
+   * The local address the `zero-byte` and `grace-cycle` attackers connect
+   * from, e.g. `127.0.0.2` to play another source than the good clients
+   * on loopback. @default {the system's choice}
+   */
+  attackerAddress?: string;
 }
 
 /** The limits of the server under test, for {@linkcode MixOptions.limits}. */
@@ -244,11 +259,18 @@ const DEFAULT_KIND_CONCURRENCY: Record<ClientKind, number> = {
   "slot-hog": 1,
   "memory-hog": 1,
   "slow-reader": 1,
+  "zero-byte": 1,
+  "grace-cycle": 1,
 };
 const GOOD_KINDS: readonly ClientKind[] = ["echo", "echo-large"];
 const DEFAULT_GOOD_WITHIN_MS = 5000;
 const SLOW_READ_BYTES = 1024;
 const SLOW_READ_INTERVAL_MS = 10_000;
+// Inside the server's default 2 s eviction grace.
+const GRACE_CYCLE_MS = 1800;
+// Attackers beyond maxConnections for the silent attacks: enough to fill
+// the kernel's accept queue (511) as well as every slot.
+const SILENT_ATTACKERS_OVER_LIMIT = 700;
 const DEFAULT_LIMITS: Required<MixLimits> = {
   maxConnections: 16384,
   maxBufferedBytes: 512 * 1024 * 1024,
@@ -277,6 +299,8 @@ interface Attempt {
   stop: AbortSignal;
   /** A read buffer for this worker. */
   buffer: PatternBuffer;
+  /** The local address an attacker binds to, if any. */
+  attackerAddress?: string;
 }
 
 interface KindSettings {
@@ -357,7 +381,14 @@ export async function runMix(options: MixOptions = {}): Promise<MixResult> {
     ? undefined
     : await LogTail.open(options.logPath);
   try {
-    const run = new MixRun(hostname, port, settings, limit, goodWithinMs);
+    const run = new MixRun(
+      hostname,
+      port,
+      settings,
+      limit,
+      goodWithinMs,
+      options.attackerAddress,
+    );
     const start = performance.now();
     const control = controlRun(run, { signal: options.signal, duration });
     const onProgress = options.onProgress;
@@ -478,6 +509,8 @@ function scaleAttacks(limits: Required<MixLimits>): {
         limits.maxBufferedBytes /
           Math.max(readerBytes / 4, readerBytes - 4 * MIB),
       ) + 1,
+      "zero-byte": limits.maxConnections + SILENT_ATTACKERS_OVER_LIMIT,
+      "grace-cycle": limits.maxConnections + SILENT_ATTACKERS_OVER_LIMIT,
     },
   };
 }
@@ -494,6 +527,7 @@ class MixRun {
   readonly #settings: KindSettings;
   readonly #limit: number;
   readonly #goodWithinMs: number | undefined;
+  readonly #attackerAddress: string | undefined;
   readonly #started = new Map<ClientKind, number>();
   readonly #stop = new AbortController();
   #seq = 0;
@@ -506,12 +540,14 @@ class MixRun {
     settings: KindSettings,
     limit: number,
     goodWithinMs: number | undefined,
+    attackerAddress: string | undefined,
   ) {
     this.#hostname = hostname;
     this.#port = port;
     this.#settings = settings;
     this.#limit = limit;
     this.#goodWithinMs = goodWithinMs;
+    this.#attackerAddress = attackerAddress;
   }
 
   /** Starts no more clients; those in flight may finish. */
@@ -542,6 +578,7 @@ class MixRun {
         phase: phaseOf(seq),
         stop: this.#stop.signal,
         buffer,
+        attackerAddress: this.#attackerAddress,
       }, this.#settings);
       this.#record(kind, seq, outcome);
     }
@@ -665,6 +702,8 @@ const CLIENTS: Record<ClientKind, Client> = {
       }
     }),
   "slow-reader": slowReader,
+  "zero-byte": (attempt) => silentAttacker(attempt, Infinity),
+  "grace-cycle": (attempt) => silentAttacker(attempt, GRACE_CYCLE_MS),
   "vanish": async (attempt) => {
     const conn = await connect(attempt);
     if (!("localAddr" in conn)) return conn;
@@ -728,9 +767,19 @@ async function connect(attempt: Attempt): Promise<Deno.TcpConn | Outcome> {
   }
 }
 
-/** A node:net socket (for its reset), or how connecting ended. */
-async function nodeConnect(attempt: Attempt): Promise<net.Socket | Outcome> {
-  const socket = net.connect({ host: attempt.hostname, port: attempt.port });
+/**
+ * A node:net socket (for its reset, or to bind `localAddress`), or how
+ * connecting ended.
+ */
+async function nodeConnect(
+  attempt: Attempt,
+  localAddress?: string,
+): Promise<net.Socket | Outcome> {
+  const socket = net.connect({
+    host: attempt.hostname,
+    port: attempt.port,
+    localAddress,
+  });
   // Listened for from the start: a refused connect emits "close" at once.
   const closed = new Promise<void>((resolve) =>
     socket.once("close", () => resolve())
@@ -812,6 +861,43 @@ async function attacker(
   guard.close();
   await reading;
   return { status: "ok", durationMs };
+}
+
+/**
+ * A silent attacker from {@linkcode Attempt.attackerAddress}: connects,
+ * sends nothing, and waits until the server ends the connection, or until
+ * `leaveAfterMs` passed and then closes it itself; ok either way, with how
+ * long it lasted.
+ */
+async function silentAttacker(
+  attempt: Attempt,
+  leaveAfterMs: number,
+): Promise<Outcome> {
+  const start = performance.now();
+  const socket = await nodeConnect(attempt, attempt.attackerAddress);
+  if (!(socket instanceof net.Socket)) return socket;
+  const closed = new Promise<void>((resolve) =>
+    socket.once("close", () => resolve())
+  );
+  const ended = new AbortController();
+  closed.then(() => ended.abort());
+  const onStop = () => ended.abort();
+  attempt.stop.addEventListener("abort", onStop);
+  // Whatever the server sends (nothing, for an empty echo) is dropped.
+  socket.resume();
+  try {
+    await sleep(
+      leaveAfterMs === Infinity ? 2_147_483_647 : leaveAfterMs,
+      ended.signal,
+    );
+  } finally {
+    attempt.stop.removeEventListener("abort", onStop);
+  }
+  const durationMs = performance.now() - start;
+  socket.destroy();
+  await closed;
+  if (attempt.stop.aborted) return { status: "unfinished", durationMs };
+  return { status: "ok", loggedBytes: 0, durationMs };
 }
 
 /**

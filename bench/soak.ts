@@ -6,7 +6,9 @@
  *
  * - no reply was wrong and no good client was broken off or served later
  *   than the mix's bound (5 s), while `slot-hog` attackers hold every
- *   connection slot (`--max-connections`) beside them;
+ *   connection slot (`--max-connections`) beside them, and `zero-byte`
+ *   attackers from another source (127.0.0.2) flood the slots and the
+ *   accept queue;
  * - the log has one well-formed line per connection that succeeded
  *   (accepted == logged), and every verified client's byte count; at the
  *   end, lines == the server's own count of clients accepted (`/metrics`)
@@ -431,11 +433,14 @@ export async function runSoak(options: SoakOptions = {}): Promise<SoakResult> {
         duration,
         largeSize: 256 * 1024,
         oversize: 2 * MAX_CLIENT_BYTES,
-        // One attack beside the good clients: slowloris at the slot limit.
+        // Two attacks beside the good clients: slowloris at the slot
+        // limit, and silent clients from another source flooding it.
         kinds: [
           ...CLIENT_KINDS.filter((kind) => !ATTACK_KINDS.includes(kind)),
           "slot-hog",
+          "zero-byte",
         ],
+        attackerAddress: "127.0.0.2",
         limits: {
           maxConnections: MAX_CONNECTIONS,
           maxClientBytes: MAX_CLIENT_BYTES,
