@@ -7,6 +7,8 @@
  * @module
  */
 
+import { describe } from "./_errors.ts";
+
 /** Whose doing a failed accept was: see {@linkcode acceptErrorKind}. */
 export type AcceptErrorKind = "exhaustion" | "client" | "unknown";
 
@@ -88,4 +90,23 @@ function errorCode(error: unknown): string | undefined {
   if (typeof code === "string") return code;
   const number = /\(os error (\d+)\)/.exec(error.message)?.[1];
   return number === undefined ? undefined : OS_ERROR_CODES[Number(number)];
+}
+
+/**
+ * The stderr line about `failures` accepts that failed for want of file
+ * descriptors or memory (`"exhaustion"`), the last with `error`.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * assert.equal(
+ *   exhaustionLine(3, new Error("Too many open files (os error 24)")),
+ *   "accept failed 3 times: Error: Too many open files (os error 24); accepting again as soon as a client finishes",
+ * );
+ * ```
+ */
+export function exhaustionLine(failures: number, error: unknown): string {
+  return `accept failed ${failures} ${failures === 1 ? "time" : "times"}: ${
+    describe(error)
+  }; accepting again as soon as a client finishes`;
 }

@@ -635,3 +635,92 @@ export class Admission<C extends ClientProgress = ClientProgress> {
     return victims;
   }
 }
+
+/** What {@linkcode verdictText} words a verdict with besides the policy. */
+export interface VerdictTextOptions {
+  /** The policy that gave the verdict, for its limits. */
+  admission: Admission;
+  /** The server's `maxConnections`, named by a slot eviction. */
+  maxConnections: number;
+  /** The server's `maxBufferedBytes`, named by a memory eviction. */
+  maxBufferedBytes: number;
+}
+
+/**
+ * Why `client` is cut off for `verdict`, in words for stderr: the rule, its
+ * limit, and the client's own figure. A memory eviction names what the
+ * client holds, so word it before its buffers are let go.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * const admission = new Admission({ idleTimeoutMs: 30_000 });
+ * const options = { admission, maxConnections: 64, maxBufferedBytes: 1024 };
+ * const client = newProgress(0);
+ * assert.equal(
+ *   verdictText("idle", client, 31_000, options),
+ *   "idle for more than 30 s",
+ * );
+ * client.bytesReceived = 1000;
+ * assert.equal(
+ *   verdictText("slot_eviction", client, 2000, options),
+ *   "evicted for a newcomer at the limit of 64 connections (500 B/s, the slowest)",
+ * );
+ * ```
+ */
+export function verdictText(
+  verdict: AdmissionReason,
+  client: ClientProgress,
+  now: number,
+  options: VerdictTextOptions,
+): string {
+  const { admission } = options;
+  switch (verdict) {
+    case "min_rate":
+      return `sent below the minimum rate of ${admission.minRate} B/s for ${
+        seconds(now - client.acceptedAt)
+      } s without half-closing`;
+    case "slow_reader":
+      return `read its echo below the minimum rate of ${admission.minReadRate} B/s (${client.bytesSent} bytes taken in ${
+        seconds(now - client.eofAt!)
+      } s)`;
+    case "slot_eviction":
+      return `evicted for a newcomer at the limit of ${options.maxConnections} connections (${
+        Math.round(admission.rate(client, now))
+      } B/s, the slowest)`;
+    case "memory_eviction":
+      return `evicted: server buffer limit of ${options.maxBufferedBytes} bytes reached, it held ${client.bufferedBytes} bytes at ${
+        Math.round(admission.rate(client, now))
+      } B/s`;
+    default:
+      return `idle for more than ${admission.idleTimeoutMs / 1000} s`;
+  }
+}
+
+/**
+ * How often the server's sweep runs {@linkcode Admission.check}: often
+ * enough that no rule cuts off much later than it allows (half its
+ * shortest timeout), at most once a second and at least every 10 ms.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * assert.equal(sweepIntervalMs(new Admission()), 1000);
+ * assert.equal(sweepIntervalMs(new Admission({ idleTimeoutMs: 300 })), 150);
+ * ```
+ */
+export function sweepIntervalMs(admission: Admission): number {
+  const { idleTimeoutMs, minRate, minRateGraceMs } = admission;
+  return Math.max(
+    10,
+    Math.min(
+      1000,
+      idleTimeoutMs / 2,
+      minRate > 0 ? minRateGraceMs / 2 : Infinity,
+    ),
+  );
+}
+
+function seconds(ms: number): string {
+  return (ms / 1000).toFixed(1);
+}

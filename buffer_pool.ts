@@ -244,6 +244,16 @@ export class BufferBudget {
     holder.bufferedBytes -= bytes;
   }
 
+  /**
+   * Takes off all `holder` holds and drops its chunks without reusing them
+   * (a read or write may still be pending on one): when it is done, or
+   * evicted for memory.
+   */
+  releaseAll(holder: BufferHolder): void {
+    this.release(holder, holder.bufferedBytes);
+    holder.chunks = [];
+  }
+
   /** Lets spares unused since the last call go; call it periodically. */
   trimSpares(): void {
     this.#pool.trim();

@@ -28,6 +28,36 @@ export type CutoffReason =
   | "reset";
 
 /**
+ * What a stderr line about a single client was about, as the summary of
+ * lines held back counts it: a cut-off, an accept error nobody could sort,
+ * or a client whose log line could not be written.
+ */
+export type ClientLineKind = CutoffReason | "accept_unknown" | "not_logged";
+
+/**
+ * Every {@linkcode ClientLineKind}, in the order a summary lists them.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * assert.equal(CLIENT_LINE_KINDS[0], "reset");
+ * ```
+ */
+export const CLIENT_LINE_KINDS: readonly ClientLineKind[] = [
+  "reset",
+  "client_limit",
+  "buffer_limit",
+  "idle",
+  "min_rate",
+  "slow_reader",
+  "slot_eviction",
+  "memory_eviction",
+  "shutdown",
+  "accept_unknown",
+  "not_logged",
+];
+
+/**
  * Upper bounds, in seconds, of the buckets of
  * {@linkcode EchoStats.durationCounts}: 100 µs to 60 s.
  */

@@ -69,7 +69,18 @@ export interface RateLimitedReporterOptions<Kind extends string> {
   clock?: ReporterClock;
 }
 
-const REAL_CLOCK: ReporterClock = {
+/**
+ * The real clock: `performance.now()` and the global timers.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * const timer = REAL_CLOCK.setTimeout(() => {}, 1000);
+ * REAL_CLOCK.clearTimeout(timer);
+ * assert.ok(REAL_CLOCK.now() <= performance.now());
+ * ```
+ */
+export const REAL_CLOCK: ReporterClock = {
   now: () => performance.now(),
   setTimeout: (callback, ms) => setTimeout(callback, ms),
   clearTimeout: (handle) =>

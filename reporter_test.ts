@@ -1,36 +1,6 @@
 import assert from "node:assert/strict";
-import { RateLimitedReporter, type ReporterClock } from "./reporter.ts";
-
-/** A clock that moves only when told to, firing timers that come due. */
-class FakeClock implements ReporterClock {
-  time = 0;
-  #timers = new Map<number, { at: number; callback: () => void }>();
-  #nextId = 1;
-
-  now(): number {
-    return this.time;
-  }
-  setTimeout(callback: () => void, ms: number): unknown {
-    const id = this.#nextId++;
-    this.#timers.set(id, { at: this.time + ms, callback });
-    return id;
-  }
-  clearTimeout(handle: unknown): void {
-    this.#timers.delete(handle as number);
-  }
-  get pending(): number {
-    return this.#timers.size;
-  }
-  advance(ms: number): void {
-    this.time += ms;
-    for (const [id, timer] of [...this.#timers]) {
-      if (timer.at <= this.time) {
-        this.#timers.delete(id);
-        timer.callback();
-      }
-    }
-  }
-}
+import { RateLimitedReporter } from "./reporter.ts";
+import { FakeClock } from "./test_util.ts";
 
 function reporterWith(
   options: { linesPerPeriod: number; label?: string },

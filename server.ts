@@ -2,29 +2,20 @@
  * The echo server: accepts TCP clients, reads each one's bytes to EOF, sends
  * them back, half-closes, and reports every client it served exactly once.
  *
- * This module holds the accept loop and the path of one client (accept,
- * read to EOF, write back, report) and nothing else, so a reader can follow
- * a client from `accept()` to its log line here. What the path leans on has
- * a module of its own, each testable without sockets:
- *
- * - `buffer_pool.ts`: chunk sizes and the budget of `maxBufferedBytes`,
- *   with the pool of spare chunks that counts against it;
- * - `echo_stats.ts`: the counters and duration histogram behind `stats`;
- * - `accept_errors.ts`: whose doing a failed `accept()` was;
- * - `reporter.ts`: the rate limit on repeated stderr lines.
- *
- * Admission (who gets a connection slot at `maxConnections`, who loses
- * memory at `maxBufferedBytes`, who is cut off for making too little
- * progress) is decided by `admission.ts`, asked at the three places marked
- * `ADMISSION:` below: the accept loop at the limit, the allocator at the
- * limit, and the periodic sweep. None of them adds a timer per client or
- * an await per read.
+ * This module is the accept loop and one client's path (accept, read to
+ * EOF, write back, report), so a reader can follow a client from `accept()`
+ * to its log line here. Who is cut off or evicted is `admission.ts`'s to
+ * decide and to word, asked at the three places marked `ADMISSION:` (the
+ * accept loop at `maxConnections`, the allocator at `maxBufferedBytes`, the
+ * periodic sweep); none adds a timer per client or an await per read.
+ * Buffers and their budget are `buffer_pool.ts`'s, counters
+ * `echo_stats.ts`'s, the drain's deadline `drain.ts`'s.
  *
  * @module
  */
 
 import { describe } from "./_errors.ts";
-import { acceptErrorKind } from "./accept_errors.ts";
+import { acceptErrorKind, exhaustionLine } from "./accept_errors.ts";
 import {
   Admission,
   type AdmissionReason,
@@ -33,6 +24,9 @@ import {
   DEFAULT_MIN_RATE,
   DEFAULT_MIN_RATE_GRACE_MS,
   DEFAULT_MIN_READ_RATE,
+  sweepIntervalMs,
+  verdictText,
+  type VerdictTextOptions,
 } from "./admission.ts";
 import {
   BufferBudget,
@@ -40,7 +34,10 @@ import {
   FIRST_CHUNK_BYTES,
   nextChunkBytes,
 } from "./buffer_pool.ts";
+import { Drain } from "./drain.ts";
 import {
+  CLIENT_LINE_KINDS,
+  type ClientLineKind,
   type CutoffReason,
   EchoCounters,
   type EchoStats,
@@ -230,14 +227,9 @@ export const DEFAULT_DRAIN_TIMEOUT_MS = 10_000;
  */
 export const MAX_INSTANCES = 1024;
 
-// Reads go straight into chunks: FIRST_CHUNK_BYTES first (every idle
-// client holds its first chunk), then growing with the payload up to 1 MiB
-// (large reads for bulk); see nextChunkBytes in buffer_pool.ts.
 // Out of fds or memory, accepting again waits for a client to finish, or
 // this long if none does (the fds may be held by something else).
 const ACCEPT_RETRY_MS = 100;
-// Out of fds, at most one diagnostic line per second: the failures of the
-// second are counted into one line at its end.
 // While connections keep queuing, every accept succeeds at once and Deno
 // may not poll the sockets for readiness (no epoll_wait for 22 s under
 // strace): reads of new clients stayed pending with their bytes in the
@@ -250,24 +242,8 @@ const ACCEPTS_PER_YIELD = 64;
 // write failures), at most 10 a second; the rest are counted by kind into
 // one line at the second's end. Resets are cheap for a client to cause, and
 // a line each would let clients flood stderr; stats has every count.
+// Out of fds, at most one line a second, the same way.
 const CLIENT_LINES_PER_SECOND = 10;
-
-/** What a line about a single client was about, as its summary counts it. */
-type ClientLineKind = CutoffReason | "accept_unknown" | "not_logged";
-// The order kinds appear in a summary.
-const CLIENT_LINE_KINDS: readonly ClientLineKind[] = [
-  "reset",
-  "client_limit",
-  "buffer_limit",
-  "idle",
-  "min_rate",
-  "slow_reader",
-  "slot_eviction",
-  "memory_eviction",
-  "shutdown",
-  "accept_unknown",
-  "not_logged",
-];
 
 /**
  * Starts an echo server. Each client's bytes are read to EOF, written back,
@@ -298,39 +274,14 @@ export function serveEcho(
   return new Server(onClientDone, options);
 }
 
-/**
- * Per-connection state, one object so the sweep can see every client; the
- * progress fields are what admission.ts judges.
- */
-class Client implements BufferHolder, ClientProgress {
-  bytesReceived = 0;
-  bytesSent = 0;
-  /** Buffer capacity this client holds, counted against maxBufferedBytes. */
-  bufferedBytes = 0;
-  lastActivity: number;
-  eofAt: number | undefined = undefined;
-  windowStart: number;
-  windowMoved = 0;
-  windowRate = -1;
-  cutOffReason: string | undefined = undefined;
-  /** Evicted for memory: its buffers were let go then, none since. */
-  evicted = false;
-  chunks: Uint8Array[] = [];
-  readonly acceptedAt: number;
-
-  constructor(readonly conn: Deno.TcpConn, readonly clientId: number) {
-    this.acceptedAt = this.lastActivity = this.windowStart = performance.now();
-  }
-}
-
 class Server implements EchoServer {
   readonly addr: Deno.NetAddr;
   #listener: Deno.TcpListener;
   #onClientDone: ClientDone;
   #maxClientBytes: number;
   #maxConnections: number;
-  #idleTimeoutMs: number;
   #admission: Admission;
+  #verdictOptions: VerdictTextOptions;
 
   #clients = new Set<Client>();
   #stats = new EchoCounters();
@@ -346,11 +297,10 @@ class Server implements EchoServer {
   #exhaustionLines: RateLimitedReporter<"exhaustion">;
   #clientLines: RateLimitedReporter<ClientLineKind>;
   #acceptLoopDone = false;
-  #drainExpired = false;
   #idleSweep: ReturnType<typeof setInterval>;
-  #drainTimer: ReturnType<typeof setTimeout> | undefined;
-  #drainDeadline = Infinity;
-  #allServed: PromiseWithResolvers<void> | undefined;
+  #drain = new Drain(() => {
+    for (const client of this.#clients) this.#cutOffAtShutdown(client);
+  });
 
   constructor(onClientDone: ClientDone, options: ServeOptions) {
     this.#onClientDone = onClientDone;
@@ -360,14 +310,18 @@ class Server implements EchoServer {
       maxBufferedBytes: options.maxBufferedBytes ?? DEFAULT_MAX_BUFFERED_BYTES,
     });
     this.#maxConnections = options.maxConnections ?? DEFAULT_MAX_CONNECTIONS;
-    this.#idleTimeoutMs = options.idleTimeoutMs ?? DEFAULT_IDLE_TIMEOUT_MS;
     this.#admission = new Admission({
-      idleTimeoutMs: this.#idleTimeoutMs,
+      idleTimeoutMs: options.idleTimeoutMs ?? DEFAULT_IDLE_TIMEOUT_MS,
       minRate: options.minRate,
       minRateGraceMs: options.minRateGraceMs,
       minReadRate: options.minReadRate,
       evictionGraceMs: options.evictionGraceMs,
     });
+    this.#verdictOptions = {
+      admission: this.#admission,
+      maxConnections: this.#maxConnections,
+      maxBufferedBytes: this.#budget.maxBufferedBytes,
+    };
     const { instance = 1, instances = 1 } = options;
     if (
       !Number.isSafeInteger(instances) || !Number.isSafeInteger(instance) ||
@@ -396,93 +350,14 @@ class Server implements EchoServer {
     });
     this.addr = this.#listener.addr;
     // One sweep for all clients instead of a timer per read or write.
-    const { minRate, minRateGraceMs } = this.#admission;
     this.#idleSweep = setInterval(
       () => this.#sweep(),
-      Math.max(
-        10,
-        Math.min(
-          1000,
-          this.#idleTimeoutMs / 2,
-          minRate > 0 ? minRateGraceMs / 2 : Infinity,
-        ),
-      ),
+      sweepIntervalMs(this.#admission),
     );
     this.#accept().finally(() => {
       this.#acceptLoopDone = true;
       this.#resolveIfAllServed();
     });
-  }
-
-  get connections(): number {
-    return this.#clients.size;
-  }
-
-  get clientsAccepted(): number {
-    return this.#clientsAccepted;
-  }
-
-  /** Numbers the next accepted client: instance, instance + instances, ... */
-  #nextClientId(): number {
-    return this.#firstClientId + this.#clientIdStep * this.#clientsAccepted++;
-  }
-
-  get bufferedBytes(): number {
-    return this.#budget.bufferedBytes;
-  }
-
-  get limits(): ServerLimits {
-    return {
-      maxConnections: this.#maxConnections,
-      maxBufferedBytes: this.#budget.maxBufferedBytes,
-      maxClientBytes: this.#maxClientBytes,
-    };
-  }
-
-  get spareBufferBytes(): number {
-    return this.#budget.spareBytes;
-  }
-
-  get stats(): EchoStats {
-    return this.#stats;
-  }
-
-  shutdown(options: ShutdownOptions = {}): Promise<void> {
-    if (!this.#stopping) {
-      this.#stopping = true;
-      this.#listener.close();
-      this.#wakeAcceptLoop?.();
-      this.#allServed = Promise.withResolvers();
-      this.#resolveIfAllServed();
-    }
-    // A later call may only bring the deadline forward: a second SIGTERM's
-    // 0 cuts off at once, but a retry with the default must not extend it.
-    const timeoutMs = options.drainTimeoutMs ?? DEFAULT_DRAIN_TIMEOUT_MS;
-    const deadline = performance.now() + timeoutMs;
-    if (deadline < this.#drainDeadline) {
-      this.#drainDeadline = deadline;
-      clearTimeout(this.#drainTimer);
-      this.#drainTimer = setTimeout(() => {
-        this.#drainExpired = true;
-        for (const client of this.#clients) {
-          this.#cutOff(client, "shutdown", "still connected at shutdown");
-        }
-      }, timeoutMs);
-    }
-    return this.#allServed!.promise.then(() => {
-      clearTimeout(this.#drainTimer);
-      clearInterval(this.#idleSweep);
-      this.#exhaustionLines.close();
-      this.#clientLines.close();
-    });
-  }
-
-  /** Once stopping, resolves shutdown when the accept loop has ended (so no
-   * client can still be added) and every client has been reported. */
-  #resolveIfAllServed(): void {
-    if (this.#acceptLoopDone && this.#clients.size === 0) {
-      this.#allServed?.resolve();
-    }
   }
 
   async #accept(): Promise<void> {
@@ -564,9 +439,7 @@ class Server implements EchoServer {
       const client = new Client(conn, clientId);
       this.#serve(client);
       // Accepted just as the drain ran out: it is logged, but not waited for.
-      if (this.#drainExpired) {
-        this.#cutOff(client, "shutdown", "still connected at shutdown");
-      }
+      if (this.#drain.expired) this.#cutOffAtShutdown(client);
       if (++this.#acceptsSinceYield >= ACCEPTS_PER_YIELD) {
         await this.#timerTurn();
       }
@@ -634,8 +507,7 @@ class Server implements EchoServer {
         );
       }
     } finally {
-      budget.release(client, client.bufferedBytes);
-      client.chunks = [];
+      budget.releaseAll(client);
       if (client.cutOffReason === undefined) conn.close();
       this.#clients.delete(client);
       this.#stats.recordDuration(
@@ -718,6 +590,19 @@ class Server implements EchoServer {
     client.conn.close();
   }
 
+  /** Cuts `client` off for an admission verdict, worded by admission.ts. */
+  #cutOffFor(client: Client, verdict: AdmissionReason, now: number): void {
+    this.#cutOff(
+      client,
+      verdict,
+      verdictText(verdict, client, now, this.#verdictOptions),
+    );
+  }
+
+  #cutOffAtShutdown(client: Client): void {
+    this.#cutOff(client, "shutdown", "still connected at shutdown");
+  }
+
   /**
    * The periodic sweep: cuts off clients idle or below a minimum rate, lets
    * unused spares go.
@@ -731,24 +616,8 @@ class Server implements EchoServer {
     for (const client of this.#clients) {
       const verdict = this.#admission.check(client, now);
       if (verdict !== undefined) {
-        this.#cutOff(client, verdict, this.#verdictText(verdict, client, now));
+        this.#cutOffFor(client, verdict, now);
       }
-    }
-  }
-
-  #verdictText(verdict: AdmissionReason, client: Client, now: number): string {
-    const { minRate, minReadRate } = this.#admission;
-    switch (verdict) {
-      case "min_rate":
-        return `sent below the minimum rate of ${minRate} B/s for ${
-          seconds(now - client.acceptedAt)
-        } s without half-closing`;
-      case "slow_reader":
-        return `read its echo below the minimum rate of ${minReadRate} B/s (${client.bytesSent} bytes taken in ${
-          seconds(now - client.eofAt!)
-        } s)`;
-      default:
-        return `idle for more than ${this.#idleTimeoutMs / 1000} s`;
     }
   }
 
@@ -762,13 +631,7 @@ class Server implements EchoServer {
       | Client
       | undefined;
     if (victim === undefined) return false;
-    this.#cutOff(
-      victim,
-      "slot_eviction",
-      `evicted for a newcomer at the limit of ${this.#maxConnections} connections (${
-        Math.round(this.#admission.rate(victim, now))
-      } B/s, the slowest)`,
-    );
+    this.#cutOffFor(victim, "slot_eviction", now);
     return true;
   }
 
@@ -790,19 +653,11 @@ class Server implements EchoServer {
     ) as Client[] | undefined;
     if (victims === undefined) return false;
     for (const victim of victims) {
-      const held = victim.bufferedBytes;
-      this.#cutOff(
-        victim,
-        "memory_eviction",
-        `evicted: server buffer limit of ${this.#budget.maxBufferedBytes} bytes reached, it held ${held} bytes at ${
-          Math.round(this.#admission.rate(victim, now))
-        } B/s`,
-      );
+      this.#cutOffFor(victim, "memory_eviction", now);
       // Its pending read or write is rejected by the close; nothing of its
       // chunks is used again.
-      this.#budget.release(victim, held);
+      this.#budget.releaseAll(victim);
       victim.evicted = true;
-      victim.chunks = [];
     }
     return true;
   }
@@ -818,17 +673,87 @@ class Server implements EchoServer {
       );
     }
   }
+
+  /** Numbers the next accepted client: instance, instance + instances, ... */
+  #nextClientId(): number {
+    return this.#firstClientId + this.#clientIdStep * this.#clientsAccepted++;
+  }
+
+  get connections(): number {
+    return this.#clients.size;
+  }
+
+  get clientsAccepted(): number {
+    return this.#clientsAccepted;
+  }
+
+  get bufferedBytes(): number {
+    return this.#budget.bufferedBytes;
+  }
+
+  get limits(): ServerLimits {
+    return {
+      maxConnections: this.#maxConnections,
+      maxBufferedBytes: this.#budget.maxBufferedBytes,
+      maxClientBytes: this.#maxClientBytes,
+    };
+  }
+
+  get spareBufferBytes(): number {
+    return this.#budget.spareBytes;
+  }
+
+  get stats(): EchoStats {
+    return this.#stats;
+  }
+
+  shutdown(options: ShutdownOptions = {}): Promise<void> {
+    if (!this.#stopping) {
+      this.#stopping = true;
+      this.#listener.close();
+      this.#wakeAcceptLoop?.();
+      this.#resolveIfAllServed();
+    }
+    this.#drain.endWithin(options.drainTimeoutMs ?? DEFAULT_DRAIN_TIMEOUT_MS);
+    return this.#drain.done.then(() => {
+      clearInterval(this.#idleSweep);
+      this.#exhaustionLines.close();
+      this.#clientLines.close();
+    });
+  }
+
+  /** Once stopping, ends the drain when the accept loop has ended (so no
+   * client can still be added) and every client has been reported. */
+  #resolveIfAllServed(): void {
+    if (
+      this.#stopping && this.#acceptLoopDone && this.#clients.size === 0
+    ) this.#drain.finish();
+  }
+}
+
+/**
+ * Per-connection state, one object so the sweep can see every client; the
+ * progress fields are what admission.ts judges.
+ */
+class Client implements BufferHolder, ClientProgress {
+  bytesReceived = 0;
+  bytesSent = 0;
+  /** Buffer capacity this client holds, counted against maxBufferedBytes. */
+  bufferedBytes = 0;
+  lastActivity: number;
+  eofAt: number | undefined = undefined;
+  windowStart: number;
+  windowMoved = 0;
+  windowRate = -1;
+  cutOffReason: string | undefined = undefined;
+  /** Evicted for memory: its buffers were let go then, none since. */
+  evicted = false;
+  chunks: Uint8Array[] = [];
+  readonly acceptedAt: number;
+
+  constructor(readonly conn: Deno.TcpConn, readonly clientId: number) {
+    this.acceptedAt = this.lastActivity = this.windowStart = performance.now();
+  }
 }
 
 const EMPTY = new Uint8Array(0);
-
-function seconds(ms: number): string {
-  return (ms / 1000).toFixed(1);
-}
-
-/** The line about `failures` accepts that failed for want of fds. */
-function exhaustionLine(failures: number, error: unknown): string {
-  return `accept failed ${failures} ${failures === 1 ? "time" : "times"}: ${
-    describe(error)
-  }; accepting again as soon as a client finishes`;
-}

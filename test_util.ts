@@ -9,6 +9,7 @@
 import assert from "node:assert/strict";
 import net from "node:net";
 import { readAll, writeAll } from "./_bytes.ts";
+import type { ReporterClock } from "./reporter.ts";
 import { type EchoServer, serveEcho, type ServeOptions } from "./server.ts";
 
 const MAIN = new URL("./main.ts", import.meta.url).pathname;
@@ -943,4 +944,58 @@ export async function stallingBytes(): Promise<number> {
   const held = (await tcpBufferMax("tcp_wmem")) +
     (await tcpBufferMax("tcp_rmem"));
   return Math.ceil(held / MIB + 8) * MIB;
+}
+
+/**
+ * A clock that moves only when told to, firing the timers that come due:
+ * for the modules whose clock is injectable (reporter.ts, drain.ts).
+ *
+ * @example Usage
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { FakeClock } from "./test_util.ts";
+ *
+ * const clock = new FakeClock();
+ * let fired = false;
+ * clock.setTimeout(() => fired = true, 100);
+ * clock.advance(99);
+ * assert.equal(fired, false);
+ * clock.advance(1);
+ * assert.ok(fired && clock.pending === 0);
+ * ```
+ */
+export class FakeClock implements ReporterClock {
+  /** Milliseconds, as {@linkcode FakeClock.now} gives them. */
+  time = 0;
+  #timers = new Map<number, { at: number; callback: () => void }>();
+  #nextId = 1;
+
+  /** The time {@linkcode FakeClock.advance} moved it to. */
+  now(): number {
+    return this.time;
+  }
+  /** Calls `callback` once the clock is advanced `ms` past now. */
+  setTimeout(callback: () => void, ms: number): unknown {
+    const id = this.#nextId++;
+    this.#timers.set(id, { at: this.time + ms, callback });
+    return id;
+  }
+  /** Cancels a timer. */
+  clearTimeout(handle: unknown): void {
+    this.#timers.delete(handle as number);
+  }
+  /** Timers not yet fired nor cancelled. */
+  get pending(): number {
+    return this.#timers.size;
+  }
+  /** Moves the clock `ms` forward and fires the timers due by then. */
+  advance(ms: number): void {
+    this.time += ms;
+    for (const [id, timer] of [...this.#timers]) {
+      if (timer.at <= this.time) {
+        this.#timers.delete(id);
+        timer.callback();
+      }
+    }
+  }
 }
