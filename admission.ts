@@ -644,6 +644,8 @@ export interface VerdictTextOptions {
   maxConnections: number;
   /** The server's `maxBufferedBytes`, named by a memory eviction. */
   maxBufferedBytes: number;
+  /** The source of the newcomer a slot eviction is for. */
+  newcomerSource?: string;
 }
 
 /**
@@ -656,15 +658,19 @@ export interface VerdictTextOptions {
  * import assert from "node:assert/strict";
  * const admission = new Admission({ idleTimeoutMs: 30_000 });
  * const options = { admission, maxConnections: 64, maxBufferedBytes: 1024 };
- * const client = newProgress(0);
+ * const client = newProgress(0, { source: "198.51.100.1" });
  * assert.equal(
  *   verdictText("idle", client, 31_000, options),
  *   "idle for more than 30 s",
  * );
  * client.bytesReceived = 1000;
+ * admission.admit(client);
  * assert.equal(
- *   verdictText("slot_eviction", client, 2000, options),
- *   "evicted for a newcomer at the limit of 64 connections (500 B/s, the slowest)",
+ *   verdictText("slot_eviction", client, 2000, {
+ *     ...options,
+ *     newcomerSource: "192.0.2.7",
+ *   }),
+ *   "evicted for a newcomer from 192.0.2.7 at the limit of 64 connections: its source 198.51.100.1 holds 1 of them, the most (500 B/s)",
  * );
  * ```
  */
@@ -684,10 +690,16 @@ export function verdictText(
       return `read its echo below the minimum rate of ${admission.minReadRate} B/s (${client.bytesSent} bytes taken in ${
         seconds(now - client.eofAt!)
       } s)`;
-    case "slot_eviction":
-      return `evicted for a newcomer at the limit of ${options.maxConnections} connections (${
-        Math.round(admission.rate(client, now))
-      } B/s, the slowest)`;
+    case "slot_eviction": {
+      const { newcomerSource = "", maxConnections } = options;
+      const held = admission.sourceConnections(client.source);
+      const rate = Math.round(admission.rate(client, now));
+      return newcomerSource === client.source
+        ? `evicted for a newcomer from its own source ${client.source} at the limit of ${maxConnections} connections: the source holds ${held} of them (${rate} B/s, ${
+          client.bytesReceived === 0 ? "sent nothing" : "the slowest"
+        })`
+        : `evicted for a newcomer from ${newcomerSource} at the limit of ${maxConnections} connections: its source ${client.source} holds ${held} of them, the most (${rate} B/s)`;
+    }
     case "memory_eviction":
       return `evicted: server buffer limit of ${options.maxBufferedBytes} bytes reached, it held ${client.bufferedBytes} bytes at ${
         Math.round(admission.rate(client, now))
@@ -695,6 +707,30 @@ export function verdictText(
     default:
       return `idle for more than ${admission.idleTimeoutMs / 1000} s`;
   }
+}
+
+/**
+ * Why a newcomer from `source` is turned away at `maxConnections`, in words
+ * for stderr.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * const admission = new Admission();
+ * const options = { admission, maxConnections: 64, maxBufferedBytes: 1024 };
+ * assert.equal(
+ *   turnedAwayText("192.0.2.7", options),
+ *   "turned away at the limit of 64 connections: its source 192.0.2.7 holds 0 of them, and none past its grace",
+ * );
+ * ```
+ */
+export function turnedAwayText(
+  source: string,
+  options: VerdictTextOptions,
+): string {
+  return `turned away at the limit of ${options.maxConnections} connections: its source ${source} holds ${
+    options.admission.sourceConnections(source)
+  } of them, and none past its grace`;
 }
 
 /**

@@ -362,7 +362,7 @@ export function renderMetrics(
   family(
     "echo_cutoffs_total",
     "counter",
-    "Clients cut off, by reason: client_limit (over --max-client-bytes), buffer_limit (over --max-buffered, nobody to evict), idle, min_rate (sent below --min-rate), slow_reader (read its echo below --min-read-rate), slot_eviction (evicted for a newcomer at --max-connections), memory_eviction (evicted for memory at --max-buffered), shutdown (drain ran out), reset (connection failed, e.g. reset by the client).",
+    "Clients cut off, by reason: client_limit (over --max-client-bytes), buffer_limit (over --max-buffered, nobody to evict), idle, min_rate (sent below --min-rate), slow_reader (read its echo below --min-read-rate), slot_eviction (evicted for a newcomer at --max-connections), memory_eviction (evicted for memory at --max-buffered), shutdown (drain ran out), reset (connection failed, e.g. reset by the client), turned_away (at --max-connections from the biggest source, none of its own evictable).",
     { label: "reason", counts: stats.cutoffs },
   );
   family(

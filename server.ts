@@ -24,7 +24,9 @@ import {
   DEFAULT_MIN_RATE,
   DEFAULT_MIN_RATE_GRACE_MS,
   DEFAULT_MIN_READ_RATE,
+  sourceKey,
   sweepIntervalMs,
+  turnedAwayText,
   verdictText,
   type VerdictTextOptions,
 } from "./admission.ts";
@@ -280,7 +282,7 @@ class Server implements EchoServer {
   #onClientDone: ClientDone;
   #maxClientBytes: number;
   #maxConnections: number;
-  #admission: Admission;
+  #admission: Admission<Client>;
   #verdictOptions: VerdictTextOptions;
 
   #clients = new Set<Client>();
@@ -310,7 +312,7 @@ class Server implements EchoServer {
       maxBufferedBytes: options.maxBufferedBytes ?? DEFAULT_MAX_BUFFERED_BYTES,
     });
     this.#maxConnections = options.maxConnections ?? DEFAULT_MAX_CONNECTIONS;
-    this.#admission = new Admission({
+    this.#admission = new Admission<Client>({
       idleTimeoutMs: options.idleTimeoutMs ?? DEFAULT_IDLE_TIMEOUT_MS,
       minRate: options.minRate,
       minRateGraceMs: options.minRateGraceMs,
@@ -362,18 +364,14 @@ class Server implements EchoServer {
 
   async #accept(): Promise<void> {
     while (!this.#stopping) {
-      // ADMISSION: who gets a slot. At the limit, accept a newcomer only
-      // if a client can be evicted for it (below); else leave the rest in
-      // the kernel's accept queue until a client finishes or a grace ends.
-      if (this.#clients.size >= this.#maxConnections) {
-        const wait = this.#admission.msUntilEvictable(
-          this.#clients,
-          performance.now(),
-        );
-        if (wait > 0) {
-          await this.#pauseAccepting(wait);
-          continue;
-        }
+      // With eviction off, newcomers wait at the limit in the kernel's
+      // queue until a client finishes.
+      if (
+        this.#admission.evictionGraceMs === 0 &&
+        this.#clients.size >= this.#maxConnections
+      ) {
+        await this.#pauseAccepting(Infinity);
+        continue;
       }
       let conn: Deno.TcpConn;
       try {
@@ -423,27 +421,39 @@ class Server implements EchoServer {
         continue;
       }
       const clientId = this.#nextClientId();
-      // The check above is as old as the wait in accept(): the client that
-      // could be evicted then may have moved bytes since and be in its
-      // grace again. Hold the newcomer (one fd) until one can be evicted or
-      // a client finishes, rather than serve past maxConnections; its
-      // clocks (and grace) start once it is served.
-      while (
-        this.#clients.size >= this.#maxConnections && !this.#stopping &&
-        !this.#evictForSlot()
+      const source = sourceKey(conn.remoteAddr.hostname);
+      // ADMISSION: who gets a slot. At the limit every newcomer is decided
+      // at once, so that nobody waits in the kernel's queue behind an
+      // attacker's connections: served in place of a client evicted for it
+      // (admission.ts: one of the biggest source's, or of its own past its
+      // grace), or turned away.
+      if (
+        this.#admission.connections >= this.#maxConnections &&
+        !this.#evictForSlot(source)
       ) {
-        await this.#pauseAccepting(
-          this.#admission.msUntilEvictable(this.#clients, performance.now()),
-        );
+        this.#turnAway(conn, clientId, source);
+      } else {
+        const client = new Client(conn, clientId, source);
+        this.#serve(client);
+        // Accepted just as the drain ran out: logged, but not waited for.
+        if (this.#drain.expired) this.#cutOffAtShutdown(client);
       }
-      const client = new Client(conn, clientId);
-      this.#serve(client);
-      // Accepted just as the drain ran out: it is logged, but not waited for.
-      if (this.#drain.expired) this.#cutOffAtShutdown(client);
       if (++this.#acceptsSinceYield >= ACCEPTS_PER_YIELD) {
         await this.#timerTurn();
       }
     }
+  }
+
+  /** Closes a newcomer no slot could be found for: logged with 0 bytes. */
+  #turnAway(conn: Deno.TcpConn, clientId: number, source: string): void {
+    this.#stats.cutoffs.turned_away++;
+    this.#clientLines.report(
+      "turned_away",
+      `client ${clientId}: ${turnedAwayText(source, this.#verdictOptions)}`,
+    );
+    conn.close();
+    this.#stats.recordDuration(0);
+    this.#report(clientId, 0);
   }
 
   /** Lets timers and socket polling run; see ACCEPTS_PER_YIELD. */
@@ -466,6 +476,7 @@ class Server implements EchoServer {
 
   async #serve(client: Client): Promise<void> {
     this.#clients.add(client);
+    this.#admission.admit(client);
     const { conn } = client;
     const budget = this.#budget;
     try {
@@ -510,6 +521,7 @@ class Server implements EchoServer {
       budget.releaseAll(client);
       if (client.cutOffReason === undefined) conn.close();
       this.#clients.delete(client);
+      this.#admission.leave(client);
       this.#stats.recordDuration(
         (performance.now() - client.acceptedAt) / 1000,
       );
@@ -580,6 +592,8 @@ class Server implements EchoServer {
   #cutOff(client: Client, kind: CutoffReason, reason: string): void {
     if (client.cutOffReason !== undefined) return;
     client.cutOffReason = reason;
+    // Its slot is free now: its connection closes below.
+    this.#admission.leave(client);
     this.#stats.cutoffs[kind]++;
     this.#clientLines.report(
       kind,
@@ -622,16 +636,21 @@ class Server implements EchoServer {
   }
 
   /**
-   * At maxConnections with a newcomer accepted: evicts the slowest; false
-   * if every client is in its grace.
+   * At maxConnections with a newcomer from `source` accepted: evicts a
+   * client for it; false if admission.ts finds none to evict.
    */
-  #evictForSlot(): boolean {
+  #evictForSlot(source: string): boolean {
     const now = performance.now();
-    const victim = this.#admission.slotVictim(this.#clients, now) as
-      | Client
-      | undefined;
+    const victim = this.#admission.slotVictim(source, now);
     if (victim === undefined) return false;
-    this.#cutOffFor(victim, "slot_eviction", now);
+    this.#cutOff(
+      victim,
+      "slot_eviction",
+      verdictText("slot_eviction", victim, now, {
+        ...this.#verdictOptions,
+        newcomerSource: source,
+      }),
+    );
     return true;
   }
 
@@ -650,7 +669,7 @@ class Server implements EchoServer {
       asking,
       needed,
       now,
-    ) as Client[] | undefined;
+    );
     if (victims === undefined) return false;
     for (const victim of victims) {
       this.#cutOffFor(victim, "memory_eviction", now);
@@ -751,7 +770,12 @@ class Client implements BufferHolder, ClientProgress {
   chunks: Uint8Array[] = [];
   readonly acceptedAt: number;
 
-  constructor(readonly conn: Deno.TcpConn, readonly clientId: number) {
+  constructor(
+    readonly conn: Deno.TcpConn,
+    readonly clientId: number,
+    /** Its source (admission.ts `sourceKey`): whose slots it counts against. */
+    readonly source: string,
+  ) {
     this.acceptedAt = this.lastActivity = this.windowStart = performance.now();
   }
 }
