@@ -5,8 +5,11 @@
 import assert from "node:assert/strict";
 import {
   echo,
+  findExecutable,
+  needing,
   pattern,
   readAll,
+  runCommand,
   sameBytes,
   SilentFlood,
   startServer,
@@ -277,6 +280,94 @@ Deno.test("serveEcho() at maxConnections evicts silent clients of the upload's o
   await s.server.shutdown({ drainTimeoutMs: 0 });
   assertOneRecordEach(s);
 });
+
+// Run inside a network namespace of its own, where fd00:25::/64 is routed
+// to lo: a server on ::1 with 8 slots, one honest connection from ::1
+// holding a slot, 60 silent attackers on 30 addresses of fd00:25::/64, and
+// 10 good clients from ::1 that must each be echoed within 5 s. Counted one
+// by one, every attacker address holds at most one slot, no more than ::1:
+// the good clients would be turned away.
+const IPV6_SCRIPT = `
+import assert from "node:assert/strict";
+import { serveEcho } from "${new URL("./server.ts", import.meta.url)}";
+import { echo6, SilentFlood, waitUntil, within, writeAll } from "${new URL(
+  "./test_util.ts",
+  import.meta.url,
+)}";
+const diagnostics = [];
+const server = serveEcho(() => {}, {
+  hostname: "::1",
+  port: 0,
+  maxConnections: 8,
+  evictionGraceMs: 60_000,
+  onDiagnostic: (line) => diagnostics.push(line),
+});
+const port = server.addr.port;
+const held = await Deno.connect({ hostname: "::1", port });
+await writeAll(held, new Uint8Array([1]));
+const localAddresses = Array.from({ length: 30 }, (_, i) => "fd00:25::" + (i + 1).toString(16) + ":7");
+{
+  await using _flood = new SilentFlood(port, 60, { hostname: "::1", localAddresses });
+  await waitUntil(() => server.connections === 8, "8 slots taken");
+  for (let i = 0; i < 10; i++) {
+    const payload = new Uint8Array(100).fill(i);
+    const reply = await within(echo6(port, payload), 5000, "good client " + (i + 1));
+    assert.deepEqual(reply, payload);
+  }
+}
+held.close();
+await server.shutdown({ drainTimeoutMs: 0 });
+console.log(JSON.stringify({ evictions: server.stats.cutoffs.slot_eviction, first: diagnostics[0] }));
+`;
+
+const IP = findExecutable("ip");
+
+Deno.test(
+  needing(
+    "serveEcho() counts attackers on many addresses of one IPv6 /64 as one source",
+    IP !== undefined && Deno.uid() === 0,
+    "needs the ip command and root, for a network namespace",
+  ),
+  async () => {
+    const netns = `echo-fairness-${Deno.pid}`;
+    const inNetns = (args: string[]) =>
+      runCommand(IP!, ["netns", "exec", netns, ...args]);
+    const script = await Deno.makeTempFile({ suffix: ".ts" });
+    try {
+      assert.equal((await runCommand(IP!, ["netns", "add", netns])).code, 0);
+      for (
+        const args of [
+          [IP!, "link", "set", "lo", "up"],
+          [IP!, "-6", "route", "add", "local", "fd00:25::/64", "dev", "lo"],
+          // Clients may bind any address of the routed prefix.
+          ["sysctl", "-qw", "net.ipv6.ip_nonlocal_bind=1"],
+        ]
+      ) {
+        const result = await inNetns(args);
+        assert.equal(result.code, 0, result.stderr);
+      }
+      await Deno.writeTextFile(script, IPV6_SCRIPT);
+      const result = await inNetns([
+        Deno.execPath(),
+        "run",
+        "--quiet",
+        "--allow-all",
+        script,
+      ]);
+      assert.equal(result.code, 0, result.stderr);
+      const { evictions, first } = JSON.parse(result.stdout);
+      assert.ok(evictions >= 10);
+      // The 30 addresses hold the 7 slots ::1 leaves as one source.
+      assert.match(
+        first,
+        /^client \d+: turned away at the limit of 8 connections: its source fd00:25:0:0::\/64 holds 7 of them, and none past its grace$/,
+      );
+    } finally {
+      await runCommand(IP!, ["netns", "del", netns]);
+      await Deno.remove(script);
+    }
+  },
+);
 
 Deno.test("serveEcho() at maxBufferedBytes evicts the clients holding the most for the least progress and serves 1 MiB", async () => {
   await using s = startServer({

@@ -56,6 +56,29 @@ export async function echo(
   }
 }
 
+/**
+ * {@linkcode echo} over IPv6 loopback (`::1`).
+ *
+ * @example
+ * ```ts ignore
+ * const hello = new TextEncoder().encode("hello");
+ * await echo6(4000, hello);
+ * ```
+ */
+export async function echo6(
+  port: number,
+  payload: Uint8Array,
+): Promise<Uint8Array> {
+  const conn = await Deno.connect({ hostname: "::1", port });
+  try {
+    await writeAll(conn, payload);
+    await conn.closeWrite();
+    return await readAll(conn);
+  } finally {
+    conn.close();
+  }
+}
+
 /** An echo server on an ephemeral port that records what it reports. */
 export interface TestServer extends AsyncDisposable {
   /** The server; disposing shuts it down with no drain time. */
