@@ -42,11 +42,15 @@
  *   At `maxConnections` the server keeps accepting and decides per
  *   newcomer (nginx `limit_conn` and HAProxy's `src_conn_cur` count per
  *   address and refuse; this server evicts instead). A newcomer from a
- *   source holding fewer connections than the biggest source is served at
- *   once, at the biggest source's expense, grace or not: its oldest client
- *   that has sent nothing, else the lowest recent rate (bytes moved either
- *   way in the last `rateWindowMs`, or on average since it was accepted or
- *   half-closed, whichever is higher) among its 32 oldest. A newcomer from
+ *   source holding fewer connections than the biggest source (two fewer at
+ *   least: with one fewer, the swap would only make it the bigger one, and
+ *   the two would evict each other's clients turn about) is served at
+ *   once, at the biggest source's expense, grace or not, but one past its
+ *   grace first: its oldest client that has sent nothing, else the lowest
+ *   recent rate (bytes moved either way in the last `rateWindowMs`, or on
+ *   average since it was accepted or half-closed, whichever is higher)
+ *   among its 32 oldest, so that the choice costs the same at any number
+ *   of clients. A newcomer from
  *   the biggest source (or one as big) may only take the slot of one of
  *   its own past its grace, chosen the same way; if none is, it is turned
  *   away at once (`turned_away`: closed, logged with 0 bytes). So the
@@ -192,6 +196,12 @@ const DEFAULT_RATE_WINDOW_MS = 5000;
 // A victim of a source with no silent client is the lowest rate among this
 // many of its oldest: a bounded cost per newcomer (bench/victim_cost.ts).
 const VICTIM_SCAN = 32;
+// How long a newcomer has for its first bytes to be read before a newcomer
+// of a smaller source may take its slot, at most (a sixteenth of the
+// grace otherwise).
+const SETTLE_MS = 125;
+// The part of the grace a client that has sent nothing keeps.
+const SILENT_GRACE_SHARE = 1 / 2;
 
 /**
  * The source a client's slots count against: an IPv4 address as it is, an
@@ -403,8 +413,13 @@ export class Admission<C extends ClientProgress = ClientProgress> {
   #graceEnds(client: ClientProgress): number {
     const end = client.acceptedAt + this.evictionGraceMs;
     if (client.eofAt !== undefined) return end;
-    // Still sending, or nothing sent yet (`lastActivity` is then when it
-    // was accepted): silence protects nobody for long.
+    // Nothing read yet may be the server's own delay under load, not the
+    // client's: half the grace (the soak saw good clients evicted with
+    // their bytes unread at an eighth).
+    if (client.bytesReceived === 0) {
+      return client.acceptedAt + this.evictionGraceMs * SILENT_GRACE_SHARE;
+    }
+    // Still sending: silence protects nobody for long.
     return Math.min(end, client.lastActivity + this.evictionGraceMs / 8);
   }
 
@@ -500,12 +515,15 @@ export class Admission<C extends ClientProgress = ClientProgress> {
   /**
    * At `maxConnections`, the client to evict so a newcomer from `source`
    * is served (see the module doc): one of the biggest source's, grace or
-   * not, if `source` holds fewer; else one of `source`'s own past its
+   * not, if `source` holds at least two fewer; else one of `source`'s own past its
    * grace; undefined if there is none (turn the newcomer away) or eviction
-   * is off. Its oldest client that has sent nothing comes first, else the
-   * lowest {@linkcode Admission.rate} among its 32 oldest (ties: the one
-   * idle longest), so the cost per newcomer does not grow with the number
-   * of clients.
+   * is off. Within the source, in order: its oldest client that has sent
+   * nothing, if past its grace; the lowest {@linkcode Admission.rate}
+   * among its 32 oldest of those past the grace and silent for an eighth
+   * of it (ties: the one idle longest); then, for a newcomer of its own,
+   * the slowest past the grace while none of the source is silent; for
+   * one from a smaller source, its oldest silent client, else its slowest.
+   * The cost per newcomer does not grow with the number of clients.
    *
    * @example
    * ```ts
@@ -516,22 +534,28 @@ export class Admission<C extends ClientProgress = ClientProgress> {
    * fast.lastActivity = 9990;
    * const trickler = newProgress(0, { source: "192.0.2.7" });
    * trickler.bytesReceived = 3;
-   * const flooder = newProgress(9900, { source: "198.51.100.1" });
-   * const flooder2 = newProgress(9950, { source: "198.51.100.1" });
-   * const flooder3 = newProgress(9960, { source: "198.51.100.1" });
-   * for (const c of [fast, trickler, flooder, flooder2, flooder3]) admission.admit(c);
-   * // A newcomer from a smaller source: the biggest source's oldest silent
+   * const flooder = newProgress(9800, { source: "198.51.100.1" });
+   * const flooder2 = newProgress(9850, { source: "198.51.100.1" });
+   * const flooder3 = newProgress(9860, { source: "198.51.100.1" });
+   * const flooder4 = newProgress(9870, { source: "198.51.100.1" });
+   * for (const c of [fast, trickler, flooder, flooder2, flooder3, flooder4]) {
+   *   admission.admit(c);
+   * }
+   * // A newcomer from a smaller source: the biggest source's oldest
    * // client, in its grace or not.
    * assert.equal(admission.slotVictim("192.0.2.7", 10_000), flooder);
    * assert.equal(admission.slotVictim("203.0.113.5", 10_000), flooder);
    * // A newcomer from the biggest source: one of its own past its grace.
    * assert.equal(admission.slotVictim("198.51.100.1", 10_000), undefined);
-   * assert.equal(admission.slotVictim("198.51.100.1", 10_200), flooder);
+   * assert.equal(admission.slotVictim("198.51.100.1", 10_800), flooder);
    * ```
    */
   slotVictim(source: string, now: number): C | undefined {
     if (this.evictionGraceMs === 0 || this.#biggest === 0) return undefined;
-    if (this.sourceConnections(source) < this.#biggest) {
+    // Two fewer at least: one fewer would make the newcomer's source the
+    // bigger of the two after the swap, and the next newcomer of the other
+    // would swap back, each time evicting someone.
+    if (this.sourceConnections(source) + 1 < this.#biggest) {
       const [biggest] = this.#sourcesBySize.get(this.#biggest)!;
       return this.#victimOf(biggest, now, false);
     }
@@ -539,36 +563,74 @@ export class Admission<C extends ClientProgress = ClientProgress> {
     return own === undefined ? undefined : this.#victimOf(own, now, true);
   }
 
-  /** The client of `entry` to evict; with `graceHolds`, only past its grace. */
+  /**
+   * The client of `entry` to evict; with `graceHolds`, only one past its
+   * grace. In order: its oldest silent client past the grace; the slowest
+   * of its oldest that is past the grace and moved no byte for an eighth of
+   * it; the slowest of its oldest past the grace (with `graceHolds`, only
+   * while none of the source is silent); without `graceHolds`, the slowest
+   * of its oldest accepted 125 ms ago or more (a sixteenth of a shorter
+   * grace).
+   */
   #victimOf(
     entry: SourceClients<C>,
     now: number,
     graceHolds: boolean,
   ): C | undefined {
-    let waiting = false;
-    for (const client of entry.silent) {
-      if (client.bytesReceived > 0 || client.cutOffReason !== undefined) {
-        entry.silent.delete(client);
-        continue;
-      }
-      if (!graceHolds || this.#evictable(client, now)) return client;
-      // The rest were admitted later: none is past its grace either. While
-      // they wait, a client moving bytes is not traded for a newcomer that
-      // has shown no more than they have.
-      waiting = true;
-      break;
+    const silent = this.#oldestSilent(entry);
+    if (silent !== undefined && this.#evictable(silent, now)) return silent;
+    const still = now - this.evictionGraceMs / 8;
+    const idle = this.#slowest(
+      entry,
+      now,
+      (client) => client.lastActivity <= still && this.#evictable(client, now),
+    );
+    if (idle !== undefined) return idle;
+    // A client moving bytes is not traded for a newcomer of its own source
+    // that has shown no more than the silent ones waiting.
+    if (!graceHolds || silent === undefined) {
+      const past = this.#slowest(
+        entry,
+        now,
+        (client) => this.#evictable(client, now),
+      );
+      if (past !== undefined || graceHolds) return past;
     }
-    const movingSince = now - this.evictionGraceMs / 8;
+    if (graceHolds) return undefined;
+    // Everyone is in the grace: the slowest of those whose first bytes had
+    // time to be read (a burst of newcomers from elsewhere, accepted before
+    // any read completes, would otherwise take honest clients that have
+    // sent all they mean to); none yet: the newcomer waits.
+    const settled = now - Math.min(this.evictionGraceMs / 16, SETTLE_MS);
+    return this.#slowest(entry, now, (client) => client.acceptedAt <= settled);
+  }
+
+  /** The oldest client of `entry` that has sent nothing yet. */
+  #oldestSilent(entry: SourceClients<C>): C | undefined {
+    for (const client of entry.silent) {
+      if (client.bytesReceived === 0 && client.cutOffReason === undefined) {
+        return client;
+      }
+      entry.silent.delete(client);
+    }
+    return undefined;
+  }
+
+  /**
+   * The lowest {@linkcode Admission.rate} among the oldest `VICTIM_SCAN`
+   * clients of `entry` that `eligible` accepts (ties: idle longest).
+   */
+  #slowest(
+    entry: SourceClients<C>,
+    now: number,
+    eligible: (client: C) => boolean,
+  ): C | undefined {
     let victim: C | undefined;
     let victimRate = Infinity;
     let scanned = 0;
     for (const client of entry.clients) {
       if (++scanned > VICTIM_SCAN) break;
-      if (
-        client.cutOffReason !== undefined ||
-        (graceHolds && !this.#evictable(client, now)) ||
-        (waiting && client.lastActivity > movingSince)
-      ) continue;
+      if (client.cutOffReason !== undefined || !eligible(client)) continue;
       const rate = this.rate(client, now);
       if (
         victim === undefined || rate < victimRate ||

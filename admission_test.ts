@@ -151,7 +151,7 @@ function holding(
 Deno.test("Admission.slotVictim() takes from the biggest source for a newcomer from a smaller one, grace or not", () => {
   const attackers = Array.from(
     { length: 5 },
-    (_, i) => client(9900 + i, { source: B }),
+    (_, i) => client(9800 + i, { source: B }),
   );
   const good = client(0, { source: A, bytesReceived: 100, lastActivity: 0 });
   const admission = holding(new Admission({ evictionGraceMs: 2000 }), [
@@ -168,6 +168,47 @@ Deno.test("Admission.slotVictim() takes from the biggest source for a newcomer f
   assert.equal(admission.connections, 5);
 });
 
+Deno.test("Admission.slotVictim() takes from the biggest source one past its grace before one in it", () => {
+  // Honest clients behind one address with slowloris among them.
+  const admission = new Admission({ evictionGraceMs: 2000 });
+  const hog = client(0, { source: B, bytesReceived: 5, lastActivity: 9000 });
+  const upload = client(7000, {
+    source: B,
+    bytesReceived: 5 * MIB,
+    lastActivity: 9999,
+  });
+  const good = client(9990, {
+    source: B,
+    bytesReceived: 50,
+    lastActivity: 9995,
+  });
+  const fresh = client(9999, { source: B });
+  holding(admission, [hog, upload, good, fresh]);
+  // The hog, silent for 1 s, first.
+  assert.equal(admission.slotVictim(A, 10_000), hog);
+  admission.leave(hog);
+  // Then one past its grace, moving bytes or not.
+  assert.equal(admission.slotVictim(A, 10_000), upload);
+  admission.leave(upload);
+  // Grace or not, the source is the biggest: the slowest of those accepted
+  // 125 ms ago or more, not the newest, whose bytes may not be read yet.
+  assert.equal(admission.slotVictim(A, 10_000), undefined);
+  assert.equal(admission.slotVictim(A, 10_200), fresh);
+});
+
+Deno.test("Admission.slotVictim() treats a source one smaller than the biggest as the biggest", () => {
+  // A swap would only make it the bigger of the two, and the next newcomer
+  // of the other would swap back.
+  const admission = new Admission({ evictionGraceMs: 2000 });
+  const a = [client(9900, { source: A }), client(9900, { source: A })];
+  const b = [1, 2, 3].map(() => client(9800, { source: B }));
+  holding(admission, [...a, ...b]);
+  assert.equal(admission.slotVictim(A, 10_000), undefined);
+  assert.equal(admission.slotVictim(A, 10_900), a[0]);
+  admission.leave(a[1]);
+  assert.equal(admission.slotVictim(A, 10_000), b[0]);
+});
+
 Deno.test("Admission.slotVictim() gives a newcomer from the biggest source only one of its own past its grace", () => {
   const admission = new Admission({ evictionGraceMs: 2000 });
   const mine = [client(9900, { source: B }), client(9950, { source: B })];
@@ -176,8 +217,8 @@ Deno.test("Admission.slotVictim() gives a newcomer from the biggest source only 
   // Its own are in their grace; the other source's silent client, far past
   // it, is not its to take.
   assert.equal(admission.slotVictim(B, 10_000), undefined);
-  // A silent one is past its grace an eighth of the grace after it came.
-  assert.equal(admission.slotVictim(B, 10_150), mine[0]);
+  // A silent one is past its grace half the grace after it came.
+  assert.equal(admission.slotVictim(B, 10_900), mine[0]);
   // A tie is as big: the same rule.
   admission.leave(mine[1]);
   assert.equal(admission.slotVictim(B, 10_000), undefined);

@@ -49,6 +49,7 @@ import {
   formatMixResult,
   type MixOptions,
   runMix,
+  SOURCE_ATTACK_KINDS,
 } from "./mix.ts";
 
 /** Options for {@linkcode runBench}. */
@@ -543,7 +544,10 @@ Fault injection:
                        ${CLIENT_KINDS.join(", ")}
   --kinds LIST         with --mix, only these kinds (comma-separated)
   --attacks            with --mix, add the attacks: ${ATTACK_KINDS.join(", ")},
-                       scaled to the limits below; a good client not served
+                       scaled to the limits below (${
+  SOURCE_ATTACK_KINDS.join(" and ")
+} only
+                       with --attacker-address); a good client not served
                        within --good-within fails the run
   --max-connections N  the server's --max-connections (default 16384)
   --max-buffered SIZE  the server's --max-buffered (default 512MiB)
@@ -556,9 +560,9 @@ Fault injection:
   --oversize SIZE      bytes an oversize client sends, to be more than the
                        server's --max-client-bytes (default 65MiB)
   --attacker-address ADDRESS
-                       with --mix, the local address the zero-byte and
-                       grace-cycle attackers connect from (e.g. 127.0.0.2,
-                       another source than the good clients on 127.0.0.1)
+                       with --mix, the local address the attackers connect
+                       from (e.g. 127.0.0.2, another source than the good
+                       clients on 127.0.0.1)
   --log PATH           with --mix, the access log of the server under test:
                        at the end, check one well-formed line per connection
                        that succeeded, no client number twice, and the byte
@@ -677,10 +681,15 @@ export function parseBenchArgs(
   }
   if (values.kinds !== undefined) mix.kinds = parseKinds(values.kinds);
   if (values.attacks) {
+    // The silent floods from the good clients' own address would measure
+    // the limit of fairness between sources, not pass or fail a server.
+    const attacks = values["attacker-address"] === undefined
+      ? ATTACK_KINDS.filter((kind) => !SOURCE_ATTACK_KINDS.includes(kind))
+      : ATTACK_KINDS;
     mix.kinds = [
       ...(mix.kinds ??
         CLIENT_KINDS.filter((kind) => !ATTACK_KINDS.includes(kind))),
-      ...ATTACK_KINDS,
+      ...attacks,
     ];
   }
   const limitFlags = [

@@ -27,9 +27,9 @@
  * limits of the server under test ({@linkcode MixOptions.limits}): as many
  * `slot-hog`s as `maxConnections`, enough `memory-hog`s and `slow-reader`s
  * to hold all of `maxBufferedBytes`, `maxConnections + 700` `zero-byte`s
- * and `grace-cycle`s (they connect from
- * {@linkcode MixOptions.attackerAddress}, so they can play another source
- * than the good clients). An attacker that the server cuts off
+ * and `grace-cycle`s. They connect from
+ * {@linkcode MixOptions.attackerAddress} if given, to play another source
+ * than the good clients. An attacker that the server cuts off
  * connects again, so the pressure lasts the whole run; how long each
  * lasted is reported. With {@linkcode MixOptions.goodWithinMs} (5 s when an
  * attack runs), a good client (`echo`, `echo-large`) that takes longer from
@@ -81,6 +81,17 @@ export const ATTACK_KINDS: readonly ClientKind[] = [
   "slot-hog",
   "memory-hog",
   "slow-reader",
+  "zero-byte",
+  "grace-cycle",
+];
+
+/**
+ * The attacks among {@linkcode ATTACK_KINDS} that play another source than
+ * the good clients when given {@linkcode MixOptions.attackerAddress}: from
+ * the good clients' own address, they measure what fairness between
+ * sources cannot do (bench/README.md).
+ */
+export const SOURCE_ATTACK_KINDS: readonly ClientKind[] = [
   "zero-byte",
   "grace-cycle",
 ];
@@ -149,8 +160,7 @@ export interface MixOptions {
   /** Called about once a second while clients run. */
   onProgress?: (progress: MixProgress) => void;
   /**
-   * The local address the `zero-byte` and `grace-cycle` attackers connect
-   * from, e.g. `127.0.0.2` to play another source than the good clients
+   * The local address the attackers connect from, e.g. `127.0.0.2` to play another source than the good clients
    * on loopback. @default {the system's choice}
    */
   attackerAddress?: string;
@@ -687,18 +697,22 @@ const CLIENTS: Record<ClientKind, Client> = {
     echoClient(attempt, 0, () => sleep(idleMs, attempt.stop)),
   "oversize": oversizeClient,
   "slot-hog": (attempt, { attackIntervalMs }) =>
-    attacker(attempt, async (conn, ended) => {
+    attacker(attempt, async (write, ended) => {
       for (let sent = 0; !ended.aborted; sent++) {
-        await writeAll(conn, patternSlice(attempt.phase, sent, 1));
+        await write(patternSlice(attempt.phase, sent, 1));
         await sleep(attackIntervalMs, ended);
       }
     }),
   "memory-hog": (attempt, { attackIntervalMs, hogBytes }) =>
-    attacker(attempt, async (conn, ended) => {
-      await sendAll(conn, attempt.phase, hogBytes);
+    attacker(attempt, async (write, ended) => {
+      for (let sent = 0; sent < hogBytes;) {
+        const size = Math.min(CHUNK_BYTES, hogBytes - sent);
+        await write(patternSlice(attempt.phase, sent, size));
+        sent += size;
+      }
       for (let sent = hogBytes; !ended.aborted; sent++) {
         await sleep(attackIntervalMs, ended);
-        await writeAll(conn, patternSlice(attempt.phase, sent, 1));
+        await write(patternSlice(attempt.phase, sent, 1));
       }
     }),
   "slow-reader": slowReader,
@@ -821,12 +835,69 @@ async function reset(socket: net.Socket): Promise<void> {
 }
 
 /**
- * An attacker: runs `send` until the server ends the connection (EOF, a
- * reset, a failed write) or the run stops; ok with how long it lasted.
+ * An attacker: runs `send` with a function that writes bytes until the
+ * server ends the connection (EOF, a reset, a failed write) or the run
+ * stops; ok with how long it lasted. From
+ * {@linkcode Attempt.attackerAddress} if given.
  */
-async function attacker(
+function attacker(
   attempt: Attempt,
-  send: (conn: Deno.TcpConn, ended: AbortSignal) => Promise<void>,
+  send: (
+    write: (bytes: Uint8Array) => Promise<void>,
+    ended: AbortSignal,
+  ) => Promise<void>,
+): Promise<Outcome> {
+  return attempt.attackerAddress === undefined
+    ? denoAttacker(attempt, send)
+    : nodeAttacker(attempt, attempt.attackerAddress, send);
+}
+
+/** {@linkcode attacker} over a node:net socket bound to `localAddress`. */
+async function nodeAttacker(
+  attempt: Attempt,
+  localAddress: string,
+  send: (
+    write: (bytes: Uint8Array) => Promise<void>,
+    ended: AbortSignal,
+  ) => Promise<void>,
+): Promise<Outcome> {
+  const start = performance.now();
+  const socket = await nodeConnect(attempt, localAddress);
+  if (!(socket instanceof net.Socket)) return socket;
+  const closed = new Promise<void>((resolve) =>
+    socket.once("close", () => resolve())
+  );
+  const ended = new AbortController();
+  closed.then(() => ended.abort());
+  const onStop = () => ended.abort();
+  attempt.stop.addEventListener("abort", onStop);
+  socket.resume();
+  const write = (bytes: Uint8Array) =>
+    new Promise<void>((resolve, reject) => {
+      if (socket.destroyed) return reject(new Error("closed"));
+      socket.write(bytes, (error) => error ? reject(error) : resolve());
+    });
+  try {
+    await send(write, ended.signal);
+  } catch {
+    // The server closed the connection under a write.
+  } finally {
+    attempt.stop.removeEventListener("abort", onStop);
+  }
+  const durationMs = performance.now() - start;
+  socket.destroy();
+  await closed;
+  if (attempt.stop.aborted) return { status: "unfinished", durationMs };
+  return { status: "ok", durationMs };
+}
+
+/** {@linkcode attacker} over a Deno connection. */
+async function denoAttacker(
+  attempt: Attempt,
+  send: (
+    write: (bytes: Uint8Array) => Promise<void>,
+    ended: AbortSignal,
+  ) => Promise<void>,
 ): Promise<Outcome> {
   const start = performance.now();
   const conn = await connect(attempt);
@@ -844,7 +915,7 @@ async function attacker(
     ended.abort();
   })();
   try {
-    await send(conn, ended.signal);
+    await send((bytes) => writeAll(conn, bytes), ended.signal);
   } catch {
     // The server closed the connection under a write.
   } finally {
@@ -906,8 +977,12 @@ async function silentAttacker(
  */
 async function slowReader(
   attempt: Attempt,
-  { readerBytes }: KindSettings,
+  settings: KindSettings,
 ): Promise<Outcome> {
+  if (attempt.attackerAddress !== undefined) {
+    return await nodeSlowReader(attempt, attempt.attackerAddress, settings);
+  }
+  const { readerBytes } = settings;
   const start = performance.now();
   const conn = await connect(attempt);
   if (!("localAddr" in conn)) return conn;
@@ -925,6 +1000,53 @@ async function slowReader(
     // Cut off: a reset, or the close at the run's end.
   }
   const durationMs = performance.now() - start;
+  if (attempt.stop.aborted) return { status: "unfinished", durationMs };
+  return { status: "ok", durationMs };
+}
+
+/** {@linkcode slowReader} over a node:net socket bound to `localAddress`. */
+async function nodeSlowReader(
+  attempt: Attempt,
+  localAddress: string,
+  { readerBytes }: KindSettings,
+): Promise<Outcome> {
+  const start = performance.now();
+  const socket = await nodeConnect(attempt, localAddress);
+  if (!(socket instanceof net.Socket)) return socket;
+  const closed = new Promise<void>((resolve) =>
+    socket.once("close", () => resolve())
+  );
+  const ended = new AbortController();
+  closed.then(() => ended.abort());
+  socket.once("end", () => ended.abort());
+  const onStop = () => ended.abort();
+  attempt.stop.addEventListener("abort", onStop);
+  // Paused: the reply stays in the kernel but for what read() takes.
+  socket.pause();
+  try {
+    for (let sent = 0; sent < readerBytes && !ended.signal.aborted;) {
+      const size = Math.min(CHUNK_BYTES, readerBytes - sent);
+      await new Promise<void>((resolve, reject) =>
+        socket.write(
+          patternSlice(attempt.phase, sent, size),
+          (error) => error ? reject(error) : resolve(),
+        )
+      );
+      sent += size;
+    }
+    socket.end();
+    while (!ended.signal.aborted) {
+      await sleep(SLOW_READ_INTERVAL_MS, ended.signal);
+      socket.read(SLOW_READ_BYTES);
+    }
+  } catch {
+    // Cut off: a reset, or the close at the run's end.
+  } finally {
+    attempt.stop.removeEventListener("abort", onStop);
+  }
+  const durationMs = performance.now() - start;
+  socket.destroy();
+  await closed;
   if (attempt.stop.aborted) return { status: "unfinished", durationMs };
   return { status: "ok", durationMs };
 }
