@@ -134,6 +134,18 @@ export interface ClientProgress {
   cutOffReason: string | undefined;
 }
 
+/** Options for {@linkcode Admission.slotVictim}. */
+export interface SlotVictimOptions {
+  /**
+   * How long the newcomer has waited for a slot, in milliseconds: once it
+   * has waited 125 ms, a newcomer of a smaller source may take a client
+   * accepted just now.
+   *
+   * @default {0}
+   */
+  waitedMs?: number;
+}
+
 /** Options for {@linkcode Admission}. */
 export interface AdmissionOptions {
   /**
@@ -550,17 +562,21 @@ export class Admission<C extends ClientProgress = ClientProgress> {
    * assert.equal(admission.slotVictim("198.51.100.1", 10_800), flooder);
    * ```
    */
-  slotVictim(source: string, now: number): C | undefined {
+  slotVictim(
+    source: string,
+    now: number,
+    options: SlotVictimOptions = {},
+  ): C | undefined {
     if (this.evictionGraceMs === 0 || this.#biggest === 0) return undefined;
     // Two fewer at least: one fewer would make the newcomer's source the
     // bigger of the two after the swap, and the next newcomer of the other
     // would swap back, each time evicting someone.
     if (this.sourceConnections(source) + 1 < this.#biggest) {
       const [biggest] = this.#sourcesBySize.get(this.#biggest)!;
-      return this.#victimOf(biggest, now, false);
+      return this.#victimOf(biggest, now, false, options.waitedMs ?? 0);
     }
     const own = this.#sources.get(source);
-    return own === undefined ? undefined : this.#victimOf(own, now, true);
+    return own === undefined ? undefined : this.#victimOf(own, now, true, 0);
   }
 
   /**
@@ -570,12 +586,13 @@ export class Admission<C extends ClientProgress = ClientProgress> {
    * it; the slowest of its oldest past the grace (with `graceHolds`, only
    * while none of the source is silent); without `graceHolds`, the slowest
    * of its oldest accepted 125 ms ago or more (a sixteenth of a shorter
-   * grace).
+   * grace), or, once the newcomer has waited that long, of its oldest.
    */
   #victimOf(
     entry: SourceClients<C>,
     now: number,
     graceHolds: boolean,
+    waitedMs: number,
   ): C | undefined {
     const silent = this.#oldestSilent(entry);
     if (silent !== undefined && this.#evictable(silent, now)) return silent;
@@ -601,8 +618,17 @@ export class Admission<C extends ClientProgress = ClientProgress> {
     // time to be read (a burst of newcomers from elsewhere, accepted before
     // any read completes, would otherwise take honest clients that have
     // sent all they mean to); none yet: the newcomer waits.
-    const settled = now - Math.min(this.evictionGraceMs / 16, SETTLE_MS);
-    return this.#slowest(entry, now, (client) => client.acceptedAt <= settled);
+    const settleMs = Math.min(this.evictionGraceMs / 16, SETTLE_MS);
+    const settled = now - settleMs;
+    const victim = this.#slowest(
+      entry,
+      now,
+      (client) => client.acceptedAt <= settled,
+    );
+    // A newcomer that has waited as long takes the slowest of them all: a
+    // source that keeps its slots that young cannot make it wait longer.
+    if (victim !== undefined || waitedMs < settleMs) return victim;
+    return this.#slowest(entry, now, () => true);
   }
 
   /** The oldest client of `entry` that has sent nothing yet. */

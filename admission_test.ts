@@ -194,6 +194,8 @@ Deno.test("Admission.slotVictim() takes from the biggest source one past its gra
   // 125 ms ago or more, not the newest, whose bytes may not be read yet.
   assert.equal(admission.slotVictim(A, 10_000), undefined);
   assert.equal(admission.slotVictim(A, 10_200), fresh);
+  // A newcomer that waited 125 ms takes the slowest of all.
+  assert.equal(admission.slotVictim(A, 10_000, { waitedMs: 125 }), fresh);
 });
 
 Deno.test("Admission.slotVictim() treats a source one smaller than the biggest as the biggest", () => {

@@ -502,7 +502,7 @@ class Server implements EchoServer {
         this.#turnAway(newcomer);
       } else if (
         this.#admission.connections < this.#maxConnections ||
-        this.#evictForSlot(newcomer.source)
+        this.#evictForSlot(newcomer.source, now - newcomer.since)
       ) {
         this.#admit(newcomer);
       } else if (now - newcomer.since >= holdMs) {
@@ -713,9 +713,9 @@ class Server implements EchoServer {
    * At maxConnections with a newcomer from `source` accepted: evicts a
    * client for it; false if admission.ts finds none to evict.
    */
-  #evictForSlot(source: string): boolean {
+  #evictForSlot(source: string, waitedMs = 0): boolean {
     const now = performance.now();
-    const victim = this.#admission.slotVictim(source, now);
+    const victim = this.#admission.slotVictim(source, now, { waitedMs });
     if (victim === undefined) return false;
     this.#cutOff(
       victim,
