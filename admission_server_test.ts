@@ -118,9 +118,9 @@ Deno.test("serveEcho() at maxConnections turns a newcomer away when every client
 });
 
 Deno.test("serveEcho() at maxConnections takes the slot of a client that sent nothing before one moving bytes", async () => {
-  // Past the grace: a client that sent nothing for evictionGraceMs / 2 =
-  // 1 s; one that sent a byte is past it after 250 ms of silence, and in it
-  // again when it sends.
+  // Past the grace: a client silent for evictionGraceMs / 8 = 250 ms,
+  // whether it sent a byte first or nothing at all; in it again when it
+  // sends.
   await using s = startServer({ maxConnections: 2, evictionGraceMs: 2000 });
   const [held] = await holders(s, 1, 1);
   const silent = await Deno.connect({ hostname: HOST, port: s.port });

@@ -219,7 +219,7 @@ Deno.test("Admission.slotVictim() gives a newcomer from the biggest source only 
   // Its own are in their grace; the other source's silent client, far past
   // it, is not its to take.
   assert.equal(admission.slotVictim(B, 10_000), undefined);
-  // A silent one is past its grace half the grace after it came.
+  // A silent one is past its grace an eighth of the grace after it came.
   assert.equal(admission.slotVictim(B, 10_900), mine[0]);
   // A tie is as big: the same rule.
   admission.leave(mine[1]);
