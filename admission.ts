@@ -42,39 +42,43 @@
  *   At `maxConnections` the server keeps accepting and decides per
  *   newcomer (nginx `limit_conn` and HAProxy's `src_conn_cur` count per
  *   address and refuse; this server evicts instead). A newcomer from a
- *   source holding fewer connections than the biggest source (two fewer at
- *   least: with one fewer, the swap would only make it the bigger one, and
- *   the two would evict each other's clients turn about) is served at
- *   once, at the biggest source's expense, grace or not, but one past its
- *   grace first: its oldest client that has sent nothing, else the lowest
- *   recent rate (bytes moved either way in the last `rateWindowMs`, or on
- *   average since it was accepted or half-closed, whichever is higher)
- *   among its 32 oldest, so that the choice costs the same at any number
- *   of clients. A newcomer from
- *   the biggest source (or one as big) may only take the slot of one of
- *   its own past its grace, chosen the same way; if none is, it is turned
- *   away at once (`turned_away`: closed, logged with 0 bytes). So the
- *   kernel's queue never holds good clients behind an attacker's: an
- *   attacker holding every slot from a few addresses holds them only until
- *   clients from anywhere else arrive. The grace protects progress, not
+ *   source holding at least two fewer connections than the biggest source
+ *   (with one fewer, the swap would only make it the bigger one, and the
+ *   two would evict each other's clients turn about) is served at once, at
+ *   the biggest source's expense, grace or not, but one past its grace
+ *   first: its oldest client that has sent nothing, else the lowest recent
+ *   rate (bytes moved either way in the last `rateWindowMs`, or on average
+ *   since it was accepted or half-closed, whichever is higher) among its
+ *   32 oldest, so that the choice costs the same at any number of clients;
+ *   if all of them were accepted in the last 125 ms (their first bytes may
+ *   not be read yet), the newcomer waits up to that long first. A newcomer
+ *   from the biggest source (or one nearly as big) may only take the slot
+ *   of one of its own past its grace, chosen the same way; if none is, it
+ *   waits for one (at most 64 newcomers wait, each at most 1 s, first come
+ *   first served) and is then turned away (`turned_away`: closed, logged
+ *   with 0 bytes). One turned away at once would reconnect at once, and a
+ *   loop of such attackers takes every slot the moment it frees, ahead of
+ *   the honest clients of their source. With 64 waiting, the next
+ *   newcomers are turned away at once, unless one source holds every slot:
+ *   then they wait in the kernel's queue as before, where nobody of
+ *   another source waits behind them. The grace protects progress, not
  *   newness: a client is past it `evictionGraceMs / 8` (250 ms) after its
- *   last byte while it still sends, and a client that has sent nothing yet
- *   is past it 250 ms after it was accepted; a client sending or reading
- *   its echo keeps the whole 2 s. Grace cycling (silent clients that leave
- *   within the grace and reconnect) therefore holds no slot against a
- *   newcomer of its own source for more than 250 ms, and the silent ones
- *   go first: while any client of the source is silent, one that moved
- *   bytes in the last 250 ms is never chosen for a newcomer of its own
- *   source (that newcomer is turned away instead). Cost: a source that is the
- *   biggest at the limit loses a connection to each newcomer from a
- *   smaller one; many honest clients behind one address (a NAT, a proxy
- *   without the PROXY protocol) are one source and share its slots; a
- *   person typing into `nc` at the limit may lose the connection 250 ms
- *   after connecting or after their last line. Attackers on the same
- *   address as good clients are told from them only by progress: a good
- *   client is served if its bytes arrive before 250 ms and a newcomer of
- *   its source comes by while a silent one of them is past its grace
- *   (bench/README.md has the measured share).
+ *   last byte while it still sends, or after it was accepted if it has
+ *   sent nothing; a client sending or reading its echo keeps the whole
+ *   2 s. Grace cycling (silent clients that leave within the grace and
+ *   reconnect) therefore holds no slot against a newcomer of its own
+ *   source for more than 250 ms, and the silent ones go first: while any
+ *   client of the source is silent, one that moved bytes in the last
+ *   250 ms is never chosen for a newcomer of its own source. Cost: a
+ *   source that is the biggest at the limit loses connections to
+ *   newcomers of smaller ones; many honest clients behind one address (a
+ *   NAT, a proxy without the PROXY protocol) are one source and share its
+ *   slots with any attacker among them; a person typing into `nc` at the
+ *   limit may lose the connection to a newcomer of their own source 250 ms
+ *   after connecting or after their last line, and to one from a smaller
+ *   source if theirs is the biggest. Attackers on the same address as good
+ *   clients are told from them only by progress (bench/README.md has the
+ *   measured share).
  * - **Memory eviction** (on unless the grace is 0): when a read buffer
  *   would pass `maxBufferedBytes`, the server evicts the other clients
  *   holding the most buffer for the least progress, largest

@@ -102,7 +102,8 @@ Options:
   DEFAULT_MAX_BUFFERED_BYTES / MIB
 }MiB)
   --max-connections N      clients served at once; at the limit a newcomer
-                           evicts the slowest (default ${DEFAULT_MAX_CONNECTIONS})
+                           evicts a client of the biggest source (IPv4
+                           address or IPv6 /64) (default ${DEFAULT_MAX_CONNECTIONS})
   --idle-timeout SECONDS   cut off a client idle this long (default ${
   DEFAULT_IDLE_TIMEOUT_MS / 1000
 })

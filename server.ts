@@ -92,10 +92,12 @@ export interface ServeOptions {
    */
   maxBufferedBytes?: number;
   /**
-   * Connections served at once. At the limit a newcomer is accepted and
-   * the slowest client past its grace
-   * ({@linkcode ServeOptions.evictionGraceMs}) is evicted for it; while
-   * none is past it (or with eviction off) the kernel's queue holds the
+   * Connections served at once. At the limit every newcomer is accepted
+   * and decided at once (admission.ts): a client of the biggest source is
+   * evicted for a newcomer of a smaller one; a newcomer of the biggest
+   * source takes the slot of one of its own past its grace
+   * ({@linkcode ServeOptions.evictionGraceMs}), or waits up to 1 s for one
+   * and is turned away. With eviction off the kernel's queue holds the
    * rest.
    *
    * @default {16384}
@@ -461,7 +463,7 @@ class Server implements EchoServer {
         this.#evictForSlot(source)
       ) {
         this.#admit(newcomer);
-      } else if (this.#held.length < MAX_HELD) {
+      } else if (this.#held.length < MAX_HELD || this.#makeRoomFor(source)) {
         this.#hold(newcomer);
       } else {
         this.#turnAway(newcomer);
@@ -478,6 +480,22 @@ class Server implements EchoServer {
     this.#serve(client);
     // Accepted just as the drain ran out: logged, but not waited for.
     if (this.#drain.expired) this.#cutOffAtShutdown(client);
+  }
+
+  /**
+   * With MAX_HELD newcomers waiting, turns away the first of them from a
+   * source holding at least two more connections than `source`, so that a
+   * newcomer of a smaller source is not turned away for a flood of the
+   * biggest; false if there is none.
+   */
+  #makeRoomFor(source: string): boolean {
+    const held = this.#admission.sourceConnections(source);
+    const i = this.#held.findIndex((newcomer) =>
+      this.#admission.sourceConnections(newcomer.source) >= held + 2
+    );
+    if (i < 0) return false;
+    this.#turnAway(this.#held.splice(i, 1)[0]);
+    return true;
   }
 
   /** Keeps a newcomer waiting for a slot (see MAX_HELD). */

@@ -1074,6 +1074,7 @@ export class SilentFlood implements AsyncDisposable {
   #sockets = new Set<net.Socket>();
   #loops: Promise<void>[];
 
+  /** Starts `count` silent clients on `port`. */
   constructor(
     readonly port: number,
     count: number,
@@ -1108,6 +1109,7 @@ export class SilentFlood implements AsyncDisposable {
     }
   }
 
+  /** Ends every connection and waits until they are closed. */
   async [Symbol.asyncDispose](): Promise<void> {
     this.#stopped = true;
     for (const socket of this.#sockets) socket.destroy();
