@@ -216,6 +216,9 @@ const VICTIM_SCAN = 32;
 // of a smaller source may take its slot, at most (a sixteenth of the
 // grace otherwise).
 const SETTLE_MS = 125;
+// Entries of sources kept for reuse: a server with one client at a time
+// would otherwise make and drop two Sets per connection.
+const SPARE_ENTRIES = 64;
 // Victims of memory found by a pass each before the rest are sorted.
 const MEMORY_PASSES = 4;
 // The part of the grace a client that has sent nothing keeps: as long as
@@ -302,7 +305,7 @@ export function newProgress(
 
 /** One source's clients, oldest first. */
 interface SourceClients<C> {
-  readonly key: string;
+  key: string;
   /** Its clients not cut off, in the order they were admitted. */
   readonly clients: Set<C>;
   /**
@@ -343,8 +346,11 @@ export class Admission<C extends ClientProgress = ClientProgress> {
   readonly rateWindowMs: number;
 
   #sources = new Map<string, SourceClients<C>>();
-  // Sources by how many clients they hold, to find the biggest at once.
-  #sourcesBySize = new Map<number, Set<SourceClients<C>>>();
+  // Sources by how many clients they hold, to find the biggest at once;
+  // a bucket, once made, is kept (no Set made and dropped per client).
+  #sourcesBySize: Array<Set<SourceClients<C>>> = [];
+  // Entries of sources that left, for the next new source to reuse.
+  #spareEntries: SourceClients<C>[] = [];
   #biggest = 0;
   #admitted = 0;
 
@@ -475,16 +481,11 @@ export class Admission<C extends ClientProgress = ClientProgress> {
 
   /** Moves `entry` from the bucket of `from` clients to that of `to`. */
   #resize(entry: SourceClients<C>, from: number, to: number): void {
-    const old = this.#sourcesBySize.get(from);
-    old?.delete(entry);
-    if (old?.size === 0) this.#sourcesBySize.delete(from);
-    if (to > 0) {
-      let bucket = this.#sourcesBySize.get(to);
-      if (bucket === undefined) this.#sourcesBySize.set(to, bucket = new Set());
-      bucket.add(entry);
-    }
+    const bySize = this.#sourcesBySize;
+    bySize[from]?.delete(entry);
+    if (to > 0) (bySize[to] ??= new Set()).add(entry);
     if (to > this.#biggest) this.#biggest = to;
-    else if (from === this.#biggest && !this.#sourcesBySize.has(from)) {
+    else if (from === this.#biggest && bySize[from].size === 0) {
       this.#biggest = to;
     }
   }
@@ -508,7 +509,9 @@ export class Admission<C extends ClientProgress = ClientProgress> {
   admit(client: C): void {
     let entry = this.#sources.get(client.source);
     if (entry === undefined) {
-      entry = { key: client.source, clients: new Set(), silent: new Set() };
+      entry = this.#spareEntries.pop() ??
+        { key: "", clients: new Set(), silent: new Set() };
+      entry.key = client.source;
       this.#sources.set(client.source, entry);
     }
     if (entry.clients.has(client)) return;
@@ -528,7 +531,13 @@ export class Admission<C extends ClientProgress = ClientProgress> {
     entry.silent.delete(client);
     this.#admitted--;
     this.#resize(entry, entry.clients.size + 1, entry.clients.size);
-    if (entry.clients.size === 0) this.#sources.delete(entry.key);
+    if (entry.clients.size === 0) {
+      this.#sources.delete(entry.key);
+      entry.silent.clear();
+      if (this.#spareEntries.length < SPARE_ENTRIES) {
+        this.#spareEntries.push(entry);
+      }
+    }
   }
 
   /**
@@ -579,7 +588,7 @@ export class Admission<C extends ClientProgress = ClientProgress> {
     // bigger of the two after the swap, and the next newcomer of the other
     // would swap back, each time evicting someone.
     if (this.sourceConnections(source) + 1 < this.#biggest) {
-      const [biggest] = this.#sourcesBySize.get(this.#biggest)!;
+      const [biggest] = this.#sourcesBySize[this.#biggest];
       return this.#victimOf(biggest, now, false, options.waitedMs ?? 0);
     }
     const own = this.#sources.get(source);
