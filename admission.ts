@@ -37,23 +37,50 @@
  *   Cost: a reader that pauses longer than that, even one whose average
  *   stays above 16 KiB/s, loses its connection (deploy/README.md has the
  *   measured cases).
- * - **Slot eviction** (`evictionGraceMs`, 2 s): at `maxConnections` the
- *   server accepts the newcomer and evicts the client with the lowest
- *   recent rate (bytes moved either way in the last `rateWindowMs`, or on
- *   average since it was accepted or half-closed, whichever is higher)
- *   among those past their grace; if none is, the newcomer waits in the
- *   kernel's queue until the first grace ends. The newcomer itself is never
- *   the one evicted. A client is in its grace for 2 s after it is accepted
- *   while it keeps moving bytes; one that is still sending, has sent
- *   something and has been silent since for an eighth of the grace (250 ms)
- *   is past it. One that has sent nothing yet keeps the whole grace: its
- *   bytes may only be waiting for the server to read them. Without that,
- *   attackers that reconnect as soon as they are evicted hold every slot in
- *   its grace: in `bench --mix` at 256 slots, good clients were still served,
- *   but all clients together got 116 connections a second (slots / grace)
- *   instead of thousands. Cost: with every slot taken, the slowest client
- *   past its grace loses its connection to each newcomer, whoever it is; a
- *   person typing into `nc` may lose it 250 ms after their last line.
+ * - **Fair slots between sources** (`evictionGraceMs`, 2 s): a client's
+ *   source is its IPv4 address, or the /64 prefix of its IPv6 address (one
+ *   host is handed a whole /64, RFC 6177, so counting IPv6 addresses one
+ *   by one would limit nothing; IPv4-mapped IPv6 addresses count as IPv4).
+ *   At `maxConnections` the server keeps accepting and decides per
+ *   newcomer (nginx `limit_conn` and HAProxy's `src_conn_cur` count per
+ *   address and refuse; this server evicts instead). A newcomer from a
+ *   source holding at least two fewer connections than the biggest source
+ *   (with one fewer, the swap would only make it the bigger one, and the
+ *   two would evict each other's clients turn about) is served at once, at
+ *   the biggest source's expense, grace or not, but one past its grace
+ *   first: its oldest client that has sent nothing, else the lowest recent
+ *   rate (bytes moved either way in the last `rateWindowMs`, or on average
+ *   since it was accepted or half-closed, whichever is higher) among its
+ *   32 oldest, so that the choice costs the same at any number of clients;
+ *   if all of them were accepted in the last 125 ms (their first bytes may
+ *   not be read yet), the newcomer waits up to that long first. A newcomer
+ *   from the biggest source (or one nearly as big) may only take the slot
+ *   of one of its own past its grace, chosen the same way; if none is, it
+ *   waits for one (at most 64 newcomers wait, each at most 1 s, first come
+ *   first served) and is then turned away (`turned_away`: closed, logged
+ *   with 0 bytes). One turned away at once would reconnect at once, and a
+ *   loop of such attackers takes every slot the moment it frees, ahead of
+ *   the honest clients of their source. With 64 waiting, the next
+ *   newcomers are turned away at once, unless one source holds every slot:
+ *   then they wait in the kernel's queue as before, where nobody of
+ *   another source waits behind them. The grace protects progress, not
+ *   newness: a client is past it `evictionGraceMs / 8` (250 ms) after its
+ *   last byte while it still sends, or after it was accepted if it has
+ *   sent nothing; a client sending or reading its echo keeps the whole
+ *   2 s. Grace cycling (silent clients that leave within the grace and
+ *   reconnect) therefore holds no slot against a newcomer of its own
+ *   source for more than 250 ms, and the silent ones go first: while any
+ *   client of the source is silent, one that moved bytes in the last
+ *   250 ms is never chosen for a newcomer of its own source. Cost: a
+ *   source that is the biggest at the limit loses connections to
+ *   newcomers of smaller ones; many honest clients behind one address (a
+ *   NAT, a proxy without the PROXY protocol) are one source and share its
+ *   slots with any attacker among them; a person typing into `nc` at the
+ *   limit may lose the connection to a newcomer of their own source 250 ms
+ *   after connecting or after their last line, and to one from a smaller
+ *   source if theirs is the biggest. Attackers on the same address as good
+ *   clients are told from them only by progress (bench/README.md has the
+ *   measured share).
  * - **Memory eviction** (on unless the grace is 0): when a read buffer
  *   would pass `maxBufferedBytes`, the server evicts the other clients
  *   holding the most buffer for the least progress, largest
@@ -91,6 +118,8 @@ export type AdmissionReason =
 export interface ClientProgress {
   /** When it was accepted. */
   readonly acceptedAt: number;
+  /** Its source, from {@linkcode sourceKey}: whose slots it counts against. */
+  readonly source: string;
   /** Bytes read from it. */
   bytesReceived: number;
   /** Bytes of its echo the kernel took (completed writes). */
@@ -120,6 +149,18 @@ export interface ClientProgress {
    * closed, its end not yet reported) and is never picked to evict again.
    */
   cutOffReason: string | undefined;
+}
+
+/** Options for {@linkcode Admission.slotVictim}. */
+export interface SlotVictimOptions {
+  /**
+   * How long the newcomer has waited for a slot, in milliseconds: once it
+   * has waited 125 ms, a newcomer of a smaller source may take a client
+   * accepted just now.
+   *
+   * @default {0}
+   */
+  waitedMs?: number;
 }
 
 /** Options for {@linkcode Admission}. */
@@ -187,6 +228,69 @@ const BURST_GAP_MS = 1000;
  * third of the send buffer has drained (plus a receive window's step).
  */
 export const MAX_CREDITED_BURST_BYTES = 4 * 1024 * 1024;
+// A victim of a source with no silent client is the lowest rate among this
+// many of its oldest: a bounded cost per newcomer (bench/victim_cost.ts).
+const VICTIM_SCAN = 32;
+// How long a newcomer has for its first bytes to be read before a newcomer
+// of a smaller source may take its slot, at most (a sixteenth of the
+// grace otherwise).
+const SETTLE_MS = 125;
+// Entries of sources kept for reuse: a server with one client at a time
+// would otherwise make and drop two Sets per connection.
+const SPARE_ENTRIES = 64;
+// Victims of memory found by a pass each before the rest are sorted.
+const MEMORY_PASSES = 4;
+// The part of the grace a client that has sent nothing keeps: as long as
+// one silent since its last byte. (Half the grace made a flood of silent
+// clients from the good clients' own address turn its slots over 4 times
+// slower: 0 of 150 good clients within 5 s at 64 slots, against 145.)
+const SILENT_GRACE_SHARE = 1 / 8;
+
+/**
+ * The source a client's slots count against: an IPv4 address as it is, an
+ * IPv6 address as its /64 prefix (`2001:db8:0:1::/64`), an IPv4-mapped
+ * IPv6 address (`::ffff:192.0.2.1`) as the IPv4 address.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * assert.equal(sourceKey("192.0.2.7"), "192.0.2.7");
+ * assert.equal(sourceKey("2001:db8:0:1:aa::5"), "2001:db8:0:1::/64");
+ * assert.equal(sourceKey("2001:db8:0:1::6"), "2001:db8:0:1::/64");
+ * assert.equal(sourceKey("::1"), "0:0:0:0::/64");
+ * assert.equal(sourceKey("::ffff:192.0.2.7"), "192.0.2.7");
+ * ```
+ */
+export function sourceKey(hostname: string): string {
+  if (!hostname.includes(":")) return hostname;
+  const address = hostname.replace(/^\[|\]$/g, "").replace(/%.*$/, "");
+  const mapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(address);
+  if (mapped !== null) return mapped[1];
+  const [head, tail] = address.split("::");
+  const front = head === "" ? [] : head.split(":");
+  const back = tail === undefined || tail === "" ? [] : tail.split(":");
+  // An embedded IPv4 tail ("64:ff9b::192.0.2.1") is counted as one group
+  // of two: it is past the prefix either way.
+  const groups = tail === undefined ? front : [
+    ...front,
+    ...new Array(Math.max(0, 8 - front.length - back.length)).fill("0"),
+    ...back,
+  ];
+  return `${
+    groups.slice(0, 4).map((group) => (parseInt(group, 16) || 0).toString(16))
+      .join(":")
+  }::/64`;
+}
+
+/** Options for {@linkcode newProgress}. */
+export interface NewProgressOptions {
+  /**
+   * Its source, from {@linkcode sourceKey}.
+   *
+   * @default {""}
+   */
+  source?: string;
+}
 
 /**
  * Fresh {@linkcode ClientProgress} for a client accepted at `now`.
@@ -199,9 +303,13 @@ export const MAX_CREDITED_BURST_BYTES = 4 * 1024 * 1024;
  * assert.equal(client.eofAt, undefined);
  * ```
  */
-export function newProgress(now: number): ClientProgress {
+export function newProgress(
+  now: number,
+  options: NewProgressOptions = {},
+): ClientProgress {
   return {
     acceptedAt: now,
+    source: options.source ?? "",
     bytesReceived: 0,
     bytesSent: 0,
     bufferedBytes: 0,
@@ -216,8 +324,22 @@ export function newProgress(now: number): ClientProgress {
   };
 }
 
+/** One source's clients, oldest first. */
+interface SourceClients<C> {
+  key: string;
+  /** Its clients not cut off, in the order they were admitted. */
+  readonly clients: Set<C>;
+  /**
+   * Those that had sent nothing when admitted; ones that have sent since
+   * are dropped lazily when met at the front.
+   */
+  readonly silent: Set<C>;
+}
+
 /**
- * The admission policy with its limits: see the module doc for the rules.
+ * The admission policy with its limits, and the clients holding a slot by
+ * source: see the module doc for the rules. `C` is the server's own client
+ * type, handed back as it was given.
  *
  * @example
  * ```ts
@@ -230,7 +352,7 @@ export function newProgress(now: number): ClientProgress {
  * assert.equal(admission.check(trickler, 20_100), "min_rate");
  * ```
  */
-export class Admission {
+export class Admission<C extends ClientProgress = ClientProgress> {
   /** Milliseconds without progress before a client is idle. */
   readonly idleTimeoutMs: number;
   /** Bytes per second a sender must average after the grace; 0 is off. */
@@ -243,6 +365,15 @@ export class Admission {
   readonly evictionGraceMs: number;
   /** Milliseconds over which recent rates are measured. */
   readonly rateWindowMs: number;
+
+  #sources = new Map<string, SourceClients<C>>();
+  // Sources by how many clients they hold, to find the biggest at once;
+  // a bucket, once made, is kept (no Set made and dropped per client).
+  #sourcesBySize: Array<Set<SourceClients<C>>> = [];
+  // Entries of sources that left, for the next new source to reuse.
+  #spareEntries: SourceClients<C>[] = [];
+  #biggest = 0;
+  #admitted = 0;
 
   /** Takes the limits; see {@linkcode AdmissionOptions} for the defaults. */
   constructor(options: AdmissionOptions = {}) {
@@ -356,88 +487,250 @@ export class Admission {
   /** When `client` leaves its grace (see the module doc). */
   #graceEnds(client: ClientProgress): number {
     const end = client.acceptedAt + this.evictionGraceMs;
-    // Nothing read yet may be the server's own delay, not the client's:
-    // under load a newcomer's bytes can wait in the kernel longer than an
-    // eighth of the grace, and bench --mix saw good clients evicted so.
-    if (client.eofAt !== undefined || client.bytesReceived === 0) return end;
+    if (client.eofAt !== undefined) return end;
+    // Nothing sent yet: the grace protects progress, not newness.
+    if (client.bytesReceived === 0) {
+      return client.acceptedAt + this.evictionGraceMs * SILENT_GRACE_SHARE;
+    }
+    // Still sending: silence protects nobody for long.
     return Math.min(end, client.lastActivity + this.evictionGraceMs / 8);
   }
 
   /** Whether `client` is past its grace and may be evicted for a slot. */
   #evictable(client: ClientProgress, now: number): boolean {
-    return this.evictionGraceMs > 0 && client.cutOffReason === undefined &&
-      now >= this.#graceEnds(client);
+    return now >= this.#graceEnds(client);
+  }
+
+  /** Clients holding a slot now: admitted and neither cut off nor gone. */
+  get connections(): number {
+    return this.#admitted;
+  }
+
+  /** How many slots the biggest source holds (0 with no clients). */
+  get biggestSourceConnections(): number {
+    return this.#biggest;
   }
 
   /**
-   * The client to evict so a newcomer gets a connection slot: the lowest
-   * {@linkcode Admission.rate} among those past their grace (ties: the one
-   * idle longest), or undefined if none is. A client is in its grace for
-   * `evictionGraceMs` after it is accepted, or until it has been silent for
-   * an eighth of that while still sending, after its first byte.
+   * How many slots `source` holds.
+   *
+   * @example
+   * ```ts
+   * import assert from "node:assert/strict";
+   * const admission = new Admission();
+   * admission.admit(newProgress(0, { source: "192.0.2.7" }));
+   * assert.equal(admission.sourceConnections("192.0.2.7"), 1);
+   * assert.equal(admission.sourceConnections("192.0.2.8"), 0);
+   * ```
+   */
+  sourceConnections(source: string): number {
+    return this.#sources.get(source)?.clients.size ?? 0;
+  }
+
+  /** Moves `entry` from the bucket of `from` clients to that of `to`. */
+  #resize(entry: SourceClients<C>, from: number, to: number): void {
+    const bySize = this.#sourcesBySize;
+    bySize[from]?.delete(entry);
+    if (to > 0) (bySize[to] ??= new Set()).add(entry);
+    if (to > this.#biggest) this.#biggest = to;
+    else if (from === this.#biggest && bySize[from].size === 0) {
+      this.#biggest = to;
+    }
+  }
+
+  /**
+   * Counts `client` as holding a slot of its source, from its acceptance
+   * until {@linkcode Admission.leave}. Constant time.
+   *
+   * @example
+   * ```ts
+   * import assert from "node:assert/strict";
+   * const admission = new Admission();
+   * const client = newProgress(0, { source: "192.0.2.7" });
+   * admission.admit(client);
+   * assert.equal(admission.connections, 1);
+   * admission.leave(client);
+   * admission.leave(client);
+   * assert.equal(admission.connections, 0);
+   * ```
+   */
+  admit(client: C): void {
+    let entry = this.#sources.get(client.source);
+    if (entry === undefined) {
+      entry = this.#spareEntries.pop() ??
+        { key: "", clients: new Set(), silent: new Set() };
+      entry.key = client.source;
+      this.#sources.set(client.source, entry);
+    }
+    if (entry.clients.has(client)) return;
+    entry.clients.add(client);
+    if (client.bytesReceived === 0) entry.silent.add(client);
+    this.#admitted++;
+    this.#resize(entry, entry.clients.size - 1, entry.clients.size);
+  }
+
+  /**
+   * Frees the slot `client` held: call it when it is cut off or gone;
+   * more calls do nothing. Constant time.
+   */
+  leave(client: C): void {
+    const entry = this.#sources.get(client.source);
+    if (entry === undefined || !entry.clients.delete(client)) return;
+    entry.silent.delete(client);
+    this.#admitted--;
+    this.#resize(entry, entry.clients.size + 1, entry.clients.size);
+    if (entry.clients.size === 0) {
+      this.#sources.delete(entry.key);
+      entry.silent.clear();
+      if (this.#spareEntries.length < SPARE_ENTRIES) {
+        this.#spareEntries.push(entry);
+      }
+    }
+  }
+
+  /**
+   * At `maxConnections`, the client to evict so a newcomer from `source`
+   * is served (see the module doc): one of the biggest source's, grace or
+   * not, if `source` holds at least two fewer; else one of `source`'s own past its
+   * grace; undefined if there is none (turn the newcomer away) or eviction
+   * is off. Within the source, in order: its oldest client that has sent
+   * nothing, if past its grace; the lowest {@linkcode Admission.rate}
+   * among its 32 oldest of those past the grace and silent for an eighth
+   * of it (ties: the one idle longest); then, for a newcomer of its own,
+   * the slowest past the grace while none of the source is silent; for
+   * one from a smaller source, its oldest silent client, else its slowest.
+   * The cost per newcomer does not grow with the number of clients.
    *
    * @example
    * ```ts
    * import assert from "node:assert/strict";
    * const admission = new Admission({ evictionGraceMs: 2000 });
-   * const fast = newProgress(0);
+   * const fast = newProgress(0, { source: "192.0.2.7" });
    * fast.bytesReceived = 1_000_000;
-   * const trickler = newProgress(0);
+   * fast.lastActivity = 9990;
+   * const trickler = newProgress(0, { source: "192.0.2.7" });
    * trickler.bytesReceived = 3;
-   * const newcomer = newProgress(9900);
-   * assert.equal(admission.slotVictim([fast, trickler, newcomer], 10_000), trickler);
-   * assert.equal(admission.slotVictim([newcomer], 10_000), undefined);
+   * const flooder = newProgress(9800, { source: "198.51.100.1" });
+   * const flooder2 = newProgress(9850, { source: "198.51.100.1" });
+   * const flooder3 = newProgress(9860, { source: "198.51.100.1" });
+   * const flooder4 = newProgress(9870, { source: "198.51.100.1" });
+   * for (const c of [fast, trickler, flooder, flooder2, flooder3, flooder4]) {
+   *   admission.admit(c);
+   * }
+   * // A newcomer from a smaller source: the biggest source's oldest
+   * // client, in its grace or not.
+   * assert.equal(admission.slotVictim("192.0.2.7", 10_000), flooder);
+   * assert.equal(admission.slotVictim("203.0.113.5", 10_000), flooder);
+   * // A newcomer from the biggest source: one of its own past its grace.
+   * assert.equal(admission.slotVictim("198.51.100.1", 10_000), undefined);
+   * assert.equal(admission.slotVictim("198.51.100.1", 10_800), flooder);
    * ```
    */
   slotVictim(
-    clients: Iterable<ClientProgress>,
+    source: string,
     now: number,
-  ): ClientProgress | undefined {
-    let victim: ClientProgress | undefined;
+    options: SlotVictimOptions = {},
+  ): C | undefined {
+    if (this.evictionGraceMs === 0 || this.#biggest === 0) return undefined;
+    // Two fewer at least: one fewer would make the newcomer's source the
+    // bigger of the two after the swap, and the next newcomer of the other
+    // would swap back, each time evicting someone.
+    if (this.sourceConnections(source) + 1 < this.#biggest) {
+      const [biggest] = this.#sourcesBySize[this.#biggest];
+      return this.#victimOf(biggest, now, false, options.waitedMs ?? 0);
+    }
+    const own = this.#sources.get(source);
+    return own === undefined ? undefined : this.#victimOf(own, now, true, 0);
+  }
+
+  /**
+   * The client of `entry` to evict; with `graceHolds`, only one past its
+   * grace. In order: its oldest silent client past the grace; the slowest
+   * of its oldest that is past the grace and moved no byte for an eighth of
+   * it; the slowest of its oldest past the grace (with `graceHolds`, only
+   * while none of the source is silent); without `graceHolds`, the slowest
+   * of its oldest accepted 125 ms ago or more (a sixteenth of a shorter
+   * grace), or, once the newcomer has waited that long, of its oldest.
+   */
+  #victimOf(
+    entry: SourceClients<C>,
+    now: number,
+    graceHolds: boolean,
+    waitedMs: number,
+  ): C | undefined {
+    const silent = this.#oldestSilent(entry);
+    if (silent !== undefined && this.#evictable(silent, now)) return silent;
+    const still = now - this.evictionGraceMs / 8;
+    const idle = this.#slowest(
+      entry,
+      now,
+      (client) => client.lastActivity <= still && this.#evictable(client, now),
+    );
+    if (idle !== undefined) return idle;
+    // A client moving bytes is not traded for a newcomer of its own source
+    // that has shown no more than the silent ones waiting.
+    if (!graceHolds || silent === undefined) {
+      const past = this.#slowest(
+        entry,
+        now,
+        (client) => this.#evictable(client, now),
+      );
+      if (past !== undefined || graceHolds) return past;
+    }
+    if (graceHolds) return undefined;
+    // Everyone is in the grace: the slowest of those whose first bytes had
+    // time to be read (a burst of newcomers from elsewhere, accepted before
+    // any read completes, would otherwise take honest clients that have
+    // sent all they mean to); none yet: the newcomer waits.
+    const settleMs = Math.min(this.evictionGraceMs / 16, SETTLE_MS);
+    const settled = now - settleMs;
+    const victim = this.#slowest(
+      entry,
+      now,
+      (client) => client.acceptedAt <= settled,
+    );
+    // A newcomer that has waited as long takes the slowest of them all: a
+    // source that keeps its slots that young cannot make it wait longer.
+    if (victim !== undefined || waitedMs < settleMs) return victim;
+    return this.#slowest(entry, now, () => true);
+  }
+
+  /** The oldest client of `entry` that has sent nothing yet. */
+  #oldestSilent(entry: SourceClients<C>): C | undefined {
+    for (const client of entry.silent) {
+      if (client.bytesReceived === 0 && client.cutOffReason === undefined) {
+        return client;
+      }
+      entry.silent.delete(client);
+    }
+    return undefined;
+  }
+
+  /**
+   * The lowest {@linkcode Admission.rate} among the oldest `VICTIM_SCAN`
+   * clients of `entry` that `eligible` accepts (ties: idle longest).
+   */
+  #slowest(
+    entry: SourceClients<C>,
+    now: number,
+    eligible: (client: C) => boolean,
+  ): C | undefined {
+    let victim: C | undefined;
     let victimRate = Infinity;
-    for (const client of clients) {
-      if (!this.#evictable(client, now)) continue;
+    let scanned = 0;
+    for (const client of entry.clients) {
+      if (++scanned > VICTIM_SCAN) break;
+      if (client.cutOffReason !== undefined || !eligible(client)) continue;
       const rate = this.rate(client, now);
       if (
-        rate < victimRate ||
-        (rate === victimRate && victim !== undefined &&
-          client.lastActivity < victim.lastActivity)
+        victim === undefined || rate < victimRate ||
+        (rate === victimRate && client.lastActivity < victim.lastActivity)
       ) {
         victim = client;
         victimRate = rate;
       }
     }
     return victim;
-  }
-
-  /**
-   * Milliseconds until some client leaves its grace and can be evicted for
-   * a slot: 0 if one already can, `Infinity` if eviction is off or there
-   * are no clients. A client that moves bytes meanwhile may stay in its
-   * grace longer: ask again then.
-   *
-   * @example
-   * ```ts
-   * import assert from "node:assert/strict";
-   * const admission = new Admission({ evictionGraceMs: 2000 });
-   * // Nothing read yet: the whole grace.
-   * assert.equal(admission.msUntilEvictable([newProgress(900)], 1000), 1900);
-   * // A first byte, then silence: an eighth of the grace after it.
-   * const trickler = newProgress(900);
-   * trickler.bytesReceived = 1;
-   * assert.equal(admission.msUntilEvictable([trickler], 1000), 150);
-   * assert.equal(new Admission({ evictionGraceMs: 0 }).msUntilEvictable([newProgress(0)], 9000), Infinity);
-   * ```
-   */
-  msUntilEvictable(clients: Iterable<ClientProgress>, now: number): number {
-    if (this.evictionGraceMs === 0) return Infinity;
-    let wait = Infinity;
-    for (const client of clients) {
-      if (client.cutOffReason !== undefined) continue;
-      wait = Math.min(wait, Math.max(0, this.#graceEnds(client) - now));
-      if (wait === 0) break;
-    }
-    return wait;
   }
 
   /**
@@ -463,13 +756,14 @@ export class Admission {
    * ```
    */
   memoryVictims(
-    clients: Iterable<ClientProgress>,
-    asking: ClientProgress,
+    clients: Iterable<C>,
+    asking: C,
     neededBytes: number,
     now: number,
-  ): ClientProgress[] | undefined {
+  ): C[] | undefined {
     if (this.evictionGraceMs === 0) return undefined;
-    const candidates: Array<{ client: ClientProgress; score: number }> = [];
+    const candidates: C[] = [];
+    const scores: number[] = [];
     let available = 0;
     for (const client of clients) {
       if (
@@ -477,19 +771,31 @@ export class Admission {
         client.cutOffReason !== undefined
       ) continue;
       available += client.bufferedBytes;
-      candidates.push({
-        client,
-        score: client.bufferedBytes ** 2 / (this.rate(client, now) + 1),
-      });
+      candidates.push(client);
+      scores.push(client.bufferedBytes ** 2 / (this.rate(client, now) + 1));
     }
     if (available < neededBytes) return undefined;
-    candidates.sort((a, b) => b.score - a.score);
-    const victims: ClientProgress[] = [];
+    // The highest scores one pass each: one or two victims free enough as
+    // a rule, and a pass costs less than sorting them all.
+    const victims: C[] = [];
     let freed = 0;
-    for (const { client } of candidates) {
-      if (freed >= neededBytes) break;
-      victims.push(client);
-      freed += client.bufferedBytes;
+    for (let pass = 0; freed < neededBytes && pass < MEMORY_PASSES; pass++) {
+      let best = -1;
+      for (let i = 0; i < scores.length; i++) {
+        if (scores[i] >= 0 && (best < 0 || scores[i] > scores[best])) best = i;
+      }
+      victims.push(candidates[best]);
+      freed += candidates[best].bufferedBytes;
+      scores[best] = -1;
+    }
+    if (freed < neededBytes) {
+      const rest = scores.map((_, i) => i).filter((i) => scores[i] >= 0)
+        .sort((a, b) => scores[b] - scores[a]);
+      for (const i of rest) {
+        if (freed >= neededBytes) break;
+        victims.push(candidates[i]);
+        freed += candidates[i].bufferedBytes;
+      }
     }
     return victims;
   }
@@ -503,6 +809,8 @@ export interface VerdictTextOptions {
   maxConnections: number;
   /** The server's `maxBufferedBytes`, named by a memory eviction. */
   maxBufferedBytes: number;
+  /** The source of the newcomer a slot eviction is for. */
+  newcomerSource?: string;
 }
 
 /**
@@ -515,15 +823,19 @@ export interface VerdictTextOptions {
  * import assert from "node:assert/strict";
  * const admission = new Admission({ idleTimeoutMs: 30_000 });
  * const options = { admission, maxConnections: 64, maxBufferedBytes: 1024 };
- * const client = newProgress(0);
+ * const client = newProgress(0, { source: "198.51.100.1" });
  * assert.equal(
  *   verdictText("idle", client, 31_000, options),
  *   "idle for more than 30 s",
  * );
  * client.bytesReceived = 1000;
+ * admission.admit(client);
  * assert.equal(
- *   verdictText("slot_eviction", client, 2000, options),
- *   "evicted for a newcomer at the limit of 64 connections (500 B/s, the slowest)",
+ *   verdictText("slot_eviction", client, 2000, {
+ *     ...options,
+ *     newcomerSource: "192.0.2.7",
+ *   }),
+ *   "evicted for a newcomer from 192.0.2.7 at the limit of 64 connections: its source 198.51.100.1 holds 1 of them, the most (500 B/s)",
  * );
  * ```
  */
@@ -543,10 +855,16 @@ export function verdictText(
       return `read its echo below the minimum rate of ${admission.minReadRate} B/s (no write taken for ${
         seconds(now - client.lastActivity)
       } s after a burst of ${client.lastBurst} bytes)`;
-    case "slot_eviction":
-      return `evicted for a newcomer at the limit of ${options.maxConnections} connections (${
-        Math.round(admission.rate(client, now))
-      } B/s, the slowest)`;
+    case "slot_eviction": {
+      const { newcomerSource = "", maxConnections } = options;
+      const held = admission.sourceConnections(client.source);
+      const rate = Math.round(admission.rate(client, now));
+      return newcomerSource === client.source
+        ? `evicted for a newcomer from its own source ${client.source} at the limit of ${maxConnections} connections: the source holds ${held} of them (${rate} B/s, ${
+          client.bytesReceived === 0 ? "sent nothing" : "the slowest"
+        })`
+        : `evicted for a newcomer from ${newcomerSource} at the limit of ${maxConnections} connections: its source ${client.source} holds ${held} of them, the most (${rate} B/s)`;
+    }
     case "memory_eviction":
       return `evicted: server buffer limit of ${options.maxBufferedBytes} bytes reached, it held ${client.bufferedBytes} bytes at ${
         Math.round(admission.rate(client, now))
@@ -554,6 +872,30 @@ export function verdictText(
     default:
       return `idle for more than ${admission.idleTimeoutMs / 1000} s`;
   }
+}
+
+/**
+ * Why a newcomer from `source` is turned away at `maxConnections`, in words
+ * for stderr.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * const admission = new Admission();
+ * const options = { admission, maxConnections: 64, maxBufferedBytes: 1024 };
+ * assert.equal(
+ *   turnedAwayText("192.0.2.7", options),
+ *   "turned away at the limit of 64 connections: its source 192.0.2.7 holds 0 of them, and none past its grace",
+ * );
+ * ```
+ */
+export function turnedAwayText(
+  source: string,
+  options: VerdictTextOptions,
+): string {
+  return `turned away at the limit of ${options.maxConnections} connections: its source ${source} holds ${
+    options.admission.sourceConnections(source)
+  } of them, and none past its grace`;
 }
 
 /**

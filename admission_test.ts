@@ -1,5 +1,10 @@
 import assert from "node:assert/strict";
-import { Admission, type ClientProgress, newProgress } from "./admission.ts";
+import {
+  Admission,
+  type ClientProgress,
+  newProgress,
+  sourceKey,
+} from "./admission.ts";
 
 const KIB = 1024;
 const MIB = 1024 * 1024;
@@ -186,26 +191,150 @@ Deno.test("Admission.check() with minReadRate 0 cuts off a stalled reader as idl
   });
 });
 
-Deno.test("Admission.slotVictim() picks the lowest recent rate, never a client in its grace", () => {
-  const admission = new Admission({ evictionGraceMs: 2000 });
-  const bulk = client(0, { bytesReceived: 50 * MIB });
-  const trickler = client(0, { bytesReceived: 5, lastActivity: 9000 });
-  const silent = client(0, { lastActivity: 0 });
-  const newcomer = client(9900);
-  const all = [bulk, trickler, silent, newcomer];
-  assert.equal(admission.slotVictim(all, 10_000), silent);
-  assert.equal(
-    admission.slotVictim([bulk, trickler, newcomer], 10_000),
-    trickler,
+const A = "192.0.2.1";
+const B = "198.51.100.2";
+const C = "203.0.113.3";
+
+/** `admission` with `clients` admitted, in that order. */
+function holding(
+  admission: Admission,
+  clients: ClientProgress[],
+): Admission {
+  for (const c of clients) admission.admit(c);
+  return admission;
+}
+
+Deno.test("Admission.slotVictim() takes from the biggest source for a newcomer from a smaller one, grace or not", () => {
+  const attackers = Array.from(
+    { length: 5 },
+    (_, i) => client(9800 + i, { source: B }),
   );
-  assert.equal(admission.slotVictim([newcomer], 10_000), undefined);
-  // One already cut off is on its way out: not picked twice.
-  silent.cutOffReason = "evicted";
-  assert.equal(admission.slotVictim(all, 10_000), trickler);
+  const good = client(0, { source: A, bytesReceived: 100, lastActivity: 0 });
+  const admission = holding(new Admission({ evictionGraceMs: 2000 }), [
+    good,
+    ...attackers,
+  ]);
+  // All five are in their grace (accepted 100 ms ago): the oldest goes.
+  assert.equal(admission.slotVictim(A, 10_000), attackers[0]);
+  assert.equal(admission.slotVictim(C, 10_000), attackers[0]);
+  // Once it is gone, the next oldest.
+  admission.leave(attackers[0]);
+  assert.equal(admission.slotVictim(A, 10_000), attackers[1]);
+  assert.equal(admission.biggestSourceConnections, 4);
+  assert.equal(admission.connections, 5);
+});
+
+Deno.test("Admission.slotVictim() takes from the biggest source one past its grace before one in it", () => {
+  // Honest clients behind one address with slowloris among them.
+  const admission = new Admission({ evictionGraceMs: 2000 });
+  const hog = client(0, { source: B, bytesReceived: 5, lastActivity: 9000 });
+  const upload = client(7000, {
+    source: B,
+    bytesReceived: 5 * MIB,
+    lastActivity: 9999,
+  });
+  const good = client(9990, {
+    source: B,
+    bytesReceived: 50,
+    lastActivity: 9995,
+  });
+  const fresh = client(9999, { source: B });
+  holding(admission, [hog, upload, good, fresh]);
+  // The hog, silent for 1 s, first.
+  assert.equal(admission.slotVictim(A, 10_000), hog);
+  admission.leave(hog);
+  // Then one past its grace, moving bytes or not.
+  assert.equal(admission.slotVictim(A, 10_000), upload);
+  admission.leave(upload);
+  // Grace or not, the source is the biggest: the slowest of those accepted
+  // 125 ms ago or more, not the newest, whose bytes may not be read yet.
+  assert.equal(admission.slotVictim(A, 10_000), undefined);
+  assert.equal(admission.slotVictim(A, 10_200), fresh);
+  // A newcomer that waited 125 ms takes the slowest of all.
+  assert.equal(admission.slotVictim(A, 10_000, { waitedMs: 125 }), fresh);
+});
+
+Deno.test("Admission.slotVictim() treats a source one smaller than the biggest as the biggest", () => {
+  // A swap would only make it the bigger of the two, and the next newcomer
+  // of the other would swap back.
+  const admission = new Admission({ evictionGraceMs: 2000 });
+  const a = [client(9900, { source: A }), client(9900, { source: A })];
+  const b = [1, 2, 3].map(() => client(9800, { source: B }));
+  holding(admission, [...a, ...b]);
+  assert.equal(admission.slotVictim(A, 10_000), undefined);
+  assert.equal(admission.slotVictim(A, 10_900), a[0]);
+  admission.leave(a[1]);
+  assert.equal(admission.slotVictim(A, 10_000), b[0]);
+});
+
+Deno.test("Admission.slotVictim() gives a newcomer from the biggest source only one of its own past its grace", () => {
+  const admission = new Admission({ evictionGraceMs: 2000 });
+  const mine = [client(9900, { source: B }), client(9950, { source: B })];
+  const theirs = client(0, { source: A });
+  holding(admission, [theirs, ...mine]);
+  // Its own are in their grace; the other source's silent client, far past
+  // it, is not its to take.
+  assert.equal(admission.slotVictim(B, 10_000), undefined);
+  // A silent one is past its grace an eighth of the grace after it came.
+  assert.equal(admission.slotVictim(B, 10_900), mine[0]);
+  // A tie is as big: the same rule.
+  admission.leave(mine[1]);
+  assert.equal(admission.slotVictim(B, 10_000), undefined);
+  assert.equal(admission.slotVictim(A, 10_000), theirs);
   assert.equal(
-    new Admission({ evictionGraceMs: 0 }).slotVictim(all, 10_000),
+    new Admission({ evictionGraceMs: 0 }).slotVictim(A, 0),
     undefined,
   );
+  assert.equal(new Admission().slotVictim(A, 0), undefined);
+});
+
+Deno.test("Admission.slotVictim() takes a silent client before an honest upload past its grace, from one address", () => {
+  // Grace cycling: silent clients that leave after 1.8 s and reconnect,
+  // beside an upload at 200 KB/s running for 2.5 s.
+  const admission = new Admission({ evictionGraceMs: 2000 });
+  const upload = client(7500, {
+    source: A,
+    bytesReceived: 500_000,
+    lastActivity: 9990,
+  });
+  const cycling = [8300, 9000, 9800].map((at) => client(at, { source: A }));
+  holding(admission, [upload, ...cycling]);
+  assert.equal(admission.slotVictim(A, 10_000), cycling[0]);
+  admission.leave(cycling[0]);
+  assert.equal(admission.slotVictim(A, 10_000), cycling[1]);
+  admission.leave(cycling[1]);
+  // Only one in its grace is left beside the upload: the upload, moving
+  // bytes, is not traded for a newcomer while a silent client waits.
+  assert.equal(admission.slotVictim(A, 10_000), undefined);
+  // Once none is silent, the upload past its 2 s is the one left to take.
+  cycling[2].bytesReceived = 10;
+  cycling[2].lastActivity = 9990;
+  assert.equal(admission.slotVictim(A, 10_100), upload);
+});
+
+Deno.test("Admission.slotVictim() picks the lowest recent rate past the grace when none is silent", () => {
+  const admission = new Admission({ evictionGraceMs: 2000 });
+  const bulk = client(0, { source: A, bytesReceived: 50 * MIB });
+  const trickler = client(0, {
+    source: A,
+    bytesReceived: 5,
+    lastActivity: 9000,
+  });
+  const sending = client(9000, {
+    source: A,
+    bytesReceived: MIB,
+    lastActivity: 9999,
+  });
+  const echoing = client(9000, { source: A, bytesReceived: 5, eofAt: 9000 });
+  holding(admission, [bulk, trickler, sending, echoing]);
+  assert.equal(admission.slotVictim(A, 10_000), trickler);
+  // One already cut off is on its way out: not picked twice.
+  trickler.cutOffReason = "evicted";
+  assert.equal(admission.slotVictim(A, 10_000), bulk);
+  admission.leave(trickler);
+  admission.leave(bulk);
+  // Moving bytes or echoing: in the grace.
+  assert.equal(admission.slotVictim(A, 10_000), undefined);
 });
 
 Deno.test("Admission.slotVictim() judges a hog by its last window, not its fast start", () => {
@@ -217,64 +346,53 @@ Deno.test("Admission.slotVictim() judges a hog by its last window, not its fast 
   admission.check(hog, 10_000);
   // Steady at 200 KB/s since accept.
   const steady = client(0, { bytesReceived: 2 * MIB, lastActivity: 10_000 });
-  assert.equal(admission.slotVictim([steady, hog], 10_000), hog);
+  holding(admission, [steady, hog]);
+  assert.equal(admission.slotVictim("", 10_000), hog);
 });
 
-Deno.test("Admission.slotVictim() takes a newcomer silent for an eighth of the grace, not one still moving", () => {
-  const admission = new Admission({ evictionGraceMs: 2000 });
-  // Reconnected 1 s ago, sent a byte at once, silent since.
-  const reconnected = client(9000, { bytesReceived: 1, lastActivity: 9000 });
-  // Connected as long, sending 1 MiB/s.
-  const sending = client(9000, { bytesReceived: MIB, lastActivity: 9999 });
-  // Half-closed: its echo is on the way, whatever its reader does.
-  const echoing = client(9000, { bytesReceived: 5, eofAt: 9000 });
-  assert.equal(
-    admission.slotVictim([sending, echoing, reconnected], 10_000),
-    reconnected,
-  );
-  assert.equal(admission.slotVictim([sending, echoing], 10_000), undefined);
+Deno.test("Admission.biggestSourceConnections follows sources as they grow and shrink", () => {
+  const admission = new Admission();
+  const a = [client(0, { source: A }), client(0, { source: A })];
+  const b = [1, 2, 3].map(() => client(0, { source: B }));
+  holding(admission, [...a, ...b]);
+  assert.equal(admission.biggestSourceConnections, 3);
+  admission.leave(b[0]);
+  assert.equal(admission.biggestSourceConnections, 2);
+  admission.leave(b[1]);
+  admission.leave(b[1]);
+  assert.equal(admission.biggestSourceConnections, 2);
+  assert.equal(admission.sourceConnections(B), 1);
+  for (const c of a) admission.leave(c);
+  assert.equal(admission.biggestSourceConnections, 1);
+  admission.leave(b[2]);
+  assert.equal(admission.biggestSourceConnections, 0);
+  assert.equal(admission.connections, 0);
 });
 
-Deno.test("Admission.slotVictim() never takes a newcomer whose bytes the server has not read yet", () => {
+Deno.test("Admission.slotVictim() looks at a bounded number of a big source's clients", () => {
+  // 16,384 clients of one source, none silent, the slowest the newest: a
+  // newcomer gets the slowest of the oldest 32, not a scan of all.
   const admission = new Admission({ evictionGraceMs: 2000 });
-  // Accepted 1 s ago; its bytes may still sit unread in the kernel.
-  const unread = client(9000);
-  // Connected as long, sent a byte at once, silent since.
-  const trickler = client(9000, { bytesReceived: 1, lastActivity: 9000 });
-  assert.equal(admission.slotVictim([unread, trickler], 10_000), trickler);
-  assert.equal(admission.slotVictim([unread], 10_000), undefined);
-  // Past the whole grace it is as evictable as any.
-  assert.equal(admission.slotVictim([unread], 11_000), unread);
+  const clients = Array.from({ length: 16_384 }, (_, i) =>
+    client(0, {
+      source: A,
+      bytesReceived: (16_384 - i) * KIB,
+      lastActivity: 0,
+    }));
+  holding(admission, clients);
+  assert.equal(admission.slotVictim(A, 10_000), clients[31]);
 });
 
-Deno.test("Admission.msUntilEvictable() waits for the first grace to end", () => {
-  const admission = new Admission({ evictionGraceMs: 2000 });
-  // Silent since a first byte: past the grace 250 ms after it.
-  assert.equal(
-    admission.msUntilEvictable([
-      client(900, { bytesReceived: 1, lastActivity: 900 }),
-      client(800, { bytesReceived: 1, lastActivity: 800 }),
-    ], 1000),
-    50,
-  );
-  // Nothing read yet: the whole grace.
-  assert.equal(
-    admission.msUntilEvictable([client(900), client(800)], 1000),
-    1800,
-  );
-  // Moving bytes: an eighth of the grace after its last byte at most.
-  assert.equal(
-    admission.msUntilEvictable([
-      client(500, { bytesReceived: 1, lastActivity: 1000 }),
-    ], 1000),
-    250,
-  );
-  assert.equal(
-    admission.msUntilEvictable([client(500, { eofAt: 600 })], 1000),
-    1500,
-  );
-  assert.equal(admission.msUntilEvictable([client(0)], 3000), 0);
-  assert.equal(admission.msUntilEvictable([], 3000), Infinity);
+Deno.test("sourceKey() counts an IPv6 /64 as one source and IPv4 addresses one by one", () => {
+  assert.equal(sourceKey("127.0.0.2"), "127.0.0.2");
+  assert.equal(sourceKey("fd00:25::2"), "fd00:25:0:0::/64");
+  assert.equal(sourceKey("fd00:25:0:0:ffff::9"), "fd00:25:0:0::/64");
+  assert.equal(sourceKey("fd00:25:0:1::2"), "fd00:25:0:1::/64");
+  assert.equal(sourceKey("FD00:0025:0000:0000::1"), "fd00:25:0:0::/64");
+  assert.equal(sourceKey("[fe80::1%eth0]"), "fe80:0:0:0::/64");
+  assert.equal(sourceKey("::ffff:127.0.0.2"), "127.0.0.2");
+  assert.equal(sourceKey("64:ff9b::192.0.2.1"), "64:ff9b:0:0::/64");
+  assert.equal(sourceKey("1:2:3:4:5:6:7:8"), "1:2:3:4::/64");
 });
 
 Deno.test("Admission.memoryVictims() frees the most buffer for the least progress first, as few as fit", () => {

@@ -17,15 +17,17 @@ import type { AdmissionReason } from "./admission.ts";
  * of admission.ts's rules (idle too long, sending below `minRate`, reading
  * its echo below `minReadRate`, evicted for a newcomer at
  * `maxConnections` or for memory at `maxBufferedBytes`), still connected
- * when the drain ran out, or its connection failed under the server
- * (almost always a reset by the client).
+ * when the drain ran out, its connection failed under the server (almost
+ * always a reset by the client), or turned away at `maxConnections` (its
+ * source the biggest, none of its own past the grace).
  */
 export type CutoffReason =
   | "client_limit"
   | "buffer_limit"
   | AdmissionReason
   | "shutdown"
-  | "reset";
+  | "reset"
+  | "turned_away";
 
 /**
  * What a stderr line about a single client was about, as the summary of
@@ -52,6 +54,7 @@ export const CLIENT_LINE_KINDS: readonly ClientLineKind[] = [
   "slow_reader",
   "slot_eviction",
   "memory_eviction",
+  "turned_away",
   "shutdown",
   "accept_unknown",
   "not_logged",
@@ -137,6 +140,7 @@ export class EchoCounters implements EchoStats {
     memory_eviction: 0,
     shutdown: 0,
     reset: 0,
+    turned_away: 0,
   };
   /** Failed accepts, by whose doing. */
   acceptErrors: Record<AcceptErrorKind, number> = {

@@ -201,7 +201,8 @@ export const FLAGS = [
     default: 16384,
     min: 1,
     max: 1_000_000,
-    help: "clients served at once; at the limit a newcomer evicts the slowest",
+    help:
+      "clients served at once; at the limit a newcomer evicts a client of the biggest source (IPv4 address or IPv6 /64)",
   }),
   milliseconds({
     flag: "--idle-timeout",

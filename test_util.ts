@@ -56,6 +56,29 @@ export async function echo(
   }
 }
 
+/**
+ * {@linkcode echo} over IPv6 loopback (`::1`).
+ *
+ * @example
+ * ```ts ignore
+ * const hello = new TextEncoder().encode("hello");
+ * await echo6(4000, hello);
+ * ```
+ */
+export async function echo6(
+  port: number,
+  payload: Uint8Array,
+): Promise<Uint8Array> {
+  const conn = await Deno.connect({ hostname: "::1", port });
+  try {
+    await writeAll(conn, payload);
+    await conn.closeWrite();
+    return await readAll(conn);
+  } finally {
+    conn.close();
+  }
+}
+
 /** An echo server on an ephemeral port that records what it reports. */
 export interface TestServer extends AsyncDisposable {
   /** The server; disposing shuts it down with no drain time. */
@@ -960,5 +983,99 @@ export class FakeClock implements ReporterClock {
         timer.callback();
       }
     }
+  }
+}
+
+/** Options for {@linkcode SilentFlood}. */
+export interface SilentFloodOptions {
+  /**
+   * Server address.
+   *
+   * @default {"127.0.0.1"}
+   */
+  hostname?: string;
+  /**
+   * Local addresses the clients connect from, one after the other (e.g.
+   * `127.0.0.2` to play another source than `Deno.connect`'s 127.0.0.1).
+   *
+   * @default {["127.0.0.2"]}
+   */
+  localAddresses?: readonly string[];
+  /**
+   * A client that the server has not ended by then closes the connection
+   * itself and reconnects (grace cycling); by default it waits.
+   *
+   * @default {Infinity}
+   */
+  leaveAfterMs?: number;
+}
+
+/**
+ * An attack of `count` silent clients on `port`: each connects, sends
+ * nothing, and connects again as soon as its connection ends (the server's
+ * doing, or its own after `leaveAfterMs`). Disposing of it ends every
+ * connection and waits until they are closed.
+ *
+ * @example Usage
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { SilentFlood, startServer, waitUntil } from "./test_util.ts";
+ *
+ * await using s = startServer();
+ * {
+ *   await using flood = new SilentFlood(s.port, 2);
+ *   await waitUntil(() => s.server.connections === 2, "2 silent clients");
+ *   assert.equal(flood.connected, 2);
+ * }
+ * await s.server.shutdown();
+ * ```
+ */
+export class SilentFlood implements AsyncDisposable {
+  /** Connections made so far. */
+  connected = 0;
+  #stopped = false;
+  #sockets = new Set<net.Socket>();
+  #loops: Promise<void>[];
+
+  /** Starts `count` silent clients on `port`. */
+  constructor(
+    readonly port: number,
+    count: number,
+    readonly options: SilentFloodOptions = {},
+  ) {
+    this.#loops = Array.from({ length: count }, (_, i) => this.#loop(i));
+  }
+
+  async #loop(index: number): Promise<void> {
+    const {
+      hostname = "127.0.0.1",
+      localAddresses = ["127.0.0.2"],
+      leaveAfterMs = Infinity,
+    } = this.options;
+    const localAddress = localAddresses[index % localAddresses.length];
+    while (!this.#stopped) {
+      const socket = net.connect({
+        host: hostname,
+        port: this.port,
+        localAddress,
+      });
+      this.#sockets.add(socket);
+      socket.on("error", () => {});
+      socket.resume();
+      socket.once("connect", () => this.connected++);
+      const timer = leaveAfterMs === Infinity
+        ? undefined
+        : setTimeout(() => socket.destroy(), leaveAfterMs);
+      await new Promise((resolve) => socket.once("close", resolve));
+      clearTimeout(timer);
+      this.#sockets.delete(socket);
+    }
+  }
+
+  /** Ends every connection and waits until they are closed. */
+  async [Symbol.asyncDispose](): Promise<void> {
+    this.#stopped = true;
+    for (const socket of this.#sockets) socket.destroy();
+    await Promise.all(this.#loops);
   }
 }

@@ -51,6 +51,7 @@ import {
   formatMixResult,
   type MixOptions,
   runMix,
+  SOURCE_ATTACK_KINDS,
 } from "./mix.ts";
 
 /** Options for {@linkcode runBench}. */
@@ -545,7 +546,10 @@ Fault injection:
                        ${CLIENT_KINDS.join(", ")}
   --kinds LIST         with --mix, only these kinds (comma-separated)
   --attacks            with --mix, add the attacks: ${ATTACK_KINDS.join(", ")},
-                       scaled to the limits below; a good client not served
+                       scaled to the limits below (${
+  SOURCE_ATTACK_KINDS.join(" and ")
+} only
+                       with --attacker-address); a good client not served
                        within --good-within fails the run
   --max-connections N  the server's --max-connections (default ${DEFAULTS.maxConnections})
   --max-buffered SIZE  the server's --max-buffered (default ${
@@ -561,6 +565,10 @@ Fault injection:
   --large-size SIZE    payload of an echo-large client (default 1MiB)
   --oversize SIZE      bytes an oversize client sends, to be more than the
                        server's --max-client-bytes (default 65MiB)
+  --attacker-address ADDRESS
+                       with --mix, the local address the attackers connect
+                       from (e.g. 127.0.0.2, another source than the good
+                       clients on 127.0.0.1)
   --log PATH           with --mix, the access log of the server under test:
                        at the end, check one well-formed line per connection
                        that succeeded, no client number twice, and the byte
@@ -588,6 +596,7 @@ const MIX_ONLY_FLAGS = [
   "large-size",
   "oversize",
   "log",
+  "attacker-address",
 ] as const;
 
 /**
@@ -678,10 +687,15 @@ export function parseBenchArgs(
   }
   if (values.kinds !== undefined) mix.kinds = parseKinds(values.kinds);
   if (values.attacks) {
+    // The silent floods from the good clients' own address would measure
+    // the limit of fairness between sources, not pass or fail a server.
+    const attacks = values["attacker-address"] === undefined
+      ? ATTACK_KINDS.filter((kind) => !SOURCE_ATTACK_KINDS.includes(kind))
+      : ATTACK_KINDS;
     mix.kinds = [
       ...(mix.kinds ??
         CLIENT_KINDS.filter((kind) => !ATTACK_KINDS.includes(kind))),
-      ...ATTACK_KINDS,
+      ...attacks,
     ];
   }
   const limitFlags = [
@@ -714,6 +728,12 @@ export function parseBenchArgs(
   if (values.log !== undefined) {
     if (values.log === "") throw new UsageError("--log must not be empty");
     mix.logPath = values.log;
+  }
+  if (values["attacker-address"] !== undefined) {
+    if (values["attacker-address"] === "") {
+      throw new UsageError("--attacker-address must not be empty");
+    }
+    mix.attackerAddress = values["attacker-address"];
   }
   return mix;
 }

@@ -520,6 +520,21 @@ Deno.test("parseBenchArgs() reads --mix and its flags", () => {
     maxClientBytes: 64 * MIB,
   });
   assert.equal(attack.goodWithinMs, 2500);
+  const fromElsewhere = parseBenchArgs([
+    "--mix",
+    "--attacks",
+    "--attacker-address",
+    "127.0.0.2",
+  ]);
+  assert.ok(fromElsewhere !== "help" && "mix" in fromElsewhere);
+  assert.deepEqual(fromElsewhere.kinds?.slice(-5), [
+    "slot-hog",
+    "memory-hog",
+    "slow-reader",
+    "zero-byte",
+    "grace-cycle",
+  ]);
+  assert.equal(fromElsewhere.attackerAddress, "127.0.0.2");
   for (
     const [args, message] of [
       [["--attacks"], "--attacks needs --mix"],
@@ -532,6 +547,11 @@ Deno.test("parseBenchArgs() reads --mix and its flags", () => {
       ],
       [["--mix", "--oversize", "0"], "--oversize must be a size of at least 1"],
       [["--mix", "--log", ""], "--log must not be empty"],
+      [
+        ["--mix", "--attacker-address", ""],
+        "--attacker-address must not be empty",
+      ],
+      [["--attacker-address", "127.0.0.2"], "--attacker-address needs --mix"],
     ] as const
   ) {
     assert.throws(

@@ -19,12 +19,17 @@
  * | `slot-hog`         | attack: a byte every `attackIntervalMs`, never half-closes  | a line (any size)           |
  * | `memory-hog`       | attack: sends `hogBytes` fast, then a byte every `attackIntervalMs`, never half-closes | a line (any size) |
  * | `slow-reader`      | attack: sends `readerBytes`, half-closes, reads 1 KiB every 10 s | a line (any size)     |
+ * | `zero-byte`        | attack: connects, sends nothing, waits to be ended, reconnects at once | 0 bytes           |
+ * | `grace-cycle`      | attack: connects, sends nothing, leaves after 1.8 s (inside the server's 2 s grace) unless ended first, reconnects | 0 bytes |
  *
- * The three attacks run only when named in {@linkcode MixOptions.kinds}
+ * The attacks run only when named in {@linkcode MixOptions.kinds}
  * (`--attacks` on the command line names them all). Each is scaled from the
  * limits of the server under test ({@linkcode MixOptions.limits}): as many
  * `slot-hog`s as `maxConnections`, enough `memory-hog`s and `slow-reader`s
- * to hold all of `maxBufferedBytes`. An attacker that the server cuts off
+ * to hold all of `maxBufferedBytes`, `maxConnections + 700` `zero-byte`s
+ * and `grace-cycle`s. They connect from
+ * {@linkcode MixOptions.attackerAddress} if given, to play another source
+ * than the good clients. An attacker that the server cuts off
  * connects again, so the pressure lasts the whole run; how long each
  * lasted is reported. With {@linkcode MixOptions.goodWithinMs} (5 s when an
  * attack runs), a good client (`echo`, `echo-large`) that takes longer from
@@ -68,6 +73,8 @@ export const CLIENT_KINDS = [
   "slot-hog",
   "memory-hog",
   "slow-reader",
+  "zero-byte",
+  "grace-cycle",
 ] as const;
 
 /** The attacks among {@linkcode CLIENT_KINDS}, run only when named. */
@@ -75,6 +82,19 @@ export const ATTACK_KINDS: readonly ClientKind[] = [
   "slot-hog",
   "memory-hog",
   "slow-reader",
+  "zero-byte",
+  "grace-cycle",
+];
+
+/**
+ * The attacks among {@linkcode ATTACK_KINDS} that play another source than
+ * the good clients when given {@linkcode MixOptions.attackerAddress}: from
+ * the good clients' own address, they measure what fairness between
+ * sources cannot do (bench/README.md).
+ */
+export const SOURCE_ATTACK_KINDS: readonly ClientKind[] = [
+  "zero-byte",
+  "grace-cycle",
 ];
 
 /** One of {@linkcode CLIENT_KINDS}. */
@@ -140,6 +160,11 @@ export interface MixOptions {
   signal?: AbortSignal;
   /** Called about once a second while clients run. */
   onProgress?: (progress: MixProgress) => void;
+  /**
+   * The local address the attackers connect from, e.g. `127.0.0.2` to play another source than the good clients
+   * on loopback. @default {the system's choice}
+   */
+  attackerAddress?: string;
 }
 
 /** The limits of the server under test, for {@linkcode MixOptions.limits}. */
@@ -245,12 +270,19 @@ const DEFAULT_KIND_CONCURRENCY: Record<ClientKind, number> = {
   "slot-hog": 1,
   "memory-hog": 1,
   "slow-reader": 1,
+  "zero-byte": 1,
+  "grace-cycle": 1,
 };
 const GOOD_KINDS: readonly ClientKind[] = ["echo", "echo-large"];
 const DEFAULT_GOOD_WITHIN_MS = 5000;
 const SLOW_READ_BYTES = 1024;
 const SLOW_READ_INTERVAL_MS = 10_000;
 // The server's own defaults.
+// Inside the server's default 2 s eviction grace.
+const GRACE_CYCLE_MS = 1800;
+// Attackers beyond maxConnections for the silent attacks: enough to fill
+// the kernel's accept queue (511) as well as every slot.
+const SILENT_ATTACKERS_OVER_LIMIT = 700;
 const DEFAULT_LIMITS: Required<MixLimits> = {
   maxConnections: DEFAULTS.maxConnections,
   maxBufferedBytes: DEFAULTS.maxBufferedBytes,
@@ -279,6 +311,8 @@ interface Attempt {
   stop: AbortSignal;
   /** A read buffer for this worker. */
   buffer: PatternBuffer;
+  /** The local address an attacker binds to, if any. */
+  attackerAddress?: string;
 }
 
 interface KindSettings {
@@ -359,7 +393,14 @@ export async function runMix(options: MixOptions = {}): Promise<MixResult> {
     ? undefined
     : await LogTail.open(options.logPath);
   try {
-    const run = new MixRun(hostname, port, settings, limit, goodWithinMs);
+    const run = new MixRun(
+      hostname,
+      port,
+      settings,
+      limit,
+      goodWithinMs,
+      options.attackerAddress,
+    );
     const start = performance.now();
     const control = controlRun(run, { signal: options.signal, duration });
     const onProgress = options.onProgress;
@@ -480,6 +521,8 @@ function scaleAttacks(limits: Required<MixLimits>): {
         limits.maxBufferedBytes /
           Math.max(readerBytes / 4, readerBytes - 4 * MIB),
       ) + 1,
+      "zero-byte": limits.maxConnections + SILENT_ATTACKERS_OVER_LIMIT,
+      "grace-cycle": limits.maxConnections + SILENT_ATTACKERS_OVER_LIMIT,
     },
   };
 }
@@ -496,6 +539,7 @@ class MixRun {
   readonly #settings: KindSettings;
   readonly #limit: number;
   readonly #goodWithinMs: number | undefined;
+  readonly #attackerAddress: string | undefined;
   readonly #started = new Map<ClientKind, number>();
   readonly #stop = new AbortController();
   #seq = 0;
@@ -508,12 +552,14 @@ class MixRun {
     settings: KindSettings,
     limit: number,
     goodWithinMs: number | undefined,
+    attackerAddress: string | undefined,
   ) {
     this.#hostname = hostname;
     this.#port = port;
     this.#settings = settings;
     this.#limit = limit;
     this.#goodWithinMs = goodWithinMs;
+    this.#attackerAddress = attackerAddress;
   }
 
   /** Starts no more clients; those in flight may finish. */
@@ -544,6 +590,7 @@ class MixRun {
         phase: phaseOf(seq),
         stop: this.#stop.signal,
         buffer,
+        attackerAddress: this.#attackerAddress,
       }, this.#settings);
       this.#record(kind, seq, outcome);
     }
@@ -652,21 +699,27 @@ const CLIENTS: Record<ClientKind, Client> = {
     echoClient(attempt, 0, () => sleep(idleMs, attempt.stop)),
   "oversize": oversizeClient,
   "slot-hog": (attempt, { attackIntervalMs }) =>
-    attacker(attempt, async (conn, ended) => {
+    attacker(attempt, async (write, ended) => {
       for (let sent = 0; !ended.aborted; sent++) {
-        await writeAll(conn, patternSlice(attempt.phase, sent, 1));
+        await write(patternSlice(attempt.phase, sent, 1));
         await sleep(attackIntervalMs, ended);
       }
     }),
   "memory-hog": (attempt, { attackIntervalMs, hogBytes }) =>
-    attacker(attempt, async (conn, ended) => {
-      await sendAll(conn, attempt.phase, hogBytes);
+    attacker(attempt, async (write, ended) => {
+      for (let sent = 0; sent < hogBytes;) {
+        const size = Math.min(CHUNK_BYTES, hogBytes - sent);
+        await write(patternSlice(attempt.phase, sent, size));
+        sent += size;
+      }
       for (let sent = hogBytes; !ended.aborted; sent++) {
         await sleep(attackIntervalMs, ended);
-        await writeAll(conn, patternSlice(attempt.phase, sent, 1));
+        await write(patternSlice(attempt.phase, sent, 1));
       }
     }),
   "slow-reader": slowReader,
+  "zero-byte": (attempt) => silentAttacker(attempt, Infinity),
+  "grace-cycle": (attempt) => silentAttacker(attempt, GRACE_CYCLE_MS),
   "vanish": async (attempt) => {
     const conn = await connect(attempt);
     if (!("localAddr" in conn)) return conn;
@@ -730,9 +783,19 @@ async function connect(attempt: Attempt): Promise<Deno.TcpConn | Outcome> {
   }
 }
 
-/** A node:net socket (for its reset), or how connecting ended. */
-async function nodeConnect(attempt: Attempt): Promise<net.Socket | Outcome> {
-  const socket = net.connect({ host: attempt.hostname, port: attempt.port });
+/**
+ * A node:net socket (for its reset, or to bind `localAddress`), or how
+ * connecting ended.
+ */
+async function nodeConnect(
+  attempt: Attempt,
+  localAddress?: string,
+): Promise<net.Socket | Outcome> {
+  const socket = net.connect({
+    host: attempt.hostname,
+    port: attempt.port,
+    localAddress,
+  });
   // Listened for from the start: a refused connect emits "close" at once.
   const closed = new Promise<void>((resolve) =>
     socket.once("close", () => resolve())
@@ -774,12 +837,69 @@ async function reset(socket: net.Socket): Promise<void> {
 }
 
 /**
- * An attacker: runs `send` until the server ends the connection (EOF, a
- * reset, a failed write) or the run stops; ok with how long it lasted.
+ * An attacker: runs `send` with a function that writes bytes until the
+ * server ends the connection (EOF, a reset, a failed write) or the run
+ * stops; ok with how long it lasted. From
+ * {@linkcode Attempt.attackerAddress} if given.
  */
-async function attacker(
+function attacker(
   attempt: Attempt,
-  send: (conn: Deno.TcpConn, ended: AbortSignal) => Promise<void>,
+  send: (
+    write: (bytes: Uint8Array) => Promise<void>,
+    ended: AbortSignal,
+  ) => Promise<void>,
+): Promise<Outcome> {
+  return attempt.attackerAddress === undefined
+    ? denoAttacker(attempt, send)
+    : nodeAttacker(attempt, attempt.attackerAddress, send);
+}
+
+/** {@linkcode attacker} over a node:net socket bound to `localAddress`. */
+async function nodeAttacker(
+  attempt: Attempt,
+  localAddress: string,
+  send: (
+    write: (bytes: Uint8Array) => Promise<void>,
+    ended: AbortSignal,
+  ) => Promise<void>,
+): Promise<Outcome> {
+  const start = performance.now();
+  const socket = await nodeConnect(attempt, localAddress);
+  if (!(socket instanceof net.Socket)) return socket;
+  const closed = new Promise<void>((resolve) =>
+    socket.once("close", () => resolve())
+  );
+  const ended = new AbortController();
+  closed.then(() => ended.abort());
+  const onStop = () => ended.abort();
+  attempt.stop.addEventListener("abort", onStop);
+  socket.resume();
+  const write = (bytes: Uint8Array) =>
+    new Promise<void>((resolve, reject) => {
+      if (socket.destroyed) return reject(new Error("closed"));
+      socket.write(bytes, (error) => error ? reject(error) : resolve());
+    });
+  try {
+    await send(write, ended.signal);
+  } catch {
+    // The server closed the connection under a write.
+  } finally {
+    attempt.stop.removeEventListener("abort", onStop);
+  }
+  const durationMs = performance.now() - start;
+  socket.destroy();
+  await closed;
+  if (attempt.stop.aborted) return { status: "unfinished", durationMs };
+  return { status: "ok", durationMs };
+}
+
+/** {@linkcode attacker} over a Deno connection. */
+async function denoAttacker(
+  attempt: Attempt,
+  send: (
+    write: (bytes: Uint8Array) => Promise<void>,
+    ended: AbortSignal,
+  ) => Promise<void>,
 ): Promise<Outcome> {
   const start = performance.now();
   const conn = await connect(attempt);
@@ -797,7 +917,7 @@ async function attacker(
     ended.abort();
   })();
   try {
-    await send(conn, ended.signal);
+    await send((bytes) => writeAll(conn, bytes), ended.signal);
   } catch {
     // The server closed the connection under a write.
   } finally {
@@ -817,13 +937,54 @@ async function attacker(
 }
 
 /**
+ * A silent attacker from {@linkcode Attempt.attackerAddress}: connects,
+ * sends nothing, and waits until the server ends the connection, or until
+ * `leaveAfterMs` passed and then closes it itself; ok either way, with how
+ * long it lasted.
+ */
+async function silentAttacker(
+  attempt: Attempt,
+  leaveAfterMs: number,
+): Promise<Outcome> {
+  const start = performance.now();
+  const socket = await nodeConnect(attempt, attempt.attackerAddress);
+  if (!(socket instanceof net.Socket)) return socket;
+  const closed = new Promise<void>((resolve) =>
+    socket.once("close", () => resolve())
+  );
+  const ended = new AbortController();
+  closed.then(() => ended.abort());
+  const onStop = () => ended.abort();
+  attempt.stop.addEventListener("abort", onStop);
+  // Whatever the server sends (nothing, for an empty echo) is dropped.
+  socket.resume();
+  try {
+    await sleep(
+      leaveAfterMs === Infinity ? 2_147_483_647 : leaveAfterMs,
+      ended.signal,
+    );
+  } finally {
+    attempt.stop.removeEventListener("abort", onStop);
+  }
+  const durationMs = performance.now() - start;
+  socket.destroy();
+  await closed;
+  if (attempt.stop.aborted) return { status: "unfinished", durationMs };
+  return { status: "ok", loggedBytes: 0, durationMs };
+}
+
+/**
  * The slow reader: sends `readerBytes`, half-closes, then reads 1 KiB every
  * 10 s until the server ends the connection or the run stops.
  */
 async function slowReader(
   attempt: Attempt,
-  { readerBytes }: KindSettings,
+  settings: KindSettings,
 ): Promise<Outcome> {
+  if (attempt.attackerAddress !== undefined) {
+    return await nodeSlowReader(attempt, attempt.attackerAddress, settings);
+  }
+  const { readerBytes } = settings;
   const start = performance.now();
   const conn = await connect(attempt);
   if (!("localAddr" in conn)) return conn;
@@ -841,6 +1002,53 @@ async function slowReader(
     // Cut off: a reset, or the close at the run's end.
   }
   const durationMs = performance.now() - start;
+  if (attempt.stop.aborted) return { status: "unfinished", durationMs };
+  return { status: "ok", durationMs };
+}
+
+/** {@linkcode slowReader} over a node:net socket bound to `localAddress`. */
+async function nodeSlowReader(
+  attempt: Attempt,
+  localAddress: string,
+  { readerBytes }: KindSettings,
+): Promise<Outcome> {
+  const start = performance.now();
+  const socket = await nodeConnect(attempt, localAddress);
+  if (!(socket instanceof net.Socket)) return socket;
+  const closed = new Promise<void>((resolve) =>
+    socket.once("close", () => resolve())
+  );
+  const ended = new AbortController();
+  closed.then(() => ended.abort());
+  socket.once("end", () => ended.abort());
+  const onStop = () => ended.abort();
+  attempt.stop.addEventListener("abort", onStop);
+  // Paused: the reply stays in the kernel but for what read() takes.
+  socket.pause();
+  try {
+    for (let sent = 0; sent < readerBytes && !ended.signal.aborted;) {
+      const size = Math.min(CHUNK_BYTES, readerBytes - sent);
+      await new Promise<void>((resolve, reject) =>
+        socket.write(
+          patternSlice(attempt.phase, sent, size),
+          (error) => error ? reject(error) : resolve(),
+        )
+      );
+      sent += size;
+    }
+    socket.end();
+    while (!ended.signal.aborted) {
+      await sleep(SLOW_READ_INTERVAL_MS, ended.signal);
+      socket.read(SLOW_READ_BYTES);
+    }
+  } catch {
+    // Cut off: a reset, or the close at the run's end.
+  } finally {
+    attempt.stop.removeEventListener("abort", onStop);
+  }
+  const durationMs = performance.now() - start;
+  socket.destroy();
+  await closed;
   if (attempt.stop.aborted) return { status: "unfinished", durationMs };
   return { status: "ok", durationMs };
 }

@@ -470,6 +470,10 @@ Deno.test(
           duration: 3,
           kinds: ["echo", "echo-large", ...ATTACK_KINDS],
           limits,
+          // The silent floods from another source, scaled down from
+          // maxConnections + 700 each.
+          attackerAddress: "127.0.0.2",
+          kindConcurrency: { "zero-byte": 40, "grace-cycle": 40 },
           concurrency: 2,
           largeSize: 256 * KIB,
           attackIntervalMs: 200,
@@ -487,7 +491,7 @@ Deno.test(
     assert.equal(kind("slow-reader").concurrency, 17);
     // The kernels take a slow reader's whole echo at these sizes: the
     // server is done with it long before the reader notices.
-    for (const attack of ["slot-hog", "memory-hog"]) {
+    for (const attack of ["slot-hog", "memory-hog", "zero-byte"]) {
       assert.ok(kind(attack).ok > 0, `no ${attack} was cut off\n${explain(r)}`);
     }
     assert.equal(kind("slow-reader").connected, 17);

@@ -5,8 +5,10 @@
  * `bench --mix` against it for a bounded time, then checks that:
  *
  * - no reply was wrong and no good client was broken off or served later
- *   than the mix's bound (5 s), while `slot-hog` attackers hold every
- *   connection slot (`--max-connections`) beside them;
+ *   than the mix's bound (5 s), while attackers from another source
+ *   (127.0.0.2) flood the connection slots (`--max-connections`) beside
+ *   them: `slot-hog`s (slowloris) and `zero-byte`s (silent clients
+ *   reconnecting at once, more than the slots and the accept queue hold);
  * - the log has one well-formed line per connection that succeeded
  *   (accepted == logged), and every verified client's byte count; at the
  *   end, lines == the server's own count of clients accepted (`/metrics`)
@@ -431,11 +433,14 @@ export async function runSoak(options: SoakOptions = {}): Promise<SoakResult> {
         duration,
         largeSize: 256 * 1024,
         oversize: 2 * MAX_CLIENT_BYTES,
-        // One attack beside the good clients: slowloris at the slot limit.
+        // Two attacks from another source beside the good clients:
+        // slowloris at the slot limit, and silent clients flooding it.
         kinds: [
           ...CLIENT_KINDS.filter((kind) => !ATTACK_KINDS.includes(kind)),
           "slot-hog",
+          "zero-byte",
         ],
+        attackerAddress: "127.0.0.2",
         limits: {
           maxConnections: MAX_CONNECTIONS,
           maxClientBytes: MAX_CLIENT_BYTES,
