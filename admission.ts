@@ -146,7 +146,7 @@ export interface ClientProgress {
   windowRate: number;
   /**
    * Why it was cut off, once it was: it is on its way out (its connection
-   * closed, its end not yet reported) and is never picked to evict again.
+   * closed, its end not yet logged) and is never picked to evict again.
    */
   cutOffReason: string | undefined;
 }

@@ -1,10 +1,11 @@
 /**
  * The echo server: accepts TCP clients, reads each one's bytes to EOF, sends
- * them back, half-closes, and reports every client it served exactly once.
+ * them back, half-closes, and logs every client it accepted exactly once.
  *
  * This module is the accept loop and one client's path (accept, read to
- * EOF, write back, report), so a reader can follow a client from `accept()`
- * to its log line here. Who is cut off or evicted is `admission.ts`'s to
+ * EOF, write back, log), in that order from the top, so a reader can
+ * follow a client from `accept()` to its log line here; the option and
+ * result types are at the end. Who is cut off or evicted is `admission.ts`'s to
  * decide and to word, asked at the three places marked `ADMISSION:` (the
  * accept loop at `maxConnections`, the allocator at `maxBufferedBytes`, the
  * periodic sweep); none adds a timer per client or an await per read.
@@ -52,161 +53,6 @@ export {
   DURATION_BUCKETS_SECONDS,
   type EchoStats,
 } from "./echo_stats.ts";
-
-/** Called once for every accepted client, however its connection ended. */
-export type ClientDone = (clientId: number, bytesReceived: number) => void;
-
-/**
- * Options for {@linkcode serveEcho}; the admission rules' and the buffer
- * budget's are theirs (admission.ts, buffer_pool.ts).
- */
-export interface ServeOptions extends
-  Pick<
-    AdmissionOptions,
-    | "idleTimeoutMs"
-    | "minRate"
-    | "minRateGraceMs"
-    | "minReadRate"
-    | "evictionGraceMs"
-  >,
-  Pick<BufferBudgetOptions, "maxBufferedBytes"> {
-  /**
-   * Address to listen on.
-   *
-   * @default {"127.0.0.1"}
-   */
-  hostname?: string;
-  /**
-   * TCP port; 0 picks a free one.
-   *
-   * @default {4000}
-   */
-  port?: number;
-  /**
-   * Bytes one client may send; a client that sends more is cut off.
-   *
-   * @default {64 * 1024 * 1024}
-   */
-  maxClientBytes?: number;
-  /**
-   * Connections served at once. At the limit every newcomer is accepted
-   * and decided at once (admission.ts): a client of the biggest source is
-   * evicted for a newcomer of a smaller one; a newcomer of the biggest
-   * source takes the slot of one of its own past its grace
-   * ({@linkcode ServeOptions.evictionGraceMs}), or waits up to 1 s for one
-   * and is turned away. With eviction off the kernel's queue holds the
-   * rest.
-   *
-   * @default {16384}
-   */
-  maxConnections?: number;
-  /**
-   * Which of several server instances sharing one access log this is, from
-   * 1 to {@linkcode ServeOptions.instances}. Instance I of N numbers its
-   * clients I, I+N, I+2N, ..., so no two instances hand out the same
-   * number.
-   *
-   * @default {1}
-   */
-  instance?: number;
-  /**
-   * How many instances share the access log, from 1 to
-   * {@linkcode MAX_INSTANCES}.
-   *
-   * @default {1}
-   */
-  instances?: number;
-  /**
-   * Receives one-line diagnostics (cut-offs, resets). Those about single
-   * clients come at most 10 a second; the rest are counted into one line
-   * at the end of the second.
-   *
-   * @default {console.error}
-   */
-  onDiagnostic?: (message: string) => void;
-}
-
-/** Options for {@linkcode EchoServer.shutdown}. */
-export interface ShutdownOptions {
-  /**
-   * How long clients in flight may take to finish before they are cut
-   * off, in milliseconds. A later call can only bring that deadline
-   * forward: the drain ends at the earliest "now + drainTimeoutMs" of all
-   * calls, so a shorter time cuts sooner and a longer one changes nothing.
-   *
-   * @default {10_000}
-   */
-  drainTimeoutMs?: number;
-}
-
-/** A running echo server. */
-export interface EchoServer {
-  /** The address the listener is bound to (useful with port 0). */
-  readonly addr: Deno.NetAddr;
-  /** Connections being served right now. */
-  readonly connections: number;
-  /** Clients accepted so far (with one instance, the last id handed out). */
-  readonly clientsAccepted: number;
-  /** Buffer memory held for clients now, counted against `maxBufferedBytes`. */
-  readonly bufferedBytes: number;
-  /** Spare chunks kept for reuse; dropped first when clients need the room. */
-  readonly spareBufferBytes: number;
-  /** The limits it runs with, to show how close it is to each. */
-  readonly limits: ServerLimits;
-  /** Running totals: bytes, cut-offs, accept errors, durations. */
-  readonly stats: EchoStats;
-  /**
-   * Stops accepting, lets clients in flight finish within the drain timeout,
-   * cuts off the rest, and resolves once every client has been reported.
-   */
-  shutdown(options?: ShutdownOptions): Promise<void>;
-}
-
-/** The limits of an {@linkcode EchoServer}, defaults applied. */
-export interface ServerLimits {
-  /** {@linkcode ServeOptions.maxConnections}. */
-  readonly maxConnections: number;
-  /** {@linkcode ServeOptions.maxBufferedBytes}. */
-  readonly maxBufferedBytes: number;
-  /** {@linkcode ServeOptions.maxClientBytes}. */
-  readonly maxClientBytes: number;
-}
-
-// Reads go straight into chunks: FIRST_CHUNK_BYTES first (every idle
-// client holds its first chunk), then growing with the payload up to 1 MiB
-// (large reads for bulk); see nextChunkBytes in buffer_pool.ts.
-// Out of fds or memory, accepting again waits for a client to finish, or
-// this long if none does (the fds may be held by something else).
-const ACCEPT_RETRY_MS = 100;
-// While connections keep queuing, every accept succeeds at once and Deno
-// may not poll the sockets for readiness (no epoll_wait for 22 s under
-// strace): reads of new clients stayed pending with their bytes in the
-// kernel until the idle timeout. A timer turn every this many accepts
-// prevented it in every run; every 256 did not (bench/README.md). Accepts
-// that fail because a client reset while queued count too: they also
-// complete at once, and would hold off timers (idle sweep, drain) as long.
-const ACCEPTS_PER_YIELD = 64;
-// At maxConnections, newcomers of the biggest source with nobody of their
-// own to evict wait, served first come first served as one can be, rather
-// than be turned away at once: one turned away reconnects at once, and
-// such a loop of attackers wins every slot the moment it frees, ahead of
-// the honest clients of that source (bench --mix's slot-hogs beside good
-// clients, all from one address, did: 364 good clients broken in a 2 s
-// soak). At most this many wait (one fd each), each at most HOLD_MS.
-// Beyond that, while one source holds every slot, the kernel's queue holds
-// the rest (nobody of another source is there to wait behind it); else
-// they are turned away at once.
-const MAX_HELD = 64;
-// How long a newcomer may wait for a slot (at most the eviction grace), and
-// how often the waiting ones are looked at.
-const HOLD_MS = 1000;
-const HELD_CHECK_MS = 20;
-// Lines about single clients (resets, cut-offs, unknown accept errors, log
-// write failures), at most 10 a second; the rest are counted by kind into
-// one line at the second's end. Resets are cheap for a client to cause, and
-// a line each would let clients flood stderr; stats has every count.
-// Out of fds, at most one line a second, the same way.
-const CLIENT_LINES_PER_SECOND = 10;
 
 /**
  * Starts an echo server. Each client's bytes are read to EOF, written back,
@@ -268,6 +114,99 @@ class Server implements EchoServer {
     for (const client of this.#clients) this.#cutOffAtShutdown(client);
   });
 
+  async #accept(): Promise<void> {
+    while (!this.#stopping) {
+      // With eviction off, newcomers wait at the limit in the kernel's
+      // queue until a client finishes.
+      if (
+        this.#admission.evictionGraceMs === 0 &&
+        this.#clients.size >= this.#maxConnections
+      ) {
+        await this.#pauseAccepting(Infinity);
+        continue;
+      }
+      // As many newcomers wait as may, and one source holds every slot:
+      // the rest wait in the kernel's queue (see MAX_HELD).
+      if (
+        this.#held.length >= MAX_HELD &&
+        this.#admission.biggestSourceConnections >= this.#admission.connections
+      ) {
+        await this.#pauseAccepting(HELD_CHECK_MS);
+        continue;
+      }
+      let conn: Deno.TcpConn;
+      try {
+        conn = await this.#listener.accept();
+      } catch (error) {
+        if (this.#stopping) return;
+        const kind = acceptErrorKind(error);
+        this.#stats.acceptErrors[kind]++;
+        if (kind === "exhaustion") {
+          // The connection stays queued; retry once a client's fd is free.
+          this.#exhaustionError = error;
+          this.#exhaustionLines.report(
+            "exhaustion",
+            exhaustionLine(1, error),
+          );
+          await this.#pauseAccepting();
+          continue;
+        }
+        // The kernel accepted a connection that then failed (e.g. reset
+        // while queued, denoland/deno#8499): a client that sent nothing.
+        const clientId = this.#nextClientId();
+        if (kind === "client") {
+          this.#clientLines.report(
+            "reset",
+            `client ${clientId}: failed before it was accepted: ${
+              describe(error)
+            }`,
+          );
+        } else {
+          this.#clientLines.report(
+            "accept_unknown",
+            `client ${clientId}: UNEXPECTED accept error (please report it), counted as a client: ${
+              describe(error)
+            }`,
+          );
+        }
+        this.#logClient(clientId, 0);
+        // An error we cannot sort may come back at once, every time: without
+        // a pause the loop would spin, numbering and logging a client each
+        // pass.
+        if (kind === "unknown") await this.#pauseAccepting();
+        // A flood of clients that reset while queued fails accept() at once
+        // as often as a full queue succeeds: it counts toward the turn too.
+        else if (++this.#acceptsSinceYield >= ACCEPTS_PER_YIELD) {
+          await this.#timerTurn();
+        }
+        continue;
+      }
+      const clientId = this.#nextClientId();
+      const source = sourceKey(conn.remoteAddr.hostname);
+      // ADMISSION: who gets a slot. At the limit every newcomer is decided
+      // at once, so that nobody waits in the kernel's queue behind an
+      // attacker's connections: served in place of a client evicted for it
+      // (admission.ts: one of the biggest source's, or of its own past its
+      // grace), or turned away.
+      const newcomer = { conn, clientId, source, since: performance.now() };
+      if (this.#held.length > 0) this.#serveHeld();
+      if (
+        this.#admission.connections < this.#maxConnections ||
+        this.#evictForSlot(source)
+      ) {
+        this.#admit(newcomer);
+      } else if (this.#held.length < MAX_HELD || this.#makeRoomFor(source)) {
+        this.#hold(newcomer);
+      } else {
+        this.#turnAway(newcomer);
+      }
+      if (++this.#acceptsSinceYield >= ACCEPTS_PER_YIELD) {
+        await this.#timerTurn();
+      }
+    }
+  }
+
+  /** Serves an accepted newcomer now that it has a slot. */
   constructor(onClientDone: ClientDone, options: ServeOptions) {
     this.#onClientDone = onClientDone;
     const diagnostic = options.onDiagnostic ?? console.error;
@@ -329,99 +268,6 @@ class Server implements EchoServer {
     });
   }
 
-  async #accept(): Promise<void> {
-    while (!this.#stopping) {
-      // With eviction off, newcomers wait at the limit in the kernel's
-      // queue until a client finishes.
-      if (
-        this.#admission.evictionGraceMs === 0 &&
-        this.#clients.size >= this.#maxConnections
-      ) {
-        await this.#pauseAccepting(Infinity);
-        continue;
-      }
-      // As many newcomers wait as may, and one source holds every slot:
-      // the rest wait in the kernel's queue (see MAX_HELD).
-      if (
-        this.#held.length >= MAX_HELD &&
-        this.#admission.biggestSourceConnections >= this.#admission.connections
-      ) {
-        await this.#pauseAccepting(HELD_CHECK_MS);
-        continue;
-      }
-      let conn: Deno.TcpConn;
-      try {
-        conn = await this.#listener.accept();
-      } catch (error) {
-        if (this.#stopping) return;
-        const kind = acceptErrorKind(error);
-        this.#stats.acceptErrors[kind]++;
-        if (kind === "exhaustion") {
-          // The connection stays queued; retry once a client's fd is free.
-          this.#exhaustionError = error;
-          this.#exhaustionLines.report(
-            "exhaustion",
-            exhaustionLine(1, error),
-          );
-          await this.#pauseAccepting();
-          continue;
-        }
-        // The kernel accepted a connection that then failed (e.g. reset
-        // while queued, denoland/deno#8499): a client that sent nothing.
-        const clientId = this.#nextClientId();
-        if (kind === "client") {
-          this.#clientLines.report(
-            "reset",
-            `client ${clientId}: failed before it was accepted: ${
-              describe(error)
-            }`,
-          );
-        } else {
-          this.#clientLines.report(
-            "accept_unknown",
-            `client ${clientId}: UNEXPECTED accept error (please report it), counted as a client: ${
-              describe(error)
-            }`,
-          );
-        }
-        this.#report(clientId, 0);
-        // An error we cannot sort may come back at once, every time: without
-        // a pause the loop would spin, numbering and logging a client each
-        // pass.
-        if (kind === "unknown") await this.#pauseAccepting();
-        // A flood of clients that reset while queued fails accept() at once
-        // as often as a full queue succeeds: it counts toward the turn too.
-        else if (++this.#acceptsSinceYield >= ACCEPTS_PER_YIELD) {
-          await this.#timerTurn();
-        }
-        continue;
-      }
-      const clientId = this.#nextClientId();
-      const source = sourceKey(conn.remoteAddr.hostname);
-      // ADMISSION: who gets a slot. At the limit every newcomer is decided
-      // at once, so that nobody waits in the kernel's queue behind an
-      // attacker's connections: served in place of a client evicted for it
-      // (admission.ts: one of the biggest source's, or of its own past its
-      // grace), or turned away.
-      const newcomer = { conn, clientId, source, since: performance.now() };
-      if (this.#held.length > 0) this.#serveHeld();
-      if (
-        this.#admission.connections < this.#maxConnections ||
-        this.#evictForSlot(source)
-      ) {
-        this.#admit(newcomer);
-      } else if (this.#held.length < MAX_HELD || this.#makeRoomFor(source)) {
-        this.#hold(newcomer);
-      } else {
-        this.#turnAway(newcomer);
-      }
-      if (++this.#acceptsSinceYield >= ACCEPTS_PER_YIELD) {
-        await this.#timerTurn();
-      }
-    }
-  }
-
-  /** Serves an accepted newcomer now that it has a slot. */
   #admit({ conn, clientId, source }: Newcomer): void {
     const client = new Client(conn, clientId, source);
     this.#serve(client);
@@ -491,7 +337,7 @@ class Server implements EchoServer {
     );
     conn.close();
     this.#stats.recordDuration(0);
-    this.#report(clientId, 0);
+    this.#logClient(clientId, 0);
   }
 
   /** Lets timers and socket polling run; see ACCEPTS_PER_YIELD. */
@@ -564,7 +410,7 @@ class Server implements EchoServer {
       this.#stats.recordDuration(
         (performance.now() - client.acceptedAt) / 1000,
       );
-      this.#report(client.clientId, client.bytesReceived);
+      this.#logClient(client.clientId, client.bytesReceived);
       this.#wakeAcceptLoop?.();
       if (this.#stopping) this.#resolveIfAllServed();
     }
@@ -720,7 +566,7 @@ class Server implements EchoServer {
     return true;
   }
 
-  #report(clientId: number, bytesReceived: number): void {
+  #logClient(clientId: number, bytesReceived: number): void {
     try {
       this.#onClientDone(clientId, bytesReceived);
     } catch (error) {
@@ -783,12 +629,167 @@ class Server implements EchoServer {
   }
 
   /** Once stopping, ends the drain when the accept loop has ended (so no
-   * client can still be added) and every client has been reported. */
+   * client can still be added) and every client has been logged. */
   #resolveIfAllServed(): void {
     if (
       this.#stopping && this.#acceptLoopDone && this.#clients.size === 0
     ) this.#drain.finish();
   }
+}
+
+// Reads go straight into chunks: FIRST_CHUNK_BYTES first (every idle
+// client holds its first chunk), then growing with the payload up to 1 MiB
+// (large reads for bulk); see nextChunkBytes in buffer_pool.ts.
+// Out of fds or memory, accepting again waits for a client to finish, or
+// this long if none does (the fds may be held by something else).
+const ACCEPT_RETRY_MS = 100;
+// While connections keep queuing, every accept succeeds at once and Deno
+// may not poll the sockets for readiness (no epoll_wait for 22 s under
+// strace): reads of new clients stayed pending with their bytes in the
+// kernel until the idle timeout. A timer turn every this many accepts
+// prevented it in every run; every 256 did not (bench/README.md). Accepts
+// that fail because a client reset while queued count too: they also
+// complete at once, and would hold off timers (idle sweep, drain) as long.
+const ACCEPTS_PER_YIELD = 64;
+// At maxConnections, newcomers of the biggest source with nobody of their
+// own to evict wait, served first come first served as one can be, rather
+// than be turned away at once: one turned away reconnects at once, and
+// such a loop of attackers wins every slot the moment it frees, ahead of
+// the honest clients of that source (bench --mix's slot-hogs beside good
+// clients, all from one address, did: 364 good clients broken in a 2 s
+// soak). At most this many wait (one fd each), each at most HOLD_MS.
+// Beyond that, while one source holds every slot, the kernel's queue holds
+// the rest (nobody of another source is there to wait behind it); else
+// they are turned away at once.
+const MAX_HELD = 64;
+// How long a newcomer may wait for a slot (at most the eviction grace), and
+// how often the waiting ones are looked at.
+const HOLD_MS = 1000;
+const HELD_CHECK_MS = 20;
+// Lines about single clients (resets, cut-offs, unknown accept errors, log
+// write failures), at most 10 a second; the rest are counted by kind into
+// one line at the second's end. Resets are cheap for a client to cause, and
+// a line each would let clients flood stderr; stats has every count.
+// Out of fds, at most one line a second, the same way.
+const CLIENT_LINES_PER_SECOND = 10;
+
+/** Called once for every accepted client, however its connection ended. */
+export type ClientDone = (clientId: number, bytesReceived: number) => void;
+
+/**
+ * Options for {@linkcode serveEcho}; the admission rules' and the buffer
+ * budget's are theirs (admission.ts, buffer_pool.ts).
+ */
+export interface ServeOptions extends
+  Pick<
+    AdmissionOptions,
+    | "idleTimeoutMs"
+    | "minRate"
+    | "minRateGraceMs"
+    | "minReadRate"
+    | "evictionGraceMs"
+  >,
+  Pick<BufferBudgetOptions, "maxBufferedBytes"> {
+  /**
+   * Address to listen on.
+   *
+   * @default {"127.0.0.1"}
+   */
+  hostname?: string;
+  /**
+   * TCP port; 0 picks a free one.
+   *
+   * @default {4000}
+   */
+  port?: number;
+  /**
+   * Bytes one client may send; a client that sends more is cut off.
+   *
+   * @default {64 * 1024 * 1024}
+   */
+  maxClientBytes?: number;
+  /**
+   * Connections served at once. At the limit every newcomer is accepted
+   * and decided at once (admission.ts): a client of the biggest source is
+   * evicted for a newcomer of a smaller one; a newcomer of the biggest
+   * source takes the slot of one of its own past its grace
+   * ({@linkcode ServeOptions.evictionGraceMs}), or waits up to 1 s for one
+   * and is turned away. With eviction off the kernel's queue holds the
+   * rest.
+   *
+   * @default {16384}
+   */
+  maxConnections?: number;
+  /**
+   * Which of several server instances sharing one access log this is, from
+   * 1 to {@linkcode ServeOptions.instances}. Instance I of N numbers its
+   * clients I, I+N, I+2N, ..., so no two instances hand out the same
+   * number.
+   *
+   * @default {1}
+   */
+  instance?: number;
+  /**
+   * How many instances share the access log, from 1 to
+   * {@linkcode MAX_INSTANCES}.
+   *
+   * @default {1}
+   */
+  instances?: number;
+  /**
+   * Receives one-line diagnostics (cut-offs, resets). Those about single
+   * clients come at most 10 a second; the rest are counted into one line
+   * at the end of the second.
+   *
+   * @default {console.error}
+   */
+  onDiagnostic?: (message: string) => void;
+}
+
+/** Options for {@linkcode EchoServer.shutdown}. */
+export interface ShutdownOptions {
+  /**
+   * How long clients in flight may take to finish before they are cut
+   * off, in milliseconds. A later call can only bring that deadline
+   * forward: the drain ends at the earliest "now + drainTimeoutMs" of all
+   * calls, so a shorter time cuts sooner and a longer one changes nothing.
+   *
+   * @default {10_000}
+   */
+  drainTimeoutMs?: number;
+}
+
+/** A running echo server. */
+export interface EchoServer {
+  /** The address the listener is bound to (useful with port 0). */
+  readonly addr: Deno.NetAddr;
+  /** Connections being served right now. */
+  readonly connections: number;
+  /** Clients accepted so far (with one instance, the last id handed out). */
+  readonly clientsAccepted: number;
+  /** Buffer memory held for clients now, counted against `maxBufferedBytes`. */
+  readonly bufferedBytes: number;
+  /** Spare chunks kept for reuse; dropped first when clients need the room. */
+  readonly spareBufferBytes: number;
+  /** The limits it runs with, to show how close it is to each. */
+  readonly limits: ServerLimits;
+  /** Running totals: bytes, cut-offs, accept errors, durations. */
+  readonly stats: EchoStats;
+  /**
+   * Stops accepting, lets clients in flight finish within the drain timeout,
+   * cuts off the rest, and resolves once every client has been logged.
+   */
+  shutdown(options?: ShutdownOptions): Promise<void>;
+}
+
+/** The limits of an {@linkcode EchoServer}, defaults applied. */
+export interface ServerLimits {
+  /** {@linkcode ServeOptions.maxConnections}. */
+  readonly maxConnections: number;
+  /** {@linkcode ServeOptions.maxBufferedBytes}. */
+  readonly maxBufferedBytes: number;
+  /** {@linkcode ServeOptions.maxClientBytes}. */
+  readonly maxClientBytes: number;
 }
 
 /** A newcomer accepted at maxConnections, before it is served. */
