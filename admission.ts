@@ -9,12 +9,12 @@
  * The rules, each with its default and its cost to honest clients:
  *
  * - **Idle** (`idleTimeoutMs`, 30 s): while reading, a client that sends
- *   nothing for this long is cut off (`idle`), as before.
+ *   nothing for this long is cut off (`idle`).
  * - **Minimum send rate** (`minRate`, 500 B/s, after `minRateGraceMs`,
  *   20 s), after Apache's mod_reqtimeout (`header=20,MinRate=500`): until
  *   it half-closes, a client connected for `t` seconds must have sent at
  *   least `(t - 20) * 500` bytes; each 500 bytes buys a second. Trickling a
- *   byte now and then no longer holds a connection forever (`min_rate`).
+ *   byte now and then cannot hold a connection forever (`min_rate`).
  *   Served: anything at 500 B/s or faster (64 MiB over a 1 Mbit/s link
  *   takes 537 s and is allowed 134,237 s), and a person who types a line
  *   into `nc -N` and ends it within 20 s. A person slower than that is cut
@@ -62,7 +62,7 @@
  *   loop of such attackers takes every slot the moment it frees, ahead of
  *   the honest clients of their source. With 64 waiting, the next
  *   newcomers are turned away at once, unless one source holds every slot:
- *   then they wait in the kernel's queue as before, where nobody of
+ *   then they wait in the kernel's queue, where nobody of
  *   another source waits behind them. The grace protects progress, not
  *   newness: a client is past it `evictionGraceMs / 8` (250 ms) after its
  *   last byte while it still sends, or after it was accepted if it has
@@ -92,7 +92,7 @@
  *   and fill the memory within a grace would otherwise always be in it
  *   (bench/mix.ts showed good clients cut off that way), and a newcomer
  *   moving fast scores low anyway. Only if all the others together hold too
- *   little is the asking client cut off, as before. Cost: under memory
+ *   little is the asking client cut off (`buffer_limit`). Cost: under memory
  *   pressure, a client that holds much and moves little (a slow link with a
  *   large payload) goes first.
  *
