@@ -3,6 +3,7 @@ import { closeSync, constants, openSync, readSync } from "node:fs";
 import { AccessLog, type LogFile, RefusedLogPathError } from "./access_log.ts";
 import {
   findExecutable,
+  Lines,
   runCommand,
   waitUntil,
   withTempDir,
@@ -691,3 +692,70 @@ Deno.test("AccessLog.reopen() whose open does not return keeps writing to the ol
   assert.equal(disk.text("access.log.2"), line(2, 2));
   assert.equal(disk.text("access.log"), line(3, 3));
 });
+
+Deno.test(
+  "AccessLog.open() and reopen() of one existing log by 6 processes at once all open it (their checks' marks collide and are checked again)",
+  withTempDir(async (dir) => {
+    // As instances sharing the log after a rotation's SIGHUP to them all,
+    // or started together, under the compiled binary's permission alone:
+    // 20 rounds, each a reopen and an open by every process at once.
+    const path = `${dir}/access.log`;
+    await Deno.writeTextFile(path, line(1, 1));
+    const script = `${dir}/contend.ts`;
+    await Deno.writeTextFile(
+      script,
+      `import { AccessLog } from ${
+        JSON.stringify(new URL("./access_log.ts", import.meta.url).href)
+      };
+import { createInterface } from "node:readline";
+const path = Deno.args[0];
+const said = [];
+const log = AccessLog.open(path, { onDiagnostic: (line) => said.push(line) });
+console.log("ready");
+for await (const _ of createInterface({ input: process.stdin })) {
+  const failures = [];
+  if (!(await log.reopen())) failures.push(said.at(-1));
+  try {
+    AccessLog.open(path, { onDiagnostic() {} }).close();
+  } catch (error) {
+    failures.push(error.message);
+  }
+  console.log(JSON.stringify(failures));
+}
+log.close();`,
+    );
+    const children = Array.from(
+      { length: 6 },
+      () =>
+        new Deno.Command(Deno.execPath(), {
+          args: ["run", "--no-prompt", `--allow-write=${dir}`, script, path],
+          stdin: "piped",
+          stdout: "piped",
+          stderr: "inherit",
+        }).spawn(),
+    );
+    const writers = children.map((child) => child.stdin.getWriter());
+    const outputs = children.map((child) => new Lines(child.stdout));
+    try {
+      for (const output of outputs) await output.next(/^ready$/);
+      for (let round = 0; round < 20; round++) {
+        await Promise.all(writers.map((w) => w.write(new Uint8Array([10]))));
+        for (const [i, output] of outputs.entries()) {
+          const [failures] = await output.next(/^\[.*\]$/);
+          assert.deepEqual(
+            JSON.parse(failures),
+            [],
+            `round ${round}, process ${i}`,
+          );
+        }
+      }
+    } finally {
+      for (const writer of writers) await writer.close();
+      for (const [i, child] of children.entries()) {
+        await outputs[i].done;
+        assert.equal((await child.status).code, 0);
+      }
+    }
+    assert.equal(await Deno.readTextFile(path), line(1, 1));
+  }),
+);
