@@ -4,6 +4,7 @@ import { AccessLog, type LogFile, RefusedLogPathError } from "./access_log.ts";
 import {
   findExecutable,
   Lines,
+  needing,
   runCommand,
   waitUntil,
   withTempDir,
@@ -757,5 +758,51 @@ log.close();`,
       }
     }
     assert.equal(await Deno.readTextFile(path), line(1, 1));
+  }),
+);
+
+// Whether an ext4 image with 128-byte inodes (whole-second timestamps, as
+// ext3, HFS+ and older small ext4 file systems keep them) can be made and
+// loop-mounted here: needs root, mkfs.ext4 and a loop device.
+const coarseTimesMissing = !asRoot
+  ? "needs root"
+  : findExecutable("mkfs.ext4") === undefined
+  ? "needs mkfs.ext4"
+  : undefined;
+
+Deno.test(
+  needing(
+    "AccessLog.open() and reopen() accept an existing log on a file system that keeps times in whole seconds, and leave its access time as it was",
+    coarseTimesMissing === undefined,
+    coarseTimesMissing ?? "",
+  ),
+  withTempDir(async (dir) => {
+    const image = `${dir}/ext4.img`;
+    const mnt = `${dir}/mnt`;
+    await Deno.mkdir(mnt);
+    const made = await runCommand("sh", [
+      "-c",
+      `truncate -s 16M ${image} && mkfs.ext4 -q -I 128 ${image}`,
+    ]);
+    assert.equal(made.code, 0, made.stderr);
+    const mounted = await runCommand("mount", ["-o", "loop", image, mnt]);
+    assert.equal(mounted.code, 0, mounted.stderr);
+    try {
+      const path = `${mnt}/access.log`;
+      await Deno.writeTextFile(path, line(1, 1));
+      const atime = new Date(Date.parse("2026-01-02T03:04:05Z"));
+      await Deno.utime(path, atime, atime);
+      const log = AccessLog.open(path, { onDiagnostic() {} });
+      log.record(2, 2);
+      assert.equal(await log.reopen(), true);
+      log.record(3, 3);
+      assert.equal(log.close(), 0);
+      // Before reading it, which moves the access time on (relatime).
+      assert.equal((await Deno.stat(path)).atime?.getTime(), atime.getTime());
+      assert.equal(await Deno.readTextFile(path), lines(1, 3));
+    } finally {
+      const unmounted = await runCommand("umount", [mnt]);
+      assert.equal(unmounted.code, 0, unmounted.stderr);
+    }
   }),
 );
