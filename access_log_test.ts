@@ -768,7 +768,25 @@ const coarseTimesMissing = !asRoot
   ? "needs root"
   : findExecutable("mkfs.ext4") === undefined
   ? "needs mkfs.ext4"
-  : undefined;
+  : await loopMountFails();
+
+/** Why no ext4 image can be loop-mounted here, or undefined if one can. */
+async function loopMountFails(): Promise<string | undefined> {
+  const dir = await Deno.makeTempDir();
+  try {
+    const made = await runCommand("sh", [
+      "-c",
+      `truncate -s 16M ${dir}/probe.img && mkfs.ext4 -q -I 128 ` +
+      `${dir}/probe.img 2>/dev/null && mkdir ${dir}/mnt && ` +
+      `mount -o loop ${dir}/probe.img ${dir}/mnt && umount ${dir}/mnt`,
+    ]);
+    return made.code === 0
+      ? undefined
+      : `cannot loop-mount an ext4 image: ${made.stderr.trim()}`;
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+}
 
 Deno.test(
   needing(
