@@ -3,6 +3,8 @@ import { closeSync, constants, openSync, readSync } from "node:fs";
 import { AccessLog, type LogFile, RefusedLogPathError } from "./access_log.ts";
 import {
   findExecutable,
+  Lines,
+  needing,
   runCommand,
   waitUntil,
   withTempDir,
@@ -691,3 +693,134 @@ Deno.test("AccessLog.reopen() whose open does not return keeps writing to the ol
   assert.equal(disk.text("access.log.2"), line(2, 2));
   assert.equal(disk.text("access.log"), line(3, 3));
 });
+
+Deno.test(
+  "AccessLog.open() and reopen() of one existing log by 6 processes at once all open it (their checks' marks collide and are checked again)",
+  withTempDir(async (dir) => {
+    // As instances sharing the log after a rotation's SIGHUP to them all,
+    // or started together, under the compiled binary's permission alone:
+    // 20 rounds, each a reopen and an open by every process at once.
+    const path = `${dir}/access.log`;
+    await Deno.writeTextFile(path, line(1, 1));
+    const script = `${dir}/contend.ts`;
+    await Deno.writeTextFile(
+      script,
+      `import { AccessLog } from ${
+        JSON.stringify(new URL("./access_log.ts", import.meta.url).href)
+      };
+import { createInterface } from "node:readline";
+const path = Deno.args[0];
+const said = [];
+const log = AccessLog.open(path, { onDiagnostic: (line) => said.push(line) });
+console.log("ready");
+for await (const _ of createInterface({ input: process.stdin })) {
+  const failures = [];
+  if (!(await log.reopen())) failures.push(said.at(-1));
+  try {
+    AccessLog.open(path, { onDiagnostic() {} }).close();
+  } catch (error) {
+    failures.push(error.message);
+  }
+  console.log(JSON.stringify(failures));
+}
+log.close();`,
+    );
+    const children = Array.from(
+      { length: 6 },
+      () =>
+        new Deno.Command(Deno.execPath(), {
+          args: ["run", "--no-prompt", `--allow-write=${dir}`, script, path],
+          stdin: "piped",
+          stdout: "piped",
+          stderr: "inherit",
+        }).spawn(),
+    );
+    const writers = children.map((child) => child.stdin.getWriter());
+    const outputs = children.map((child) => new Lines(child.stdout));
+    try {
+      for (const output of outputs) await output.next(/^ready$/);
+      for (let round = 0; round < 20; round++) {
+        await Promise.all(writers.map((w) => w.write(new Uint8Array([10]))));
+        for (const [i, output] of outputs.entries()) {
+          const [failures] = await output.next(/^\[.*\]$/);
+          assert.deepEqual(
+            JSON.parse(failures),
+            [],
+            `round ${round}, process ${i}`,
+          );
+        }
+      }
+    } finally {
+      for (const writer of writers) await writer.close();
+      for (const [i, child] of children.entries()) {
+        await outputs[i].done;
+        assert.equal((await child.status).code, 0);
+      }
+    }
+    assert.equal(await Deno.readTextFile(path), line(1, 1));
+  }),
+);
+
+// Whether an ext4 image with 128-byte inodes (whole-second timestamps, as
+// ext3, HFS+ and older small ext4 file systems keep them) can be made and
+// loop-mounted here: needs root, mkfs.ext4 and a loop device.
+const coarseTimesMissing = !asRoot
+  ? "needs root"
+  : findExecutable("mkfs.ext4") === undefined
+  ? "needs mkfs.ext4"
+  : await loopMountFails();
+
+/** Why no ext4 image can be loop-mounted here, or undefined if one can. */
+async function loopMountFails(): Promise<string | undefined> {
+  const dir = await Deno.makeTempDir();
+  try {
+    const made = await runCommand("sh", [
+      "-c",
+      `truncate -s 16M ${dir}/probe.img && mkfs.ext4 -q -I 128 ` +
+      `${dir}/probe.img 2>/dev/null && mkdir ${dir}/mnt && ` +
+      `mount -o loop ${dir}/probe.img ${dir}/mnt && umount ${dir}/mnt`,
+    ]);
+    return made.code === 0
+      ? undefined
+      : `cannot loop-mount an ext4 image: ${made.stderr.trim()}`;
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
+Deno.test(
+  needing(
+    "AccessLog.open() and reopen() accept an existing log on a file system that keeps times in whole seconds, and leave its access time as it was",
+    coarseTimesMissing === undefined,
+    coarseTimesMissing ?? "",
+  ),
+  withTempDir(async (dir) => {
+    const image = `${dir}/ext4.img`;
+    const mnt = `${dir}/mnt`;
+    await Deno.mkdir(mnt);
+    const made = await runCommand("sh", [
+      "-c",
+      `truncate -s 16M ${image} && mkfs.ext4 -q -I 128 ${image}`,
+    ]);
+    assert.equal(made.code, 0, made.stderr);
+    const mounted = await runCommand("mount", ["-o", "loop", image, mnt]);
+    assert.equal(mounted.code, 0, mounted.stderr);
+    try {
+      const path = `${mnt}/access.log`;
+      await Deno.writeTextFile(path, line(1, 1));
+      const atime = new Date(Date.parse("2026-01-02T03:04:05Z"));
+      await Deno.utime(path, atime, atime);
+      const log = AccessLog.open(path, { onDiagnostic() {} });
+      log.record(2, 2);
+      assert.equal(await log.reopen(), true);
+      log.record(3, 3);
+      assert.equal(log.close(), 0);
+      // Before reading it, which moves the access time on (relatime).
+      assert.equal((await Deno.stat(path)).atime?.getTime(), atime.getTime());
+      assert.equal(await Deno.readTextFile(path), lines(1, 3));
+    } finally {
+      const unmounted = await runCommand("umount", [mnt]);
+      assert.equal(unmounted.code, 0, unmounted.stderr);
+    }
+  }),
+);

@@ -12,7 +12,7 @@ import { Diagnostics } from "./diagnostics.ts";
 import { serveEcho } from "./server.ts";
 import { formatHostPort, UsageError } from "./flags.ts";
 import { type MetricsServer, serveMetrics } from "./metrics.ts";
-import { GracefulShutdown } from "./shutdown.ts";
+import { GracefulShutdown, TerminalWatch } from "./shutdown.ts";
 import { parseFlags, USAGE } from "./options.ts";
 
 export { SAME_SIGNAL_WINDOW_MS } from "./shutdown.ts";
@@ -166,14 +166,12 @@ export async function main(args: string[]): Promise<number> {
   // terminal hangs them all up (isTerminal() false) before its SIGHUP.
   const terminals = [Deno.stdin, Deno.stdout, Deno.stderr]
     .filter((file) => file.isTerminal());
+  const terminal = terminals.length === 0
+    ? undefined
+    : new TerminalWatch(terminals, { onDetached: diagnostic });
   const shutdown = new GracefulShutdown(
     { server, metrics, log, diagnostics },
-    {
-      ...config,
-      terminalGone: terminals.length === 0
-        ? undefined
-        : () => !terminals.some((file) => file.isTerminal()),
-    },
+    { ...config, terminalGone: terminal && (() => terminal.hungUp()) },
   );
   // Every listener stays installed to the exit: without one Deno restores
   // a signal's default action, and a SIGHUP in the exit's flushes

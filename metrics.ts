@@ -141,7 +141,7 @@ type LineKind =
 /**
  * Starts serving `/metrics` and `/healthz` for `server`. Throws the
  * `Deno.listen` error (e.g. `Deno.errors.AddrInUse`) if the address cannot
- * be bound. If accepting fails (out of file descriptors), it is retried
+ * be bound, and a `RangeError` for a limit that is not a positive number. If accepting fails (out of file descriptors), it is retried
  * with a back-off, and the echo server is never affected.
  *
  * @example
@@ -208,6 +208,27 @@ class Metrics implements MetricsServer {
       DEFAULT_METRICS_REQUEST_TIMEOUT_MS;
     this.#maxHeaderBytes = options.maxHeaderBytes ??
       DEFAULT_METRICS_MAX_HEADER_BYTES;
+    // Checked before listening: 0 connections would make the first accept
+    // throw where nothing catches it (an exit), NaN would lift the cap.
+    for (
+      const [name, value] of [
+        ["maxConnections", this.#maxConnections],
+        ["maxHeaderBytes", this.#maxHeaderBytes],
+      ] as const
+    ) {
+      if (!Number.isSafeInteger(value) || value < 1) {
+        throw new RangeError(
+          `${name} must be a whole number of at least 1, not ${value}`,
+        );
+      }
+    }
+    if (!(this.#requestTimeoutMs > 0 && this.#requestTimeoutMs < 2 ** 31)) {
+      throw new RangeError(
+        `requestTimeoutMs must be from 1 to ${
+          2 ** 31 - 1
+        }, not ${this.#requestTimeoutMs}`,
+      );
+    }
     this.#listener = Deno.listen({
       hostname: options.hostname ?? "127.0.0.1",
       port: options.port ?? DEFAULT_METRICS_PORT,

@@ -930,3 +930,23 @@ Deno.test("renderMetrics() counts a client still there when the drain ends as sh
   assert.deepEqual(cutoffs(exposition), { ...NO_CUTOFFS, shutdown: 1 });
   assert.deepEqual(s.records.map(([id]) => id).toSorted(), [1, 2]);
 });
+
+Deno.test("serveMetrics() refuses a limit that is not a positive number, listening on nothing", async () => {
+  await using server = startServer();
+  for (
+    const options of [
+      { maxConnections: 0 },
+      { maxConnections: NaN },
+      { maxConnections: 1.5 },
+      { maxHeaderBytes: 0 },
+      { requestTimeoutMs: 0 },
+      { requestTimeoutMs: NaN },
+    ]
+  ) {
+    assert.throws(
+      () => serveMetrics(server.server, { port: 0, ...options }),
+      RangeError,
+      JSON.stringify(options),
+    );
+  }
+});

@@ -300,3 +300,121 @@ export class GracefulShutdown {
 function count(n: number, noun: string): string {
   return `${n} ${noun}${n === 1 ? "" : "s"}`;
 }
+
+/** Options for {@linkcode TerminalWatch}. */
+export interface TerminalWatchOptions {
+  /**
+   * Receives the line said once the terminal has closed without its
+   * hangup stopping the server.
+   *
+   * @default {console.error}
+   */
+  onDetached?: (line: string) => void;
+  /**
+   * Clock and timer.
+   *
+   * @default {REAL_CLOCK from reporter.ts}
+   */
+  clock?: ReporterClock;
+}
+
+/** How often a {@linkcode TerminalWatch} looks at its terminal. */
+export const TERMINAL_POLL_MS = 1000;
+
+/**
+ * How long after a {@linkcode TerminalWatch} saw its terminal gone a SIGHUP
+ * still counts as the terminal's hangup.
+ */
+export const HANGUP_WINDOW_MS = 3000;
+
+/**
+ * Tells the terminal's hangup from a later SIGHUP, for
+ * {@linkcode GracefulShutdownOptions.terminalGone}. The hangup comes as the
+ * terminal closes; a server that outlives it (started with `&` and
+ * `disown`, so the shell sends its jobs no SIGHUP) is a service from then
+ * on, and logrotate's SIGHUP hours later must reopen the log, not stop it.
+ * So it looks at the terminal every {@linkcode TERMINAL_POLL_MS}; a SIGHUP
+ * is the hangup while the terminal is gone and was seen gone for less than
+ * {@linkcode HANGUP_WINDOW_MS} (or not yet seen gone): a stalled event loop
+ * delays the poll and the signal alike. After that it says so once.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { FakeClock } from "./test_util.ts";
+ * const clock = new FakeClock();
+ * const stdin = { open: true, isTerminal() { return this.open; } };
+ * const lines: string[] = [];
+ * const options = { clock, onDetached: (line: string) => lines.push(line) };
+ *
+ * // Closed, and no SIGHUP came: a later one reopens the log.
+ * const survivor = new TerminalWatch([stdin], options);
+ * stdin.open = false;
+ * clock.advance(TERMINAL_POLL_MS);
+ * clock.advance(HANGUP_WINDOW_MS);
+ * assert.equal(survivor.hungUp(), false);
+ * assert.equal(lines.length, 1);
+ *
+ * // Its SIGHUP comes as it closes: the hangup, and the watch is done.
+ * stdin.open = true;
+ * const foreground = new TerminalWatch([stdin], options);
+ * stdin.open = false;
+ * assert.equal(foreground.hungUp(), true);
+ * assert.equal(clock.pending, 0);
+ * ```
+ */
+export class TerminalWatch {
+  #files: { isTerminal(): boolean }[];
+  #clock: ReporterClock;
+  #onDetached: (line: string) => void;
+  #timer: unknown;
+  #detached = false;
+
+  /** Starts looking at `files`, the terminal the server started in. */
+  constructor(
+    files: { isTerminal(): boolean }[],
+    options: TerminalWatchOptions = {},
+  ) {
+    this.#files = files;
+    this.#clock = options.clock ?? REAL_CLOCK;
+    this.#onDetached = options.onDetached ?? console.error;
+    this.#poll();
+  }
+
+  /**
+   * Whether a SIGHUP now is the terminal's hangup; once it is, the watch
+   * stops (the server is stopping: no line to say).
+   */
+  hungUp(): boolean {
+    if (this.#detached || this.#files.some((file) => file.isTerminal())) {
+      return false;
+    }
+    this.close();
+    return true;
+  }
+
+  /** Stops looking. */
+  close(): void {
+    this.#clock.clearTimeout(this.#timer);
+    this.#timer = undefined;
+  }
+
+  #poll(): void {
+    const gone = !this.#files.some((file) => file.isTerminal());
+    this.#timer = this.#clock.setTimeout(
+      gone ? () => this.#detach() : () => this.#poll(),
+      gone ? HANGUP_WINDOW_MS : TERMINAL_POLL_MS,
+    );
+    // It never keeps the process alive by itself.
+    if (this.#clock === REAL_CLOCK) Deno.unrefTimer(this.#timer as number);
+  }
+
+  #detach(): void {
+    this.#timer = undefined;
+    this.#detached = true;
+    this.#onDetached(
+      "the terminal closed and its hangup did not reach the server: " +
+        "serving on; SIGHUP reopens the access log",
+    );
+  }
+}

@@ -536,3 +536,57 @@ Deno.test({
 async function echoText(port: number, text: string): Promise<string> {
   return new TextDecoder().decode(await echo(port, encoder.encode(text)));
 }
+
+Deno.test({
+  name:
+    "deno run main.ts started with & and disown outlives its closed terminal, says so, and then a SIGHUP reopens the log and keeps serving",
+  ignore,
+  fn: withTempDir(async (dir) => {
+    const cwd = await startTaskIn(dir);
+    await using terminal = await Terminal.open(dir, cwd);
+    // stdin stays the terminal; the shell sends a disowned job no SIGHUP.
+    const stderrPath = `${dir}/stderr.log`;
+    await terminal.type(
+      `${Deno.execPath()} ${RUN} --port 0 --log ./log/access.log ` +
+        `> ${stderrPath} 2>&1 & disown`,
+    );
+    const [, port] = await waitForMatch(
+      stderrPath,
+      /listening on 127\.0\.0\.1:(\d+)/,
+    );
+    const { pid } = serverProcess(await terminal.processes());
+    assert.equal(await echoText(+port, "rotated"), "rotated");
+    await terminal.close("kill-session");
+    await waitForMatch(
+      stderrPath,
+      /\nthe terminal closed and its hangup did not reach the server: serving on; SIGHUP reopens the access log\n/,
+      30_000,
+    );
+    await Deno.rename(`${cwd}/log/access.log`, `${cwd}/log/access.log.1`);
+    // logrotate's postrotate, hours later.
+    const signal = async (name: string) => {
+      const kill = await new Deno.Command("kill", {
+        args: [`-${name}`, String(pid)],
+        stdin: "null",
+      }).output();
+      assert.equal(kill.code, 0);
+    };
+    await signal("HUP");
+    await waitForMatch(
+      stderrPath,
+      /\nreopened access log \.\/log\/access\.log\n/,
+    );
+    assert.equal(await echoText(+port, "new"), "new");
+    await signal("TERM");
+    const stderr = await waitForMatch(stderrPath, /stopped after 2 clients\n/);
+    assert.doesNotMatch(stderr.input!, /terminal closed: stopping/);
+    assert.equal(
+      await Deno.readTextFile(`${cwd}/log/access.log.1`),
+      "[client 1]: received 7 bytes\n",
+    );
+    assert.equal(
+      await Deno.readTextFile(`${cwd}/log/access.log`),
+      "[client 2]: received 3 bytes\n",
+    );
+  }),
+});
