@@ -111,7 +111,7 @@ export interface BenchProgress {
 /**
  * Latency from the start of the connect to the reply's EOF, in ms. A
  * connection waiting for its turn to connect (see
- * {@linkcode BenchResult.slowConnects}) is not timed while it waits.
+ * {@linkcode BenchResult.peakOpen}) is not timed while it waits.
  */
 export interface LatencyMs {
   /** Median. */
@@ -175,16 +175,14 @@ export interface BenchResult {
 const MAX_ERROR_SAMPLES = 5;
 /**
  * Connects started and not yet resolved, at most; further connections wait
- * their turn. Deno's event loop completes about 128 socket waits per turn
- * (tokio's cooperative budget), newly ready sockets before those it put
- * off. Hundreds of connects at once keep that budget full with the newest
- * connections, and the rest wait: their kernel connect is done and the
- * server has accepted them, but `Deno.connect()` resolves seconds later,
- * so the server sees clients that send nothing. Well under the budget,
- * each turn has room left for the waits put off before. Measured: 2,000
- * in flight against the server and against a C epoll server, no connect
- * over 1 s from the client's side (bench/README.md, "Connections in
- * flight").
+ * their turn. Under load Deno's event loop completes about 128 socket waits
+ * per turn (tokio's cooperative budget), newly ready sockets before those
+ * it put off. Hundreds of connects at once keep that budget full with the
+ * newest connections while the rest wait: their kernel connect is done and
+ * the server has accepted them, but `Deno.connect()` resolves seconds
+ * later, so the server sees clients that send nothing. Well under the
+ * budget, each turn has room for the waits put off before. Measured in
+ * bench/README.md, "Connections in flight".
  */
 const MAX_CONNECTING = 32;
 /** The initial SYN retransmission timeout: a connect this slow was resent. */
@@ -604,8 +602,9 @@ loopback or on servers you run yourself.
 Options:
   --host HOST          server address (default 127.0.0.1)
   --port PORT          server port (default 4000)
-  --concurrency N      connections in flight (default 16); with --mix, the
-                       echo clients in flight
+  --concurrency N      connections in flight (default 16), at most 32 of
+                       them connecting at once; with --mix, the echo
+                       clients in flight
   --size SIZE          payload bytes per connection, optionally with a
                        suffix KiB, MiB or GiB, e.g. 16MiB (default 5)
   --duration SECONDS   how long to start connections for; those in flight
