@@ -25,6 +25,7 @@
  */
 
 import { controlRun } from "./_run.ts";
+import { connectSlots } from "./_connect_slots.ts";
 import { parseCommand } from "./_cli.ts";
 import { checkInteger, describe } from "../_errors.ts";
 import {
@@ -173,18 +174,6 @@ export interface BenchResult {
 }
 
 const MAX_ERROR_SAMPLES = 5;
-/**
- * Connects started and not yet resolved, at most; further connections wait
- * their turn. Under load Deno's event loop completes about 128 socket waits
- * per turn (tokio's cooperative budget), newly ready sockets before those
- * it put off. Hundreds of connects at once keep that budget full with the
- * newest connections while the rest wait: their kernel connect is done and
- * the server has accepted them, but `Deno.connect()` resolves seconds
- * later, so the server sees clients that send nothing. Well under the
- * budget, each turn has room for the waits put off before. Measured in
- * bench/README.md, "Connections in flight".
- */
-const MAX_CONNECTING = 32;
 /** The initial SYN retransmission timeout: a connect this slow was resent. */
 const SLOW_CONNECT_MS = 1000;
 
@@ -234,10 +223,6 @@ class Run {
   #stopTime = 0;
   readonly #flights = new Set<Flight>();
   readonly #connectAbort = new AbortController();
-  /** Connects in progress: see MAX_CONNECTING. */
-  #connecting = 0;
-  /** Connections waiting for a connect slot, first come first served. */
-  readonly #connectQueue: ((granted: boolean) => void)[] = [];
 
   ok = 0;
   connectErrors = 0;
@@ -278,7 +263,6 @@ class Run {
     this.#stopped = true;
     this.#stopTime = performance.now();
     this.#connectAbort.abort();
-    for (const wake of this.#connectQueue.splice(0)) wake(false);
     for (const flight of this.#flights) {
       flight.fail("unfinished", "cut off at the end of the run");
     }
@@ -296,32 +280,12 @@ class Run {
     }
   }
 
-  /**
-   * Waits for a connect slot (see MAX_CONNECTING); false if the run was
-   * stopped first.
-   */
-  #connectSlot(): Promise<boolean> | boolean {
-    if (this.#stopped) return false;
-    if (this.#connecting < MAX_CONNECTING) {
-      this.#connecting++;
-      return true;
-    }
-    // #releaseConnectSlot() hands the slot over, so no newcomer can take it
-    // between the release and this wake.
-    return new Promise((resolve) => this.#connectQueue.push(resolve));
-  }
-
-  #releaseConnectSlot(): void {
-    const next = this.#connectQueue.shift();
-    if (next === undefined) this.#connecting--;
-    else next(true);
-  }
-
   async #connection(seq: number, buffer: PatternBuffer): Promise<void> {
-    if (!await this.#connectSlot()) return;
+    // Waiting for a slot (see _connect_slots.ts) is not timed.
+    if (!await connectSlots.acquire(this.#connectAbort.signal)) return;
     if (this.#finishing) {
-      // Finished or stopped while waiting: this connection never starts.
-      this.#releaseConnectSlot();
+      // Finished while waiting: this connection never starts.
+      connectSlots.release();
       return;
     }
     const start = performance.now();
@@ -333,7 +297,7 @@ class Run {
         signal: this.#connectAbort.signal,
       });
     } catch (error) {
-      this.#releaseConnectSlot();
+      connectSlots.release();
       if (this.#stopped) return;
       this.connectErrors++;
       this.#sample(`connection ${seq + 1}: connect: ${describe(error)}`);
@@ -342,7 +306,7 @@ class Run {
       if (!this.#everConnected) this.stop();
       return;
     }
-    this.#releaseConnectSlot();
+    connectSlots.release();
     if (performance.now() - start >= SLOW_CONNECT_MS) this.slowConnects++;
     this.#everConnected = true;
     const flight = new Flight(conn, seq, phaseOf(seq));

@@ -98,7 +98,7 @@ Deno.test("runBench() lets the connections in flight finish at the end of a dura
 });
 
 // Hundreds of connects at once leave some unresolved in the client for
-// seconds after the server accepted them (see MAX_CONNECTING in bench.ts):
+// seconds after the server accepted them (see bench/_connect_slots.ts):
 // clients that send nothing, which the server cuts off and the tool counts
 // as the server's resets. The server here cuts off a client silent for over
 // 1 s, so such a stall fails the run within its 3 s.
