@@ -605,7 +605,8 @@ Fault injection:
 
 Progress goes to stderr once a second, the summary to stdout. MB/s is
 (bytes sent + bytes received) / 2 per second, in 10^6 B/s; latency is from
-connect to the reply's EOF. Exit status: 0 if every connection was echoed
+connect to the reply's EOF. A connect of 1 s or more (a SYN resent) is counted
+as slow, not as an error. Exit status: 0 if every connection was echoed
 correctly (and, with --log, every line is there), 1 if any failed or a line
 is missing (or nothing completed), 2 for bad flags.`;
 
