@@ -25,7 +25,7 @@
  */
 
 import { controlRun } from "./_run.ts";
-import { connectSlots } from "./_connect_slots.ts";
+import { connectSlots, MAX_CONNECTING } from "./_connect_slots.ts";
 import { parseCommand } from "./_cli.ts";
 import { checkInteger, describe } from "../_errors.ts";
 import {
@@ -143,7 +143,8 @@ export interface BenchResult {
   /**
    * Most connections open at once. Below the concurrency when the client is
    * the bottleneck: the other connections were waiting their turn to
-   * connect (at most 32 connects are in progress at once), with no socket.
+   * connect (at most 32 connects are in progress at once, see
+   * `_connect_slots.ts`), with no socket.
    */
   peakOpen: number;
   /**
@@ -566,9 +567,9 @@ loopback or on servers you run yourself.
 Options:
   --host HOST          server address (default 127.0.0.1)
   --port PORT          server port (default 4000)
-  --concurrency N      connections in flight (default 16), at most 32 of
-                       them connecting at once; with --mix, the echo
-                       clients in flight
+  --concurrency N      connections in flight (default 16), at most
+                       ${MAX_CONNECTING} of them connecting at once; with --mix,
+                       the echo clients in flight
   --size SIZE          payload bytes per connection, optionally with a
                        suffix KiB, MiB or GiB, e.g. 16MiB (default 5)
   --duration SECONDS   how long to start connections for; those in flight
