@@ -9,10 +9,14 @@ import {
   assertUsageError,
   closedPort,
   type CommandResult,
+  findExecutable,
   HandlerServer,
+  killAfter,
+  Lines,
   readAll,
   runCommand,
   ServerProcess,
+  spawnChild,
   stallingBytes,
   startServer,
   withTempDir,
@@ -120,6 +124,59 @@ for (const concurrency of [1000, 2000]) {
     }),
   );
 }
+
+// An echo server whose listen queue holds one connection: it accepts none
+// until a second client's SYN has been dropped (that client's socket is in
+// SYN-SENT to its port), then echoes both.
+const FULL_QUEUE_ECHO = `
+import socket, sys, time
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen(0)
+port = server.getsockname()[1]
+print(port, flush=True)
+def syn_sent():
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if fields[2].endswith(":%04X" % port) and fields[3] == "02":
+                return True
+    return False
+give_up = time.monotonic() + 30
+while not syn_sent():
+    if time.monotonic() > give_up:
+        sys.exit("no SYN was dropped")
+    time.sleep(0.01)
+for _ in range(2):
+    client, _ = server.accept()
+    data = b""
+    while chunk := client.recv(65536):
+        data += chunk
+    client.sendall(data)
+    client.close()
+`;
+
+Deno.test({
+  name:
+    "runBench() counts a connect resent after a full listen queue as slow, not as an error",
+  ignore: findExecutable("python3") === undefined,
+  fn: async () => {
+    const child = spawnChild(findExecutable("python3")!, [
+      "-c",
+      FULL_QUEUE_ECHO,
+    ], { stderr: "inherit" });
+    using _timeout = killAfter(child, 60_000);
+    const stdout = new Lines(child.stdout);
+    const port = Number((await stdout.next(/^(\d+)$/))[1]);
+    const result = await runBench({ port, connections: 2, concurrency: 2 });
+    assert.equal((await child.status).code, 0);
+    await stdout.done;
+    assert.deepEqual(result.errorSamples, []);
+    assert.equal(result.errors, 0);
+    assert.equal(result.connections, 2);
+    assert.equal(result.slowConnects, 1);
+  },
+});
 
 /** A server that reads to EOF and replies with `transform(request)`. */
 function bufferingServer(
