@@ -25,6 +25,7 @@
  */
 
 import { controlRun } from "./_run.ts";
+import { connectSlots, MAX_CONNECTING } from "./_connect_slots.ts";
 import { parseCommand } from "./_cli.ts";
 import { checkInteger, describe } from "../_errors.ts";
 import {
@@ -109,7 +110,11 @@ export interface BenchProgress {
   errors: number;
 }
 
-/** Latency from the start of the connect to the reply's EOF, in ms. */
+/**
+ * Latency from the start of the connect to the reply's EOF, in ms. A
+ * connection waiting for its turn to connect (see
+ * {@linkcode BenchResult.peakOpen}) is not timed while it waits.
+ */
 export interface LatencyMs {
   /** Median. */
   p50: number;
@@ -129,6 +134,20 @@ export interface BenchResult {
   errors: number;
   /** Connections that could not be opened. */
   connectErrors: number;
+  /**
+   * Connects that took 1 s or more; not errors. On loopback that is a SYN
+   * the server's kernel dropped and the client's resent after 1 s, most
+   * likely because the server's listen queue was full: the server accepts
+   * slower than clients arrive.
+   */
+  slowConnects: number;
+  /**
+   * Most connections open at once. Below the concurrency when the client is
+   * the bottleneck: the other connections were waiting their turn to
+   * connect (at most 32 connects are in progress at once, see
+   * `_connect_slots.ts`), with no socket.
+   */
+  peakOpen: number;
   /**
    * Connections that broke while sending or reading: reset, or closed by
    * the server before the whole request was sent.
@@ -157,6 +176,8 @@ export interface BenchResult {
 }
 
 const MAX_ERROR_SAMPLES = 5;
+/** The initial SYN retransmission timeout: a connect this slow was resent. */
+const SLOW_CONNECT_MS = 1000;
 
 type Failure = "reset" | "mismatch" | "short" | "unfinished";
 
@@ -207,6 +228,8 @@ class Run {
 
   ok = 0;
   connectErrors = 0;
+  slowConnects = 0;
+  peakOpen = 0;
   resets = 0;
   mismatches = 0;
   shortReplies = 0;
@@ -260,6 +283,13 @@ class Run {
   }
 
   async #connection(seq: number, buffer: PatternBuffer): Promise<void> {
+    // Waiting for a slot (see _connect_slots.ts) is not timed.
+    if (!await connectSlots.acquire(this.#connectAbort.signal)) return;
+    if (this.#finishing) {
+      // Finished while waiting: this connection never starts.
+      connectSlots.release();
+      return;
+    }
     const start = performance.now();
     let conn: Deno.TcpConn;
     try {
@@ -269,6 +299,7 @@ class Run {
         signal: this.#connectAbort.signal,
       });
     } catch (error) {
+      connectSlots.release();
       if (this.#stopped) return;
       this.connectErrors++;
       this.#sample(`connection ${seq + 1}: connect: ${describe(error)}`);
@@ -277,6 +308,8 @@ class Run {
       if (!this.#everConnected) this.stop();
       return;
     }
+    connectSlots.release();
+    if (performance.now() - start >= SLOW_CONNECT_MS) this.slowConnects++;
     this.#everConnected = true;
     const flight = new Flight(conn, seq, phaseOf(seq));
     if (this.#stopped) {
@@ -284,6 +317,7 @@ class Run {
       return;
     }
     this.#flights.add(flight);
+    this.peakOpen = Math.max(this.peakOpen, this.#flights.size);
     // Read while writing: a server that streams its reply would otherwise
     // fill both directions' buffers and deadlock with a large payload.
     const reading = this.#receive(flight, buffer);
@@ -467,6 +501,8 @@ export async function runBench(
     connections: run.ok,
     errors: run.errors,
     connectErrors: run.connectErrors,
+    slowConnects: run.slowConnects,
+    peakOpen: run.peakOpen,
     resets: run.resets,
     mismatches: run.mismatches,
     shortReplies: run.shortReplies,
@@ -504,6 +540,7 @@ export function formatResult(result: BenchResult): string {
   return [
     `connections  ${result.connections} ok, ${result.unfinished} unfinished`,
     `errors       ${result.errors} (connect ${result.connectErrors}, reset ${result.resets}, mismatch ${result.mismatches}, short ${result.shortReplies})`,
+    `connects     ${result.slowConnects} slow (1 s or more: SYN resent, the server's listen queue was full), at most ${result.peakOpen} open at once`,
     `elapsed      ${result.elapsedSeconds.toFixed(3)} s`,
     `throughput   ${result.connectionsPerSecond.toFixed(1)} conn/s, ${
       result.megabytesPerSecond.toFixed(1)
@@ -531,8 +568,9 @@ loopback or on servers you run yourself.
 Options:
   --host HOST          server address (default 127.0.0.1)
   --port PORT          server port (default 4000)
-  --concurrency N      connections in flight (default 16); with --mix, the
-                       echo clients in flight
+  --concurrency N      connections in flight (default 16), at most
+                       ${MAX_CONNECTING} of them connecting at once; with --mix,
+                       the echo clients in flight
   --size SIZE          payload bytes per connection, optionally with a
                        suffix KiB, MiB or GiB, e.g. 16MiB (default 5)
   --duration SECONDS   how long to start connections for; those in flight
@@ -576,7 +614,8 @@ Fault injection:
 
 Progress goes to stderr once a second, the summary to stdout. MB/s is
 (bytes sent + bytes received) / 2 per second, in 10^6 B/s; latency is from
-connect to the reply's EOF. Exit status: 0 if every connection was echoed
+connect to the reply's EOF. A connect of 1 s or more (a SYN resent) is counted
+as slow, not as an error. Exit status: 0 if every connection was echoed
 correctly (and, with --log, every line is there), 1 if any failed or a line
 is missing (or nothing completed), 2 for bad flags.`;
 

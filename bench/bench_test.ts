@@ -9,11 +9,17 @@ import {
   assertUsageError,
   closedPort,
   type CommandResult,
+  findExecutable,
   HandlerServer,
+  killAfter,
+  Lines,
   readAll,
   runCommand,
+  ServerProcess,
+  spawnChild,
   stallingBytes,
   startServer,
+  withTempDir,
   writeAll,
 } from "../test_util.ts";
 
@@ -93,6 +99,83 @@ Deno.test("runBench() lets the connections in flight finish at the end of a dura
   assertClean(result!, result!.connections, 100);
   assertServerSaw(clients, result!.connections, 100);
   assert.deepEqual(diagnostics, []);
+});
+
+// Hundreds of connects at once leave some unresolved in the client for
+// seconds after the server accepted them (see bench/_connect_slots.ts):
+// clients that send nothing, which the server cuts off and the tool counts
+// as the server's resets. The server here cuts off a client silent for over
+// 1 s, so such a stall fails the run within its 3 s.
+for (const concurrency of [1000, 2000]) {
+  Deno.test(
+    `runBench() keeps ${concurrency} in flight against the server, no client stalled`,
+    withTempDir(async (dir) => {
+      await using server = new ServerProcess(dir, ["--min-rate-grace", "1"]);
+      const port = await server.port();
+      const result = await runBench({ port, concurrency, duration: 3 });
+      server.child.kill("SIGTERM");
+      const { code, stderr } = await server.exit();
+      assert.deepEqual(result.errorSamples, []);
+      assert.equal(result.errors, 0);
+      assert.equal(result.unfinished, 0);
+      assert.ok(result.connections >= concurrency);
+      assert.equal(code, 0);
+      assert.doesNotMatch(stderr, /cut off/);
+    }),
+  );
+}
+
+// An echo server whose listen queue holds one connection: it accepts none
+// until a second client's SYN has been dropped (that client's socket is in
+// SYN-SENT to its port), then echoes both.
+const FULL_QUEUE_ECHO = `
+import socket, sys, time
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen(0)
+port = server.getsockname()[1]
+print(port, flush=True)
+def syn_sent():
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if fields[2].endswith(":%04X" % port) and fields[3] == "02":
+                return True
+    return False
+give_up = time.monotonic() + 30
+while not syn_sent():
+    if time.monotonic() > give_up:
+        sys.exit("no SYN was dropped")
+    time.sleep(0.01)
+for _ in range(2):
+    client, _ = server.accept()
+    data = b""
+    while chunk := client.recv(65536):
+        data += chunk
+    client.sendall(data)
+    client.close()
+`;
+
+Deno.test({
+  name:
+    "runBench() counts a connect resent after a full listen queue as slow, not as an error",
+  ignore: findExecutable("python3") === undefined,
+  fn: async () => {
+    const child = spawnChild(findExecutable("python3")!, [
+      "-c",
+      FULL_QUEUE_ECHO,
+    ], { stderr: "inherit" });
+    using _timeout = killAfter(child, 60_000);
+    const stdout = new Lines(child.stdout);
+    const port = Number((await stdout.next(/^(\d+)$/))[1]);
+    const result = await runBench({ port, connections: 2, concurrency: 2 });
+    assert.equal((await child.status).code, 0);
+    await stdout.done;
+    assert.deepEqual(result.errorSamples, []);
+    assert.equal(result.errors, 0);
+    assert.equal(result.connections, 2);
+    assert.equal(result.slowConnects, 1);
+  },
 });
 
 /** A server that reads to EOF and replies with `transform(request)`. */
@@ -270,6 +353,8 @@ Deno.test("formatResult() prints every figure", () => {
     connections: 1234,
     errors: 10,
     connectErrors: 1,
+    slowConnects: 6,
+    peakOpen: 7,
     resets: 2,
     mismatches: 3,
     shortReplies: 4,
@@ -287,6 +372,8 @@ Deno.test("formatResult() prints every figure", () => {
       "1234 ok",
       "5 unfinished",
       "10 (connect 1, reset 2, mismatch 3, short 4)",
+      "6 slow",
+      "at most 7 open at once",
       "2.000 s",
       "617.0 conn/s",
       "12.5 MB/s",
@@ -437,6 +524,7 @@ Deno.test("deno task bench prints the summary of a run, exits 0", async () => {
     stdout,
     /^errors {7}0 \(connect 0, reset 0, mismatch 0, short 0\)$/m,
   );
+  assert.match(stdout, /^connects {5}0 slow /m);
   assert.match(stdout, /^throughput .* conn\/s, .* MB\/s$/m);
   assert.match(
     stdout,

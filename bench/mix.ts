@@ -47,6 +47,7 @@
  */
 
 import { controlRun } from "./_run.ts";
+import { connectSlots } from "./_connect_slots.ts";
 import { writeAll } from "../_bytes.ts";
 import { checkInteger, describe } from "../_errors.ts";
 import { DEFAULTS } from "../options.ts";
@@ -770,6 +771,8 @@ const CLIENTS: Record<ClientKind, Client> = {
 
 /** A Deno connection, or how connecting ended if it did not connect. */
 async function connect(attempt: Attempt): Promise<Deno.TcpConn | Outcome> {
+  // Cut off while waiting for a slot (see _connect_slots.ts): never tried.
+  if (!await connectSlots.acquire(attempt.stop)) return { status: "uncertain" };
   try {
     return await Deno.connect({
       hostname: attempt.hostname,
@@ -780,6 +783,8 @@ async function connect(attempt: Attempt): Promise<Deno.TcpConn | Outcome> {
     // Cut off mid-connect: the kernel may have completed it or not.
     if (attempt.stop.aborted) return { status: "uncertain" };
     return { status: "connect failed", message: describe(error) };
+  } finally {
+    connectSlots.release();
   }
 }
 
