@@ -206,7 +206,6 @@ class Server implements EchoServer {
     }
   }
 
-  /** Serves an accepted newcomer now that it has a slot. */
   constructor(onClientDone: ClientDone, options: ServeOptions) {
     this.#onClientDone = onClientDone;
     const diagnostic = options.onDiagnostic ?? console.error;
@@ -268,6 +267,7 @@ class Server implements EchoServer {
     });
   }
 
+  /** Serves an accepted newcomer now that it has a slot. */
   #admit({ conn, clientId, source }: Newcomer): void {
     const client = new Client(conn, clientId, source);
     this.#serve(client);

@@ -859,6 +859,35 @@ function attacker(
     : nodeAttacker(attempt, attempt.attackerAddress, send);
 }
 
+/**
+ * The frame of an attack over a node:net socket: `ended` aborts once the
+ * socket closes or the run stops; `finish()` closes the socket and judges
+ * the attack: ok with how long it lasted, or unfinished if the run stopped.
+ */
+function nodeSession(attempt: Attempt, socket: net.Socket, start: number): {
+  ended: AbortController;
+  finish: (ok?: { loggedBytes?: number }) => Promise<Outcome>;
+} {
+  const closed = new Promise<void>((resolve) =>
+    socket.once("close", () => resolve())
+  );
+  const ended = new AbortController();
+  closed.then(() => ended.abort());
+  const onStop = () => ended.abort();
+  attempt.stop.addEventListener("abort", onStop);
+  return {
+    ended,
+    async finish(ok = {}) {
+      attempt.stop.removeEventListener("abort", onStop);
+      const durationMs = performance.now() - start;
+      socket.destroy();
+      await closed;
+      if (attempt.stop.aborted) return { status: "unfinished", durationMs };
+      return { status: "ok", ...ok, durationMs };
+    },
+  };
+}
+
 /** {@linkcode attacker} over a node:net socket bound to `localAddress`. */
 async function nodeAttacker(
   attempt: Attempt,
@@ -871,13 +900,7 @@ async function nodeAttacker(
   const start = performance.now();
   const socket = await nodeConnect(attempt, localAddress);
   if (!(socket instanceof net.Socket)) return socket;
-  const closed = new Promise<void>((resolve) =>
-    socket.once("close", () => resolve())
-  );
-  const ended = new AbortController();
-  closed.then(() => ended.abort());
-  const onStop = () => ended.abort();
-  attempt.stop.addEventListener("abort", onStop);
+  const { ended, finish } = nodeSession(attempt, socket, start);
   socket.resume();
   const write = (bytes: Uint8Array) =>
     new Promise<void>((resolve, reject) => {
@@ -888,14 +911,8 @@ async function nodeAttacker(
     await send(write, ended.signal);
   } catch {
     // The server closed the connection under a write.
-  } finally {
-    attempt.stop.removeEventListener("abort", onStop);
   }
-  const durationMs = performance.now() - start;
-  socket.destroy();
-  await closed;
-  if (attempt.stop.aborted) return { status: "unfinished", durationMs };
-  return { status: "ok", durationMs };
+  return await finish();
 }
 
 /** {@linkcode attacker} over a Deno connection. */
@@ -954,28 +971,14 @@ async function silentAttacker(
   const start = performance.now();
   const socket = await nodeConnect(attempt, attempt.attackerAddress);
   if (!(socket instanceof net.Socket)) return socket;
-  const closed = new Promise<void>((resolve) =>
-    socket.once("close", () => resolve())
-  );
-  const ended = new AbortController();
-  closed.then(() => ended.abort());
-  const onStop = () => ended.abort();
-  attempt.stop.addEventListener("abort", onStop);
+  const { ended, finish } = nodeSession(attempt, socket, start);
   // Whatever the server sends (nothing, for an empty echo) is dropped.
   socket.resume();
-  try {
-    await sleep(
-      leaveAfterMs === Infinity ? 2_147_483_647 : leaveAfterMs,
-      ended.signal,
-    );
-  } finally {
-    attempt.stop.removeEventListener("abort", onStop);
-  }
-  const durationMs = performance.now() - start;
-  socket.destroy();
-  await closed;
-  if (attempt.stop.aborted) return { status: "unfinished", durationMs };
-  return { status: "ok", loggedBytes: 0, durationMs };
+  await sleep(
+    leaveAfterMs === Infinity ? 2_147_483_647 : leaveAfterMs,
+    ended.signal,
+  );
+  return await finish({ loggedBytes: 0 });
 }
 
 /**
@@ -1020,14 +1023,8 @@ async function nodeSlowReader(
   const start = performance.now();
   const socket = await nodeConnect(attempt, localAddress);
   if (!(socket instanceof net.Socket)) return socket;
-  const closed = new Promise<void>((resolve) =>
-    socket.once("close", () => resolve())
-  );
-  const ended = new AbortController();
-  closed.then(() => ended.abort());
+  const { ended, finish } = nodeSession(attempt, socket, start);
   socket.once("end", () => ended.abort());
-  const onStop = () => ended.abort();
-  attempt.stop.addEventListener("abort", onStop);
   // Paused: the reply stays in the kernel but for what read() takes.
   socket.pause();
   try {
@@ -1048,14 +1045,8 @@ async function nodeSlowReader(
     }
   } catch {
     // Cut off: a reset, or the close at the run's end.
-  } finally {
-    attempt.stop.removeEventListener("abort", onStop);
   }
-  const durationMs = performance.now() - start;
-  socket.destroy();
-  await closed;
-  if (attempt.stop.aborted) return { status: "unfinished", durationMs };
-  return { status: "ok", durationMs };
+  return await finish();
 }
 
 /**
