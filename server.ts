@@ -188,17 +188,19 @@ class Server implements EchoServer {
       // attacker's connections: served in place of a client evicted for it
       // (admission.ts: one of the biggest source's, or of its own past its
       // grace), or turned away.
-      const newcomer = { conn, clientId, source, since: performance.now() };
       if (this.#held.length > 0) this.#serveHeld();
       if (
         this.#admission.connections < this.#maxConnections ||
         this.#evictForSlot(source)
       ) {
-        this.#admit(newcomer);
-      } else if (this.#held.length < MAX_HELD || this.#makeRoomFor(source)) {
-        this.#hold(newcomer);
+        this.#admit(conn, clientId, source);
       } else {
-        this.#turnAway(newcomer);
+        const newcomer = { conn, clientId, source, since: performance.now() };
+        if (this.#held.length < MAX_HELD || this.#makeRoomFor(source)) {
+          this.#hold(newcomer);
+        } else {
+          this.#turnAway(newcomer);
+        }
       }
       if (++this.#acceptsSinceYield >= ACCEPTS_PER_YIELD) {
         await this.#timerTurn();
@@ -268,7 +270,7 @@ class Server implements EchoServer {
   }
 
   /** Serves an accepted newcomer now that it has a slot. */
-  #admit({ conn, clientId, source }: Newcomer): void {
+  #admit(conn: Deno.TcpConn, clientId: number, source: string): void {
     const client = new Client(conn, clientId, source);
     this.#serve(client);
     // Accepted just as the drain ran out: logged, but not waited for.
@@ -315,7 +317,7 @@ class Server implements EchoServer {
         this.#admission.connections < this.#maxConnections ||
         this.#evictForSlot(newcomer.source, now - newcomer.since)
       ) {
-        this.#admit(newcomer);
+        this.#admit(newcomer.conn, newcomer.clientId, newcomer.source);
       } else if (now - newcomer.since >= holdMs) {
         this.#turnAway(newcomer);
       } else {
