@@ -94,12 +94,14 @@
  *   moving fast scores low anyway. Only if all the others together hold too
  *   little is the asking client cut off (`buffer_limit`). Cost: under memory
  *   pressure, a client that holds much and moves little (a slow link with a
- *   large payload) goes first. One ranking (the 256 highest scores, the
- *   rest only if those free too little) serves every read for 100 ms:
- *   ranking 16,384 clients costs ~1.5 ms, which an attacker who keeps the
- *   budget full would otherwise make the server pay for every read
- *   (`deno run bench/victim_cost.ts`: ~20 µs a read at 16,384 clients
- *   holding buffers, reads 1 ms apart; 5.6 ms when every read ranked all).
+ *   large payload) goes first. One scan of every client (~1.3 ms at
+ *   16,384) picks the 256 highest scores and serves 100 ms; each read
+ *   scores those afresh together with every client admitted since, and
+ *   only if they free too little scans all again. An attacker who keeps
+ *   the budget full cannot make the server scan every client for every
+ *   read (`deno run bench/victim_cost.ts 16384 20000`: ~40 µs a read at
+ *   16,384 clients holding buffers, reads 1 ms apart; 5.6 ms when every
+ *   read scanned and sorted all).
  *
  * @module
  */
@@ -344,17 +346,15 @@ interface SourceClients<C> {
   readonly silent: Set<C>;
 }
 
-/** The clients of one memory ranking, largest score first. */
+/** The clients of one scan for memory victims. */
 interface MemoryRanking<C> {
-  /** The client set it ranks. */
+  /** The client set it scanned. */
   clients: Iterable<C>;
-  /** When it was made. */
+  /** When. */
   at: number;
-  /** Every client that held a buffer then, largest score first. */
-  order: C[];
-  /** Where the clients not yet cut off begin. */
-  start: number;
-  /** Whether `order` has every client that held a buffer, or the top ones. */
+  /** The clients holding a buffer with the highest scores then. */
+  top: C[];
+  /** Whether `top` has every client that held a buffer. */
   complete: boolean;
 }
 
@@ -396,6 +396,8 @@ export class Admission<C extends ClientProgress = ClientProgress> {
   #spareEntries: SourceClients<C>[] = [];
   #biggest = 0;
   #memoryRanking: MemoryRanking<C> | undefined;
+  // Clients admitted while the scan serves: candidates for memory too.
+  #recent: C[] = [];
   #admitted = 0;
 
   /** Takes the limits; see {@linkcode AdmissionOptions} for the defaults. */
@@ -590,6 +592,10 @@ export class Admission<C extends ClientProgress = ClientProgress> {
     if (client.bytesReceived === 0) entry.silent.add(client);
     this.#admitted++;
     this.#resize(entry, entry.clients.size - 1, entry.clients.size);
+    const ranking = this.#memoryRanking;
+    if (ranking !== undefined && client.acceptedAt - ranking.at < RANKING_MS) {
+      this.#recent.push(client);
+    }
   }
 
   /**
@@ -785,42 +791,54 @@ export class Admission<C extends ClientProgress = ClientProgress> {
     now: number,
   ): C[] | undefined {
     if (this.evictionGraceMs === 0) return undefined;
-    // A ranking of every client costs milliseconds at 16,384 (scored and
-    // sorted); an attacker who keeps the budget full would have it made
-    // for every read. One ranking serves the same client set for
-    // RANKING_MS: clients that came since are not candidates, and each
-    // candidate is checked as it stands now.
+    // Scoring every client costs milliseconds at 16,384; an attacker who
+    // keeps the budget full would have the server pay it for every read.
+    // One scan of every client picks the RANKED_VICTIMS highest scores and
+    // serves RANKING_MS; each read scores those afresh, with every client
+    // admitted since the scan.
     let ranking = this.#memoryRanking;
     if (
       ranking === undefined || ranking.clients !== clients ||
       now - ranking.at >= RANKING_MS || now < ranking.at
     ) {
       ranking = this.#memoryRanking = this.#rank(clients, now);
+      this.#recent.length = 0;
     }
-    const victims = this.#takeVictims(ranking, asking, neededBytes);
+    const victims = this.#takeVictims(
+      [...ranking.top, ...this.#recent],
+      asking,
+      neededBytes,
+      now,
+    );
     if (victims !== undefined || ranking.complete) return victims;
-    // The top ones free too little: every client, ordered.
+    // The top ones free too little: every client.
     this.#memoryRanking = this.#rank(clients, now, true);
-    return this.#takeVictims(this.#memoryRanking, asking, neededBytes);
+    this.#recent.length = 0;
+    return this.#takeVictims(this.#memoryRanking.top, asking, neededBytes, now);
   }
 
-  /** The first clients of `ranking` that together free `neededBytes`. */
+  /**
+   * The fewest of `candidates` that together free `neededBytes`, highest
+   * score now first; undefined if they all free too little.
+   */
   #takeVictims(
-    ranking: MemoryRanking<C>,
+    candidates: C[],
     asking: C,
     neededBytes: number,
+    now: number,
   ): C[] | undefined {
-    const { order } = ranking;
+    const scored: Array<{ client: C; score: number }> = [];
+    for (const client of candidates) {
+      if (
+        client === asking || client.bufferedBytes <= 0 ||
+        client.cutOffReason !== undefined
+      ) continue;
+      scored.push({ client, score: this.#memoryScore(client, now) });
+    }
+    scored.sort((a, b) => b.score - a.score);
     const victims: C[] = [];
     let freed = 0;
-    for (let i = ranking.start; i < order.length; i++) {
-      const client = order[i];
-      if (client.cutOffReason !== undefined) {
-        // Gone for good: later calls skip it at no cost.
-        if (i === ranking.start) ranking.start++;
-        continue;
-      }
-      if (client === asking || client.bufferedBytes <= 0) continue;
+    for (const { client } of scored) {
       victims.push(client);
       freed += client.bufferedBytes;
       if (freed >= neededBytes) return victims;
@@ -828,10 +846,14 @@ export class Admission<C extends ClientProgress = ClientProgress> {
     return undefined;
   }
 
+  /** The byte-seconds `client`'s buffer costs at its recent rate. */
+  #memoryScore(client: C, now: number): number {
+    return client.bufferedBytes ** 2 / (this.rate(client, now) + 1);
+  }
+
   /**
-   * The clients holding a buffer, largest score first: the top
-   * {@linkcode RANKED_VICTIMS} only, unless `all`; sorting every client
-   * costs milliseconds at 16,384, and a read needs few victims.
+   * The clients holding a buffer with the {@linkcode RANKED_VICTIMS}
+   * highest scores, or all of them with `all`.
    */
   #rank(clients: Iterable<C>, now: number, all = false): MemoryRanking<C> {
     const candidates: C[] = [];
@@ -841,25 +863,17 @@ export class Admission<C extends ClientProgress = ClientProgress> {
         continue;
       }
       candidates.push(client);
-      scoreList.push(client.bufferedBytes ** 2 / (this.rate(client, now) + 1));
+      scoreList.push(this.#memoryScore(client, now));
     }
+    const complete = all || candidates.length <= RANKED_VICTIMS;
+    if (complete) return { clients, at: now, top: candidates, complete };
+    // The RANKED_VICTIMS-th highest score, by a native numeric sort.
     const scores = Float64Array.from(scoreList);
-    let top = candidates.map((_, i) => i);
-    if (!all && candidates.length > RANKED_VICTIMS) {
-      // The RANKED_VICTIMS-th highest score, by a native numeric sort.
-      const threshold = scores.slice().sort()[
-        candidates.length - RANKED_VICTIMS
-      ];
-      top = top.filter((i) => scores[i] >= threshold);
-    }
-    top.sort((a, b) => scores[b] - scores[a]);
-    return {
-      clients,
-      at: now,
-      order: top.map((i) => candidates[i]),
-      start: 0,
-      complete: all || candidates.length <= RANKED_VICTIMS,
-    };
+    const threshold = scores.slice().sort()[
+      candidates.length - RANKED_VICTIMS
+    ];
+    const top = candidates.filter((_, i) => scores[i] >= threshold);
+    return { clients, at: now, top, complete };
   }
 }
 

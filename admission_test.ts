@@ -438,3 +438,30 @@ Deno.test("Admission.rate() credits a reader with its average since the half-clo
   reader.windowRate = 0; // nothing completed in the last window
   assert.equal(admission.rate(reader, 11_000), 2 * MIB * 1000 / 10_000);
 });
+
+Deno.test("Admission.memoryVictims() between scans scores its candidates afresh and counts clients admitted since", () => {
+  const admission = new Admission({ evictionGraceMs: 2000 });
+  const source = { source: "192.0.2.7" };
+  const fast = newProgress(0, source);
+  fast.bufferedBytes = 4 * MIB;
+  fast.windowRate = 50 * MIB;
+  const slow = newProgress(0, source);
+  slow.bufferedBytes = 1 * MIB;
+  slow.windowRate = 20 * MIB;
+  const asking = newProgress(0, source);
+  const clients = new Set([fast, slow, asking]);
+  for (const client of clients) admission.admit(client);
+  // The scan: fast scores higher than slow.
+  assert.deepEqual(admission.memoryVictims(clients, asking, 1, 1000), [fast]);
+  // slow stalls with more held: it goes first now, not as scanned.
+  slow.bufferedBytes = 8 * MIB;
+  slow.windowRate = 0;
+  assert.deepEqual(admission.memoryVictims(clients, asking, 1, 1010), [slow]);
+  // A hog admitted after the scan is a candidate before the next one.
+  const hog = newProgress(1020, source);
+  hog.bufferedBytes = 32 * MIB;
+  hog.windowRate = 0;
+  clients.add(hog);
+  admission.admit(hog);
+  assert.deepEqual(admission.memoryVictims(clients, asking, 1, 1030), [hog]);
+});
