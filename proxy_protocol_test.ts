@@ -465,6 +465,19 @@ Deno.test("parseProxyHeader() refuses a v1 line that cannot become valid before 
     "PROXY tcp",
     'PROXY v1 header: protocol "tcp", not TCP4, TCP6 or UNKNOWN',
   );
+  // A CR as the last byte so far: only an LF may follow, so the line is read.
+  assertMalformed(
+    "PROXY TCP4 1.2.3.4 5.6.7.8 1 99999\r",
+    'PROXY v1 header: destination port "99999", not a decimal 0-65535 without leading zeros',
+  );
+  assertMalformed(
+    "PROXY TCP4 999.2.3.4 5.6.7.8 1 2\r",
+    'PROXY v1 header: "TCP4" with source address "999.2.3.4", not IPv4',
+  );
+  assert.deepEqual(
+    parseProxyHeader(encoder.encode("PROXY TCP4 999.2.3.4 5.6.7.8 1 2")),
+    { status: "incomplete" },
+  );
   assertMalformed(
     bytesOf("PROXY TCP4 1.2.3.4\x00"),
     'PROXY v1 header: "\\x00" in "TCP4" line, not an address or port',
