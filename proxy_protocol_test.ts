@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { connect } from "node:net";
 import {
   crc32c,
   parseProxyHeader,
@@ -8,6 +9,16 @@ import {
   type ProxyHeader,
   type ProxyHeaderParse,
 } from "./proxy_protocol.ts";
+import {
+  findExecutable,
+  killAfter,
+  Lines,
+  needing,
+  spawnChild,
+  waitUntil,
+  within,
+  withTempDir,
+} from "./test_util.ts";
 
 const encoder = new TextEncoder();
 
@@ -894,3 +905,218 @@ Deno.test("crc32c() gives the known check values", () => {
     0x46dd794e,
   );
 });
+
+// ---------------------------------------------------------------- HAProxy
+
+const HAPROXY = findExecutable("haproxy");
+
+/** A TCP listener on `hostname` that keeps every connection's bytes to EOF. */
+class Capture implements AsyncDisposable {
+  readonly #listener: Deno.TcpListener;
+  readonly received: Promise<Uint8Array>[] = [];
+  readonly #loop: Promise<void>;
+
+  constructor() {
+    this.#listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    this.#loop = this.#accept();
+  }
+
+  get port(): number {
+    return this.#listener.addr.port;
+  }
+
+  async #accept(): Promise<void> {
+    for (;;) {
+      let conn: Deno.Conn;
+      try {
+        conn = await this.#listener.accept();
+      } catch (error) {
+        if (error instanceof Deno.errors.BadResource) return; // closed
+        throw error;
+      }
+      this.received.push(readToEnd(conn));
+    }
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    this.#listener.close();
+    await this.#loop;
+    await Promise.allSettled(this.received);
+  }
+}
+
+async function readToEnd(conn: Deno.Conn): Promise<Uint8Array> {
+  const chunks: Uint8Array[] = [];
+  try {
+    const buffer = new Uint8Array(4096);
+    for (;;) {
+      const read = await conn.read(buffer);
+      if (read === null) break;
+      chunks.push(buffer.slice(0, read));
+    }
+  } finally {
+    conn.close();
+  }
+  return bytesOf(...chunks);
+}
+
+/** A port the kernel has free on `hostname` now. */
+function freePort(hostname: string): number {
+  using listener = Deno.listen({ hostname, port: 0 });
+  return listener.addr.port;
+}
+
+/** True once something listens on `hostname:port` (a bind there fails). */
+function bound(hostname: string, port: number): boolean {
+  try {
+    Deno.listen({ hostname, port }).close();
+    return false;
+  } catch (error) {
+    if (error instanceof Deno.errors.AddrInUse) return true;
+    throw error;
+  }
+}
+
+/**
+ * Sends `payload` from `localAddress` to `host:port`, half-closes and waits
+ * for the close; returns the port the client had.
+ */
+function sendFrom(
+  localAddress: string,
+  host: string,
+  port: number,
+  payload: string,
+): Promise<number> {
+  const { promise, resolve, reject } = Promise.withResolvers<number>();
+  const socket = connect({ host, port, localAddress }, () => {
+    const localPort = socket.localPort;
+    socket.end(payload);
+    socket.on("close", () => resolve(localPort ?? -1));
+  });
+  socket.on("error", reject);
+  socket.resume(); // reads and drops whatever comes back
+  return promise;
+}
+
+Deno.test(
+  needing(
+    "parseProxyHeader() reads the headers HAProxy sends with send-proxy and send-proxy-v2 (CRC32C and unique-id TLVs), for IPv4 and IPv6 clients",
+    HAPROXY !== undefined,
+    "haproxy not installed (apt-get install haproxy)",
+  ),
+  withTempDir(async (dir) => {
+    await using capture = new Capture();
+    const fronts = {
+      v1: { ipv4: freePort("127.0.0.1"), ipv6: freePort("::1") },
+      v2: { ipv4: freePort("127.0.0.1"), ipv6: freePort("::1") },
+    };
+    const config = `${dir}/haproxy.cfg`;
+    await Deno.writeTextFile(
+      config,
+      [
+        "defaults",
+        "  mode tcp",
+        "  timeout connect 5s",
+        "  timeout client 30s",
+        "  timeout server 30s",
+        "frontend v1",
+        `  bind 127.0.0.1:${fronts.v1.ipv4}`,
+        `  bind [::1]:${fronts.v1.ipv6}`,
+        "  default_backend v1",
+        "frontend v2",
+        `  bind 127.0.0.1:${fronts.v2.ipv4}`,
+        `  bind [::1]:${fronts.v2.ipv6}`,
+        "  unique-id-format %{+X}o\\ %ci:%cp_%fi:%fp_%Ts_%rt:%pid",
+        "  default_backend v2",
+        "backend v1",
+        `  server capture 127.0.0.1:${capture.port} send-proxy`,
+        "backend v2",
+        `  server capture 127.0.0.1:${capture.port} send-proxy-v2 proxy-v2-options crc32c,unique-id`,
+        "",
+      ].join("\n"),
+    );
+    const haproxy = spawnChild(HAPROXY!, ["-db", "-f", config], {
+      stdout: "null",
+    });
+    using _timeout = killAfter(haproxy, 60_000);
+    const stderr = new Lines(haproxy.stderr);
+    try {
+      await waitUntil(
+        () =>
+          bound("127.0.0.1", fronts.v1.ipv4) && bound("::1", fronts.v1.ipv6) &&
+          bound("127.0.0.1", fronts.v2.ipv4) && bound("::1", fronts.v2.ipv6),
+        "haproxy listening",
+        30_000,
+      );
+      const clients = [
+        {
+          version: 1,
+          from: "127.0.0.2",
+          to: "127.0.0.1",
+          port: fronts.v1.ipv4,
+        },
+        { version: 1, from: "::1", to: "::1", port: fronts.v1.ipv6 },
+        {
+          version: 2,
+          from: "127.0.0.3",
+          to: "127.0.0.1",
+          port: fronts.v2.ipv4,
+        },
+        { version: 2, from: "::1", to: "::1", port: fronts.v2.ipv6 },
+      ];
+      const sent = await within(
+        Promise.all(
+          clients.map((client, i) =>
+            sendFrom(client.from, client.to, client.port, `client ${i}`)
+          ),
+        ),
+        30_000,
+        "the clients' echo through haproxy",
+      );
+      const received = await Promise.all(capture.received);
+      for (const [i, client] of clients.entries()) {
+        const payload = encoder.encode(`client ${i}`);
+        const bytes = received.find((bytes) =>
+          bytes.length > payload.length &&
+          bytes.subarray(bytes.length - payload.length).every((byte, j) =>
+            byte === payload[j]
+          )
+        );
+        assert.ok(bytes !== undefined, `nothing received for client ${i}`);
+        const result = parseProxyHeader(bytes);
+        assert.equal(result.status, "complete", JSON.stringify(result));
+        if (result.status !== "complete") continue;
+        assert.deepEqual(result.header, {
+          version: client.version,
+          length: bytes.length - payload.length,
+          source: { hostname: client.from, port: sent[i] },
+          destination: { hostname: client.to, port: client.port },
+        });
+        if (client.version === 1) {
+          const family = client.from === "::1" ? "TCP6" : "TCP4";
+          assert.equal(
+            new TextDecoder().decode(bytes.subarray(0, result.header.length)),
+            `PROXY ${family} ${client.from} ${client.to} ${
+              sent[i]
+            } ${client.port}\r\n`,
+          );
+        } else {
+          // The checksum is checked: a changed byte of the unique ID (the
+          // header's last byte) makes the header malformed.
+          const changed = bytes.slice();
+          changed[result.header.length - 1] ^= 1;
+          assertMalformed(changed);
+        }
+      }
+    } catch (error) {
+      haproxy.kill("SIGTERM");
+      await stderr.done;
+      throw new Error(
+        `${error}\n--- haproxy stderr:\n${stderr.lines.join("\n")}`,
+      );
+    }
+    haproxy.kill("SIGTERM");
+    await haproxy.status;
+    await stderr.done;
+  }),
+);
