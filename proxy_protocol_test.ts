@@ -15,7 +15,6 @@ import {
   Lines,
   needing,
   spawnChild,
-  waitUntil,
   within,
   withTempDir,
 } from "./test_util.ts";
@@ -966,17 +965,6 @@ function freePort(hostname: string): number {
   return listener.addr.port;
 }
 
-/** True once something listens on `hostname:port` (a bind there fails). */
-function bound(hostname: string, port: number): boolean {
-  try {
-    Deno.listen({ hostname, port }).close();
-    return false;
-  } catch (error) {
-    if (error instanceof Deno.errors.AddrInUse) return true;
-    throw error;
-  }
-}
-
 /**
  * Sends `payload` from `localAddress` to `host:port`, half-closes and waits
  * for the close; returns the port the client had.
@@ -1035,19 +1023,24 @@ Deno.test(
         "",
       ].join("\n"),
     );
-    const haproxy = spawnChild(HAPROXY!, ["-db", "-f", config], {
+    // Master-worker mode (-W) says "Loading success." once the worker is
+    // up, its listeners bound; -db keeps it in the foreground.
+    const haproxy = spawnChild(HAPROXY!, ["-W", "-db", "-f", config], {
       stdout: "null",
     });
     using _timeout = killAfter(haproxy, 60_000);
     const stderr = new Lines(haproxy.stderr);
+    const stop = async () => {
+      try {
+        haproxy.kill("SIGTERM");
+      } catch (error) {
+        if (!(error instanceof TypeError)) throw error; // it has exited
+      }
+      await haproxy.status;
+      await stderr.done;
+    };
     try {
-      await waitUntil(
-        () =>
-          bound("127.0.0.1", fronts.v1.ipv4) && bound("::1", fronts.v1.ipv6) &&
-          bound("127.0.0.1", fronts.v2.ipv4) && bound("::1", fronts.v2.ipv6),
-        "haproxy listening",
-        30_000,
-      );
+      await within(stderr.next(/Loading success/), 30_000, "haproxy ready");
       const clients = [
         {
           version: 1,
@@ -1109,14 +1102,11 @@ Deno.test(
         }
       }
     } catch (error) {
-      haproxy.kill("SIGTERM");
-      await stderr.done;
+      await stop();
       throw new Error(
         `${error}\n--- haproxy stderr:\n${stderr.lines.join("\n")}`,
       );
     }
-    haproxy.kill("SIGTERM");
-    await haproxy.status;
-    await stderr.done;
+    await stop();
   }),
 );
