@@ -19,7 +19,10 @@ import type { AdmissionReason } from "./admission.ts";
  * `maxConnections` or for memory at `maxBufferedBytes`), still connected
  * when the drain ran out, its connection failed under the server (almost
  * always a reset by the client), or turned away at `maxConnections` (its
- * source the biggest, none of its own past the grace).
+ * source the biggest, none of its own past the grace); with the PROXY
+ * protocol on, a connection from an address not trusted to send a header,
+ * one that does not begin with a header, one with a malformed header, or
+ * one whose header was not complete in time.
  */
 export type CutoffReason =
   | "client_limit"
@@ -27,7 +30,18 @@ export type CutoffReason =
   | AdmissionReason
   | "shutdown"
   | "reset"
-  | "turned_away";
+  | "turned_away"
+  | "proxy_untrusted"
+  | "proxy_missing"
+  | "proxy_malformed"
+  | "proxy_timeout";
+
+/**
+ * A PROXY protocol header that was accepted, by version and command:
+ * `proxy` carried the client's address, `local` (v2 LOCAL, v1 UNKNOWN) the
+ * proxy's own connection, such as a health check.
+ */
+export type ProxyHeaderKind = "v1_proxy" | "v1_local" | "v2_proxy" | "v2_local";
 
 /**
  * What a stderr line about a single client was about, as the summary of
@@ -55,6 +69,10 @@ export const CLIENT_LINE_KINDS: readonly ClientLineKind[] = [
   "slot_eviction",
   "memory_eviction",
   "turned_away",
+  "proxy_untrusted",
+  "proxy_missing",
+  "proxy_malformed",
+  "proxy_timeout",
   "shutdown",
   "accept_unknown",
   "not_logged",
@@ -108,6 +126,8 @@ export interface EchoStats {
   readonly durationSecondsSum: number;
   /** Times `onClientDone` threw (in main.ts: access log writes that failed). */
   readonly reportErrors: number;
+  /** PROXY protocol headers accepted, by version and command. */
+  readonly proxyHeaders: Readonly<Record<ProxyHeaderKind, number>>;
 }
 
 /**
@@ -141,6 +161,10 @@ export class EchoCounters implements EchoStats {
     shutdown: 0,
     reset: 0,
     turned_away: 0,
+    proxy_untrusted: 0,
+    proxy_missing: 0,
+    proxy_malformed: 0,
+    proxy_timeout: 0,
   };
   /** Failed accepts, by whose doing. */
   acceptErrors: Record<AcceptErrorKind, number> = {
@@ -155,6 +179,13 @@ export class EchoCounters implements EchoStats {
   durationSecondsSum = 0;
   /** Times `onClientDone` threw. */
   reportErrors = 0;
+  /** PROXY protocol headers accepted, by version and command. */
+  proxyHeaders: Record<ProxyHeaderKind, number> = {
+    v1_proxy: 0,
+    v1_local: 0,
+    v2_proxy: 0,
+    v2_local: 0,
+  };
 
   /** Counts one served client that was connected for `seconds`. */
   recordDuration(seconds: number): void {

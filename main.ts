@@ -122,7 +122,11 @@ export async function main(args: string[]): Promise<number> {
   diagnostic(
     `listening on ${
       formatHostPort(server.addr.hostname, server.addr.port)
-    }, access log ${config.logPath}`,
+    }, access log ${config.logPath}${
+      config.proxyProtocol === undefined
+        ? ""
+        : `, PROXY protocol from ${config.proxyProtocol}`
+    }`,
   );
 
   let metrics: MetricsServer | undefined;

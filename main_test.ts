@@ -235,6 +235,14 @@ const BAD_FLAGS: Array<[string[], string]> = [
   [["--instance", "5/4"], "echo-server: --instance must be I/N"],
   [["--instance", "x"], "echo-server: --instance must be I/N"],
   [["--instance", "1/1025"], "echo-server: --instance must be I/N"],
+  [
+    ["--proxy-protocol", "localhost"],
+    `echo-server: --proxy-protocol: "localhost" is not an IP address or CIDR range`,
+  ],
+  [
+    ["--proxy-protocol", "10.0.0.1/8"],
+    'echo-server: --proxy-protocol: "10.0.0.1/8" has bits set past /8 (did you mean 10.0.0.0/8?)',
+  ],
 ];
 for (const [args, message] of BAD_FLAGS) {
   Deno.test(`echo-server ${args.map((arg) => arg || "''").join(" ")} prints one line and a pointer to --help, exits 2`, async () => {
@@ -341,6 +349,43 @@ Deno.test(
       dir,
       "[client 2]: received 1 bytes\n[client 5]: received 2 bytes\n" +
         "[client 8]: received 3 bytes\n",
+    );
+  }),
+);
+
+Deno.test(
+  "echo-server --proxy-protocol names its senders at start, echoes what follows a header and refuses a client without one",
+  withTempDir(async (dir) => {
+    await using server = new ServerProcess(dir, [
+      "--proxy-protocol",
+      "127.0.0.1, ::1",
+    ]);
+    const line = await server.waitFor(/^listening on .*/);
+    assert.match(
+      line,
+      /, access log \S+, PROXY protocol from 127\.0\.0\.1,::1$/,
+    );
+    const port = Number(/:(\d+), /.exec(line)![1]);
+    assert.equal(
+      await echoText(port, "PROXY TCP4 192.0.2.1 127.0.0.1 5000 4000\r\nhi"),
+      "hi",
+    );
+    // Cut off: an empty reply, or a reset if "hello" was not all read.
+    assert.equal(
+      await echoText(port, "hello").catch((error) => {
+        if (error instanceof Deno.errors.ConnectionReset) return "";
+        throw error;
+      }),
+      "",
+    );
+    await server.waitFor(
+      /^client 2 \(connection from 127\.0\.0\.1\): cut off after \d+ bytes: /,
+    );
+    server.child.kill("SIGTERM");
+    assert.equal((await server.exit()).code, 0);
+    await assertAccessLog(
+      dir,
+      "[client 1]: received 2 bytes\n[client 2]: received 0 bytes\n",
     );
   }),
 );

@@ -708,6 +708,19 @@ export function renderMetrics(
     { label: "reason", counts: stats.cutoffs },
   );
   family(
+    "echo_proxy_headers_total",
+    "counter",
+    "PROXY protocol headers accepted, by version and command (local: the proxy's own connection, such as a health check).",
+  );
+  for (const [kind, count] of Object.entries(stats.proxyHeaders)) {
+    const [version, command] = kind.split("_");
+    out.push(
+      `echo_proxy_headers_total{version="${
+        version.slice(1)
+      }",command="${command}"} ${count}`,
+    );
+  }
+  family(
     "echo_accept_errors_total",
     "counter",
     "Accepts that failed, by kind: exhaustion (out of file descriptors or memory), client or unknown.",

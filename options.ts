@@ -9,6 +9,7 @@
  * @module
  */
 
+import { AddressRanges } from "./address_ranges.ts";
 import {
   formatSize,
   type HostPort,
@@ -126,6 +127,25 @@ function hostPort<const K extends string>(
       text === undefined
         ? {}
         : field(row.key, parseHostPort(row.flag, text, row.defaultHostname)),
+  };
+}
+
+/** {@linkcode AddressRanges.parse}; without the flag, no field: off. */
+function addressRanges<const K extends string>(
+  row: Described & { key: K },
+): Flag<Partial<Record<K, AddressRanges>>> {
+  return {
+    ...row,
+    shown: "off",
+    read: (text) => {
+      if (text === undefined) return {};
+      try {
+        return field(row.key, AddressRanges.parse(text));
+      } catch (error) {
+        if (!(error instanceof RangeError)) throw error;
+        throw new UsageError(`${row.flag}: ${error.message}`);
+      }
+    },
   };
 }
 
@@ -274,6 +294,13 @@ export const FLAGS = [
     defaultHostname: LOOPBACK,
     help:
       `serve Prometheus \`/metrics\` and \`/healthz\` over HTTP; \`:PORT\` alone binds \`${LOOPBACK}\``,
+  }),
+  addressRanges({
+    flag: "--proxy-protocol",
+    arg: "FROM",
+    key: "proxyProtocol",
+    help:
+      "each connection begins with a PROXY header (v1 or v2) from a proxy in FROM (addresses, CIDR ranges: `127.0.0.1,10.0.0.0/8`)",
   }),
 ] as const;
 

@@ -17,6 +17,7 @@
 
 import { describe } from "./_errors.ts";
 import { acceptErrorKind, exhaustionLine } from "./accept_errors.ts";
+import type { AddressRanges } from "./address_ranges.ts";
 import {
   Admission,
   type AdmissionOptions,
@@ -44,6 +45,11 @@ import {
   type EchoStats,
 } from "./echo_stats.ts";
 import { DEFAULTS, MAX_INSTANCES } from "./options.ts";
+import {
+  parseProxyHeader,
+  PROXY_HEADER_MAX_BYTES,
+  type ProxyHeaderParse,
+} from "./proxy_protocol.ts";
 import { RateLimitedReporter } from "./reporter.ts";
 
 export type { AcceptErrorKind } from "./accept_errors.ts";
@@ -91,6 +97,12 @@ class Server implements EchoServer {
   #maxConnections: number;
   #admission: Admission<Client>;
   #verdictOptions: VerdictTextOptions;
+  // With the PROXY protocol on: who may send a header, and how long it may
+  // take.
+  #proxyFrom: AddressRanges | undefined;
+  #proxyHeaderTimeoutMs: number;
+  // Connections reading their PROXY header, oldest first.
+  #awaitingHeader = new Set<AwaitingHeader>();
 
   #clients = new Set<Client>();
   // Newcomers waiting for a slot at maxConnections, first come first.
@@ -112,6 +124,13 @@ class Server implements EchoServer {
   #idleSweep: ReturnType<typeof setInterval>;
   #drain = new Drain(() => {
     for (const client of this.#clients) this.#cutOffAtShutdown(client);
+    for (const waiting of this.#awaitingHeader) {
+      this.#endAwaiting(
+        waiting,
+        "shutdown",
+        "still reading its PROXY header at shutdown",
+      );
+    }
   });
 
   async #accept(): Promise<void> {
@@ -130,6 +149,15 @@ class Server implements EchoServer {
       if (
         this.#held.length >= MAX_HELD &&
         this.#admission.biggestSourceConnections >= this.#admission.connections
+      ) {
+        await this.#pauseAccepting(HELD_CHECK_MS);
+        continue;
+      }
+      // As many wait for their PROXY header as may, none for long: the
+      // rest wait in the kernel's queue (see MAX_AWAITING_HEADER).
+      if (
+        this.#awaitingHeader.size >= MAX_AWAITING_HEADER &&
+        !this.#cutOffSlowestHeader()
       ) {
         await this.#pauseAccepting(HELD_CHECK_MS);
         continue;
@@ -182,30 +210,212 @@ class Server implements EchoServer {
         continue;
       }
       const clientId = this.#nextClientId();
-      const source = sourceKey(conn.remoteAddr.hostname);
-      // ADMISSION: who gets a slot. At the limit every newcomer is decided
-      // at once, so that nobody waits in the kernel's queue behind an
-      // attacker's connections: served in place of a client evicted for it
-      // (admission.ts: one of the biggest source's, or of its own past its
-      // grace), or turned away.
-      if (this.#held.length > 0) this.#serveHeld();
-      if (
-        this.#admission.connections < this.#maxConnections ||
-        this.#evictForSlot(source)
-      ) {
-        this.#admit(conn, clientId, source);
+      if (this.#proxyFrom === undefined) {
+        this.#place(conn, clientId, sourceKey(conn.remoteAddr.hostname));
       } else {
-        const newcomer = { conn, clientId, source, since: performance.now() };
-        if (this.#held.length < MAX_HELD || this.#makeRoomFor(source)) {
-          this.#hold(newcomer);
-        } else {
-          this.#turnAway(newcomer);
-        }
+        this.#readProxyHeader(conn, clientId, this.#proxyFrom);
       }
       if (++this.#acceptsSinceYield >= ACCEPTS_PER_YIELD) {
         await this.#timerTurn();
       }
     }
+  }
+
+  /**
+   * ADMISSION: who gets a slot. At the limit every newcomer is decided at
+   * once, so that nobody waits in the kernel's queue behind an attacker's
+   * connections: served in place of a client evicted for it (admission.ts:
+   * one of the biggest source's, or of its own past its grace), or turned
+   * away. `early` is what came after a PROXY header in its read.
+   */
+  #place(
+    conn: Deno.TcpConn,
+    clientId: number,
+    source: string,
+    early?: Uint8Array,
+  ): void {
+    if (this.#held.length > 0) this.#serveHeld();
+    if (
+      this.#admission.connections < this.#maxConnections ||
+      // Stopping (a PROXY header completed after the stop): nobody is
+      // evicted for a newcomer.
+      (!this.#stopping && this.#evictForSlot(source))
+    ) {
+      this.#admit(conn, clientId, source, early);
+    } else {
+      const newcomer = {
+        conn,
+        clientId,
+        source,
+        early,
+        since: performance.now(),
+      };
+      if (
+        !this.#stopping &&
+        (this.#held.length < MAX_HELD || this.#makeRoomFor(source))
+      ) {
+        this.#hold(newcomer);
+      } else {
+        this.#turnAway(newcomer);
+      }
+    }
+  }
+
+  /**
+   * With the PROXY protocol on: refuses a connection from outside `from`,
+   * else reads its header and places it by the header's source address;
+   * cuts it off if the header is missing, malformed or late. Its own
+   * buffer, so that nothing is taken from the budget before the client is.
+   */
+  async #readProxyHeader(
+    conn: Deno.TcpConn,
+    clientId: number,
+    from: AddressRanges,
+  ): Promise<void> {
+    const peer = conn.remoteAddr.hostname;
+    if (!from.contains(peer)) {
+      conn.close();
+      this.#refuse(
+        clientId,
+        peer,
+        "proxy_untrusted",
+        "a PROXY header is accepted only from --proxy-protocol's addresses",
+        0,
+      );
+      return;
+    }
+    const waiting: AwaitingHeader = {
+      conn,
+      since: performance.now(),
+      end: undefined,
+    };
+    this.#awaitingHeader.add(waiting);
+    const deadline = setTimeout(() => {
+      this.#endAwaiting(
+        waiting,
+        "proxy_timeout",
+        `no complete PROXY header within ${this.#proxyHeaderTimeoutMs} ms`,
+      );
+    }, this.#proxyHeaderTimeoutMs);
+    const buffer = new Uint8Array(PROXY_HEADER_MAX_BYTES);
+    let filled = 0;
+    let parse: ProxyHeaderParse = { status: "incomplete" };
+    let failure: unknown;
+    try {
+      while (parse.status === "incomplete") {
+        const n = await conn.read(buffer.subarray(filled));
+        if (n === null) break;
+        filled += n;
+        parse = parseProxyHeader(buffer.subarray(0, filled));
+      }
+    } catch (error) {
+      failure = error;
+    } finally {
+      clearTimeout(deadline);
+      this.#awaitingHeader.delete(waiting);
+      this.#wakeAcceptLoop?.();
+    }
+    if (waiting.end !== undefined) {
+      this.#refuse(clientId, peer, ...waiting.end, filled);
+    } else if (failure !== undefined) {
+      conn.close();
+      this.#refuse(clientId, peer, "reset", describe(failure), filled);
+    } else if (parse.status === "complete") {
+      const { header } = parse;
+      const kind = header.source === undefined ? "local" : "proxy";
+      this.#stats.proxyHeaders[`v${header.version}_${kind}`]++;
+      this.#place(
+        conn,
+        clientId,
+        sourceKey(header.source?.hostname ?? peer),
+        filled > header.length
+          ? buffer.slice(header.length, filled)
+          : undefined,
+      );
+    } else {
+      conn.close();
+      if (parse.status === "invalid") {
+        this.#refuse(
+          clientId,
+          peer,
+          parse.reason === "missing" ? "proxy_missing" : "proxy_malformed",
+          parse.message,
+          filled,
+        );
+      } else if (filled === 0) {
+        this.#refuse(
+          clientId,
+          peer,
+          "proxy_missing",
+          "closed before sending a PROXY header",
+          0,
+        );
+      } else {
+        this.#refuse(
+          clientId,
+          peer,
+          "proxy_malformed",
+          "closed in the middle of its PROXY header",
+          filled,
+        );
+      }
+    }
+    if (this.#stopping) this.#resolveIfAllServed();
+  }
+
+  /**
+   * Closes a connection still reading its PROXY header; its reader then
+   * refuses it for `kind`.
+   */
+  #endAwaiting(
+    waiting: AwaitingHeader,
+    kind: CutoffReason,
+    reason: string,
+  ): void {
+    if (waiting.end !== undefined) return;
+    waiting.end = [kind, reason];
+    this.#awaitingHeader.delete(waiting);
+    waiting.conn.close();
+  }
+
+  /**
+   * With MAX_AWAITING_HEADER connections reading their PROXY header: cuts
+   * off the one that has waited longest if that is at least
+   * SLOW_HEADER_MS; false if none has.
+   */
+  #cutOffSlowestHeader(): boolean {
+    const [oldest] = this.#awaitingHeader;
+    const waitedMs = performance.now() - oldest.since;
+    if (waitedMs < SLOW_HEADER_MS) return false;
+    this.#endAwaiting(
+      oldest,
+      "proxy_timeout",
+      `no complete PROXY header after ${
+        Math.round(waitedMs)
+      } ms, with ${MAX_AWAITING_HEADER} connections waiting for theirs`,
+    );
+    return true;
+  }
+
+  /**
+   * Counts, reports and logs a connection that was never a client: cut off
+   * before or while it sent its PROXY header, logged with 0 bytes (none of
+   * what it sent was a client's). Its connection is closed.
+   */
+  #refuse(
+    clientId: number,
+    peer: string,
+    kind: CutoffReason,
+    reason: string,
+    bytesRead: number,
+  ): void {
+    this.#stats.cutoffs[kind]++;
+    this.#clientLines.report(
+      kind,
+      `client ${clientId} (connection from ${peer}): cut off after ${bytesRead} bytes: ${reason}`,
+    );
+    this.#stats.recordDuration(0);
+    this.#logClient(clientId, 0);
   }
 
   constructor(onClientDone: ClientDone, options: ServeOptions) {
@@ -216,6 +426,9 @@ class Server implements EchoServer {
       maxBufferedBytes: options.maxBufferedBytes,
     });
     this.#maxConnections = options.maxConnections ?? DEFAULTS.maxConnections;
+    this.#proxyFrom = options.proxyProtocol;
+    this.#proxyHeaderTimeoutMs = options.proxyHeaderTimeoutMs ??
+      PROXY_HEADER_TIMEOUT_MS;
     this.#admission = new Admission<Client>({
       idleTimeoutMs: options.idleTimeoutMs,
       minRate: options.minRate,
@@ -270,9 +483,14 @@ class Server implements EchoServer {
   }
 
   /** Serves an accepted newcomer now that it has a slot. */
-  #admit(conn: Deno.TcpConn, clientId: number, source: string): void {
+  #admit(
+    conn: Deno.TcpConn,
+    clientId: number,
+    source: string,
+    early?: Uint8Array,
+  ): void {
     const client = new Client(conn, clientId, source);
-    this.#serve(client);
+    this.#serve(client, early);
     // Accepted just as the drain ran out: logged, but not waited for.
     if (this.#drain.expired) this.#cutOffAtShutdown(client);
   }
@@ -317,7 +535,12 @@ class Server implements EchoServer {
         this.#admission.connections < this.#maxConnections ||
         this.#evictForSlot(newcomer.source, now - newcomer.since)
       ) {
-        this.#admit(newcomer.conn, newcomer.clientId, newcomer.source);
+        this.#admit(
+          newcomer.conn,
+          newcomer.clientId,
+          newcomer.source,
+          newcomer.early,
+        );
       } else if (now - newcomer.since >= holdMs) {
         this.#turnAway(newcomer);
       } else {
@@ -360,7 +583,7 @@ class Server implements EchoServer {
     this.#wakeAcceptLoop = undefined;
   }
 
-  async #serve(client: Client): Promise<void> {
+  async #serve(client: Client, early?: Uint8Array): Promise<void> {
     this.#clients.add(client);
     this.#admission.admit(client);
     const { conn } = client;
@@ -369,7 +592,9 @@ class Server implements EchoServer {
       // Read to EOF here, not in an async helper awaited from here: every
       // idle client waits in this loop, and a second suspended async
       // function per client cost 0.4 KiB each (bench/idle_memory.ts).
-      let chunk = this.#allocate(client, FIRST_CHUNK_BYTES);
+      let chunk = early === undefined || this.#takeEarly(client, early)
+        ? this.#allocate(client, FIRST_CHUNK_BYTES)
+        : undefined;
       let filled = 0;
       while (chunk !== undefined) {
         const n = await conn.read(
@@ -416,6 +641,18 @@ class Server implements EchoServer {
       this.#wakeAcceptLoop?.();
       if (this.#stopping) this.#resolveIfAllServed();
     }
+  }
+
+  /**
+   * Keeps the client's bytes that came in one read with its PROXY header
+   * as its first chunk; false if that cut it off.
+   */
+  #takeEarly(client: Client, early: Uint8Array): boolean {
+    const chunk = this.#allocate(client, early.length);
+    if (chunk === undefined) return false;
+    chunk.set(early.subarray(0, chunk.length));
+    client.chunks.push(chunk);
+    return this.#count(client, early.length);
   }
 
   /** Counts `n` bytes received; false if that cut the client off. */
@@ -634,7 +871,8 @@ class Server implements EchoServer {
    * client can still be added) and every client has been logged. */
   #resolveIfAllServed(): void {
     if (
-      this.#stopping && this.#acceptLoopDone && this.#clients.size === 0
+      this.#stopping && this.#acceptLoopDone && this.#clients.size === 0 &&
+      this.#awaitingHeader.size === 0
     ) this.#drain.finish();
   }
 }
@@ -668,6 +906,14 @@ const MAX_HELD = 64;
 // how often the waiting ones are looked at.
 const HOLD_MS = 1000;
 const HELD_CHECK_MS = 20;
+// With the PROXY protocol on, a proxy sends its header as it connects: at
+// most this many connections may be reading theirs at once (one fd and
+// PROXY_HEADER_MAX_BYTES each), beyond which a newcomer cuts off the one
+// that has waited longest, once that is SLOW_HEADER_MS; a newer one may be
+// waiting only for the event loop to poll its socket.
+const MAX_AWAITING_HEADER = 64;
+const SLOW_HEADER_MS = 250;
+const PROXY_HEADER_TIMEOUT_MS = 5000;
 // Lines about single clients (resets, cut-offs, unknown accept errors, log
 // write failures), at most 10 a second; the rest are counted by kind into
 // one line at the second's end. Resets are cheap for a client to cause, and
@@ -739,6 +985,25 @@ export interface ServeOptions extends
    */
   instances?: number;
   /**
+   * Turns the PROXY protocol on: every connection must begin with a PROXY
+   * header (v1 or v2), accepted only from these addresses; the header's
+   * source address is the client's (admission's source, stderr lines). A
+   * connection from elsewhere, without a header, with a malformed one or
+   * one not complete within
+   * {@linkcode ServeOptions.proxyHeaderTimeoutMs} is cut off, logged with
+   * the bytes read.
+   *
+   * @default {undefined: off}
+   */
+  proxyProtocol?: AddressRanges;
+  /**
+   * With {@linkcode ServeOptions.proxyProtocol}: how long a connection may
+   * take to send its PROXY header, in milliseconds.
+   *
+   * @default {5000}
+   */
+  proxyHeaderTimeoutMs?: number;
+  /**
    * Receives one-line diagnostics (cut-offs, resets). Those about single
    * clients come at most 10 a second; the rest are counted into one line
    * at the end of the second.
@@ -799,6 +1064,8 @@ interface Newcomer {
   readonly conn: Deno.TcpConn;
   readonly clientId: number;
   readonly source: string;
+  /** Its bytes that came in one read with its PROXY header. */
+  readonly early: Uint8Array | undefined;
   /** When it was accepted. */
   readonly since: number;
 }
@@ -833,6 +1100,15 @@ class Client implements BufferHolder, ClientProgress {
   ) {
     this.acceptedAt = this.lastActivity = this.windowStart = performance.now();
   }
+}
+
+/** A connection reading its PROXY header. */
+interface AwaitingHeader {
+  readonly conn: Deno.TcpConn;
+  /** When it was accepted. */
+  readonly since: number;
+  /** Why it was closed while it read, once it was. */
+  end: [CutoffReason, string] | undefined;
 }
 
 const EMPTY = new Uint8Array(0);

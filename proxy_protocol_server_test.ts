@@ -1,0 +1,304 @@
+// The PROXY protocol as the server applies it (`serveEcho()`'s
+// `proxyProtocol`), over real sockets: the header consumed and never
+// echoed, its address used as the client's source, and every connection
+// that may not or does not send a valid header cut off and logged. The
+// parser itself is tested in proxy_protocol_test.ts; HAProxy and nginx in
+// front of the server in deploy/proxy_test.ts.
+import assert from "node:assert/strict";
+import { AddressRanges } from "./address_ranges.ts";
+import { renderMetrics } from "./metrics.ts";
+import {
+  pattern,
+  readAll,
+  sameBytes,
+  startServer,
+  type TestServer,
+  waitUntil,
+  within,
+  writeAll,
+} from "./test_util.ts";
+
+const HOST = "127.0.0.1";
+const LOOPBACK = AddressRanges.parse("127.0.0.1");
+const encoder = new TextEncoder();
+// The v2 signature (the specification's section 2.2).
+const V2_SIGNATURE = [
+  0x0d,
+  0x0a,
+  0x0d,
+  0x0a,
+  0x00,
+  0x0d,
+  0x0a,
+  0x51,
+  0x55,
+  0x49,
+  0x54,
+  0x0a,
+];
+
+/** A v1 header from `source` (IPv4) to 127.0.0.1:4000. */
+function v1(source: string, port = 50000): Uint8Array {
+  return encoder.encode(`PROXY TCP4 ${source} 127.0.0.1 ${port} 4000\r\n`);
+}
+
+/**
+ * A v2 header: PROXY over TCP/IPv4 from `source`, or LOCAL when `source` is
+ * undefined.
+ */
+function v2(source?: string): Uint8Array {
+  if (source === undefined) {
+    return new Uint8Array([...V2_SIGNATURE, 0x20, 0x00, 0x00, 0x00]);
+  }
+  const address = [
+    ...source.split(".").map(Number),
+    127,
+    0,
+    0,
+    1,
+    0xc3,
+    0x50, // 50000
+    0x0f,
+    0xa0, // 4000
+  ];
+  return new Uint8Array([...V2_SIGNATURE, 0x21, 0x11, 0x00, 12, ...address]);
+}
+
+function concat(...parts: Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(parts.reduce((n, part) => n + part.length, 0));
+  let at = 0;
+  for (const part of parts) {
+    out.set(part, at);
+    at += part.length;
+  }
+  return out;
+}
+
+/** Sends `parts` one write each, half-closes, and reads the reply. */
+async function exchange(port: number, ...parts: Uint8Array[]) {
+  const conn = await Deno.connect({ hostname: HOST, port });
+  try {
+    for (const part of parts) await writeAll(conn, part);
+    await conn.closeWrite();
+    return await within(readUntilEnd(conn), 10_000, "the reply");
+  } finally {
+    conn.close();
+  }
+}
+
+/** The reply, or what came before a reset: a refused connection. */
+async function readUntilEnd(conn: Deno.TcpConn): Promise<Uint8Array> {
+  try {
+    return await readAll(conn);
+  } catch (error) {
+    if (!(error instanceof Deno.errors.ConnectionReset)) throw error;
+    return new Uint8Array(0);
+  }
+}
+
+/** Waits for `s` to log `count` clients. */
+function logged(s: TestServer, count: number): Promise<void> {
+  return waitUntil(() => s.records.length === count, `${count} logged`);
+}
+
+Deno.test("serveEcho() with proxyProtocol echoes the bytes after a v1 header and logs only their count", async () => {
+  await using s = startServer({ proxyProtocol: LOOPBACK });
+  const hello = encoder.encode("hello");
+  const reply = await exchange(s.port, concat(v1("192.0.2.7"), hello));
+  assert.deepEqual(reply, hello);
+  await logged(s, 1);
+  assert.deepEqual(s.records, [[1, 5]]);
+  assert.equal(s.server.stats.proxyHeaders.v1_proxy, 1);
+  assert.equal(s.server.stats.receivedBytes, 5);
+});
+
+Deno.test("serveEcho() with proxyProtocol echoes 1 MiB after a v2 header sent in pieces", async () => {
+  await using s = startServer({ proxyProtocol: LOOPBACK });
+  const header = v2("192.0.2.7");
+  const payload = pattern(1024 * 1024, 3);
+  const reply = await exchange(
+    s.port,
+    header.subarray(0, 5),
+    header.subarray(5, 15),
+    concat(header.subarray(15), payload.subarray(0, 100)),
+    payload.subarray(100),
+  );
+  assert.ok(sameBytes(reply, payload), `got ${reply.length} bytes`);
+  await logged(s, 1);
+  assert.deepEqual(s.records, [[1, payload.length]]);
+  assert.equal(s.server.stats.proxyHeaders.v2_proxy, 1);
+});
+
+Deno.test("serveEcho() with proxyProtocol serves health checks: v2 LOCAL and v1 UNKNOWN, with nothing after them", async () => {
+  await using s = startServer({ proxyProtocol: LOOPBACK });
+  assert.equal((await exchange(s.port, v2())).length, 0);
+  assert.equal(
+    (await exchange(s.port, encoder.encode("PROXY UNKNOWN\r\n"))).length,
+    0,
+  );
+  await logged(s, 2);
+  assert.deepEqual(s.records, [[1, 0], [2, 0]]);
+  assert.equal(s.server.stats.proxyHeaders.v2_local, 1);
+  assert.equal(s.server.stats.proxyHeaders.v1_local, 1);
+  const text = renderMetrics(s.server);
+  assert.match(
+    text,
+    /^echo_proxy_headers_total\{version="2",command="local"\} 1$/m,
+  );
+  assert.match(
+    text,
+    /^echo_proxy_headers_total\{version="1",command="proxy"\} 0$/m,
+  );
+});
+
+Deno.test("serveEcho() with proxyProtocol refuses a header from an address it does not name", async () => {
+  await using s = startServer({
+    proxyProtocol: AddressRanges.parse("127.0.0.2,10.0.0.0/8"),
+  });
+  const reply = await exchange(
+    s.port,
+    concat(v1("192.0.2.7"), encoder.encode("hello")),
+  );
+  assert.equal(reply.length, 0);
+  await logged(s, 1);
+  assert.deepEqual(s.records, [[1, 0]]);
+  assert.equal(s.server.stats.cutoffs.proxy_untrusted, 1);
+  assert.equal(s.server.stats.receivedBytes, 0);
+  assert.deepEqual(s.diagnostics.slice(-1), [
+    "client 1 (connection from 127.0.0.1): cut off after 0 bytes: a PROXY header is accepted only from --proxy-protocol's addresses",
+  ]);
+});
+
+Deno.test("serveEcho() with proxyProtocol refuses a connection without a header, and one with a malformed header", async () => {
+  await using s = startServer({ proxyProtocol: LOOPBACK });
+  assert.equal((await exchange(s.port, encoder.encode("hello"))).length, 0);
+  const bad = encoder.encode("PROXY TCP4 999.0.0.1 127.0.0.1 1 2\r\nhello");
+  assert.equal((await exchange(s.port, bad)).length, 0);
+  assert.equal((await exchange(s.port)).length, 0);
+  await logged(s, 3);
+  assert.deepEqual(s.records, [[1, 0], [2, 0], [3, 0]]);
+  assert.equal(s.server.stats.cutoffs.proxy_missing, 2);
+  assert.equal(s.server.stats.cutoffs.proxy_malformed, 1);
+  assert.equal(s.server.stats.receivedBytes, 0);
+  assert.match(
+    s.diagnostics.find((line) => line.startsWith("client 2 ")) ?? "",
+    /^client 2 \(connection from 127\.0\.0\.1\): cut off after \d+ bytes: .*999\.0\.0\.1/,
+  );
+  assert.ok(
+    s.diagnostics.includes(
+      "client 3 (connection from 127.0.0.1): cut off after 0 bytes: closed before sending a PROXY header",
+    ),
+    s.diagnostics.join("\n"),
+  );
+});
+
+Deno.test("serveEcho() with proxyProtocol cuts off a header not complete in time and serves others meanwhile", async () => {
+  await using s = startServer({
+    proxyProtocol: LOOPBACK,
+    proxyHeaderTimeoutMs: 300,
+  });
+  await using slow = await Deno.connect({ hostname: HOST, port: s.port });
+  await writeAll(slow, encoder.encode("PROXY TCP4 192.0.2."));
+  const hello = encoder.encode("hello");
+  assert.deepEqual(
+    await exchange(s.port, concat(v1("192.0.2.8"), hello)),
+    hello,
+  );
+  assert.equal((await within(readUntilEnd(slow), 10_000, "cut")).length, 0);
+  await logged(s, 2);
+  assert.equal(s.server.stats.cutoffs.proxy_timeout, 1);
+  assert.ok(
+    s.diagnostics.includes(
+      "client 1 (connection from 127.0.0.1): cut off after 19 bytes: no complete PROXY header within 300 ms",
+    ),
+    s.diagnostics.join("\n"),
+  );
+});
+
+Deno.test("serveEcho() with proxyProtocol serves a newcomer while 64 connections trickle their headers", async () => {
+  // Without the cut-off of the slowest, the newcomer would wait in the
+  // kernel's queue for the deadline: a minute.
+  await using s = startServer({
+    proxyProtocol: LOOPBACK,
+    proxyHeaderTimeoutMs: 60_000,
+  });
+  const slow: Deno.TcpConn[] = [];
+  try {
+    for (let i = 0; i < 70; i++) {
+      const conn = await Deno.connect({ hostname: HOST, port: s.port });
+      slow.push(conn);
+      await writeAll(conn, encoder.encode("PROX"));
+    }
+    const hello = encoder.encode("hello");
+    assert.deepEqual(
+      await exchange(s.port, concat(v1("192.0.2.9"), hello)),
+      hello,
+    );
+    assert.ok(s.server.stats.cutoffs.proxy_timeout >= 7);
+    assert.match(
+      s.diagnostics.find((line) => line.includes("waiting for theirs")) ?? "",
+      /cut off after 4 bytes: no complete PROXY header after \d+ ms, with 64 connections waiting for theirs$/,
+    );
+  } finally {
+    for (const conn of slow) conn.close();
+  }
+});
+
+Deno.test("serveEcho() with proxyProtocol counts clients by the header's address at maxConnections", async () => {
+  await using s = startServer({
+    proxyProtocol: LOOPBACK,
+    maxConnections: 2,
+    evictionGraceMs: 200,
+  });
+  const held: Deno.TcpConn[] = [];
+  try {
+    for (let i = 0; i < 2; i++) {
+      const conn = await Deno.connect({ hostname: HOST, port: s.port });
+      held.push(conn);
+      await writeAll(conn, v1("127.0.0.2", 50000 + i));
+    }
+    await waitUntil(() => s.server.connections === 2, "2 clients held");
+    const hello = encoder.encode("hello");
+    assert.deepEqual(
+      await exchange(s.port, concat(v1("127.0.0.3"), hello)),
+      hello,
+    );
+    assert.equal(s.server.stats.cutoffs.slot_eviction, 1);
+    assert.match(
+      s.diagnostics.find((line) => line.includes("evicted")) ?? "",
+      /evicted for a newcomer from 127\.0\.0\.3 at the limit of 2 connections: its source 127\.0\.0\.2 holds 2 of them, the most/,
+    );
+  } finally {
+    for (const conn of held) conn.close();
+  }
+});
+
+Deno.test("serveEcho() with proxyProtocol cuts off a client whose bytes with the header pass maxClientBytes", async () => {
+  await using s = startServer({ proxyProtocol: LOOPBACK, maxClientBytes: 3 });
+  const reply = await exchange(
+    s.port,
+    concat(v1("192.0.2.7"), encoder.encode("hello")),
+  );
+  assert.equal(reply.length, 0);
+  await logged(s, 1);
+  assert.equal(s.server.stats.cutoffs.client_limit, 1);
+});
+
+Deno.test("serveEcho() with proxyProtocol at shutdown cuts off a connection still reading its header", async () => {
+  const s = startServer({ proxyProtocol: LOOPBACK });
+  await using slow = await Deno.connect({ hostname: HOST, port: s.port });
+  await writeAll(slow, encoder.encode("PROXY "));
+  await waitUntil(
+    () => s.server.clientsAccepted === 1,
+    "the connection accepted",
+  );
+  await within(s.server.shutdown({ drainTimeoutMs: 100 }), 10_000, "stop");
+  assert.deepEqual(s.records, [[1, 0]]);
+  assert.equal(s.server.stats.cutoffs.shutdown, 1);
+  assert.ok(
+    s.diagnostics.includes(
+      "client 1 (connection from 127.0.0.1): cut off after 6 bytes: still reading its PROXY header at shutdown",
+    ),
+    s.diagnostics.join("\n"),
+  );
+});
