@@ -289,3 +289,19 @@ Deno.test("AddressRanges.parse() keeps its message on one line whatever the entr
     '"a\\nb" is not an IP address or CIDR range',
   );
 });
+
+Deno.test("AddressRanges.contains() takes the remoteAddr.hostname Deno gives an IPv4 client of a dual-stack listener as that IPv4 address", async () => {
+  using listener = Deno.listen({ hostname: "::", port: 0 });
+  const accepted = listener.accept();
+  using client = await Deno.connect({
+    hostname: "127.0.0.1",
+    port: listener.addr.port,
+  });
+  using server = await accepted;
+  assert.equal(client.localAddr.hostname, "127.0.0.1");
+  assert.equal(server.remoteAddr.hostname, "::ffff:127.0.0.1");
+  assert.ok(
+    AddressRanges.parse("127.0.0.0/8").contains(server.remoteAddr.hostname),
+  );
+  assert.ok(!AddressRanges.parse("::/0").contains(server.remoteAddr.hostname));
+});

@@ -74,17 +74,8 @@ export const PROXY_HEADER_MAX_BYTES = 1024;
  */
 export const PROXY_V1_MAX_BYTES = 107;
 
-/**
- * The 12 bytes that begin a v2 header (section 2.2).
- *
- * @example
- * ```ts
- * import assert from "node:assert/strict";
- * assert.equal(PROXY_V2_SIGNATURE.length, 12);
- * assert.equal(PROXY_V2_SIGNATURE[4], 0);
- * ```
- */
-export const PROXY_V2_SIGNATURE: Uint8Array = new Uint8Array([
+/** Section 2.2: the 12 bytes that begin a v2 header. */
+const V2_SIGNATURE = [
   0x0d,
   0x0a,
   0x0d,
@@ -97,7 +88,20 @@ export const PROXY_V2_SIGNATURE: Uint8Array = new Uint8Array([
   0x49,
   0x54,
   0x0a,
-]);
+];
+
+/**
+ * The 12 bytes that begin a v2 header (section 2.2); a copy, so changing
+ * it changes nothing the parser does.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * assert.equal(PROXY_V2_SIGNATURE.length, 12);
+ * assert.equal(PROXY_V2_SIGNATURE[4], 0);
+ * ```
+ */
+export const PROXY_V2_SIGNATURE: Uint8Array = new Uint8Array(V2_SIGNATURE);
 
 /**
  * An address and port as the proxy saw them.
@@ -149,6 +153,12 @@ export interface ProxyHeader {
  * `malformed` when they do and something after it is wrong. `message` is a
  * short lower-case fragment for an operator's line, without control bytes.
  *
+ * A v1 line's addresses and ports are read once its CRLF is in (section
+ * 2.1: "the receiver must wait for the CRLF sequence before starting to
+ * decode the addresses"); before it, `incomplete` means the protocol word,
+ * the spacing and every character fit, so `PROXY TCP4 999.` is still
+ * incomplete, and malformed at its CR.
+ *
  * @example
  * ```ts
  * import assert from "node:assert/strict";
@@ -192,7 +202,7 @@ export function parseProxyHeader(bytes: Uint8Array): ProxyHeaderParse {
   if (bytes.length === 0) return INCOMPLETE;
   // Section 2.2: the v2 signature starts with CR, v1's with "P"; nothing
   // else starts a header.
-  const signature = bytes[0] === CR ? PROXY_V2_SIGNATURE : V1_SIGNATURE;
+  const signature = bytes[0] === CR ? V2_SIGNATURE : V1_SIGNATURE;
   const compared = Math.min(bytes.length, signature.length);
   for (let i = 0; i < compared; i++) {
     if (bytes[i] !== signature[i]) {
@@ -203,7 +213,7 @@ export function parseProxyHeader(bytes: Uint8Array): ProxyHeaderParse {
     }
   }
   if (compared < signature.length) return INCOMPLETE;
-  return signature === PROXY_V2_SIGNATURE ? parseV2(bytes) : parseV1(bytes);
+  return signature === V2_SIGNATURE ? parseV2(bytes) : parseV1(bytes);
 }
 
 function invalid(
@@ -258,9 +268,7 @@ function parseV1(bytes: Uint8Array): ProxyHeaderParse {
 /** Parses the v1 line `bytes[0, cr)`, to be followed by LF. */
 function parseV1Line(bytes: Uint8Array, cr: number): ProxyHeaderParse {
   const length = cr + 2;
-  // One character per byte: every byte outside printable ASCII is then
-  // refused by the field checks, and escaped in a message.
-  const line = String.fromCharCode(...bytes.subarray(V1_SIGNATURE.length, cr));
+  const line = latin1(bytes, V1_SIGNATURE.length, cr);
   // Section 2.1: for UNKNOWN the receiver ignores the rest of the line.
   if (line === "UNKNOWN" || line.startsWith("UNKNOWN ")) {
     return { status: "complete", header: { version: 1, length } };
@@ -328,11 +336,10 @@ function v1LineProblem(line: string, whole: boolean): string | undefined {
   if (line.charCodeAt(0) === SPACE) return "two spaces in a row";
   const space = line.indexOf(" ");
   const protocol = space < 0 ? line : line.slice(0, space);
-  const known = ["TCP4", "TCP6", "UNKNOWN"];
   if (
     whole || space >= 0
-      ? !known.includes(protocol)
-      : !known.some((word) => word.startsWith(protocol))
+      ? !V1_PROTOCOLS.includes(protocol)
+      : !V1_PROTOCOLS.some((word) => word.startsWith(protocol))
   ) {
     return `protocol ${quote(protocol)}, not TCP4, TCP6 or UNKNOWN`;
   }
@@ -353,9 +360,30 @@ function v1LineProblem(line: string, whole: boolean): string | undefined {
 
 /** The text after "PROXY " so far, when no CR has come yet. */
 function checkV1Prefix(bytes: Uint8Array): ProxyHeaderParse {
-  const line = String.fromCharCode(...bytes.subarray(V1_SIGNATURE.length));
+  const line = latin1(bytes, V1_SIGNATURE.length, bytes.length);
   const problem = v1LineProblem(line, false);
   return problem === undefined ? INCOMPLETE : malformedV1(problem);
+}
+
+const V1_PROTOCOLS = ["TCP4", "TCP6", "UNKNOWN"];
+
+const asciiDecoder = new TextDecoder();
+
+/**
+ * `bytes[start, end)` as text, one character per byte: every byte outside
+ * printable ASCII is then refused by the field checks, and escaped in a
+ * message. ASCII (every valid line) goes through a `TextDecoder`, which
+ * reads it as UTF-8 would, in one step.
+ */
+function latin1(bytes: Uint8Array, start: number, end: number): string {
+  for (let i = start; i < end; i++) {
+    if (bytes[i] >= 0x80) {
+      let text = "";
+      for (let j = start; j < end; j++) text += String.fromCharCode(bytes[j]);
+      return text;
+    }
+  }
+  return asciiDecoder.decode(bytes.subarray(start, end));
 }
 
 const v1Scratch = new Uint8Array(16);

@@ -302,3 +302,27 @@ Deno.test("serveEcho() with proxyProtocol at shutdown cuts off a connection stil
     s.diagnostics.join("\n"),
   );
 });
+
+Deno.test("serveEcho() with proxyProtocol echoes a second header as the client's bytes and keeps the proxy's address", async () => {
+  // A client behind the proxy that sends a header of its own, claiming
+  // another address: the proxy's header comes first, and only the first
+  // is read.
+  await using s = startServer({
+    proxyProtocol: LOOPBACK,
+    maxConnections: 1,
+    evictionGraceMs: 200,
+  });
+  await using held = await Deno.connect({ hostname: HOST, port: s.port });
+  await writeAll(held, v1("127.0.0.2"));
+  await waitUntil(() => s.server.connections === 1, "1 client held");
+  const forged = concat(v1("127.0.0.3"), encoder.encode("hello"));
+  const reply = await exchange(s.port, concat(v1("127.0.0.2", 50001), forged));
+  assert.deepEqual(reply, forged);
+  assert.equal(s.server.stats.proxyHeaders.v1_proxy, 2);
+  // Counted as 127.0.0.2's: it took the slot of its own source's silent
+  // client.
+  assert.match(
+    s.diagnostics.find((line) => line.includes("evicted")) ?? "",
+    /evicted for a newcomer from its own source 127\.0\.0\.2 at the limit of 1 connections/,
+  );
+});

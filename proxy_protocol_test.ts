@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { connect } from "node:net";
 import {
   crc32c,
   parseProxyHeader,
@@ -8,6 +9,15 @@ import {
   type ProxyHeader,
   type ProxyHeaderParse,
 } from "./proxy_protocol.ts";
+import {
+  findExecutable,
+  killAfter,
+  Lines,
+  needing,
+  spawnChild,
+  within,
+  withTempDir,
+} from "./test_util.ts";
 
 const encoder = new TextEncoder();
 
@@ -465,6 +475,19 @@ Deno.test("parseProxyHeader() refuses a v1 line that cannot become valid before 
     "PROXY tcp",
     'PROXY v1 header: protocol "tcp", not TCP4, TCP6 or UNKNOWN',
   );
+  // A CR as the last byte so far: only an LF may follow, so the line is read.
+  assertMalformed(
+    "PROXY TCP4 1.2.3.4 5.6.7.8 1 99999\r",
+    'PROXY v1 header: destination port "99999", not a decimal 0-65535 without leading zeros',
+  );
+  assertMalformed(
+    "PROXY TCP4 999.2.3.4 5.6.7.8 1 2\r",
+    'PROXY v1 header: "TCP4" with source address "999.2.3.4", not IPv4',
+  );
+  assert.deepEqual(
+    parseProxyHeader(encoder.encode("PROXY TCP4 999.2.3.4 5.6.7.8 1 2")),
+    { status: "incomplete" },
+  );
   assertMalformed(
     bytesOf("PROXY TCP4 1.2.3.4\x00"),
     'PROXY v1 header: "\\x00" in "TCP4" line, not an address or port',
@@ -881,3 +904,209 @@ Deno.test("crc32c() gives the known check values", () => {
     0x46dd794e,
   );
 });
+
+// ---------------------------------------------------------------- HAProxy
+
+const HAPROXY = findExecutable("haproxy");
+
+/** A TCP listener on `hostname` that keeps every connection's bytes to EOF. */
+class Capture implements AsyncDisposable {
+  readonly #listener: Deno.TcpListener;
+  readonly received: Promise<Uint8Array>[] = [];
+  readonly #loop: Promise<void>;
+
+  constructor() {
+    this.#listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    this.#loop = this.#accept();
+  }
+
+  get port(): number {
+    return this.#listener.addr.port;
+  }
+
+  async #accept(): Promise<void> {
+    for (;;) {
+      let conn: Deno.Conn;
+      try {
+        conn = await this.#listener.accept();
+      } catch (error) {
+        if (error instanceof Deno.errors.BadResource) return; // closed
+        throw error;
+      }
+      this.received.push(readToEnd(conn));
+    }
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    this.#listener.close();
+    await this.#loop;
+    await Promise.allSettled(this.received);
+  }
+}
+
+async function readToEnd(conn: Deno.Conn): Promise<Uint8Array> {
+  const chunks: Uint8Array[] = [];
+  try {
+    const buffer = new Uint8Array(4096);
+    for (;;) {
+      const read = await conn.read(buffer);
+      if (read === null) break;
+      chunks.push(buffer.slice(0, read));
+    }
+  } finally {
+    conn.close();
+  }
+  return bytesOf(...chunks);
+}
+
+/** A port the kernel has free on `hostname` now. */
+function freePort(hostname: string): number {
+  using listener = Deno.listen({ hostname, port: 0 });
+  return listener.addr.port;
+}
+
+/**
+ * Sends `payload` from `localAddress` to `host:port`, half-closes and waits
+ * for the close; returns the port the client had.
+ */
+function sendFrom(
+  localAddress: string,
+  host: string,
+  port: number,
+  payload: string,
+): Promise<number> {
+  const { promise, resolve, reject } = Promise.withResolvers<number>();
+  const socket = connect({ host, port, localAddress }, () => {
+    const localPort = socket.localPort;
+    socket.end(payload);
+    socket.on("close", () => resolve(localPort ?? -1));
+  });
+  socket.on("error", reject);
+  socket.resume(); // reads and drops whatever comes back
+  return promise;
+}
+
+Deno.test(
+  needing(
+    "parseProxyHeader() reads the headers HAProxy sends with send-proxy and send-proxy-v2 (CRC32C and unique-id TLVs), for IPv4 and IPv6 clients",
+    HAPROXY !== undefined,
+    "haproxy not installed (apt-get install haproxy)",
+  ),
+  withTempDir(async (dir) => {
+    await using capture = new Capture();
+    const fronts = {
+      v1: { ipv4: freePort("127.0.0.1"), ipv6: freePort("::1") },
+      v2: { ipv4: freePort("127.0.0.1"), ipv6: freePort("::1") },
+    };
+    const config = `${dir}/haproxy.cfg`;
+    await Deno.writeTextFile(
+      config,
+      [
+        "defaults",
+        "  mode tcp",
+        "  timeout connect 5s",
+        "  timeout client 30s",
+        "  timeout server 30s",
+        "frontend v1",
+        `  bind 127.0.0.1:${fronts.v1.ipv4}`,
+        `  bind [::1]:${fronts.v1.ipv6}`,
+        "  default_backend v1",
+        "frontend v2",
+        `  bind 127.0.0.1:${fronts.v2.ipv4}`,
+        `  bind [::1]:${fronts.v2.ipv6}`,
+        "  unique-id-format %{+X}o\\ %ci:%cp_%fi:%fp_%Ts_%rt:%pid",
+        "  default_backend v2",
+        "backend v1",
+        `  server capture 127.0.0.1:${capture.port} send-proxy`,
+        "backend v2",
+        `  server capture 127.0.0.1:${capture.port} send-proxy-v2 proxy-v2-options crc32c,unique-id`,
+        "",
+      ].join("\n"),
+    );
+    // Master-worker mode (-W) says "Loading success." once the worker is
+    // up, its listeners bound; -db keeps it in the foreground.
+    const haproxy = spawnChild(HAPROXY!, ["-W", "-db", "-f", config], {
+      stdout: "null",
+    });
+    using _timeout = killAfter(haproxy, 60_000);
+    const stderr = new Lines(haproxy.stderr);
+    const stop = async () => {
+      try {
+        haproxy.kill("SIGTERM");
+      } catch (error) {
+        if (!(error instanceof TypeError)) throw error; // it has exited
+      }
+      await haproxy.status;
+      await stderr.done;
+    };
+    try {
+      await within(stderr.next(/Loading success/), 30_000, "haproxy ready");
+      const clients = [
+        {
+          version: 1,
+          from: "127.0.0.2",
+          to: "127.0.0.1",
+          port: fronts.v1.ipv4,
+        },
+        { version: 1, from: "::1", to: "::1", port: fronts.v1.ipv6 },
+        {
+          version: 2,
+          from: "127.0.0.3",
+          to: "127.0.0.1",
+          port: fronts.v2.ipv4,
+        },
+        { version: 2, from: "::1", to: "::1", port: fronts.v2.ipv6 },
+      ];
+      const sent = await within(
+        Promise.all(
+          clients.map((client, i) =>
+            sendFrom(client.from, client.to, client.port, `client ${i}`)
+          ),
+        ),
+        30_000,
+        "the clients' echo through haproxy",
+      );
+      const received = await Promise.all(capture.received);
+      for (const [i, client] of clients.entries()) {
+        const payload = encoder.encode(`client ${i}`);
+        const bytes = received.find((bytes) =>
+          bytes.length > payload.length &&
+          bytes.subarray(bytes.length - payload.length).every((byte, j) =>
+            byte === payload[j]
+          )
+        );
+        assert.ok(bytes !== undefined, `nothing received for client ${i}`);
+        const result = parseProxyHeader(bytes);
+        assert.equal(result.status, "complete", JSON.stringify(result));
+        if (result.status !== "complete") continue;
+        assert.deepEqual(result.header, {
+          version: client.version,
+          length: bytes.length - payload.length,
+          source: { hostname: client.from, port: sent[i] },
+          destination: { hostname: client.to, port: client.port },
+        });
+        if (client.version === 1) {
+          const family = client.from === "::1" ? "TCP6" : "TCP4";
+          assert.equal(
+            new TextDecoder().decode(bytes.subarray(0, result.header.length)),
+            `PROXY ${family} ${client.from} ${client.to} ${
+              sent[i]
+            } ${client.port}\r\n`,
+          );
+        } else {
+          // The checksum is checked: a changed byte of the unique ID (the
+          // header's last byte) makes the header malformed.
+          const changed = bytes.slice();
+          changed[result.header.length - 1] ^= 1;
+          assertMalformed(changed);
+        }
+      }
+    } catch (error) {
+      await stop();
+      throw new Error(
+        `${error}\n--- haproxy stderr:\n${stderr.lines.join("\n")}`,
+      );
+    }
+    await stop();
+  }),
+);

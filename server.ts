@@ -122,6 +122,7 @@ class Server implements EchoServer {
   #clientLines: RateLimitedReporter<ClientLineKind>;
   #acceptLoopDone = false;
   #idleSweep: ReturnType<typeof setInterval>;
+  #headerCheck: ReturnType<typeof setInterval> | undefined;
   #drain = new Drain(() => {
     for (const client of this.#clients) this.#cutOffAtShutdown(client);
     for (const waiting of this.#awaitingHeader) {
@@ -290,13 +291,6 @@ class Server implements EchoServer {
       end: undefined,
     };
     this.#awaitingHeader.add(waiting);
-    const deadline = setTimeout(() => {
-      this.#endAwaiting(
-        waiting,
-        "proxy_timeout",
-        `no complete PROXY header within ${this.#proxyHeaderTimeoutMs} ms`,
-      );
-    }, this.#proxyHeaderTimeoutMs);
     const buffer = new Uint8Array(PROXY_HEADER_MAX_BYTES);
     let filled = 0;
     let parse: ProxyHeaderParse = { status: "incomplete" };
@@ -311,7 +305,6 @@ class Server implements EchoServer {
     } catch (error) {
       failure = error;
     } finally {
-      clearTimeout(deadline);
       this.#awaitingHeader.delete(waiting);
       this.#wakeAcceptLoop?.();
     }
@@ -376,6 +369,23 @@ class Server implements EchoServer {
     waiting.end = [kind, reason];
     this.#awaitingHeader.delete(waiting);
     waiting.conn.close();
+  }
+
+  /**
+   * Cuts off the connections that have read their PROXY header for
+   * proxyHeaderTimeoutMs; one check for all instead of a timer each.
+   */
+  #checkHeaderDeadlines(): void {
+    const now = performance.now();
+    // Oldest first: the rest are younger.
+    for (const waiting of this.#awaitingHeader) {
+      if (now - waiting.since < this.#proxyHeaderTimeoutMs) return;
+      this.#endAwaiting(
+        waiting,
+        "proxy_timeout",
+        `no complete PROXY header within ${this.#proxyHeaderTimeoutMs} ms`,
+      );
+    }
   }
 
   /**
@@ -472,6 +482,12 @@ class Server implements EchoServer {
     });
     this.addr = this.#listener.addr;
     // One sweep for all clients instead of a timer per read or write.
+    if (this.#proxyFrom !== undefined) {
+      this.#headerCheck = setInterval(
+        () => this.#checkHeaderDeadlines(),
+        Math.min(HEADER_CHECK_MS, this.#proxyHeaderTimeoutMs),
+      );
+    }
     this.#idleSweep = setInterval(
       () => this.#sweep(),
       sweepIntervalMs(this.#admission),
@@ -862,6 +878,7 @@ class Server implements EchoServer {
     this.#drain.endWithin(options.drainTimeoutMs ?? DEFAULTS.drainTimeoutMs);
     return this.#drain.done.then(() => {
       clearInterval(this.#idleSweep);
+      clearInterval(this.#headerCheck);
       this.#exhaustionLines.close();
       this.#clientLines.close();
     });
@@ -914,6 +931,7 @@ const HELD_CHECK_MS = 20;
 const MAX_AWAITING_HEADER = 64;
 const SLOW_HEADER_MS = 250;
 const PROXY_HEADER_TIMEOUT_MS = 5000;
+const HEADER_CHECK_MS = 100;
 // Lines about single clients (resets, cut-offs, unknown accept errors, log
 // write failures), at most 10 a second; the rest are counted by kind into
 // one line at the second's end. Resets are cheap for a client to cause, and
