@@ -11,7 +11,10 @@
  * need root). Every rewrite must match exactly once, so a deploy file that
  * changes shape fails here instead of drifting from what was tested. nginx
  * gets the main context a real nginx.conf would give it (pid, error log,
- * events, the stream module) around the file.
+ * events, the stream module) around the file. The PROXY protocol tests
+ * uncomment the files' `send-proxy-v2` and `proxy_protocol on` lines in
+ * front of instances run with `--proxy-protocol`, and check the parser on
+ * the headers these proxies sent (deploy/testdata/proxy_headers.json).
  *
  * A test needing a proxy that is not installed is reported as ignored, with
  * the package to install in its name; `.ci/run` installs both.
@@ -21,6 +24,7 @@ import assert from "node:assert/strict";
 import net from "node:net";
 import { fileURLToPath as fromFileUrl } from "node:url";
 import { concat } from "../_bytes.ts";
+import { parseProxyHeader, type ProxyAddress } from "../proxy_protocol.ts";
 import {
   echo,
   findExecutable,
@@ -841,17 +845,101 @@ const CAPTURED = fromFileUrl(
 /** What a direct client sends: no header, so the instances cut it off. */
 const DIRECT = new TextEncoder().encode("hello\n");
 
+/** One entry of deploy/testdata/proxy_headers.json (fields the tests read). */
+interface Captured {
+  name: string;
+  /** The header alone, in hex. */
+  hex: string;
+  /** What followed it on the connection. */
+  followed_by: string;
+  expect: {
+    version: 1 | 2;
+    command: "proxy" | "local";
+    /** `host:port`, `[v6]:port`, or null for LOCAL. */
+    source: string | null;
+    destination: string | null;
+    tlvs?: Array<{ type: number; hex: string }>;
+  };
+}
+
+async function readCaptured(): Promise<Captured[]> {
+  const { headers }: { headers: Captured[] } = JSON.parse(
+    await Deno.readTextFile(CAPTURED),
+  );
+  return headers;
+}
+
+function fromHex(hex: string): Uint8Array {
+  return Uint8Array.from(hex.match(/../g) ?? [], (byte) => parseInt(byte, 16));
+}
+
 /** A header from deploy/testdata/proxy_headers.json, by its name. */
 async function capturedHeader(name: string): Promise<Uint8Array> {
-  const { headers }: { headers: Array<{ name: string; hex: string }> } = JSON
-    .parse(await Deno.readTextFile(CAPTURED));
-  const header = headers.find((header) => header.name === name);
+  const header = (await readCaptured()).find((header) => header.name === name);
   assert.ok(header, `no header named ${name} in ${CAPTURED}`);
-  return Uint8Array.from(
-    header.hex.match(/../g) ?? [],
-    (byte) => parseInt(byte, 16),
-  );
+  return fromHex(header.hex);
 }
+
+/** An address as the fixtures write it: `host:port`, `[v6]:port`. */
+function hostPort(address: ProxyAddress | undefined): string | null {
+  if (address === undefined) return null;
+  const { hostname, port } = address;
+  return hostname.includes(":")
+    ? `[${hostname}]:${port}`
+    : `${hostname}:${port}`;
+}
+
+Deno.test("parseProxyHeader() reads every header captured from HAProxy and nginx as deploy/testdata/proxy_headers.json expects, and only once it is whole", async () => {
+  const captured = await readCaptured();
+  assert.ok(captured.length >= 14);
+  for (const { name, hex, followed_by, expect } of captured) {
+    const header = fromHex(hex);
+    const bytes = concat([header, new TextEncoder().encode(followed_by)]);
+    const result = parseProxyHeader(bytes);
+    assert.ok(
+      result.status === "complete",
+      `${name}: ${JSON.stringify(result)}`,
+    );
+    assert.deepEqual(
+      {
+        version: result.header.version,
+        length: result.header.length,
+        command: result.header.source === undefined ? "local" : "proxy",
+        source: hostPort(result.header.source),
+        destination: hostPort(result.header.destination),
+      },
+      {
+        version: expect.version,
+        length: header.length,
+        command: expect.command,
+        source: expect.source,
+        destination: expect.destination,
+      },
+      name,
+    );
+    for (let cut = 0; cut < header.length; cut++) {
+      assert.deepEqual(
+        parseProxyHeader(header.subarray(0, cut)),
+        { status: "incomplete" },
+        `${name} cut at ${cut} bytes`,
+      );
+    }
+    // A CRC32C TLV that no longer matches the header makes it malformed.
+    // (LOCAL is left out: section 2.2 has the receiver discard its block.)
+    const crc = expect.tlvs?.find((tlv) => tlv.type === 3);
+    if (crc !== undefined && expect.command === "proxy") {
+      const at = hex.lastIndexOf(crc.hex);
+      assert.ok(at % 2 === 0, `${name}: its CRC32C at byte ${at / 2}`);
+      const corrupted = header.slice();
+      corrupted[at / 2] ^= 1;
+      const result = parseProxyHeader(corrupted);
+      assert.ok(
+        result.status === "invalid" && result.reason === "malformed",
+        `${name} with its CRC32C changed: ${JSON.stringify(result)}`,
+      );
+    }
+  }
+});
 
 /** What a client got back, and the port it connected from. */
 interface Reply {
