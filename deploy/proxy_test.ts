@@ -11,14 +11,20 @@
  * need root). Every rewrite must match exactly once, so a deploy file that
  * changes shape fails here instead of drifting from what was tested. nginx
  * gets the main context a real nginx.conf would give it (pid, error log,
- * events, the stream module) around the file.
+ * events, the stream module) around the file. The PROXY protocol tests
+ * uncomment the files' `send-proxy-v2` and `proxy_protocol on` lines in
+ * front of instances run with `--proxy-protocol`, and check the parser on
+ * the headers these proxies sent (deploy/testdata/proxy_headers.json).
  *
  * A test needing a proxy that is not installed is reported as ignored, with
  * the package to install in its name; `.ci/run` installs both.
  */
 
 import assert from "node:assert/strict";
+import net from "node:net";
 import { fileURLToPath as fromFileUrl } from "node:url";
+import { concat } from "../_bytes.ts";
+import { parseProxyHeader, type ProxyAddress } from "../proxy_protocol.ts";
 import {
   echo,
   findExecutable,
@@ -27,6 +33,7 @@ import {
   pattern,
   readAll,
   ServerProcess,
+  within,
   withTempDir,
   writeAll,
 } from "../test_util.ts";
@@ -152,7 +159,11 @@ interface Instance {
   metricsPort: number;
 }
 
-async function startInstance(dir: string, index: number): Promise<Instance> {
+async function startInstance(
+  dir: string,
+  index: number,
+  args: string[],
+): Promise<Instance> {
   const server = new ServerProcess(dir, [
     "--metrics",
     "127.0.0.1:0",
@@ -160,6 +171,7 @@ async function startInstance(dir: string, index: number): Promise<Instance> {
     `${index}/${INSTANCES}`,
     "--drain-timeout",
     "120",
+    ...args,
   ], { timeoutMs: PROCESS_TIMEOUT_MS });
   try {
     const port = await server.port();
@@ -179,11 +191,12 @@ function describeInstance({ index, server }: Instance): string {
 class Cluster implements AsyncDisposable {
   constructor(readonly dir: string, readonly instances: Instance[]) {}
 
-  static async start(dir: string): Promise<Cluster> {
+  /** Starts the instances, each with `args` besides the cluster's own. */
+  static async start(dir: string, args: string[] = []): Promise<Cluster> {
     const instances: Instance[] = [];
     try {
       for (let i = 1; i <= INSTANCES; i++) {
-        instances.push(await startInstance(dir, i));
+        instances.push(await startInstance(dir, i, args));
       }
     } catch (error) {
       await Promise.all(
@@ -268,13 +281,34 @@ function replaceOnce(
   return text.replace(pattern, replacement);
 }
 
+/** What {@linkcode haproxyConfig} changes in deploy/haproxy.cfg besides ports. */
+interface HaproxyVariant {
+  /**
+   * Uncomments the file's `default-server send-proxy-v2` (the PROXY
+   * protocol), as it is or as version 1's `send-proxy`.
+   */
+  sendProxy?: "send-proxy" | "send-proxy-v2";
+  /**
+   * The health checks: on the metrics port as the file has them; the same
+   * with `check-send-proxy` added, which its comment forbids; or
+   * `option tcp-check` on the echo port, with `check-send-proxy` (HAProxy
+   * resets the connection after the header) or with
+   * `tcp-check connect send-proxy linger` (it closes it with a FIN).
+   *
+   * @default {"metrics"}
+   */
+  checks?: "metrics" | "metrics-send-proxy" | "echo-send-proxy" | "echo-linger";
+}
+
 /** deploy/haproxy.cfg with the test's ports and paths (see module doc). */
 function haproxyConfig(
   text: string,
   port: number,
   instances: Instance[],
   statsSocket: string,
+  variant: HaproxyVariant = {},
 ): string {
+  const { sendProxy, checks = "metrics" } = variant;
   text = replaceOnce(text, /^(\s*bind) :4000$/m, `$1 127.0.0.1:${port}`);
   text = replaceOnce(
     text,
@@ -288,29 +322,62 @@ function haproxyConfig(
   }
   assert.equal(text.match(/^\s*server /gm)?.length, instances.length);
   for (const { index, port, metricsPort } of instances) {
+    const check = {
+      "metrics": `check port ${metricsPort}`,
+      "metrics-send-proxy": `check port ${metricsPort} check-send-proxy`,
+      "echo-send-proxy": "check check-send-proxy",
+      "echo-linger": "check",
+    }[checks];
     text = replaceOnce(
       text,
       new RegExp(
         `^(\\s*server echo${index}) 127\\.0\\.0\\.1:400${index} check port 940${index}$`,
         "m",
       ),
-      `$1 127.0.0.1:${port} check port ${metricsPort}`,
+      `$1 127.0.0.1:${port} ${check}`,
     );
   }
+  if (sendProxy !== undefined) {
+    text = replaceOnce(
+      text,
+      /^(\s*)# default-server send-proxy-v2$/m,
+      `$1default-server ${sendProxy}`,
+    );
+  }
+  if (checks === "echo-send-proxy" || checks === "echo-linger") {
+    text = replaceOnce(
+      text,
+      /^(\s*)option httpchk$/m,
+      checks === "echo-linger"
+        ? "$1option tcp-check\n$1tcp-check connect send-proxy linger"
+        : "$1option tcp-check",
+    );
+    text = replaceOnce(text, /^\s*http-check send .*\n/m, "");
+    text = replaceOnce(text, /^\s*http-check expect .*\n/m, "");
+  }
   return text;
+}
+
+/** What {@linkcode nginxConfig} changes in deploy/nginx-stream.conf besides ports. */
+interface NginxVariant {
+  /** Keeps the file's `proxy_half_close on;` line. */
+  halfClose: boolean;
+  /** Uncomments the file's `proxy_protocol on;`. */
+  proxyProtocol?: boolean;
 }
 
 /**
  * A whole nginx.conf: the main context a real one gives (pid, error log,
  * events, the stream module), then deploy/nginx-stream.conf with the test's
- * ports, optionally without its `proxy_half_close on;` line.
+ * ports, optionally without its `proxy_half_close on;` line or with its
+ * `proxy_protocol on;` line uncommented.
  */
 function nginxConfig(
   text: string,
   dir: string,
   port: number,
   instances: Instance[],
-  options: { halfClose: boolean },
+  options: NginxVariant,
 ): string {
   text = replaceOnce(text, /^(\s*listen) 4000;$/m, `$1 127.0.0.1:${port};`);
   assert.equal(text.match(/^\s*server 127\./gm)?.length, instances.length);
@@ -323,6 +390,13 @@ function nginxConfig(
   }
   if (!options.halfClose) {
     text = replaceOnce(text, /^\s*proxy_half_close on;\n/m, "");
+  }
+  if (options.proxyProtocol) {
+    text = replaceOnce(
+      text,
+      /^(\s*)# proxy_protocol on;$/m,
+      "$1proxy_protocol on;",
+    );
   }
   const main = [
     exists(NGINX_STREAM_MODULE) ? `load_module ${NGINX_STREAM_MODULE};` : "",
@@ -387,15 +461,26 @@ function pollHaproxy(
   });
 }
 
-/** One gauge or counter from an instance's /metrics. */
+/**
+ * One gauge or counter from an instance's /metrics, `name` with its labels
+ * as the text format writes them (`echo_cutoffs_total{reason="idle"}`).
+ */
 async function metric(instance: Instance, name: string): Promise<number> {
   const response = await fetch(
     `http://127.0.0.1:${instance.metricsPort}/metrics`,
   );
   const text = await response.text();
-  const match = new RegExp(`^${name} (\\S+)$`, "m").exec(text);
-  assert.ok(match, `no ${name} in /metrics`);
+  const escaped = name.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+  const match = new RegExp(`^${escaped} (\\S+)$`, "m").exec(text);
+  assert.ok(match, `no ${name} in instance ${instance.index}'s /metrics`);
   return Number(match[1]);
+}
+
+/** {@linkcode metric} summed over `instances`. */
+async function metricSum(instances: Instance[], name: string): Promise<number> {
+  let sum = 0;
+  for (const instance of instances) sum += await metric(instance, name);
+  return sum;
 }
 
 // --- clients -------------------------------------------------------------------
@@ -487,6 +572,15 @@ function assertOneLinePerClient(
     [...sent].sort(numeric),
     "one line per client, with its size, and no other line",
   );
+  assertNumbering(records, accepted);
+}
+
+/** Each instance I numbered its clients I, I+N, ... with no gap or repeat. */
+function assertNumbering(
+  records: Array<[number, number]>,
+  accepted: Map<number, number>,
+): void {
+  const numeric = (a: number, b: number) => a - b;
   for (const [index, count] of accepted) {
     const ids = records.map(([id]) => id)
       .filter((id) => (id - index) % INSTANCES === 0).sort(numeric);
@@ -633,7 +727,7 @@ async function startNginx(
   text: string,
   port: number,
   instances: Instance[],
-  options: { halfClose: boolean },
+  options: NginxVariant,
 ): Promise<Child> {
   await Deno.mkdir(dir);
   const conf = `${dir}/nginx.conf`;
@@ -739,4 +833,708 @@ Deno.test({
       await nginx?.[Symbol.asyncDispose]();
     }
   }, { prefix: "echo-server-nginx-" }),
+});
+
+// --- the PROXY protocol --------------------------------------------------------
+
+/** The instances' flag as deploy/'s comments give it: the proxies' address. */
+const PROXY_PROTOCOL = ["--proxy-protocol", "127.0.0.1"];
+const CAPTURED = fromFileUrl(
+  new URL("testdata/proxy_headers.json", import.meta.url),
+);
+/** What a direct client sends: no header, so the instances cut it off. */
+const DIRECT = new TextEncoder().encode("hello\n");
+
+/** One entry of deploy/testdata/proxy_headers.json (fields the tests read). */
+interface Captured {
+  name: string;
+  /** The header alone, in hex. */
+  hex: string;
+  /** What followed it on the connection. */
+  followed_by: string;
+  expect: {
+    version: 1 | 2;
+    command: "proxy" | "local";
+    /** `host:port`, `[v6]:port`, or null for LOCAL. */
+    source: string | null;
+    destination: string | null;
+    tlvs?: Array<{ type: number; hex: string }>;
+  };
+}
+
+async function readCaptured(): Promise<Captured[]> {
+  const { headers }: { headers: Captured[] } = JSON.parse(
+    await Deno.readTextFile(CAPTURED),
+  );
+  return headers;
+}
+
+function fromHex(hex: string): Uint8Array {
+  return Uint8Array.from(hex.match(/../g) ?? [], (byte) => parseInt(byte, 16));
+}
+
+/** A header from deploy/testdata/proxy_headers.json, by its name. */
+async function capturedHeader(name: string): Promise<Uint8Array> {
+  const header = (await readCaptured()).find((header) => header.name === name);
+  assert.ok(header, `no header named ${name} in ${CAPTURED}`);
+  return fromHex(header.hex);
+}
+
+/** An address as the fixtures write it: `host:port`, `[v6]:port`. */
+function hostPort(address: ProxyAddress | undefined): string | null {
+  if (address === undefined) return null;
+  const { hostname, port } = address;
+  return hostname.includes(":")
+    ? `[${hostname}]:${port}`
+    : `${hostname}:${port}`;
+}
+
+Deno.test("parseProxyHeader() reads every header captured from HAProxy and nginx as deploy/testdata/proxy_headers.json expects, and only once it is whole", async () => {
+  const captured = await readCaptured();
+  assert.ok(captured.length >= 14);
+  for (const { name, hex, followed_by, expect } of captured) {
+    const header = fromHex(hex);
+    const bytes = concat([header, new TextEncoder().encode(followed_by)]);
+    const result = parseProxyHeader(bytes);
+    assert.ok(
+      result.status === "complete",
+      `${name}: ${JSON.stringify(result)}`,
+    );
+    assert.deepEqual(
+      {
+        version: result.header.version,
+        length: result.header.length,
+        command: result.header.source === undefined ? "local" : "proxy",
+        source: hostPort(result.header.source),
+        destination: hostPort(result.header.destination),
+      },
+      {
+        version: expect.version,
+        length: header.length,
+        command: expect.command,
+        source: expect.source,
+        destination: expect.destination,
+      },
+      name,
+    );
+    for (let cut = 0; cut < header.length; cut++) {
+      assert.deepEqual(
+        parseProxyHeader(header.subarray(0, cut)),
+        { status: "incomplete" },
+        `${name} cut at ${cut} bytes`,
+      );
+    }
+    // A CRC32C TLV that no longer matches the header makes it malformed.
+    // (LOCAL is left out: section 2.2 has the receiver discard its block.)
+    const crc = expect.tlvs?.find((tlv) => tlv.type === 3);
+    if (crc !== undefined && expect.command === "proxy") {
+      const at = hex.lastIndexOf(crc.hex);
+      assert.ok(at % 2 === 0, `${name}: its CRC32C at byte ${at / 2}`);
+      const corrupted = header.slice();
+      corrupted[at / 2] ^= 1;
+      const result = parseProxyHeader(corrupted);
+      assert.ok(
+        result.status === "invalid" && result.reason === "malformed",
+        `${name} with its CRC32C changed: ${JSON.stringify(result)}`,
+      );
+    }
+  }
+});
+
+/** What a client got back, and the port it connected from. */
+interface Reply {
+  bytes: Uint8Array;
+  localPort: number;
+}
+
+/**
+ * Connects to 127.0.0.1:`port` from `localAddress` (node:net: Deno.connect
+ * cannot choose it), sends `payload`, half-closes and reads to the close.
+ * Rejects on an error (a reset included) or after READY_TIMEOUT_MS.
+ */
+async function echoFrom(
+  port: number,
+  payload: Uint8Array,
+  localAddress: string,
+): Promise<Reply> {
+  const socket = net.connect({ host: "127.0.0.1", port, localAddress });
+  const closed = new Promise((resolve) => socket.once("close", resolve));
+  const chunks: Uint8Array[] = [];
+  let localPort = 0;
+  const reply = new Promise<Reply>((resolve, reject) => {
+    socket.once("connect", () => {
+      localPort = socket.localPort ?? 0;
+      socket.end(payload);
+    });
+    socket.on("data", (chunk: Uint8Array) => chunks.push(chunk));
+    socket.once("error", reject);
+    socket.once("close", () => resolve({ bytes: concat(chunks), localPort }));
+  });
+  try {
+    return await within(
+      reply,
+      READY_TIMEOUT_MS,
+      `the reply to ${payload.length} B from ${localAddress}`,
+    );
+  } finally {
+    socket.destroy();
+    await closed;
+  }
+}
+
+/**
+ * {@linkcode echoFrom} for a client the server refuses: the bytes it got
+ * back, or "reset" if its connection was reset (or its write broke on it).
+ */
+async function refusedReply(
+  port: number,
+  payload: Uint8Array,
+  localAddress: string,
+): Promise<Uint8Array | "reset"> {
+  try {
+    return (await echoFrom(port, payload, localAddress)).bytes;
+  } catch (error) {
+    if (
+      error instanceof Error && "code" in error &&
+      (error.code === "ECONNRESET" || error.code === "EPIPE")
+    ) return "reset";
+    throw error;
+  }
+}
+
+/** A client from `localAddress` that sends nothing until disposed. */
+class SilentClient implements AsyncDisposable {
+  readonly closed: Promise<void>;
+
+  private constructor(readonly socket: net.Socket) {
+    this.closed = new Promise((resolve) => socket.once("close", resolve));
+    // Its eviction resets it: `closed` tells the end, whatever ended it.
+    socket.on("error", () => {});
+    socket.resume();
+  }
+
+  static async connect(
+    port: number,
+    localAddress: string,
+  ): Promise<SilentClient> {
+    const client = new SilentClient(
+      net.connect({ host: "127.0.0.1", port, localAddress }),
+    );
+    try {
+      await within(
+        new Promise<void>((resolve, reject) => {
+          client.socket.once("connect", resolve);
+          client.closed.then(() => reject(new Error("closed before connect")));
+        }),
+        READY_TIMEOUT_MS,
+        `a silent client from ${localAddress} connecting`,
+      );
+    } catch (error) {
+      await client[Symbol.asyncDispose]();
+      throw error;
+    }
+    return client;
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    this.socket.destroy();
+    await this.closed;
+  }
+}
+
+/** The first line any of `instances` wrote to stderr matching `pattern`. */
+function stderrLine(instances: Instance[], pattern: RegExp): Promise<string> {
+  // Polled, not read with `stderr.next()`: a pending next() on the other
+  // instances would move their cursors past lines later waits need.
+  return poll(
+    `a stderr line matching ${pattern}`,
+    () =>
+      instances.flatMap(({ server }) => server.stderr.lines)
+        .find((line) => pattern.test(line)),
+  );
+}
+
+/**
+ * Checks a cluster run with `--proxy-protocol 127.0.0.1 --max-connections 2`
+ * behind a proxy on `port` that sends PROXY headers of `version`: exact
+ * echoes from 127.0.0.2 of 0 B, 5 B and 5 MiB; those clients counted as
+ * 127.0.0.2 (two silent clients of it at each instance, then a newcomer
+ * from 127.0.0.3 evicts one, and stderr names its source); direct clients
+ * (no header) cut off. Returns the byte counts the log must hold, in any
+ * order, besides the direct clients'; they are checked here.
+ */
+async function checkProxied(
+  cluster: Cluster,
+  port: number,
+  version: 1 | 2,
+): Promise<number[]> {
+  const { instances } = cluster;
+  const logged: number[] = [];
+  for (const size of [0, 5, 5 * MIB]) {
+    const payload = pattern(size, size + 1);
+    assertSameBytes(
+      (await echoFrom(port, payload, "127.0.0.2")).bytes,
+      payload,
+    );
+    logged.push(size);
+  }
+
+  // Two silent clients of 127.0.0.2 at each instance, the limit. One at a
+  // time, so that the proxy's least-connections balancing sees each.
+  const silent: SilentClient[] = [];
+  try {
+    for (let held = 1; held <= 2 * INSTANCES; held++) {
+      silent.push(await SilentClient.connect(port, "127.0.0.2"));
+      await poll(
+        `${held} silent clients held by the instances`,
+        async () =>
+          await metricSum(instances, "echo_connections_active") === held
+            ? true
+            : undefined,
+      );
+      logged.push(0);
+    }
+    for (const instance of instances) {
+      assert.equal(
+        await metric(instance, "echo_connections_active"),
+        2,
+        `instance ${instance.index} holds 2 of the silent clients`,
+      );
+    }
+    const newcomer = pattern(7, 7);
+    assertSameBytes(
+      (await echoFrom(port, newcomer, "127.0.0.3")).bytes,
+      newcomer,
+    );
+    logged.push(newcomer.length);
+    const eviction = await stderrLine(instances, /evicted for a newcomer/);
+    assert.match(
+      eviction,
+      /^client \d+: cut off after 0 bytes: evicted for a newcomer from 127\.0\.0\.3 at the limit of 2 connections: its source 127\.0\.0\.2 holds 2 of them/,
+    );
+  } finally {
+    for (const client of silent) await client[Symbol.asyncDispose]();
+  }
+  await poll(
+    "every silent client's end seen by the instances",
+    async () =>
+      await metricSum(instances, "echo_connections_active") === 0
+        ? true
+        : undefined,
+  );
+  assert.equal(
+    await metricSum(
+      instances,
+      `echo_proxy_headers_total{version="${version}",command="proxy"}`,
+    ),
+    logged.length,
+    `a version ${version} header counted for each client through the proxy`,
+  );
+
+  // Direct clients, no header: from a trusted address (the proxies'), and
+  // from another.
+  const [first] = instances;
+  for (
+    const [from, reason] of [
+      ["127.0.0.1", "proxy_missing"],
+      ["127.0.0.2", "proxy_untrusted"],
+    ]
+  ) {
+    const reply = await refusedReply(first.port, DIRECT, from);
+    assert.ok(
+      reply === "reset" || reply.length === 0,
+      `a direct client from ${from} got ${
+        reply === "reset" ? "reset" : `${reply.length} B back`
+      }, expected nothing`,
+    );
+    await poll(
+      `instance 1 counts a ${reason} cutoff`,
+      async () =>
+        await metric(first, `echo_cutoffs_total{reason="${reason}"}`) === 1
+          ? true
+          : undefined,
+    );
+  }
+  await stderrLine(
+    [first],
+    /^client \d+ \(connection from 127\.0\.0\.1\): cut off after 6 bytes: no PROXY header: the connection begins "hello\\n"$/,
+  );
+  await stderrLine(
+    [first],
+    /^client \d+ \(connection from 127\.0\.0\.2\): cut off after 0 bytes: a PROXY header is accepted only from --proxy-protocol's addresses$/,
+  );
+  return logged;
+}
+
+/**
+ * The log after {@linkcode checkProxied}: one line per client with the
+ * client's own bytes (`logged`, the header never counted), one with 0
+ * bytes for each direct client (none of what it sent was a client's), and
+ * nothing else.
+ */
+async function assertProxiedLog(
+  cluster: Cluster,
+  logged: number[],
+): Promise<void> {
+  const accepted = await cluster.stop();
+  const records = await readLogs([cluster.logPath]);
+  const numeric = (a: number, b: number) => a - b;
+  assert.deepEqual(
+    records.map(([, bytes]) => bytes).sort(numeric),
+    [...logged, 0, 0].sort(numeric),
+  );
+  assertNumbering(records, accepted);
+}
+
+for (const sendProxy of ["send-proxy", "send-proxy-v2"] as const) {
+  Deno.test({
+    ...needing(
+      `deploy/haproxy.cfg with ${sendProxy} in front of instances run with --proxy-protocol echoes exactly, logs the client's bytes, counts the client's address, and the instances cut off direct clients`,
+      HAPROXY !== undefined,
+      "haproxy not installed: apt-get install haproxy",
+    ),
+    fn: withTempDir(async (dir) => {
+      await using cluster = await Cluster.start(dir, [
+        ...PROXY_PROTOCOL,
+        "--max-connections",
+        "2",
+      ]);
+      const port = freePort();
+      const socket = `${dir}/haproxy.sock`;
+      const cfg = `${dir}/haproxy.cfg`;
+      await Deno.writeTextFile(
+        cfg,
+        haproxyConfig(
+          await Deno.readTextFile(HAPROXY_CFG),
+          port,
+          cluster.instances,
+          socket,
+          { sendProxy },
+        ),
+      );
+      await using haproxy = new Child("haproxy", HAPROXY!, ["-db", "-f", cfg]);
+      try {
+        // The /healthz checks pass: `check port` sends them no header.
+        await pollHaproxy(
+          "all instances UP and L7OK",
+          socket,
+          haproxy,
+          (servers) =>
+            servers.size === INSTANCES &&
+            [...servers.values()].every((s) =>
+              s.status === "UP" && s.check_status === "L7OK"
+            ),
+        );
+        const version = sendProxy === "send-proxy" ? 1 : 2;
+        const logged = await checkProxied(cluster, port, version);
+        await assertProxiedLog(cluster, logged);
+      } catch (error) {
+        throw new Error(
+          `${error}\n${haproxy.describe()}\n${cluster.describe()}`,
+          { cause: error },
+        );
+      }
+    }, { prefix: "echo-server-haproxy-pp-" }),
+  });
+}
+
+Deno.test({
+  ...needing(
+    "deploy/nginx-stream.conf with proxy_protocol on in front of instances run with --proxy-protocol echoes exactly, logs the client's bytes, counts the client's address, and the instances cut off direct clients",
+    NGINX_HAS_STREAM,
+    "nginx with its stream module not installed: apt-get install nginx libnginx-mod-stream",
+  ),
+  fn: withTempDir(async (dir) => {
+    await using cluster = await Cluster.start(dir, [
+      ...PROXY_PROTOCOL,
+      "--max-connections",
+      "2",
+    ]);
+    const port = freePort();
+    await using nginx = await startNginx(
+      `${dir}/nginx`,
+      await Deno.readTextFile(NGINX_CONF),
+      port,
+      cluster.instances,
+      { halfClose: true, proxyProtocol: true },
+    );
+    try {
+      const logged = await checkProxied(cluster, port, 1);
+      await assertProxiedLog(cluster, logged);
+    } catch (error) {
+      throw new Error(
+        `${error}\n${nginx.describe()}\n${cluster.describe()}`,
+        { cause: error },
+      );
+    }
+  }, { prefix: "echo-server-nginx-pp-" }),
+});
+
+/** HAProxy's checks on the echo port, as {@linkcode HaproxyVariant} words them. */
+const ECHO_PORT_CHECKS = [
+  { checks: "echo-linger", sendProxy: undefined, version: 1, command: "proxy" },
+  {
+    checks: "echo-linger",
+    sendProxy: "send-proxy-v2",
+    version: 2,
+    command: "local",
+  },
+  {
+    checks: "echo-send-proxy",
+    sendProxy: "send-proxy-v2",
+    version: 2,
+    command: "local",
+  },
+] as const;
+
+for (const { checks, sendProxy, version, command } of ECHO_PORT_CHECKS) {
+  // With check-send-proxy HAProxy resets each check right after its
+  // header, most often before the instance's accept() completes: Deno then
+  // cannot read the peer's address, and the instance counts an accept
+  // error (and logs the client with 0 bytes) instead of reading the header.
+  const reset = checks === "echo-send-proxy";
+  const how = reset
+    ? "check-send-proxy"
+    : "tcp-check connect send-proxy linger";
+  const counted =
+    `echo_proxy_headers_total{version="${version}",command="${command}"}`;
+  Deno.test({
+    ...needing(
+      `deploy/haproxy.cfg's checks on the echo port with ${how}${
+        sendProxy === undefined ? "" : ` and ${sendProxy}`
+      }, to instances run with --proxy-protocol, are logged with 0 bytes each and counted as version ${version} ${command}${
+        reset ? " or, reset before accept() completed, as accept errors" : ""
+      }`,
+      HAPROXY !== undefined,
+      "haproxy not installed: apt-get install haproxy",
+    ),
+    fn: withTempDir(async (dir) => {
+      await using cluster = await Cluster.start(dir, PROXY_PROTOCOL);
+      const { instances } = cluster;
+      const port = freePort();
+      const socket = `${dir}/haproxy.sock`;
+      const cfg = `${dir}/haproxy.cfg`;
+      await Deno.writeTextFile(
+        cfg,
+        haproxyConfig(
+          await Deno.readTextFile(HAPROXY_CFG),
+          port,
+          instances,
+          socket,
+          { sendProxy, checks },
+        ),
+      );
+      try {
+        {
+          await using haproxy = new Child("haproxy", HAPROXY!, [
+            "-db",
+            "-f",
+            cfg,
+          ]);
+          await pollHaproxy(
+            "all instances UP and L4OK",
+            socket,
+            haproxy,
+            (servers) =>
+              servers.size === INSTANCES &&
+              [...servers.values()].every((s) =>
+                s.status === "UP" && s.check_status === "L4OK"
+              ),
+          );
+          await poll("2 checks at each instance", async () => {
+            for (const instance of instances) {
+              const accepted = await metric(
+                instance,
+                "echo_connections_accepted_total",
+              );
+              if (accepted < 2) return undefined;
+            }
+            return true;
+          });
+        }
+        // HAProxy has stopped; the checks in flight end.
+        await poll(
+          "every check's end seen by the instances",
+          async () =>
+            await metricSum(instances, "echo_connections_active") === 0
+              ? true
+              : undefined,
+        );
+        for (const instance of instances) {
+          const name = `instance ${instance.index}`;
+          const accepted = await metric(
+            instance,
+            "echo_connections_accepted_total",
+          );
+          const headers = await metric(instance, counted);
+          const acceptErrors = await metric(
+            instance,
+            'echo_accept_errors_total{kind="client"}',
+          );
+          if (reset) {
+            assert.equal(headers + acceptErrors, accepted, name);
+          } else {
+            assert.deepEqual([headers, acceptErrors], [accepted, 0], name);
+            assert.deepEqual(
+              instance.server.stderr.lines.filter((line) =>
+                line.startsWith("client ")
+              ),
+              [],
+              `${name}: no check cut off`,
+            );
+          }
+          for (
+            const reason of ["untrusted", "missing", "malformed", "timeout"]
+          ) {
+            assert.equal(
+              await metric(
+                instance,
+                `echo_cutoffs_total{reason="proxy_${reason}"}`,
+              ),
+              0,
+              `${name}: proxy_${reason}`,
+            );
+          }
+        }
+        const accepted = await cluster.stop();
+        const records = await readLogs([cluster.logPath]);
+        assert.equal(
+          records.length,
+          [...accepted.values()].reduce((sum, n) => sum + n, 0),
+        );
+        assert.ok(records.every(([, bytes]) => bytes === 0), "0 B each");
+        assertNumbering(records, accepted);
+      } catch (error) {
+        throw new Error(`${error}\n${cluster.describe()}`, { cause: error });
+      }
+    }, { prefix: "echo-server-haproxy-checks-" }),
+  });
+}
+
+Deno.test({
+  ...needing(
+    "deploy/haproxy.cfg's send-proxy-v2 without the instances' --proxy-protocol gets the header echoed to the client; with check-send-proxy on the metrics port every instance is DOWN",
+    HAPROXY !== undefined,
+    "haproxy not installed: apt-get install haproxy",
+  ),
+  fn: withTempDir(async (dir) => {
+    await using cluster = await Cluster.start(dir);
+    const port = freePort();
+    const socket = `${dir}/haproxy.sock`;
+    const text = await Deno.readTextFile(HAPROXY_CFG);
+    const run = async (checks: HaproxyVariant["checks"], name: string) => {
+      const cfg = `${dir}/${name}.cfg`;
+      await Deno.writeTextFile(
+        cfg,
+        haproxyConfig(text, port, cluster.instances, socket, {
+          sendProxy: "send-proxy-v2",
+          checks,
+        }),
+      );
+      return new Child(name, HAPROXY!, ["-db", "-f", cfg]);
+    };
+    let haproxy: Child | undefined;
+    try {
+      haproxy = await run("metrics", "haproxy");
+      await pollHaproxy(
+        "all instances UP and L7OK",
+        socket,
+        haproxy,
+        (servers) =>
+          servers.size === INSTANCES &&
+          [...servers.values()].every((s) =>
+            s.status === "UP" && s.check_status === "L7OK"
+          ),
+      );
+      const hello = new TextEncoder().encode("hello");
+      const { bytes, localPort } = await echoFrom(port, hello, "127.0.0.2");
+      // What deploy/testdata/proxy_headers.json has, up to the addresses
+      // (127.0.0.2 -> 127.0.0.1), then this client's and HAProxy's ports.
+      const header = concat([
+        (await capturedHeader("haproxy send-proxy-v2")).subarray(0, 24),
+        new Uint8Array([
+          localPort >> 8,
+          localPort & 255,
+          port >> 8,
+          port & 255,
+        ]),
+      ]);
+      assertSameBytes(bytes, concat([header, hello]));
+      await haproxy.stop();
+
+      haproxy = await run("metrics-send-proxy", "haproxy-check-send-proxy");
+      await pollHaproxy(
+        "all instances DOWN, /healthz answering 400",
+        socket,
+        haproxy,
+        (servers) =>
+          servers.size === INSTANCES &&
+          [...servers.values()].every((s) =>
+            s.status.startsWith("DOWN") && s.check_code === "400"
+          ),
+      );
+      await haproxy.stop();
+      haproxy = undefined;
+
+      const accepted = await cluster.stop();
+      const records = await readLogs([cluster.logPath]);
+      assert.deepEqual(
+        records.map(([, bytes]) => bytes),
+        [header.length + hello.length],
+        "the client's line counts the header as its bytes",
+      );
+      assertNumbering(records, accepted);
+    } catch (error) {
+      throw new Error(
+        `${error}\n${haproxy?.describe() ?? ""}\n${cluster.describe()}`,
+        { cause: error },
+      );
+    } finally {
+      await haproxy?.[Symbol.asyncDispose]();
+    }
+  }, { prefix: "echo-server-haproxy-nopp-" }),
+});
+
+Deno.test({
+  ...needing(
+    "deploy/nginx-stream.conf's proxy_protocol on without the instances' --proxy-protocol gets the header echoed to the client",
+    NGINX_HAS_STREAM,
+    "nginx with its stream module not installed: apt-get install nginx libnginx-mod-stream",
+  ),
+  fn: withTempDir(async (dir) => {
+    await using cluster = await Cluster.start(dir);
+    const port = freePort();
+    await using nginx = await startNginx(
+      `${dir}/nginx`,
+      await Deno.readTextFile(NGINX_CONF),
+      port,
+      cluster.instances,
+      { halfClose: true, proxyProtocol: true },
+    );
+    try {
+      const hello = new TextEncoder().encode("hello");
+      const { bytes, localPort } = await echoFrom(port, hello, "127.0.0.2");
+      // The line deploy/testdata/proxy_headers.json has, with this client's
+      // and nginx's ports.
+      const captured = new TextDecoder().decode(
+        await capturedHeader("nginx proxy_protocol on"),
+      );
+      const header = captured.replace(
+        /^(PROXY TCP4 127\.0\.0\.2 127\.0\.0\.1) \d+ \d+\r\n$/,
+        `$1 ${localPort} ${port}\r\n`,
+      );
+      assert.notEqual(header, captured, "the captured line's shape");
+      assert.equal(new TextDecoder().decode(bytes), `${header}hello`);
+      assert.equal(await nginx.stop(), 0, nginx.describe());
+      const accepted = await cluster.stop();
+      const records = await readLogs([cluster.logPath]);
+      assert.deepEqual(records.map(([, bytes]) => bytes), [bytes.length]);
+      assertNumbering(records, accepted);
+    } catch (error) {
+      throw new Error(
+        `${error}\n${nginx.describe()}\n${cluster.describe()}`,
+        { cause: error },
+      );
+    }
+  }, { prefix: "echo-server-nginx-nopp-" }),
 });
