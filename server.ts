@@ -2,15 +2,16 @@
  * The echo server: accepts TCP clients, reads each one's bytes to EOF, sends
  * them back, half-closes, and logs every client it accepted exactly once.
  *
- * This module is the accept loop and one client's path (accept, read to
- * EOF, write back, log), in that order from the top, so a reader can
- * follow a client from `accept()` to its log line here; the option and
- * result types are at the end. Who is cut off or evicted is `admission.ts`'s to
- * decide and to word, asked at the three places marked `ADMISSION:` (the
- * accept loop at `maxConnections`, the allocator at `maxBufferedBytes`, the
- * periodic sweep); none adds a timer per client or an await per read.
- * Buffers and their budget are `buffer_pool.ts`'s, counters
- * `echo_stats.ts`'s, the drain's deadline `drain.ts`'s.
+ * This module is the accept loop and one client's path (accept, its PROXY
+ * header if the protocol is on, read to EOF, write back, log), in that
+ * order from the top, so a reader can follow a client from `accept()` to
+ * its log line here; the option and result types are at the end. Who is
+ * cut off or evicted is `admission.ts`'s to decide and to word, asked at
+ * the three places marked `ADMISSION:` (a slot for a newcomer, the
+ * allocator at `maxBufferedBytes`, the periodic sweep); none adds a timer
+ * per client or an await per read. The header's parsing is
+ * `proxy_protocol.ts`'s, buffers and their budget `buffer_pool.ts`'s,
+ * counters `echo_stats.ts`'s, the drain's deadline `drain.ts`'s.
  *
  * @module
  */
