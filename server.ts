@@ -154,11 +154,12 @@ class Server implements EchoServer {
         await this.#pauseAccepting(HELD_CHECK_MS);
         continue;
       }
-      // As many wait for their PROXY header as may, none for long: the
-      // rest wait in the kernel's queue (see MAX_AWAITING_HEADER).
+      // As many wait for their PROXY header as may: the rest wait in the
+      // kernel's queue (see MAX_AWAITING_HEADER) until one is slow enough
+      // to be cut off for the next newcomer, once that is accepted.
       if (
         this.#awaitingHeader.size >= MAX_AWAITING_HEADER &&
-        !this.#cutOffSlowestHeader()
+        this.#slowestHeader() === undefined
       ) {
         await this.#pauseAccepting(HELD_CHECK_MS);
         continue;
@@ -214,6 +215,11 @@ class Server implements EchoServer {
       if (this.#proxyFrom === undefined) {
         this.#place(conn, clientId, sourceKey(conn.remoteAddr.hostname));
       } else {
+        // The set only shrank while accept() waited: if still full, its
+        // oldest is the slow one found above.
+        if (this.#awaitingHeader.size >= MAX_AWAITING_HEADER) {
+          this.#cutOffSlowestHeader();
+        }
         this.#readProxyHeader(conn, clientId, this.#proxyFrom);
       }
       if (++this.#acceptsSinceYield >= ACCEPTS_PER_YIELD) {
@@ -389,14 +395,26 @@ class Server implements EchoServer {
   }
 
   /**
-   * With MAX_AWAITING_HEADER connections reading their PROXY header: cuts
-   * off the one that has waited longest if that is at least
-   * SLOW_HEADER_MS; false if none has.
+   * The connection that has read its PROXY header longest, if that is at
+   * least SLOW_HEADER_MS.
    */
-  #cutOffSlowestHeader(): boolean {
+  #slowestHeader(): AwaitingHeader | undefined {
     const [oldest] = this.#awaitingHeader;
+    return oldest !== undefined &&
+        performance.now() - oldest.since >= SLOW_HEADER_MS
+      ? oldest
+      : undefined;
+  }
+
+  /**
+   * With MAX_AWAITING_HEADER connections reading their PROXY header and a
+   * newcomer accepted: cuts off the one that has waited longest if that is
+   * at least SLOW_HEADER_MS.
+   */
+  #cutOffSlowestHeader(): void {
+    const oldest = this.#slowestHeader();
+    if (oldest === undefined) return;
     const waitedMs = performance.now() - oldest.since;
-    if (waitedMs < SLOW_HEADER_MS) return false;
     this.#endAwaiting(
       oldest,
       "proxy_timeout",
@@ -404,7 +422,6 @@ class Server implements EchoServer {
         Math.round(waitedMs)
       } ms, with ${MAX_AWAITING_HEADER} connections waiting for theirs`,
     );
-    return true;
   }
 
   /**
