@@ -1026,7 +1026,7 @@ export interface ServeOptions extends
    * connection from elsewhere, without a header, with a malformed one or
    * one not complete within
    * {@linkcode ServeOptions.proxyHeaderTimeoutMs} is cut off, logged with
-   * the bytes read.
+   * 0 bytes (stderr names the bytes it read).
    *
    * @default {undefined: off}
    */
