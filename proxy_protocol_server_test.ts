@@ -317,6 +317,45 @@ Deno.test("serveEcho() with proxyProtocol counts clients by the header's address
   }
 });
 
+Deno.test("serveEcho() with proxyProtocol and eviction off serves a header completed at maxConnections once a client finishes", async () => {
+  // With eviction off, a newcomer at the limit waits for a slot (in the
+  // kernel's queue without a header to read); one accepted before the
+  // limit was reached, still reading its header, waits as well.
+  await using s = startServer({
+    proxyProtocol: LOOPBACK,
+    maxConnections: 1,
+    evictionGraceMs: 0,
+  });
+  const hello = encoder.encode("hello");
+  await using first = await Deno.connect({ hostname: HOST, port: s.port });
+  await writeAll(first, encoder.encode("PROX"));
+  await waitUntil(() => s.server.clientsAccepted === 1, "first accepted");
+  await using second = await Deno.connect({ hostname: HOST, port: s.port });
+  await writeAll(second, v1("192.0.2.2"));
+  await waitUntil(() => s.server.connections === 1, "second served");
+  await writeAll(
+    first,
+    concat(encoder.encode("Y TCP4 192.0.2.1 127.0.0.1 50000 4000\r\n"), hello),
+  );
+  await first.closeWrite();
+  await waitUntil(
+    () => s.server.stats.proxyHeaders.v1_proxy === 2,
+    "first's header read",
+  );
+  // Not a synchronisation: the waiting newcomers' own 20 ms check, passed
+  // ten times over, before the slot frees.
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  await second.closeWrite();
+  assert.equal((await within(readAll(second), 10_000, "second")).length, 0);
+  assert.deepEqual(
+    await within(readUntilEnd(first), 10_000, "first's reply"),
+    hello,
+  );
+  await logged(s, 2);
+  assert.deepEqual(s.records, [[2, 0], [1, 5]]);
+  assert.equal(s.server.stats.cutoffs.turned_away, 0);
+});
+
 Deno.test("serveEcho() with proxyProtocol cuts off a client whose bytes with the header pass maxClientBytes", async () => {
   await using s = startServer({ proxyProtocol: LOOPBACK, maxClientBytes: 3 });
   const reply = await exchange(
