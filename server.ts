@@ -556,7 +556,12 @@ class Server implements EchoServer {
    */
   #serveHeld(): void {
     const now = performance.now();
-    const holdMs = Math.min(HOLD_MS, this.#admission.evictionGraceMs);
+    // With eviction off they wait for a slot to free, as in the kernel's
+    // queue: only those accepted to read a PROXY header before the limit
+    // filled (at most MAX_AWAITING_HEADER) are ever held so.
+    const holdMs = this.#admission.evictionGraceMs === 0
+      ? Infinity
+      : Math.min(HOLD_MS, this.#admission.evictionGraceMs);
     // Each in turn: one that cannot be served does not hold up another,
     // of another source, that can.
     const held = this.#held;
