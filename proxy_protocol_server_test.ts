@@ -244,6 +244,50 @@ Deno.test("serveEcho() with proxyProtocol serves a newcomer while 64 connections
   }
 });
 
+Deno.test("serveEcho() with proxyProtocol cuts off no slow header while no newcomer comes", async () => {
+  // 64 connections reading their header past the 250 ms after which a
+  // newcomer may cut one off, and no newcomer: all 64 are served.
+  await using s = startServer({
+    proxyProtocol: LOOPBACK,
+    proxyHeaderTimeoutMs: 60_000,
+  });
+  const slow: Deno.TcpConn[] = [];
+  try {
+    for (let i = 0; i < 64; i++) {
+      const conn = await Deno.connect({ hostname: HOST, port: s.port });
+      slow.push(conn);
+      await writeAll(conn, encoder.encode("PROX"));
+    }
+    await waitUntil(() => s.server.clientsAccepted === 64, "64 accepted");
+    // Not a synchronisation: the rule's own 250 ms, passed four times over.
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+    const replies = await Promise.all(slow.map(async (conn, i) => {
+      try {
+        await writeAll(
+          conn,
+          encoder.encode(`Y TCP4 192.0.2.${i} 127.0.0.1 50000 4000\r\nhi`),
+        );
+        await conn.closeWrite();
+      } catch (error) {
+        // Cut off: the reset may come back on the write.
+        if (
+          !(error instanceof Deno.errors.ConnectionReset) &&
+          !(error instanceof Deno.errors.BrokenPipe) &&
+          !(error instanceof Deno.errors.NotConnected)
+        ) throw error;
+        return "cut off";
+      }
+      return new TextDecoder().decode(
+        await within(readUntilEnd(conn), 10_000, "the reply"),
+      );
+    }));
+    assert.deepEqual(replies, new Array(64).fill("hi"));
+    assert.equal(s.server.stats.cutoffs.proxy_timeout, 0);
+  } finally {
+    for (const conn of slow) conn.close();
+  }
+});
+
 Deno.test("serveEcho() with proxyProtocol counts clients by the header's address at maxConnections", async () => {
   await using s = startServer({
     proxyProtocol: LOOPBACK,
@@ -271,6 +315,45 @@ Deno.test("serveEcho() with proxyProtocol counts clients by the header's address
   } finally {
     for (const conn of held) conn.close();
   }
+});
+
+Deno.test("serveEcho() with proxyProtocol and eviction off serves a header completed at maxConnections once a client finishes", async () => {
+  // With eviction off, a newcomer at the limit waits for a slot (in the
+  // kernel's queue without a header to read); one accepted before the
+  // limit was reached, still reading its header, waits as well.
+  await using s = startServer({
+    proxyProtocol: LOOPBACK,
+    maxConnections: 1,
+    evictionGraceMs: 0,
+  });
+  const hello = encoder.encode("hello");
+  await using first = await Deno.connect({ hostname: HOST, port: s.port });
+  await writeAll(first, encoder.encode("PROX"));
+  await waitUntil(() => s.server.clientsAccepted === 1, "first accepted");
+  await using second = await Deno.connect({ hostname: HOST, port: s.port });
+  await writeAll(second, v1("192.0.2.2"));
+  await waitUntil(() => s.server.connections === 1, "second served");
+  await writeAll(
+    first,
+    concat(encoder.encode("Y TCP4 192.0.2.1 127.0.0.1 50000 4000\r\n"), hello),
+  );
+  await first.closeWrite();
+  await waitUntil(
+    () => s.server.stats.proxyHeaders.v1_proxy === 2,
+    "first's header read",
+  );
+  // Not a synchronisation: the waiting newcomers' own 20 ms check, passed
+  // ten times over, before the slot frees.
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  await second.closeWrite();
+  assert.equal((await within(readAll(second), 10_000, "second")).length, 0);
+  assert.deepEqual(
+    await within(readUntilEnd(first), 10_000, "first's reply"),
+    hello,
+  );
+  await logged(s, 2);
+  assert.deepEqual(s.records, [[2, 0], [1, 5]]);
+  assert.equal(s.server.stats.cutoffs.turned_away, 0);
 });
 
 Deno.test("serveEcho() with proxyProtocol cuts off a client whose bytes with the header pass maxClientBytes", async () => {

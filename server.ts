@@ -155,11 +155,12 @@ class Server implements EchoServer {
         await this.#pauseAccepting(HELD_CHECK_MS);
         continue;
       }
-      // As many wait for their PROXY header as may, none for long: the
-      // rest wait in the kernel's queue (see MAX_AWAITING_HEADER).
+      // As many wait for their PROXY header as may: the rest wait in the
+      // kernel's queue (see MAX_AWAITING_HEADER) until one is slow enough
+      // to be cut off for the next newcomer, once that is accepted.
       if (
         this.#awaitingHeader.size >= MAX_AWAITING_HEADER &&
-        !this.#cutOffSlowestHeader()
+        this.#slowestHeader() === undefined
       ) {
         await this.#pauseAccepting(HELD_CHECK_MS);
         continue;
@@ -215,6 +216,11 @@ class Server implements EchoServer {
       if (this.#proxyFrom === undefined) {
         this.#place(conn, clientId, sourceKey(conn.remoteAddr.hostname));
       } else {
+        // The set only shrank while accept() waited: if still full, its
+        // oldest is the slow one found above.
+        if (this.#awaitingHeader.size >= MAX_AWAITING_HEADER) {
+          this.#cutOffSlowestHeader();
+        }
         this.#readProxyHeader(conn, clientId, this.#proxyFrom);
       }
       if (++this.#acceptsSinceYield >= ACCEPTS_PER_YIELD) {
@@ -390,14 +396,26 @@ class Server implements EchoServer {
   }
 
   /**
-   * With MAX_AWAITING_HEADER connections reading their PROXY header: cuts
-   * off the one that has waited longest if that is at least
-   * SLOW_HEADER_MS; false if none has.
+   * The connection that has read its PROXY header longest, if that is at
+   * least SLOW_HEADER_MS.
    */
-  #cutOffSlowestHeader(): boolean {
+  #slowestHeader(): AwaitingHeader | undefined {
     const [oldest] = this.#awaitingHeader;
+    return oldest !== undefined &&
+        performance.now() - oldest.since >= SLOW_HEADER_MS
+      ? oldest
+      : undefined;
+  }
+
+  /**
+   * With MAX_AWAITING_HEADER connections reading their PROXY header and a
+   * newcomer accepted: cuts off the one that has waited longest if that is
+   * at least SLOW_HEADER_MS.
+   */
+  #cutOffSlowestHeader(): void {
+    const oldest = this.#slowestHeader();
+    if (oldest === undefined) return;
     const waitedMs = performance.now() - oldest.since;
-    if (waitedMs < SLOW_HEADER_MS) return false;
     this.#endAwaiting(
       oldest,
       "proxy_timeout",
@@ -405,7 +423,6 @@ class Server implements EchoServer {
         Math.round(waitedMs)
       } ms, with ${MAX_AWAITING_HEADER} connections waiting for theirs`,
     );
-    return true;
   }
 
   /**
@@ -540,7 +557,12 @@ class Server implements EchoServer {
    */
   #serveHeld(): void {
     const now = performance.now();
-    const holdMs = Math.min(HOLD_MS, this.#admission.evictionGraceMs);
+    // With eviction off they wait for a slot to free, as in the kernel's
+    // queue: only those accepted to read a PROXY header before the limit
+    // filled (at most MAX_AWAITING_HEADER) are ever held so.
+    const holdMs = this.#admission.evictionGraceMs === 0
+      ? Infinity
+      : Math.min(HOLD_MS, this.#admission.evictionGraceMs);
     // Each in turn: one that cannot be served does not hold up another,
     // of another source, that can.
     const held = this.#held;
@@ -1010,7 +1032,7 @@ export interface ServeOptions extends
    * connection from elsewhere, without a header, with a malformed one or
    * one not complete within
    * {@linkcode ServeOptions.proxyHeaderTimeoutMs} is cut off, logged with
-   * the bytes read.
+   * 0 bytes (stderr names the bytes it read).
    *
    * @default {undefined: off}
    */
