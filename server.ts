@@ -104,6 +104,9 @@ class Server implements EchoServer {
   #proxyHeaderTimeoutMs: number;
   // Connections reading their PROXY header, oldest first.
   #awaitingHeader = new Set<AwaitingHeader>();
+  // Those and the ones just cut off whose line is not yet logged: the drain
+  // waits for them.
+  #headerReaders = 0;
 
   #clients = new Set<Client>();
   // Newcomers waiting for a slot at maxConnections, first come first.
@@ -216,11 +219,6 @@ class Server implements EchoServer {
       if (this.#proxyFrom === undefined) {
         this.#place(conn, clientId, sourceKey(conn.remoteAddr.hostname));
       } else {
-        // The set only shrank while accept() waited: if still full, its
-        // oldest is the slow one found above.
-        if (this.#awaitingHeader.size >= MAX_AWAITING_HEADER) {
-          this.#cutOffSlowestHeader();
-        }
         this.#readProxyHeader(conn, clientId, this.#proxyFrom);
       }
       if (++this.#acceptsSinceYield >= ACCEPTS_PER_YIELD) {
@@ -292,12 +290,19 @@ class Server implements EchoServer {
       );
       return;
     }
+    // The set only shrank while accept() waited: if still full, its oldest
+    // is the slow one the accept loop found. A refused newcomer needs no
+    // room.
+    if (this.#awaitingHeader.size >= MAX_AWAITING_HEADER) {
+      this.#cutOffSlowestHeader();
+    }
     const waiting: AwaitingHeader = {
       conn,
       since: performance.now(),
       end: undefined,
     };
     this.#awaitingHeader.add(waiting);
+    this.#headerReaders++;
     const buffer = new Uint8Array(PROXY_HEADER_MAX_BYTES);
     let filled = 0;
     let parse: ProxyHeaderParse = { status: "incomplete" };
@@ -360,6 +365,7 @@ class Server implements EchoServer {
         );
       }
     }
+    this.#headerReaders--;
     if (this.#stopping) this.#resolveIfAllServed();
   }
 
@@ -912,7 +918,7 @@ class Server implements EchoServer {
   #resolveIfAllServed(): void {
     if (
       this.#stopping && this.#acceptLoopDone && this.#clients.size === 0 &&
-      this.#awaitingHeader.size === 0
+      this.#headerReaders === 0
     ) this.#drain.finish();
   }
 }
