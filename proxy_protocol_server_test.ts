@@ -7,6 +7,7 @@
 import assert from "node:assert/strict";
 import { AddressRanges } from "./address_ranges.ts";
 import { renderMetrics } from "./metrics.ts";
+import { PROXY_V2_SIGNATURE } from "./proxy_protocol.ts";
 import {
   pattern,
   readAll,
@@ -21,21 +22,6 @@ import {
 const HOST = "127.0.0.1";
 const LOOPBACK = AddressRanges.parse("127.0.0.1");
 const encoder = new TextEncoder();
-// The v2 signature (the specification's section 2.2).
-const V2_SIGNATURE = [
-  0x0d,
-  0x0a,
-  0x0d,
-  0x0a,
-  0x00,
-  0x0d,
-  0x0a,
-  0x51,
-  0x55,
-  0x49,
-  0x54,
-  0x0a,
-];
 
 /** A v1 header from `source` (IPv4) to 127.0.0.1:4000. */
 function v1(source: string, port = 50000): Uint8Array {
@@ -48,7 +34,7 @@ function v1(source: string, port = 50000): Uint8Array {
  */
 function v2(source?: string): Uint8Array {
   if (source === undefined) {
-    return new Uint8Array([...V2_SIGNATURE, 0x20, 0x00, 0x00, 0x00]);
+    return new Uint8Array([...PROXY_V2_SIGNATURE, 0x20, 0x00, 0x00, 0x00]);
   }
   const address = [
     ...source.split(".").map(Number),
@@ -61,7 +47,14 @@ function v2(source?: string): Uint8Array {
     0x0f,
     0xa0, // 4000
   ];
-  return new Uint8Array([...V2_SIGNATURE, 0x21, 0x11, 0x00, 12, ...address]);
+  return new Uint8Array([
+    ...PROXY_V2_SIGNATURE,
+    0x21,
+    0x11,
+    0x00,
+    12,
+    ...address,
+  ]);
 }
 
 function concat(...parts: Uint8Array[]): Uint8Array {
