@@ -410,9 +410,7 @@ function nginxConfig(
 // --- HAProxy runtime API -------------------------------------------------------
 
 /** The backend's servers from `show stat`, by name (echo1, ...). */
-async function haproxyServers(
-  socket: string,
-): Promise<Map<string, Record<string, string>>> {
+async function haproxyServers(socket: string): Promise<Servers> {
   const conn = await Deno.connect({ transport: "unix", path: socket });
   let text;
   try {
@@ -423,7 +421,7 @@ async function haproxyServers(
   }
   const [header, ...rows] = text.trim().split("\n");
   const names = header.replace(/^# /, "").split(",");
-  const servers = new Map<string, Record<string, string>>();
+  const servers: Servers = new Map();
   for (const row of rows) {
     const values = row.split(",");
     const record = Object.fromEntries(
@@ -436,29 +434,91 @@ async function haproxyServers(
   return servers;
 }
 
-/** Polls `show stat` until `ready` holds for it (the socket may not exist yet). */
-function pollHaproxy(
-  what: string,
-  socket: string,
-  haproxy: Child,
-  ready: (servers: Map<string, Record<string, string>>) => boolean,
-): Promise<Map<string, Record<string, string>>> {
-  return poll(what, async () => {
-    if (haproxy.exited) {
-      throw new Error(`haproxy exited\n${haproxy.describe()}`);
-    }
-    let servers;
-    try {
-      servers = await haproxyServers(socket);
-    } catch (error) {
-      if (
-        error instanceof Deno.errors.NotFound ||
-        error instanceof Deno.errors.ConnectionRefused
-      ) return undefined;
-      throw error;
-    }
-    return ready(servers) ? servers : undefined;
-  });
+/** The backend's servers from `show stat`, by name. */
+type Servers = Map<string, Record<string, string>>;
+
+/** HAProxy run on a rewritten deploy/haproxy.cfg, with its stats socket. */
+class Haproxy extends Child {
+  constructor(
+    name: string,
+    cfg: string,
+    readonly socket: string,
+    args: string[],
+  ) {
+    super(name, HAPROXY!, ["-db", "-f", cfg, ...args]);
+  }
+
+  /** Polls `show stat` until `ready` holds for it (the socket may not exist yet). */
+  poll(what: string, ready: (servers: Servers) => boolean): Promise<Servers> {
+    return poll(what, async () => {
+      if (this.exited) {
+        throw new Error(`haproxy exited\n${this.describe()}`);
+      }
+      let servers;
+      try {
+        servers = await haproxyServers(this.socket);
+      } catch (error) {
+        if (
+          error instanceof Deno.errors.NotFound ||
+          error instanceof Deno.errors.ConnectionRefused
+        ) return undefined;
+        throw error;
+      }
+      return ready(servers) ? servers : undefined;
+    });
+  }
+
+  /** {@linkcode Haproxy.poll} until all INSTANCES servers are there and `each` holds for every one. */
+  pollEvery(
+    what: string,
+    each: (server: Record<string, string>) => boolean,
+  ): Promise<Servers> {
+    return this.poll(
+      what,
+      (servers) =>
+        servers.size === INSTANCES && [...servers.values()].every(each),
+    );
+  }
+}
+
+/** What {@linkcode startHaproxy} runs besides the {@linkcode HaproxyVariant}. */
+interface HaproxyOptions extends HaproxyVariant {
+  /** The process's name in messages, and its config's file name. @default {"haproxy"} */
+  name?: string;
+  /** More arguments for haproxy. @default {[]} */
+  args?: string[];
+}
+
+/**
+ * Writes `dir`/`name`.cfg from deploy/haproxy.cfg (see {@linkcode haproxyConfig})
+ * for `instances` behind `port`, with its stats socket at `dir`/haproxy.sock,
+ * and starts HAProxy on it.
+ */
+async function startHaproxy(
+  dir: string,
+  port: number,
+  instances: Instance[],
+  options: HaproxyOptions = {},
+): Promise<Haproxy> {
+  const { name = "haproxy", args = [], ...variant } = options;
+  const socket = `${dir}/haproxy.sock`;
+  const cfg = `${dir}/${name}.cfg`;
+  await Deno.writeTextFile(
+    cfg,
+    haproxyConfig(
+      await Deno.readTextFile(HAPROXY_CFG),
+      port,
+      instances,
+      socket,
+      variant,
+    ),
+  );
+  return new Haproxy(name, cfg, socket, args);
+}
+
+/** Every server UP with its /healthz check passed: HAProxy is ready. */
+function upL7(server: Record<string, string>): boolean {
+  return server.status === "UP" && server.check_status === "L7OK";
 }
 
 /**
@@ -606,37 +666,13 @@ Deno.test({
     await using cluster = await Cluster.start(dir);
     const [, second, third] = cluster.instances;
     const port = freePort();
-    const socket = `${dir}/haproxy.sock`;
-    const cfg = `${dir}/haproxy.cfg`;
-    await Deno.writeTextFile(
-      cfg,
-      haproxyConfig(
-        await Deno.readTextFile(HAPROXY_CFG),
-        port,
-        cluster.instances,
-        socket,
-      ),
-    );
-    await using haproxy = new Child("haproxy", HAPROXY!, [
-      "-db",
-      "-f",
-      cfg,
-      "-p",
-      `${dir}/haproxy.pid`,
-    ]);
+    await using haproxy = await startHaproxy(dir, port, cluster.instances, {
+      args: ["-p", `${dir}/haproxy.pid`],
+    });
     const inFlight: Array<{ conn: Deno.TcpConn; payload: Uint8Array }> = [];
     try {
       // Ready: every instance has passed its /healthz check at least once.
-      await pollHaproxy(
-        "all instances UP and L7OK",
-        socket,
-        haproxy,
-        (servers) =>
-          servers.size === INSTANCES &&
-          [...servers.values()].every((s) =>
-            s.status === "UP" && s.check_status === "L7OK"
-          ),
-      );
+      await haproxy.pollEvery("all instances UP and L7OK", upL7);
 
       const sent = sizes(64, 0);
       await runClients(port, sent, 32);
@@ -650,10 +686,8 @@ Deno.test({
         await writeAll(conn, payload.subarray(0, payload.length >> 1));
         sent.push(size);
       }
-      const servers = await pollHaproxy(
+      const servers = await haproxy.poll(
         "6 clients in flight at the instances",
-        socket,
-        haproxy,
         (servers) =>
           [...servers.values()].reduce((n, s) => n + Number(s.scur), 0) === 6,
       );
@@ -675,10 +709,8 @@ Deno.test({
       // refuses, HAProxy passes those clients to the others.
       const afterStop = sizes(24, 2000);
       await runClients(port, afterStop, 12);
-      await pollHaproxy(
+      await haproxy.poll(
         "instance 2 DOWN",
-        socket,
-        haproxy,
         (servers) => servers.get("echo2")!.status.startsWith("DOWN"),
       );
       const afterDown = sizes(12, 3000);
@@ -1200,31 +1232,12 @@ for (const sendProxy of ["send-proxy", "send-proxy-v2"] as const) {
         "2",
       ]);
       const port = freePort();
-      const socket = `${dir}/haproxy.sock`;
-      const cfg = `${dir}/haproxy.cfg`;
-      await Deno.writeTextFile(
-        cfg,
-        haproxyConfig(
-          await Deno.readTextFile(HAPROXY_CFG),
-          port,
-          cluster.instances,
-          socket,
-          { sendProxy },
-        ),
-      );
-      await using haproxy = new Child("haproxy", HAPROXY!, ["-db", "-f", cfg]);
+      await using haproxy = await startHaproxy(dir, port, cluster.instances, {
+        sendProxy,
+      });
       try {
         // The /healthz checks pass: `check port` sends them no header.
-        await pollHaproxy(
-          "all instances UP and L7OK",
-          socket,
-          haproxy,
-          (servers) =>
-            servers.size === INSTANCES &&
-            [...servers.values()].every((s) =>
-              s.status === "UP" && s.check_status === "L7OK"
-            ),
-        );
+        await haproxy.pollEvery("all instances UP and L7OK", upL7);
         const version = sendProxy === "send-proxy" ? 1 : 2;
         const logged = await checkProxied(cluster, port, version);
         await assertProxiedLog(cluster, logged);
@@ -1312,34 +1325,15 @@ for (const { checks, sendProxy, version, command } of ECHO_PORT_CHECKS) {
       await using cluster = await Cluster.start(dir, PROXY_PROTOCOL);
       const { instances } = cluster;
       const port = freePort();
-      const socket = `${dir}/haproxy.sock`;
-      const cfg = `${dir}/haproxy.cfg`;
-      await Deno.writeTextFile(
-        cfg,
-        haproxyConfig(
-          await Deno.readTextFile(HAPROXY_CFG),
-          port,
-          instances,
-          socket,
-          { sendProxy, checks },
-        ),
-      );
       try {
         {
-          await using haproxy = new Child("haproxy", HAPROXY!, [
-            "-db",
-            "-f",
-            cfg,
-          ]);
-          await pollHaproxy(
+          await using haproxy = await startHaproxy(dir, port, instances, {
+            sendProxy,
+            checks,
+          });
+          await haproxy.pollEvery(
             "all instances UP and L4OK",
-            socket,
-            haproxy,
-            (servers) =>
-              servers.size === INSTANCES &&
-              [...servers.values()].every((s) =>
-                s.status === "UP" && s.check_status === "L4OK"
-              ),
+            (s) => s.status === "UP" && s.check_status === "L4OK",
           );
           await poll("2 checks at each instance", async () => {
             for (const instance of instances) {
@@ -1420,32 +1414,12 @@ Deno.test({
   fn: withTempDir(async (dir) => {
     await using cluster = await Cluster.start(dir);
     const port = freePort();
-    const socket = `${dir}/haproxy.sock`;
-    const text = await Deno.readTextFile(HAPROXY_CFG);
-    const run = async (checks: HaproxyVariant["checks"], name: string) => {
-      const cfg = `${dir}/${name}.cfg`;
-      await Deno.writeTextFile(
-        cfg,
-        haproxyConfig(text, port, cluster.instances, socket, {
-          sendProxy: "send-proxy-v2",
-          checks,
-        }),
-      );
-      return new Child(name, HAPROXY!, ["-db", "-f", cfg]);
-    };
-    let haproxy: Child | undefined;
+    let haproxy: Haproxy | undefined;
     try {
-      haproxy = await run("metrics", "haproxy");
-      await pollHaproxy(
-        "all instances UP and L7OK",
-        socket,
-        haproxy,
-        (servers) =>
-          servers.size === INSTANCES &&
-          [...servers.values()].every((s) =>
-            s.status === "UP" && s.check_status === "L7OK"
-          ),
-      );
+      haproxy = await startHaproxy(dir, port, cluster.instances, {
+        sendProxy: "send-proxy-v2",
+      });
+      await haproxy.pollEvery("all instances UP and L7OK", upL7);
       const hello = new TextEncoder().encode("hello");
       const { bytes, localPort } = await echoFrom(port, hello, "127.0.0.2");
       // What deploy/testdata/proxy_headers.json has, up to the addresses
@@ -1462,16 +1436,14 @@ Deno.test({
       assertSameBytes(bytes, concat([header, hello]));
       await haproxy.stop();
 
-      haproxy = await run("metrics-send-proxy", "haproxy-check-send-proxy");
-      await pollHaproxy(
+      haproxy = await startHaproxy(dir, port, cluster.instances, {
+        name: "haproxy-check-send-proxy",
+        sendProxy: "send-proxy-v2",
+        checks: "metrics-send-proxy",
+      });
+      await haproxy.pollEvery(
         "all instances DOWN, /healthz answering 400",
-        socket,
-        haproxy,
-        (servers) =>
-          servers.size === INSTANCES &&
-          [...servers.values()].every((s) =>
-            s.status.startsWith("DOWN") && s.check_code === "400"
-          ),
+        (s) => s.status.startsWith("DOWN") && s.check_code === "400",
       );
       await haproxy.stop();
       haproxy = undefined;
