@@ -230,6 +230,15 @@ class Cluster implements AsyncDisposable {
     return accepted;
   }
 
+  /** {@linkcode Cluster.stop}, then the access log's [client id, bytes]. */
+  async stopAndReadLog(): Promise<{
+    accepted: Map<number, number>;
+    records: Array<[number, number]>;
+  }> {
+    const accepted = await this.stop();
+    return { accepted, records: await readLogs([this.logPath]) };
+  }
+
   describe(): string {
     return this.instances.map(describeInstance).join("\n");
   }
@@ -249,6 +258,18 @@ class Cluster implements AsyncDisposable {
 function freePort(): number {
   using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   return listener.addr.port;
+}
+
+/** `error` with the stderr of `processes` after it, for a failure message. */
+function withStderr(
+  error: unknown,
+  ...processes: Array<{ describe(): string } | undefined>
+): Error {
+  return new Error(
+    [`${error}`, ...processes.map((process) => process?.describe() ?? "")]
+      .join("\n"),
+    { cause: error },
+  );
 }
 
 /** Calls `probe` until it returns a value, at most READY_TIMEOUT_MS. */
@@ -730,8 +751,7 @@ Deno.test({
       );
       assert.equal(third.server.exited, false);
 
-      const accepted = await cluster.stop();
-      const records = await readLogs([cluster.logPath]);
+      const { accepted, records } = await cluster.stopAndReadLog();
       assertOneLinePerClient(records, sent, accepted);
       // Every client that came after the SIGTERM was served by 1 or 3.
       const after = new Set([...afterStop, ...afterDown]);
@@ -739,10 +759,7 @@ Deno.test({
         if (after.has(bytes)) assert.notEqual(id % INSTANCES, 2);
       }
     } catch (error) {
-      throw new Error(
-        `${error}\n${haproxy.describe()}\n${cluster.describe()}`,
-        { cause: error },
-      );
+      throw withStderr(error, haproxy, cluster);
     } finally {
       for (const { conn } of inFlight) conn.close();
     }
@@ -750,13 +767,12 @@ Deno.test({
 });
 
 /**
- * Writes `dir`/nginx.conf from deploy/nginx-stream.conf's `text` (see
+ * Writes `dir`/nginx.conf from deploy/nginx-stream.conf (see
  * {@linkcode nginxConfig}), runs nginx on it in `dir`, and waits until it
  * listens (its pid file).
  */
 async function startNginx(
   dir: string,
-  text: string,
   port: number,
   instances: Instance[],
   options: NginxVariant,
@@ -765,7 +781,13 @@ async function startNginx(
   const conf = `${dir}/nginx.conf`;
   await Deno.writeTextFile(
     conf,
-    nginxConfig(text, dir, port, instances, options),
+    nginxConfig(
+      await Deno.readTextFile(NGINX_CONF),
+      dir,
+      port,
+      instances,
+      options,
+    ),
   );
   const nginx = new Child("nginx", NGINX!, [
     "-p",
@@ -798,12 +820,11 @@ Deno.test({
   ),
   fn: withTempDir(async (dir) => {
     await using cluster = await Cluster.start(dir);
-    const text = await Deno.readTextFile(NGINX_CONF);
     const sent: number[] = [];
     let nginx: Child | undefined;
     try {
       const port = freePort();
-      nginx = await startNginx(`${dir}/on`, text, port, cluster.instances, {
+      nginx = await startNginx(`${dir}/on`, port, cluster.instances, {
         halfClose: true,
       });
       const first = sizes(64, 0);
@@ -826,7 +847,6 @@ Deno.test({
       const withoutPort = freePort();
       nginx = await startNginx(
         `${dir}/off`,
-        text,
         withoutPort,
         cluster.instances,
         { halfClose: false },
@@ -857,10 +877,7 @@ Deno.test({
       const records = await readLogs([`${cluster.logPath}.1`, cluster.logPath]);
       assertOneLinePerClient(records, sent, accepted);
     } catch (error) {
-      throw new Error(
-        `${error}\n${nginx?.describe() ?? ""}\n${cluster.describe()}`,
-        { cause: error },
-      );
+      throw withStderr(error, nginx, cluster);
     } finally {
       await nginx?.[Symbol.asyncDispose]();
     }
@@ -1086,6 +1103,9 @@ function stderrLine(instances: Instance[], pattern: RegExp): Promise<string> {
   );
 }
 
+/** The instances' flags for {@linkcode checkProxied}. */
+const PROXIED_FLAGS = [...PROXY_PROTOCOL, "--max-connections", "2"];
+
 /**
  * Checks a cluster run with `--proxy-protocol 127.0.0.1 --max-connections 2`
  * behind a proxy on `port` that sends PROXY headers of `version`: exact
@@ -1208,8 +1228,7 @@ async function assertProxiedLog(
   cluster: Cluster,
   logged: number[],
 ): Promise<void> {
-  const accepted = await cluster.stop();
-  const records = await readLogs([cluster.logPath]);
+  const { accepted, records } = await cluster.stopAndReadLog();
   const numeric = (a: number, b: number) => a - b;
   assert.deepEqual(
     records.map(([, bytes]) => bytes).sort(numeric),
@@ -1226,11 +1245,7 @@ for (const sendProxy of ["send-proxy", "send-proxy-v2"] as const) {
       "haproxy not installed: apt-get install haproxy",
     ),
     fn: withTempDir(async (dir) => {
-      await using cluster = await Cluster.start(dir, [
-        ...PROXY_PROTOCOL,
-        "--max-connections",
-        "2",
-      ]);
+      await using cluster = await Cluster.start(dir, PROXIED_FLAGS);
       const port = freePort();
       await using haproxy = await startHaproxy(dir, port, cluster.instances, {
         sendProxy,
@@ -1242,10 +1257,7 @@ for (const sendProxy of ["send-proxy", "send-proxy-v2"] as const) {
         const logged = await checkProxied(cluster, port, version);
         await assertProxiedLog(cluster, logged);
       } catch (error) {
-        throw new Error(
-          `${error}\n${haproxy.describe()}\n${cluster.describe()}`,
-          { cause: error },
-        );
+        throw withStderr(error, haproxy, cluster);
       }
     }, { prefix: "echo-server-haproxy-pp-" }),
   });
@@ -1258,15 +1270,10 @@ Deno.test({
     "nginx with its stream module not installed: apt-get install nginx libnginx-mod-stream",
   ),
   fn: withTempDir(async (dir) => {
-    await using cluster = await Cluster.start(dir, [
-      ...PROXY_PROTOCOL,
-      "--max-connections",
-      "2",
-    ]);
+    await using cluster = await Cluster.start(dir, PROXIED_FLAGS);
     const port = freePort();
     await using nginx = await startNginx(
       `${dir}/nginx`,
-      await Deno.readTextFile(NGINX_CONF),
       port,
       cluster.instances,
       { halfClose: true, proxyProtocol: true },
@@ -1275,10 +1282,7 @@ Deno.test({
       const logged = await checkProxied(cluster, port, 1);
       await assertProxiedLog(cluster, logged);
     } catch (error) {
-      throw new Error(
-        `${error}\n${nginx.describe()}\n${cluster.describe()}`,
-        { cause: error },
-      );
+      throw withStderr(error, nginx, cluster);
     }
   }, { prefix: "echo-server-nginx-pp-" }),
 });
@@ -1390,8 +1394,7 @@ for (const { checks, sendProxy, version, command } of ECHO_PORT_CHECKS) {
             );
           }
         }
-        const accepted = await cluster.stop();
-        const records = await readLogs([cluster.logPath]);
+        const { accepted, records } = await cluster.stopAndReadLog();
         assert.equal(
           records.length,
           [...accepted.values()].reduce((sum, n) => sum + n, 0),
@@ -1399,7 +1402,7 @@ for (const { checks, sendProxy, version, command } of ECHO_PORT_CHECKS) {
         assert.ok(records.every(([, bytes]) => bytes === 0), "0 B each");
         assertNumbering(records, accepted);
       } catch (error) {
-        throw new Error(`${error}\n${cluster.describe()}`, { cause: error });
+        throw withStderr(error, cluster);
       }
     }, { prefix: "echo-server-haproxy-checks-" }),
   });
@@ -1448,8 +1451,7 @@ Deno.test({
       await haproxy.stop();
       haproxy = undefined;
 
-      const accepted = await cluster.stop();
-      const records = await readLogs([cluster.logPath]);
+      const { accepted, records } = await cluster.stopAndReadLog();
       assert.deepEqual(
         records.map(([, bytes]) => bytes),
         [header.length + hello.length],
@@ -1457,10 +1459,7 @@ Deno.test({
       );
       assertNumbering(records, accepted);
     } catch (error) {
-      throw new Error(
-        `${error}\n${haproxy?.describe() ?? ""}\n${cluster.describe()}`,
-        { cause: error },
-      );
+      throw withStderr(error, haproxy, cluster);
     } finally {
       await haproxy?.[Symbol.asyncDispose]();
     }
@@ -1478,7 +1477,6 @@ Deno.test({
     const port = freePort();
     await using nginx = await startNginx(
       `${dir}/nginx`,
-      await Deno.readTextFile(NGINX_CONF),
       port,
       cluster.instances,
       { halfClose: true, proxyProtocol: true },
@@ -1498,15 +1496,11 @@ Deno.test({
       assert.notEqual(header, captured, "the captured line's shape");
       assert.equal(new TextDecoder().decode(bytes), `${header}hello`);
       assert.equal(await nginx.stop(), 0, nginx.describe());
-      const accepted = await cluster.stop();
-      const records = await readLogs([cluster.logPath]);
+      const { accepted, records } = await cluster.stopAndReadLog();
       assert.deepEqual(records.map(([, bytes]) => bytes), [bytes.length]);
       assertNumbering(records, accepted);
     } catch (error) {
-      throw new Error(
-        `${error}\n${nginx.describe()}\n${cluster.describe()}`,
-        { cause: error },
-      );
+      throw withStderr(error, nginx, cluster);
     }
   }, { prefix: "echo-server-nginx-nopp-" }),
 });
