@@ -67,6 +67,24 @@ const NGINX_HAS_STREAM = NGINX !== undefined && (exists(NGINX_STREAM_MODULE) ||
     ),
   ));
 
+/** {@linkcode needing} HAProxy: the test named `name` is ignored without it. */
+function needingHaproxy(name: string): ReturnType<typeof needing> {
+  return needing(
+    name,
+    HAPROXY !== undefined,
+    "haproxy not installed: apt-get install haproxy",
+  );
+}
+
+/** {@linkcode needing} nginx with its stream module. */
+function needingNginx(name: string): ReturnType<typeof needing> {
+  return needing(
+    name,
+    NGINX_HAS_STREAM,
+    "nginx with its stream module not installed: apt-get install nginx libnginx-mod-stream",
+  );
+}
+
 function exists(path: string): boolean {
   try {
     Deno.statSync(path);
@@ -678,10 +696,8 @@ function assertNumbering(
 // --- tests ---------------------------------------------------------------------
 
 Deno.test({
-  ...needing(
+  ...needingHaproxy(
     "deploy/haproxy.cfg serves through 3 instances, logs each client once, routes around a stopping one",
-    HAPROXY !== undefined,
-    "haproxy not installed: apt-get install haproxy",
   ),
   fn: withTempDir(async (dir) => {
     await using cluster = await Cluster.start(dir);
@@ -813,10 +829,8 @@ async function startNginx(
 }
 
 Deno.test({
-  ...needing(
+  ...needingNginx(
     "deploy/nginx-stream.conf serves through 3 instances, logs each client once, needs proxy_half_close",
-    NGINX_HAS_STREAM,
-    "nginx with its stream module not installed: apt-get install nginx libnginx-mod-stream",
   ),
   fn: withTempDir(async (dir) => {
     await using cluster = await Cluster.start(dir);
@@ -1239,10 +1253,8 @@ async function assertProxiedLog(
 
 for (const sendProxy of ["send-proxy", "send-proxy-v2"] as const) {
   Deno.test({
-    ...needing(
+    ...needingHaproxy(
       `deploy/haproxy.cfg with ${sendProxy} in front of instances run with --proxy-protocol echoes exactly, logs the client's bytes, counts the client's address, and the instances cut off direct clients`,
-      HAPROXY !== undefined,
-      "haproxy not installed: apt-get install haproxy",
     ),
     fn: withTempDir(async (dir) => {
       await using cluster = await Cluster.start(dir, PROXIED_FLAGS);
@@ -1264,10 +1276,8 @@ for (const sendProxy of ["send-proxy", "send-proxy-v2"] as const) {
 }
 
 Deno.test({
-  ...needing(
+  ...needingNginx(
     "deploy/nginx-stream.conf with proxy_protocol on in front of instances run with --proxy-protocol echoes exactly, logs the client's bytes, counts the client's address, and the instances cut off direct clients",
-    NGINX_HAS_STREAM,
-    "nginx with its stream module not installed: apt-get install nginx libnginx-mod-stream",
   ),
   fn: withTempDir(async (dir) => {
     await using cluster = await Cluster.start(dir, PROXIED_FLAGS);
@@ -1316,14 +1326,12 @@ for (const { checks, sendProxy, version, command } of ECHO_PORT_CHECKS) {
   const counted =
     `echo_proxy_headers_total{version="${version}",command="${command}"}`;
   Deno.test({
-    ...needing(
+    ...needingHaproxy(
       `deploy/haproxy.cfg's checks on the echo port with ${how}${
         sendProxy === undefined ? "" : ` and ${sendProxy}`
       }, to instances run with --proxy-protocol, are logged with 0 bytes each and counted as version ${version} ${command}${
         reset ? " or, reset before accept() completed, as accept errors" : ""
       }`,
-      HAPROXY !== undefined,
-      "haproxy not installed: apt-get install haproxy",
     ),
     fn: withTempDir(async (dir) => {
       await using cluster = await Cluster.start(dir, PROXY_PROTOCOL);
@@ -1409,10 +1417,8 @@ for (const { checks, sendProxy, version, command } of ECHO_PORT_CHECKS) {
 }
 
 Deno.test({
-  ...needing(
+  ...needingHaproxy(
     "deploy/haproxy.cfg's send-proxy-v2 without the instances' --proxy-protocol gets the header echoed to the client; with check-send-proxy on the metrics port every instance is DOWN",
-    HAPROXY !== undefined,
-    "haproxy not installed: apt-get install haproxy",
   ),
   fn: withTempDir(async (dir) => {
     await using cluster = await Cluster.start(dir);
@@ -1467,10 +1473,8 @@ Deno.test({
 });
 
 Deno.test({
-  ...needing(
+  ...needingNginx(
     "deploy/nginx-stream.conf's proxy_protocol on without the instances' --proxy-protocol gets the header echoed to the client",
-    NGINX_HAS_STREAM,
-    "nginx with its stream module not installed: apt-get install nginx libnginx-mod-stream",
   ),
   fn: withTempDir(async (dir) => {
     await using cluster = await Cluster.start(dir);
