@@ -67,6 +67,24 @@ const NGINX_HAS_STREAM = NGINX !== undefined && (exists(NGINX_STREAM_MODULE) ||
     ),
   ));
 
+/** {@linkcode needing} HAProxy: the test named `name` is ignored without it. */
+function needingHaproxy(name: string): ReturnType<typeof needing> {
+  return needing(
+    name,
+    HAPROXY !== undefined,
+    "haproxy not installed: apt-get install haproxy",
+  );
+}
+
+/** {@linkcode needing} nginx with its stream module. */
+function needingNginx(name: string): ReturnType<typeof needing> {
+  return needing(
+    name,
+    NGINX_HAS_STREAM,
+    "nginx with its stream module not installed: apt-get install nginx libnginx-mod-stream",
+  );
+}
+
 function exists(path: string): boolean {
   try {
     Deno.statSync(path);
@@ -230,6 +248,15 @@ class Cluster implements AsyncDisposable {
     return accepted;
   }
 
+  /** {@linkcode Cluster.stop}, then the access log's [client id, bytes]. */
+  async stopAndReadLog(): Promise<{
+    accepted: Map<number, number>;
+    records: Array<[number, number]>;
+  }> {
+    const accepted = await this.stop();
+    return { accepted, records: await readLogs([this.logPath]) };
+  }
+
   describe(): string {
     return this.instances.map(describeInstance).join("\n");
   }
@@ -249,6 +276,18 @@ class Cluster implements AsyncDisposable {
 function freePort(): number {
   using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   return listener.addr.port;
+}
+
+/** `error` with the stderr of `processes` after it, for a failure message. */
+function withStderr(
+  error: unknown,
+  ...processes: Array<{ describe(): string } | undefined>
+): Error {
+  return new Error(
+    [`${error}`, ...processes.map((process) => process?.describe() ?? "")]
+      .join("\n"),
+    { cause: error },
+  );
 }
 
 /** Calls `probe` until it returns a value, at most READY_TIMEOUT_MS. */
@@ -410,9 +449,7 @@ function nginxConfig(
 // --- HAProxy runtime API -------------------------------------------------------
 
 /** The backend's servers from `show stat`, by name (echo1, ...). */
-async function haproxyServers(
-  socket: string,
-): Promise<Map<string, Record<string, string>>> {
+async function haproxyServers(socket: string): Promise<Servers> {
   const conn = await Deno.connect({ transport: "unix", path: socket });
   let text;
   try {
@@ -423,7 +460,7 @@ async function haproxyServers(
   }
   const [header, ...rows] = text.trim().split("\n");
   const names = header.replace(/^# /, "").split(",");
-  const servers = new Map<string, Record<string, string>>();
+  const servers: Servers = new Map();
   for (const row of rows) {
     const values = row.split(",");
     const record = Object.fromEntries(
@@ -436,29 +473,91 @@ async function haproxyServers(
   return servers;
 }
 
-/** Polls `show stat` until `ready` holds for it (the socket may not exist yet). */
-function pollHaproxy(
-  what: string,
-  socket: string,
-  haproxy: Child,
-  ready: (servers: Map<string, Record<string, string>>) => boolean,
-): Promise<Map<string, Record<string, string>>> {
-  return poll(what, async () => {
-    if (haproxy.exited) {
-      throw new Error(`haproxy exited\n${haproxy.describe()}`);
-    }
-    let servers;
-    try {
-      servers = await haproxyServers(socket);
-    } catch (error) {
-      if (
-        error instanceof Deno.errors.NotFound ||
-        error instanceof Deno.errors.ConnectionRefused
-      ) return undefined;
-      throw error;
-    }
-    return ready(servers) ? servers : undefined;
-  });
+/** The backend's servers from `show stat`, by name. */
+type Servers = Map<string, Record<string, string>>;
+
+/** HAProxy run on a rewritten deploy/haproxy.cfg, with its stats socket. */
+class Haproxy extends Child {
+  constructor(
+    name: string,
+    cfg: string,
+    readonly socket: string,
+    args: string[],
+  ) {
+    super(name, HAPROXY!, ["-db", "-f", cfg, ...args]);
+  }
+
+  /** Polls `show stat` until `ready` holds for it (the socket may not exist yet). */
+  poll(what: string, ready: (servers: Servers) => boolean): Promise<Servers> {
+    return poll(what, async () => {
+      if (this.exited) {
+        throw new Error(`haproxy exited\n${this.describe()}`);
+      }
+      let servers;
+      try {
+        servers = await haproxyServers(this.socket);
+      } catch (error) {
+        if (
+          error instanceof Deno.errors.NotFound ||
+          error instanceof Deno.errors.ConnectionRefused
+        ) return undefined;
+        throw error;
+      }
+      return ready(servers) ? servers : undefined;
+    });
+  }
+
+  /** {@linkcode Haproxy.poll} until all INSTANCES servers are there and `each` holds for every one. */
+  pollEvery(
+    what: string,
+    each: (server: Record<string, string>) => boolean,
+  ): Promise<Servers> {
+    return this.poll(
+      what,
+      (servers) =>
+        servers.size === INSTANCES && [...servers.values()].every(each),
+    );
+  }
+}
+
+/** What {@linkcode startHaproxy} runs besides the {@linkcode HaproxyVariant}. */
+interface HaproxyOptions extends HaproxyVariant {
+  /** The process's name in messages, and its config's file name. @default {"haproxy"} */
+  name?: string;
+  /** More arguments for haproxy. @default {[]} */
+  args?: string[];
+}
+
+/**
+ * Writes `dir`/`name`.cfg from deploy/haproxy.cfg (see {@linkcode haproxyConfig})
+ * for `instances` behind `port`, with its stats socket at `dir`/haproxy.sock,
+ * and starts HAProxy on it.
+ */
+async function startHaproxy(
+  dir: string,
+  port: number,
+  instances: Instance[],
+  options: HaproxyOptions = {},
+): Promise<Haproxy> {
+  const { name = "haproxy", args = [], ...variant } = options;
+  const socket = `${dir}/haproxy.sock`;
+  const cfg = `${dir}/${name}.cfg`;
+  await Deno.writeTextFile(
+    cfg,
+    haproxyConfig(
+      await Deno.readTextFile(HAPROXY_CFG),
+      port,
+      instances,
+      socket,
+      variant,
+    ),
+  );
+  return new Haproxy(name, cfg, socket, args);
+}
+
+/** Every server UP with its /healthz check passed: HAProxy is ready. */
+function upL7(server: Record<string, string>): boolean {
+  return server.status === "UP" && server.check_status === "L7OK";
 }
 
 /**
@@ -597,46 +696,20 @@ function assertNumbering(
 // --- tests ---------------------------------------------------------------------
 
 Deno.test({
-  ...needing(
+  ...needingHaproxy(
     "deploy/haproxy.cfg serves through 3 instances, logs each client once, routes around a stopping one",
-    HAPROXY !== undefined,
-    "haproxy not installed: apt-get install haproxy",
   ),
   fn: withTempDir(async (dir) => {
     await using cluster = await Cluster.start(dir);
     const [, second, third] = cluster.instances;
     const port = freePort();
-    const socket = `${dir}/haproxy.sock`;
-    const cfg = `${dir}/haproxy.cfg`;
-    await Deno.writeTextFile(
-      cfg,
-      haproxyConfig(
-        await Deno.readTextFile(HAPROXY_CFG),
-        port,
-        cluster.instances,
-        socket,
-      ),
-    );
-    await using haproxy = new Child("haproxy", HAPROXY!, [
-      "-db",
-      "-f",
-      cfg,
-      "-p",
-      `${dir}/haproxy.pid`,
-    ]);
+    await using haproxy = await startHaproxy(dir, port, cluster.instances, {
+      args: ["-p", `${dir}/haproxy.pid`],
+    });
     const inFlight: Array<{ conn: Deno.TcpConn; payload: Uint8Array }> = [];
     try {
       // Ready: every instance has passed its /healthz check at least once.
-      await pollHaproxy(
-        "all instances UP and L7OK",
-        socket,
-        haproxy,
-        (servers) =>
-          servers.size === INSTANCES &&
-          [...servers.values()].every((s) =>
-            s.status === "UP" && s.check_status === "L7OK"
-          ),
-      );
+      await haproxy.pollEvery("all instances UP and L7OK", upL7);
 
       const sent = sizes(64, 0);
       await runClients(port, sent, 32);
@@ -650,10 +723,8 @@ Deno.test({
         await writeAll(conn, payload.subarray(0, payload.length >> 1));
         sent.push(size);
       }
-      const servers = await pollHaproxy(
+      const servers = await haproxy.poll(
         "6 clients in flight at the instances",
-        socket,
-        haproxy,
         (servers) =>
           [...servers.values()].reduce((n, s) => n + Number(s.scur), 0) === 6,
       );
@@ -675,10 +746,8 @@ Deno.test({
       // refuses, HAProxy passes those clients to the others.
       const afterStop = sizes(24, 2000);
       await runClients(port, afterStop, 12);
-      await pollHaproxy(
+      await haproxy.poll(
         "instance 2 DOWN",
-        socket,
-        haproxy,
         (servers) => servers.get("echo2")!.status.startsWith("DOWN"),
       );
       const afterDown = sizes(12, 3000);
@@ -698,8 +767,7 @@ Deno.test({
       );
       assert.equal(third.server.exited, false);
 
-      const accepted = await cluster.stop();
-      const records = await readLogs([cluster.logPath]);
+      const { accepted, records } = await cluster.stopAndReadLog();
       assertOneLinePerClient(records, sent, accepted);
       // Every client that came after the SIGTERM was served by 1 or 3.
       const after = new Set([...afterStop, ...afterDown]);
@@ -707,10 +775,7 @@ Deno.test({
         if (after.has(bytes)) assert.notEqual(id % INSTANCES, 2);
       }
     } catch (error) {
-      throw new Error(
-        `${error}\n${haproxy.describe()}\n${cluster.describe()}`,
-        { cause: error },
-      );
+      throw withStderr(error, haproxy, cluster);
     } finally {
       for (const { conn } of inFlight) conn.close();
     }
@@ -718,13 +783,12 @@ Deno.test({
 });
 
 /**
- * Writes `dir`/nginx.conf from deploy/nginx-stream.conf's `text` (see
+ * Writes `dir`/nginx.conf from deploy/nginx-stream.conf (see
  * {@linkcode nginxConfig}), runs nginx on it in `dir`, and waits until it
  * listens (its pid file).
  */
 async function startNginx(
   dir: string,
-  text: string,
   port: number,
   instances: Instance[],
   options: NginxVariant,
@@ -733,7 +797,13 @@ async function startNginx(
   const conf = `${dir}/nginx.conf`;
   await Deno.writeTextFile(
     conf,
-    nginxConfig(text, dir, port, instances, options),
+    nginxConfig(
+      await Deno.readTextFile(NGINX_CONF),
+      dir,
+      port,
+      instances,
+      options,
+    ),
   );
   const nginx = new Child("nginx", NGINX!, [
     "-p",
@@ -759,19 +829,16 @@ async function startNginx(
 }
 
 Deno.test({
-  ...needing(
+  ...needingNginx(
     "deploy/nginx-stream.conf serves through 3 instances, logs each client once, needs proxy_half_close",
-    NGINX_HAS_STREAM,
-    "nginx with its stream module not installed: apt-get install nginx libnginx-mod-stream",
   ),
   fn: withTempDir(async (dir) => {
     await using cluster = await Cluster.start(dir);
-    const text = await Deno.readTextFile(NGINX_CONF);
     const sent: number[] = [];
     let nginx: Child | undefined;
     try {
       const port = freePort();
-      nginx = await startNginx(`${dir}/on`, text, port, cluster.instances, {
+      nginx = await startNginx(`${dir}/on`, port, cluster.instances, {
         halfClose: true,
       });
       const first = sizes(64, 0);
@@ -794,7 +861,6 @@ Deno.test({
       const withoutPort = freePort();
       nginx = await startNginx(
         `${dir}/off`,
-        text,
         withoutPort,
         cluster.instances,
         { halfClose: false },
@@ -825,10 +891,7 @@ Deno.test({
       const records = await readLogs([`${cluster.logPath}.1`, cluster.logPath]);
       assertOneLinePerClient(records, sent, accepted);
     } catch (error) {
-      throw new Error(
-        `${error}\n${nginx?.describe() ?? ""}\n${cluster.describe()}`,
-        { cause: error },
-      );
+      throw withStderr(error, nginx, cluster);
     } finally {
       await nginx?.[Symbol.asyncDispose]();
     }
@@ -1054,6 +1117,9 @@ function stderrLine(instances: Instance[], pattern: RegExp): Promise<string> {
   );
 }
 
+/** The instances' flags for {@linkcode checkProxied}. */
+const PROXIED_FLAGS = [...PROXY_PROTOCOL, "--max-connections", "2"];
+
 /**
  * Checks a cluster run with `--proxy-protocol 127.0.0.1 --max-connections 2`
  * behind a proxy on `port` that sends PROXY headers of `version`: exact
@@ -1176,8 +1242,7 @@ async function assertProxiedLog(
   cluster: Cluster,
   logged: number[],
 ): Promise<void> {
-  const accepted = await cluster.stop();
-  const records = await readLogs([cluster.logPath]);
+  const { accepted, records } = await cluster.stopAndReadLog();
   const numeric = (a: number, b: number) => a - b;
   assert.deepEqual(
     records.map(([, bytes]) => bytes).sort(numeric),
@@ -1188,72 +1253,37 @@ async function assertProxiedLog(
 
 for (const sendProxy of ["send-proxy", "send-proxy-v2"] as const) {
   Deno.test({
-    ...needing(
+    ...needingHaproxy(
       `deploy/haproxy.cfg with ${sendProxy} in front of instances run with --proxy-protocol echoes exactly, logs the client's bytes, counts the client's address, and the instances cut off direct clients`,
-      HAPROXY !== undefined,
-      "haproxy not installed: apt-get install haproxy",
     ),
     fn: withTempDir(async (dir) => {
-      await using cluster = await Cluster.start(dir, [
-        ...PROXY_PROTOCOL,
-        "--max-connections",
-        "2",
-      ]);
+      await using cluster = await Cluster.start(dir, PROXIED_FLAGS);
       const port = freePort();
-      const socket = `${dir}/haproxy.sock`;
-      const cfg = `${dir}/haproxy.cfg`;
-      await Deno.writeTextFile(
-        cfg,
-        haproxyConfig(
-          await Deno.readTextFile(HAPROXY_CFG),
-          port,
-          cluster.instances,
-          socket,
-          { sendProxy },
-        ),
-      );
-      await using haproxy = new Child("haproxy", HAPROXY!, ["-db", "-f", cfg]);
+      await using haproxy = await startHaproxy(dir, port, cluster.instances, {
+        sendProxy,
+      });
       try {
         // The /healthz checks pass: `check port` sends them no header.
-        await pollHaproxy(
-          "all instances UP and L7OK",
-          socket,
-          haproxy,
-          (servers) =>
-            servers.size === INSTANCES &&
-            [...servers.values()].every((s) =>
-              s.status === "UP" && s.check_status === "L7OK"
-            ),
-        );
+        await haproxy.pollEvery("all instances UP and L7OK", upL7);
         const version = sendProxy === "send-proxy" ? 1 : 2;
         const logged = await checkProxied(cluster, port, version);
         await assertProxiedLog(cluster, logged);
       } catch (error) {
-        throw new Error(
-          `${error}\n${haproxy.describe()}\n${cluster.describe()}`,
-          { cause: error },
-        );
+        throw withStderr(error, haproxy, cluster);
       }
     }, { prefix: "echo-server-haproxy-pp-" }),
   });
 }
 
 Deno.test({
-  ...needing(
+  ...needingNginx(
     "deploy/nginx-stream.conf with proxy_protocol on in front of instances run with --proxy-protocol echoes exactly, logs the client's bytes, counts the client's address, and the instances cut off direct clients",
-    NGINX_HAS_STREAM,
-    "nginx with its stream module not installed: apt-get install nginx libnginx-mod-stream",
   ),
   fn: withTempDir(async (dir) => {
-    await using cluster = await Cluster.start(dir, [
-      ...PROXY_PROTOCOL,
-      "--max-connections",
-      "2",
-    ]);
+    await using cluster = await Cluster.start(dir, PROXIED_FLAGS);
     const port = freePort();
     await using nginx = await startNginx(
       `${dir}/nginx`,
-      await Deno.readTextFile(NGINX_CONF),
       port,
       cluster.instances,
       { halfClose: true, proxyProtocol: true },
@@ -1262,10 +1292,7 @@ Deno.test({
       const logged = await checkProxied(cluster, port, 1);
       await assertProxiedLog(cluster, logged);
     } catch (error) {
-      throw new Error(
-        `${error}\n${nginx.describe()}\n${cluster.describe()}`,
-        { cause: error },
-      );
+      throw withStderr(error, nginx, cluster);
     }
   }, { prefix: "echo-server-nginx-pp-" }),
 });
@@ -1299,47 +1326,26 @@ for (const { checks, sendProxy, version, command } of ECHO_PORT_CHECKS) {
   const counted =
     `echo_proxy_headers_total{version="${version}",command="${command}"}`;
   Deno.test({
-    ...needing(
+    ...needingHaproxy(
       `deploy/haproxy.cfg's checks on the echo port with ${how}${
         sendProxy === undefined ? "" : ` and ${sendProxy}`
       }, to instances run with --proxy-protocol, are logged with 0 bytes each and counted as version ${version} ${command}${
         reset ? " or, reset before accept() completed, as accept errors" : ""
       }`,
-      HAPROXY !== undefined,
-      "haproxy not installed: apt-get install haproxy",
     ),
     fn: withTempDir(async (dir) => {
       await using cluster = await Cluster.start(dir, PROXY_PROTOCOL);
       const { instances } = cluster;
       const port = freePort();
-      const socket = `${dir}/haproxy.sock`;
-      const cfg = `${dir}/haproxy.cfg`;
-      await Deno.writeTextFile(
-        cfg,
-        haproxyConfig(
-          await Deno.readTextFile(HAPROXY_CFG),
-          port,
-          instances,
-          socket,
-          { sendProxy, checks },
-        ),
-      );
       try {
         {
-          await using haproxy = new Child("haproxy", HAPROXY!, [
-            "-db",
-            "-f",
-            cfg,
-          ]);
-          await pollHaproxy(
+          await using haproxy = await startHaproxy(dir, port, instances, {
+            sendProxy,
+            checks,
+          });
+          await haproxy.pollEvery(
             "all instances UP and L4OK",
-            socket,
-            haproxy,
-            (servers) =>
-              servers.size === INSTANCES &&
-              [...servers.values()].every((s) =>
-                s.status === "UP" && s.check_status === "L4OK"
-              ),
+            (s) => s.status === "UP" && s.check_status === "L4OK",
           );
           await poll("2 checks at each instance", async () => {
             for (const instance of instances) {
@@ -1396,8 +1402,7 @@ for (const { checks, sendProxy, version, command } of ECHO_PORT_CHECKS) {
             );
           }
         }
-        const accepted = await cluster.stop();
-        const records = await readLogs([cluster.logPath]);
+        const { accepted, records } = await cluster.stopAndReadLog();
         assert.equal(
           records.length,
           [...accepted.values()].reduce((sum, n) => sum + n, 0),
@@ -1405,47 +1410,25 @@ for (const { checks, sendProxy, version, command } of ECHO_PORT_CHECKS) {
         assert.ok(records.every(([, bytes]) => bytes === 0), "0 B each");
         assertNumbering(records, accepted);
       } catch (error) {
-        throw new Error(`${error}\n${cluster.describe()}`, { cause: error });
+        throw withStderr(error, cluster);
       }
     }, { prefix: "echo-server-haproxy-checks-" }),
   });
 }
 
 Deno.test({
-  ...needing(
+  ...needingHaproxy(
     "deploy/haproxy.cfg's send-proxy-v2 without the instances' --proxy-protocol gets the header echoed to the client; with check-send-proxy on the metrics port every instance is DOWN",
-    HAPROXY !== undefined,
-    "haproxy not installed: apt-get install haproxy",
   ),
   fn: withTempDir(async (dir) => {
     await using cluster = await Cluster.start(dir);
     const port = freePort();
-    const socket = `${dir}/haproxy.sock`;
-    const text = await Deno.readTextFile(HAPROXY_CFG);
-    const run = async (checks: HaproxyVariant["checks"], name: string) => {
-      const cfg = `${dir}/${name}.cfg`;
-      await Deno.writeTextFile(
-        cfg,
-        haproxyConfig(text, port, cluster.instances, socket, {
-          sendProxy: "send-proxy-v2",
-          checks,
-        }),
-      );
-      return new Child(name, HAPROXY!, ["-db", "-f", cfg]);
-    };
-    let haproxy: Child | undefined;
+    let haproxy: Haproxy | undefined;
     try {
-      haproxy = await run("metrics", "haproxy");
-      await pollHaproxy(
-        "all instances UP and L7OK",
-        socket,
-        haproxy,
-        (servers) =>
-          servers.size === INSTANCES &&
-          [...servers.values()].every((s) =>
-            s.status === "UP" && s.check_status === "L7OK"
-          ),
-      );
+      haproxy = await startHaproxy(dir, port, cluster.instances, {
+        sendProxy: "send-proxy-v2",
+      });
+      await haproxy.pollEvery("all instances UP and L7OK", upL7);
       const hello = new TextEncoder().encode("hello");
       const { bytes, localPort } = await echoFrom(port, hello, "127.0.0.2");
       // What deploy/testdata/proxy_headers.json has, up to the addresses
@@ -1462,22 +1445,19 @@ Deno.test({
       assertSameBytes(bytes, concat([header, hello]));
       await haproxy.stop();
 
-      haproxy = await run("metrics-send-proxy", "haproxy-check-send-proxy");
-      await pollHaproxy(
+      haproxy = await startHaproxy(dir, port, cluster.instances, {
+        name: "haproxy-check-send-proxy",
+        sendProxy: "send-proxy-v2",
+        checks: "metrics-send-proxy",
+      });
+      await haproxy.pollEvery(
         "all instances DOWN, /healthz answering 400",
-        socket,
-        haproxy,
-        (servers) =>
-          servers.size === INSTANCES &&
-          [...servers.values()].every((s) =>
-            s.status.startsWith("DOWN") && s.check_code === "400"
-          ),
+        (s) => s.status.startsWith("DOWN") && s.check_code === "400",
       );
       await haproxy.stop();
       haproxy = undefined;
 
-      const accepted = await cluster.stop();
-      const records = await readLogs([cluster.logPath]);
+      const { accepted, records } = await cluster.stopAndReadLog();
       assert.deepEqual(
         records.map(([, bytes]) => bytes),
         [header.length + hello.length],
@@ -1485,10 +1465,7 @@ Deno.test({
       );
       assertNumbering(records, accepted);
     } catch (error) {
-      throw new Error(
-        `${error}\n${haproxy?.describe() ?? ""}\n${cluster.describe()}`,
-        { cause: error },
-      );
+      throw withStderr(error, haproxy, cluster);
     } finally {
       await haproxy?.[Symbol.asyncDispose]();
     }
@@ -1496,17 +1473,14 @@ Deno.test({
 });
 
 Deno.test({
-  ...needing(
+  ...needingNginx(
     "deploy/nginx-stream.conf's proxy_protocol on without the instances' --proxy-protocol gets the header echoed to the client",
-    NGINX_HAS_STREAM,
-    "nginx with its stream module not installed: apt-get install nginx libnginx-mod-stream",
   ),
   fn: withTempDir(async (dir) => {
     await using cluster = await Cluster.start(dir);
     const port = freePort();
     await using nginx = await startNginx(
       `${dir}/nginx`,
-      await Deno.readTextFile(NGINX_CONF),
       port,
       cluster.instances,
       { halfClose: true, proxyProtocol: true },
@@ -1526,15 +1500,11 @@ Deno.test({
       assert.notEqual(header, captured, "the captured line's shape");
       assert.equal(new TextDecoder().decode(bytes), `${header}hello`);
       assert.equal(await nginx.stop(), 0, nginx.describe());
-      const accepted = await cluster.stop();
-      const records = await readLogs([cluster.logPath]);
+      const { accepted, records } = await cluster.stopAndReadLog();
       assert.deepEqual(records.map(([, bytes]) => bytes), [bytes.length]);
       assertNumbering(records, accepted);
     } catch (error) {
-      throw new Error(
-        `${error}\n${nginx.describe()}\n${cluster.describe()}`,
-        { cause: error },
-      );
+      throw withStderr(error, nginx, cluster);
     }
   }, { prefix: "echo-server-nginx-nopp-" }),
 });
