@@ -116,38 +116,36 @@ function instance(row: Described & { max: number }): Flag<Instance> {
   };
 }
 
-/** {@linkcode parseHostPort}; without the flag, no field: off. */
-function hostPort<const K extends string>(
-  row: Described & { key: K; defaultHostname: string },
-): Flag<Partial<Record<K, HostPort>>> {
-  return {
-    ...row,
+/**
+ * The row builder for an option that is off by default: without the flag
+ * its {@linkcode Config} field is absent; with it, `parse` reads the text
+ * with the row as its options.
+ */
+function off<T, O>(parse: (flag: string, text: string, options: O) => T) {
+  return <const K extends string>(
+    row: Described & O & { key: K },
+  ): Flag<Partial<Record<K, T>>> => ({
+    flag: row.flag,
+    arg: row.arg,
+    help: row.help,
     shown: "off",
     read: (text) =>
-      text === undefined
-        ? {}
-        : field(row.key, parseHostPort(row.flag, text, row.defaultHostname)),
-  };
+      text === undefined ? {} : field(row.key, parse(row.flag, text, row)),
+  });
 }
 
-/** {@linkcode AddressRanges.parse}; without the flag, no field: off. */
-function addressRanges<const K extends string>(
-  row: Described & { key: K },
-): Flag<Partial<Record<K, AddressRanges>>> {
-  return {
-    ...row,
-    shown: "off",
-    read: (text) => {
-      if (text === undefined) return {};
-      try {
-        return field(row.key, AddressRanges.parse(text));
-      } catch (error) {
-        if (!(error instanceof RangeError)) throw error;
-        throw new UsageError(`${row.flag}: ${error.message}`);
-      }
-    },
-  };
-}
+const hostPort = off(
+  (flag, text, options: { defaultHostname: string }): HostPort =>
+    parseHostPort(flag, text, options.defaultHostname),
+);
+const addressRanges = off((flag, text): AddressRanges => {
+  try {
+    return AddressRanges.parse(text);
+  } catch (error) {
+    if (!(error instanceof RangeError)) throw error;
+    throw new UsageError(`${flag}: ${error.message}`);
+  }
+});
 
 /**
  * Every flag that takes a value, in `--help`'s order: the flag, its value's

@@ -5,6 +5,7 @@
 // parser itself is tested in proxy_protocol_test.ts; HAProxy and nginx in
 // front of the server in deploy/proxy_test.ts.
 import assert from "node:assert/strict";
+import { concat } from "./_bytes.ts";
 import { AddressRanges } from "./address_ranges.ts";
 import { renderMetrics } from "./metrics.ts";
 import { PROXY_V2_SIGNATURE } from "./proxy_protocol.ts";
@@ -57,16 +58,6 @@ function v2(source?: string): Uint8Array {
   ]);
 }
 
-function concat(...parts: Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(parts.reduce((n, part) => n + part.length, 0));
-  let at = 0;
-  for (const part of parts) {
-    out.set(part, at);
-    at += part.length;
-  }
-  return out;
-}
-
 /** Sends `parts` one write each, half-closes, and reads the reply. */
 async function exchange(port: number, ...parts: Uint8Array[]) {
   const conn = await Deno.connect({ hostname: HOST, port });
@@ -77,6 +68,21 @@ async function exchange(port: number, ...parts: Uint8Array[]) {
   } finally {
     conn.close();
   }
+}
+
+/** A connection to `port` that sent `bytes` and keeps its side open. */
+async function connectSending(
+  port: number,
+  bytes: Uint8Array,
+): Promise<Deno.TcpConn> {
+  const conn = await Deno.connect({ hostname: HOST, port });
+  try {
+    await writeAll(conn, bytes);
+  } catch (error) {
+    conn.close();
+    throw error;
+  }
+  return conn;
 }
 
 /** The reply, or what came before a reset: a refused connection. */
@@ -97,7 +103,7 @@ function logged(s: TestServer, count: number): Promise<void> {
 Deno.test("serveEcho() with proxyProtocol echoes the bytes after a v1 header and logs only their count", async () => {
   await using s = startServer({ proxyProtocol: LOOPBACK });
   const hello = encoder.encode("hello");
-  const reply = await exchange(s.port, concat(v1("192.0.2.7"), hello));
+  const reply = await exchange(s.port, concat([v1("192.0.2.7"), hello]));
   assert.deepEqual(reply, hello);
   await logged(s, 1);
   assert.deepEqual(s.records, [[1, 5]]);
@@ -113,7 +119,7 @@ Deno.test("serveEcho() with proxyProtocol echoes 1 MiB after a v2 header sent in
     s.port,
     header.subarray(0, 5),
     header.subarray(5, 15),
-    concat(header.subarray(15), payload.subarray(0, 100)),
+    concat([header.subarray(15), payload.subarray(0, 100)]),
     payload.subarray(100),
   );
   assert.ok(sameBytes(reply, payload), `got ${reply.length} bytes`);
@@ -150,7 +156,7 @@ Deno.test("serveEcho() with proxyProtocol refuses a header from an address it do
   });
   const reply = await exchange(
     s.port,
-    concat(v1("192.0.2.7"), encoder.encode("hello")),
+    concat([v1("192.0.2.7"), encoder.encode("hello")]),
   );
   assert.equal(reply.length, 0);
   await logged(s, 1);
@@ -190,11 +196,13 @@ Deno.test("serveEcho() with proxyProtocol cuts off a header not complete in time
     proxyProtocol: LOOPBACK,
     proxyHeaderTimeoutMs: 300,
   });
-  await using slow = await Deno.connect({ hostname: HOST, port: s.port });
-  await writeAll(slow, encoder.encode("PROXY TCP4 192.0.2."));
+  await using slow = await connectSending(
+    s.port,
+    encoder.encode("PROXY TCP4 192.0.2."),
+  );
   const hello = encoder.encode("hello");
   assert.deepEqual(
-    await exchange(s.port, concat(v1("192.0.2.8"), hello)),
+    await exchange(s.port, concat([v1("192.0.2.8"), hello])),
     hello,
   );
   assert.equal((await within(readUntilEnd(slow), 10_000, "cut")).length, 0);
@@ -218,13 +226,11 @@ Deno.test("serveEcho() with proxyProtocol serves a newcomer while 64 connections
   const slow: Deno.TcpConn[] = [];
   try {
     for (let i = 0; i < 70; i++) {
-      const conn = await Deno.connect({ hostname: HOST, port: s.port });
-      slow.push(conn);
-      await writeAll(conn, encoder.encode("PROX"));
+      slow.push(await connectSending(s.port, encoder.encode("PROX")));
     }
     const hello = encoder.encode("hello");
     assert.deepEqual(
-      await exchange(s.port, concat(v1("192.0.2.9"), hello)),
+      await exchange(s.port, concat([v1("192.0.2.9"), hello])),
       hello,
     );
     assert.ok(s.server.stats.cutoffs.proxy_timeout >= 7);
@@ -247,9 +253,7 @@ Deno.test("serveEcho() with proxyProtocol cuts off no slow header while no newco
   const slow: Deno.TcpConn[] = [];
   try {
     for (let i = 0; i < 64; i++) {
-      const conn = await Deno.connect({ hostname: HOST, port: s.port });
-      slow.push(conn);
-      await writeAll(conn, encoder.encode("PROX"));
+      slow.push(await connectSending(s.port, encoder.encode("PROX")));
     }
     await waitUntil(() => s.server.clientsAccepted === 64, "64 accepted");
     // Not a synchronisation: the rule's own 250 ms, passed four times over.
@@ -290,14 +294,12 @@ Deno.test("serveEcho() with proxyProtocol counts clients by the header's address
   const held: Deno.TcpConn[] = [];
   try {
     for (let i = 0; i < 2; i++) {
-      const conn = await Deno.connect({ hostname: HOST, port: s.port });
-      held.push(conn);
-      await writeAll(conn, v1("127.0.0.2", 50000 + i));
+      held.push(await connectSending(s.port, v1("127.0.0.2", 50000 + i)));
     }
     await waitUntil(() => s.server.connections === 2, "2 clients held");
     const hello = encoder.encode("hello");
     assert.deepEqual(
-      await exchange(s.port, concat(v1("127.0.0.3"), hello)),
+      await exchange(s.port, concat([v1("127.0.0.3"), hello])),
       hello,
     );
     assert.equal(s.server.stats.cutoffs.slot_eviction, 1);
@@ -320,15 +322,16 @@ Deno.test("serveEcho() with proxyProtocol and eviction off serves a header compl
     evictionGraceMs: 0,
   });
   const hello = encoder.encode("hello");
-  await using first = await Deno.connect({ hostname: HOST, port: s.port });
-  await writeAll(first, encoder.encode("PROX"));
+  await using first = await connectSending(s.port, encoder.encode("PROX"));
   await waitUntil(() => s.server.clientsAccepted === 1, "first accepted");
-  await using second = await Deno.connect({ hostname: HOST, port: s.port });
-  await writeAll(second, v1("192.0.2.2"));
+  await using second = await connectSending(s.port, v1("192.0.2.2"));
   await waitUntil(() => s.server.connections === 1, "second served");
   await writeAll(
     first,
-    concat(encoder.encode("Y TCP4 192.0.2.1 127.0.0.1 50000 4000\r\n"), hello),
+    concat([
+      encoder.encode("Y TCP4 192.0.2.1 127.0.0.1 50000 4000\r\n"),
+      hello,
+    ]),
   );
   await first.closeWrite();
   await waitUntil(
@@ -353,7 +356,7 @@ Deno.test("serveEcho() with proxyProtocol cuts off a client whose bytes with the
   await using s = startServer({ proxyProtocol: LOOPBACK, maxClientBytes: 3 });
   const reply = await exchange(
     s.port,
-    concat(v1("192.0.2.7"), encoder.encode("hello")),
+    concat([v1("192.0.2.7"), encoder.encode("hello")]),
   );
   assert.equal(reply.length, 0);
   await logged(s, 1);
@@ -362,8 +365,7 @@ Deno.test("serveEcho() with proxyProtocol cuts off a client whose bytes with the
 
 Deno.test("serveEcho() with proxyProtocol at shutdown cuts off a connection still reading its header", async () => {
   const s = startServer({ proxyProtocol: LOOPBACK });
-  await using slow = await Deno.connect({ hostname: HOST, port: s.port });
-  await writeAll(slow, encoder.encode("PROXY "));
+  await using slow = await connectSending(s.port, encoder.encode("PROXY "));
   await waitUntil(
     () => s.server.clientsAccepted === 1,
     "the connection accepted",
@@ -388,11 +390,13 @@ Deno.test("serveEcho() with proxyProtocol echoes a second header as the client's
     maxConnections: 1,
     evictionGraceMs: 200,
   });
-  await using held = await Deno.connect({ hostname: HOST, port: s.port });
-  await writeAll(held, v1("127.0.0.2"));
+  await using held = await connectSending(s.port, v1("127.0.0.2"));
   await waitUntil(() => s.server.connections === 1, "1 client held");
-  const forged = concat(v1("127.0.0.3"), encoder.encode("hello"));
-  const reply = await exchange(s.port, concat(v1("127.0.0.2", 50001), forged));
+  const forged = concat([v1("127.0.0.3"), encoder.encode("hello")]);
+  const reply = await exchange(
+    s.port,
+    concat([v1("127.0.0.2", 50001), forged]),
+  );
   assert.deepEqual(reply, forged);
   assert.equal(s.server.stats.proxyHeaders.v1_proxy, 2);
   // Counted as 127.0.0.2's: it took the slot of its own source's silent

@@ -339,31 +339,7 @@ class Server implements EchoServer {
       );
     } else {
       conn.close();
-      if (parse.status === "invalid") {
-        this.#refuse(
-          clientId,
-          peer,
-          parse.reason === "missing" ? "proxy_missing" : "proxy_malformed",
-          parse.message,
-          filled,
-        );
-      } else if (filled === 0) {
-        this.#refuse(
-          clientId,
-          peer,
-          "proxy_missing",
-          "closed before sending a PROXY header",
-          0,
-        );
-      } else {
-        this.#refuse(
-          clientId,
-          peer,
-          "proxy_malformed",
-          "closed in the middle of its PROXY header",
-          filled,
-        );
-      }
+      this.#refuse(clientId, peer, ...headerRefusal(parse, filled), filled);
     }
     this.#headerReaders--;
     if (this.#stopping) this.#resolveIfAllServed();
@@ -505,7 +481,8 @@ class Server implements EchoServer {
       port: options.port ?? DEFAULTS.port,
     });
     this.addr = this.#listener.addr;
-    // One sweep for all clients instead of a timer per read or write.
+    // One check of the PROXY header deadlines and one sweep for all
+    // clients, instead of a timer per connection, read or write.
     if (this.#proxyFrom !== undefined) {
       this.#headerCheck = setInterval(
         () => this.#checkHeaderDeadlines(),
@@ -1147,6 +1124,25 @@ class Client implements BufferHolder, ClientProgress {
   ) {
     this.acceptedAt = this.lastActivity = this.windowStart = performance.now();
   }
+}
+
+/**
+ * Why a connection that stopped before a complete PROXY header is cut off:
+ * the parser's verdict, or its end after `bytesRead` bytes.
+ */
+function headerRefusal(
+  parse: Exclude<ProxyHeaderParse, { status: "complete" }>,
+  bytesRead: number,
+): [CutoffReason, string] {
+  if (parse.status === "invalid") {
+    return [
+      parse.reason === "missing" ? "proxy_missing" : "proxy_malformed",
+      parse.message,
+    ];
+  }
+  return bytesRead === 0
+    ? ["proxy_missing", "closed before sending a PROXY header"]
+    : ["proxy_malformed", "closed in the middle of its PROXY header"];
 }
 
 /** A connection reading its PROXY header. */
