@@ -365,7 +365,7 @@ Deno.test("serveEcho() with proxyProtocol cuts off a client whose bytes with the
 
 Deno.test("serveEcho() with proxyProtocol at shutdown cuts off a connection still reading its header", async () => {
   const s = startServer({ proxyProtocol: LOOPBACK });
-  await using slow = await connectSending(s.port, encoder.encode("PROXY "));
+  await using _slow = await connectSending(s.port, encoder.encode("PROXY "));
   await waitUntil(
     () => s.server.clientsAccepted === 1,
     "the connection accepted",
@@ -390,7 +390,7 @@ Deno.test("serveEcho() with proxyProtocol echoes a second header as the client's
     maxConnections: 1,
     evictionGraceMs: 200,
   });
-  await using held = await connectSending(s.port, v1("127.0.0.2"));
+  await using _held = await connectSending(s.port, v1("127.0.0.2"));
   await waitUntil(() => s.server.connections === 1, "1 client held");
   const forged = concat([v1("127.0.0.3"), encoder.encode("hello")]);
   const reply = await exchange(
